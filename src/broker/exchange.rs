@@ -1,0 +1,465 @@
+//! Exchanges and their bindings. Routing is the exchange's only job: from a routing key
+//! and headers to a set of destinations, over an index built for its type (a hash map for
+//! direct, a list for fanout, a trie for topic, a list of parsed patterns for headers).
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use amq_protocol::types::{AMQPValue, FieldTable};
+
+use crate::queue::Queue;
+
+/// The four exchange types of AMQP 0-9-1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExchangeKind {
+    /// Exact routing-key match.
+    Direct,
+    /// Every binding.
+    Fanout,
+    /// Dotted patterns with `*` and `#`.
+    Topic,
+    /// Header matching (x-match).
+    Headers,
+}
+
+impl ExchangeKind {
+    /// Parses the type name of exchange.declare.
+    pub fn parse(name: &str) -> Option<ExchangeKind> {
+        match name {
+            "direct" => Some(ExchangeKind::Direct),
+            "fanout" => Some(ExchangeKind::Fanout),
+            "topic" => Some(ExchangeKind::Topic),
+            "headers" => Some(ExchangeKind::Headers),
+            _ => None,
+        }
+    }
+
+    /// The type name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExchangeKind::Direct => "direct",
+            ExchangeKind::Fanout => "fanout",
+            ExchangeKind::Topic => "topic",
+            ExchangeKind::Headers => "headers",
+        }
+    }
+}
+
+/// Declared properties of an exchange, compared on redeclare.
+#[derive(Debug, Clone)]
+pub struct ExchangeDef {
+    /// Name.
+    pub name: String,
+    /// Type.
+    pub kind: ExchangeKind,
+    /// Survives restarts.
+    pub durable: bool,
+    /// Deleted when its last binding goes.
+    pub auto_delete: bool,
+    /// Not publishable by clients, only by exchange-to-exchange bindings.
+    pub internal: bool,
+    /// x-arguments (alternate-exchange).
+    pub arguments: FieldTable,
+}
+
+/// Where a binding leads.
+#[derive(Debug, Clone)]
+pub enum Destination {
+    /// A queue.
+    Queue(Arc<Queue>),
+    /// Another exchange, by name (exchange-to-exchange binding).
+    Exchange(String),
+}
+
+impl Destination {
+    /// Same destination? Queues by identity, exchanges by name.
+    pub fn same(&self, other: &Destination) -> bool {
+        match (self, other) {
+            (Destination::Queue(a), Destination::Queue(b)) => Arc::ptr_eq(a, b),
+            (Destination::Exchange(a), Destination::Exchange(b)) => a == b,
+            _ => false,
+        }
+    }
+}
+
+/// One binding of this exchange.
+#[derive(Debug, Clone)]
+pub struct Binding {
+    /// Target.
+    pub dest: Destination,
+    /// Binding key.
+    pub key: String,
+    /// Binding arguments (headers patterns).
+    pub args: FieldTable,
+}
+
+#[derive(Debug, Default)]
+struct TopicNode {
+    words: HashMap<String, TopicNode>,
+    star: Option<Box<TopicNode>>,
+    hash: Option<Box<TopicNode>>,
+    dests: Vec<Destination>,
+}
+
+impl TopicNode {
+    fn insert(&mut self, words: &[&str], dest: Destination) {
+        match words.split_first() {
+            None => self.dests.push(dest),
+            Some((&"*", rest)) => self.star.get_or_insert_default().insert(rest, dest),
+            Some((&"#", rest)) => self.hash.get_or_insert_default().insert(rest, dest),
+            Some((w, rest)) => self
+                .words
+                .entry((*w).to_string())
+                .or_default()
+                .insert(rest, dest),
+        }
+    }
+
+    fn collect<'a>(&'a self, words: &[&str], out: &mut Vec<&'a Destination>) {
+        if let Some(hash) = &self.hash {
+            // `#` takes zero or more words.
+            for skip in 0..=words.len() {
+                hash.collect(&words[skip..], out);
+            }
+        }
+        match words.split_first() {
+            None => out.extend(self.dests.iter()),
+            Some((w, rest)) => {
+                if let Some(child) = self.words.get(*w) {
+                    child.collect(rest, out);
+                }
+                if let Some(star) = &self.star {
+                    star.collect(rest, out);
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum XMatch {
+    All,
+    Any,
+    AllWithX,
+    AnyWithX,
+}
+
+#[derive(Debug, Default)]
+struct Bindings {
+    list: Vec<Binding>,
+    direct: HashMap<String, Vec<Destination>>,
+    topic: TopicNode,
+}
+
+impl Bindings {
+    fn index(&mut self, kind: ExchangeKind, b: &Binding) {
+        match kind {
+            ExchangeKind::Direct => self
+                .direct
+                .entry(b.key.clone())
+                .or_default()
+                .push(b.dest.clone()),
+            ExchangeKind::Topic => {
+                let words: Vec<&str> = b.key.split('.').collect();
+                self.topic.insert(&words, b.dest.clone());
+            }
+            ExchangeKind::Fanout | ExchangeKind::Headers => {}
+        }
+    }
+
+    fn rebuild(&mut self, kind: ExchangeKind) {
+        self.direct.clear();
+        self.topic = TopicNode::default();
+        let list = std::mem::take(&mut self.list);
+        for b in &list {
+            self.index(kind, b);
+        }
+        self.list = list;
+    }
+}
+
+/// An exchange with its bindings.
+#[derive(Debug)]
+pub struct Exchange {
+    /// Its declaration.
+    pub def: ExchangeDef,
+    bindings: RwLock<Bindings>,
+}
+
+fn args_equal(a: &FieldTable, b: &FieldTable) -> bool {
+    a.inner() == b.inner()
+}
+
+impl Exchange {
+    /// A new exchange with no bindings.
+    pub fn new(def: ExchangeDef) -> Arc<Exchange> {
+        Arc::new(Exchange {
+            def,
+            bindings: RwLock::default(),
+        })
+    }
+
+    /// The alternate exchange named by the `alternate-exchange` argument.
+    pub fn alternate(&self) -> Option<&str> {
+        match self.def.arguments.inner().get("alternate-exchange") {
+            Some(AMQPValue::LongString(s)) => std::str::from_utf8(s.as_bytes()).ok(),
+            Some(AMQPValue::ShortString(s)) => Some(s.as_str()),
+            _ => None,
+        }
+    }
+
+    /// Adds a binding; false when an identical one exists (binding is idempotent).
+    pub fn bind(&self, binding: Binding) -> bool {
+        let mut b = self.bindings.write().unwrap_or_else(|p| p.into_inner());
+        if b.list.iter().any(|x| {
+            x.dest.same(&binding.dest) && x.key == binding.key && args_equal(&x.args, &binding.args)
+        }) {
+            return false;
+        }
+        b.index(self.def.kind, &binding);
+        b.list.push(binding);
+        true
+    }
+
+    /// Removes a binding; false when there was none.
+    pub fn unbind(&self, dest: &Destination, key: &str, args: &FieldTable) -> bool {
+        let mut b = self.bindings.write().unwrap_or_else(|p| p.into_inner());
+        let before = b.list.len();
+        b.list
+            .retain(|x| !(x.dest.same(dest) && x.key == key && args_equal(&x.args, args)));
+        let removed = b.list.len() != before;
+        if removed {
+            b.rebuild(self.def.kind);
+        }
+        removed
+    }
+
+    /// Removes every binding to `dest`; returns how many went.
+    pub fn unbind_all_to(&self, dest: &Destination) -> usize {
+        let mut b = self.bindings.write().unwrap_or_else(|p| p.into_inner());
+        let before = b.list.len();
+        b.list.retain(|x| !x.dest.same(dest));
+        let removed = before - b.list.len();
+        if removed > 0 {
+            b.rebuild(self.def.kind);
+        }
+        removed
+    }
+
+    /// Whether a binding exists (for queue.bind idempotence checks and tests).
+    pub fn has_bindings(&self) -> bool {
+        !self
+            .bindings
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .list
+            .is_empty()
+    }
+
+    /// A copy of the bindings (for persistence and management).
+    pub fn bindings(&self) -> Vec<Binding> {
+        self.bindings
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .list
+            .clone()
+    }
+
+    /// Destinations for a message with this routing key and headers.
+    pub fn route(
+        &self,
+        routing_key: &str,
+        headers: Option<&FieldTable>,
+        out: &mut Vec<Destination>,
+    ) {
+        let b = self.bindings.read().unwrap_or_else(|p| p.into_inner());
+        match self.def.kind {
+            ExchangeKind::Direct => {
+                if let Some(d) = b.direct.get(routing_key) {
+                    out.extend(d.iter().cloned());
+                }
+            }
+            ExchangeKind::Fanout => out.extend(b.list.iter().map(|x| x.dest.clone())),
+            ExchangeKind::Topic => {
+                let words: Vec<&str> = routing_key.split('.').collect();
+                let mut found = Vec::new();
+                b.topic.collect(&words, &mut found);
+                out.extend(found.into_iter().cloned());
+            }
+            ExchangeKind::Headers => {
+                let empty = FieldTable::default();
+                let headers = headers.unwrap_or(&empty);
+                for x in &b.list {
+                    if headers_match(&x.args, headers) {
+                        out.push(x.dest.clone());
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// RabbitMQ's headers-exchange rule: x-match all (default) / any, and the `-with-x`
+/// variants that also compare `x-` keys. A binding value of type void only asks for the
+/// key to be present.
+fn headers_match(args: &FieldTable, headers: &FieldTable) -> bool {
+    let mode = match args.inner().get("x-match") {
+        Some(AMQPValue::LongString(s)) => match s.as_bytes() {
+            b"any" => XMatch::Any,
+            b"all-with-x" => XMatch::AllWithX,
+            b"any-with-x" => XMatch::AnyWithX,
+            _ => XMatch::All,
+        },
+        Some(AMQPValue::ShortString(s)) => match s.as_str() {
+            "any" => XMatch::Any,
+            "all-with-x" => XMatch::AllWithX,
+            "any-with-x" => XMatch::AnyWithX,
+            _ => XMatch::All,
+        },
+        _ => XMatch::All,
+    };
+    let with_x = matches!(mode, XMatch::AllWithX | XMatch::AnyWithX);
+    let mut patterns = args
+        .inner()
+        .iter()
+        .filter(|(k, _)| k.as_str() != "x-match" && (with_x || !k.as_str().starts_with("x-")));
+    let matches_one =
+        |(k, v): (&amq_protocol::types::ShortString, &AMQPValue)| match headers.inner().get(k) {
+            None => false,
+            Some(h) => matches!(v, AMQPValue::Void) || value_eq(v, h),
+        };
+    match mode {
+        XMatch::All | XMatch::AllWithX => patterns.all(matches_one),
+        XMatch::Any | XMatch::AnyWithX => patterns.any(matches_one),
+    }
+}
+
+/// Equality as RabbitMQ's headers exchange sees it: strings compare by bytes whatever
+/// their string type, integers by value whatever their width.
+fn value_eq(a: &AMQPValue, b: &AMQPValue) -> bool {
+    fn text(v: &AMQPValue) -> Option<&[u8]> {
+        match v {
+            AMQPValue::LongString(s) => Some(s.as_bytes()),
+            AMQPValue::ShortString(s) => Some(s.as_str().as_bytes()),
+            _ => None,
+        }
+    }
+    fn int(v: &AMQPValue) -> Option<i128> {
+        Some(match v {
+            AMQPValue::ShortShortInt(x) => *x as i128,
+            AMQPValue::ShortShortUInt(x) => *x as i128,
+            AMQPValue::ShortInt(x) => *x as i128,
+            AMQPValue::ShortUInt(x) => *x as i128,
+            AMQPValue::LongInt(x) => *x as i128,
+            AMQPValue::LongUInt(x) => *x as i128,
+            AMQPValue::LongLongInt(x) => *x as i128,
+            AMQPValue::Timestamp(x) => *x as i128,
+            _ => return None,
+        })
+    }
+    if let (Some(x), Some(y)) = (text(a), text(b)) {
+        return x == y;
+    }
+    if let (Some(x), Some(y)) = (int(a), int(b)) {
+        return x == y;
+    }
+    a == b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::QueueDef;
+
+    fn queue(name: &str) -> Arc<Queue> {
+        Queue::new(
+            "/",
+            QueueDef {
+                name: name.into(),
+                durable: false,
+                exclusive_owner: None,
+                auto_delete: false,
+                arguments: FieldTable::default(),
+            },
+        )
+    }
+
+    fn routed(x: &Exchange, key: &str, headers: Option<&FieldTable>) -> Vec<String> {
+        let mut out = Vec::new();
+        x.route(key, headers, &mut out);
+        let mut names: Vec<String> = out
+            .into_iter()
+            .map(|d| match d {
+                Destination::Queue(q) => q.name().to_string(),
+                Destination::Exchange(e) => format!("x:{e}"),
+            })
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn exchange(kind: ExchangeKind) -> Arc<Exchange> {
+        Exchange::new(ExchangeDef {
+            name: "x".into(),
+            kind,
+            durable: false,
+            auto_delete: false,
+            internal: false,
+            arguments: FieldTable::default(),
+        })
+    }
+
+    #[test]
+    fn topic_star_and_hash() {
+        let x = exchange(ExchangeKind::Topic);
+        for (q, key) in [
+            ("a", "a.*.c"),
+            ("b", "a.#"),
+            ("c", "#"),
+            ("d", "*.b.#.z"),
+            ("e", "a.b.c"),
+        ] {
+            x.bind(Binding {
+                dest: Destination::Queue(queue(q)),
+                key: key.into(),
+                args: FieldTable::default(),
+            });
+        }
+        assert_eq!(routed(&x, "a.b.c", None), ["a", "b", "c", "e"]);
+        assert_eq!(routed(&x, "a", None), ["b", "c"]);
+        assert_eq!(routed(&x, "x.b.z", None), ["c", "d"]);
+        assert_eq!(routed(&x, "x.b.q.r.z", None), ["c", "d"]);
+        assert_eq!(routed(&x, "", None), ["c"]);
+    }
+
+    #[test]
+    fn headers_all_any() {
+        let x = exchange(ExchangeKind::Headers);
+        let mut all = FieldTable::default();
+        all.insert("a".into(), AMQPValue::LongString("1".into()));
+        all.insert("b".into(), AMQPValue::LongInt(2));
+        let mut any = all.clone();
+        any.insert("x-match".into(), AMQPValue::LongString("any".into()));
+        x.bind(Binding {
+            dest: Destination::Queue(queue("all")),
+            key: String::new(),
+            args: all,
+        });
+        x.bind(Binding {
+            dest: Destination::Queue(queue("any")),
+            key: String::new(),
+            args: any,
+        });
+        let mut h = FieldTable::default();
+        h.insert("a".into(), AMQPValue::ShortString("1".into()));
+        assert_eq!(routed(&x, "", Some(&h)), ["any"]);
+        h.insert("b".into(), AMQPValue::ShortShortInt(2));
+        assert_eq!(routed(&x, "", Some(&h)), ["all", "any"]);
+    }
+}
+
+/// Loose equality of argument values (integers of different widths are equal), used
+/// by redeclare equivalence checks.
+pub fn loose_eq(a: &AMQPValue, b: &AMQPValue) -> bool {
+    value_eq(a, b)
+}

@@ -1,0 +1,566 @@
+//! A virtual host: its exchanges and queues, and the AMQP rules for declaring, binding,
+//! deleting and routing, with RabbitMQ's reply codes and texts.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use amq_protocol::types::{AMQPValue, FieldTable};
+
+use super::exchange::{Binding, Destination, Exchange, ExchangeDef, ExchangeKind};
+use crate::protocol::{AmqpError, reply::amqp_err};
+use crate::queue::{Queue, QueueDef};
+
+/// Queue arguments whose values must match on redeclare (as RabbitMQ checks them).
+const EQUIVALENT_QUEUE_ARGS: &[&str] = &[
+    "x-expires",
+    "x-message-ttl",
+    "x-max-length",
+    "x-max-length-bytes",
+    "x-dead-letter-exchange",
+    "x-dead-letter-routing-key",
+    "x-max-priority",
+    "x-overflow",
+    "x-queue-mode",
+    "x-queue-type",
+    "x-single-active-consumer",
+    "x-delivery-limit",
+];
+
+/// One vhost.
+#[derive(Debug)]
+pub struct VHost {
+    /// Name.
+    pub name: String,
+    exchanges: RwLock<HashMap<String, Arc<Exchange>>>,
+    queues: RwLock<HashMap<String, Arc<Queue>>>,
+}
+
+fn lock_read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn lock_write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|p| p.into_inner())
+}
+
+fn bool_text(b: bool) -> &'static str {
+    if b { "true" } else { "false" }
+}
+
+/// A short rendering of an argument value for error texts.
+fn value_text(v: Option<&AMQPValue>) -> String {
+    match v {
+        None => "none".into(),
+        Some(AMQPValue::LongString(s)) => format!("'{}'", String::from_utf8_lossy(s.as_bytes())),
+        Some(AMQPValue::ShortString(s)) => format!("'{}'", s.as_str()),
+        Some(other) => format!("{other:?}"),
+    }
+}
+
+/// A random server-generated name suffix, as RabbitMQ's `amq.gen-` names (22 url-safe
+/// base64 characters).
+pub fn generated_name(prefix: &str) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut n: u128 = rand::random();
+    let mut s = String::with_capacity(prefix.len() + 22);
+    s.push_str(prefix);
+    for _ in 0..22 {
+        s.push(ALPHABET[(n & 63) as usize] as char);
+        n >>= 6;
+    }
+    s
+}
+
+impl VHost {
+    /// A vhost with the default exchange and the `amq.*` built-ins.
+    pub fn new(name: &str) -> Arc<VHost> {
+        let mut exchanges = HashMap::new();
+        for (x, kind) in [
+            ("", ExchangeKind::Direct),
+            ("amq.direct", ExchangeKind::Direct),
+            ("amq.fanout", ExchangeKind::Fanout),
+            ("amq.topic", ExchangeKind::Topic),
+            ("amq.headers", ExchangeKind::Headers),
+            ("amq.match", ExchangeKind::Headers),
+        ] {
+            let def = ExchangeDef {
+                name: x.into(),
+                kind,
+                durable: true,
+                auto_delete: false,
+                internal: false,
+                arguments: FieldTable::default(),
+            };
+            exchanges.insert(x.to_string(), Exchange::new(def));
+        }
+        Arc::new(VHost {
+            name: name.into(),
+            exchanges: RwLock::new(exchanges),
+            queues: RwLock::default(),
+        })
+    }
+
+    fn no_exchange(&self, name: &str) -> AmqpError {
+        amqp_err!(NotFound, "no exchange '{}' in vhost '{}'", name, self.name)
+    }
+
+    fn no_queue(&self, name: &str) -> AmqpError {
+        amqp_err!(NotFound, "no queue '{}' in vhost '{}'", name, self.name)
+    }
+
+    /// An exchange by name, or 404.
+    pub fn exchange(&self, name: &str) -> Result<Arc<Exchange>, AmqpError> {
+        lock_read(&self.exchanges)
+            .get(name)
+            .cloned()
+            .ok_or_else(|| self.no_exchange(name))
+    }
+
+    /// exchange.declare.
+    pub fn declare_exchange(
+        &self,
+        def: ExchangeDef,
+        passive: bool,
+    ) -> Result<Arc<Exchange>, AmqpError> {
+        if passive {
+            return self.exchange(&def.name);
+        }
+        if def.name.is_empty() {
+            return Err(amqp_err!(
+                AccessRefused,
+                "operation not permitted on the default exchange"
+            ));
+        }
+        let mut exchanges = lock_write(&self.exchanges);
+        if let Some(x) = exchanges.get(&def.name) {
+            self.check_exchange_equivalent(&x.def, &def)?;
+            return Ok(x.clone());
+        }
+        if def.name.starts_with("amq.") {
+            return Err(amqp_err!(
+                AccessRefused,
+                "exchange name '{}' contains reserved prefix 'amq.*'",
+                def.name
+            ));
+        }
+        let x = Exchange::new(def);
+        exchanges.insert(x.def.name.clone(), x.clone());
+        Ok(x)
+    }
+
+    fn check_exchange_equivalent(
+        &self,
+        current: &ExchangeDef,
+        new: &ExchangeDef,
+    ) -> Result<(), AmqpError> {
+        let what = |arg: &str, received: &str, cur: &str| {
+            amqp_err!(
+                PreconditionFailed,
+                "inequivalent arg '{}' for exchange '{}' in vhost '{}': received '{}' but current is '{}'",
+                arg,
+                current.name,
+                self.name,
+                received,
+                cur
+            )
+        };
+        if current.kind != new.kind {
+            return Err(what("type", new.kind.as_str(), current.kind.as_str()));
+        }
+        if current.durable != new.durable {
+            return Err(what(
+                "durable",
+                bool_text(new.durable),
+                bool_text(current.durable),
+            ));
+        }
+        if current.auto_delete != new.auto_delete {
+            return Err(what(
+                "auto_delete",
+                bool_text(new.auto_delete),
+                bool_text(current.auto_delete),
+            ));
+        }
+        if current.internal != new.internal {
+            return Err(what(
+                "internal",
+                bool_text(new.internal),
+                bool_text(current.internal),
+            ));
+        }
+        let key = "alternate-exchange";
+        let (a, b) = (
+            current.arguments.inner().get(key),
+            new.arguments.inner().get(key),
+        );
+        if a != b {
+            return Err(amqp_err!(
+                PreconditionFailed,
+                "inequivalent arg '{}' for exchange '{}' in vhost '{}': received {} but current is {}",
+                key,
+                current.name,
+                self.name,
+                value_text(b),
+                value_text(a)
+            ));
+        }
+        Ok(())
+    }
+
+    /// exchange.delete. Deleting a missing exchange succeeds, as in RabbitMQ.
+    pub fn delete_exchange(&self, name: &str, if_unused: bool) -> Result<(), AmqpError> {
+        if name.is_empty() || name.starts_with("amq.") {
+            return Err(amqp_err!(
+                AccessRefused,
+                "operation not permitted on exchange '{}'",
+                name
+            ));
+        }
+        let mut exchanges = lock_write(&self.exchanges);
+        let Some(x) = exchanges.get(name).cloned() else {
+            return Ok(());
+        };
+        if if_unused && x.has_bindings() {
+            return Err(amqp_err!(
+                PreconditionFailed,
+                "exchange '{}' in vhost '{}' in use",
+                name,
+                self.name
+            ));
+        }
+        exchanges.remove(name);
+        let dest = Destination::Exchange(name.to_string());
+        let mut emptied = Vec::new();
+        for other in exchanges.values() {
+            if other.unbind_all_to(&dest) > 0 && other.def.auto_delete && !other.has_bindings() {
+                emptied.push(other.def.name.clone());
+            }
+        }
+        for e in emptied {
+            exchanges.remove(&e);
+        }
+        Ok(())
+    }
+
+    /// exchange.bind (`destination` receives what `source` routes).
+    pub fn bind_exchange(
+        &self,
+        destination: &str,
+        source: &str,
+        key: &str,
+        args: FieldTable,
+    ) -> Result<(), AmqpError> {
+        let (src, _dst) = self.binding_ends(source, destination)?;
+        src.bind(Binding {
+            dest: Destination::Exchange(destination.into()),
+            key: key.into(),
+            args,
+        });
+        Ok(())
+    }
+
+    /// exchange.unbind.
+    pub fn unbind_exchange(
+        &self,
+        destination: &str,
+        source: &str,
+        key: &str,
+        args: &FieldTable,
+    ) -> Result<(), AmqpError> {
+        let (src, _dst) = self.binding_ends(source, destination)?;
+        if src.unbind(&Destination::Exchange(destination.into()), key, args) {
+            self.auto_delete_exchange(&src);
+        }
+        Ok(())
+    }
+
+    fn binding_ends(
+        &self,
+        source: &str,
+        destination: &str,
+    ) -> Result<(Arc<Exchange>, Arc<Exchange>), AmqpError> {
+        if source.is_empty() || destination.is_empty() {
+            return Err(amqp_err!(
+                AccessRefused,
+                "operation not permitted on the default exchange"
+            ));
+        }
+        Ok((self.exchange(source)?, self.exchange(destination)?))
+    }
+
+    fn auto_delete_exchange(&self, x: &Arc<Exchange>) {
+        if x.def.auto_delete && !x.has_bindings() {
+            let mut exchanges = lock_write(&self.exchanges);
+            if exchanges
+                .get(&x.def.name)
+                .is_some_and(|cur| Arc::ptr_eq(cur, x))
+                && !x.has_bindings()
+            {
+                exchanges.remove(&x.def.name);
+            }
+        }
+    }
+
+    fn locked(&self, name: &str) -> AmqpError {
+        amqp_err!(
+            ResourceLocked,
+            "cannot obtain exclusive access to locked queue '{}' in vhost '{}'. It could be originally declared on another connection or the exclusive property value does not match that of the original declaration.",
+            name,
+            self.name
+        )
+    }
+
+    /// A queue that connection `conn` may use: 404 when missing, 405 when another
+    /// connection's exclusive queue.
+    pub fn queue(&self, name: &str, conn: u64) -> Result<Arc<Queue>, AmqpError> {
+        let q = lock_read(&self.queues)
+            .get(name)
+            .cloned()
+            .ok_or_else(|| self.no_queue(name))?;
+        match q.def.exclusive_owner {
+            Some(owner) if owner != conn => Err(self.locked(name)),
+            _ => Ok(q),
+        }
+    }
+
+    /// queue.declare. Returns the queue and whether it was created now.
+    pub fn declare_queue(
+        &self,
+        mut def: QueueDef,
+        passive: bool,
+        conn: u64,
+    ) -> Result<(Arc<Queue>, bool), AmqpError> {
+        if passive {
+            return self.queue(&def.name, conn).map(|q| (q, false));
+        }
+        if def.name.is_empty() {
+            def.name = generated_name("amq.gen-");
+        } else if def.name.starts_with("amq.") {
+            return Err(amqp_err!(
+                AccessRefused,
+                "queue name '{}' contains reserved prefix 'amq.*'",
+                def.name
+            ));
+        }
+        let mut queues = lock_write(&self.queues);
+        if let Some(q) = queues.get(&def.name) {
+            let q = q.clone();
+            drop(queues);
+            if let Some(owner) = q.def.exclusive_owner
+                && owner != conn
+            {
+                return Err(self.locked(&def.name));
+            }
+            self.check_queue_equivalent(&q.def, &def)?;
+            return Ok((q, false));
+        }
+        let q = Queue::new(&self.name, def);
+        queues.insert(q.name().to_string(), q.clone());
+        Ok((q, true))
+    }
+
+    fn check_queue_equivalent(&self, current: &QueueDef, new: &QueueDef) -> Result<(), AmqpError> {
+        let what = |arg: &str, received: bool, cur: bool| {
+            amqp_err!(
+                PreconditionFailed,
+                "inequivalent arg '{}' for queue '{}' in vhost '{}': received '{}' but current is '{}'",
+                arg,
+                current.name,
+                self.name,
+                bool_text(received),
+                bool_text(cur)
+            )
+        };
+        if current.durable != new.durable {
+            return Err(what("durable", new.durable, current.durable));
+        }
+        if current.exclusive_owner.is_some() != new.exclusive_owner.is_some() {
+            return Err(self.locked(&current.name));
+        }
+        if current.auto_delete != new.auto_delete {
+            return Err(what("auto_delete", new.auto_delete, current.auto_delete));
+        }
+        for key in EQUIVALENT_QUEUE_ARGS {
+            let (a, b) = (
+                current.arguments.inner().get(*key),
+                new.arguments.inner().get(*key),
+            );
+            let same = match (a, b) {
+                (Some(x), Some(y)) => x == y || crate::broker::exchange::loose_eq(x, y),
+                (None, None) => true,
+                _ => false,
+            };
+            if !same {
+                return Err(amqp_err!(
+                    PreconditionFailed,
+                    "inequivalent arg '{}' for queue '{}' in vhost '{}': received {} but current is {}",
+                    key,
+                    current.name,
+                    self.name,
+                    value_text(b),
+                    value_text(a)
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// queue.bind.
+    pub fn bind_queue(
+        &self,
+        queue: &str,
+        exchange: &str,
+        key: &str,
+        args: FieldTable,
+        conn: u64,
+    ) -> Result<(), AmqpError> {
+        let q = self.queue(queue, conn)?;
+        if exchange.is_empty() {
+            return Err(amqp_err!(
+                AccessRefused,
+                "operation not permitted on the default exchange"
+            ));
+        }
+        let x = self.exchange(exchange)?;
+        x.bind(Binding {
+            dest: Destination::Queue(q),
+            key: key.into(),
+            args,
+        });
+        Ok(())
+    }
+
+    /// queue.unbind (unbinding what is not bound succeeds, as in RabbitMQ).
+    pub fn unbind_queue(
+        &self,
+        queue: &str,
+        exchange: &str,
+        key: &str,
+        args: &FieldTable,
+        conn: u64,
+    ) -> Result<(), AmqpError> {
+        let q = self.queue(queue, conn)?;
+        if exchange.is_empty() {
+            return Err(amqp_err!(
+                AccessRefused,
+                "operation not permitted on the default exchange"
+            ));
+        }
+        let x = self.exchange(exchange)?;
+        if x.unbind(&Destination::Queue(q), key, args) {
+            self.auto_delete_exchange(&x);
+        }
+        Ok(())
+    }
+
+    /// queue.delete. Returns the number of messages it held. A missing queue is
+    /// deleted already (0), as in RabbitMQ.
+    pub fn delete_queue(
+        &self,
+        name: &str,
+        if_unused: bool,
+        if_empty: bool,
+        conn: u64,
+    ) -> Result<u32, AmqpError> {
+        let q = match self.queue(name, conn) {
+            Ok(q) => q,
+            Err(e) if e.code == crate::protocol::ReplyCode::NotFound => return Ok(0),
+            Err(e) => return Err(e),
+        };
+        q.check_delete(if_unused, if_empty)?;
+        Ok(self.remove_queue(&q))
+    }
+
+    /// Removes a queue from the registry and from every binding; cancels its consumers.
+    pub fn remove_queue(&self, q: &Arc<Queue>) -> u32 {
+        {
+            let mut queues = lock_write(&self.queues);
+            match queues.get(q.name()) {
+                Some(cur) if Arc::ptr_eq(cur, q) => {
+                    queues.remove(q.name());
+                }
+                _ => return 0,
+            }
+        }
+        let dest = Destination::Queue(q.clone());
+        let exchanges: Vec<Arc<Exchange>> = lock_read(&self.exchanges).values().cloned().collect();
+        for x in exchanges {
+            if x.unbind_all_to(&dest) > 0 {
+                self.auto_delete_exchange(&x);
+            }
+        }
+        q.mark_deleted()
+    }
+
+    /// Deletes the exclusive queues of a closing connection.
+    pub fn remove_exclusive_queues(&self, conn: u64) {
+        let owned: Vec<Arc<Queue>> = lock_read(&self.queues)
+            .values()
+            .filter(|q| q.def.exclusive_owner == Some(conn))
+            .cloned()
+            .collect();
+        for q in owned {
+            self.remove_queue(&q);
+        }
+    }
+
+    /// Routes a message: the queues it goes to, following exchange-to-exchange bindings
+    /// and alternate exchanges, each queue once. 404 when the exchange is missing.
+    pub fn route(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        headers: Option<&FieldTable>,
+    ) -> Result<Vec<Arc<Queue>>, AmqpError> {
+        let mut queues: Vec<Arc<Queue>> = Vec::new();
+        if exchange.is_empty() {
+            if let Some(q) = lock_read(&self.queues).get(routing_key) {
+                queues.push(q.clone());
+            }
+            return Ok(queues);
+        }
+        let exchanges = lock_read(&self.exchanges);
+        let first = exchanges
+            .get(exchange)
+            .ok_or_else(|| self.no_exchange(exchange))?;
+        if first.def.internal {
+            return Err(amqp_err!(
+                AccessRefused,
+                "cannot publish to internal exchange '{}' in vhost '{}'",
+                exchange,
+                self.name
+            ));
+        }
+        let mut visited: Vec<&str> = Vec::new();
+        let mut pending: Vec<&Arc<Exchange>> = vec![first];
+        let mut dests = Vec::new();
+        while let Some(x) = pending.pop() {
+            if visited.contains(&x.def.name.as_str()) {
+                continue;
+            }
+            visited.push(&x.def.name);
+            dests.clear();
+            x.route(routing_key, headers, &mut dests);
+            if dests.is_empty()
+                && let Some(ae) = x.alternate().and_then(|n| exchanges.get(n))
+            {
+                pending.push(ae);
+            }
+            for d in dests.drain(..) {
+                match d {
+                    Destination::Queue(q) => {
+                        if !queues.iter().any(|have| Arc::ptr_eq(have, &q)) {
+                            queues.push(q);
+                        }
+                    }
+                    Destination::Exchange(name) => {
+                        if let Some(next) = exchanges.get(&name) {
+                            pending.push(next);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(queues)
+    }
+}

@@ -1,0 +1,104 @@
+//! Settings: the defaults in `config/warren.toml` (compiled in), then an optional file,
+//! then `WARREN_*` environment variables. One place that knows every knob.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+/// The built-in defaults, documented setting by setting in the shipped file.
+const DEFAULTS: &str = include_str!("../config/warren.toml");
+
+/// How publisher confirms relate to fsync; see `flush` in `config/warren.toml`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FlushMode {
+    /// fsync (group commit) before every confirm.
+    Sync,
+    /// Commit without fsync, fsync on a timer.
+    Interval,
+}
+
+/// Every setting of a Warren node.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Config {
+    /// Addresses to bind (IPv4 and IPv6 by default).
+    pub listen_addresses: Vec<String>,
+    /// AMQP port (0 = ephemeral).
+    pub port: u16,
+    /// Directory of the redb database.
+    pub data_dir: PathBuf,
+    /// fsync policy for confirms.
+    pub flush: FlushMode,
+    /// fsync period for `flush = "interval"`.
+    pub flush_interval_ms: u64,
+    /// User created with full rights on the default vhost.
+    pub default_user: String,
+    /// Its password.
+    pub default_pass: String,
+    /// The vhost that exists from the start.
+    pub default_vhost: String,
+    /// Users allowed to log in only from loopback addresses.
+    pub loopback_users: Vec<String>,
+    /// Highest channel number offered in tune.
+    pub channel_max: u16,
+    /// Largest frame offered in tune.
+    pub frame_max: u32,
+    /// Heartbeat interval offered in tune, in seconds.
+    pub heartbeat: u16,
+    /// tracing filter.
+    pub log: String,
+}
+
+impl Config {
+    /// Loads defaults, then `file` (if any), then `WARREN_*` environment variables.
+    pub fn load(file: Option<&std::path::Path>) -> Result<Config, config::ConfigError> {
+        let mut builder = config::Config::builder()
+            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml));
+        if let Some(path) = file {
+            builder = builder.add_source(config::File::from(path.to_path_buf()).required(true));
+        }
+        builder
+            .add_source(
+                config::Environment::with_prefix("WARREN")
+                    .try_parsing(true)
+                    .list_separator(",")
+                    .with_list_parse_key("listen_addresses")
+                    .with_list_parse_key("loopback_users"),
+            )
+            .build()?
+            .try_deserialize()
+    }
+
+    /// The built-in defaults alone (no file, no environment).
+    pub fn defaults() -> Config {
+        config::Config::builder()
+            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml))
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .expect("the compiled-in config/warren.toml is valid")
+    }
+
+    /// Defaults for an in-process test broker: loopback only, ephemeral port, the given
+    /// data directory.
+    pub fn for_tests(data_dir: impl Into<PathBuf>) -> Config {
+        Config {
+            listen_addresses: vec!["127.0.0.1".into()],
+            port: 0,
+            data_dir: data_dir.into(),
+            ..Config::defaults()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_defaults_parse() {
+        let c = Config::defaults();
+        assert_eq!(c.port, 5672);
+        assert_eq!(c.default_user, "guest");
+        assert_eq!(c.flush, FlushMode::Sync);
+    }
+}

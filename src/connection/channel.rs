@@ -1,0 +1,1046 @@
+//! One AMQP channel: publish assembly (method, header, body frames), consumers, the
+//! unacked-delivery map keyed by delivery tag, prefetch, publisher confirms and
+//! transactions. Each AMQP class's methods become calls on the vhost and its queues.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+
+use amq_protocol::protocol::{AMQPClass, basic, channel, confirm, exchange, queue, tx};
+use amq_protocol::types::AMQPValue;
+use bytes::{Bytes, BytesMut};
+
+use super::sink::{ChannelLink, ConnShared};
+use crate::broker::vhost::generated_name;
+use crate::broker::{BrokerState, ExchangeDef, ExchangeKind, VHost};
+use crate::protocol::codec::{ContentHeader, InFrame, encode};
+use crate::protocol::{AmqpError, ReplyCode, reply::amqp_err};
+use crate::queue::{ConsumerId, ConsumerSpec, Delivery, Message, Offset, Queue, QueueDef};
+
+/// Largest message body accepted (RabbitMQ's default max_message_size).
+const MAX_MESSAGE_SIZE: u64 = 128 * 1024 * 1024;
+
+/// What the connection must do after a frame on this channel.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Nothing special.
+    Continue,
+    /// The channel is finished: forget it.
+    Closed,
+    /// Close the whole connection with this error.
+    ConnectionError(AmqpError),
+}
+
+#[derive(Debug)]
+struct Consumer {
+    id: ConsumerId,
+    queue: Arc<Queue>,
+}
+
+#[derive(Debug)]
+struct Unacked {
+    queue: Arc<Queue>,
+    offset: Offset,
+}
+
+#[derive(Debug)]
+struct PendingPublish {
+    method: basic::Publish,
+    header: Option<ContentHeader>,
+    body: BytesMut,
+    first_chunk: Option<Bytes>,
+    received: u64,
+}
+
+/// Work a transactional channel holds back until tx.commit.
+#[derive(Debug)]
+enum TxOp {
+    Publish(basic::Publish, Arc<Message>),
+    Ack(u64, bool),
+    Reject {
+        tag: u64,
+        multiple: bool,
+        requeue: bool,
+    },
+}
+
+/// Publisher-confirm bookkeeping.
+#[derive(Debug, Default)]
+struct Confirms {
+    /// Last sequence number assigned.
+    last_seq: u64,
+    /// Confirmed and not yet sent.
+    ready: Vec<u64>,
+    /// Sent up to here (all lower ones too).
+    acked_upto: u64,
+}
+
+/// A channel.
+#[derive(Debug)]
+pub struct Channel {
+    id: u16,
+    conn_id: u64,
+    user: String,
+    vhost: Arc<VHost>,
+    broker: Arc<BrokerState>,
+    link: Arc<ChannelLink>,
+    closing: bool,
+    publish: Option<PendingPublish>,
+    consumers: HashMap<Arc<str>, Consumer>,
+    unacked: BTreeMap<u64, Unacked>,
+    next_tag: u64,
+    prefetch: u32,
+    confirms: Option<Confirms>,
+    tx: Option<Vec<TxOp>>,
+    last_queue: Option<String>,
+}
+
+type Result<T> = std::result::Result<T, AmqpError>;
+
+fn s(v: &amq_protocol::types::ShortString) -> &str {
+    v.as_str()
+}
+
+impl Channel {
+    /// A freshly opened channel.
+    pub fn new(
+        id: u16,
+        conn_id: u64,
+        user: String,
+        vhost: Arc<VHost>,
+        broker: Arc<BrokerState>,
+        conn: Arc<ConnShared>,
+    ) -> Channel {
+        let link = Arc::new(ChannelLink {
+            channel: id,
+            conn,
+            global_prefetch: AtomicU32::new(0),
+            global_unacked: AtomicU32::new(0),
+            active: AtomicBool::new(true),
+        });
+        Channel {
+            id,
+            conn_id,
+            user,
+            vhost,
+            broker,
+            link,
+            closing: false,
+            publish: None,
+            consumers: HashMap::new(),
+            unacked: BTreeMap::new(),
+            next_tag: 1,
+            prefetch: 0,
+            confirms: None,
+            tx: None,
+            last_queue: None,
+        }
+    }
+
+    fn send(&self, out: &mut BytesMut, method: AMQPClass) {
+        encode::method(out, self.id, method);
+    }
+
+    /// Handles one frame for this channel.
+    pub fn handle_frame(&mut self, frame: InFrame, out: &mut BytesMut, frame_max: u32) -> Outcome {
+        if self.closing {
+            // After our channel.close only close / close-ok count.
+            return match frame {
+                InFrame::Method(_, AMQPClass::Channel(channel::AMQPMethod::CloseOk(_))) => {
+                    Outcome::Closed
+                }
+                InFrame::Method(_, AMQPClass::Channel(channel::AMQPMethod::Close(_))) => {
+                    self.send(
+                        out,
+                        AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})),
+                    );
+                    Outcome::Closed
+                }
+                _ => Outcome::Continue,
+            };
+        }
+        let (class_method, result) = match frame {
+            InFrame::Method(_, method) => {
+                let cm = (method.get_amqp_class_id(), method.get_amqp_method_id());
+                if self.publish.is_some() {
+                    (
+                        cm,
+                        Err(amqp_err!(
+                            UnexpectedFrame,
+                            "expected content header for class 60, got non content header frame instead"
+                        )),
+                    )
+                } else {
+                    (cm, self.handle_method(method, out, frame_max))
+                }
+            }
+            InFrame::Header(_, header) => ((60, 40), self.content_header(header, out)),
+            InFrame::Body(_, body) => ((60, 40), self.content_body(body, out)),
+            InFrame::Heartbeat(_) => ((0, 0), Err(amqp_err!(FrameError, "heartbeat on a channel"))),
+        };
+        match result {
+            Ok(outcome) => outcome,
+            Err(mut e) => {
+                e.class_method = class_method;
+                if e.code.is_connection_error() {
+                    return Outcome::ConnectionError(e);
+                }
+                self.close_with(e, out);
+                Outcome::Continue
+            }
+        }
+    }
+
+    /// Closes the channel from our side with a channel error.
+    fn close_with(&mut self, e: AmqpError, out: &mut BytesMut) {
+        tracing::debug!(
+            channel = self.id,
+            code = e.code.code(),
+            "closing channel: {}",
+            e.reply_text()
+        );
+        self.send(
+            out,
+            AMQPClass::Channel(channel::AMQPMethod::Close(channel::Close {
+                reply_code: e.code.code(),
+                reply_text: e.reply_text().into(),
+                class_id: e.class_method.0,
+                method_id: e.class_method.1,
+            })),
+        );
+        self.closing = true;
+        self.release();
+    }
+
+    fn handle_method(
+        &mut self,
+        method: AMQPClass,
+        out: &mut BytesMut,
+        frame_max: u32,
+    ) -> Result<Outcome> {
+        match method {
+            AMQPClass::Channel(m) => return self.channel_method(m, out),
+            AMQPClass::Exchange(m) => self.exchange_method(m, out)?,
+            AMQPClass::Queue(m) => self.queue_method(m, out)?,
+            AMQPClass::Basic(m) => self.basic_method(m, out, frame_max)?,
+            AMQPClass::Confirm(confirm::AMQPMethod::Select(sel)) => {
+                if self.tx.is_some() {
+                    return Err(amqp_err!(
+                        PreconditionFailed,
+                        "cannot switch from tx to confirm mode"
+                    ));
+                }
+                self.confirms.get_or_insert_with(Confirms::default);
+                if !sel.nowait {
+                    self.send(
+                        out,
+                        AMQPClass::Confirm(confirm::AMQPMethod::SelectOk(confirm::SelectOk {})),
+                    );
+                }
+            }
+            AMQPClass::Tx(m) => self.tx_method(m, out)?,
+            AMQPClass::Access(_) => {
+                self.send(
+                    out,
+                    AMQPClass::Access(amq_protocol::protocol::access::AMQPMethod::RequestOk(
+                        amq_protocol::protocol::access::RequestOk {},
+                    )),
+                );
+            }
+            other => {
+                return Err(amqp_err!(
+                    CommandInvalid,
+                    "unexpected method {}.{}",
+                    other.get_amqp_class_id(),
+                    other.get_amqp_method_id()
+                ));
+            }
+        }
+        Ok(Outcome::Continue)
+    }
+
+    fn channel_method(&mut self, m: channel::AMQPMethod, out: &mut BytesMut) -> Result<Outcome> {
+        match m {
+            channel::AMQPMethod::Close(_) => {
+                self.release();
+                self.send(
+                    out,
+                    AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})),
+                );
+                Ok(Outcome::Closed)
+            }
+            channel::AMQPMethod::CloseOk(_) => Ok(Outcome::Closed),
+            channel::AMQPMethod::Flow(flow) => {
+                self.link.active.store(flow.active, Ordering::Relaxed);
+                if flow.active {
+                    for c in self.consumers.values() {
+                        c.queue.kick();
+                    }
+                }
+                self.send(
+                    out,
+                    AMQPClass::Channel(channel::AMQPMethod::FlowOk(channel::FlowOk {
+                        active: flow.active,
+                    })),
+                );
+                Ok(Outcome::Continue)
+            }
+            channel::AMQPMethod::Open(_) => {
+                Err(amqp_err!(ChannelError, "second 'channel.open' seen"))
+            }
+            other => Err(amqp_err!(
+                CommandInvalid,
+                "unexpected method channel.{}",
+                AMQPClass::Channel(other).get_amqp_method_id()
+            )),
+        }
+    }
+
+    fn exchange_method(&mut self, m: exchange::AMQPMethod, out: &mut BytesMut) -> Result<()> {
+        let reply = match m {
+            exchange::AMQPMethod::Declare(d) => {
+                let kind = match ExchangeKind::parse(s(&d.kind)) {
+                    Some(k) => k,
+                    None if d.passive => ExchangeKind::Direct,
+                    None => {
+                        return Err(amqp_err!(
+                            CommandInvalid,
+                            "invalid exchange type '{}'",
+                            s(&d.kind)
+                        ));
+                    }
+                };
+                let def = ExchangeDef {
+                    name: s(&d.exchange).to_string(),
+                    kind,
+                    durable: d.durable,
+                    auto_delete: d.auto_delete,
+                    internal: d.internal,
+                    arguments: d.arguments,
+                };
+                self.vhost.declare_exchange(def, d.passive)?;
+                (!d.nowait).then_some(exchange::AMQPMethod::DeclareOk(exchange::DeclareOk {}))
+            }
+            exchange::AMQPMethod::Delete(d) => {
+                self.vhost.delete_exchange(s(&d.exchange), d.if_unused)?;
+                (!d.nowait).then_some(exchange::AMQPMethod::DeleteOk(exchange::DeleteOk {}))
+            }
+            exchange::AMQPMethod::Bind(b) => {
+                self.vhost.bind_exchange(
+                    s(&b.destination),
+                    s(&b.source),
+                    s(&b.routing_key),
+                    b.arguments,
+                )?;
+                (!b.nowait).then_some(exchange::AMQPMethod::BindOk(exchange::BindOk {}))
+            }
+            exchange::AMQPMethod::Unbind(b) => {
+                self.vhost.unbind_exchange(
+                    s(&b.destination),
+                    s(&b.source),
+                    s(&b.routing_key),
+                    &b.arguments,
+                )?;
+                (!b.nowait).then_some(exchange::AMQPMethod::UnbindOk(exchange::UnbindOk {}))
+            }
+            other => {
+                return Err(amqp_err!(
+                    CommandInvalid,
+                    "unexpected method exchange.{}",
+                    AMQPClass::Exchange(other).get_amqp_method_id()
+                ));
+            }
+        };
+        if let Some(r) = reply {
+            self.send(out, AMQPClass::Exchange(r));
+        }
+        Ok(())
+    }
+
+    /// The queue name a method refers to; empty means the last one declared here.
+    fn queue_name(&self, name: &str) -> Result<String> {
+        if !name.is_empty() {
+            return Ok(name.to_string());
+        }
+        self.last_queue
+            .clone()
+            .ok_or_else(|| amqp_err!(NotFound, "no previously declared queue"))
+    }
+
+    fn queue_method(&mut self, m: queue::AMQPMethod, out: &mut BytesMut) -> Result<()> {
+        let reply = match m {
+            queue::AMQPMethod::Declare(d) => {
+                let name = if d.passive {
+                    self.queue_name(s(&d.queue))?
+                } else {
+                    s(&d.queue).to_string()
+                };
+                let def = QueueDef {
+                    name,
+                    durable: d.durable,
+                    exclusive_owner: d.exclusive.then_some(self.conn_id),
+                    auto_delete: d.auto_delete,
+                    arguments: d.arguments,
+                };
+                let (q, _created) = self.vhost.declare_queue(def, d.passive, self.conn_id)?;
+                let counts = q.counts();
+                self.last_queue = Some(q.name().to_string());
+                (!d.nowait).then(|| {
+                    queue::AMQPMethod::DeclareOk(queue::DeclareOk {
+                        queue: q.name().into(),
+                        message_count: counts.messages,
+                        consumer_count: counts.consumers,
+                    })
+                })
+            }
+            queue::AMQPMethod::Bind(b) => {
+                let name = self.queue_name(s(&b.queue))?;
+                self.vhost.bind_queue(
+                    &name,
+                    s(&b.exchange),
+                    s(&b.routing_key),
+                    b.arguments,
+                    self.conn_id,
+                )?;
+                (!b.nowait).then_some(queue::AMQPMethod::BindOk(queue::BindOk {}))
+            }
+            queue::AMQPMethod::Unbind(b) => {
+                let name = self.queue_name(s(&b.queue))?;
+                self.vhost.unbind_queue(
+                    &name,
+                    s(&b.exchange),
+                    s(&b.routing_key),
+                    &b.arguments,
+                    self.conn_id,
+                )?;
+                Some(queue::AMQPMethod::UnbindOk(queue::UnbindOk {}))
+            }
+            queue::AMQPMethod::Purge(p) => {
+                let name = self.queue_name(s(&p.queue))?;
+                let q = self.vhost.queue(&name, self.conn_id)?;
+                let purged = q.purge();
+                (!p.nowait).then_some(queue::AMQPMethod::PurgeOk(queue::PurgeOk {
+                    message_count: purged.len() as u32,
+                }))
+            }
+            queue::AMQPMethod::Delete(d) => {
+                let name = self.queue_name(s(&d.queue))?;
+                let count =
+                    self.vhost
+                        .delete_queue(&name, d.if_unused, d.if_empty, self.conn_id)?;
+                (!d.nowait).then_some(queue::AMQPMethod::DeleteOk(queue::DeleteOk {
+                    message_count: count,
+                }))
+            }
+            other => {
+                return Err(amqp_err!(
+                    CommandInvalid,
+                    "unexpected method queue.{}",
+                    AMQPClass::Queue(other).get_amqp_method_id()
+                ));
+            }
+        };
+        if let Some(r) = reply {
+            self.send(out, AMQPClass::Queue(r));
+        }
+        Ok(())
+    }
+
+    fn basic_method(
+        &mut self,
+        m: basic::AMQPMethod,
+        out: &mut BytesMut,
+        frame_max: u32,
+    ) -> Result<()> {
+        match m {
+            basic::AMQPMethod::Publish(p) => {
+                if p.immediate {
+                    return Err(amqp_err!(NotImplemented, "immediate=true"));
+                }
+                self.publish = Some(PendingPublish {
+                    method: p,
+                    header: None,
+                    body: BytesMut::new(),
+                    first_chunk: None,
+                    received: 0,
+                });
+            }
+            basic::AMQPMethod::Qos(q) => {
+                if q.global {
+                    self.link
+                        .global_prefetch
+                        .store(q.prefetch_count as u32, Ordering::Relaxed);
+                    for c in self.consumers.values() {
+                        c.queue.kick();
+                    }
+                } else {
+                    self.prefetch = q.prefetch_count as u32;
+                }
+                self.send(
+                    out,
+                    AMQPClass::Basic(basic::AMQPMethod::QosOk(basic::QosOk {})),
+                );
+            }
+            basic::AMQPMethod::Consume(c) => self.consume(c, out)?,
+            basic::AMQPMethod::Cancel(c) => {
+                let tag: Arc<str> = Arc::from(s(&c.consumer_tag));
+                self.cancel_consumer(&tag);
+                if !c.nowait {
+                    self.send(
+                        out,
+                        AMQPClass::Basic(basic::AMQPMethod::CancelOk(basic::CancelOk {
+                            consumer_tag: c.consumer_tag,
+                        })),
+                    );
+                }
+            }
+            basic::AMQPMethod::Get(g) => self.get(g, out, frame_max)?,
+            basic::AMQPMethod::Ack(a) => {
+                if self.tx.is_some() {
+                    self.check_tags(a.delivery_tag, a.multiple)?;
+                    if let Some(tx) = &mut self.tx {
+                        tx.push(TxOp::Ack(a.delivery_tag, a.multiple));
+                    }
+                } else {
+                    self.ack(a.delivery_tag, a.multiple)?;
+                }
+            }
+            basic::AMQPMethod::Reject(r) => self.reject(r.delivery_tag, false, r.requeue)?,
+            basic::AMQPMethod::Nack(n) => self.reject(n.delivery_tag, n.multiple, n.requeue)?,
+            basic::AMQPMethod::Recover(r) => {
+                self.recover(r.requeue)?;
+                self.send(
+                    out,
+                    AMQPClass::Basic(basic::AMQPMethod::RecoverOk(basic::RecoverOk {})),
+                );
+            }
+            basic::AMQPMethod::RecoverAsync(r) => self.recover(r.requeue)?,
+            other => {
+                return Err(amqp_err!(
+                    CommandInvalid,
+                    "unexpected method basic.{}",
+                    AMQPClass::Basic(other).get_amqp_method_id()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn consume(&mut self, c: basic::Consume, out: &mut BytesMut) -> Result<()> {
+        let name = self.queue_name(s(&c.queue))?;
+        let q = self.vhost.queue(&name, self.conn_id)?;
+        let tag: Arc<str> = if c.consumer_tag.as_str().is_empty() {
+            Arc::from(generated_name("amq.ctag-"))
+        } else {
+            Arc::from(s(&c.consumer_tag))
+        };
+        if self.consumers.contains_key(&tag) {
+            return Err(amqp_err!(
+                NotAllowed,
+                "attempt to reuse consumer tag '{}'",
+                tag
+            ));
+        }
+        let priority = match c.arguments.inner().get("x-priority") {
+            None => 0,
+            Some(v) => int_arg(v).ok_or_else(|| {
+                amqp_err!(
+                    PreconditionFailed,
+                    "invalid arg 'x-priority' for consumer: {:?}",
+                    v
+                )
+            })? as i32,
+        };
+        let id = self.broker.next_id();
+        let spec = ConsumerSpec {
+            id,
+            priority,
+            prefetch: self.prefetch,
+            no_ack: c.no_ack,
+        };
+        // consume-ok goes out before any delivery: deliveries travel through the
+        // connection's event queue, which is read after this frame's output is written.
+        if !c.nowait {
+            self.send(
+                out,
+                AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(basic::ConsumeOk {
+                    consumer_tag: tag.as_ref().into(),
+                })),
+            );
+        }
+        self.consumers.insert(
+            tag.clone(),
+            Consumer {
+                id,
+                queue: q.clone(),
+            },
+        );
+        if let Err(e) = q.consume(spec, tag.clone(), c.exclusive, self.link.clone()) {
+            self.consumers.remove(&tag);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn cancel_consumer(&mut self, tag: &Arc<str>) {
+        if let Some(c) = self.consumers.remove(tag)
+            && c.queue.cancel(c.id)
+        {
+            self.vhost.remove_queue(&c.queue);
+        }
+    }
+
+    /// The broker cancelled a consumer (its queue was deleted).
+    pub fn server_cancel(&mut self, tag: &Arc<str>, notify: bool, out: &mut BytesMut) {
+        if self.consumers.remove(tag).is_some() && notify && !self.closing {
+            self.send(
+                out,
+                AMQPClass::Basic(basic::AMQPMethod::Cancel(basic::Cancel {
+                    consumer_tag: tag.as_ref().into(),
+                    nowait: true,
+                })),
+            );
+        }
+    }
+
+    fn get(&mut self, g: basic::Get, out: &mut BytesMut, frame_max: u32) -> Result<()> {
+        let name = self.queue_name(s(&g.queue))?;
+        let q = self.vhost.queue(&name, self.conn_id)?;
+        match q.get(g.no_ack) {
+            None => self.send(
+                out,
+                AMQPClass::Basic(basic::AMQPMethod::GetEmpty(basic::GetEmpty {})),
+            ),
+            Some((entry, left)) => {
+                let tag = self.next_tag;
+                self.next_tag += 1;
+                if !g.no_ack {
+                    self.unacked.insert(
+                        tag,
+                        Unacked {
+                            queue: q.clone(),
+                            offset: entry.offset,
+                        },
+                    );
+                }
+                self.send(
+                    out,
+                    AMQPClass::Basic(basic::AMQPMethod::GetOk(basic::GetOk {
+                        delivery_tag: tag,
+                        redelivered: entry.redelivered,
+                        exchange: entry.msg.exchange.as_str().into(),
+                        routing_key: entry.msg.routing_key.as_str().into(),
+                        message_count: left,
+                    })),
+                );
+                encode::content(
+                    out,
+                    self.id,
+                    &entry.msg.raw_properties,
+                    &entry.msg.body,
+                    frame_max,
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes a delivery from a queue, or gives it back when its consumer is gone.
+    pub fn deliver(&mut self, d: Delivery, out: &mut BytesMut, frame_max: u32) {
+        let live = !self.closing
+            && self
+                .consumers
+                .get(&d.consumer_tag)
+                .is_some_and(|c| c.id == d.consumer);
+        if !live {
+            if !d.no_ack {
+                self.link.global_unacked.fetch_sub(1, Ordering::Relaxed);
+            }
+            d.queue.return_undelivered(d.entry);
+            return;
+        }
+        let tag = self.next_tag;
+        self.next_tag += 1;
+        let msg = &d.entry.msg;
+        encode::deliver(
+            out,
+            self.id,
+            &d.consumer_tag,
+            tag,
+            d.entry.redelivered,
+            &msg.exchange,
+            &msg.routing_key,
+        );
+        encode::content(out, self.id, &msg.raw_properties, &msg.body, frame_max);
+        if !d.no_ack {
+            self.unacked.insert(
+                tag,
+                Unacked {
+                    queue: d.queue,
+                    offset: d.entry.offset,
+                },
+            );
+        }
+    }
+
+    /// Removes the unacked deliveries named by (tag, multiple); 406 on an unknown tag.
+    fn take_unacked(&mut self, tag: u64, multiple: bool) -> Result<Vec<Unacked>> {
+        if multiple {
+            let upto = if tag == 0 { u64::MAX } else { tag };
+            let keep = self.unacked.split_off(&upto.saturating_add(1));
+            let taken = std::mem::replace(&mut self.unacked, keep);
+            if taken.is_empty() && tag != 0 {
+                return Err(amqp_err!(
+                    PreconditionFailed,
+                    "unknown delivery tag {}",
+                    tag
+                ));
+            }
+            Ok(taken.into_values().collect())
+        } else {
+            match self.unacked.remove(&tag) {
+                Some(u) => Ok(vec![u]),
+                None => Err(amqp_err!(
+                    PreconditionFailed,
+                    "unknown delivery tag {}",
+                    tag
+                )),
+            }
+        }
+    }
+
+    fn check_tags(&self, tag: u64, multiple: bool) -> Result<()> {
+        let known = if multiple {
+            tag == 0 || self.unacked.range(..=tag).next().is_some()
+        } else {
+            self.unacked.contains_key(&tag)
+        };
+        if known {
+            Ok(())
+        } else {
+            Err(amqp_err!(
+                PreconditionFailed,
+                "unknown delivery tag {}",
+                tag
+            ))
+        }
+    }
+
+    fn ack(&mut self, tag: u64, multiple: bool) -> Result<()> {
+        let taken = self.take_unacked(tag, multiple)?;
+        self.settle(taken, false);
+        Ok(())
+    }
+
+    fn reject(&mut self, tag: u64, multiple: bool, requeue: bool) -> Result<()> {
+        if self.tx.is_some() {
+            self.check_tags(tag, multiple)?;
+            if let Some(tx) = &mut self.tx {
+                tx.push(TxOp::Reject {
+                    tag,
+                    multiple,
+                    requeue,
+                });
+            }
+            return Ok(());
+        }
+        let taken = self.take_unacked(tag, multiple)?;
+        self.settle(taken, requeue);
+        Ok(())
+    }
+
+    /// Acks (requeue=false) or requeues deliveries, one call per queue.
+    fn settle(&mut self, taken: Vec<Unacked>, requeue: bool) {
+        if taken.is_empty() {
+            return;
+        }
+        self.link
+            .global_unacked
+            .fetch_sub(taken.len() as u32, Ordering::Relaxed);
+        let mut groups: Vec<(Arc<Queue>, Vec<Offset>)> = Vec::new();
+        for u in taken {
+            match groups.iter_mut().find(|(q, _)| Arc::ptr_eq(q, &u.queue)) {
+                Some((_, offsets)) => offsets.push(u.offset),
+                None => groups.push((u.queue, vec![u.offset])),
+            }
+        }
+        for (q, offsets) in groups {
+            if requeue {
+                q.requeue(&offsets);
+            } else {
+                q.settle(&offsets);
+            }
+        }
+    }
+
+    fn recover(&mut self, requeue: bool) -> Result<()> {
+        if !requeue {
+            return Err(amqp_err!(NotImplemented, "requeue=false"));
+        }
+        let all = std::mem::take(&mut self.unacked).into_values().collect();
+        self.settle(all, true);
+        Ok(())
+    }
+
+    fn tx_method(&mut self, m: tx::AMQPMethod, out: &mut BytesMut) -> Result<()> {
+        let reply = match m {
+            tx::AMQPMethod::Select(_) => {
+                if self.confirms.is_some() {
+                    return Err(amqp_err!(
+                        PreconditionFailed,
+                        "cannot switch from confirm to tx mode"
+                    ));
+                }
+                self.tx.get_or_insert_with(Vec::new);
+                tx::AMQPMethod::SelectOk(tx::SelectOk {})
+            }
+            tx::AMQPMethod::Commit(_) => {
+                let Some(ops) = self.tx.replace(Vec::new()) else {
+                    return Err(amqp_err!(
+                        PreconditionFailed,
+                        "channel is not transactional"
+                    ));
+                };
+                for op in ops {
+                    match op {
+                        TxOp::Publish(p, msg) => self.route_and_enqueue(&p, msg, out)?,
+                        TxOp::Ack(tag, multiple) => self.ack(tag, multiple)?,
+                        TxOp::Reject {
+                            tag,
+                            multiple,
+                            requeue,
+                        } => {
+                            let taken = self.take_unacked(tag, multiple)?;
+                            self.settle(taken, requeue);
+                        }
+                    }
+                }
+                tx::AMQPMethod::CommitOk(tx::CommitOk {})
+            }
+            tx::AMQPMethod::Rollback(_) => {
+                let Some(ops) = self.tx.as_mut() else {
+                    return Err(amqp_err!(
+                        PreconditionFailed,
+                        "channel is not transactional"
+                    ));
+                };
+                ops.clear();
+                tx::AMQPMethod::RollbackOk(tx::RollbackOk {})
+            }
+            other => {
+                return Err(amqp_err!(
+                    CommandInvalid,
+                    "unexpected method tx.{}",
+                    AMQPClass::Tx(other).get_amqp_method_id()
+                ));
+            }
+        };
+        self.send(out, AMQPClass::Tx(reply));
+        Ok(())
+    }
+
+    fn content_header(&mut self, header: ContentHeader, out: &mut BytesMut) -> Result<Outcome> {
+        let Some(p) = self.publish.as_mut() else {
+            return Err(amqp_err!(
+                UnexpectedFrame,
+                "expected method frame, got non method frame instead"
+            ));
+        };
+        if p.header.is_some() {
+            return Err(amqp_err!(
+                UnexpectedFrame,
+                "expected content body, got non content body frame instead"
+            ));
+        }
+        if header.class_id != 60 {
+            return Err(amqp_err!(
+                FrameError,
+                "content header for class {} instead of 60",
+                header.class_id
+            ));
+        }
+        if header.body_size > MAX_MESSAGE_SIZE {
+            self.publish = None;
+            return Err(amqp_err!(
+                PreconditionFailed,
+                "message size {} is larger than configured max size {}",
+                header.body_size,
+                MAX_MESSAGE_SIZE
+            ));
+        }
+        let done = header.body_size == 0;
+        p.header = Some(header);
+        if done {
+            self.complete_publish(out)?;
+        }
+        Ok(Outcome::Continue)
+    }
+
+    fn content_body(&mut self, body: Bytes, out: &mut BytesMut) -> Result<Outcome> {
+        let Some(p) = self.publish.as_mut() else {
+            return Err(amqp_err!(
+                UnexpectedFrame,
+                "expected method frame, got non method frame instead"
+            ));
+        };
+        let Some(header) = &p.header else {
+            return Err(amqp_err!(
+                UnexpectedFrame,
+                "expected content header for class 60, got non content header frame instead"
+            ));
+        };
+        p.received += body.len() as u64;
+        if p.received > header.body_size {
+            return Err(amqp_err!(
+                FrameError,
+                "content body exceeds the size announced in its header"
+            ));
+        }
+        // The common single-frame body stays a slice of the read buffer; only bodies split
+        // over several frames are joined.
+        match (&p.first_chunk, p.body.is_empty()) {
+            (None, true) => p.first_chunk = Some(body),
+            _ => {
+                if let Some(first) = p.first_chunk.take() {
+                    p.body.extend_from_slice(&first);
+                }
+                p.body.extend_from_slice(&body);
+            }
+        }
+        if p.received == header.body_size {
+            self.complete_publish(out)?;
+        }
+        Ok(Outcome::Continue)
+    }
+
+    fn complete_publish(&mut self, out: &mut BytesMut) -> Result<()> {
+        let Some(p) = self.publish.take() else {
+            return Ok(());
+        };
+        let Some(header) = p.header else {
+            return Ok(());
+        };
+        let body = match p.first_chunk {
+            Some(b) => b,
+            None => p.body.freeze(),
+        };
+        if let Some(uid) = header.properties.user_id()
+            && uid.as_str() != self.user
+        {
+            return Err(amqp_err!(
+                PreconditionFailed,
+                "user_id property set to '{}' but authenticated user was '{}'",
+                uid.as_str(),
+                self.user
+            ));
+        }
+        let msg = Arc::new(Message {
+            exchange: p.method.exchange.as_str().to_string(),
+            routing_key: p.method.routing_key.as_str().to_string(),
+            properties: header.properties,
+            raw_properties: header.raw_properties,
+            body,
+        });
+        if let Some(tx) = &mut self.tx {
+            // Check the exchange now, as RabbitMQ does, but enqueue only at commit.
+            if !msg.exchange.is_empty() {
+                self.vhost.exchange(&msg.exchange)?;
+            }
+            tx.push(TxOp::Publish(p.method, msg));
+            return Ok(());
+        }
+        self.route_and_enqueue(&p.method, msg, out)
+    }
+
+    fn route_and_enqueue(
+        &mut self,
+        p: &basic::Publish,
+        msg: Arc<Message>,
+        out: &mut BytesMut,
+    ) -> Result<()> {
+        let queues = self.vhost.route(
+            &msg.exchange,
+            &msg.routing_key,
+            msg.properties.headers().as_ref(),
+        )?;
+        if queues.is_empty() && p.mandatory {
+            self.send(
+                out,
+                AMQPClass::Basic(basic::AMQPMethod::Return(basic::Return {
+                    reply_code: ReplyCode::NoRoute.code(),
+                    reply_text: "NO_ROUTE".into(),
+                    exchange: p.exchange.clone(),
+                    routing_key: p.routing_key.clone(),
+                })),
+            );
+            encode::content(out, self.id, &msg.raw_properties, &msg.body, u32::MAX);
+        }
+        for q in &queues {
+            q.enqueue(msg.clone());
+        }
+        if let Some(c) = &mut self.confirms {
+            c.last_seq += 1;
+            c.ready.push(c.last_seq);
+        }
+        Ok(())
+    }
+
+    /// Publishes stored by the store (confirms waiting for fsync).
+    pub fn stored(&mut self, seqs: &[u64]) {
+        if let Some(c) = &mut self.confirms {
+            c.ready.extend_from_slice(seqs);
+        }
+    }
+
+    /// Writes the confirms that became ready, coalesced with `multiple` where possible.
+    pub fn flush_confirms(&mut self, out: &mut BytesMut) {
+        let Some(c) = &mut self.confirms else { return };
+        if c.ready.is_empty() {
+            return;
+        }
+        c.ready.sort_unstable();
+        let max = c.ready[c.ready.len() - 1];
+        // Every publish up to `max` is confirmed when ready holds a run from acked_upto+1.
+        let contiguous = c
+            .ready
+            .iter()
+            .enumerate()
+            .all(|(i, seq)| *seq == c.acked_upto + 1 + i as u64);
+        if contiguous {
+            encode::confirm(out, self.id, max, c.ready.len() > 1, true);
+            c.acked_upto = max;
+        } else {
+            for seq in &c.ready {
+                encode::confirm(out, self.id, *seq, false, true);
+            }
+        }
+        c.ready.clear();
+    }
+
+    /// Lets go of everything the channel holds: consumers are cancelled, unacked
+    /// messages go back to their queues (marked redelivered).
+    pub fn release(&mut self) {
+        let tags: Vec<Arc<str>> = self.consumers.keys().cloned().collect();
+        for tag in tags {
+            self.cancel_consumer(&tag);
+        }
+        let all: Vec<Unacked> = std::mem::take(&mut self.unacked).into_values().collect();
+        self.settle(all, true);
+        self.publish = None;
+        self.tx = None;
+    }
+}
+
+/// An integer argument value of any width.
+fn int_arg(v: &AMQPValue) -> Option<i64> {
+    Some(match v {
+        AMQPValue::ShortShortInt(x) => *x as i64,
+        AMQPValue::ShortShortUInt(x) => *x as i64,
+        AMQPValue::ShortInt(x) => *x as i64,
+        AMQPValue::ShortUInt(x) => *x as i64,
+        AMQPValue::LongInt(x) => *x as i64,
+        AMQPValue::LongUInt(x) => *x as i64,
+        AMQPValue::LongLongInt(x) => *x,
+        _ => return None,
+    })
+}

@@ -1,0 +1,452 @@
+//! One task per TCP connection: the handshake (start, SASL, tune, open), the channels
+//! multiplexed on it, heartbeats, and closing in both directions.
+//!
+//! The task reads frames in batches, handles each (channel methods live in `channel`),
+//! takes the deliveries and confirms that queues and the store sent it meanwhile, and
+//! writes everything produced by the batch with one `write_all`.
+
+pub mod channel;
+mod handshake;
+pub mod sink;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use amq_protocol::protocol::{AMQPClass, connection as conn_methods};
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::sync::{broadcast, mpsc};
+
+use crate::broker::{BrokerState, VHost};
+use crate::protocol::codec::{FrameDecoder, InFrame, PROTOCOL_HEADER, encode};
+use crate::protocol::{AmqpError, ReplyCode, reply::amqp_err};
+use channel::Channel;
+use sink::{ConnEvent, ConnShared};
+
+/// Frames of at most this size are allowed before tune-ok (the spec's minimum).
+const FRAME_MIN_SIZE: u32 = 4096;
+/// Time a client has to complete the handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long we wait for close-ok after sending connection.close.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    AwaitStartOk,
+    AwaitTuneOk,
+    AwaitOpen,
+    Open,
+    /// We sent connection.close and wait for close-ok.
+    Closing,
+    /// Done: close the socket.
+    Closed,
+}
+
+/// The state of one client connection.
+pub struct Connection {
+    id: u64,
+    peer: SocketAddr,
+    broker: Arc<BrokerState>,
+    phase: Phase,
+    user: String,
+    vhost: Option<Arc<VHost>>,
+    /// The client announced consumer_cancel_notify.
+    cancel_notify: bool,
+    channel_max: u16,
+    frame_max: u32,
+    heartbeat: u16,
+    decoder: FrameDecoder,
+    channels: HashMap<u16, Channel>,
+    shared: Arc<ConnShared>,
+    out: BytesMut,
+    /// Deliveries encoded into `out` since the last write.
+    delivered: usize,
+    last_read: Instant,
+    last_write: Instant,
+    started: Instant,
+    closing_since: Option<Instant>,
+}
+
+/// Runs a connection until it closes.
+pub async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    broker: Arc<BrokerState>,
+    mut shutdown: broadcast::Receiver<()>,
+) {
+    let _ = stream.set_nodelay(true);
+    let (mut reader, mut writer) = stream.into_split();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let shared = Arc::new(ConnShared {
+        tx,
+        pending: Default::default(),
+        waiting: Default::default(),
+    });
+    let id = broker.next_id();
+    let mut conn = Connection {
+        id,
+        peer,
+        channel_max: broker.config.channel_max,
+        frame_max: broker.config.frame_max,
+        heartbeat: 0,
+        broker,
+        phase: Phase::AwaitStartOk,
+        user: String::new(),
+        vhost: None,
+        cancel_notify: false,
+        decoder: FrameDecoder {
+            frame_max: FRAME_MIN_SIZE,
+        },
+        channels: HashMap::new(),
+        shared,
+        out: BytesMut::with_capacity(64 * 1024),
+        delivered: 0,
+        last_read: Instant::now(),
+        last_write: Instant::now(),
+        started: Instant::now(),
+        closing_since: None,
+    };
+
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    // Protocol header: exactly 8 bytes, or we answer with ours and close.
+    let header_ok = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+        while buf.len() < 8 {
+            match reader.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(_) => {}
+            }
+            if !PROTOCOL_HEADER.starts_with(&buf[..buf.len().min(8)]) {
+                return false;
+            }
+        }
+        true
+    })
+    .await
+    .unwrap_or(false);
+    if !header_ok || &buf[..8] != PROTOCOL_HEADER {
+        let _ = writer.write_all(PROTOCOL_HEADER).await;
+        tracing::debug!(%peer, "bad or missing protocol header");
+        return;
+    }
+    let _ = buf.split_to(8);
+    conn.send_start();
+
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        if conn.flush(&mut writer).await.is_err() {
+            break;
+        }
+        if conn.phase == Phase::Closed {
+            break;
+        }
+        tokio::select! {
+            read = reader.read_buf(&mut buf) => {
+                match read {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        conn.last_read = Instant::now();
+                        conn.handle_input(&mut buf);
+                    }
+                }
+            }
+            Some(event) = rx.recv() => {
+                conn.handle_event(event);
+                let mut more = 0;
+                while more < 4096 {
+                    match rx.try_recv() {
+                        Ok(event) => conn.handle_event(event),
+                        Err(_) => break,
+                    }
+                    more += 1;
+                }
+            }
+            _ = tick.tick() => conn.on_tick(),
+            _ = shutdown.recv(), if conn.phase != Phase::Closing => {
+                conn.close_connection(amqp_err!(ConnectionForced, "broker forced connection closure with reason 'shutdown'"));
+            }
+        }
+    }
+    let _ = writer.shutdown().await;
+    rx.close();
+    conn.cleanup(&mut rx);
+}
+
+impl Connection {
+    fn send(&mut self, channel: u16, method: AMQPClass) {
+        encode::method(&mut self.out, channel, method);
+    }
+
+    async fn flush(&mut self, writer: &mut OwnedWriteHalf) -> std::io::Result<()> {
+        for ch in self.channels.values_mut() {
+            ch.flush_confirms(&mut self.out);
+        }
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        writer.write_all(&self.out).await?;
+        self.out.clear();
+        self.last_write = Instant::now();
+        if self.delivered > 0 {
+            self.shared
+                .pending
+                .fetch_sub(self.delivered, Ordering::Relaxed);
+            self.delivered = 0;
+        }
+        for queue in self.shared.take_waiting() {
+            if let Some(q) = queue.upgrade() {
+                q.kick();
+            }
+        }
+        Ok(())
+    }
+
+    fn handle_input(&mut self, buf: &mut BytesMut) {
+        loop {
+            if matches!(self.phase, Phase::Closed) {
+                return;
+            }
+            match self.decoder.decode_frame(buf) {
+                Ok(Some(frame)) => self.handle_frame(frame),
+                Ok(None) => return,
+                Err(e) => {
+                    buf.clear();
+                    self.close_connection(e);
+                    // Nothing more can be parsed from a broken stream.
+                    self.phase = Phase::Closed;
+                    return;
+                }
+            }
+        }
+    }
+
+    fn handle_frame(&mut self, frame: InFrame) {
+        if self.phase == Phase::Closing {
+            // Only close / close-ok matter now.
+            if let InFrame::Method(0, AMQPClass::Connection(m)) = frame {
+                match m {
+                    conn_methods::AMQPMethod::CloseOk(_) => self.phase = Phase::Closed,
+                    conn_methods::AMQPMethod::Close(_) => {
+                        self.send(
+                            0,
+                            AMQPClass::Connection(conn_methods::AMQPMethod::CloseOk(
+                                conn_methods::CloseOk {},
+                            )),
+                        );
+                        self.phase = Phase::Closed;
+                    }
+                    _ => {}
+                }
+            }
+            return;
+        }
+        let result = match frame {
+            InFrame::Heartbeat(0) => Ok(()),
+            InFrame::Heartbeat(_) => Err(amqp_err!(
+                FrameError,
+                "heartbeat frame on a non-zero channel"
+            )),
+            InFrame::Method(0, AMQPClass::Connection(m)) => self.handle_connection_method(m),
+            InFrame::Method(0, other) => Err(amqp_err!(
+                CommandInvalid,
+                "method {}.{} on channel 0",
+                other.get_amqp_class_id(),
+                method_id(&other)
+            )),
+            InFrame::Header(0, _) | InFrame::Body(0, _) => {
+                Err(amqp_err!(UnexpectedFrame, "content frame on channel 0"))
+            }
+            frame if self.phase != Phase::Open => Err(amqp_err!(
+                ChannelError,
+                "channel frame before connection.open-ok: {:?}",
+                frame_channel(&frame)
+            )),
+            InFrame::Method(ch, AMQPClass::Connection(_)) => Err(amqp_err!(
+                CommandInvalid,
+                "connection method on channel {}",
+                ch
+            )),
+            InFrame::Method(
+                ch,
+                AMQPClass::Channel(amq_protocol::protocol::channel::AMQPMethod::Open(_)),
+            ) => self.open_channel(ch),
+            frame => self.channel_frame(frame),
+        };
+        if let Err(e) = result {
+            self.close_connection(e);
+        }
+    }
+
+    fn open_channel(&mut self, ch: u16) -> Result<(), AmqpError> {
+        if ch > self.channel_max {
+            return Err(amqp_err!(
+                ChannelError,
+                "channel number {} above channel_max {}",
+                ch,
+                self.channel_max
+            ));
+        }
+        if self.channels.contains_key(&ch) {
+            return Err(amqp_err!(ChannelError, "second 'channel.open' seen"));
+        }
+        let Some(vhost) = self.vhost.clone() else {
+            return Err(amqp_err!(
+                CommandInvalid,
+                "channel.open before connection.open"
+            ));
+        };
+        let channel = Channel::new(
+            ch,
+            self.id,
+            self.user.clone(),
+            vhost,
+            self.broker.clone(),
+            self.shared.clone(),
+        );
+        self.channels.insert(ch, channel);
+        self.send(
+            ch,
+            AMQPClass::Channel(amq_protocol::protocol::channel::AMQPMethod::OpenOk(
+                amq_protocol::protocol::channel::OpenOk {},
+            )),
+        );
+        Ok(())
+    }
+
+    fn channel_frame(&mut self, frame: InFrame) -> Result<(), AmqpError> {
+        let ch = frame_channel(&frame);
+        let Some(channel) = self.channels.get_mut(&ch) else {
+            return Err(amqp_err!(
+                ChannelError,
+                "expected 'channel.open' on channel {}",
+                ch
+            ));
+        };
+        let frame_max = self.frame_max;
+        let outcome = channel.handle_frame(frame, &mut self.out, frame_max);
+        match outcome {
+            channel::Outcome::Continue => Ok(()),
+            channel::Outcome::Closed => {
+                self.channels.remove(&ch);
+                Ok(())
+            }
+            channel::Outcome::ConnectionError(e) => Err(e),
+        }
+    }
+
+    fn handle_event(&mut self, event: ConnEvent) {
+        match event {
+            ConnEvent::Deliver(ch, d) => {
+                self.delivered += 1;
+                match self.channels.get_mut(&ch) {
+                    Some(channel) => channel.deliver(d, &mut self.out, self.frame_max),
+                    None => {
+                        d.queue.return_undelivered(d.entry);
+                    }
+                }
+            }
+            ConnEvent::Cancelled(ch, tag) => {
+                if let Some(channel) = self.channels.get_mut(&ch) {
+                    channel.server_cancel(&tag, self.cancel_notify, &mut self.out);
+                }
+            }
+            ConnEvent::Stored(ch, seqs) => {
+                if let Some(channel) = self.channels.get_mut(&ch) {
+                    channel.stored(&seqs);
+                }
+            }
+        }
+    }
+
+    fn on_tick(&mut self) {
+        let now = Instant::now();
+        match self.phase {
+            Phase::AwaitStartOk | Phase::AwaitTuneOk | Phase::AwaitOpen => {
+                if now.duration_since(self.started) > HANDSHAKE_TIMEOUT {
+                    tracing::info!(peer = %self.peer, "handshake timeout");
+                    self.phase = Phase::Closed;
+                }
+            }
+            Phase::Closing => {
+                if self
+                    .closing_since
+                    .is_some_and(|t| now.duration_since(t) > CLOSE_TIMEOUT)
+                {
+                    self.phase = Phase::Closed;
+                }
+            }
+            Phase::Open if self.heartbeat > 0 => {
+                let interval = Duration::from_secs(self.heartbeat as u64);
+                if now.duration_since(self.last_read) > interval * 2 {
+                    tracing::info!(peer = %self.peer, user = %self.user, "missed heartbeats from client, timeout: {}s", self.heartbeat);
+                    self.phase = Phase::Closed;
+                } else if now.duration_since(self.last_write) >= interval / 2 {
+                    encode::heartbeat(&mut self.out);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Sends connection.close with this error and waits for close-ok.
+    fn close_connection(&mut self, e: AmqpError) {
+        if matches!(self.phase, Phase::Closing | Phase::Closed) {
+            return;
+        }
+        if e.code != ReplyCode::Success {
+            tracing::warn!(peer = %self.peer, user = %self.user, code = e.code.code(), "closing connection: {}", e.reply_text());
+        }
+        let (class_id, method_id) = e.class_method;
+        self.send(
+            0,
+            AMQPClass::Connection(conn_methods::AMQPMethod::Close(conn_methods::Close {
+                reply_code: e.code.code(),
+                reply_text: e.reply_text().into(),
+                class_id,
+                method_id,
+            })),
+        );
+        self.phase = Phase::Closing;
+        self.closing_since = Some(Instant::now());
+        self.close_channels();
+    }
+
+    fn close_channels(&mut self) {
+        for (_, mut ch) in self.channels.drain() {
+            ch.release();
+        }
+    }
+
+    /// After the socket is gone: unacked messages go back, exclusive queues go away.
+    fn cleanup(&mut self, rx: &mut mpsc::UnboundedReceiver<ConnEvent>) {
+        self.close_channels();
+        while let Ok(event) = rx.try_recv() {
+            if let ConnEvent::Deliver(_, d) = event {
+                d.queue.return_undelivered(d.entry);
+            }
+        }
+        if let Some(vhost) = &self.vhost {
+            vhost.remove_exclusive_queues(self.id);
+            tracing::info!(peer = %self.peer, user = %self.user, vhost = %vhost.name, "connection closed");
+        }
+    }
+}
+
+fn frame_channel(frame: &InFrame) -> u16 {
+    match frame {
+        InFrame::Method(c, _)
+        | InFrame::Header(c, _)
+        | InFrame::Body(c, _)
+        | InFrame::Heartbeat(c) => *c,
+    }
+}
+
+/// The method id of a method, for error reports.
+pub fn method_id(m: &AMQPClass) -> u16 {
+    m.get_amqp_method_id()
+}

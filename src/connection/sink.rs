@@ -1,0 +1,114 @@
+//! The bridge from queues to a connection: each channel's `ChannelLink` implements
+//! `ConsumerSink`, so a queue can hand it deliveries (through the connection's event
+//! channel) and ask whether the channel can take more (prefetch, socket backlog).
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::queue::{ConsumerSink, Delivery, Queue};
+
+/// Deliveries queued for a connection's socket beyond which queues stop handing it
+/// more until it has written them out: bounds memory for fast queues and slow sockets.
+pub const MAX_PENDING_DELIVERIES: usize = 2048;
+
+/// What queues and the store tell a connection task.
+#[derive(Debug)]
+pub enum ConnEvent {
+    /// A message for a consumer on this channel.
+    Deliver(u16, Delivery),
+    /// The consumer with this tag was cancelled by the broker (queue deleted).
+    Cancelled(u16, Arc<str>),
+    /// Publishes up to this confirm sequence number on this channel are stored.
+    Stored(u16, Vec<u64>),
+}
+
+/// State of a connection that queues may touch.
+#[derive(Debug)]
+pub struct ConnShared {
+    /// Events into the connection task.
+    pub tx: UnboundedSender<ConnEvent>,
+    /// Deliveries handed to the connection and not yet written to its socket.
+    pub pending: AtomicUsize,
+    /// Queues that stopped delivering for lack of credit and want a kick.
+    pub waiting: Mutex<Vec<Weak<Queue>>>,
+}
+
+impl ConnShared {
+    /// Takes the queues waiting for credit.
+    pub fn take_waiting(&self) -> Vec<Weak<Queue>> {
+        std::mem::take(&mut *self.waiting.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+/// One channel, as its consumers' queues see it.
+#[derive(Debug)]
+pub struct ChannelLink {
+    /// Channel number.
+    pub channel: u16,
+    /// Its connection.
+    pub conn: Arc<ConnShared>,
+    /// basic.qos global=true: unacked limit shared by the channel's consumers (0 = none).
+    pub global_prefetch: AtomicU32,
+    /// Unacked deliveries of the channel's consumers.
+    pub global_unacked: AtomicU32,
+    /// channel.flow: false stops deliveries.
+    pub active: AtomicBool,
+}
+
+impl ConsumerSink for ChannelLink {
+    fn has_credit(&self, no_ack: bool) -> bool {
+        if self.conn.tx.is_closed() {
+            return false;
+        }
+        if self.conn.pending.load(Ordering::Relaxed) >= MAX_PENDING_DELIVERIES
+            || !self.active.load(Ordering::Relaxed)
+        {
+            return false;
+        }
+        if no_ack {
+            return true;
+        }
+        let limit = self.global_prefetch.load(Ordering::Relaxed);
+        limit == 0 || self.global_unacked.load(Ordering::Relaxed) < limit
+    }
+
+    fn deliver(&self, delivery: Delivery) -> Result<(), Delivery> {
+        let no_ack = delivery.no_ack;
+        match self
+            .conn
+            .tx
+            .send(ConnEvent::Deliver(self.channel, delivery))
+        {
+            Ok(()) => {
+                if !no_ack {
+                    self.global_unacked.fetch_add(1, Ordering::Relaxed);
+                }
+                self.conn.pending.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => match e.0 {
+                ConnEvent::Deliver(_, d) => Err(d),
+                _ => unreachable!("sent a Deliver"),
+            },
+        }
+    }
+
+    fn cancelled(&self, consumer_tag: Arc<str>) {
+        let _ = self
+            .conn
+            .tx
+            .send(ConnEvent::Cancelled(self.channel, consumer_tag));
+    }
+
+    fn wait_for_credit(&self, queue: Weak<Queue>) {
+        if self.conn.tx.is_closed() {
+            return;
+        }
+        let mut waiting = self.conn.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        if !waiting.iter().any(|w| w.ptr_eq(&queue)) {
+            waiting.push(queue);
+        }
+    }
+}

@@ -1,0 +1,15 @@
+//! Warren: an AMQP 0-9-1 broker that RabbitMQ clients use unchanged.
+//!
+//! The library's face is [`Broker`]: start a node in-process (the binary and the
+//! integration tests both do), read the address it listens on, shut it down.
+
+pub mod broker;
+pub mod config;
+pub mod connection;
+pub mod protocol;
+pub mod queue;
+pub mod server;
+pub mod store;
+
+pub use config::{Config, FlushMode};
+pub use server::Broker;

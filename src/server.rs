@@ -1,0 +1,128 @@
+//! The listener: binds the configured addresses, accepts connections and runs one task
+//! per connection; shutdown is one broadcast that every connection task listens for
+//! (as in mini-redis), and the accept loops stop with it.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::broadcast;
+use tokio::task::JoinSet;
+
+use crate::broker::BrokerState;
+use crate::config::Config;
+
+/// A running node. Dropping it does not stop it; call `shutdown`.
+pub struct Broker {
+    addrs: Vec<SocketAddr>,
+    shutdown: broadcast::Sender<()>,
+    tasks: JoinSet<()>,
+    state: Arc<BrokerState>,
+}
+
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    if addr.is_ipv6() {
+        // IPv4 is served by its own listener: keep the IPv6 one to IPv6.
+        socket2::SockRef::from(&socket).set_only_v6(true)?;
+    }
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
+impl Broker {
+    /// Starts a node with these settings: opens the store, binds the listeners.
+    pub async fn start(config: Config) -> anyhow::Result<Broker> {
+        let state = BrokerState::new(config.clone());
+        let (shutdown, _) = broadcast::channel(1);
+        let mut tasks = JoinSet::new();
+        let mut addrs = Vec::new();
+        let mut port = config.port;
+        for host in &config.listen_addresses {
+            let ip: IpAddr = host
+                .parse()
+                .with_context(|| format!("listen address '{host}'"))?;
+            let listener = match bind(SocketAddr::new(ip, port)) {
+                Ok(l) => l,
+                // A host without IPv6 still serves IPv4.
+                Err(e) if ip.is_ipv6() && config.listen_addresses.len() > 1 => {
+                    tracing::warn!("not listening on [{ip}]:{port}: {e}");
+                    continue;
+                }
+                Err(e) => return Err(e).with_context(|| format!("cannot listen on {ip}:{port}")),
+            };
+            let local = listener.local_addr()?;
+            // With port 0, every address shares the port picked for the first one.
+            port = local.port();
+            tracing::info!("listening for AMQP 0-9-1 on {local}");
+            addrs.push(local);
+            tasks.spawn(accept_loop(listener, state.clone(), shutdown.clone()));
+        }
+        Ok(Broker {
+            addrs,
+            shutdown,
+            tasks,
+            state,
+        })
+    }
+
+    /// The first address the node listens on (tests connect here).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addrs[0]
+    }
+
+    /// `amqp://guest:guest@host:port/%2f` for the first listener.
+    pub fn amqp_url(&self) -> String {
+        let c = &self.state.config;
+        format!(
+            "amqp://{}:{}@{}/%2f",
+            c.default_user,
+            c.default_pass,
+            self.local_addr()
+        )
+    }
+
+    /// Closes every connection (320 CONNECTION_FORCED) and stops listening.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(());
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    state: Arc<BrokerState>,
+    shutdown: broadcast::Sender<()>,
+) {
+    let mut stop = shutdown.subscribe();
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    connections.spawn(crate::connection::serve(stream, peer, state.clone(), shutdown.subscribe()));
+                }
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            _ = stop.recv() => break,
+        }
+    }
+    drop(listener);
+    let wait = async { while connections.join_next().await.is_some() {} };
+    if tokio::time::timeout(std::time::Duration::from_secs(5), wait)
+        .await
+        .is_err()
+    {
+        connections.abort_all();
+    }
+}

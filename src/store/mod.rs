@@ -1,0 +1,390 @@
+//! The node's persistent store: one redb database, `<data_dir>/warren.redb`, holding durable
+//! definitions (exchanges, queues, bindings) and every persistent message on a durable queue.
+//!
+//! The store knows nothing of AMQP: definitions are opaque blobs under string keys that the
+//! broker chooses, messages are opaque blobs under `u64` ids that the broker allocates, and a
+//! queue is a string key with entries `(offset -> msg id)`.
+//!
+//! Writes go through exactly one writer thread (redb is synchronous and allows one write
+//! transaction at a time), which does **group commit**: it blocks for the first pending
+//! request, drains whatever else is already queued (no timer, so no added latency when idle),
+//! applies all of it in one write transaction, commits, then releases every waiter. See
+//! [`FlushMode`] for when "committed" means "fsynced".
+//!
+//! A commit that fails is *indeterminate* (the data may or may not be on disk) and the store
+//! cannot go on: [`fatal_store_failure`] logs and exits the process. No caller is ever told
+//! "not stored".
+
+mod recovery;
+mod schema;
+mod writer;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use tokio::sync::oneshot;
+
+pub use crate::config::FlushMode;
+
+/// File name of the database inside the data directory.
+pub const DB_FILE_NAME: &str = "warren.redb";
+
+/// Exit status used when the store cannot go on (`EX_SOFTWARE` from sysexits.h).
+pub const FATAL_EXIT_CODE: i32 = 70;
+
+/// redb page cache. The store reads only at recovery, so a large cache would mostly hold a
+/// second copy of messages the broker already has in memory; this bounds it.
+const CACHE_SIZE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Logs `what` and `err`, then exits the process with [`FATAL_EXIT_CODE`].
+///
+/// This is the store's only reaction to a failed write: a commit that fails (disk full, I/O
+/// error) is indeterminate, the writer's view of the database can no longer be trusted, and
+/// telling a publisher "not stored" could be a lie in either direction. Exiting keeps the
+/// promise: nothing unconfirmed was confirmed, and a restart recovers whatever did reach the
+/// disk (at worst redelivering).
+pub fn fatal_store_failure(what: &str, err: &dyn std::fmt::Display) -> ! {
+    tracing::error!(
+        error = %err,
+        "store: {what}; the outcome of the pending writes is unknown, exiting with status {FATAL_EXIT_CODE}"
+    );
+    std::process::exit(FATAL_EXIT_CODE)
+}
+
+/// One change to the store. A batch of them is applied in the order given, inside one
+/// transaction shared with every other request of the same group commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreOp {
+    /// Create or replace a definition. Keys are namespaced by the broker, e.g.
+    /// `"x/<vhost>/<name>"`, `"q/<vhost>/<name>"`, `"b/<...>"`.
+    PutDefinition {
+        /// Broker-chosen key; [`Recovered::definitions`] comes back sorted by it.
+        key: String,
+        /// Broker-encoded definition.
+        value: Vec<u8>,
+    },
+    /// Delete a definition (absent keys are ignored).
+    DeleteDefinition {
+        /// Key given to [`StoreOp::PutDefinition`].
+        key: String,
+    },
+    /// Store a message blob once, however many queues will hold it. Follow it with one
+    /// [`StoreOp::Enqueue`] per queue (in the same batch, normally): the blob lives as long as
+    /// some entry references it. A blob that no entry ever references is deleted at the next
+    /// [`Store::open`].
+    PutMessage {
+        /// Broker-allocated id, unique for the life of the database (start from
+        /// [`Recovered::next_msg_id`]).
+        msg_id: u64,
+        /// The encoded message.
+        blob: Bytes,
+    },
+    /// Add a queue entry referencing a stored message (takes one reference to it). Replacing
+    /// an existing `(queue, offset)` releases the reference the old entry held.
+    Enqueue {
+        /// Queue key (the broker's choice, e.g. the definition key of the queue).
+        queue: String,
+        /// Position in the queue; recovery returns entries in ascending offset order.
+        offset: u64,
+        /// A message stored by an earlier (or the same) batch's [`StoreOp::PutMessage`].
+        msg_id: u64,
+    },
+    /// Remove a queue entry (ack, expiry, drop...). Releases its reference; a blob with no
+    /// references left is deleted at the end of the batch, so moving a message between
+    /// queues within one batch (Remove, then Enqueue elsewhere) is safe. Across batches,
+    /// Enqueue the new entry before Removing the old one. Absent entries are ignored.
+    Remove {
+        /// Queue key.
+        queue: String,
+        /// Offset given to [`StoreOp::Enqueue`].
+        offset: u64,
+    },
+    /// Record one delivery of the entry, so that after a crash it comes back with
+    /// `delivered: true` (AMQP `redelivered`). Absent entries are ignored.
+    MarkDelivered {
+        /// Queue key.
+        queue: String,
+        /// Offset given to [`StoreOp::Enqueue`].
+        offset: u64,
+    },
+    /// Remove every entry of a queue (queue.delete, queue.purge), releasing their messages.
+    /// The queue's definition is separate: delete it with [`StoreOp::DeleteDefinition`].
+    PurgeQueue {
+        /// Queue key.
+        queue: String,
+    },
+}
+
+impl StoreOp {
+    /// Bytes of payload this op carries, used to bound the size of a group commit.
+    fn payload_len(&self) -> usize {
+        match self {
+            StoreOp::PutDefinition { value, .. } => value.len(),
+            StoreOp::PutMessage { blob, .. } => blob.len(),
+            _ => 0,
+        }
+    }
+}
+
+/// Everything read back by [`Store::open`]: what the broker needs to rebuild its state.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    /// Every stored definition `(key, value)`, sorted by key.
+    pub definitions: Vec<(String, Vec<u8>)>,
+    /// Entries per queue key, each list in ascending offset order. Queues without entries
+    /// are absent.
+    pub queues: HashMap<String, Vec<RecoveredEntry>>,
+    /// Greater than every msg id in the database: where the broker resumes allocating.
+    pub next_msg_id: u64,
+}
+
+/// One queue entry read back by [`Store::open`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecoveredEntry {
+    /// The offset given to [`StoreOp::Enqueue`].
+    pub offset: u64,
+    /// The message's id; the same for every queue holding the same message.
+    pub msg_id: u64,
+    /// The message blob. Entries of one message share one allocation.
+    pub blob: Bytes,
+    /// True when [`StoreOp::MarkDelivered`] was recorded for the entry (AMQP `redelivered`).
+    pub delivered: bool,
+    /// How many times [`StoreOp::MarkDelivered`] was recorded (for `x-delivery-count`).
+    pub delivery_count: u32,
+}
+
+/// Counters of the writer's work, for tests and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Write transactions committed (one per group commit, plus interval fsyncs).
+    pub transactions: u64,
+    /// Of those, the ones committed with fsync (`Durability::Immediate`).
+    pub durable_commits: u64,
+    /// Requests ([`Store::commit`], [`Store::submit`], [`Store::commit_then`]) applied.
+    pub requests: u64,
+    /// [`StoreOp`]s applied.
+    pub ops: u64,
+}
+
+/// Shared between the handles and the writer thread.
+#[derive(Debug, Default)]
+struct Counters {
+    transactions: AtomicU64,
+    durable_commits: AtomicU64,
+    requests: AtomicU64,
+    ops: AtomicU64,
+}
+
+impl Counters {
+    fn snapshot(&self) -> StoreStats {
+        StoreStats {
+            transactions: self.transactions.load(Ordering::Relaxed),
+            durable_commits: self.durable_commits.load(Ordering::Relaxed),
+            requests: self.requests.load(Ordering::Relaxed),
+            ops: self.ops.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// How the writer tells a requester that its ops are committed.
+enum Done {
+    /// Fire and forget ([`Store::submit`]).
+    Nothing,
+    /// Wake a [`Store::commit`] future.
+    Wake(oneshot::Sender<()>),
+    /// Run a [`Store::commit_then`] callback on the writer thread.
+    Call(Box<dyn FnOnce() + Send>),
+}
+
+/// A message to the writer thread.
+enum Request {
+    /// Ops to apply in the next group commit.
+    Ops { ops: Vec<StoreOp>, done: Done },
+    /// Commit what is queued before this, fsync, and stop.
+    Close,
+    /// Test hook: the writer blocks until the sender side is dropped or sends, so that a test
+    /// can queue requests and observe that they land in one transaction.
+    #[cfg(test)]
+    Pause(mpsc::Receiver<()>),
+}
+
+/// State shared by every clone of a [`Store`].
+struct Inner {
+    tx: mpsc::Sender<Request>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    counters: Arc<Counters>,
+    path: PathBuf,
+}
+
+/// Cloneable handle to the single writer thread. Cheap to clone; `Send + Sync`.
+///
+/// Ordering: requests from one thread are applied in the order their calls were made
+/// ([`Store::commit`] enqueues when called, not when awaited). A [`Store::commit`] resolves
+/// only after everything submitted before it is committed too.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("path", &self.inner.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) `<dir>/warren.redb`, reads everything back, deletes what no
+    /// longer belongs (blobs no entry references, entries whose blob is missing), and starts
+    /// the writer thread. `interval` is the fsync period for [`FlushMode::Interval`] and is
+    /// ignored for [`FlushMode::Sync`].
+    pub fn open(
+        dir: &Path,
+        flush: FlushMode,
+        interval: Duration,
+    ) -> anyhow::Result<(Store, Recovered)> {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating data directory {}", dir.display()))?;
+        let path = dir.join(DB_FILE_NAME);
+        let started = std::time::Instant::now();
+        let db = redb::Builder::new()
+            .set_cache_size(CACHE_SIZE_BYTES)
+            .set_repair_callback(|session| {
+                tracing::warn!(
+                    progress = session.progress(),
+                    "store: repairing database after an unclean shutdown"
+                );
+            })
+            .create(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        recovery::init_schema(&db).with_context(|| format!("initialising {}", path.display()))?;
+        let loaded = recovery::load(&db).with_context(|| format!("reading {}", path.display()))?;
+        recovery::clean_up(&db, &loaded)
+            .with_context(|| format!("cleaning up {}", path.display()))?;
+        let recovered = loaded.recovered;
+        tracing::info!(
+            path = %path.display(),
+            definitions = recovered.definitions.len(),
+            queues = recovered.queues.len(),
+            messages = loaded.refcounts.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "store: recovered"
+        );
+
+        let counters = Arc::new(Counters::default());
+        let (tx, rx) = mpsc::channel();
+        let writer =
+            writer::Writer::new(db, rx, flush, interval, loaded.refcounts, counters.clone());
+        let thread = std::thread::Builder::new()
+            .name("warren-store".into())
+            .spawn(move || writer.run())
+            .context("spawning the store writer thread")?;
+        let store = Store {
+            inner: Arc::new(Inner {
+                tx,
+                thread: Mutex::new(Some(thread)),
+                counters,
+                path,
+            }),
+        };
+        Ok((store, recovered))
+    }
+
+    /// Applies `ops` in the next group commit; the returned future resolves once they (and
+    /// everything submitted before them) are durable as the [`FlushMode`] promises. The ops
+    /// are queued when this is called, not when the future is first polled. An empty `ops`
+    /// is a barrier.
+    ///
+    /// If the store was closed, the future never resolves (an error is logged): a confirm
+    /// must never be sent for data that was not stored.
+    pub fn commit(&self, ops: Vec<StoreOp>) -> impl Future<Output = ()> + Send + 'static {
+        let (tx, rx) = oneshot::channel();
+        self.send(Request::Ops {
+            ops,
+            done: Done::Wake(tx),
+        });
+        async move {
+            if rx.await.is_err() {
+                tracing::error!("store: commit dropped because the store is closed");
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// Applies `ops` in the next group commit without waiting: for consumer acks and
+    /// [`StoreOp::MarkDelivered`], where a crash before the commit means a redelivery, never a
+    /// loss.
+    pub fn submit(&self, ops: Vec<StoreOp>) {
+        if !ops.is_empty() {
+            self.send(Request::Ops {
+                ops,
+                done: Done::Nothing,
+            });
+        }
+    }
+
+    /// Like [`Store::commit`], but runs `done` on the writer thread once the ops are durable,
+    /// for hot paths that should not allocate a future and a task per message. `done` must be
+    /// quick and must not block or panic (a send on a channel is the intended use). If the
+    /// store was closed, `done` is dropped without being called.
+    pub fn commit_then(&self, ops: Vec<StoreOp>, done: Box<dyn FnOnce() + Send>) {
+        self.send(Request::Ops {
+            ops,
+            done: Done::Call(done),
+        });
+    }
+
+    /// Commits (with fsync) everything submitted so far, stops the writer thread and closes
+    /// the database, blocking until done. Later requests are dropped with an error logged.
+    /// Idempotent. Blocks the calling thread: from async code, call it in
+    /// `tokio::task::spawn_blocking` (or accept a short stall at shutdown).
+    pub fn close(&self) {
+        let handle = match self.inner.thread.lock() {
+            Ok(mut guard) => guard.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        };
+        let Some(handle) = handle else { return };
+        // A send error means the writer already stopped; join it all the same.
+        let _ = self.inner.tx.send(Request::Close);
+        if handle.join().is_err() {
+            // Unreachable in practice: a panicking writer exits the process.
+            tracing::error!("store: writer thread panicked");
+        }
+    }
+
+    /// Counters of the writer's work so far.
+    pub fn stats(&self) -> StoreStats {
+        self.inner.counters.snapshot()
+    }
+
+    /// Path of the database file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    fn send(&self, request: Request) {
+        if self.inner.tx.send(request).is_err() {
+            tracing::error!("store: request dropped because the store is closed");
+        }
+    }
+
+    /// Test hook: makes the writer wait, after the requests queued so far, until the returned
+    /// sender is used or dropped.
+    #[cfg(test)]
+    fn pause(&self) -> mpsc::Sender<()> {
+        let (tx, rx) = mpsc::channel();
+        self.send(Request::Pause(rx));
+        tx
+    }
+}

@@ -1,0 +1,38 @@
+//! The redb tables of `warren.redb`, in one place so that the writer and recovery cannot
+//! disagree about a type or a name.
+//!
+//! Layout (all keys sort the way recovery wants to read them back):
+//!
+//! | table           | key                 | value                      |
+//! |-----------------|---------------------|----------------------------|
+//! | `meta`          | `&str`              | `u64` (schema version)     |
+//! | `definitions`   | `&str` (broker key) | `&[u8]` (broker blob)      |
+//! | `messages`      | `u64` msg id        | `&[u8]` (message blob)     |
+//! | `queue_entries` | `(&str, u64)`       | `(u64, u32)`               |
+//!
+//! A queue entry's key is (queue key, offset) so that one queue's entries are contiguous and
+//! in offset order; its value is (msg id, delivery count). Message reference counts are not
+//! stored: they are the number of entries naming a msg id, counted at recovery and kept in
+//! the writer's memory, which saves one B-tree update per enqueue and per ack.
+
+use redb::TableDefinition;
+
+/// Version of this layout, stored under [`META_SCHEMA_VERSION`]; bump it (and migrate) on any
+/// incompatible change.
+pub(crate) const SCHEMA_VERSION: u64 = 1;
+
+/// Key of the schema version in [`META`].
+pub(crate) const META_SCHEMA_VERSION: &str = "schema_version";
+
+/// Small bookkeeping values (the schema version).
+pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// Durable exchanges, queues and bindings, opaque to the store.
+pub(crate) const DEFINITIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("definitions");
+
+/// Every persistent message blob, stored once however many queues hold it.
+pub(crate) const MESSAGES: TableDefinition<u64, &[u8]> = TableDefinition::new("messages");
+
+/// Per-queue index: (queue key, offset) -> (msg id, delivery count).
+pub(crate) const ENTRIES: TableDefinition<(&str, u64), (u64, u32)> =
+    TableDefinition::new("queue_entries");

@@ -1,0 +1,540 @@
+//! Unit tests of the store: what is written comes back, references are counted, group
+//! commit batches, and the flush modes keep their promises.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use redb::{Database, ReadableDatabase, ReadableTable};
+
+use super::schema::{ENTRIES, MESSAGES};
+use super::*;
+
+/// A fresh directory under the system temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("warren-store-{name}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        TempDir(path)
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn open(dir: &TempDir) -> (Store, Recovered) {
+    Store::open(dir.path(), FlushMode::Sync, Duration::from_millis(100)).expect("open store")
+}
+
+fn reopen(store: Store, dir: &TempDir) -> Recovered {
+    store.close();
+    drop(store);
+    let (store, recovered) = open(dir);
+    store.close();
+    recovered
+}
+
+/// The msg ids in the messages table, read directly (the store must be closed).
+fn stored_message_ids(dir: &TempDir) -> Vec<u64> {
+    let db = Database::open(dir.path().join(DB_FILE_NAME)).expect("open db");
+    let txn = db.begin_read().expect("read txn");
+    let table = txn.open_table(MESSAGES).expect("messages table");
+    table
+        .iter()
+        .expect("iter")
+        .map(|row| row.expect("row").0.value())
+        .collect()
+}
+
+/// The number of rows in the queue index, read directly (the store must be closed).
+fn stored_entry_count(dir: &TempDir) -> usize {
+    let db = Database::open(dir.path().join(DB_FILE_NAME)).expect("open db");
+    let txn = db.begin_read().expect("read txn");
+    let table = txn.open_table(ENTRIES).expect("entries table");
+    table.iter().expect("iter").count()
+}
+
+fn put(msg_id: u64, body: &'static [u8]) -> StoreOp {
+    StoreOp::PutMessage {
+        msg_id,
+        blob: Bytes::from_static(body),
+    }
+}
+
+fn enqueue(queue: &str, offset: u64, msg_id: u64) -> StoreOp {
+    StoreOp::Enqueue {
+        queue: queue.into(),
+        offset,
+        msg_id,
+    }
+}
+
+fn remove(queue: &str, offset: u64) -> StoreOp {
+    StoreOp::Remove {
+        queue: queue.into(),
+        offset,
+    }
+}
+
+fn offsets(recovered: &Recovered, queue: &str) -> Vec<(u64, u64)> {
+    recovered
+        .queues
+        .get(queue)
+        .map_or_else(Vec::new, |entries| {
+            entries.iter().map(|e| (e.offset, e.msg_id)).collect()
+        })
+}
+
+#[test]
+fn store_is_send_sync_clone() {
+    fn check<T: Send + Sync + Clone + 'static>() {}
+    check::<Store>();
+}
+
+#[tokio::test]
+async fn ops_are_recovered_after_reopen() {
+    let dir = TempDir::new("reopen");
+    let (store, recovered) = open(&dir);
+    assert!(recovered.definitions.is_empty());
+    assert!(recovered.queues.is_empty());
+    assert_eq!(recovered.next_msg_id, 0);
+
+    store
+        .commit(vec![
+            StoreOp::PutDefinition {
+                key: "q/%2f/b".into(),
+                value: b"queue b".to_vec(),
+            },
+            StoreOp::PutDefinition {
+                key: "q/%2f/a".into(),
+                value: b"queue a".to_vec(),
+            },
+            StoreOp::PutDefinition {
+                key: "x/%2f/gone".into(),
+                value: b"x".to_vec(),
+            },
+            put(7, b"seven"),
+            enqueue("q/%2f/a", 2, 7),
+            put(3, b"three"),
+            enqueue("q/%2f/a", 1, 3),
+            enqueue("q/%2f/b", 10, 3),
+        ])
+        .await;
+    store
+        .commit(vec![
+            StoreOp::DeleteDefinition {
+                key: "x/%2f/gone".into(),
+            },
+            StoreOp::PutDefinition {
+                key: "q/%2f/a".into(),
+                value: b"queue a v2".to_vec(),
+            },
+        ])
+        .await;
+
+    let recovered = reopen(store, &dir);
+    assert_eq!(
+        recovered.definitions,
+        vec![
+            ("q/%2f/a".to_string(), b"queue a v2".to_vec()),
+            ("q/%2f/b".to_string(), b"queue b".to_vec()),
+        ]
+    );
+    assert_eq!(offsets(&recovered, "q/%2f/a"), vec![(1, 3), (2, 7)]);
+    assert_eq!(offsets(&recovered, "q/%2f/b"), vec![(10, 3)]);
+    let a = &recovered.queues["q/%2f/a"];
+    assert_eq!(a[0].blob, Bytes::from_static(b"three"));
+    assert_eq!(a[1].blob, Bytes::from_static(b"seven"));
+    assert!(!a[0].delivered);
+    assert_eq!(recovered.next_msg_id, 8);
+}
+
+#[tokio::test]
+async fn shared_message_is_deleted_after_its_last_entry() {
+    let dir = TempDir::new("shared");
+    let (store, _) = open(&dir);
+    store
+        .commit(vec![
+            put(1, b"shared"),
+            enqueue("qa", 0, 1),
+            enqueue("qb", 0, 1),
+        ])
+        .await;
+    store.commit(vec![remove("qa", 0)]).await;
+
+    let recovered = reopen(store, &dir);
+    assert_eq!(offsets(&recovered, "qa"), vec![]);
+    assert_eq!(offsets(&recovered, "qb"), vec![(0, 1)]);
+    assert_eq!(
+        recovered.queues["qb"][0].blob,
+        Bytes::from_static(b"shared")
+    );
+    assert_eq!(stored_message_ids(&dir), vec![1]);
+
+    let (store, _) = open(&dir);
+    store.commit(vec![remove("qb", 0)]).await;
+    let recovered = reopen(store, &dir);
+    assert!(recovered.queues.is_empty());
+    assert_eq!(stored_message_ids(&dir), Vec::<u64>::new());
+    // Ids are not reused while a message exists; once none does, any id is fine.
+    assert_eq!(recovered.next_msg_id, 0);
+}
+
+#[tokio::test]
+async fn put_enqueue_remove_in_one_batch_leaves_nothing() {
+    let dir = TempDir::new("one-batch");
+    let (store, _) = open(&dir);
+    store
+        .commit(vec![
+            put(5, b"short-lived"),
+            enqueue("q", 0, 5),
+            remove("q", 0),
+        ])
+        .await;
+    let recovered = reopen(store, &dir);
+    assert!(recovered.queues.is_empty());
+    assert_eq!(stored_message_ids(&dir), Vec::<u64>::new());
+    assert_eq!(stored_entry_count(&dir), 0);
+}
+
+#[tokio::test]
+async fn moving_an_entry_within_a_batch_keeps_the_blob() {
+    let dir = TempDir::new("move");
+    let (store, _) = open(&dir);
+    store
+        .commit(vec![put(9, b"moved"), enqueue("src", 0, 9)])
+        .await;
+    // Remove first, then Enqueue elsewhere: the count touches zero mid-batch.
+    store
+        .commit(vec![remove("src", 0), enqueue("dlq", 4, 9)])
+        .await;
+    let recovered = reopen(store, &dir);
+    assert_eq!(offsets(&recovered, "src"), vec![]);
+    assert_eq!(offsets(&recovered, "dlq"), vec![(4, 9)]);
+    assert_eq!(
+        recovered.queues["dlq"][0].blob,
+        Bytes::from_static(b"moved")
+    );
+}
+
+#[tokio::test]
+async fn replacing_an_entry_releases_the_old_message() {
+    let dir = TempDir::new("replace");
+    let (store, _) = open(&dir);
+    store.commit(vec![put(1, b"old"), enqueue("q", 0, 1)]).await;
+    store.commit(vec![put(2, b"new"), enqueue("q", 0, 2)]).await;
+    let recovered = reopen(store, &dir);
+    assert_eq!(offsets(&recovered, "q"), vec![(0, 2)]);
+    assert_eq!(stored_message_ids(&dir), vec![2]);
+}
+
+#[tokio::test]
+async fn mark_delivered_comes_back_as_delivered() {
+    let dir = TempDir::new("delivered");
+    let (store, _) = open(&dir);
+    store
+        .commit(vec![
+            put(1, b"m1"),
+            enqueue("q", 0, 1),
+            put(2, b"m2"),
+            enqueue("q", 1, 2),
+        ])
+        .await;
+    store.submit(vec![StoreOp::MarkDelivered {
+        queue: "q".into(),
+        offset: 0,
+    }]);
+    store.submit(vec![
+        StoreOp::MarkDelivered {
+            queue: "q".into(),
+            offset: 0,
+        },
+        // Absent entries are ignored.
+        StoreOp::MarkDelivered {
+            queue: "q".into(),
+            offset: 99,
+        },
+    ]);
+    let recovered = reopen(store, &dir);
+    let q = &recovered.queues["q"];
+    assert_eq!(q.len(), 2);
+    assert!(q[0].delivered);
+    assert_eq!(q[0].delivery_count, 2);
+    assert!(!q[1].delivered);
+    assert_eq!(q[1].delivery_count, 0);
+}
+
+#[tokio::test]
+async fn purge_queue_removes_entries_and_unreferenced_blobs() {
+    let dir = TempDir::new("purge");
+    let (store, _) = open(&dir);
+    store
+        .commit(vec![
+            put(1, b"only in a"),
+            enqueue("a", 0, 1),
+            put(2, b"in a and b"),
+            enqueue("a", 1, 2),
+            enqueue("b", 0, 2),
+            put(3, b"only in ab"),
+            // A queue whose key extends "a" must not be touched.
+            enqueue("ab", 0, 3),
+        ])
+        .await;
+    store
+        .commit(vec![StoreOp::PurgeQueue { queue: "a".into() }])
+        .await;
+    let recovered = reopen(store, &dir);
+    assert_eq!(offsets(&recovered, "a"), vec![]);
+    assert_eq!(offsets(&recovered, "b"), vec![(0, 2)]);
+    assert_eq!(offsets(&recovered, "ab"), vec![(0, 3)]);
+    assert_eq!(stored_message_ids(&dir), vec![2, 3]);
+}
+
+#[tokio::test]
+async fn unreferenced_messages_are_deleted_at_open() {
+    let dir = TempDir::new("orphan");
+    let (store, _) = open(&dir);
+    store.commit(vec![put(1, b"never enqueued")]).await;
+    store.close();
+    assert_eq!(stored_message_ids(&dir), vec![1]);
+    let (store, recovered) = open(&dir);
+    store.close();
+    assert!(recovered.queues.is_empty());
+    assert_eq!(stored_message_ids(&dir), Vec::<u64>::new());
+}
+
+#[tokio::test]
+async fn enqueue_of_an_unknown_message_is_not_written() {
+    let dir = TempDir::new("unknown");
+    let (store, _) = open(&dir);
+    store.commit(vec![enqueue("q", 0, 42)]).await;
+    let recovered = reopen(store, &dir);
+    assert!(recovered.queues.is_empty());
+    assert_eq!(stored_entry_count(&dir), 0);
+}
+
+#[tokio::test]
+async fn group_commit_puts_queued_requests_in_one_transaction() {
+    let dir = TempDir::new("group");
+    let (store, _) = open(&dir);
+    let before = store.stats();
+    let resume = store.pause();
+
+    const N: u64 = 200;
+    let mut waiters = Vec::new();
+    for i in 0..N {
+        waiters.push(tokio::spawn(
+            store.commit(vec![put(i, b"body"), enqueue("q", i, i)]),
+        ));
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    store.commit_then(
+        vec![],
+        Box::new(move || {
+            let _ = tx.send(());
+        }),
+    );
+    store.submit(vec![remove("q", 0)]);
+    drop(resume);
+    for waiter in waiters {
+        waiter.await.expect("commit task");
+    }
+    rx.recv_timeout(Duration::from_secs(10))
+        .expect("commit_then callback");
+
+    let after = store.stats();
+    assert_eq!(after.requests - before.requests, N + 2);
+    assert_eq!(after.transactions - before.transactions, 1);
+    assert_eq!(after.durable_commits - before.durable_commits, 1);
+    let recovered = reopen(store, &dir);
+    assert_eq!(recovered.queues["q"].len(), N as usize - 1);
+}
+
+#[tokio::test]
+async fn concurrent_commits_share_transactions() {
+    let dir = TempDir::new("concurrent");
+    let (store, _) = open(&dir);
+    let before = store.stats();
+    const N: u64 = 2000;
+    let mut tasks = Vec::new();
+    for i in 0..N {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            store
+                .commit(vec![put(i, b"body"), enqueue("q", i, i)])
+                .await;
+        }));
+    }
+    for task in tasks {
+        task.await.expect("commit task");
+    }
+    let after = store.stats();
+    assert_eq!(after.requests - before.requests, N);
+    let transactions = after.transactions - before.transactions;
+    assert!(
+        transactions < N,
+        "{transactions} transactions for {N} requests"
+    );
+    let recovered = reopen(store, &dir);
+    assert_eq!(recovered.queues["q"].len(), N as usize);
+}
+
+#[tokio::test]
+async fn interval_mode_commits_then_fsyncs_on_the_timer() {
+    let dir = TempDir::new("interval");
+    let interval = Duration::from_millis(50);
+    let (store, _) = Store::open(dir.path(), FlushMode::Interval, interval).expect("open");
+    let before = store.stats();
+    store.commit(vec![put(1, b"m"), enqueue("q", 0, 1)]).await;
+    let after_commit = store.stats();
+    assert_eq!(after_commit.transactions - before.transactions, 1);
+    assert_eq!(after_commit.durable_commits, before.durable_commits);
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while store.stats().durable_commits == before.durable_commits {
+        assert!(Instant::now() < deadline, "no fsync after the interval");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Idle and synced: no further commits.
+    let synced = store.stats();
+    tokio::time::sleep(interval * 4).await;
+    assert_eq!(store.stats(), synced);
+
+    store.commit(vec![put(2, b"n"), enqueue("q", 1, 2)]).await;
+    // close() fsyncs what the timer has not yet.
+    let recovered = reopen(store, &dir);
+    assert_eq!(offsets(&recovered, "q"), vec![(0, 1), (1, 2)]);
+}
+
+#[tokio::test]
+async fn commit_after_close_never_resolves() {
+    let dir = TempDir::new("closed");
+    let (store, _) = open(&dir);
+    store.close();
+    store.close(); // idempotent
+    let pending = store.commit(vec![put(1, b"late")]);
+    let outcome = tokio::time::timeout(Duration::from_millis(100), pending).await;
+    assert!(outcome.is_err(), "a commit after close must not resolve");
+}
+
+/// Measurement, not a check: writes 1,000,000 persistent 1 KiB messages through windowed
+/// single-message commits (as confirm-mode publishers would), recovers them, then acks
+/// them all. Run with
+/// `cargo test --release store::tests::million -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn million_messages_write_and_recover() {
+    const N: u64 = 1_000_000;
+    const WINDOW: usize = 10_000;
+    let dir = match std::env::var_os("WARREN_STORE_BENCH_DIR") {
+        Some(path) => TempDir(PathBuf::from(path).join("bench")),
+        None => TempDir::new("million"),
+    };
+    let flush = match std::env::var("WARREN_STORE_BENCH_FLUSH").as_deref() {
+        Ok("interval") => FlushMode::Interval,
+        _ => FlushMode::Sync,
+    };
+    let body = Bytes::from(vec![0xa5u8; 1024]);
+
+    let (store, _) = Store::open(dir.path(), flush, Duration::from_millis(200)).expect("open");
+    let started = Instant::now();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let mut in_flight = 0usize;
+    for i in 0..N {
+        if in_flight == WINDOW {
+            rx.recv().expect("confirm");
+            in_flight -= 1;
+        }
+        let tx = tx.clone();
+        store.commit_then(
+            vec![
+                StoreOp::PutMessage {
+                    msg_id: i,
+                    blob: body.clone(),
+                },
+                StoreOp::Enqueue {
+                    queue: format!("q/%2f/bench-{}", i % 4),
+                    offset: i / 4,
+                    msg_id: i,
+                },
+            ],
+            Box::new(move || {
+                let _ = tx.send(());
+            }),
+        );
+        in_flight += 1;
+    }
+    for _ in 0..in_flight {
+        rx.recv().expect("confirm");
+    }
+    let write = started.elapsed();
+    let stats = store.stats();
+    store.close();
+    let size = std::fs::metadata(dir.path().join(DB_FILE_NAME))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    println!(
+        "write ({flush:?}): {N} x 1 KiB in {write:?} ({:.0} msg/s), {} transactions ({} fsync), file {} MiB",
+        N as f64 / write.as_secs_f64(),
+        stats.transactions,
+        stats.durable_commits,
+        size >> 20
+    );
+
+    let started = Instant::now();
+    let (store, recovered) =
+        Store::open(dir.path(), flush, Duration::from_millis(200)).expect("reopen");
+    let recover = started.elapsed();
+    let total: usize = recovered.queues.values().map(Vec::len).sum();
+    println!("recover: {total} entries in {recover:?}");
+    assert_eq!(total, N as usize);
+    assert_eq!(recovered.next_msg_id, N);
+
+    let started = Instant::now();
+    for (queue, entries) in &recovered.queues {
+        for chunk in entries.chunks(100) {
+            store.submit(
+                chunk
+                    .iter()
+                    .map(|e| StoreOp::Remove {
+                        queue: queue.clone(),
+                        offset: e.offset,
+                    })
+                    .collect(),
+            );
+        }
+    }
+    futures_block_on(store.commit(vec![]));
+    let ack = started.elapsed();
+    println!("ack: {N} removes (submit, 100 per request) in {ack:?}");
+    drop(recovered);
+    store.close();
+    let started = Instant::now();
+    let (store, recovered) =
+        Store::open(dir.path(), flush, Duration::from_millis(200)).expect("reopen");
+    println!("reopen empty: {:?}", started.elapsed());
+    assert!(recovered.queues.is_empty());
+    store.close();
+}
+
+/// Drives one future to completion on a throwaway current-thread runtime.
+fn futures_block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("runtime")
+        .block_on(future)
+}

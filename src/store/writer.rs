@@ -1,0 +1,356 @@
+//! The single writer thread: group commit, the flush policy, and applying ops.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use redb::{Database, Durability, ReadableTable, WriteTransaction};
+
+use super::schema::{DEFINITIONS, ENTRIES, MESSAGES};
+use super::{Counters, Done, FlushMode, Request, StoreOp, fatal_store_failure};
+
+/// At most this many requests go into one transaction, so that a flood of publishes cannot
+/// make one commit (and the latency of its first waiter) unbounded. The rest go into the
+/// next transaction, immediately.
+const MAX_BATCH_REQUESTS: usize = 16 * 1024;
+
+/// At most about this many payload bytes go into one transaction, for the same reason.
+const MAX_BATCH_BYTES: usize = 64 * 1024 * 1024;
+
+/// Hasher for `u64` msg ids (multiplicative, as FxHash): the refcount map is touched on every
+/// enqueue and ack, and SipHash's DoS resistance buys nothing for broker-allocated ids.
+#[derive(Default, Clone, Copy)]
+pub(super) struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// Builds [`IdHasher`]s.
+pub(super) type IdBuildHasher = BuildHasherDefault<IdHasher>;
+
+/// msg id -> number of queue entries referencing it, for every stored message.
+pub(super) type RefCounts = HashMap<u64, u32, IdBuildHasher>;
+
+/// Why a batch stopped filling.
+enum Control {
+    /// Caps reached or nothing more queued: commit and carry on.
+    Continue,
+    /// [`Request::Close`]: commit durably and stop.
+    Close,
+    /// [`Request::Pause`]: commit, then wait on the receiver.
+    #[cfg(test)]
+    Pause(Receiver<()>),
+}
+
+/// The writer thread's state. Only this thread writes to the database.
+pub(super) struct Writer {
+    db: Database,
+    rx: Receiver<Request>,
+    flush: FlushMode,
+    interval: Duration,
+    /// Reference count of every stored message (entries naming it).
+    refcounts: RefCounts,
+    /// Messages whose count reached zero during the current batch; deleted at its end if
+    /// still unreferenced.
+    released: Vec<u64>,
+    /// The current group commit (reused between batches).
+    batch: Vec<(Vec<StoreOp>, Done)>,
+    counters: Arc<Counters>,
+    /// When the oldest non-durable commit not yet covered by an fsync was made.
+    unsynced_since: Option<Instant>,
+}
+
+/// Turns a panic of the writer thread into the fatal exit: its waiters would otherwise hang
+/// and the broker would go on without a store.
+struct ExitOnPanic;
+
+impl Drop for ExitOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            fatal_store_failure("the writer thread panicked", &"see the panic message above");
+        }
+    }
+}
+
+impl Writer {
+    /// A writer over `db`, whose stored messages have the reference counts `refcounts`.
+    pub(super) fn new(
+        db: Database,
+        rx: Receiver<Request>,
+        flush: FlushMode,
+        interval: Duration,
+        refcounts: RefCounts,
+        counters: Arc<Counters>,
+    ) -> Writer {
+        Writer {
+            db,
+            rx,
+            flush,
+            interval,
+            refcounts,
+            released: Vec::new(),
+            batch: Vec::new(),
+            counters,
+            unsynced_since: None,
+        }
+    }
+
+    /// The thread's body: group commits until [`Request::Close`] or until every handle is
+    /// dropped, then a final fsync and a clean close of the database.
+    pub(super) fn run(mut self) {
+        let _guard = ExitOnPanic;
+        loop {
+            let Some(first) = self.next_request() else {
+                break;
+            };
+            let control = self.fill_batch(first);
+            let durable = matches!(control, Control::Close) || self.flush == FlushMode::Sync;
+            if !self.batch.is_empty() {
+                self.commit_batch(durable);
+            }
+            match control {
+                Control::Continue => {}
+                Control::Close => break,
+                #[cfg(test)]
+                Control::Pause(rx) => {
+                    let _ = rx.recv();
+                }
+            }
+        }
+        if self.unsynced_since.is_some() {
+            self.sync_now();
+        }
+        if let Err(err) = self.db.close() {
+            // Everything was committed durably above; the file is merely marked as needing
+            // repair at the next open.
+            tracing::error!(error = %err, "store: closing the database failed");
+        }
+    }
+
+    /// Blocks for the first request of the next batch. With non-durable commits pending, it
+    /// wakes up when they are due for an fsync, and does it. `None` once every handle is gone.
+    fn next_request(&mut self) -> Option<Request> {
+        loop {
+            let Some(since) = self.unsynced_since else {
+                return self.rx.recv().ok();
+            };
+            let deadline = since + self.interval;
+            let now = Instant::now();
+            if now >= deadline {
+                self.sync_now();
+                continue;
+            }
+            match self.rx.recv_timeout(deadline - now) {
+                Ok(request) => return Some(request),
+                Err(RecvTimeoutError::Timeout) => self.sync_now(),
+                Err(RecvTimeoutError::Disconnected) => return None,
+            }
+        }
+    }
+
+    /// Moves `first` and whatever else is already queued (up to the caps) into the batch.
+    fn fill_batch(&mut self, first: Request) -> Control {
+        let mut bytes = 0usize;
+        let mut next = Some(first);
+        loop {
+            let request = match next.take() {
+                Some(request) => request,
+                None => match self.rx.try_recv() {
+                    Ok(request) => request,
+                    Err(_) => return Control::Continue,
+                },
+            };
+            match request {
+                Request::Ops { ops, done } => {
+                    bytes = ops
+                        .iter()
+                        .fold(bytes, |sum, op| sum.saturating_add(op.payload_len()));
+                    self.batch.push((ops, done));
+                    if self.batch.len() >= MAX_BATCH_REQUESTS || bytes >= MAX_BATCH_BYTES {
+                        return Control::Continue;
+                    }
+                }
+                Request::Close => return Control::Close,
+                #[cfg(test)]
+                Request::Pause(rx) => return Control::Pause(rx),
+            }
+        }
+    }
+
+    /// Applies the batch in one write transaction, commits it (with fsync if `durable`), then
+    /// releases its waiters. Any failure is fatal.
+    fn commit_batch(&mut self, durable: bool) {
+        let mut txn = self
+            .db
+            .begin_write()
+            .unwrap_or_else(|err| fatal_store_failure("beginning a write transaction", &err));
+        if !durable && let Err(err) = txn.set_durability(Durability::None) {
+            fatal_store_failure("setting the durability of a transaction", &err);
+        }
+        if let Err(err) = apply(&txn, &self.batch, &mut self.refcounts, &mut self.released) {
+            fatal_store_failure("writing a batch", &err);
+        }
+        if let Err(err) = txn.commit() {
+            fatal_store_failure("committing a batch", &err);
+        }
+
+        let ops: usize = self.batch.iter().map(|(ops, _)| ops.len()).sum();
+        let counters = &self.counters;
+        counters.transactions.fetch_add(1, Ordering::Relaxed);
+        counters
+            .requests
+            .fetch_add(self.batch.len() as u64, Ordering::Relaxed);
+        counters.ops.fetch_add(ops as u64, Ordering::Relaxed);
+        if durable {
+            counters.durable_commits.fetch_add(1, Ordering::Relaxed);
+            self.unsynced_since = None;
+        } else if self.unsynced_since.is_none() {
+            self.unsynced_since = Some(Instant::now());
+        }
+
+        for (_, done) in self.batch.drain(..) {
+            match done {
+                Done::Nothing => {}
+                Done::Wake(tx) => {
+                    // The waiter may have given up (future dropped); nothing to do then.
+                    let _ = tx.send(());
+                }
+                Done::Call(callback) => callback(),
+            }
+        }
+    }
+
+    /// Makes every earlier non-durable commit durable: an empty transaction committed with
+    /// `Durability::Immediate`.
+    fn sync_now(&mut self) {
+        let txn = self
+            .db
+            .begin_write()
+            .unwrap_or_else(|err| fatal_store_failure("beginning a write transaction", &err));
+        if let Err(err) = txn.commit() {
+            fatal_store_failure("fsyncing earlier commits", &err);
+        }
+        self.counters.transactions.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .durable_commits
+            .fetch_add(1, Ordering::Relaxed);
+        self.unsynced_since = None;
+    }
+}
+
+/// Applies every op of `batch`, in order, inside `txn`, with the tables opened once.
+fn apply(
+    txn: &WriteTransaction,
+    batch: &[(Vec<StoreOp>, Done)],
+    refcounts: &mut RefCounts,
+    released: &mut Vec<u64>,
+) -> Result<(), redb::Error> {
+    let mut definitions = txn.open_table(DEFINITIONS)?;
+    let mut messages = txn.open_table(MESSAGES)?;
+    let mut entries = txn.open_table(ENTRIES)?;
+
+    for op in batch.iter().flat_map(|(ops, _)| ops) {
+        match op {
+            StoreOp::PutDefinition { key, value } => {
+                definitions.insert(key.as_str(), value.as_slice())?;
+            }
+            StoreOp::DeleteDefinition { key } => {
+                definitions.remove(key.as_str())?;
+            }
+            StoreOp::PutMessage { msg_id, blob } => {
+                messages.insert(*msg_id, blob.as_ref())?;
+                refcounts.entry(*msg_id).or_insert(0);
+            }
+            StoreOp::Enqueue {
+                queue,
+                offset,
+                msg_id,
+            } => {
+                let Some(count) = refcounts.get_mut(msg_id) else {
+                    tracing::error!(
+                        msg_id,
+                        queue = queue.as_str(),
+                        offset,
+                        "store: Enqueue of a message that is not stored; entry not written"
+                    );
+                    continue;
+                };
+                *count = count.saturating_add(1);
+                let replaced = entries
+                    .insert((queue.as_str(), *offset), (*msg_id, 0u32))?
+                    .map(|old| old.value().0);
+                if let Some(old_id) = replaced {
+                    release(refcounts, released, old_id);
+                }
+            }
+            StoreOp::Remove { queue, offset } => {
+                let removed = entries
+                    .remove((queue.as_str(), *offset))?
+                    .map(|old| old.value().0);
+                if let Some(old_id) = removed {
+                    release(refcounts, released, old_id);
+                }
+            }
+            StoreOp::MarkDelivered { queue, offset } => {
+                let key = (queue.as_str(), *offset);
+                let current = entries.get(key)?.map(|row| row.value());
+                if let Some((msg_id, count)) = current {
+                    entries.insert(key, (msg_id, count.saturating_add(1)))?;
+                }
+            }
+            StoreOp::PurgeQueue { queue } => {
+                let first = (queue.as_str(), 0u64);
+                let last = (queue.as_str(), u64::MAX);
+                let mut extracted = entries.extract_from_if(first..=last, |_, _| true)?;
+                for row in &mut extracted {
+                    let (_, value) = row?;
+                    release(refcounts, released, value.value().0);
+                }
+                extracted.close()?;
+            }
+        }
+    }
+
+    for msg_id in released.drain(..) {
+        if let Entry::Occupied(count) = refcounts.entry(msg_id)
+            && *count.get() == 0
+        {
+            count.remove();
+            messages.remove(msg_id)?;
+        }
+    }
+    Ok(())
+}
+
+/// Drops one reference to `msg_id`, noting it for deletion when none is left.
+fn release(refcounts: &mut RefCounts, released: &mut Vec<u64>, msg_id: u64) {
+    match refcounts.get_mut(&msg_id) {
+        Some(count) => {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                released.push(msg_id);
+            }
+        }
+        None => tracing::error!(
+            msg_id,
+            "store: a queue entry referenced a message without a reference count"
+        ),
+    }
+}
