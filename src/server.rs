@@ -39,7 +39,13 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 impl Broker {
     /// Starts a node with these settings: opens the store, binds the listeners.
     pub async fn start(config: Config) -> anyhow::Result<Broker> {
-        let state = BrokerState::new(config.clone());
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("data_dir {}", config.data_dir.display()))?;
+        let interval = std::time::Duration::from_millis(config.flush_interval_ms.max(1));
+        let (store, recovered) =
+            crate::store::Store::open(&config.data_dir, config.flush, interval)?;
+        let state = BrokerState::new(config.clone(), Some(store));
+        state.recover(recovered);
         let (shutdown, _) = broadcast::channel(1);
         let mut tasks = JoinSet::new();
         let mut addrs = Vec::new();
@@ -92,6 +98,9 @@ impl Broker {
     pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(());
         while self.tasks.join_next().await.is_some() {}
+        if let Some(store) = self.state.store().cloned() {
+            let _ = tokio::task::spawn_blocking(move || store.close()).await;
+        }
     }
 }
 

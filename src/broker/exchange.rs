@@ -234,16 +234,17 @@ impl Exchange {
         removed
     }
 
-    /// Removes every binding to `dest`; returns how many went.
-    pub fn unbind_all_to(&self, dest: &Destination) -> usize {
+    /// Removes every binding to `dest`; returns them.
+    pub fn unbind_all_to(&self, dest: &Destination) -> Vec<Binding> {
         let mut b = self.bindings.write().unwrap_or_else(|p| p.into_inner());
-        let before = b.list.len();
-        b.list.retain(|x| !x.dest.same(dest));
-        let removed = before - b.list.len();
-        if removed > 0 {
+        let (gone, kept): (Vec<Binding>, Vec<Binding>) = std::mem::take(&mut b.list)
+            .into_iter()
+            .partition(|x| x.dest.same(dest));
+        b.list = kept;
+        if !gone.is_empty() {
             b.rebuild(self.def.kind);
         }
-        removed
+        gone
     }
 
     /// Whether a binding exists (for queue.bind idempotence checks and tests).
@@ -366,6 +367,12 @@ fn value_eq(a: &AMQPValue, b: &AMQPValue) -> bool {
     a == b
 }
 
+/// Loose equality of argument values (integers of different widths are equal), used
+/// by redeclare equivalence checks.
+pub fn loose_eq(a: &AMQPValue, b: &AMQPValue) -> bool {
+    value_eq(a, b)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -381,6 +388,7 @@ mod tests {
                 auto_delete: false,
                 arguments: FieldTable::default(),
             },
+            None,
         )
     }
 
@@ -456,10 +464,4 @@ mod tests {
         h.insert("b".into(), AMQPValue::ShortShortInt(2));
         assert_eq!(routed(&x, "", Some(&h)), ["all", "any"]);
     }
-}
-
-/// Loose equality of argument values (integers of different widths are equal), used
-/// by redeclare equivalence checks.
-pub fn loose_eq(a: &AMQPValue, b: &AMQPValue) -> bool {
-    value_eq(a, b)
 }

@@ -7,8 +7,10 @@ use std::sync::{Arc, RwLock};
 use amq_protocol::types::{AMQPValue, FieldTable};
 
 use super::exchange::{Binding, Destination, Exchange, ExchangeDef, ExchangeKind};
+use super::persist::{self, StoredBinding, StoredExchange, StoredQueue};
 use crate::protocol::{AmqpError, reply::amqp_err};
-use crate::queue::{Queue, QueueDef};
+use crate::queue::{Queue, QueueDef, QueueStore};
+use crate::store::{Store, StoreOp};
 
 /// Queue arguments whose values must match on redeclare (as RabbitMQ checks them).
 const EQUIVALENT_QUEUE_ARGS: &[&str] = &[
@@ -33,6 +35,7 @@ pub struct VHost {
     pub name: String,
     exchanges: RwLock<HashMap<String, Arc<Exchange>>>,
     queues: RwLock<HashMap<String, Arc<Queue>>>,
+    store: Option<Store>,
 }
 
 fn lock_read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -73,7 +76,7 @@ pub fn generated_name(prefix: &str) -> String {
 
 impl VHost {
     /// A vhost with the default exchange and the `amq.*` built-ins.
-    pub fn new(name: &str) -> Arc<VHost> {
+    pub fn new(name: &str, store: Option<Store>) -> Arc<VHost> {
         let mut exchanges = HashMap::new();
         for (x, kind) in [
             ("", ExchangeKind::Direct),
@@ -97,6 +100,7 @@ impl VHost {
             name: name.into(),
             exchanges: RwLock::new(exchanges),
             queues: RwLock::default(),
+            store,
         })
     }
 
@@ -145,6 +149,12 @@ impl VHost {
         }
         let x = Exchange::new(def);
         exchanges.insert(x.def.name.clone(), x.clone());
+        if x.def.durable {
+            self.persist(vec![StoreOp::PutDefinition {
+                key: persist::exchange_key(&self.name, &x.def.name),
+                value: persist::to_json(&StoredExchange::new(&self.name, &x.def)),
+            }]);
+        }
         Ok(x)
     }
 
@@ -229,16 +239,35 @@ impl VHost {
             ));
         }
         exchanges.remove(name);
+        let mut ops = Vec::new();
+        for b in x.bindings() {
+            self.binding_op(&x, &b, false, &mut ops);
+        }
+        if x.def.durable {
+            ops.push(StoreOp::DeleteDefinition {
+                key: persist::exchange_key(&self.name, name),
+            });
+        }
         let dest = Destination::Exchange(name.to_string());
         let mut emptied = Vec::new();
         for other in exchanges.values() {
-            if other.unbind_all_to(&dest) > 0 && other.def.auto_delete && !other.has_bindings() {
-                emptied.push(other.def.name.clone());
+            let gone = other.unbind_all_to(&dest);
+            for b in &gone {
+                self.binding_op(other, b, false, &mut ops);
+            }
+            if !gone.is_empty() && other.def.auto_delete && !other.has_bindings() {
+                emptied.push(other.clone());
             }
         }
         for e in emptied {
-            exchanges.remove(&e);
+            exchanges.remove(&e.def.name);
+            if e.def.durable {
+                ops.push(StoreOp::DeleteDefinition {
+                    key: persist::exchange_key(&self.name, &e.def.name),
+                });
+            }
         }
+        self.persist(ops);
         Ok(())
     }
 
@@ -251,11 +280,16 @@ impl VHost {
         args: FieldTable,
     ) -> Result<(), AmqpError> {
         let (src, _dst) = self.binding_ends(source, destination)?;
-        src.bind(Binding {
+        let b = Binding {
             dest: Destination::Exchange(destination.into()),
             key: key.into(),
             args,
-        });
+        };
+        if src.bind(b.clone()) {
+            let mut ops = Vec::new();
+            self.binding_op(&src, &b, true, &mut ops);
+            self.persist(ops);
+        }
         Ok(())
     }
 
@@ -268,7 +302,20 @@ impl VHost {
         args: &FieldTable,
     ) -> Result<(), AmqpError> {
         let (src, _dst) = self.binding_ends(source, destination)?;
-        if src.unbind(&Destination::Exchange(destination.into()), key, args) {
+        let dest = Destination::Exchange(destination.into());
+        if src.unbind(&dest, key, args) {
+            let mut ops = Vec::new();
+            self.binding_op(
+                &src,
+                &Binding {
+                    dest,
+                    key: key.into(),
+                    args: args.clone(),
+                },
+                false,
+                &mut ops,
+            );
+            self.persist(ops);
             self.auto_delete_exchange(&src);
         }
         Ok(())
@@ -297,6 +344,11 @@ impl VHost {
                 && !x.has_bindings()
             {
                 exchanges.remove(&x.def.name);
+                if x.def.durable {
+                    self.persist(vec![StoreOp::DeleteDefinition {
+                        key: persist::exchange_key(&self.name, &x.def.name),
+                    }]);
+                }
             }
         }
     }
@@ -354,9 +406,63 @@ impl VHost {
             self.check_queue_equivalent(&q.def, &def)?;
             return Ok((q, false));
         }
-        let q = Queue::new(&self.name, def);
+        let q = self.new_queue(def);
         queues.insert(q.name().to_string(), q.clone());
+        if let Some(qs) = q.store() {
+            qs.store.submit(vec![StoreOp::PutDefinition {
+                key: qs.key.clone(),
+                value: persist::to_json(&StoredQueue::new(&self.name, &q.def)),
+            }]);
+        }
         Ok((q, true))
+    }
+
+    fn new_queue(&self, def: QueueDef) -> Arc<Queue> {
+        let store = self.store.as_ref().map(|store| QueueStore {
+            store: store.clone(),
+            key: persist::queue_key(&self.name, &def.name),
+        });
+        Queue::new(&self.name, def, store)
+    }
+
+    /// Sends definition changes to the store (not awaited: a confirm that depends on them
+    /// is committed after them, since the store applies requests in order).
+    fn persist(&self, ops: Vec<StoreOp>) {
+        if let Some(store) = &self.store {
+            store.submit(ops);
+        }
+    }
+
+    /// The store op for a binding, when both its ends are durable.
+    fn binding_op(&self, source: &Exchange, b: &Binding, put: bool, ops: &mut Vec<StoreOp>) {
+        if self.store.is_none() || !source.def.durable || source.def.name.is_empty() {
+            return;
+        }
+        let (to_exchange, destination) = match &b.dest {
+            Destination::Queue(q) if q.def.durable => (false, q.name().to_string()),
+            Destination::Exchange(name) => match lock_read(&self.exchanges).get(name) {
+                Some(x) if !x.def.durable => return,
+                _ => (true, name.clone()),
+            },
+            Destination::Queue(_) => return,
+        };
+        let stored = StoredBinding {
+            vhost: self.name.clone(),
+            source: source.def.name.clone(),
+            to_exchange,
+            destination,
+            routing_key: b.key.clone(),
+            arguments: b.args.clone(),
+        };
+        let key = persist::binding_key(&self.name, &stored);
+        ops.push(if put {
+            StoreOp::PutDefinition {
+                key,
+                value: persist::to_json(&stored),
+            }
+        } else {
+            StoreOp::DeleteDefinition { key }
+        });
     }
 
     fn check_queue_equivalent(&self, current: &QueueDef, new: &QueueDef) -> Result<(), AmqpError> {
@@ -422,11 +528,16 @@ impl VHost {
             ));
         }
         let x = self.exchange(exchange)?;
-        x.bind(Binding {
+        let b = Binding {
             dest: Destination::Queue(q),
             key: key.into(),
             args,
-        });
+        };
+        if x.bind(b.clone()) {
+            let mut ops = Vec::new();
+            self.binding_op(&x, &b, true, &mut ops);
+            self.persist(ops);
+        }
         Ok(())
     }
 
@@ -447,7 +558,20 @@ impl VHost {
             ));
         }
         let x = self.exchange(exchange)?;
-        if x.unbind(&Destination::Queue(q), key, args) {
+        let dest = Destination::Queue(q);
+        if x.unbind(&dest, key, args) {
+            let mut ops = Vec::new();
+            self.binding_op(
+                &x,
+                &Binding {
+                    dest,
+                    key: key.into(),
+                    args: args.clone(),
+                },
+                false,
+                &mut ops,
+            );
+            self.persist(ops);
             self.auto_delete_exchange(&x);
         }
         Ok(())
@@ -484,11 +608,17 @@ impl VHost {
         }
         let dest = Destination::Queue(q.clone());
         let exchanges: Vec<Arc<Exchange>> = lock_read(&self.exchanges).values().cloned().collect();
+        let mut ops = Vec::new();
         for x in exchanges {
-            if x.unbind_all_to(&dest) > 0 {
+            let gone = x.unbind_all_to(&dest);
+            for b in &gone {
+                self.binding_op(&x, b, false, &mut ops);
+            }
+            if !gone.is_empty() {
                 self.auto_delete_exchange(&x);
             }
         }
+        self.persist(ops);
         q.mark_deleted()
     }
 
@@ -562,5 +692,47 @@ impl VHost {
             }
         }
         Ok(queues)
+    }
+}
+
+/// Rebuilding a vhost from the store at start.
+impl VHost {
+    /// Re-creates a durable exchange read back from the store.
+    pub fn restore_exchange(&self, def: ExchangeDef) {
+        lock_write(&self.exchanges)
+            .entry(def.name.clone())
+            .or_insert_with(|| Exchange::new(def));
+    }
+
+    /// Re-creates a durable queue read back from the store.
+    pub fn restore_queue(&self, def: QueueDef) -> Arc<Queue> {
+        let q = self.new_queue(def);
+        lock_write(&self.queues).insert(q.name().to_string(), q.clone());
+        q
+    }
+
+    /// Re-creates a binding read back from the store (ends that no longer exist are skipped).
+    pub fn restore_binding(&self, b: StoredBinding) {
+        let Ok(source) = self.exchange(&b.source) else {
+            return;
+        };
+        let dest = if b.to_exchange {
+            Destination::Exchange(b.destination)
+        } else {
+            match lock_read(&self.queues).get(&b.destination) {
+                Some(q) => Destination::Queue(q.clone()),
+                None => return,
+            }
+        };
+        source.bind(Binding {
+            dest,
+            key: b.routing_key,
+            args: b.arguments,
+        });
+    }
+
+    /// A queue by name regardless of owner (recovery).
+    pub fn find_queue(&self, name: &str) -> Option<Arc<Queue>> {
+        lock_read(&self.queues).get(name).cloned()
     }
 }

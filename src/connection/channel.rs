@@ -10,12 +10,14 @@ use amq_protocol::protocol::{AMQPClass, basic, channel, confirm, exchange, queue
 use amq_protocol::types::AMQPValue;
 use bytes::{Bytes, BytesMut};
 
-use super::sink::{ChannelLink, ConnShared};
+use super::sink::{ChannelLink, ConnEvent, ConnShared};
+use crate::broker::persist;
 use crate::broker::vhost::generated_name;
 use crate::broker::{BrokerState, ExchangeDef, ExchangeKind, VHost};
 use crate::protocol::codec::{ContentHeader, InFrame, encode};
 use crate::protocol::{AmqpError, ReplyCode, reply::amqp_err};
 use crate::queue::{ConsumerId, ConsumerSpec, Delivery, Message, Offset, Queue, QueueDef};
+use crate::store::StoreOp;
 
 /// Largest message body accepted (RabbitMQ's default max_message_size).
 const MAX_MESSAGE_SIZE: u64 = 128 * 1024 * 1024;
@@ -46,7 +48,7 @@ struct Unacked {
 #[derive(Debug)]
 struct PendingPublish {
     method: basic::Publish,
-    header: Option<ContentHeader>,
+    header: Option<Box<ContentHeader>>,
     body: BytesMut,
     first_chunk: Option<Bytes>,
     received: u64,
@@ -64,6 +66,13 @@ enum TxOp {
     },
 }
 
+/// What a tx.commit hands to the store at once, and the enqueues that follow it.
+#[derive(Debug, Default)]
+struct TxCommit {
+    ops: Vec<StoreOp>,
+    enqueues: Vec<(Vec<Arc<Queue>>, Arc<Message>)>,
+}
+
 /// Publisher-confirm bookkeeping.
 #[derive(Debug, Default)]
 struct Confirms {
@@ -73,6 +82,8 @@ struct Confirms {
     ready: Vec<u64>,
     /// Sent up to here (all lower ones too).
     acked_upto: u64,
+    /// Waiting for the store.
+    outstanding: std::collections::BTreeSet<u64>,
 }
 
 /// A channel.
@@ -728,7 +739,7 @@ impl Channel {
 
     fn ack(&mut self, tag: u64, multiple: bool) -> Result<()> {
         let taken = self.take_unacked(tag, multiple)?;
-        self.settle(taken, false);
+        self.settle(taken, false, None);
         Ok(())
     }
 
@@ -745,12 +756,12 @@ impl Channel {
             return Ok(());
         }
         let taken = self.take_unacked(tag, multiple)?;
-        self.settle(taken, requeue);
+        self.settle(taken, requeue, None);
         Ok(())
     }
 
     /// Acks (requeue=false) or requeues deliveries, one call per queue.
-    fn settle(&mut self, taken: Vec<Unacked>, requeue: bool) {
+    fn settle(&mut self, taken: Vec<Unacked>, requeue: bool, mut ops: Option<&mut Vec<StoreOp>>) {
         if taken.is_empty() {
             return;
         }
@@ -768,7 +779,7 @@ impl Channel {
             if requeue {
                 q.requeue(&offsets);
             } else {
-                q.settle(&offsets);
+                q.settle(&offsets, ops.as_deref_mut());
             }
         }
     }
@@ -778,7 +789,7 @@ impl Channel {
             return Err(amqp_err!(NotImplemented, "requeue=false"));
         }
         let all = std::mem::take(&mut self.unacked).into_values().collect();
-        self.settle(all, true);
+        self.settle(all, true, None);
         Ok(())
     }
 
@@ -801,17 +812,52 @@ impl Channel {
                         "channel is not transactional"
                     ));
                 };
+                // Everything the transaction did goes to the store as one request (one
+                // write transaction); commit-ok waits for it, and its publishes reach
+                // the queues only after the request was handed to the store.
+                let mut commit = TxCommit::default();
                 for op in ops {
                     match op {
-                        TxOp::Publish(p, msg) => self.route_and_enqueue(&p, msg, out)?,
-                        TxOp::Ack(tag, multiple) => self.ack(tag, multiple)?,
+                        TxOp::Publish(p, msg) => {
+                            self.route_and_enqueue(&p, msg, out, Some(&mut commit))?
+                        }
+                        TxOp::Ack(tag, multiple) => {
+                            let taken = self.take_unacked(tag, multiple)?;
+                            self.settle(taken, false, Some(&mut commit.ops));
+                        }
                         TxOp::Reject {
                             tag,
                             multiple,
                             requeue,
                         } => {
                             let taken = self.take_unacked(tag, multiple)?;
-                            self.settle(taken, requeue);
+                            self.settle(taken, requeue, Some(&mut commit.ops));
+                        }
+                    }
+                }
+                let store = self.broker.store().cloned();
+                match store {
+                    Some(store) if !commit.ops.is_empty() => {
+                        let tx = self.link.conn.tx.clone();
+                        let ch = self.id;
+                        store.commit_then(
+                            commit.ops,
+                            Box::new(move || {
+                                let _ = tx.send(ConnEvent::TxCommitted(ch));
+                            }),
+                        );
+                        for (queues, msg) in commit.enqueues {
+                            for q in queues {
+                                q.enqueue(msg.clone());
+                            }
+                        }
+                        return Ok(());
+                    }
+                    _ => {
+                        for (queues, msg) in commit.enqueues {
+                            for q in queues {
+                                q.enqueue(msg.clone());
+                            }
                         }
                     }
                 }
@@ -839,7 +885,11 @@ impl Channel {
         Ok(())
     }
 
-    fn content_header(&mut self, header: ContentHeader, out: &mut BytesMut) -> Result<Outcome> {
+    fn content_header(
+        &mut self,
+        header: Box<ContentHeader>,
+        out: &mut BytesMut,
+    ) -> Result<Outcome> {
         let Some(p) = self.publish.as_mut() else {
             return Err(amqp_err!(
                 UnexpectedFrame,
@@ -934,12 +984,14 @@ impl Channel {
                 self.user
             ));
         }
+        let persistent = *header.properties.delivery_mode() == Some(2);
         let msg = Arc::new(Message {
             exchange: p.method.exchange.as_str().to_string(),
             routing_key: p.method.routing_key.as_str().to_string(),
             properties: header.properties,
             raw_properties: header.raw_properties,
             body,
+            store_id: persistent.then(|| self.broker.next_msg_id()),
         });
         if let Some(tx) = &mut self.tx {
             // Check the exchange now, as RabbitMQ does, but enqueue only at commit.
@@ -949,7 +1001,7 @@ impl Channel {
             tx.push(TxOp::Publish(p.method, msg));
             return Ok(());
         }
-        self.route_and_enqueue(&p.method, msg, out)
+        self.route_and_enqueue(&p.method, msg, out, None)
     }
 
     fn route_and_enqueue(
@@ -957,6 +1009,7 @@ impl Channel {
         p: &basic::Publish,
         msg: Arc<Message>,
         out: &mut BytesMut,
+        tx: Option<&mut TxCommit>,
     ) -> Result<()> {
         let queues = self.vhost.route(
             &msg.exchange,
@@ -975,46 +1028,102 @@ impl Channel {
             );
             encode::content(out, self.id, &msg.raw_properties, &msg.body, u32::MAX);
         }
+        // Persistent copies go to the store before the queues see the message, so that
+        // no ack of it can reach the store first.
+        let mut ops = Vec::new();
+        if let Some(id) = msg.store_id {
+            for q in &queues {
+                q.persist_ops(&msg, &mut ops);
+            }
+            if !ops.is_empty() {
+                ops.insert(
+                    0,
+                    StoreOp::PutMessage {
+                        msg_id: id,
+                        blob: persist::encode_message(&msg),
+                    },
+                );
+            }
+        }
+        if let Some(commit) = tx {
+            commit.ops.append(&mut ops);
+            commit.enqueues.push((queues, msg));
+            return Ok(());
+        }
+        let seq = self.confirms.as_mut().map(|c| {
+            c.last_seq += 1;
+            c.last_seq
+        });
+        match (self.broker.store(), seq) {
+            (Some(store), Some(seq)) if !ops.is_empty() => {
+                if let Some(c) = &mut self.confirms {
+                    c.outstanding.insert(seq);
+                }
+                let tx = self.link.conn.tx.clone();
+                let ch = self.id;
+                store.commit_then(
+                    ops,
+                    Box::new(move || {
+                        let _ = tx.send(ConnEvent::Stored(ch, vec![seq]));
+                    }),
+                );
+            }
+            (Some(store), None) => store.submit(ops),
+            (_, Some(seq)) => {
+                if let Some(c) = &mut self.confirms {
+                    c.ready.push(seq);
+                }
+            }
+            (None, None) => {}
+        }
         for q in &queues {
             q.enqueue(msg.clone());
         }
-        if let Some(c) = &mut self.confirms {
-            c.last_seq += 1;
-            c.ready.push(c.last_seq);
-        }
         Ok(())
+    }
+
+    /// The store committed this channel's transaction: commit-ok may go.
+    pub fn tx_committed(&self, out: &mut BytesMut) {
+        if !self.closing {
+            self.send(
+                out,
+                AMQPClass::Tx(tx::AMQPMethod::CommitOk(tx::CommitOk {})),
+            );
+        }
     }
 
     /// Publishes stored by the store (confirms waiting for fsync).
     pub fn stored(&mut self, seqs: &[u64]) {
         if let Some(c) = &mut self.confirms {
+            for seq in seqs {
+                c.outstanding.remove(seq);
+            }
             c.ready.extend_from_slice(seqs);
         }
     }
 
-    /// Writes the confirms that became ready, coalesced with `multiple` where possible.
+    /// Writes the confirms that became ready, coalesced with `multiple` where possible:
+    /// everything below the oldest publish still waiting for the store is confirmed.
     pub fn flush_confirms(&mut self, out: &mut BytesMut) {
         let Some(c) = &mut self.confirms else { return };
         if c.ready.is_empty() {
             return;
         }
-        c.ready.sort_unstable();
-        let max = c.ready[c.ready.len() - 1];
-        // Every publish up to `max` is confirmed when ready holds a run from acked_upto+1.
-        let contiguous = c
-            .ready
-            .iter()
-            .enumerate()
-            .all(|(i, seq)| *seq == c.acked_upto + 1 + i as u64);
-        if contiguous {
-            encode::confirm(out, self.id, max, c.ready.len() > 1, true);
-            c.acked_upto = max;
-        } else {
-            for seq in &c.ready {
-                encode::confirm(out, self.id, *seq, false, true);
+        let low = c.outstanding.first().copied().unwrap_or(u64::MAX);
+        let mut upto = None;
+        for seq in c.ready.drain(..) {
+            if seq < low {
+                upto = Some(upto.map_or(seq, |u: u64| u.max(seq)));
+            } else {
+                encode::confirm(out, self.id, seq, false, true);
             }
         }
-        c.ready.clear();
+        if let Some(tag) = upto
+            && tag > c.acked_upto
+        {
+            encode::confirm(out, self.id, tag, tag > c.acked_upto + 1, true);
+            c.acked_upto = tag;
+        }
     }
 
     /// Lets go of everything the channel holds: consumers are cancelled, unacked
@@ -1025,7 +1134,7 @@ impl Channel {
             self.cancel_consumer(&tag);
         }
         let all: Vec<Unacked> = std::mem::take(&mut self.unacked).into_values().collect();
-        self.settle(all, true);
+        self.settle(all, true, None);
         self.publish = None;
         self.tx = None;
     }

@@ -355,6 +355,11 @@ impl Connection {
                     channel.server_cancel(&tag, self.cancel_notify, &mut self.out);
                 }
             }
+            ConnEvent::TxCommitted(ch) => {
+                if let Some(channel) = self.channels.get(&ch) {
+                    channel.tx_committed(&mut self.out);
+                }
+            }
             ConnEvent::Stored(ch, seqs) => {
                 if let Some(channel) = self.channels.get_mut(&ch) {
                     channel.stored(&seqs);
@@ -366,19 +371,18 @@ impl Connection {
     fn on_tick(&mut self) {
         let now = Instant::now();
         match self.phase {
-            Phase::AwaitStartOk | Phase::AwaitTuneOk | Phase::AwaitOpen => {
-                if now.duration_since(self.started) > HANDSHAKE_TIMEOUT {
-                    tracing::info!(peer = %self.peer, "handshake timeout");
-                    self.phase = Phase::Closed;
-                }
+            Phase::AwaitStartOk | Phase::AwaitTuneOk | Phase::AwaitOpen
+                if now.duration_since(self.started) > HANDSHAKE_TIMEOUT =>
+            {
+                tracing::info!(peer = %self.peer, "handshake timeout");
+                self.phase = Phase::Closed;
             }
-            Phase::Closing => {
+            Phase::Closing
                 if self
                     .closing_since
-                    .is_some_and(|t| now.duration_since(t) > CLOSE_TIMEOUT)
-                {
-                    self.phase = Phase::Closed;
-                }
+                    .is_some_and(|t| now.duration_since(t) > CLOSE_TIMEOUT) =>
+            {
+                self.phase = Phase::Closed;
             }
             Phase::Open if self.heartbeat > 0 => {
                 let interval = Duration::from_secs(self.heartbeat as u64);

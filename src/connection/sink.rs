@@ -20,8 +20,10 @@ pub enum ConnEvent {
     Deliver(u16, Delivery),
     /// The consumer with this tag was cancelled by the broker (queue deleted).
     Cancelled(u16, Arc<str>),
-    /// Publishes up to this confirm sequence number on this channel are stored.
+    /// These publishes (confirm sequence numbers) of this channel are stored.
     Stored(u16, Vec<u64>),
+    /// This channel's tx.commit is durable.
+    TxCommitted(u16),
 }
 
 /// State of a connection that queues may touch.

@@ -45,7 +45,7 @@ pub enum InFrame {
     /// A method frame.
     Method(u16, AMQPClass),
     /// A content header frame.
-    Header(u16, ContentHeader),
+    Header(u16, Box<ContentHeader>),
     /// A content body frame: a slice of the read buffer.
     Body(u16, Bytes),
     /// A heartbeat (channel should be 0).
@@ -118,7 +118,7 @@ impl FrameDecoder {
                 Ok((_, method)) => InFrame::Method(channel, method),
                 Err(_) => return Err(method_error(&payload)),
             },
-            FRAME_HEADER => InFrame::Header(channel, parse_header(&payload)?),
+            FRAME_HEADER => InFrame::Header(channel, Box::new(parse_header(&payload)?)),
             FRAME_BODY => InFrame::Body(channel, payload),
             FRAME_HEARTBEAT => InFrame::Heartbeat(channel),
             other => return Err(frame_error(format!("type {other}, unknown frame type"))),
@@ -241,7 +241,7 @@ pub mod encode {
     pub fn confirm(buf: &mut BytesMut, channel: u16, tag: u64, multiple: bool, ack: bool) {
         buf.put_u8(FRAME_METHOD);
         buf.put_u16(channel);
-        buf.put_u32(if ack { 13 } else { 13 });
+        buf.put_u32(13);
         buf.put_u16(60);
         buf.put_u16(if ack { 80 } else { 120 });
         buf.put_u64(tag);

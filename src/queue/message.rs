@@ -18,6 +18,8 @@ pub struct Message {
     pub raw_properties: Bytes,
     /// The body.
     pub body: Bytes,
+    /// Id of its stored copy, when it is persistent and went to a durable queue.
+    pub store_id: Option<u64>,
 }
 
 impl Message {

@@ -18,6 +18,30 @@ pub use message::Message;
 pub use state::{ConsumerId, ConsumerSpec, Effect, Entry, Offset, QueueState};
 
 use crate::protocol::{AmqpError, reply::amqp_err};
+use crate::store::{Store, StoreOp};
+
+/// A durable queue's link to the store: the store handle and the queue's key there.
+#[derive(Debug, Clone)]
+pub struct QueueStore {
+    /// The node's store.
+    pub store: Store,
+    /// The queue's key (its entries live under it).
+    pub key: String,
+}
+
+impl QueueStore {
+    /// Ops that remove these entries' stored copies.
+    fn removals(&self, entries: &[Entry], ops: &mut Vec<StoreOp>) {
+        for e in entries {
+            if let Some(id) = e.msg.store_id {
+                ops.push(StoreOp::Remove {
+                    queue: self.key.clone(),
+                    offset: id,
+                });
+            }
+        }
+    }
+}
 
 /// A delivery on its way to a consumer's channel.
 #[derive(Debug)]
@@ -88,6 +112,7 @@ pub struct Queue {
     pub vhost: String,
     inner: Mutex<Inner>,
     me: Weak<Queue>,
+    store: Option<QueueStore>,
 }
 
 /// Counts reported by declare-ok, purge-ok, delete-ok and get-ok.
@@ -119,13 +144,36 @@ impl state::Credit for SinkCredit<'_> {
 
 impl Queue {
     /// A new, empty queue.
-    pub fn new(vhost: &str, def: QueueDef) -> Arc<Queue> {
+    pub fn new(vhost: &str, def: QueueDef, store: Option<QueueStore>) -> Arc<Queue> {
         Arc::new_cyclic(|me| Queue {
+            store: if def.durable { store } else { None },
             def,
             vhost: vhost.to_string(),
             inner: Mutex::new(Inner::default()),
             me: me.clone(),
         })
+    }
+
+    /// The queue's place in the store, when it is durable.
+    pub fn store(&self) -> Option<&QueueStore> {
+        self.store.as_ref()
+    }
+
+    /// Store ops that add a persistent message to this queue (none when transient or
+    /// the queue is not durable). They must reach the store before the message is
+    /// enqueued in memory, so that an ack can never overtake them.
+    pub fn persist_ops(&self, msg: &Message, ops: &mut Vec<StoreOp>) -> bool {
+        match (&self.store, msg.store_id) {
+            (Some(qs), Some(id)) if msg.is_persistent() => {
+                ops.push(StoreOp::Enqueue {
+                    queue: qs.key.clone(),
+                    offset: id,
+                    msg_id: id,
+                });
+                true
+            }
+            _ => false,
+        }
     }
 
     /// The queue's name.
@@ -245,12 +293,27 @@ impl Queue {
         self.def.auto_delete && inner.had_consumer && inner.consumers.is_empty() && !inner.deleted
     }
 
-    /// Acks (or drops after reject/nack without requeue) delivered messages.
-    pub fn settle(&self, offsets: &[Offset]) -> Vec<Entry> {
+    /// Acks (or drops after reject/nack without requeue) delivered messages. The store
+    /// removals go into `ops` when given (a transaction), else straight to the store.
+    pub fn settle(&self, offsets: &[Offset], ops: Option<&mut Vec<StoreOp>>) -> Vec<Entry> {
         let mut inner = self.lock();
         let removed = inner.state.settle(offsets);
+        self.forget(&removed, ops);
         self.run(&mut inner);
         removed
+    }
+
+    /// Removes the stored copies of entries that left the queue.
+    fn forget(&self, entries: &[Entry], ops: Option<&mut Vec<StoreOp>>) {
+        let Some(qs) = &self.store else { return };
+        match ops {
+            Some(ops) => qs.removals(entries, ops),
+            None => {
+                let mut own = Vec::new();
+                qs.removals(entries, &mut own);
+                qs.store.submit(own);
+            }
+        }
     }
 
     /// Returns delivered messages to their place, marked redelivered.
@@ -274,12 +337,28 @@ impl Queue {
     pub fn get(&self, no_ack: bool) -> Option<(Entry, u32)> {
         let mut inner = self.lock();
         let entry = inner.state.get(no_ack)?;
+        if let (Some(qs), Some(id)) = (&self.store, entry.msg.store_id) {
+            let op = if no_ack {
+                StoreOp::Remove {
+                    queue: qs.key.clone(),
+                    offset: id,
+                }
+            } else {
+                StoreOp::MarkDelivered {
+                    queue: qs.key.clone(),
+                    offset: id,
+                }
+            };
+            qs.store.submit(vec![op]);
+        }
         Some((entry, inner.state.ready_count() as u32))
     }
 
     /// queue.purge: drops ready messages, returns them.
     pub fn purge(&self) -> Vec<Entry> {
-        self.lock().state.purge()
+        let removed = self.lock().state.purge();
+        self.forget(&removed, None);
+        removed
     }
 
     /// Counts for declare-ok and friends.
@@ -322,6 +401,16 @@ impl Queue {
             c.sink.cancelled(c.tag.clone());
         }
         inner.state.purge();
+        if let Some(qs) = &self.store {
+            qs.store.submit(vec![
+                StoreOp::PurgeQueue {
+                    queue: qs.key.clone(),
+                },
+                StoreOp::DeleteDefinition {
+                    key: qs.key.clone(),
+                },
+            ]);
+        }
         count
     }
 

@@ -272,6 +272,7 @@ mod tests {
             properties: Default::default(),
             raw_properties: Bytes::from_static(&[0, 0]),
             body: Bytes::from_static(body.as_bytes()),
+            store_id: None,
         })
     }
 

@@ -44,7 +44,7 @@ pub const FATAL_EXIT_CODE: i32 = 70;
 
 /// redb page cache. The store reads only at recovery, so a large cache would mostly hold a
 /// second copy of messages the broker already has in memory; this bounds it.
-const CACHE_SIZE_BYTES: usize = 16 * 1024 * 1024;
+const CACHE_SIZE_BYTES: usize = 64 * 1024 * 1024;
 
 /// Logs `what` and `err`, then exits the process with [`FATAL_EXIT_CODE`].
 ///

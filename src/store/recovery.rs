@@ -53,7 +53,6 @@ pub(super) fn init_schema(db: &Database) -> anyhow::Result<()> {
 /// run in key order, which is the cheap order for a B-tree.
 pub(super) fn load(db: &Database) -> anyhow::Result<Loaded> {
     let txn = db.begin_read()?;
-    T0.get_or_init(std::time::Instant::now);
 
     let definitions = {
         let table = txn.open_table(DEFINITIONS)?;
@@ -172,8 +171,6 @@ pub(super) fn clean_up(db: &Database, loaded: &Loaded) -> anyhow::Result<()> {
     txn.commit()?;
     Ok(())
 }
-
-static T0: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
 
 /// Every stored message, sorted by id, with a fast id -> position lookup.
 struct Messages {

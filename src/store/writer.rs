@@ -19,7 +19,7 @@ use super::{Counters, Done, FlushMode, Request, StoreOp, fatal_store_failure};
 const MAX_BATCH_REQUESTS: usize = 16 * 1024;
 
 /// At most about this many payload bytes go into one transaction, for the same reason.
-const MAX_BATCH_BYTES: usize = 64 * 1024 * 1024;
+const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
 
 /// Hasher for `u64` msg ids (multiplicative, as FxHash): the refcount map is touched on every
 /// enqueue and ack, and SipHash's DoS resistance buys nothing for broker-allocated ids.
@@ -328,6 +328,10 @@ fn apply(
         }
     }
 
+    // Deleting in id order touches each leaf of the messages tree once, however the
+    // entries were interleaved across queues (a purge of a big queue releases every 4th id,
+    // say, when 4 queues shared the publishes).
+    released.sort_unstable();
     for msg_id in released.drain(..) {
         if let Entry::Occupied(count) = refcounts.entry(msg_id)
             && *count.get() == 0
