@@ -70,6 +70,7 @@ impl Broker {
             addrs.push(local);
             tasks.spawn(accept_loop(listener, state.clone(), shutdown.clone()));
         }
+        tasks.spawn(ticker(state.clone(), shutdown.subscribe()));
         Ok(Broker {
             addrs,
             shutdown,
@@ -133,5 +134,17 @@ async fn accept_loop(
         .is_err()
     {
         connections.abort_all();
+    }
+}
+
+/// Timer work (message TTLs, x-expires) every 50 ms until shutdown.
+async fn ticker(state: Arc<BrokerState>, mut stop: broadcast::Receiver<()>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(50));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => state.tick(),
+            _ = stop.recv() => return,
+        }
     }
 }

@@ -388,6 +388,8 @@ mod tests {
                 auto_delete: false,
                 arguments: FieldTable::default(),
             },
+            Default::default(),
+            None,
             None,
         )
     }

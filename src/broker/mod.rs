@@ -1,6 +1,7 @@
 //! The broker's shared state: users, vhosts and, in each vhost, exchanges, bindings and
 //! the queue registry. Connections call into it; it never calls into connections.
 
+pub mod deadletter;
 pub mod exchange;
 pub mod persist;
 pub mod vhost;
@@ -10,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use crate::config::Config;
-use crate::queue::{Entry, Message};
+use crate::queue::Message;
 use crate::store::{Recovered, Store};
 pub use exchange::{Binding, Destination, Exchange, ExchangeDef, ExchangeKind};
 pub use vhost::VHost;
@@ -22,7 +23,7 @@ pub struct BrokerState {
     pub config: Config,
     vhosts: RwLock<HashMap<String, Arc<VHost>>>,
     next_id: AtomicU64,
-    next_msg_id: AtomicU64,
+    next_msg_id: Arc<AtomicU64>,
     store: Option<Store>,
 }
 
@@ -30,15 +31,16 @@ impl BrokerState {
     /// A broker with the default vhost and its built-in exchanges.
     pub fn new(config: Config, store: Option<Store>) -> Arc<BrokerState> {
         let mut vhosts = HashMap::new();
+        let next_msg_id = Arc::new(AtomicU64::new(1));
         vhosts.insert(
             config.default_vhost.clone(),
-            VHost::new(&config.default_vhost, store.clone()),
+            VHost::new(&config.default_vhost, store.clone(), next_msg_id.clone()),
         );
         Arc::new(BrokerState {
             config,
             vhosts: RwLock::new(vhosts),
             next_id: AtomicU64::new(1),
-            next_msg_id: AtomicU64::new(1),
+            next_msg_id,
             store,
         })
     }
@@ -114,11 +116,12 @@ impl BrokerState {
                         }
                     },
                 };
-                queue.restore(Entry {
-                    offset: offset as u64,
+                queue.restore(
+                    offset as u64,
                     msg,
-                    redelivered: e.delivered,
-                });
+                    e.delivered,
+                    e.delivery_count.saturating_sub(1),
+                );
                 count += 1;
             }
         }
@@ -136,6 +139,21 @@ impl BrokerState {
             .unwrap_or_else(|p| p.into_inner())
             .get(name)
             .cloned()
+    }
+
+    /// Timer work of every vhost (TTL expiry, x-expires).
+    pub fn tick(&self) {
+        let vhosts: Vec<Arc<VHost>> = self
+            .vhosts
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let now = crate::queue::now_ms();
+        for v in vhosts {
+            v.tick(now);
+        }
     }
 
     /// Checks a login. Only the configured default user exists for now.

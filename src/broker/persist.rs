@@ -140,6 +140,7 @@ pub fn encode_message(m: &Message) -> Bytes {
     let mut b = BytesMut::with_capacity(
         16 + m.exchange.len() + m.routing_key.len() + m.raw_properties.len() + m.body.len(),
     );
+    b.put_u64(m.published_ms);
     b.put_u8(m.exchange.len() as u8);
     b.put_slice(m.exchange.as_bytes());
     b.put_u8(m.routing_key.len() as u8);
@@ -165,6 +166,10 @@ pub fn decode_message(blob: &Bytes, store_id: u64) -> Option<Message> {
         cur.advance(n);
         Some(s)
     };
+    if cur.len() < 8 {
+        return None;
+    }
+    let published_ms = cur.get_u64();
     let exchange = take_str(&mut cur)?;
     let routing_key = take_str(&mut cur)?;
     if cur.len() < 4 {
@@ -185,5 +190,6 @@ pub fn decode_message(blob: &Bytes, store_id: u64) -> Option<Message> {
         raw_properties,
         body,
         store_id: Some(store_id),
+        published_ms,
     })
 }

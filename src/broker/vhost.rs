@@ -2,14 +2,15 @@
 //! deleting and routing, with RabbitMQ's reply codes and texts.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, Weak};
 
 use amq_protocol::types::{AMQPValue, FieldTable};
 
 use super::exchange::{Binding, Destination, Exchange, ExchangeDef, ExchangeKind};
 use super::persist::{self, StoredBinding, StoredExchange, StoredQueue};
 use crate::protocol::{AmqpError, reply::amqp_err};
-use crate::queue::{Queue, QueueDef, QueueStore};
+use crate::queue::{DeadLetterRouter, Queue, QueueArgs, QueueDef, QueueStore};
 use crate::store::{Store, StoreOp};
 
 /// Queue arguments whose values must match on redeclare (as RabbitMQ checks them).
@@ -36,6 +37,8 @@ pub struct VHost {
     exchanges: RwLock<HashMap<String, Arc<Exchange>>>,
     queues: RwLock<HashMap<String, Arc<Queue>>>,
     store: Option<Store>,
+    msg_ids: Arc<AtomicU64>,
+    me: Weak<VHost>,
 }
 
 fn lock_read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -76,7 +79,7 @@ pub fn generated_name(prefix: &str) -> String {
 
 impl VHost {
     /// A vhost with the default exchange and the `amq.*` built-ins.
-    pub fn new(name: &str, store: Option<Store>) -> Arc<VHost> {
+    pub fn new(name: &str, store: Option<Store>, msg_ids: Arc<AtomicU64>) -> Arc<VHost> {
         let mut exchanges = HashMap::new();
         for (x, kind) in [
             ("", ExchangeKind::Direct),
@@ -96,11 +99,13 @@ impl VHost {
             };
             exchanges.insert(x.to_string(), Exchange::new(def));
         }
-        Arc::new(VHost {
+        Arc::new_cyclic(|me| VHost {
             name: name.into(),
             exchanges: RwLock::new(exchanges),
             queues: RwLock::default(),
             store,
+            msg_ids,
+            me: me.clone(),
         })
     }
 
@@ -394,6 +399,16 @@ impl VHost {
                 def.name
             ));
         }
+        let args = QueueArgs::parse(&def.arguments).map_err(|(arg, why)| {
+            amqp_err!(
+                PreconditionFailed,
+                "invalid arg '{}' for queue '{}' in vhost '{}': {}",
+                arg,
+                def.name,
+                self.name,
+                why
+            )
+        })?;
         let mut queues = lock_write(&self.queues);
         if let Some(q) = queues.get(&def.name) {
             let q = q.clone();
@@ -404,9 +419,10 @@ impl VHost {
                 return Err(self.locked(&def.name));
             }
             self.check_queue_equivalent(&q.def, &def)?;
+            q.touch();
             return Ok((q, false));
         }
-        let q = self.new_queue(def);
+        let q = self.new_queue(def, args);
         queues.insert(q.name().to_string(), q.clone());
         if let Some(qs) = q.store() {
             qs.store.submit(vec![StoreOp::PutDefinition {
@@ -417,12 +433,35 @@ impl VHost {
         Ok((q, true))
     }
 
-    fn new_queue(&self, def: QueueDef) -> Arc<Queue> {
+    fn new_queue(&self, def: QueueDef, args: QueueArgs) -> Arc<Queue> {
         let store = self.store.as_ref().map(|store| QueueStore {
             store: store.clone(),
             key: persist::queue_key(&self.name, &def.name),
         });
-        Queue::new(&self.name, def, store)
+        let router: Weak<dyn DeadLetterRouter> = self.me.clone();
+        Queue::new(&self.name, def, args, store, Some(router))
+    }
+
+    /// The node's store, if persistence is on.
+    pub fn store(&self) -> Option<&Store> {
+        self.store.as_ref()
+    }
+
+    /// An id for a persistent message's stored copy (shared by the node).
+    pub fn next_msg_id(&self) -> u64 {
+        self.msg_ids.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Timer work for every queue: TTL expiry at the heads, and deletion of queues
+    /// unused for longer than their x-expires.
+    pub fn tick(&self, now: u64) {
+        let queues: Vec<Arc<Queue>> = lock_read(&self.queues).values().cloned().collect();
+        for q in queues {
+            if q.tick(now) {
+                tracing::debug!(queue = q.name(), "queue expired (x-expires)");
+                self.remove_queue(&q);
+            }
+        }
     }
 
     /// Sends definition changes to the store (not awaited: a confirm that depends on them
@@ -706,7 +745,8 @@ impl VHost {
 
     /// Re-creates a durable queue read back from the store.
     pub fn restore_queue(&self, def: QueueDef) -> Arc<Queue> {
-        let q = self.new_queue(def);
+        let args = QueueArgs::parse(&def.arguments).unwrap_or_default();
+        let q = self.new_queue(def, args);
         lock_write(&self.queues).insert(q.name().to_string(), q.clone());
         q
     }

@@ -16,7 +16,10 @@ use crate::broker::vhost::generated_name;
 use crate::broker::{BrokerState, ExchangeDef, ExchangeKind, VHost};
 use crate::protocol::codec::{ContentHeader, InFrame, encode};
 use crate::protocol::{AmqpError, ReplyCode, reply::amqp_err};
-use crate::queue::{ConsumerId, ConsumerSpec, Delivery, Message, Offset, Queue, QueueDef};
+use crate::queue::args::Overflow;
+use crate::queue::{
+    ConsumerId, ConsumerSpec, Delivery, Enqueued, Message, Offset, Queue, QueueDef,
+};
 use crate::store::StoreOp;
 
 /// Largest message body accepted (RabbitMQ's default max_message_size).
@@ -66,6 +69,27 @@ enum TxOp {
     },
 }
 
+/// What becomes of settled deliveries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Settle {
+    /// basic.ack: gone.
+    Ack,
+    /// Back to the queue, redelivered.
+    Requeue,
+    /// reject/nack without requeue: dead-lettered.
+    Reject,
+}
+
+impl Settle {
+    fn discard(requeue: bool) -> Settle {
+        if requeue {
+            Settle::Requeue
+        } else {
+            Settle::Reject
+        }
+    }
+}
+
 /// What a tx.commit hands to the store at once, and the enqueues that follow it.
 #[derive(Debug, Default)]
 struct TxCommit {
@@ -84,6 +108,11 @@ struct Confirms {
     acked_upto: u64,
     /// Waiting for the store.
     outstanding: std::collections::BTreeSet<u64>,
+    /// Refused (reject-publish overflow), to be nacked.
+    nacks: Vec<u64>,
+    /// A nack was ever sent: from then on acks go one by one, so that no `multiple`
+    /// ack can cover a nacked publish.
+    ever_nacked: bool,
 }
 
 /// A channel.
@@ -104,6 +133,7 @@ pub struct Channel {
     confirms: Option<Confirms>,
     tx: Option<Vec<TxOp>>,
     last_queue: Option<String>,
+    frame_max: u32,
 }
 
 type Result<T> = std::result::Result<T, AmqpError>;
@@ -121,6 +151,7 @@ impl Channel {
         vhost: Arc<VHost>,
         broker: Arc<BrokerState>,
         conn: Arc<ConnShared>,
+        frame_max: u32,
     ) -> Channel {
         let link = Arc::new(ChannelLink {
             channel: id,
@@ -145,6 +176,7 @@ impl Channel {
             confirms: None,
             tx: None,
             last_queue: None,
+            frame_max,
         }
     }
 
@@ -431,7 +463,7 @@ impl Channel {
                 let q = self.vhost.queue(&name, self.conn_id)?;
                 let purged = q.purge();
                 (!p.nowait).then_some(queue::AMQPMethod::PurgeOk(queue::PurgeOk {
-                    message_count: purged.len() as u32,
+                    message_count: purged as u32,
                 }))
             }
             queue::AMQPMethod::Delete(d) => {
@@ -644,13 +676,8 @@ impl Channel {
                         message_count: left,
                     })),
                 );
-                encode::content(
-                    out,
-                    self.id,
-                    &entry.msg.raw_properties,
-                    &entry.msg.body,
-                    frame_max,
-                );
+                let props = delivery_properties(&q, &entry);
+                encode::content(out, self.id, &props, &entry.msg.body, frame_max);
             }
         }
         Ok(())
@@ -682,7 +709,8 @@ impl Channel {
             &msg.exchange,
             &msg.routing_key,
         );
-        encode::content(out, self.id, &msg.raw_properties, &msg.body, frame_max);
+        let props = delivery_properties(&d.queue, &d.entry);
+        encode::content(out, self.id, &props, &msg.body, frame_max);
         if !d.no_ack {
             self.unacked.insert(
                 tag,
@@ -739,7 +767,7 @@ impl Channel {
 
     fn ack(&mut self, tag: u64, multiple: bool) -> Result<()> {
         let taken = self.take_unacked(tag, multiple)?;
-        self.settle(taken, false, None);
+        self.settle(taken, Settle::Ack, None);
         Ok(())
     }
 
@@ -756,12 +784,12 @@ impl Channel {
             return Ok(());
         }
         let taken = self.take_unacked(tag, multiple)?;
-        self.settle(taken, requeue, None);
+        self.settle(taken, Settle::discard(requeue), None);
         Ok(())
     }
 
-    /// Acks (requeue=false) or requeues deliveries, one call per queue.
-    fn settle(&mut self, taken: Vec<Unacked>, requeue: bool, mut ops: Option<&mut Vec<StoreOp>>) {
+    /// Acks, requeues or rejects (dead-letters) deliveries, one call per queue.
+    fn settle(&mut self, taken: Vec<Unacked>, how: Settle, mut ops: Option<&mut Vec<StoreOp>>) {
         if taken.is_empty() {
             return;
         }
@@ -776,10 +804,10 @@ impl Channel {
             }
         }
         for (q, offsets) in groups {
-            if requeue {
-                q.requeue(&offsets);
-            } else {
-                q.settle(&offsets, ops.as_deref_mut());
+            match how {
+                Settle::Requeue => q.requeue(&offsets),
+                Settle::Reject => q.reject(&offsets),
+                Settle::Ack => q.settle(&offsets, ops.as_deref_mut()),
             }
         }
     }
@@ -789,7 +817,7 @@ impl Channel {
             return Err(amqp_err!(NotImplemented, "requeue=false"));
         }
         let all = std::mem::take(&mut self.unacked).into_values().collect();
-        self.settle(all, true, None);
+        self.settle(all, Settle::Requeue, None);
         Ok(())
     }
 
@@ -823,7 +851,7 @@ impl Channel {
                         }
                         TxOp::Ack(tag, multiple) => {
                             let taken = self.take_unacked(tag, multiple)?;
-                            self.settle(taken, false, Some(&mut commit.ops));
+                            self.settle(taken, Settle::Ack, Some(&mut commit.ops));
                         }
                         TxOp::Reject {
                             tag,
@@ -831,7 +859,7 @@ impl Channel {
                             requeue,
                         } => {
                             let taken = self.take_unacked(tag, multiple)?;
-                            self.settle(taken, requeue, Some(&mut commit.ops));
+                            self.settle(taken, Settle::discard(requeue), Some(&mut commit.ops));
                         }
                     }
                 }
@@ -974,6 +1002,15 @@ impl Channel {
             Some(b) => b,
             None => p.body.freeze(),
         };
+        if let Some(exp) = header.properties.expiration()
+            && exp.as_str().parse::<u64>().is_err()
+        {
+            return Err(amqp_err!(
+                PreconditionFailed,
+                "invalid expiration '{}': {{error,badarg}}",
+                exp.as_str()
+            ));
+        }
         if let Some(uid) = header.properties.user_id()
             && uid.as_str() != self.user
         {
@@ -992,6 +1029,7 @@ impl Channel {
             raw_properties: header.raw_properties,
             body,
             store_id: persistent.then(|| self.broker.next_msg_id()),
+            published_ms: crate::queue::now_ms(),
         });
         if let Some(tx) = &mut self.tx {
             // Check the exchange now, as RabbitMQ does, but enqueue only at commit.
@@ -1026,10 +1064,19 @@ impl Channel {
                     routing_key: p.routing_key.clone(),
                 })),
             );
-            encode::content(out, self.id, &msg.raw_properties, &msg.body, u32::MAX);
+            encode::content(out, self.id, &msg.raw_properties, &msg.body, self.frame_max);
         }
         // Persistent copies go to the store before the queues see the message, so that
         // no ack of it can reach the store first.
+        // Queues that refuse it (x-overflow reject-publish) are skipped; the publisher
+        // gets a nack. reject-publish-dlx queues dead-letter it themselves.
+        let mut refused = false;
+        let mut queues = queues;
+        queues.retain(|q| {
+            let refuse = q.args.overflow == Overflow::RejectPublish && q.would_reject(msg.size());
+            refused |= refuse;
+            !refuse
+        });
         let mut ops = Vec::new();
         if let Some(id) = msg.store_id {
             for q in &queues {
@@ -1077,7 +1124,22 @@ impl Channel {
             (None, None) => {}
         }
         for q in &queues {
-            q.enqueue(msg.clone());
+            if q.enqueue(msg.clone()) == Enqueued::Rejected {
+                // Lost a race with other publishers for the last place: undo its copy.
+                if let (Some(qs), Some(id)) = (q.store(), msg.store_id) {
+                    qs.store.submit(vec![StoreOp::Remove {
+                        queue: qs.key.clone(),
+                        offset: id,
+                    }]);
+                }
+                refused |= q.args.overflow == Overflow::RejectPublish;
+            }
+        }
+        if refused && let (Some(c), Some(seq)) = (&mut self.confirms, seq) {
+            // A nack replaces the ack (one answer per publish).
+            c.ready.retain(|s| *s != seq);
+            c.outstanding.remove(&seq);
+            c.nacks.push(seq);
         }
         Ok(())
     }
@@ -1096,9 +1158,11 @@ impl Channel {
     pub fn stored(&mut self, seqs: &[u64]) {
         if let Some(c) = &mut self.confirms {
             for seq in seqs {
-                c.outstanding.remove(seq);
+                // Not outstanding any more means it was nacked meanwhile.
+                if c.outstanding.remove(seq) {
+                    c.ready.push(*seq);
+                }
             }
-            c.ready.extend_from_slice(seqs);
         }
     }
 
@@ -1106,7 +1170,17 @@ impl Channel {
     /// everything below the oldest publish still waiting for the store is confirmed.
     pub fn flush_confirms(&mut self, out: &mut BytesMut) {
         let Some(c) = &mut self.confirms else { return };
+        for seq in c.nacks.drain(..) {
+            encode::confirm(out, self.id, seq, false, false);
+            c.ever_nacked = true;
+        }
         if c.ready.is_empty() {
+            return;
+        }
+        if c.ever_nacked {
+            for seq in c.ready.drain(..) {
+                encode::confirm(out, self.id, seq, false, true);
+            }
             return;
         }
         let low = c.outstanding.first().copied().unwrap_or(u64::MAX);
@@ -1134,10 +1208,26 @@ impl Channel {
             self.cancel_consumer(&tag);
         }
         let all: Vec<Unacked> = std::mem::take(&mut self.unacked).into_values().collect();
-        self.settle(all, true, None);
+        self.settle(all, Settle::Requeue, None);
         self.publish = None;
         self.tx = None;
     }
+}
+
+/// The properties a delivery carries: the publisher's bytes unchanged, except that
+/// queues with x-delivery-limit add `x-delivery-count` to redelivered messages.
+fn delivery_properties(q: &Queue, entry: &crate::queue::Entry) -> Bytes {
+    if q.args.delivery_limit.is_none() || entry.delivery_count == 0 {
+        return entry.msg.raw_properties.clone();
+    }
+    let mut props = entry.msg.properties.clone();
+    let mut headers = props.headers().clone().unwrap_or_default();
+    headers.insert(
+        "x-delivery-count".into(),
+        AMQPValue::LongLongInt(entry.delivery_count as i64),
+    );
+    props = props.with_headers(headers);
+    encode::properties(&props)
 }
 
 /// An integer argument value of any width.

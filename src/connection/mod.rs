@@ -307,6 +307,7 @@ impl Connection {
             vhost,
             self.broker.clone(),
             self.shared.clone(),
+            self.frame_max,
         );
         self.channels.insert(ch, channel);
         self.send(

@@ -5,6 +5,15 @@
 use amq_protocol::protocol::BasicProperties;
 use bytes::Bytes;
 
+/// Milliseconds since the Unix epoch (TTLs and x-death times are wall-clock based, so
+/// that they survive restarts).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 /// An immutable published message.
 #[derive(Debug)]
 pub struct Message {
@@ -20,6 +29,8 @@ pub struct Message {
     pub body: Bytes,
     /// Id of its stored copy, when it is persistent and went to a durable queue.
     pub store_id: Option<u64>,
+    /// When it was published (ms since the epoch): TTLs count from here.
+    pub published_ms: u64,
 }
 
 impl Message {
@@ -31,5 +42,31 @@ impl Message {
     /// Bytes the message accounts for in queue length limits (the body, as RabbitMQ).
     pub fn size(&self) -> usize {
         self.body.len()
+    }
+
+    /// The per-message TTL from the `expiration` property, in ms.
+    pub fn ttl_ms(&self) -> Option<u64> {
+        self.properties
+            .expiration()
+            .as_ref()
+            .and_then(|e| e.as_str().parse().ok())
+    }
+
+    /// The `priority` property (0 when absent).
+    pub fn priority(&self) -> u8 {
+        self.properties.priority().unwrap_or(0)
+    }
+
+    /// A bare message, for unit tests of queue logic.
+    pub fn for_tests(body: Bytes, published_ms: u64) -> Message {
+        Message {
+            exchange: String::new(),
+            routing_key: "q".into(),
+            properties: BasicProperties::default(),
+            raw_properties: Bytes::from_static(&[0, 0]),
+            body,
+            store_id: None,
+            published_ms,
+        }
     }
 }

@@ -4,8 +4,11 @@
 //! `consume`, `settle`, `requeue`; the queue hands deliveries to each consumer's
 //! `ConsumerSink` (implemented by the connection) while holding its lock, so that
 //! deliveries to one consumer leave in queue order. The lock is held only for O(1) work
-//! per message and never across I/O.
+//! per message and never across I/O. Dead letters are handed to a `DeadLetterRouter`
+//! after the lock is released, so two queues dead-lettering into each other cannot
+//! deadlock.
 
+pub mod args;
 pub mod message;
 pub mod state;
 
@@ -14,8 +17,11 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use amq_protocol::types::FieldTable;
 
-pub use message::Message;
-pub use state::{ConsumerId, ConsumerSpec, Effect, Entry, Offset, QueueState};
+pub use args::QueueArgs;
+pub use message::{Message, now_ms};
+pub use state::{
+    ConsumerId, ConsumerSpec, DeathReason, Effect, Enqueued, Entry, Offset, QueueState,
+};
 
 use crate::protocol::{AmqpError, reply::amqp_err};
 use crate::store::{Store, StoreOp};
@@ -30,16 +36,12 @@ pub struct QueueStore {
 }
 
 impl QueueStore {
-    /// Ops that remove these entries' stored copies.
-    fn removals(&self, entries: &[Entry], ops: &mut Vec<StoreOp>) {
-        for e in entries {
-            if let Some(id) = e.msg.store_id {
-                ops.push(StoreOp::Remove {
-                    queue: self.key.clone(),
-                    offset: id,
-                });
-            }
-        }
+    /// The op that removes an entry's stored copy, if it has one.
+    pub fn removal(&self, entry: &Entry) -> Option<StoreOp> {
+        entry.msg.store_id.map(|id| StoreOp::Remove {
+            queue: self.key.clone(),
+            offset: id,
+        })
     }
 }
 
@@ -72,6 +74,14 @@ pub trait ConsumerSink: Send + Sync + std::fmt::Debug {
     fn wait_for_credit(&self, queue: Weak<Queue>);
 }
 
+/// Where dead letters go: implemented by the vhost, which routes them through the
+/// queue's dead-letter exchange. Called without the queue's lock held.
+pub trait DeadLetterRouter: Send + Sync + std::fmt::Debug {
+    /// Routes `dead` (entries that left `from` for a reason). Must also remove their
+    /// stored copies from `from`, in the same store request as their new copies.
+    fn dead_letter(&self, from: &Queue, dead: Vec<(Entry, DeathReason)>);
+}
+
 #[derive(Debug)]
 struct Registered {
     tag: Arc<str>,
@@ -80,12 +90,13 @@ struct Registered {
     exclusive: bool,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Inner {
     state: QueueState,
     consumers: HashMap<ConsumerId, Registered>,
     had_consumer: bool,
     deleted: bool,
+    last_used_ms: u64,
 }
 
 /// Declared properties of a queue, compared on redeclare.
@@ -108,11 +119,14 @@ pub struct QueueDef {
 pub struct Queue {
     /// Its declaration.
     pub def: QueueDef,
+    /// Its settings, parsed from the arguments.
+    pub args: QueueArgs,
     /// Vhost it lives in.
     pub vhost: String,
     inner: Mutex<Inner>,
     me: Weak<Queue>,
     store: Option<QueueStore>,
+    router: Option<Weak<dyn DeadLetterRouter>>,
 }
 
 /// Counts reported by declare-ok, purge-ok, delete-ok and get-ok.
@@ -142,16 +156,38 @@ impl state::Credit for SinkCredit<'_> {
     }
 }
 
+/// Dead letters gathered under the lock, handled after it is released.
+type Dead = Vec<(Entry, DeathReason)>;
+
 impl Queue {
-    /// A new, empty queue.
-    pub fn new(vhost: &str, def: QueueDef, store: Option<QueueStore>) -> Arc<Queue> {
+    /// A new, empty queue. `args` must come from `QueueArgs::parse(&def.arguments)`.
+    pub fn new(
+        vhost: &str,
+        def: QueueDef,
+        args: QueueArgs,
+        store: Option<QueueStore>,
+        router: Option<Weak<dyn DeadLetterRouter>>,
+    ) -> Arc<Queue> {
         Arc::new_cyclic(|me| Queue {
             store: if def.durable { store } else { None },
+            inner: Mutex::new(Inner {
+                state: QueueState::new(args.clone()),
+                consumers: HashMap::new(),
+                had_consumer: false,
+                deleted: false,
+                last_used_ms: now_ms(),
+            }),
+            args,
             def,
             vhost: vhost.to_string(),
-            inner: Mutex::new(Inner::default()),
             me: me.clone(),
+            router,
         })
+    }
+
+    /// The queue's name.
+    pub fn name(&self) -> &str {
+        &self.def.name
     }
 
     /// The queue's place in the store, when it is durable.
@@ -176,169 +212,91 @@ impl Queue {
         }
     }
 
-    /// The queue's name.
-    pub fn name(&self) -> &str {
-        &self.def.name
-    }
-
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock is a bug; the state is still usable.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Whether a message of this size would be refused now (reject-publish overflow).
+    pub fn would_reject(&self, size: usize) -> bool {
+        self.lock().state.would_reject(size)
+    }
+
     /// Appends a message and delivers what it can.
-    pub fn enqueue(&self, msg: Arc<Message>) -> Offset {
-        let mut inner = self.lock();
-        let offset = inner.state.enqueue(msg);
-        self.run(&mut inner);
-        offset
+    pub fn enqueue(&self, msg: Arc<Message>) -> Enqueued {
+        let mut dead = Dead::new();
+        let result = {
+            let mut inner = self.lock();
+            let mut effects = Vec::new();
+            let result = inner.state.enqueue(msg, &mut effects);
+            self.apply(&mut inner, effects, &mut dead);
+            self.run(&mut inner, &mut dead);
+            result
+        };
+        self.bury(dead);
+        result
     }
 
     /// Puts back a recovered entry.
-    pub fn restore(&self, entry: Entry) {
-        self.lock().state.restore(entry);
+    pub fn restore(&self, offset: Offset, msg: Arc<Message>, delivered: bool, delivery_count: u32) {
+        self.lock()
+            .state
+            .restore(offset, msg, delivered, delivery_count);
     }
 
     /// Retries delivery (credit came back).
     pub fn kick(&self) {
-        let mut inner = self.lock();
-        self.run(&mut inner);
-    }
-
-    fn run(&self, inner: &mut Inner) {
-        if inner.consumers.is_empty() || inner.state.ready_count() == 0 {
-            return;
-        }
-        let Some(me) = self.me.upgrade() else { return };
-        let mut effects = Vec::new();
-        let Inner {
-            state, consumers, ..
-        } = inner;
-        state.deliver(
-            &mut SinkCredit {
-                consumers,
-                me: &self.me,
-            },
-            &mut effects,
-        );
-        for Effect::Deliver { consumer, entry } in effects {
-            let Some(r) = consumers.get(&consumer) else {
-                state.return_undelivered(entry);
-                continue;
-            };
-            let delivery = Delivery {
-                queue: me.clone(),
-                consumer_tag: r.tag.clone(),
-                consumer,
-                entry,
-                no_ack: r.no_ack,
-            };
-            if let Err(back) = r.sink.deliver(delivery) {
-                state.return_undelivered(back.entry);
-            }
-        }
-    }
-
-    /// Adds a consumer. 403 when the queue has an exclusive consumer, or when an
-    /// exclusive one is asked for while others exist.
-    pub fn consume(
-        &self,
-        spec: ConsumerSpec,
-        tag: Arc<str>,
-        exclusive: bool,
-        sink: Arc<dyn ConsumerSink>,
-    ) -> Result<(), AmqpError> {
-        let mut inner = self.lock();
-        if inner.deleted {
-            return Err(amqp_err!(
-                NotFound,
-                "no queue '{}' in vhost '{}'",
-                self.name(),
-                self.vhost
-            ));
-        }
-        if inner.consumers.values().any(|c| c.exclusive)
-            || (exclusive && !inner.consumers.is_empty())
+        let mut dead = Dead::new();
         {
-            return Err(amqp_err!(
-                AccessRefused,
-                "queue '{}' in vhost '{}' in exclusive use",
-                self.name(),
-                self.vhost
-            ));
+            let mut inner = self.lock();
+            self.run(&mut inner, &mut dead);
         }
-        let no_ack = spec.no_ack;
-        inner.consumers.insert(
-            spec.id,
-            Registered {
-                tag,
-                sink,
-                no_ack,
-                exclusive,
-            },
-        );
-        inner.had_consumer = true;
-        inner.state.add_consumer(spec);
-        self.run(&mut inner);
-        Ok(())
+        self.bury(dead);
     }
 
-    /// Removes a consumer. Returns true when the queue is auto-delete and this was its
-    /// last consumer: the caller deletes it.
-    pub fn cancel(&self, consumer: ConsumerId) -> bool {
-        let mut inner = self.lock();
-        inner.consumers.remove(&consumer);
-        inner.state.remove_consumer(consumer);
-        self.run(&mut inner);
-        self.def.auto_delete && inner.had_consumer && inner.consumers.is_empty() && !inner.deleted
+    /// Timer work: expires messages at the head; returns true when the queue has been
+    /// unused for longer than x-expires and should be deleted.
+    pub fn tick(&self, now: u64) -> bool {
+        let mut dead = Dead::new();
+        let expired_queue = {
+            let mut inner = self.lock();
+            if inner.deleted {
+                return false;
+            }
+            let mut effects = Vec::new();
+            inner.state.expire(now, &mut effects);
+            self.apply(&mut inner, effects, &mut dead);
+            self.args.expires.is_some_and(|ttl| {
+                inner.consumers.is_empty() && now.saturating_sub(inner.last_used_ms) >= ttl
+            })
+        };
+        self.bury(dead);
+        expired_queue
     }
 
-    /// Acks (or drops after reject/nack without requeue) delivered messages. The store
-    /// removals go into `ops` when given (a transaction), else straight to the store.
-    pub fn settle(&self, offsets: &[Offset], ops: Option<&mut Vec<StoreOp>>) -> Vec<Entry> {
-        let mut inner = self.lock();
-        let removed = inner.state.settle(offsets);
-        self.forget(&removed, ops);
-        self.run(&mut inner);
-        removed
+    /// Marks the queue used now (declare, get, consume): restarts its x-expires clock.
+    pub fn touch(&self) {
+        self.lock().last_used_ms = now_ms();
     }
 
-    /// Removes the stored copies of entries that left the queue.
-    fn forget(&self, entries: &[Entry], ops: Option<&mut Vec<StoreOp>>) {
-        let Some(qs) = &self.store else { return };
-        match ops {
-            Some(ops) => qs.removals(entries, ops),
-            None => {
-                let mut own = Vec::new();
-                qs.removals(entries, &mut own);
-                qs.store.submit(own);
+    /// Carries out effects other than deliveries (which `run` does).
+    fn apply(&self, inner: &mut Inner, effects: Vec<Effect>, dead: &mut Dead) {
+        for effect in effects {
+            match effect {
+                Effect::DeadLetter { entry, reason } => dead.push((entry, reason)),
+                Effect::Deliver { consumer, entry } => self.hand_over(inner, consumer, entry),
             }
         }
     }
 
-    /// Returns delivered messages to their place, marked redelivered.
-    pub fn requeue(&self, offsets: &[Offset]) {
-        let mut inner = self.lock();
-        inner.state.requeue(offsets);
-        self.run(&mut inner);
-    }
-
-    /// A delivery that never reached its client goes back unchanged.
-    pub fn return_undelivered(&self, entry: Entry) {
-        let mut inner = self.lock();
-        if inner.deleted {
+    fn hand_over(&self, inner: &mut Inner, consumer: ConsumerId, entry: Entry) {
+        let Some(me) = self.me.upgrade() else { return };
+        let Some(r) = inner.consumers.get(&consumer) else {
+            inner.state.return_undelivered(entry);
             return;
-        }
-        inner.state.return_undelivered(entry);
-        self.run(&mut inner);
-    }
-
-    /// basic.get: the head and the count of messages left.
-    pub fn get(&self, no_ack: bool) -> Option<(Entry, u32)> {
-        let mut inner = self.lock();
-        let entry = inner.state.get(no_ack)?;
+        };
         if let (Some(qs), Some(id)) = (&self.store, entry.msg.store_id) {
-            let op = if no_ack {
+            let op = if r.no_ack {
                 StoreOp::Remove {
                     queue: qs.key.clone(),
                     offset: id,
@@ -351,14 +309,218 @@ impl Queue {
             };
             qs.store.submit(vec![op]);
         }
-        Some((entry, inner.state.ready_count() as u32))
+        let delivery = Delivery {
+            queue: me,
+            consumer_tag: r.tag.clone(),
+            consumer,
+            entry,
+            no_ack: r.no_ack,
+        };
+        if let Err(back) = r.sink.deliver(delivery) {
+            inner.state.return_undelivered(back.entry);
+        }
     }
 
-    /// queue.purge: drops ready messages, returns them.
-    pub fn purge(&self) -> Vec<Entry> {
+    fn run(&self, inner: &mut Inner, dead: &mut Dead) {
+        if inner.consumers.is_empty() || inner.state.ready_count() == 0 {
+            return;
+        }
+        let mut effects = Vec::new();
+        let Inner {
+            state, consumers, ..
+        } = inner;
+        state.deliver(
+            now_ms(),
+            &mut SinkCredit {
+                consumers,
+                me: &self.me,
+            },
+            &mut effects,
+        );
+        self.apply(inner, effects, dead);
+    }
+
+    /// Dead letters go to the router (with their store removals), or are dropped.
+    fn bury(&self, dead: Dead) {
+        if dead.is_empty() {
+            return;
+        }
+        let router = self.router.as_ref().and_then(|r| r.upgrade());
+        match router {
+            Some(router) if self.args.dead_letter_exchange.is_some() => {
+                router.dead_letter(self, dead)
+            }
+            _ => self.forget(dead.iter().map(|(e, _)| e), None),
+        }
+    }
+
+    /// Adds a consumer. 403 when the queue has an exclusive consumer, or when an
+    /// exclusive one is asked for while others exist.
+    pub fn consume(
+        &self,
+        spec: ConsumerSpec,
+        tag: Arc<str>,
+        exclusive: bool,
+        sink: Arc<dyn ConsumerSink>,
+    ) -> Result<(), AmqpError> {
+        let mut dead = Dead::new();
+        {
+            let mut inner = self.lock();
+            if inner.deleted {
+                return Err(amqp_err!(
+                    NotFound,
+                    "no queue '{}' in vhost '{}'",
+                    self.name(),
+                    self.vhost
+                ));
+            }
+            if inner.consumers.values().any(|c| c.exclusive)
+                || (exclusive && !inner.consumers.is_empty())
+            {
+                return Err(amqp_err!(
+                    AccessRefused,
+                    "queue '{}' in vhost '{}' in exclusive use",
+                    self.name(),
+                    self.vhost
+                ));
+            }
+            let no_ack = spec.no_ack;
+            inner.consumers.insert(
+                spec.id,
+                Registered {
+                    tag,
+                    sink,
+                    no_ack,
+                    exclusive,
+                },
+            );
+            inner.had_consumer = true;
+            inner.last_used_ms = now_ms();
+            inner.state.add_consumer(spec);
+            self.run(&mut inner, &mut dead);
+        }
+        self.bury(dead);
+        Ok(())
+    }
+
+    /// Removes a consumer. Returns true when the queue is auto-delete and this was its
+    /// last consumer: the caller deletes it.
+    pub fn cancel(&self, consumer: ConsumerId) -> bool {
+        let mut dead = Dead::new();
+        let delete = {
+            let mut inner = self.lock();
+            inner.consumers.remove(&consumer);
+            inner.state.remove_consumer(consumer);
+            inner.last_used_ms = now_ms();
+            self.run(&mut inner, &mut dead);
+            self.def.auto_delete
+                && inner.had_consumer
+                && inner.consumers.is_empty()
+                && !inner.deleted
+        };
+        self.bury(dead);
+        delete
+    }
+
+    /// Acks delivered messages. The store removals go into `ops` when given (a
+    /// transaction), else straight to the store.
+    pub fn settle(&self, offsets: &[Offset], ops: Option<&mut Vec<StoreOp>>) {
+        let mut dead = Dead::new();
+        {
+            let mut inner = self.lock();
+            let removed = inner.state.settle(offsets);
+            self.forget(removed.iter(), ops);
+            self.run(&mut inner, &mut dead);
+        }
+        self.bury(dead);
+    }
+
+    /// basic.reject / nack without requeue: dead-letters (or drops) the messages.
+    pub fn reject(&self, offsets: &[Offset]) {
+        let mut dead = Dead::new();
+        {
+            let mut inner = self.lock();
+            let mut effects = Vec::new();
+            inner.state.reject(offsets, &mut effects);
+            self.apply(&mut inner, effects, &mut dead);
+            self.run(&mut inner, &mut dead);
+        }
+        self.bury(dead);
+    }
+
+    /// Removes the stored copies of entries that left the queue.
+    fn forget<'a>(&self, entries: impl Iterator<Item = &'a Entry>, ops: Option<&mut Vec<StoreOp>>) {
+        let Some(qs) = &self.store else { return };
+        let removals = entries.filter_map(|e| qs.removal(e));
+        match ops {
+            Some(ops) => ops.extend(removals),
+            None => qs.store.submit(removals.collect()),
+        }
+    }
+
+    /// Returns delivered messages to their place, marked redelivered.
+    pub fn requeue(&self, offsets: &[Offset]) {
+        let mut dead = Dead::new();
+        {
+            let mut inner = self.lock();
+            let mut effects = Vec::new();
+            inner.state.requeue(offsets, &mut effects);
+            self.apply(&mut inner, effects, &mut dead);
+            self.run(&mut inner, &mut dead);
+        }
+        self.bury(dead);
+    }
+
+    /// A delivery that never reached its client goes back unchanged.
+    pub fn return_undelivered(&self, entry: Entry) {
+        let mut dead = Dead::new();
+        {
+            let mut inner = self.lock();
+            if inner.deleted {
+                return;
+            }
+            inner.state.return_undelivered(entry);
+            self.run(&mut inner, &mut dead);
+        }
+        self.bury(dead);
+    }
+
+    /// basic.get: the head and the count of messages left.
+    pub fn get(&self, no_ack: bool) -> Option<(Entry, u32)> {
+        let mut dead = Dead::new();
+        let got = {
+            let mut inner = self.lock();
+            inner.last_used_ms = now_ms();
+            let mut effects = Vec::new();
+            let entry = inner.state.get(now_ms(), no_ack, &mut effects);
+            self.apply(&mut inner, effects, &mut dead);
+            entry.map(|entry| {
+                if let (Some(qs), Some(id)) = (&self.store, entry.msg.store_id) {
+                    let op = if no_ack {
+                        StoreOp::Remove {
+                            queue: qs.key.clone(),
+                            offset: id,
+                        }
+                    } else {
+                        StoreOp::MarkDelivered {
+                            queue: qs.key.clone(),
+                            offset: id,
+                        }
+                    };
+                    qs.store.submit(vec![op]);
+                }
+                (entry, inner.state.ready_count() as u32)
+            })
+        };
+        self.bury(dead);
+        got
+    }
+
+    /// queue.purge: drops ready messages, returns how many.
+    pub fn purge(&self) -> usize {
         let removed = self.lock().state.purge();
-        self.forget(&removed, None);
-        removed
+        self.forget(removed.iter(), None);
+        removed.len()
     }
 
     /// Counts for declare-ok and friends.

@@ -327,6 +327,118 @@ async fn enqueue_of_an_unknown_message_is_not_written() {
 }
 
 #[tokio::test]
+async fn entries_without_their_message_are_dropped_at_open() {
+    let dir = TempDir::new("dangling");
+    let (store, _) = open(&dir);
+    store
+        .commit(vec![put(1, b"kept"), enqueue("q", 0, 1)])
+        .await;
+    store.close();
+    {
+        // Damage the database behind the store's back: an entry naming no message.
+        let db = Database::open(dir.path().join(DB_FILE_NAME)).expect("open db");
+        let txn = db.begin_write().expect("write txn");
+        txn.open_table(ENTRIES)
+            .expect("entries")
+            .insert(("q", 1), (77u64, 0u32))
+            .expect("insert");
+        txn.commit().expect("commit");
+    }
+    assert_eq!(stored_entry_count(&dir), 2);
+    let (store, recovered) = open(&dir);
+    store.close();
+    assert_eq!(offsets(&recovered, "q"), vec![(0, 1)]);
+    assert_eq!(stored_entry_count(&dir), 1);
+}
+
+#[tokio::test]
+async fn unknown_schema_version_is_refused() {
+    let dir = TempDir::new("schema");
+    let (store, _) = open(&dir);
+    store.close();
+    {
+        let db = Database::open(dir.path().join(DB_FILE_NAME)).expect("open db");
+        let txn = db.begin_write().expect("write txn");
+        txn.open_table(super::schema::META)
+            .expect("meta")
+            .insert(super::schema::META_SCHEMA_VERSION, 99u64)
+            .expect("insert");
+        txn.commit().expect("commit");
+    }
+    let err = Store::open(dir.path(), FlushMode::Sync, Duration::from_millis(100))
+        .expect_err("version 99 must be refused");
+    assert!(format!("{err:#}").contains("schema version 99"), "{err:#}");
+}
+
+#[tokio::test]
+async fn many_and_sparse_messages_are_recovered() {
+    let dir = TempDir::new("many");
+    let (store, _) = open(&dir);
+    // Enough messages for recovery to split the scan over threads, with dense ids.
+    let mut ops = Vec::new();
+    for i in 0..25_000u64 {
+        ops.push(StoreOp::PutMessage {
+            msg_id: 1000 + i,
+            blob: Bytes::from(i.to_le_bytes().to_vec()),
+        });
+        ops.push(enqueue(["a", "b", "c"][(i % 3) as usize], i, 1000 + i));
+    }
+    store.commit(ops).await;
+    let recovered = reopen(store, &dir);
+    assert_eq!(recovered.next_msg_id, 26_000);
+    for (queue, entries) in &recovered.queues {
+        assert_eq!(entries.len(), if queue == "a" { 8334 } else { 8333 });
+        assert!(entries.windows(2).all(|w| w[0].offset < w[1].offset));
+        for e in entries {
+            assert_eq!(e.blob.as_ref(), (e.msg_id - 1000).to_le_bytes());
+            assert_eq!(e.offset, e.msg_id - 1000);
+        }
+    }
+
+    // Sparse ids: lookups go through binary search.
+    let dir = TempDir::new("sparse");
+    let (store, _) = open(&dir);
+    store
+        .commit(vec![
+            put(u64::MAX - 1, b"high"),
+            enqueue("q", 0, u64::MAX - 1),
+            put(5, b"low"),
+            enqueue("q", 1, 5),
+            put(1 << 40, b"mid"),
+            enqueue("q", 2, 1 << 40),
+        ])
+        .await;
+    let recovered = reopen(store, &dir);
+    assert_eq!(recovered.next_msg_id, u64::MAX);
+    let blobs: Vec<&[u8]> = recovered.queues["q"]
+        .iter()
+        .map(|e| e.blob.as_ref())
+        .collect();
+    assert_eq!(blobs, vec![&b"high"[..], b"low", b"mid"]);
+}
+
+#[tokio::test]
+async fn a_flood_of_requests_is_split_into_bounded_transactions() {
+    let dir = TempDir::new("caps");
+    let (store, _) = open(&dir);
+    let before = store.stats();
+    let resume = store.pause();
+    let n = super::writer::MAX_BATCH_REQUESTS + 10;
+    for i in 0..n {
+        store.submit(vec![StoreOp::PutDefinition {
+            key: format!("k{i}"),
+            value: vec![],
+        }]);
+    }
+    drop(resume);
+    store.commit(vec![]).await;
+    let after = store.stats();
+    assert_eq!(after.requests - before.requests, n as u64 + 1);
+    assert_eq!(after.transactions - before.transactions, 2);
+    store.close();
+}
+
+#[tokio::test]
 async fn group_commit_puts_queued_requests_in_one_transaction() {
     let dir = TempDir::new("group");
     let (store, _) = open(&dir);
@@ -395,7 +507,8 @@ async fn concurrent_commits_share_transactions() {
 #[tokio::test]
 async fn interval_mode_commits_then_fsyncs_on_the_timer() {
     let dir = TempDir::new("interval");
-    let interval = Duration::from_millis(50);
+    // Long enough that the test is not descheduled past it between two statements.
+    let interval = Duration::from_millis(300);
     let (store, _) = Store::open(dir.path(), FlushMode::Interval, interval).expect("open");
     let before = store.stats();
     store.commit(vec![put(1, b"m"), enqueue("q", 0, 1)]).await;
@@ -410,7 +523,7 @@ async fn interval_mode_commits_then_fsyncs_on_the_timer() {
     }
     // Idle and synced: no further commits.
     let synced = store.stats();
-    tokio::time::sleep(interval * 4).await;
+    tokio::time::sleep(interval * 2).await;
     assert_eq!(store.stats(), synced);
 
     store.commit(vec![put(2, b"n"), enqueue("q", 1, 2)]).await;

@@ -16,9 +16,10 @@ use super::{Counters, Done, FlushMode, Request, StoreOp, fatal_store_failure};
 /// At most this many requests go into one transaction, so that a flood of publishes cannot
 /// make one commit (and the latency of its first waiter) unbounded. The rest go into the
 /// next transaction, immediately.
-const MAX_BATCH_REQUESTS: usize = 16 * 1024;
+pub(super) const MAX_BATCH_REQUESTS: usize = 16 * 1024;
 
-/// At most about this many payload bytes go into one transaction, for the same reason.
+/// At most about this many payload bytes go into one transaction, for the same reason, and
+/// so that its dirty pages fit redb's write buffer (half of the cache, see `CACHE_SIZE_BYTES`).
 const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
 
 /// Hasher for `u64` msg ids (multiplicative, as FxHash): the refcount map is touched on every

@@ -1,0 +1,216 @@
+//! Dead-lettering as RabbitMQ does it: a message that leaves a queue rejected, expired,
+//! dropped by a length limit or past its delivery limit is republished to the queue's
+//! `x-dead-letter-exchange` (with `x-dead-letter-routing-key` or its own routing key),
+//! carrying the `x-death` history and the `x-first-death-*` / `x-last-death-*` headers.
+//! For durable queues, the removal from the source and the new copies go to the store
+//! in one request, so a crash neither loses nor duplicates the move.
+
+use std::sync::Arc;
+
+use amq_protocol::protocol::BasicProperties;
+use amq_protocol::types::{AMQPValue, FieldArray, FieldTable, LongString};
+
+use super::vhost::VHost;
+use crate::protocol::codec::encode;
+use crate::queue::{DeadLetterRouter, DeathReason, Entry, Message, Queue, now_ms};
+use crate::store::StoreOp;
+
+fn text(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
+}
+
+fn table_str(t: &FieldTable, key: &str) -> Option<String> {
+    t.inner().get(key).and_then(crate::queue::args::str_value)
+}
+
+/// The properties of the dead-lettered copy: `expiration` removed, x-death updated.
+fn dead_properties(msg: &Message, queue: &str, reason: DeathReason, now: u64) -> BasicProperties {
+    let p = &msg.properties;
+    let mut headers = p.headers().clone().unwrap_or_default();
+    let mut deaths: Vec<AMQPValue> = match headers.inner().get("x-death") {
+        Some(AMQPValue::FieldArray(a)) => a.as_slice().to_vec(),
+        _ => Vec::new(),
+    };
+    let same = deaths.iter().position(|d| match d {
+        AMQPValue::FieldTable(t) => {
+            table_str(t, "queue").as_deref() == Some(queue)
+                && table_str(t, "reason").as_deref() == Some(reason.as_str())
+        }
+        _ => false,
+    });
+    let entry = match same.map(|i| deaths.remove(i)) {
+        Some(AMQPValue::FieldTable(mut t)) => {
+            let count = t
+                .inner()
+                .get("count")
+                .and_then(crate::queue::args::int_value)
+                .unwrap_or(0);
+            t.insert("count".into(), AMQPValue::LongLongInt(count + 1));
+            t
+        }
+        _ => {
+            let mut t = FieldTable::default();
+            t.insert("count".into(), AMQPValue::LongLongInt(1));
+            t.insert("reason".into(), text(reason.as_str()));
+            t.insert("queue".into(), text(queue));
+            t.insert("time".into(), AMQPValue::Timestamp(now / 1000));
+            t.insert("exchange".into(), text(&msg.exchange));
+            t.insert(
+                "routing-keys".into(),
+                AMQPValue::FieldArray(FieldArray::from(vec![text(&msg.routing_key)])),
+            );
+            if let Some(exp) = p.expiration() {
+                t.insert("original-expiration".into(), text(exp.as_str()));
+            }
+            t
+        }
+    };
+    deaths.insert(0, AMQPValue::FieldTable(entry));
+    headers.insert(
+        "x-death".into(),
+        AMQPValue::FieldArray(FieldArray::from(deaths)),
+    );
+    if !headers.contains_key("x-first-death-reason") {
+        headers.insert("x-first-death-reason".into(), text(reason.as_str()));
+        headers.insert("x-first-death-queue".into(), text(queue));
+        headers.insert("x-first-death-exchange".into(), text(&msg.exchange));
+    }
+    headers.insert("x-last-death-reason".into(), text(reason.as_str()));
+    headers.insert("x-last-death-queue".into(), text(queue));
+    headers.insert("x-last-death-exchange".into(), text(&msg.exchange));
+
+    let mut out = BasicProperties::default().with_headers(headers);
+    if let Some(v) = p.content_type() {
+        out = out.with_content_type(v.clone());
+    }
+    if let Some(v) = p.content_encoding() {
+        out = out.with_content_encoding(v.clone());
+    }
+    if let Some(v) = p.delivery_mode() {
+        out = out.with_delivery_mode(*v);
+    }
+    if let Some(v) = p.priority() {
+        out = out.with_priority(*v);
+    }
+    if let Some(v) = p.correlation_id() {
+        out = out.with_correlation_id(v.clone());
+    }
+    if let Some(v) = p.reply_to() {
+        out = out.with_reply_to(v.clone());
+    }
+    if let Some(v) = p.message_id() {
+        out = out.with_message_id(v.clone());
+    }
+    if let Some(v) = p.timestamp() {
+        out = out.with_timestamp(*v);
+    }
+    if let Some(v) = p.kind() {
+        out = out.with_type(v.clone());
+    }
+    if let Some(v) = p.user_id() {
+        out = out.with_user_id(v.clone());
+    }
+    if let Some(v) = p.app_id() {
+        out = out.with_app_id(v.clone());
+    }
+    if let Some(v) = p.cluster_id() {
+        out = out.with_cluster_id(v.clone());
+    }
+    out
+}
+
+/// RabbitMQ's cycle rule: a message that would return to a queue it already died in is
+/// dropped there, unless one of the deaths since then was a rejection.
+fn is_cycle(props: &BasicProperties, target: &str) -> bool {
+    let Some(AMQPValue::FieldArray(deaths)) = props
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("x-death"))
+    else {
+        return false;
+    };
+    for d in deaths.as_slice() {
+        let AMQPValue::FieldTable(t) = d else {
+            continue;
+        };
+        if table_str(t, "reason").as_deref() == Some("rejected") {
+            return false;
+        }
+        if table_str(t, "queue").as_deref() == Some(target) {
+            return true;
+        }
+    }
+    false
+}
+
+impl DeadLetterRouter for VHost {
+    fn dead_letter(&self, from: &Queue, dead: Vec<(Entry, DeathReason)>) {
+        let Some(dlx) = from.args.dead_letter_exchange.as_deref() else {
+            return;
+        };
+        let now = now_ms();
+        let mut ops: Vec<StoreOp> = Vec::new();
+        let mut removals: Vec<StoreOp> = Vec::new();
+        let mut deliveries: Vec<(Vec<Arc<Queue>>, Arc<Message>)> = Vec::new();
+        for (entry, reason) in dead {
+            if let Some(op) = from.store().and_then(|qs| qs.removal(&entry)) {
+                removals.push(op);
+            }
+            let old = &entry.msg;
+            let routing_key = from
+                .args
+                .dead_letter_routing_key
+                .clone()
+                .unwrap_or_else(|| old.routing_key.clone());
+            let properties = dead_properties(old, from.name(), reason, now);
+            let Ok(mut queues) = self.route(dlx, &routing_key, properties.headers().as_ref())
+            else {
+                tracing::debug!(
+                    queue = from.name(),
+                    dlx,
+                    "dead-letter exchange missing: message dropped"
+                );
+                continue;
+            };
+            if reason != DeathReason::Rejected {
+                queues.retain(|q| !is_cycle(&properties, q.name()));
+            }
+            if queues.is_empty() {
+                continue;
+            }
+            let persistent = *properties.delivery_mode() == Some(2);
+            let msg = Message {
+                exchange: dlx.to_string(),
+                routing_key,
+                raw_properties: encode::properties(&properties),
+                properties,
+                body: old.body.clone(),
+                store_id: persistent.then(|| self.next_msg_id()),
+                published_ms: now,
+            };
+            let first = ops.len();
+            for q in &queues {
+                q.persist_ops(&msg, &mut ops);
+            }
+            if let (Some(id), true) = (msg.store_id, ops.len() > first) {
+                ops.insert(
+                    first,
+                    StoreOp::PutMessage {
+                        msg_id: id,
+                        blob: super::persist::encode_message(&msg),
+                    },
+                );
+            }
+            deliveries.push((queues, Arc::new(msg)));
+        }
+        ops.append(&mut removals);
+        if let Some(store) = self.store() {
+            store.submit(ops);
+        }
+        for (queues, msg) in deliveries {
+            for q in queues {
+                q.enqueue(msg.clone());
+            }
+        }
+    }
+}

@@ -1,0 +1,190 @@
+//! Queue `x-` arguments: parsed once at declare into typed settings, each invalid value
+//! rejected with a message naming the argument (RabbitMQ's wording), so that handlers
+//! can answer 406 PRECONDITION_FAILED. Unknown arguments are ignored, as in RabbitMQ.
+
+use amq_protocol::types::{AMQPValue, FieldTable};
+
+/// What happens when a length limit is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Overflow {
+    /// Drop (dead-letter) the oldest messages.
+    #[default]
+    DropHead,
+    /// Refuse new messages (basic.nack with confirms).
+    RejectPublish,
+    /// Refuse and dead-letter new messages.
+    RejectPublishDlx,
+}
+
+/// A queue's typed settings.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct QueueArgs {
+    /// x-message-ttl (ms).
+    pub message_ttl: Option<u64>,
+    /// x-expires (ms unused before the queue is deleted).
+    pub expires: Option<u64>,
+    /// x-max-length (ready messages).
+    pub max_length: Option<u64>,
+    /// x-max-length-bytes (ready body bytes).
+    pub max_length_bytes: Option<u64>,
+    /// x-overflow.
+    pub overflow: Overflow,
+    /// x-dead-letter-exchange.
+    pub dead_letter_exchange: Option<String>,
+    /// x-dead-letter-routing-key.
+    pub dead_letter_routing_key: Option<String>,
+    /// x-max-priority (1..=255).
+    pub max_priority: Option<u8>,
+    /// x-single-active-consumer.
+    pub single_active_consumer: bool,
+    /// x-delivery-limit.
+    pub delivery_limit: Option<u64>,
+}
+
+/// A signed integer of any AMQP width.
+pub fn int_value(v: &AMQPValue) -> Option<i64> {
+    Some(match v {
+        AMQPValue::ShortShortInt(x) => *x as i64,
+        AMQPValue::ShortShortUInt(x) => *x as i64,
+        AMQPValue::ShortInt(x) => *x as i64,
+        AMQPValue::ShortUInt(x) => *x as i64,
+        AMQPValue::LongInt(x) => *x as i64,
+        AMQPValue::LongUInt(x) => *x as i64,
+        AMQPValue::LongLongInt(x) => *x,
+        AMQPValue::Timestamp(x) => *x as i64,
+        _ => return None,
+    })
+}
+
+/// A string value (long or short string).
+pub fn str_value(v: &AMQPValue) -> Option<String> {
+    match v {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
+        _ => None,
+    }
+}
+
+fn type_name(v: &AMQPValue) -> &'static str {
+    match v {
+        AMQPValue::Boolean(_) => "bool",
+        AMQPValue::LongString(_) | AMQPValue::ShortString(_) => "longstr",
+        AMQPValue::FieldTable(_) => "table",
+        AMQPValue::FieldArray(_) => "array",
+        AMQPValue::Float(_) | AMQPValue::Double(_) => "double",
+        AMQPValue::Void => "void",
+        _ => "signedint",
+    }
+}
+
+impl QueueArgs {
+    /// Parses and checks the arguments; the error names the argument and the problem.
+    pub fn parse(args: &FieldTable) -> Result<QueueArgs, (String, String)> {
+        let mut out = QueueArgs::default();
+        for (key, value) in args.inner() {
+            let name = key.as_str();
+            let bad = |why: String| (name.to_string(), why);
+            let non_negative = |min: i64| -> Result<u64, (String, String)> {
+                let n = int_value(value)
+                    .ok_or_else(|| bad(format!("{{unacceptable_type,{}}}", type_name(value))))?;
+                if n < min {
+                    let what = if n < 0 {
+                        "value_negative"
+                    } else {
+                        "value_zero"
+                    };
+                    return Err(bad(format!("{{{what},{n}}}")));
+                }
+                Ok(n as u64)
+            };
+            let string = || {
+                str_value(value)
+                    .ok_or_else(|| bad(format!("{{unacceptable_type,{}}}", type_name(value))))
+            };
+            match name {
+                "x-message-ttl" => out.message_ttl = Some(non_negative(0)?),
+                "x-expires" => out.expires = Some(non_negative(1)?),
+                "x-max-length" => out.max_length = Some(non_negative(0)?),
+                "x-max-length-bytes" => out.max_length_bytes = Some(non_negative(0)?),
+                "x-delivery-limit" => out.delivery_limit = Some(non_negative(0)?),
+                "x-max-priority" => {
+                    let n = non_negative(0)?;
+                    if n > 255 {
+                        return Err(bad(format!("{{value_too_large,{n},255}}")));
+                    }
+                    out.max_priority = Some(n as u8);
+                }
+                "x-overflow" => {
+                    out.overflow = match string()?.as_str() {
+                        "drop-head" => Overflow::DropHead,
+                        "reject-publish" => Overflow::RejectPublish,
+                        "reject-publish-dlx" => Overflow::RejectPublishDlx,
+                        other => {
+                            return Err(bad(format!("{{unknown_overflow_mode,<<\"{other}\">>}}")));
+                        }
+                    }
+                }
+                "x-dead-letter-exchange" => out.dead_letter_exchange = Some(string()?),
+                "x-dead-letter-routing-key" => out.dead_letter_routing_key = Some(string()?),
+                "x-single-active-consumer" => match value {
+                    AMQPValue::Boolean(b) => out.single_active_consumer = *b,
+                    other => {
+                        return Err(bad(format!("{{unacceptable_type,{}}}", type_name(other))));
+                    }
+                },
+                "x-queue-type" => match string()?.as_str() {
+                    "classic" | "quorum" => {}
+                    other => {
+                        return Err(bad(format!("{{unsupported_queue_type,<<\"{other}\">>}}")));
+                    }
+                },
+                _ => {}
+            }
+        }
+        if out.dead_letter_routing_key.is_some() && out.dead_letter_exchange.is_none() {
+            return Err((
+                "x-dead-letter-routing-key".into(),
+                "x-dead-letter-routing-key is set but x-dead-letter-exchange is not".into(),
+            ));
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(pairs: &[(&str, AMQPValue)]) -> FieldTable {
+        let mut t = FieldTable::default();
+        for (k, v) in pairs {
+            t.insert((*k).into(), v.clone());
+        }
+        t
+    }
+
+    #[test]
+    fn valid_and_invalid_arguments() {
+        let a = QueueArgs::parse(&table(&[
+            ("x-message-ttl", AMQPValue::LongInt(100)),
+            ("x-max-priority", AMQPValue::ShortShortUInt(10)),
+            ("x-overflow", AMQPValue::LongString("reject-publish".into())),
+            ("x-unknown", AMQPValue::Boolean(true)),
+        ]))
+        .unwrap();
+        assert_eq!(
+            (a.message_ttl, a.max_priority, a.overflow),
+            (Some(100), Some(10), Overflow::RejectPublish)
+        );
+        let e = QueueArgs::parse(&table(&[("x-message-ttl", AMQPValue::LongInt(-1))])).unwrap_err();
+        assert_eq!(e.0, "x-message-ttl");
+        let e =
+            QueueArgs::parse(&table(&[("x-max-priority", AMQPValue::LongInt(256))])).unwrap_err();
+        assert_eq!(e.0, "x-max-priority");
+        let e = QueueArgs::parse(&table(&[("x-expires", AMQPValue::LongInt(0))])).unwrap_err();
+        assert_eq!(e.0, "x-expires");
+        let e = QueueArgs::parse(&table(&[("x-overflow", AMQPValue::LongString("x".into()))]))
+            .unwrap_err();
+        assert_eq!(e.0, "x-overflow");
+    }
+}
