@@ -17,6 +17,9 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
 const QUEUES: [&str; 2] = ["crash-a", "crash-b"];
+/// Dead-letter scenario: publishers target `DL_SOURCE`, whose messages expire at once
+/// into `crash-dead` through a durable fanout exchange.
+const DL_SOURCE: &str = "crash-dl-src";
 const PRODUCERS: u32 = 3;
 const WINDOW: usize = 50;
 
@@ -52,17 +55,41 @@ async fn connect(port: u16) -> Connection {
 }
 
 async fn declare(ch: &Channel) -> lapin::Result<()> {
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
     for q in QUEUES {
-        ch.queue_declare(
-            q.into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
+        ch.queue_declare(q.into(), durable, FieldTable::default())
+            .await?;
     }
+    ch.exchange_declare(
+        "crash-dlx".into(),
+        lapin::ExchangeKind::Fanout,
+        ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await?;
+    ch.queue_declare("crash-dead".into(), durable, FieldTable::default())
+        .await?;
+    ch.queue_bind(
+        "crash-dead".into(),
+        "crash-dlx".into(),
+        "".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        lapin::types::AMQPValue::LongString("crash-dlx".into()),
+    );
+    args.insert("x-message-ttl".into(), lapin::types::AMQPValue::LongInt(0));
+    ch.queue_declare(DL_SOURCE.into(), durable, args).await?;
     Ok(())
 }
 
@@ -84,14 +111,18 @@ fn unstamp(body: &[u8]) -> Option<(u32, u64)> {
 }
 
 /// Publishes until the broker dies; returns the sequence numbers the broker confirmed.
-async fn producer(port: u16, id: u32) -> Vec<u64> {
+async fn producer(port: u16, id: u32, dead_letter: bool) -> Vec<u64> {
     let mut confirmed = Vec::new();
     let run = async {
         let conn = connect(port).await;
         let ch = conn.create_channel().await?;
         ch.confirm_select(ConfirmSelectOptions::default()).await?;
         declare(&ch).await?;
-        let queue = QUEUES[id as usize % QUEUES.len()];
+        let queue = if dead_letter {
+            DL_SOURCE
+        } else {
+            QUEUES[id as usize % QUEUES.len()]
+        };
         let mut seq = 0u64;
         loop {
             let mut window = Vec::with_capacity(WINDOW);
@@ -174,7 +205,7 @@ async fn drain(port: u16, seen: &Arc<Mutex<Vec<(u32, u64)>>>) {
     let conn = connect(port).await;
     let ch = conn.create_channel().await.unwrap();
     declare(&ch).await.unwrap();
-    for q in QUEUES {
+    for q in QUEUES.into_iter().chain([DL_SOURCE, "crash-dead"]) {
         while let Some(m) = ch
             .basic_get(q.into(), BasicGetOptions { no_ack: true })
             .await
@@ -188,13 +219,27 @@ async fn drain(port: u16, seen: &Arc<Mutex<Vec<(u32, u64)>>>) {
     let _ = conn.close(200, "drained".into()).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_confirmed_message_is_lost_across_kill_9() {
-    let rounds: u32 = std::env::var("WARREN_CRASH_ROUNDS")
+fn rounds() -> u32 {
+    std::env::var("WARREN_CRASH_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(20);
-    let dir = std::env::temp_dir().join(format!("warren-crash-{}", std::process::id()));
+        .unwrap_or(20)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_confirmed_message_is_lost_across_kill_9() {
+    crash_rounds(rounds(), false, "plain").await;
+}
+
+/// Messages expire at once from a durable queue into a durable dead-letter queue while
+/// the broker is killed: none may be lost on the way (at-least-once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_lettering_durable_messages_loses_nothing_across_kill_9() {
+    crash_rounds(rounds().min(8), true, "dlx").await;
+}
+
+async fn crash_rounds(rounds: u32, dead_letter: bool, tag: &str) {
+    let dir = std::env::temp_dir().join(format!("warren-crash-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let mut port = free_port();
     let mut broker = start(&dir, port);
@@ -203,7 +248,7 @@ async fn no_confirmed_message_is_lost_across_kill_9() {
     for round in 0..rounds {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let producers: Vec<_> = (0..PRODUCERS)
-            .map(|p| tokio::spawn(producer(port, round * 100 + p)))
+            .map(|p| tokio::spawn(producer(port, round * 100 + p, dead_letter)))
             .collect();
         let consumer_task = tokio::spawn(consumer(port, seen.clone()));
         let delay = 300 + (rand_u64() % 1200);
@@ -234,7 +279,7 @@ async fn no_confirmed_message_is_lost_across_kill_9() {
             lost += seqs.iter().filter(|s| !unique.contains(&(*p, **s))).count();
         }
         eprintln!(
-            "round {round}: killed after {delay} ms, {count} confirmed, {} delivered, {duplicates} duplicates, {lost} lost",
+            "{tag} round {round}: killed after {delay} ms, {count} confirmed, {} delivered, {duplicates} duplicates, {lost} lost",
             seen.len()
         );
         total_lost += lost;
