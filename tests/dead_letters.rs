@@ -603,3 +603,62 @@ async fn unused_queue_expires_with_x_expires() {
         .await;
     assert!(err.is_err(), "the queue was deleted after x-expires");
 }
+
+#[tokio::test]
+async fn retry_through_a_ttl_wait_queue_comes_back_to_the_consumer() {
+    let b = common::TestBroker::start().await;
+    let conn = b.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ch.queue_declare(
+        "work".into(),
+        durable,
+        args(&[
+            ("x-dead-letter-exchange", text("")),
+            ("x-dead-letter-routing-key", text("work.wait")),
+        ]),
+    )
+    .await
+    .unwrap();
+    ch.queue_declare(
+        "work.wait".into(),
+        durable,
+        args(&[
+            ("x-message-ttl", AMQPValue::LongInt(50)),
+            ("x-dead-letter-exchange", text("")),
+            ("x-dead-letter-routing-key", text("work")),
+        ]),
+    )
+    .await
+    .unwrap();
+    publish(
+        &ch,
+        "work",
+        b"job",
+        BasicProperties::default().with_delivery_mode(2),
+    )
+    .await;
+    let mut consumer = ch
+        .basic_consume(
+            "work".into(),
+            "w".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    for attempt in 0..3 {
+        let d = tokio::time::timeout(Duration::from_secs(5), consumer.next())
+            .await
+            .expect("redelivered after the delay")
+            .unwrap()
+            .unwrap();
+        assert_eq!(d.data, b"job", "attempt {attempt}");
+        d.reject(BasicRejectOptions { requeue: false })
+            .await
+            .unwrap();
+    }
+}

@@ -244,28 +244,31 @@ impl VHost {
             ));
         }
         exchanges.remove(name);
+        let dest = Destination::Exchange(name.to_string());
+        let mut unbound = Vec::new();
+        let mut emptied = Vec::new();
+        for other in exchanges.values() {
+            let gone = other.unbind_all_to(&dest);
+            if !gone.is_empty() && other.def.auto_delete && !other.has_bindings() {
+                emptied.push(other.clone());
+            }
+            unbound.push((other.clone(), gone));
+        }
+        for e in &emptied {
+            exchanges.remove(&e.def.name);
+        }
+        // binding_op reads the exchange table: only after our write lock is gone.
+        drop(exchanges);
         let mut ops = Vec::new();
         for b in x.bindings() {
             self.binding_op(&x, &b, false, &mut ops);
         }
-        if x.def.durable {
-            ops.push(StoreOp::DeleteDefinition {
-                key: persist::exchange_key(&self.name, name),
-            });
-        }
-        let dest = Destination::Exchange(name.to_string());
-        let mut emptied = Vec::new();
-        for other in exchanges.values() {
-            let gone = other.unbind_all_to(&dest);
-            for b in &gone {
+        for (other, gone) in &unbound {
+            for b in gone {
                 self.binding_op(other, b, false, &mut ops);
             }
-            if !gone.is_empty() && other.def.auto_delete && !other.has_bindings() {
-                emptied.push(other.clone());
-            }
         }
-        for e in emptied {
-            exchanges.remove(&e.def.name);
+        for e in std::iter::once(&x).chain(emptied.iter()) {
             if e.def.durable {
                 ops.push(StoreOp::DeleteDefinition {
                     key: persist::exchange_key(&self.name, &e.def.name),
