@@ -42,8 +42,12 @@ impl Broker {
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("data_dir {}", config.data_dir.display()))?;
         let interval = std::time::Duration::from_millis(config.flush_interval_ms.max(1));
+        // Opening reads the whole store back (seconds for millions of messages): keep it off
+        // the async workers.
+        let (dir, flush) = (config.data_dir.clone(), config.flush);
         let (store, recovered) =
-            crate::store::Store::open(&config.data_dir, config.flush, interval)?;
+            tokio::task::spawn_blocking(move || crate::store::Store::open(&dir, flush, interval))
+                .await??;
         let state = BrokerState::new(config.clone(), Some(store));
         state.recover(recovered);
         let (shutdown, _) = broadcast::channel(1);
