@@ -313,6 +313,10 @@ impl Channel {
                 Ok(Outcome::Closed)
             }
             channel::AMQPMethod::CloseOk(_) => Ok(Outcome::Closed),
+            channel::AMQPMethod::Flow(flow) if !flow.active => {
+                // As RabbitMQ: clients may not stop the broker's deliveries this way.
+                Err(amqp_err!(NotImplemented, "active=false"))
+            }
             channel::AMQPMethod::Flow(flow) => {
                 self.link.active.store(flow.active, Ordering::Relaxed);
                 if flow.active {

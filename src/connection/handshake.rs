@@ -94,6 +94,7 @@ impl Connection {
                 self.close_channels();
                 self.send(0, AMQPClass::Connection(AMQPMethod::CloseOk(CloseOk {})));
                 self.phase = Phase::Closed;
+                self.linger = true;
                 Ok(())
             }
             (Phase::Open, AMQPMethod::CloseOk(_)) => Ok(()),

@@ -70,6 +70,10 @@ pub struct Connection {
     last_write: Instant,
     started: Instant,
     closing_since: Option<Instant>,
+    /// Channels that ended recently (a crossing close may still arrive for them).
+    closed_channels: Vec<u16>,
+    /// The client closed the connection: let it close the socket first.
+    linger: bool,
 }
 
 /// Runs a connection until it closes.
@@ -110,6 +114,8 @@ pub async fn serve(
         last_write: Instant::now(),
         started: Instant::now(),
         closing_since: None,
+        closed_channels: Vec::new(),
+        linger: false,
     };
 
     let mut buf = BytesMut::with_capacity(64 * 1024);
@@ -171,6 +177,20 @@ pub async fn serve(
                 conn.close_connection(amqp_err!(ConnectionForced, "broker forced connection closure with reason 'shutdown'"));
             }
         }
+    }
+    if conn.linger {
+        // After close-ok the client closes the socket; give it a moment to do so, as
+        // RabbitMQ does, so that it never reads an unexpected EOF.
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            loop {
+                buf.clear();
+                match reader.read_buf(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
     }
     let _ = writer.shutdown().await;
     rx.close();
@@ -282,6 +302,10 @@ impl Connection {
         }
     }
 
+    fn recently_closed(&self, ch: u16) -> bool {
+        self.closed_channels.contains(&ch)
+    }
+
     fn open_channel(&mut self, ch: u16) -> Result<(), AmqpError> {
         if ch > self.channel_max {
             return Err(amqp_err!(
@@ -294,6 +318,7 @@ impl Connection {
         if self.channels.contains_key(&ch) {
             return Err(amqp_err!(ChannelError, "second 'channel.open' seen"));
         }
+        self.closed_channels.retain(|c| *c != ch);
         let Some(vhost) = self.vhost.clone() else {
             return Err(amqp_err!(
                 CommandInvalid,
@@ -322,6 +347,24 @@ impl Connection {
     fn channel_frame(&mut self, frame: InFrame) -> Result<(), AmqpError> {
         let ch = frame_channel(&frame);
         let Some(channel) = self.channels.get_mut(&ch) else {
+            // A channel.close that crossed ours already ended the channel: its close-ok,
+            // or a repeated close, is answered quietly, as RabbitMQ does.
+            use amq_protocol::protocol::channel as ch_methods;
+            match frame {
+                InFrame::Method(_, AMQPClass::Channel(ch_methods::AMQPMethod::CloseOk(_))) => {
+                    return Ok(());
+                }
+                InFrame::Method(_, AMQPClass::Channel(ch_methods::AMQPMethod::Close(_)))
+                    if self.recently_closed(ch) =>
+                {
+                    self.send(
+                        ch,
+                        AMQPClass::Channel(ch_methods::AMQPMethod::CloseOk(ch_methods::CloseOk {})),
+                    );
+                    return Ok(());
+                }
+                _ => {}
+            }
             return Err(amqp_err!(
                 ChannelError,
                 "expected 'channel.open' on channel {}",
@@ -334,6 +377,10 @@ impl Connection {
             channel::Outcome::Continue => Ok(()),
             channel::Outcome::Closed => {
                 self.channels.remove(&ch);
+                self.closed_channels.push(ch);
+                if self.closed_channels.len() > 64 {
+                    self.closed_channels.remove(0);
+                }
                 Ok(())
             }
             channel::Outcome::ConnectionError(e) => Err(e),
