@@ -93,6 +93,15 @@ pub struct Binding {
     pub args: FieldTable,
 }
 
+/// The words of a topic routing or binding key: the empty key has none.
+fn topic_words(key: &str) -> Vec<&str> {
+    if key.is_empty() {
+        Vec::new()
+    } else {
+        key.split('.').collect()
+    }
+}
+
 #[derive(Debug, Default)]
 struct TopicNode {
     words: HashMap<String, TopicNode>,
@@ -160,7 +169,7 @@ impl Bindings {
                 .or_default()
                 .push(b.dest.clone()),
             ExchangeKind::Topic => {
-                let words: Vec<&str> = b.key.split('.').collect();
+                let words: Vec<&str> = topic_words(&b.key);
                 self.topic.insert(&words, b.dest.clone());
             }
             ExchangeKind::Fanout | ExchangeKind::Headers => {}
@@ -282,7 +291,7 @@ impl Exchange {
             }
             ExchangeKind::Fanout => out.extend(b.list.iter().map(|x| x.dest.clone())),
             ExchangeKind::Topic => {
-                let words: Vec<&str> = routing_key.split('.').collect();
+                let words: Vec<&str> = topic_words(routing_key);
                 let mut found = Vec::new();
                 b.topic.collect(&words, &mut found);
                 out.extend(found.into_iter().cloned());

@@ -46,6 +46,8 @@ struct Consumer {
 struct Unacked {
     queue: Arc<Queue>,
     offset: Offset,
+    /// Delivered to a consumer (counts against the channel-wide prefetch), not got.
+    counted: bool,
 }
 
 #[derive(Debug)]
@@ -605,16 +607,6 @@ impl Channel {
             prefetch: self.prefetch,
             no_ack: c.no_ack,
         };
-        // consume-ok goes out before any delivery: deliveries travel through the
-        // connection's event queue, which is read after this frame's output is written.
-        if !c.nowait {
-            self.send(
-                out,
-                AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(basic::ConsumeOk {
-                    consumer_tag: tag.as_ref().into(),
-                })),
-            );
-        }
         self.consumers.insert(
             tag.clone(),
             Consumer {
@@ -625,6 +617,16 @@ impl Channel {
         if let Err(e) = q.consume(spec, tag.clone(), c.exclusive, self.link.clone()) {
             self.consumers.remove(&tag);
             return Err(e);
+        }
+        // consume-ok still goes out before any delivery: deliveries travel through the
+        // connection's event queue, which is read only after this batch's output is written.
+        if !c.nowait {
+            self.send(
+                out,
+                AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(basic::ConsumeOk {
+                    consumer_tag: tag.as_ref().into(),
+                })),
+            );
         }
         Ok(())
     }
@@ -667,6 +669,7 @@ impl Channel {
                         Unacked {
                             queue: q.clone(),
                             offset: entry.offset,
+                            counted: false,
                         },
                     );
                 }
@@ -721,6 +724,7 @@ impl Channel {
                 Unacked {
                     queue: d.queue,
                     offset: d.entry.offset,
+                    counted: true,
                 },
             );
         }
@@ -797,9 +801,10 @@ impl Channel {
         if taken.is_empty() {
             return;
         }
+        let counted = taken.iter().filter(|u| u.counted).count() as u32;
         self.link
             .global_unacked
-            .fetch_sub(taken.len() as u32, Ordering::Relaxed);
+            .fetch_sub(counted, Ordering::Relaxed);
         let mut groups: Vec<(Arc<Queue>, Vec<Offset>)> = Vec::new();
         for u in taken {
             match groups.iter_mut().find(|(q, _)| Arc::ptr_eq(q, &u.queue)) {

@@ -206,18 +206,17 @@ impl Connection {
         for ch in self.channels.values_mut() {
             ch.flush_confirms(&mut self.out);
         }
-        if self.out.is_empty() {
-            return Ok(());
+        if !self.out.is_empty() {
+            writer.write_all(&self.out).await?;
+            self.out.clear();
+            self.last_write = Instant::now();
         }
-        writer.write_all(&self.out).await?;
-        self.out.clear();
-        self.last_write = Instant::now();
         if self.delivered > 0 {
-            self.shared
-                .pending
-                .fetch_sub(self.delivered, Ordering::Relaxed);
+            self.shared.pending.fetch_sub(self.delivered, Ordering::Relaxed);
             self.delivered = 0;
         }
+        // Queues that ran out of credit (socket backlog, channel-wide prefetch) try again
+        // now that writes and acks may have freed some.
         for queue in self.shared.take_waiting() {
             if let Some(q) = queue.upgrade() {
                 q.kick();
@@ -307,11 +306,11 @@ impl Connection {
     }
 
     fn open_channel(&mut self, ch: u16) -> Result<(), AmqpError> {
-        if ch > self.channel_max {
+        if self.channels.len() >= self.channel_max as usize || ch > self.channel_max {
             return Err(amqp_err!(
-                ChannelError,
-                "channel number {} above channel_max {}",
-                ch,
+                NotAllowed,
+                "number of channels opened ({}) has reached the negotiated channel_max ({})",
+                self.channels.len(),
                 self.channel_max
             ));
         }

@@ -61,10 +61,8 @@ pub struct ChannelLink {
 
 impl ConsumerSink for ChannelLink {
     fn has_credit(&self, no_ack: bool) -> bool {
-        if self.conn.tx.is_closed() {
-            return false;
-        }
-        if self.conn.pending.load(Ordering::Relaxed) >= MAX_PENDING_DELIVERIES
+        if self.conn.tx.is_closed()
+            || self.conn.pending.load(Ordering::Relaxed) >= MAX_PENDING_DELIVERIES
             || !self.active.load(Ordering::Relaxed)
         {
             return false;
@@ -72,8 +70,14 @@ impl ConsumerSink for ChannelLink {
         if no_ack {
             return true;
         }
+        // Take the channel-wide credit now, inside the queue's delivery loop, so that one
+        // run cannot hand out more than the global prefetch allows.
         let limit = self.global_prefetch.load(Ordering::Relaxed);
-        limit == 0 || self.global_unacked.load(Ordering::Relaxed) < limit
+        self.global_unacked
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (limit == 0 || n < limit).then_some(n + 1)
+            })
+            .is_ok()
     }
 
     fn deliver(&self, delivery: Delivery) -> Result<(), Delivery> {
@@ -84,16 +88,18 @@ impl ConsumerSink for ChannelLink {
             .send(ConnEvent::Deliver(self.channel, delivery))
         {
             Ok(()) => {
-                if !no_ack {
-                    self.global_unacked.fetch_add(1, Ordering::Relaxed);
-                }
                 self.conn.pending.fetch_add(1, Ordering::Relaxed);
                 Ok(())
             }
-            Err(e) => match e.0 {
-                ConnEvent::Deliver(_, d) => Err(d),
-                _ => unreachable!("sent a Deliver"),
-            },
+            Err(e) => {
+                if !no_ack {
+                    self.global_unacked.fetch_sub(1, Ordering::Relaxed);
+                }
+                match e.0 {
+                    ConnEvent::Deliver(_, d) => Err(d),
+                    _ => unreachable!("sent a Deliver"),
+                }
+            }
         }
     }
 

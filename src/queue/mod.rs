@@ -64,7 +64,8 @@ pub struct Delivery {
 /// connection, so that queue code knows nothing of sockets.
 pub trait ConsumerSink: Send + Sync + std::fmt::Debug {
     /// Whether the channel can take one more delivery now (channel-wide prefetch and
-    /// socket backlog).
+    /// socket backlog). A true answer reserves the channel-wide credit for a delivery
+    /// that follows at once.
     fn has_credit(&self, no_ack: bool) -> bool;
     /// Takes a delivery; gives it back when the channel is gone.
     fn deliver(&self, delivery: Delivery) -> Result<(), Delivery>;
