@@ -161,3 +161,85 @@ async fn durable_definitions_and_persistent_messages_survive_restart() {
     b.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn message_ttl_keeps_counting_across_a_restart() {
+    let dir = std::env::temp_dir().join(format!("warren-durability-ttl-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let config = Config::for_tests(&dir);
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-message-ttl".into(),
+        lapin::types::AMQPValue::LongInt(400),
+    );
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        lapin::types::AMQPValue::LongString("".into()),
+    );
+    args.insert(
+        "x-dead-letter-routing-key".into(),
+        lapin::types::AMQPValue::LongString("expired".into()),
+    );
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    {
+        let b = Broker::start(config.clone()).await.unwrap();
+        let conn = connect(&b).await;
+        let ch = conn.create_channel().await.unwrap();
+        ch.queue_declare("expired".into(), durable, FieldTable::default())
+            .await
+            .unwrap();
+        ch.queue_declare("short".into(), durable, args.clone())
+            .await
+            .unwrap();
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        ch.basic_publish(
+            "".into(),
+            "short".into(),
+            BasicPublishOptions::default(),
+            b"tick",
+            persistent(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+        drop(conn);
+        b.shutdown().await;
+    }
+    let b = Broker::start(config).await.unwrap();
+    let conn = connect(&b).await;
+    let ch = conn.create_channel().await.unwrap();
+    let mut got = None;
+    for _ in 0..100 {
+        if let Some(m) = ch
+            .basic_get("expired".into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+        {
+            got = Some(m);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let m = got.expect("the message expired after the restart and was dead-lettered");
+    assert_eq!(m.delivery.data, b"tick");
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    assert_eq!(
+        ch.queue_declare("short".into(), passive, FieldTable::default())
+            .await
+            .unwrap()
+            .message_count(),
+        0
+    );
+    drop(conn);
+    b.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
