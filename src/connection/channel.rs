@@ -62,7 +62,8 @@ struct PendingPublish {
 /// Work a transactional channel holds back until tx.commit.
 #[derive(Debug)]
 enum TxOp {
-    Publish(basic::Publish, Arc<Message>),
+    /// A publish (its mandatory flag and the message).
+    Publish(bool, Arc<Message>),
     Ack(u64, bool),
     Reject {
         tag: u64,
@@ -855,8 +856,8 @@ impl Channel {
                 let mut commit = TxCommit::default();
                 for op in ops {
                     match op {
-                        TxOp::Publish(p, msg) => {
-                            self.route_and_enqueue(&p, msg, out, Some(&mut commit))?
+                        TxOp::Publish(mandatory, msg) => {
+                            self.route_and_enqueue(mandatory, msg, out, Some(&mut commit))?
                         }
                         TxOp::Ack(tag, multiple) => {
                             let taken = self.take_unacked(tag, multiple)?;
@@ -1032,8 +1033,8 @@ impl Channel {
         }
         let persistent = *header.properties.delivery_mode() == Some(2);
         let msg = Arc::new(Message {
-            exchange: p.method.exchange.as_str().to_string(),
-            routing_key: p.method.routing_key.as_str().to_string(),
+            exchange: String::from(p.method.exchange),
+            routing_key: String::from(p.method.routing_key),
             properties: header.properties,
             raw_properties: header.raw_properties,
             body,
@@ -1045,15 +1046,15 @@ impl Channel {
             if !msg.exchange.is_empty() {
                 self.vhost.exchange(&msg.exchange)?;
             }
-            tx.push(TxOp::Publish(p.method, msg));
+            tx.push(TxOp::Publish(p.method.mandatory, msg));
             return Ok(());
         }
-        self.route_and_enqueue(&p.method, msg, out, None)
+        self.route_and_enqueue(p.method.mandatory, msg, out, None)
     }
 
     fn route_and_enqueue(
         &mut self,
-        p: &basic::Publish,
+        mandatory: bool,
         msg: Arc<Message>,
         out: &mut BytesMut,
         tx: Option<&mut TxCommit>,
@@ -1063,14 +1064,14 @@ impl Channel {
             &msg.routing_key,
             msg.properties.headers().as_ref(),
         )?;
-        if queues.is_empty() && p.mandatory {
+        if queues.is_empty() && mandatory {
             self.send(
                 out,
                 AMQPClass::Basic(basic::AMQPMethod::Return(basic::Return {
                     reply_code: ReplyCode::NoRoute.code(),
                     reply_text: "NO_ROUTE".into(),
-                    exchange: p.exchange.clone(),
-                    routing_key: p.routing_key.clone(),
+                    exchange: msg.exchange.as_str().into(),
+                    routing_key: msg.routing_key.as_str().into(),
                 })),
             );
             encode::content(out, self.id, &msg.raw_properties, &msg.body, self.frame_max);
