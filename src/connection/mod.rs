@@ -212,7 +212,9 @@ impl Connection {
             self.last_write = Instant::now();
         }
         if self.delivered > 0 {
-            self.shared.pending.fetch_sub(self.delivered, Ordering::Relaxed);
+            self.shared
+                .pending
+                .fetch_sub(self.delivered, Ordering::Relaxed);
             self.delivered = 0;
         }
         // Queues that ran out of credit (socket backlog, channel-wide prefetch) try again
