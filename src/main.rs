@@ -21,11 +21,21 @@ struct Cli {
 enum Command {
     /// Run the broker (the default).
     Server,
+    /// Drive a broker (this one or any AMQP 0-9-1 broker) with load and report rates,
+    /// latency, loss and CPU per message.
+    Perf(Box<warren::perf::PerfArgs>),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let config = match Config::load(cli.config.as_deref()) {
+    match cli.command.unwrap_or(Command::Server) {
+        Command::Server => server_main(cli.config),
+        Command::Perf(args) => warren::perf::run(*args),
+    }
+}
+
+fn server_main(config_file: Option<PathBuf>) -> std::process::ExitCode {
+    let config = match Config::load(config_file.as_deref()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("warren: bad configuration: {e}");
@@ -47,9 +57,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match cli.command.unwrap_or(Command::Server) {
-        Command::Server => runtime.block_on(run_server(config)),
-    }
+    runtime.block_on(run_server(config))
 }
 
 async fn run_server(config: Config) -> std::process::ExitCode {
