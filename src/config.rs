@@ -45,6 +45,8 @@ pub struct Config {
     pub frame_max: u32,
     /// Heartbeat interval offered in tune, in seconds.
     pub heartbeat: u16,
+    /// Fraction of RAM above which publishers are blocked.
+    pub memory_high_watermark: f64,
     /// tracing filter.
     pub log: String,
 }

@@ -99,6 +99,12 @@ impl Broker {
         )
     }
 
+    /// Raises or clears the memory alarm by hand, as if memory use had crossed the
+    /// watermark (tests; a future `warren ctl`).
+    pub fn set_memory_alarm(&self, on: bool) {
+        self.state.memory.set_alarm(on);
+    }
+
     /// Closes every connection (320 CONNECTION_FORCED) and stops listening.
     pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(());

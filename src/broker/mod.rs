@@ -3,6 +3,7 @@
 
 pub mod deadletter;
 pub mod exchange;
+pub mod memory;
 pub mod persist;
 pub mod vhost;
 
@@ -25,6 +26,8 @@ pub struct BrokerState {
     next_id: AtomicU64,
     next_msg_id: Arc<AtomicU64>,
     store: Option<Store>,
+    /// Memory flow control.
+    pub memory: memory::MemoryMonitor,
 }
 
 impl BrokerState {
@@ -32,6 +35,7 @@ impl BrokerState {
     pub fn new(config: Config, store: Option<Store>) -> Arc<BrokerState> {
         let mut vhosts = HashMap::new();
         let next_msg_id = Arc::new(AtomicU64::new(1));
+        let memory = memory::MemoryMonitor::new(config.memory_high_watermark);
         vhosts.insert(
             config.default_vhost.clone(),
             VHost::new(&config.default_vhost, store.clone(), next_msg_id.clone()),
@@ -42,6 +46,7 @@ impl BrokerState {
             next_id: AtomicU64::new(1),
             next_msg_id,
             store,
+            memory,
         })
     }
 
@@ -151,6 +156,7 @@ impl BrokerState {
             .cloned()
             .collect();
         let now = crate::queue::now_ms();
+        self.memory.check();
         for v in vhosts {
             v.tick(now);
         }

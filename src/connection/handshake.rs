@@ -122,6 +122,10 @@ impl Connection {
                 caps.inner().get("consumer_cancel_notify"),
                 Some(AMQPValue::Boolean(true))
             );
+            self.blocked_notify = matches!(
+                caps.inner().get("connection.blocked"),
+                Some(AMQPValue::Boolean(true))
+            );
         }
         let mechanism = ok.mechanism.as_str();
         let creds = match mechanism {

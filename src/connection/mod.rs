@@ -74,6 +74,12 @@ pub struct Connection {
     closed_channels: Vec<u16>,
     /// The client closed the connection: let it close the socket first.
     linger: bool,
+    /// The client has published (memory flow control applies to it).
+    published: bool,
+    /// The client announced the connection.blocked capability.
+    blocked_notify: bool,
+    /// We stopped reading because of the memory alarm.
+    blocked: bool,
 }
 
 /// Runs a connection until it closes.
@@ -116,6 +122,9 @@ pub async fn serve(
         closing_since: None,
         closed_channels: Vec::new(),
         linger: false,
+        published: false,
+        blocked_notify: false,
+        blocked: false,
     };
 
     let mut buf = BytesMut::with_capacity(64 * 1024);
@@ -144,7 +153,13 @@ pub async fn serve(
 
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut alarm = conn.broker.memory.subscribe();
     loop {
+        // Memory alarm: a connection that publishes is not read until it clears.
+        // (Always mark the alarm seen, or `changed()` below would fire at once, forever.)
+        let alarm_on = *alarm.borrow_and_update();
+        let throttled = conn.published && alarm_on;
+        conn.set_blocked(throttled);
         if conn.flush(&mut writer).await.is_err() {
             break;
         }
@@ -152,7 +167,8 @@ pub async fn serve(
             break;
         }
         tokio::select! {
-            read = reader.read_buf(&mut buf) => {
+            _ = alarm.changed() => {}
+            read = reader.read_buf(&mut buf), if !throttled => {
                 match read {
                     Ok(0) | Err(_) => break,
                     Ok(_) => {
@@ -198,6 +214,24 @@ pub async fn serve(
 }
 
 impl Connection {
+    /// Enters or leaves the memory-alarm block, telling clients that asked to know.
+    fn set_blocked(&mut self, blocked: bool) {
+        if blocked == self.blocked || self.phase != Phase::Open {
+            return;
+        }
+        self.blocked = blocked;
+        if self.blocked_notify {
+            let method = if blocked {
+                conn_methods::AMQPMethod::Blocked(conn_methods::Blocked {
+                    reason: "low on memory".into(),
+                })
+            } else {
+                conn_methods::AMQPMethod::Unblocked(conn_methods::Unblocked {})
+            };
+            self.send(0, AMQPClass::Connection(method));
+        }
+    }
+
     fn send(&mut self, channel: u16, method: AMQPClass) {
         encode::method(&mut self.out, channel, method);
     }
@@ -247,6 +281,13 @@ impl Connection {
     }
 
     fn handle_frame(&mut self, frame: InFrame) {
+        if let InFrame::Method(
+            _,
+            AMQPClass::Basic(amq_protocol::protocol::basic::AMQPMethod::Publish(_)),
+        ) = &frame
+        {
+            self.published = true;
+        }
         if self.phase == Phase::Closing {
             // Only close / close-ok matter now.
             if let InFrame::Method(0, AMQPClass::Connection(m)) = frame {
@@ -435,7 +476,7 @@ impl Connection {
             }
             Phase::Open if self.heartbeat > 0 => {
                 let interval = Duration::from_secs(self.heartbeat as u64);
-                if now.duration_since(self.last_read) > interval * 2 {
+                if !self.blocked && now.duration_since(self.last_read) > interval * 2 {
                     tracing::info!(peer = %self.peer, user = %self.user, "missed heartbeats from client, timeout: {}s", self.heartbeat);
                     self.phase = Phase::Closed;
                 } else if now.duration_since(self.last_write) >= interval / 2 {
