@@ -64,12 +64,8 @@ struct PendingPublish {
 enum TxOp {
     /// A publish (its mandatory flag and the message).
     Publish(bool, Arc<Message>),
-    Ack(u64, bool),
-    Reject {
-        tag: u64,
-        multiple: bool,
-        requeue: bool,
-    },
+    /// Deliveries acked, rejected or nacked in the transaction (by tag).
+    Settle(BTreeMap<u64, Unacked>, Settle),
 }
 
 /// What becomes of settled deliveries.
@@ -546,17 +542,14 @@ impl Channel {
             }
             basic::AMQPMethod::Get(g) => self.get(g, out, frame_max)?,
             basic::AMQPMethod::Ack(a) => {
-                if self.tx.is_some() {
-                    self.check_tags(a.delivery_tag, a.multiple)?;
-                    if let Some(tx) = &mut self.tx {
-                        tx.push(TxOp::Ack(a.delivery_tag, a.multiple));
-                    }
-                } else {
-                    self.ack(a.delivery_tag, a.multiple)?;
-                }
+                self.settle_tags(a.delivery_tag, a.multiple, Settle::Ack)?
             }
-            basic::AMQPMethod::Reject(r) => self.reject(r.delivery_tag, false, r.requeue)?,
-            basic::AMQPMethod::Nack(n) => self.reject(n.delivery_tag, n.multiple, n.requeue)?,
+            basic::AMQPMethod::Reject(r) => {
+                self.settle_tags(r.delivery_tag, false, Settle::discard(r.requeue))?
+            }
+            basic::AMQPMethod::Nack(n) => {
+                self.settle_tags(n.delivery_tag, n.multiple, Settle::discard(n.requeue))?
+            }
             basic::AMQPMethod::Recover(r) => {
                 self.recover(r.requeue)?;
                 self.send(
@@ -732,69 +725,42 @@ impl Channel {
     }
 
     /// Removes the unacked deliveries named by (tag, multiple); 406 on an unknown tag.
-    fn take_unacked(&mut self, tag: u64, multiple: bool) -> Result<Vec<Unacked>> {
+    /// Removes the unacked deliveries named by (tag, multiple); 406 on an unknown tag.
+    fn take_unacked(&mut self, tag: u64, multiple: bool) -> Result<BTreeMap<u64, Unacked>> {
+        let unknown = || amqp_err!(PreconditionFailed, "unknown delivery tag {}", tag);
         if multiple {
             let upto = if tag == 0 { u64::MAX } else { tag };
             let keep = self.unacked.split_off(&upto.saturating_add(1));
             let taken = std::mem::replace(&mut self.unacked, keep);
             if taken.is_empty() && tag != 0 {
-                return Err(amqp_err!(
-                    PreconditionFailed,
-                    "unknown delivery tag {}",
-                    tag
-                ));
+                return Err(unknown());
             }
-            Ok(taken.into_values().collect())
+            Ok(taken)
         } else {
-            match self.unacked.remove(&tag) {
-                Some(u) => Ok(vec![u]),
-                None => Err(amqp_err!(
-                    PreconditionFailed,
-                    "unknown delivery tag {}",
-                    tag
-                )),
-            }
+            let u = self.unacked.remove(&tag).ok_or_else(unknown)?;
+            Ok(BTreeMap::from([(tag, u)]))
         }
     }
 
-    fn check_tags(&self, tag: u64, multiple: bool) -> Result<()> {
-        let known = if multiple {
-            tag == 0 || self.unacked.range(..=tag).next().is_some()
-        } else {
-            self.unacked.contains_key(&tag)
-        };
-        if known {
-            Ok(())
-        } else {
-            Err(amqp_err!(
-                PreconditionFailed,
-                "unknown delivery tag {}",
-                tag
-            ))
-        }
-    }
-
-    fn ack(&mut self, tag: u64, multiple: bool) -> Result<()> {
+    /// An ack, reject or nack: applied now, or, in a transaction, taken out of the
+    /// unacked set now (so a second ack of the tag is a 406 at once) and applied at
+    /// commit, or put back at rollback.
+    fn settle_tags(&mut self, tag: u64, multiple: bool, how: Settle) -> Result<()> {
         let taken = self.take_unacked(tag, multiple)?;
-        self.settle(taken, Settle::Ack, None);
+        match &mut self.tx {
+            Some(tx) => tx.push(TxOp::Settle(taken, how)),
+            None => self.settle(taken.into_values().collect(), how, None),
+        }
         Ok(())
     }
 
-    fn reject(&mut self, tag: u64, multiple: bool, requeue: bool) -> Result<()> {
-        if self.tx.is_some() {
-            self.check_tags(tag, multiple)?;
-            if let Some(tx) = &mut self.tx {
-                tx.push(TxOp::Reject {
-                    tag,
-                    multiple,
-                    requeue,
-                });
+    /// Puts the deliveries held by an unfinished transaction back into the unacked set.
+    fn restore_tx_settles(&mut self, ops: Vec<TxOp>) {
+        for op in ops {
+            if let TxOp::Settle(taken, _) = op {
+                self.unacked.extend(taken);
             }
-            return Ok(());
         }
-        let taken = self.take_unacked(tag, multiple)?;
-        self.settle(taken, Settle::discard(requeue), None);
-        Ok(())
     }
 
     /// Acks, requeues or rejects (dead-letters) deliveries, one call per queue.
@@ -853,24 +819,24 @@ impl Channel {
                 // Everything the transaction did goes to the store as one request (one
                 // write transaction); commit-ok waits for it, and its publishes reach
                 // the queues only after the request was handed to the store.
+                // Publishes are routed first: routing can fail (an exchange deleted since),
+                // and then nothing at all is applied.
                 let mut commit = TxCommit::default();
-                for op in ops {
-                    match op {
-                        TxOp::Publish(mandatory, msg) => {
-                            self.route_and_enqueue(mandatory, msg, out, Some(&mut commit))?
-                        }
-                        TxOp::Ack(tag, multiple) => {
-                            let taken = self.take_unacked(tag, multiple)?;
-                            self.settle(taken, Settle::Ack, Some(&mut commit.ops));
-                        }
-                        TxOp::Reject {
-                            tag,
-                            multiple,
-                            requeue,
-                        } => {
-                            let taken = self.take_unacked(tag, multiple)?;
-                            self.settle(taken, Settle::discard(requeue), Some(&mut commit.ops));
-                        }
+                let (publishes, settles): (Vec<TxOp>, Vec<TxOp>) = ops
+                    .into_iter()
+                    .partition(|op| matches!(op, TxOp::Publish(..)));
+                for op in publishes {
+                    if let TxOp::Publish(mandatory, msg) = op
+                        && let Err(e) =
+                            self.route_and_enqueue(mandatory, msg, out, Some(&mut commit))
+                    {
+                        self.restore_tx_settles(settles);
+                        return Err(e);
+                    }
+                }
+                for op in settles {
+                    if let TxOp::Settle(taken, how) = op {
+                        self.settle(taken.into_values().collect(), how, Some(&mut commit.ops));
                     }
                 }
                 let store = self.broker.store().cloned();
@@ -902,13 +868,13 @@ impl Channel {
                 tx::AMQPMethod::CommitOk(tx::CommitOk {})
             }
             tx::AMQPMethod::Rollback(_) => {
-                let Some(ops) = self.tx.as_mut() else {
+                let Some(ops) = self.tx.replace(Vec::new()) else {
                     return Err(amqp_err!(
                         PreconditionFailed,
                         "channel is not transactional"
                     ));
                 };
-                ops.clear();
+                self.restore_tx_settles(ops);
                 tx::AMQPMethod::RollbackOk(tx::RollbackOk {})
             }
             other => {
@@ -1217,10 +1183,12 @@ impl Channel {
         for tag in tags {
             self.cancel_consumer(&tag);
         }
+        if let Some(ops) = self.tx.take() {
+            self.restore_tx_settles(ops);
+        }
         let all: Vec<Unacked> = std::mem::take(&mut self.unacked).into_values().collect();
         self.settle(all, Settle::Requeue, None);
         self.publish = None;
-        self.tx = None;
     }
 }
 
