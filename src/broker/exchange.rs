@@ -8,6 +8,7 @@ use std::sync::{Arc, RwLock};
 use amq_protocol::types::{AMQPValue, FieldTable};
 
 use crate::queue::Queue;
+use crate::queue::args::int_value;
 
 /// The four exchange types of AMQP 0-9-1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -354,23 +355,10 @@ fn value_eq(a: &AMQPValue, b: &AMQPValue) -> bool {
             _ => None,
         }
     }
-    fn int(v: &AMQPValue) -> Option<i128> {
-        Some(match v {
-            AMQPValue::ShortShortInt(x) => *x as i128,
-            AMQPValue::ShortShortUInt(x) => *x as i128,
-            AMQPValue::ShortInt(x) => *x as i128,
-            AMQPValue::ShortUInt(x) => *x as i128,
-            AMQPValue::LongInt(x) => *x as i128,
-            AMQPValue::LongUInt(x) => *x as i128,
-            AMQPValue::LongLongInt(x) => *x as i128,
-            AMQPValue::Timestamp(x) => *x as i128,
-            _ => return None,
-        })
-    }
     if let (Some(x), Some(y)) = (text(a), text(b)) {
         return x == y;
     }
-    if let (Some(x), Some(y)) = (int(a), int(b)) {
+    if let (Some(x), Some(y)) = (int_value(a), int_value(b)) {
         return x == y;
     }
     a == b

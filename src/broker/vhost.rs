@@ -288,16 +288,14 @@ impl VHost {
         args: FieldTable,
     ) -> Result<(), AmqpError> {
         let (src, _dst) = self.binding_ends(source, destination)?;
-        let b = Binding {
-            dest: Destination::Exchange(destination.into()),
-            key: key.into(),
-            args,
-        };
-        if src.bind(b.clone()) {
-            let mut ops = Vec::new();
-            self.binding_op(&src, &b, true, &mut ops);
-            self.persist(ops);
-        }
+        self.add_binding(
+            &src,
+            Binding {
+                dest: Destination::Exchange(destination.into()),
+                key: key.into(),
+                args,
+            },
+        );
         Ok(())
     }
 
@@ -311,22 +309,35 @@ impl VHost {
     ) -> Result<(), AmqpError> {
         let (src, _dst) = self.binding_ends(source, destination)?;
         let dest = Destination::Exchange(destination.into());
-        if src.unbind(&dest, key, args) {
-            let mut ops = Vec::new();
-            self.binding_op(
-                &src,
-                &Binding {
-                    dest,
-                    key: key.into(),
-                    args: args.clone(),
-                },
-                false,
-                &mut ops,
-            );
-            self.persist(ops);
-            self.auto_delete_exchange(&src);
-        }
+        self.remove_binding(
+            &src,
+            Binding {
+                dest,
+                key: key.into(),
+                args: args.clone(),
+            },
+        );
         Ok(())
+    }
+
+    /// Adds a binding (idempotent) and stores it when both ends are durable.
+    fn add_binding(&self, source: &Exchange, b: Binding) {
+        if source.bind(b.clone()) {
+            let mut ops = Vec::new();
+            self.binding_op(source, &b, true, &mut ops);
+            self.persist(ops);
+        }
+    }
+
+    /// Removes a binding if present: unstores it, and deletes an auto-delete source
+    /// left without bindings.
+    fn remove_binding(&self, source: &Arc<Exchange>, b: Binding) {
+        if source.unbind(&b.dest, &b.key, &b.args) {
+            let mut ops = Vec::new();
+            self.binding_op(source, &b, false, &mut ops);
+            self.persist(ops);
+            self.auto_delete_exchange(source);
+        }
     }
 
     fn binding_ends(
@@ -570,16 +581,14 @@ impl VHost {
             ));
         }
         let x = self.exchange(exchange)?;
-        let b = Binding {
-            dest: Destination::Queue(q),
-            key: key.into(),
-            args,
-        };
-        if x.bind(b.clone()) {
-            let mut ops = Vec::new();
-            self.binding_op(&x, &b, true, &mut ops);
-            self.persist(ops);
-        }
+        self.add_binding(
+            &x,
+            Binding {
+                dest: Destination::Queue(q),
+                key: key.into(),
+                args,
+            },
+        );
         Ok(())
     }
 
@@ -601,21 +610,14 @@ impl VHost {
         }
         let x = self.exchange(exchange)?;
         let dest = Destination::Queue(q);
-        if x.unbind(&dest, key, args) {
-            let mut ops = Vec::new();
-            self.binding_op(
-                &x,
-                &Binding {
-                    dest,
-                    key: key.into(),
-                    args: args.clone(),
-                },
-                false,
-                &mut ops,
-            );
-            self.persist(ops);
-            self.auto_delete_exchange(&x);
-        }
+        self.remove_binding(
+            &x,
+            Binding {
+                dest,
+                key: key.into(),
+                args: args.clone(),
+            },
+        );
         Ok(())
     }
 

@@ -586,7 +586,7 @@ impl Channel {
         }
         let priority = match c.arguments.inner().get("x-priority") {
             None => 0,
-            Some(v) => int_arg(v).ok_or_else(|| {
+            Some(v) => crate::queue::args::int_value(v).ok_or_else(|| {
                 amqp_err!(
                     PreconditionFailed,
                     "invalid arg 'x-priority' for consumer: {:?}",
@@ -1206,18 +1206,4 @@ fn delivery_properties(q: &Queue, entry: &crate::queue::Entry) -> Bytes {
     );
     props = props.with_headers(headers);
     encode::properties(&props)
-}
-
-/// An integer argument value of any width.
-fn int_arg(v: &AMQPValue) -> Option<i64> {
-    Some(match v {
-        AMQPValue::ShortShortInt(x) => *x as i64,
-        AMQPValue::ShortShortUInt(x) => *x as i64,
-        AMQPValue::ShortInt(x) => *x as i64,
-        AMQPValue::ShortUInt(x) => *x as i64,
-        AMQPValue::LongInt(x) => *x as i64,
-        AMQPValue::LongUInt(x) => *x as i64,
-        AMQPValue::LongLongInt(x) => *x,
-        _ => return None,
-    })
 }

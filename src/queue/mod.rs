@@ -296,20 +296,7 @@ impl Queue {
             inner.state.return_undelivered(entry);
             return;
         };
-        if let (Some(qs), Some(id)) = (&self.store, entry.msg.store_id) {
-            let op = if r.no_ack {
-                StoreOp::Remove {
-                    queue: qs.key.clone(),
-                    offset: id,
-                }
-            } else {
-                StoreOp::MarkDelivered {
-                    queue: qs.key.clone(),
-                    offset: id,
-                }
-            };
-            qs.store.submit(vec![op]);
-        }
+        self.record_delivery(&entry, r.no_ack);
         let delivery = Delivery {
             queue: me,
             consumer_tag: r.tag.clone(),
@@ -319,6 +306,20 @@ impl Queue {
         };
         if let Err(back) = r.sink.deliver(delivery) {
             inner.state.return_undelivered(back.entry);
+        }
+    }
+
+    /// Tells the store a stored message was handed out: gone when auto-acked, else
+    /// marked delivered (so that a crash brings it back redelivered).
+    fn record_delivery(&self, entry: &Entry, no_ack: bool) {
+        if let (Some(qs), Some(id)) = (&self.store, entry.msg.store_id) {
+            let queue = qs.key.clone();
+            let op = if no_ack {
+                StoreOp::Remove { queue, offset: id }
+            } else {
+                StoreOp::MarkDelivered { queue, offset: id }
+            };
+            qs.store.submit(vec![op]);
         }
     }
 
@@ -496,20 +497,7 @@ impl Queue {
             let entry = inner.state.get(now_ms(), no_ack, &mut effects);
             self.apply(&mut inner, effects, &mut dead);
             entry.map(|entry| {
-                if let (Some(qs), Some(id)) = (&self.store, entry.msg.store_id) {
-                    let op = if no_ack {
-                        StoreOp::Remove {
-                            queue: qs.key.clone(),
-                            offset: id,
-                        }
-                    } else {
-                        StoreOp::MarkDelivered {
-                            queue: qs.key.clone(),
-                            offset: id,
-                        }
-                    };
-                    qs.store.submit(vec![op]);
-                }
+                self.record_delivery(&entry, no_ack);
                 (entry, inner.state.ready_count() as u32)
             })
         };
