@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use amq_protocol::protocol::{AMQPClass, basic, channel, confirm, exchange, queue, tx};
 use amq_protocol::types::AMQPValue;
@@ -157,7 +157,6 @@ impl Channel {
             conn,
             global_prefetch: AtomicU32::new(0),
             global_unacked: AtomicU32::new(0),
-            active: AtomicBool::new(true),
         });
         Channel {
             id,
@@ -316,17 +315,12 @@ impl Channel {
                 // As RabbitMQ: clients may not stop the broker's deliveries this way.
                 Err(amqp_err!(NotImplemented, "active=false"))
             }
-            channel::AMQPMethod::Flow(flow) => {
-                self.link.active.store(flow.active, Ordering::Relaxed);
-                if flow.active {
-                    for c in self.consumers.values() {
-                        c.queue.kick();
-                    }
-                }
+            channel::AMQPMethod::Flow(_) => {
+                // active=true: deliveries were never stopped; just acknowledge.
                 self.send(
                     out,
                     AMQPClass::Channel(channel::AMQPMethod::FlowOk(channel::FlowOk {
-                        active: flow.active,
+                        active: true,
                     })),
                 );
                 Ok(Outcome::Continue)

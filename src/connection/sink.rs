@@ -2,7 +2,7 @@
 //! `ConsumerSink`, so a queue can hand it deliveries (through the connection's event
 //! channel) and ask whether the channel can take more (prefetch, socket backlog).
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use tokio::sync::mpsc::UnboundedSender;
@@ -55,15 +55,12 @@ pub struct ChannelLink {
     pub global_prefetch: AtomicU32,
     /// Unacked deliveries of the channel's consumers.
     pub global_unacked: AtomicU32,
-    /// channel.flow: false stops deliveries.
-    pub active: AtomicBool,
 }
 
 impl ConsumerSink for ChannelLink {
     fn has_credit(&self, no_ack: bool) -> bool {
         if self.conn.tx.is_closed()
             || self.conn.pending.load(Ordering::Relaxed) >= MAX_PENDING_DELIVERIES
-            || !self.active.load(Ordering::Relaxed)
         {
             return false;
         }
