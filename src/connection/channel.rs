@@ -183,7 +183,7 @@ impl Channel {
     }
 
     /// Handles one frame for this channel.
-    pub fn handle_frame(&mut self, frame: InFrame, out: &mut BytesMut, frame_max: u32) -> Outcome {
+    pub fn handle_frame(&mut self, frame: InFrame, out: &mut BytesMut) -> Outcome {
         if self.closing {
             // After our channel.close only close / close-ok count.
             return match frame {
@@ -212,7 +212,7 @@ impl Channel {
                         )),
                     )
                 } else {
-                    (cm, self.handle_method(method, out, frame_max))
+                    (cm, self.handle_method(method, out))
                 }
             }
             InFrame::Header(_, header) => ((60, 40), self.content_header(header, out)),
@@ -253,17 +253,12 @@ impl Channel {
         self.release();
     }
 
-    fn handle_method(
-        &mut self,
-        method: AMQPClass,
-        out: &mut BytesMut,
-        frame_max: u32,
-    ) -> Result<Outcome> {
+    fn handle_method(&mut self, method: AMQPClass, out: &mut BytesMut) -> Result<Outcome> {
         match method {
             AMQPClass::Channel(m) => return self.channel_method(m, out),
             AMQPClass::Exchange(m) => self.exchange_method(m, out)?,
             AMQPClass::Queue(m) => self.queue_method(m, out)?,
-            AMQPClass::Basic(m) => self.basic_method(m, out, frame_max)?,
+            AMQPClass::Basic(m) => self.basic_method(m, out)?,
             AMQPClass::Confirm(confirm::AMQPMethod::Select(sel)) => {
                 if self.tx.is_some() {
                     return Err(amqp_err!(
@@ -486,12 +481,7 @@ impl Channel {
         Ok(())
     }
 
-    fn basic_method(
-        &mut self,
-        m: basic::AMQPMethod,
-        out: &mut BytesMut,
-        frame_max: u32,
-    ) -> Result<()> {
+    fn basic_method(&mut self, m: basic::AMQPMethod, out: &mut BytesMut) -> Result<()> {
         match m {
             basic::AMQPMethod::Publish(p) => {
                 if p.immediate {
@@ -534,7 +524,7 @@ impl Channel {
                     );
                 }
             }
-            basic::AMQPMethod::Get(g) => self.get(g, out, frame_max)?,
+            basic::AMQPMethod::Get(g) => self.get(g, out)?,
             basic::AMQPMethod::Ack(a) => {
                 self.settle_tags(a.delivery_tag, a.multiple, Settle::Ack)?
             }
@@ -640,7 +630,7 @@ impl Channel {
         }
     }
 
-    fn get(&mut self, g: basic::Get, out: &mut BytesMut, frame_max: u32) -> Result<()> {
+    fn get(&mut self, g: basic::Get, out: &mut BytesMut) -> Result<()> {
         let name = self.queue_name(s(&g.queue))?;
         let q = self.vhost.queue(&name, self.conn_id)?;
         match q.get(g.no_ack) {
@@ -672,14 +662,14 @@ impl Channel {
                     })),
                 );
                 let props = delivery_properties(&q, &entry);
-                encode::content(out, self.id, &props, &entry.msg.body, frame_max);
+                encode::content(out, self.id, &props, &entry.msg.body, self.frame_max);
             }
         }
         Ok(())
     }
 
     /// Writes a delivery from a queue, or gives it back when its consumer is gone.
-    pub fn deliver(&mut self, d: Delivery, out: &mut BytesMut, frame_max: u32) {
+    pub fn deliver(&mut self, d: Delivery, out: &mut BytesMut) {
         let live = !self.closing
             && self
                 .consumers
@@ -705,7 +695,7 @@ impl Channel {
             &msg.routing_key,
         );
         let props = delivery_properties(&d.queue, &d.entry);
-        encode::content(out, self.id, &props, &msg.body, frame_max);
+        encode::content(out, self.id, &props, &msg.body, self.frame_max);
         if !d.no_ack {
             self.unacked.insert(
                 tag,

@@ -413,8 +413,7 @@ impl Connection {
                 ch
             ));
         };
-        let frame_max = self.frame_max;
-        let outcome = channel.handle_frame(frame, &mut self.out, frame_max);
+        let outcome = channel.handle_frame(frame, &mut self.out);
         match outcome {
             channel::Outcome::Continue => Ok(()),
             channel::Outcome::Closed => {
@@ -434,7 +433,7 @@ impl Connection {
             ConnEvent::Deliver(ch, d) => {
                 self.delivered += 1;
                 match self.channels.get_mut(&ch) {
-                    Some(channel) => channel.deliver(d, &mut self.out, self.frame_max),
+                    Some(channel) => channel.deliver(d, &mut self.out),
                     None => {
                         d.queue.return_undelivered(d.entry);
                     }

@@ -282,21 +282,34 @@ impl Queue {
 
     /// Carries out effects other than deliveries (which `run` does).
     fn apply(&self, inner: &mut Inner, effects: Vec<Effect>, dead: &mut Dead) {
+        // The store records of one delivery run go to the writer as one request.
+        let mut ops = Vec::new();
         for effect in effects {
             match effect {
                 Effect::DeadLetter { entry, reason } => dead.push((entry, reason)),
-                Effect::Deliver { consumer, entry } => self.hand_over(inner, consumer, entry),
+                Effect::Deliver { consumer, entry } => {
+                    self.hand_over(inner, consumer, entry, &mut ops)
+                }
             }
+        }
+        if let Some(qs) = &self.store {
+            qs.store.submit(ops);
         }
     }
 
-    fn hand_over(&self, inner: &mut Inner, consumer: ConsumerId, entry: Entry) {
+    fn hand_over(
+        &self,
+        inner: &mut Inner,
+        consumer: ConsumerId,
+        entry: Entry,
+        ops: &mut Vec<StoreOp>,
+    ) {
         let Some(me) = self.me.upgrade() else { return };
         let Some(r) = inner.consumers.get(&consumer) else {
             inner.state.return_undelivered(entry);
             return;
         };
-        self.record_delivery(&entry, r.no_ack);
+        ops.extend(self.delivery_record(&entry, r.no_ack));
         let delivery = Delivery {
             queue: me,
             consumer_tag: r.tag.clone(),
@@ -309,18 +322,16 @@ impl Queue {
         }
     }
 
-    /// Tells the store a stored message was handed out: gone when auto-acked, else
+    /// The store record of handing out a stored message: gone when auto-acked, else
     /// marked delivered (so that a crash brings it back redelivered).
-    fn record_delivery(&self, entry: &Entry, no_ack: bool) {
-        if let (Some(qs), Some(id)) = (&self.store, entry.msg.store_id) {
-            let queue = qs.key.clone();
-            let op = if no_ack {
-                StoreOp::Remove { queue, offset: id }
-            } else {
-                StoreOp::MarkDelivered { queue, offset: id }
-            };
-            qs.store.submit(vec![op]);
-        }
+    fn delivery_record(&self, entry: &Entry, no_ack: bool) -> Option<StoreOp> {
+        let (qs, id) = (self.store.as_ref()?, entry.msg.store_id?);
+        let queue = qs.key.clone();
+        Some(if no_ack {
+            StoreOp::Remove { queue, offset: id }
+        } else {
+            StoreOp::MarkDelivered { queue, offset: id }
+        })
     }
 
     fn run(&self, inner: &mut Inner, dead: &mut Dead) {
@@ -497,7 +508,9 @@ impl Queue {
             let entry = inner.state.get(now_ms(), no_ack, &mut effects);
             self.apply(&mut inner, effects, &mut dead);
             entry.map(|entry| {
-                self.record_delivery(&entry, no_ack);
+                if let (Some(qs), Some(op)) = (&self.store, self.delivery_record(&entry, no_ack)) {
+                    qs.store.submit(vec![op]);
+                }
                 (entry, inner.state.ready_count() as u32)
             })
         };
