@@ -1084,7 +1084,11 @@ impl Channel {
             (None, None) => {}
         }
         for q in &queues {
-            if q.enqueue(msg.clone()) == Enqueued::Rejected {
+            let enqueued = q.enqueue(msg.clone());
+            if q.congested() {
+                self.link.conn.held_by(q);
+            }
+            if enqueued == Enqueued::Rejected {
                 // Lost a race with other publishers for the last place: undo its copy.
                 if let (Some(qs), Some(id)) = (q.store(), msg.store_id) {
                     qs.store.submit(vec![StoreOp::Remove {

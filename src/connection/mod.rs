@@ -34,6 +34,12 @@ const FRAME_MIN_SIZE: u32 = 4096;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long we wait for close-ok after sending connection.close.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How often a publisher held back by congested queues looks whether they cleared.
+const FLOW_POLL: Duration = Duration::from_millis(1);
+/// The longest a publisher is held back before one more read: queue flow control slows
+/// a publisher down, it never stops one (a client that publishes and consumes on one
+/// connection must always get its acks through).
+const FLOW_MAX_HOLD: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -80,6 +86,8 @@ pub struct Connection {
     blocked_notify: bool,
     /// We stopped reading because of the memory alarm.
     blocked: bool,
+    /// Since when congested queues hold this connection's publishes back.
+    held_since: Option<Instant>,
 }
 
 /// Runs a connection until it closes.
@@ -96,6 +104,7 @@ pub async fn serve(
         tx,
         pending: Default::default(),
         waiting: Default::default(),
+        held_by: Default::default(),
     });
     let id = broker.next_id();
     let mut conn = Connection {
@@ -125,6 +134,7 @@ pub async fn serve(
         published: false,
         blocked_notify: false,
         blocked: false,
+        held_since: None,
     };
 
     let mut buf = BytesMut::with_capacity(64 * 1024);
@@ -166,9 +176,11 @@ pub async fn serve(
         if conn.phase == Phase::Closed {
             break;
         }
+        let held = conn.held_back();
         tokio::select! {
             _ = alarm.changed() => {}
-            read = reader.read_buf(&mut buf), if !throttled => {
+            _ = tokio::time::sleep(FLOW_POLL), if held => {}
+            read = reader.read_buf(&mut buf), if !throttled && !held => {
                 match read {
                     Ok(0) | Err(_) => break,
                     Ok(_) => {
@@ -230,6 +242,30 @@ impl Connection {
             };
             self.send(0, AMQPClass::Connection(method));
         }
+    }
+
+    /// Queue flow control: whether to wait before reading more publishes, because
+    /// queues this connection published to are congested. Never longer than
+    /// `FLOW_MAX_HOLD` at a time.
+    fn held_back(&mut self) -> bool {
+        let mut held = self
+            .shared
+            .held_by
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if !held.is_empty() {
+            let now = Instant::now();
+            let since = *self.held_since.get_or_insert(now);
+            if now.duration_since(since) < FLOW_MAX_HOLD {
+                held.retain(|q| q.still_congested());
+            } else {
+                held.clear();
+            }
+        }
+        if held.is_empty() {
+            self.held_since = None;
+        }
+        !held.is_empty()
     }
 
     fn send(&mut self, channel: u16, method: AMQPClass) {

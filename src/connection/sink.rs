@@ -12,6 +12,9 @@ use crate::queue::{ConsumerSink, Delivery, Queue};
 /// Deliveries queued for a connection's socket beyond which queues stop handing it
 /// more until it has written them out: bounds memory for fast queues and slow sockets.
 pub const MAX_PENDING_DELIVERIES: usize = 2048;
+/// Deliveries queued for a connection's socket from which it counts as behind: its
+/// queues then hold their publishers back once they have a backlog (queue flow control).
+pub const BEHIND_PENDING_DELIVERIES: usize = 256;
 
 /// What queues and the store tell a connection task.
 #[derive(Debug)]
@@ -35,12 +38,23 @@ pub struct ConnShared {
     pub pending: AtomicUsize,
     /// Queues that stopped delivering for lack of credit and want a kick.
     pub waiting: Mutex<Vec<Weak<Queue>>>,
+    /// Congested queues this connection published to: it reads no more publishes
+    /// until they clear (or a short while passes).
+    pub held_by: Mutex<Vec<Arc<Queue>>>,
 }
 
 impl ConnShared {
     /// Takes the queues waiting for credit.
     pub fn take_waiting(&self) -> Vec<Weak<Queue>> {
         std::mem::take(&mut *self.waiting.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Notes that a publish went to a congested queue.
+    pub fn held_by(&self, queue: &Arc<Queue>) {
+        let mut held = self.held_by.lock().unwrap_or_else(|p| p.into_inner());
+        if !held.iter().any(|q| Arc::ptr_eq(q, queue)) {
+            held.push(queue.clone());
+        }
     }
 }
 
@@ -115,5 +129,9 @@ impl ConsumerSink for ChannelLink {
         if !waiting.iter().any(|w| w.ptr_eq(&queue)) {
             waiting.push(queue);
         }
+    }
+
+    fn is_behind(&self) -> bool {
+        self.conn.pending.load(Ordering::Relaxed) >= BEHIND_PENDING_DELIVERIES
     }
 }

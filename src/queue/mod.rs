@@ -13,6 +13,7 @@ pub mod message;
 pub mod state;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use amq_protocol::types::FieldTable;
@@ -73,7 +74,17 @@ pub trait ConsumerSink: Send + Sync + std::fmt::Debug {
     fn cancelled(&self, consumer_tag: Arc<str>);
     /// Asks to be told (`Queue::kick`) when credit is back.
     fn wait_for_credit(&self, queue: Weak<Queue>);
+    /// Whether the channel's connection holds many deliveries it has not yet written:
+    /// the broker, not the client, is what keeps this consumer from taking more.
+    fn is_behind(&self) -> bool;
 }
+
+/// Ready messages (or bytes of them) from which a queue holds its publishers back while
+/// a consumer's connection is behind (queue flow control): the backlog is enough to
+/// keep the consumers busy, and more of it would only cost memory and latency.
+pub const FLOW_READY_MESSAGES: usize = 4096;
+/// See `FLOW_READY_MESSAGES`.
+pub const FLOW_READY_BYTES: usize = 4 << 20;
 
 /// Where dead letters go: implemented by the vhost, which routes them through the
 /// queue's dead-letter exchange. Called without the queue's lock held.
@@ -125,6 +136,8 @@ pub struct Queue {
     /// Vhost it lives in.
     pub vhost: String,
     inner: Mutex<Inner>,
+    /// Set by `enqueue`: publishers should pause (see `FLOW_READY_MESSAGES`).
+    congested: AtomicBool,
     me: Weak<Queue>,
     store: Option<QueueStore>,
     router: Option<Weak<dyn DeadLetterRouter>>,
@@ -178,6 +191,7 @@ impl Queue {
                 deleted: false,
                 last_used_ms: now_ms(),
             }),
+            congested: AtomicBool::new(false),
             args,
             def,
             vhost: vhost.to_string(),
@@ -232,10 +246,36 @@ impl Queue {
             let result = inner.state.enqueue(msg, &mut effects);
             self.apply(&mut inner, effects, &mut dead);
             self.run(&mut inner, &mut dead);
+            self.congested
+                .store(Self::is_congested(&inner), Ordering::Relaxed);
             result
         };
         self.bury(dead);
         result
+    }
+
+    /// Whether the last `enqueue` found the queue congested: its publishers should wait
+    /// (`still_congested`) before sending more. A queue is congested when its ready
+    /// backlog passed `FLOW_READY_MESSAGES` or `FLOW_READY_BYTES` while a consumer's
+    /// connection is behind with its writes. Consumers held back by their own prefetch
+    /// (a slow application) never congest a queue: publishers may build a backlog for
+    /// them, as with RabbitMQ.
+    pub fn congested(&self) -> bool {
+        self.congested.load(Ordering::Relaxed)
+    }
+
+    /// Looks again whether the queue is congested.
+    pub fn still_congested(&self) -> bool {
+        let inner = self.lock();
+        let congested = !inner.deleted && Self::is_congested(&inner);
+        self.congested.store(congested, Ordering::Relaxed);
+        congested
+    }
+
+    fn is_congested(inner: &Inner) -> bool {
+        (inner.state.ready_count() >= FLOW_READY_MESSAGES
+            || inner.state.ready_bytes() >= FLOW_READY_BYTES)
+            && inner.consumers.values().any(|r| r.sink.is_behind())
     }
 
     /// Puts back a recovered entry.
@@ -581,5 +621,109 @@ impl Queue {
     /// Whether the queue has been deleted.
     pub fn is_deleted(&self) -> bool {
         self.lock().deleted
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    /// A consumer's channel that takes nothing: its prefetch is used up, and its
+    /// connection is or is not behind with its writes.
+    #[derive(Debug)]
+    struct FullSink {
+        behind: bool,
+    }
+
+    impl ConsumerSink for FullSink {
+        fn has_credit(&self, _: bool) -> bool {
+            false
+        }
+        fn deliver(&self, delivery: Delivery) -> Result<(), Delivery> {
+            Err(delivery)
+        }
+        fn cancelled(&self, _: Arc<str>) {}
+        fn wait_for_credit(&self, _: Weak<Queue>) {}
+        fn is_behind(&self) -> bool {
+            self.behind
+        }
+    }
+
+    fn queue() -> Arc<Queue> {
+        let def = QueueDef {
+            name: "q".into(),
+            durable: false,
+            exclusive_owner: None,
+            auto_delete: false,
+            arguments: FieldTable::default(),
+        };
+        let args = QueueArgs::parse(&def.arguments).expect("no arguments");
+        Queue::new("/", def, args, None, None)
+    }
+
+    fn fill(q: &Queue, n: usize, size: usize) {
+        let body = Bytes::from(vec![0u8; size]);
+        for _ in 0..n {
+            q.enqueue(Arc::new(Message::for_tests(body.clone(), 0)));
+        }
+    }
+
+    fn consumer(q: &Queue, id: ConsumerId, behind: bool) {
+        let spec = ConsumerSpec {
+            id,
+            priority: 0,
+            prefetch: 0,
+            no_ack: false,
+        };
+        let sink = Arc::new(FullSink { behind });
+        q.consume(spec, format!("c{id}").into(), false, sink)
+            .expect("consume");
+    }
+
+    #[test]
+    fn a_backlog_behind_a_lagging_connection_congests_the_queue() {
+        let q = queue();
+        consumer(&q, 1, true);
+        fill(&q, FLOW_READY_MESSAGES - 1, 1);
+        assert!(!q.congested(), "a small backlog is fine");
+        fill(&q, 1, 1);
+        assert!(q.congested());
+        assert!(q.still_congested());
+    }
+
+    #[test]
+    fn a_backlog_in_bytes_counts_too() {
+        let q = queue();
+        consumer(&q, 1, true);
+        fill(&q, 4, FLOW_READY_BYTES / 4);
+        assert!(q.congested());
+    }
+
+    #[test]
+    fn consumers_held_back_by_their_own_prefetch_never_congest() {
+        // A slow application: its channel is full of unacked messages, its socket is not.
+        let q = queue();
+        consumer(&q, 1, false);
+        fill(&q, FLOW_READY_MESSAGES * 2, 1);
+        assert!(!q.congested());
+    }
+
+    #[test]
+    fn without_consumers_a_backlog_is_never_congestion() {
+        let q = queue();
+        fill(&q, FLOW_READY_MESSAGES * 2, 1);
+        assert!(!q.congested());
+    }
+
+    #[test]
+    fn congestion_clears_when_the_backlog_goes() {
+        let q = queue();
+        consumer(&q, 1, true);
+        fill(&q, FLOW_READY_MESSAGES, 1);
+        assert!(q.congested());
+        q.purge();
+        assert!(!q.still_congested());
+        assert!(!q.congested());
     }
 }

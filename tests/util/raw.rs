@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use amq_protocol::frame::{AMQPFrame, WriteContext, gen_frame, parse_frame};
-use amq_protocol::protocol::{AMQPClass, channel, connection};
+use amq_protocol::frame::{AMQPContentHeader, AMQPFrame, WriteContext, gen_frame, parse_frame};
+use amq_protocol::protocol::{AMQPClass, basic, channel, connection};
 use amq_protocol::types::{FieldTable, LongString};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -45,6 +45,29 @@ pub fn encode(frame: &AMQPFrame) -> Vec<u8> {
 /// Encodes a method frame.
 pub fn method(channel: u16, m: AMQPClass) -> Vec<u8> {
     encode(&AMQPFrame::Method(channel, m))
+}
+
+/// Encodes a transient basic.publish to the default exchange, with its header and body.
+pub fn publish(channel: u16, queue: &str, body: &[u8]) -> Vec<u8> {
+    let mut bytes = method(
+        channel,
+        AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
+            exchange: "".into(),
+            routing_key: queue.into(),
+            mandatory: false,
+            immediate: false,
+        })),
+    );
+    bytes.extend(encode(&AMQPFrame::Header(
+        channel,
+        AMQPContentHeader {
+            class_id: 60,
+            body_size: body.len() as u64,
+            properties: basic::AMQPProperties::default(),
+        },
+    )));
+    bytes.extend(encode(&AMQPFrame::Body(channel, body.to_vec())));
+    bytes
 }
 
 impl Raw {
