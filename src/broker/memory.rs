@@ -3,8 +3,47 @@
 //! raised and publishing connections stop being read (consumers keep draining) until it
 //! falls below again. Without it a publisher faster than its consumers could grow the
 //! broker until the kernel kills it.
+//!
+//! glibc's malloc keeps the pages of a drained backlog for good: resident memory would
+//! stay at its peak, and an alarm raised at the peak would never clear. So the monitor
+//! also hands the allocator's unused memory back to the system when there is much of it.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
+
+/// How often the monitor may ask the allocator to give memory back.
+const RELEASE_INTERVAL: Duration = Duration::from_secs(1);
+/// Resident memory the allocator holds unused beyond which it is given back.
+const RELEASE_UNUSED_BYTES: u64 = 64 << 20;
+
+/// The allocator's view of the heap (glibc; elsewhere the allocator returns memory
+/// itself, or we cannot ask).
+mod allocator {
+    /// Bytes of heap in use by the program.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    pub fn in_use_bytes() -> u64 {
+        // SAFETY: mallinfo2 only reads the allocator's statistics.
+        let info = unsafe { libc::mallinfo2() };
+        (info.uordblks + info.hblkhd) as u64
+    }
+
+    /// Gives free heap pages back to the system.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    pub fn release() {
+        // SAFETY: malloc_trim only returns free memory; it takes the allocator's locks.
+        unsafe { libc::malloc_trim(0) };
+    }
+
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    pub fn in_use_bytes() -> u64 {
+        0
+    }
+
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    pub fn release() {}
+}
 
 /// Watches the process's memory and publishes the alarm state.
 #[derive(Debug)]
@@ -14,6 +53,8 @@ pub struct MemoryMonitor {
     /// The last measured state: the alarm follows changes of it (a manual setting
     /// stands until the measurement changes).
     measured_over: std::sync::atomic::AtomicBool,
+    /// When the allocator was last asked about its unused memory.
+    last_release: Mutex<Instant>,
 }
 
 fn meminfo_total() -> Option<u64> {
@@ -45,6 +86,7 @@ impl MemoryMonitor {
             limit_bytes,
             alarm,
             measured_over: Default::default(),
+            last_release: Mutex::new(Instant::now()),
         }
     }
 
@@ -55,7 +97,22 @@ impl MemoryMonitor {
 
     /// Re-reads memory use and raises or clears the alarm.
     pub fn check(&self) {
-        let Some(used) = resident_bytes() else { return };
+        let Some(mut used) = resident_bytes() else {
+            return;
+        };
+        if self.release_due()
+            && used.saturating_sub(allocator::in_use_bytes()) > RELEASE_UNUSED_BYTES
+        {
+            let started = Instant::now();
+            allocator::release();
+            let before = used;
+            used = resident_bytes().unwrap_or(used);
+            tracing::debug!(
+                released = before.saturating_sub(used),
+                took_us = started.elapsed().as_micros() as u64,
+                "gave unused memory back to the system"
+            );
+        }
         let over = used > self.limit_bytes;
         let was = self
             .measured_over
@@ -72,6 +129,16 @@ impl MemoryMonitor {
             }
             self.alarm.send_replace(over);
         }
+    }
+
+    /// Whether `RELEASE_INTERVAL` passed since the last look at unused memory.
+    fn release_due(&self) -> bool {
+        let mut last = self.last_release.lock().unwrap_or_else(|p| p.into_inner());
+        let due = last.elapsed() >= RELEASE_INTERVAL;
+        if due {
+            *last = Instant::now();
+        }
+        due
     }
 
     /// Raises or clears the alarm by hand (tests, and a future `warren ctl`).
