@@ -15,6 +15,8 @@ use lapin::BasicProperties;
 use lapin::options::*;
 use lapin::types::FieldTable;
 use util::raw::Raw;
+use warren::connection::FLOW_MAX_HOLD;
+use warren::queue::FLOW_READY_MESSAGES;
 
 #[tokio::test]
 async fn memory_alarm_holds_publishers_and_lets_consumers_drain() {
@@ -85,12 +87,14 @@ async fn memory_alarm_holds_publishers_and_lets_consumers_drain() {
     held.await.unwrap().unwrap();
 }
 
+const BODY: &[u8] = b"0123456789abcdef";
+
 /// Publishes `n` small messages to `queue` on a new raw connection, as fast as the
 /// broker reads them.
 async fn flood(addr: &str, queue: &str, n: usize) -> tokio::task::JoinHandle<Raw> {
     let (mut raw, _) = Raw::open(addr, 0).await;
     raw.open_channel(1).await;
-    let one = util::raw::publish(1, queue, b"0123456789abcdef");
+    let one = util::raw::publish(1, queue, BODY);
     let all = one.repeat(n);
     tokio::spawn(async move {
         raw.send(&all).await;
@@ -100,23 +104,12 @@ async fn flood(addr: &str, queue: &str, n: usize) -> tokio::task::JoinHandle<Raw
 
 #[tokio::test]
 async fn a_consumer_that_falls_behind_holds_its_publisher_back() {
-    const TOTAL: u32 = 400_000;
+    const TOTAL: usize = 400_000;
     let b = common::TestBroker::start().await;
     let addr = b.broker.as_ref().unwrap().local_addr().to_string();
     let conn = b.connect().await;
     let ch = conn.create_channel().await.unwrap();
-    for q in ["alone", "backlog"] {
-        util::declare_queue(&ch, q).await;
-    }
-
-    // How long this broker, on this machine, takes to read the flood unheld.
-    let started = Instant::now();
-    let first = flood(&addr, "alone", TOTAL as usize).await;
-    while util::message_count(&ch, "alone").await < TOTAL {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let unheld = started.elapsed();
-    drop(first.await.unwrap());
+    util::declare_queue(&ch, "backlog").await;
 
     // An auto-ack consumer whose client never reads its socket: deliveries pile up in
     // its connection, which is then behind.
@@ -137,21 +130,32 @@ async fn a_consumer_that_falls_behind_holds_its_publisher_back() {
         )
         .await;
 
-    // Held, the publisher gets one read (at most 64 KiB, about a thousand of these
-    // messages) per 100 ms; in twice the time it took unheld, the backlog stays far
-    // below the whole flood (less what the stalled socket swallowed).
-    let second = flood(&addr, "backlog", TOTAL as usize).await;
-    tokio::time::sleep(unheld * 2).await;
-    let backlog = util::message_count(&ch, "backlog").await;
+    let publishing = flood(&addr, "backlog", TOTAL).await;
+    let mut backlog = 0;
+    while backlog < FLOW_READY_MESSAGES as u32 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        backlog = util::message_count(&ch, "backlog").await;
+    }
+    // The queue is congested now. Unheld, the broker would read the rest of the flood
+    // in about a second (a debug build here takes 100,000+ of these a second). Held, it
+    // reads the publisher at most once per FLOW_MAX_HOLD, at most a buffer (64 KiB; 4x
+    // allowed) each time: a slower machine reads less, never more.
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let grown = util::message_count(&ch, "backlog")
+        .await
+        .saturating_sub(backlog) as u128;
+    let reads = started.elapsed().as_millis() / FLOW_MAX_HOLD.as_millis() + 1;
+    let per_read = 4 * 64 * 1024 / util::raw::publish(1, "backlog", BODY).len() as u128;
     assert!(
-        backlog < TOTAL / 2,
-        "backlog {backlog} of {TOTAL} after {:?}: the publisher was not held back",
-        unheld * 2
+        grown <= reads * per_read,
+        "the backlog grew by {grown} in {:?}: the publisher was not held back",
+        started.elapsed()
     );
 
     // Once the consumer goes, nothing holds the publisher.
     drop(stalled);
-    tokio::time::timeout(Duration::from_secs(60), second)
+    tokio::time::timeout(Duration::from_secs(60), publishing)
         .await
         .expect("the publisher finishes")
         .unwrap();

@@ -39,7 +39,7 @@ const FLOW_POLL: Duration = Duration::from_millis(1);
 /// The longest a publisher is held back before one more read: queue flow control slows
 /// a publisher down, it never stops one (a client that publishes and consumes on one
 /// connection must always get its acks through).
-const FLOW_MAX_HOLD: Duration = Duration::from_millis(100);
+pub const FLOW_MAX_HOLD: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
