@@ -105,6 +105,11 @@ impl Broker {
         self.state.memory.set_alarm(on);
     }
 
+    /// Counters of the store's writer (tests; later the metrics endpoint).
+    pub fn store_stats(&self) -> Option<crate::store::StoreStats> {
+        self.state.store().map(|s| s.stats())
+    }
+
     /// Closes every connection (320 CONNECTION_FORCED) and stops listening.
     pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(());

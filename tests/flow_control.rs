@@ -17,6 +17,7 @@ use lapin::types::FieldTable;
 use util::raw::Raw;
 use warren::connection::FLOW_MAX_HOLD;
 use warren::queue::FLOW_READY_MESSAGES;
+use warren::store::CONGESTED_OPS;
 
 #[tokio::test]
 async fn memory_alarm_holds_publishers_and_lets_consumers_drain() {
@@ -92,9 +93,13 @@ const BODY: &[u8] = b"0123456789abcdef";
 /// Publishes `n` small messages to `queue` on a new raw connection, as fast as the
 /// broker reads them.
 async fn flood(addr: &str, queue: &str, n: usize) -> tokio::task::JoinHandle<Raw> {
+    flood_with(addr, util::raw::publish(1, queue, BODY), n).await
+}
+
+/// Sends `one` (a publish on channel 1) `n` times on a new raw connection.
+async fn flood_with(addr: &str, one: Vec<u8>, n: usize) -> tokio::task::JoinHandle<Raw> {
     let (mut raw, _) = Raw::open(addr, 0).await;
     raw.open_channel(1).await;
-    let one = util::raw::publish(1, queue, BODY);
     let all = one.repeat(n);
     tokio::spawn(async move {
         raw.send(&all).await;
@@ -159,4 +164,47 @@ async fn a_consumer_that_falls_behind_holds_its_publisher_back() {
         .await
         .expect("the publisher finishes")
         .unwrap();
+}
+
+#[tokio::test]
+async fn a_publisher_that_outruns_the_disk_is_held_back() {
+    const TOTAL: usize = 300_000;
+    let b = common::TestBroker::start().await;
+    let broker = b.broker.as_ref().unwrap();
+    let addr = broker.local_addr().to_string();
+    let conn = b.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(
+        "disk".into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+
+    // Persistent messages to a durable queue, no confirms: every publish is store work.
+    let one = util::raw::publish_persistent(1, "disk", BODY);
+    let per_read = 4 * 64 * 1024 / one.len() as u64;
+    let publishing = flood_with(&addr, one, TOTAL).await;
+    let mut most = 0;
+    while !publishing.is_finished() {
+        let queued = broker.store_stats().unwrap().queued_ops;
+        most = most.max(queued);
+        // Held until the writer catches up, the publisher adds at most one read's worth
+        // (two ops per message) once the store is congested.
+        assert!(
+            queued <= CONGESTED_OPS + 2 * per_read,
+            "{queued} store ops queued: the publisher was not held back"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    publishing.await.unwrap();
+    eprintln!("at most {most} store ops queued");
+    assert_eq!(
+        util::wait_message_count(&ch, "disk", TOTAL as u32).await,
+        TOTAL as u32
+    );
 }

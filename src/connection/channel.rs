@@ -1061,6 +1061,12 @@ impl Channel {
             c.last_seq += 1;
             c.last_seq
         });
+        if seq.is_none() && !ops.is_empty() && self.broker.store().is_some_and(|s| s.is_congested())
+        {
+            // Store flow control, for publishers that do not wait for confirms (those that
+            // do are held back by their own window): the next publishes wait for the writer.
+            self.link.conn.held_by_store.store(true, Ordering::Relaxed);
+        }
         match (self.broker.store(), seq) {
             (Some(store), Some(seq)) if !ops.is_empty() => {
                 if let Some(c) = &mut self.confirms {

@@ -88,6 +88,9 @@ pub struct Connection {
     blocked: bool,
     /// Since when congested queues hold this connection's publishes back.
     held_since: Option<Instant>,
+    /// The congested store holds this connection's publishes back (its heartbeats
+    /// are not read meanwhile, so they cannot be missed).
+    store_hold: bool,
 }
 
 /// Runs a connection until it closes.
@@ -105,6 +108,7 @@ pub async fn serve(
         pending: Default::default(),
         waiting: Default::default(),
         held_by: Default::default(),
+        held_by_store: Default::default(),
     });
     let id = broker.next_id();
     let mut conn = Connection {
@@ -135,6 +139,7 @@ pub async fn serve(
         blocked_notify: false,
         blocked: false,
         held_since: None,
+        store_hold: false,
     };
 
     let mut buf = BytesMut::with_capacity(64 * 1024);
@@ -244,10 +249,17 @@ impl Connection {
         }
     }
 
-    /// Queue flow control: whether to wait before reading more publishes, because
-    /// queues this connection published to are congested. Never longer than
-    /// `FLOW_MAX_HOLD` at a time.
+    /// Flow control: whether to wait before reading more publishes. Queues this
+    /// connection published to that are congested hold it at most `FLOW_MAX_HOLD` at a
+    /// time (their consumers may need this connection's acks); a congested store holds
+    /// it until the writer catches up (the writer needs nothing from any client).
     fn held_back(&mut self) -> bool {
+        let by_store = &self.shared.held_by_store;
+        self.store_hold = by_store.load(Ordering::Relaxed)
+            && self.broker.store().is_some_and(|s| s.is_congested());
+        if !self.store_hold {
+            by_store.store(false, Ordering::Relaxed);
+        }
         let mut held = self
             .shared
             .held_by
@@ -265,7 +277,7 @@ impl Connection {
         if held.is_empty() {
             self.held_since = None;
         }
-        !held.is_empty()
+        self.store_hold || !held.is_empty()
     }
 
     fn send(&mut self, channel: u16, method: AMQPClass) {
@@ -511,7 +523,10 @@ impl Connection {
             }
             Phase::Open if self.heartbeat > 0 => {
                 let interval = Duration::from_secs(self.heartbeat as u64);
-                if !self.blocked && now.duration_since(self.last_read) > interval * 2 {
+                if !self.blocked
+                    && !self.store_hold
+                    && now.duration_since(self.last_read) > interval * 2
+                {
                     tracing::info!(peer = %self.peer, user = %self.user, "missed heartbeats from client, timeout: {}s", self.heartbeat);
                     self.phase = Phase::Closed;
                 } else if now.duration_since(self.last_write) >= interval / 2 {

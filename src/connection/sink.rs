@@ -2,7 +2,7 @@
 //! `ConsumerSink`, so a queue can hand it deliveries (through the connection's event
 //! channel) and ask whether the channel can take more (prefetch, socket backlog).
 
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use tokio::sync::mpsc::UnboundedSender;
@@ -41,6 +41,9 @@ pub struct ConnShared {
     /// Congested queues this connection published to: it reads no more publishes
     /// until they clear (or a short while passes).
     pub held_by: Mutex<Vec<Arc<Queue>>>,
+    /// This connection fed the store while it was congested: it reads no more
+    /// publishes until the store catches up (or a short while passes).
+    pub held_by_store: AtomicBool,
 }
 
 impl ConnShared {

@@ -52,6 +52,14 @@ pub const FATAL_EXIT_CODE: i32 = 70;
 /// payload is capped at 16 MiB) without spilling, which measurably slowed writes at 16 MiB.
 const CACHE_SIZE_BYTES: usize = 64 * 1024 * 1024;
 
+/// Ops waiting for the writer from which the store counts as congested: publishers that
+/// feed it are held back (store flow control) until it catches up. Publishers that wait
+/// for confirms never get near it; one that does not could otherwise queue store work
+/// (and copies of its messages) faster than the disk takes it, without bound.
+pub const CONGESTED_OPS: u64 = 20_000;
+/// Payload bytes waiting for the writer from which the store counts as congested.
+pub const CONGESTED_BYTES: u64 = 16 << 20;
+
 /// Logs `what` and `err`, then exits the process with [`FATAL_EXIT_CODE`].
 ///
 /// This is the store's only reaction to a failed write: a commit that fails (disk full, I/O
@@ -131,6 +139,12 @@ pub enum StoreOp {
     },
 }
 
+/// Bytes of payload `ops` carry.
+fn payload_len(ops: &[StoreOp]) -> usize {
+    ops.iter()
+        .fold(0usize, |sum, op| sum.saturating_add(op.payload_len()))
+}
+
 impl StoreOp {
     /// Bytes of payload this op carries, used to bound the size of a group commit.
     fn payload_len(&self) -> usize {
@@ -180,6 +194,10 @@ pub struct StoreStats {
     pub requests: u64,
     /// [`StoreOp`]s applied.
     pub ops: u64,
+    /// [`StoreOp`]s waiting for the writer now.
+    pub queued_ops: u64,
+    /// Payload bytes waiting for the writer now.
+    pub queued_bytes: u64,
 }
 
 /// Shared between the handles and the writer thread.
@@ -189,6 +207,10 @@ struct Counters {
     durable_commits: AtomicU64,
     requests: AtomicU64,
     ops: AtomicU64,
+    /// Ops sent to the writer and not yet committed.
+    queued_ops: AtomicU64,
+    /// Payload bytes sent to the writer and not yet committed.
+    queued_bytes: AtomicU64,
 }
 
 impl Counters {
@@ -198,6 +220,8 @@ impl Counters {
             durable_commits: self.durable_commits.load(Ordering::Relaxed),
             requests: self.requests.load(Ordering::Relaxed),
             ops: self.ops.load(Ordering::Relaxed),
+            queued_ops: self.queued_ops.load(Ordering::Relaxed),
+            queued_bytes: self.queued_bytes.load(Ordering::Relaxed),
         }
     }
 }
@@ -377,6 +401,14 @@ impl Store {
         }
     }
 
+    /// Whether more work waits for the writer than `CONGESTED_OPS` or `CONGESTED_BYTES`:
+    /// publishers feeding the store should pause.
+    pub fn is_congested(&self) -> bool {
+        let c = &self.inner.counters;
+        c.queued_ops.load(Ordering::Relaxed) >= CONGESTED_OPS
+            || c.queued_bytes.load(Ordering::Relaxed) >= CONGESTED_BYTES
+    }
+
     /// Counters of the writer's work so far.
     pub fn stats(&self) -> StoreStats {
         self.inner.counters.snapshot()
@@ -388,6 +420,12 @@ impl Store {
     }
 
     fn send(&self, request: Request) {
+        if let Request::Ops { ops, .. } = &request {
+            let c = &self.inner.counters;
+            c.queued_ops.fetch_add(ops.len() as u64, Ordering::Relaxed);
+            c.queued_bytes
+                .fetch_add(payload_len(ops) as u64, Ordering::Relaxed);
+        }
         if self.inner.tx.send(request).is_err() {
             tracing::error!("store: request dropped because the store is closed");
         }

@@ -651,3 +651,42 @@ fn futures_block_on<F: std::future::Future>(future: F) -> F::Output {
         .expect("runtime")
         .block_on(future)
 }
+
+#[tokio::test]
+async fn work_piling_up_for_the_writer_congests_the_store_until_committed() {
+    let dir = TempDir::new("congested");
+    let (store, _) = open(&dir);
+    assert!(!store.is_congested());
+    let resume = store.pause();
+    let per_request = 1000;
+    let mut offset = 0;
+    while offset < super::CONGESTED_OPS {
+        let ops = (offset..offset + per_request)
+            .map(|o| remove("q", o))
+            .collect();
+        store.submit(ops);
+        offset += per_request;
+        if offset < super::CONGESTED_OPS {
+            assert!(!store.is_congested(), "congested at {offset} ops");
+        }
+    }
+    assert!(store.is_congested());
+    drop(resume);
+    store.commit(vec![]).await;
+    assert!(!store.is_congested());
+
+    // Bytes count too: a few large messages are as much work as many small ops.
+    let resume = store.pause();
+    let blob = Bytes::from(vec![0u8; (super::CONGESTED_BYTES / 4) as usize]);
+    for id in 0..4 {
+        store.submit(vec![StoreOp::PutMessage {
+            msg_id: id,
+            blob: blob.clone(),
+        }]);
+    }
+    assert!(store.is_congested());
+    drop(resume);
+    store.commit(vec![]).await;
+    assert!(!store.is_congested());
+    store.close();
+}

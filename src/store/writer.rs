@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use redb::{Database, Durability, ReadableTable, WriteTransaction};
 
 use super::schema::{DEFINITIONS, ENTRIES, MESSAGES};
-use super::{Counters, Done, FlushMode, Request, StoreOp, fatal_store_failure};
+use super::{Counters, Done, FlushMode, Request, StoreOp, fatal_store_failure, payload_len};
 
 /// At most this many requests go into one transaction, so that a flood of publishes cannot
 /// make one commit (and the latency of its first waiter) unbounded. The rest go into the
@@ -180,9 +180,7 @@ impl Writer {
             };
             match request {
                 Request::Ops { ops, done } => {
-                    bytes = ops
-                        .iter()
-                        .fold(bytes, |sum, op| sum.saturating_add(op.payload_len()));
+                    bytes = bytes.saturating_add(payload_len(&ops));
                     self.batch.push((ops, done));
                     if self.batch.len() >= MAX_BATCH_REQUESTS || bytes >= MAX_BATCH_BYTES {
                         return Control::Continue;
@@ -213,7 +211,12 @@ impl Writer {
         }
 
         let ops: usize = self.batch.iter().map(|(ops, _)| ops.len()).sum();
+        let bytes: usize = self.batch.iter().map(|(ops, _)| payload_len(ops)).sum();
         let counters = &self.counters;
+        counters.queued_ops.fetch_sub(ops as u64, Ordering::Relaxed);
+        counters
+            .queued_bytes
+            .fetch_sub(bytes as u64, Ordering::Relaxed);
         counters.transactions.fetch_add(1, Ordering::Relaxed);
         counters
             .requests

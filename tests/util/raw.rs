@@ -49,6 +49,21 @@ pub fn method(channel: u16, m: AMQPClass) -> Vec<u8> {
 
 /// Encodes a transient basic.publish to the default exchange, with its header and body.
 pub fn publish(channel: u16, queue: &str, body: &[u8]) -> Vec<u8> {
+    publish_with(channel, queue, body, basic::AMQPProperties::default())
+}
+
+/// Encodes a persistent (delivery-mode 2) basic.publish to the default exchange.
+pub fn publish_persistent(channel: u16, queue: &str, body: &[u8]) -> Vec<u8> {
+    let properties = basic::AMQPProperties::default().with_delivery_mode(2);
+    publish_with(channel, queue, body, properties)
+}
+
+fn publish_with(
+    channel: u16,
+    queue: &str,
+    body: &[u8],
+    properties: basic::AMQPProperties,
+) -> Vec<u8> {
     let mut bytes = method(
         channel,
         AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
@@ -63,7 +78,7 @@ pub fn publish(channel: u16, queue: &str, body: &[u8]) -> Vec<u8> {
         AMQPContentHeader {
             class_id: 60,
             body_size: body.len() as u64,
-            properties: basic::AMQPProperties::default(),
+            properties,
         },
     )));
     bytes.extend(encode(&AMQPFrame::Body(channel, body.to_vec())));
