@@ -85,6 +85,9 @@ pub trait ConsumerSink: Send + Sync + std::fmt::Debug {
 pub const FLOW_READY_MESSAGES: usize = 4096;
 /// See `FLOW_READY_MESSAGES`.
 pub const FLOW_READY_BYTES: usize = 4 << 20;
+/// A backlogged queue looks whether a consumer's connection is behind on one publish
+/// in this many (and whenever a held publisher asks, `still_congested`).
+const FLOW_CHECK_EVERY: u32 = 31;
 
 /// Where dead letters go: implemented by the vhost, which routes them through the
 /// queue's dead-letter exchange. Called without the queue's lock held.
@@ -109,6 +112,8 @@ struct Inner {
     had_consumer: bool,
     deleted: bool,
     last_used_ms: u64,
+    /// Publishes left before `enqueue` looks at the consumers again (queue flow control).
+    flow_check_in: u32,
 }
 
 /// Declared properties of a queue, compared on redeclare.
@@ -190,6 +195,7 @@ impl Queue {
                 had_consumer: false,
                 deleted: false,
                 last_used_ms: now_ms(),
+                flow_check_in: 0,
             }),
             congested: AtomicBool::new(false),
             args,
@@ -246,8 +252,8 @@ impl Queue {
             let result = inner.state.enqueue(msg, &mut effects);
             self.apply(&mut inner, effects, &mut dead);
             self.run(&mut inner, &mut dead);
-            self.congested
-                .store(Self::is_congested(&inner), Ordering::Relaxed);
+            let congested = self.check_congestion(&mut inner);
+            self.congested.store(congested, Ordering::Relaxed);
             result
         };
         self.bury(dead);
@@ -273,9 +279,27 @@ impl Queue {
     }
 
     fn is_congested(inner: &Inner) -> bool {
-        (inner.state.ready_count() >= FLOW_READY_MESSAGES
-            || inner.state.ready_bytes() >= FLOW_READY_BYTES)
-            && inner.consumers.values().any(|r| r.sink.is_behind())
+        Self::is_backlogged(inner) && inner.consumers.values().any(|r| r.sink.is_behind())
+    }
+
+    fn is_backlogged(inner: &Inner) -> bool {
+        inner.state.ready_count() >= FLOW_READY_MESSAGES
+            || inner.state.ready_bytes() >= FLOW_READY_BYTES
+    }
+
+    /// `is_congested` for `enqueue`: while the queue stays backlogged, its consumers are
+    /// looked at on every `FLOW_CHECK_EVERY`th publish only (a queue may have hundreds).
+    fn check_congestion(&self, inner: &mut Inner) -> bool {
+        if !Self::is_backlogged(inner) {
+            inner.flow_check_in = 0;
+            return false;
+        }
+        if inner.flow_check_in > 0 {
+            inner.flow_check_in -= 1;
+            return self.congested.load(Ordering::Relaxed);
+        }
+        inner.flow_check_in = FLOW_CHECK_EVERY;
+        Self::is_congested(inner)
     }
 
     /// Puts back a recovered entry.
@@ -633,7 +657,8 @@ mod tests {
     /// connection is or is not behind with its writes.
     #[derive(Debug)]
     struct FullSink {
-        behind: bool,
+        behind: AtomicBool,
+        asked: std::sync::atomic::AtomicUsize,
     }
 
     impl ConsumerSink for FullSink {
@@ -646,7 +671,8 @@ mod tests {
         fn cancelled(&self, _: Arc<str>) {}
         fn wait_for_credit(&self, _: Weak<Queue>) {}
         fn is_behind(&self) -> bool {
-            self.behind
+            self.asked.fetch_add(1, Ordering::Relaxed);
+            self.behind.load(Ordering::Relaxed)
         }
     }
 
@@ -669,16 +695,20 @@ mod tests {
         }
     }
 
-    fn consumer(q: &Queue, id: ConsumerId, behind: bool) {
+    fn consumer(q: &Queue, id: ConsumerId, behind: bool) -> Arc<FullSink> {
         let spec = ConsumerSpec {
             id,
             priority: 0,
             prefetch: 0,
             no_ack: false,
         };
-        let sink = Arc::new(FullSink { behind });
-        q.consume(spec, format!("c{id}").into(), false, sink)
+        let sink = Arc::new(FullSink {
+            behind: AtomicBool::new(behind),
+            asked: Default::default(),
+        });
+        q.consume(spec, format!("c{id}").into(), false, sink.clone())
             .expect("consume");
+        sink
     }
 
     #[test]
@@ -707,6 +737,21 @@ mod tests {
         consumer(&q, 1, false);
         fill(&q, FLOW_READY_MESSAGES * 2, 1);
         assert!(!q.congested());
+    }
+
+    #[test]
+    fn a_backlogged_queue_looks_at_its_consumers_now_and_then() {
+        let q = queue();
+        let sink = consumer(&q, 1, false);
+        fill(&q, FLOW_READY_MESSAGES, 1);
+        let per_round = FLOW_CHECK_EVERY as usize + 1;
+        let asked = sink.asked.load(Ordering::Relaxed);
+        fill(&q, per_round * 10, 1);
+        assert_eq!(sink.asked.load(Ordering::Relaxed) - asked, 10);
+        // A consumer's connection that falls behind is noticed within a round.
+        sink.behind.store(true, Ordering::Relaxed);
+        fill(&q, per_round, 1);
+        assert!(q.congested());
     }
 
     #[test]
