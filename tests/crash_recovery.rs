@@ -5,16 +5,17 @@
 //!
 //! `WARREN_CRASH_ROUNDS` sets the number of rounds (default 20).
 
+mod node;
+
 use std::collections::{HashMap, HashSet};
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_lite::StreamExt;
 use lapin::options::*;
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel};
+use node::{connect, free_port, start};
 
 const QUEUES: [&str; 2] = ["crash-a", "crash-b"];
 /// Dead-letter scenario: publishers target `DL_SOURCE`, whose messages expire at once
@@ -22,37 +23,6 @@ const QUEUES: [&str; 2] = ["crash-a", "crash-b"];
 const DL_SOURCE: &str = "crash-dl-src";
 const PRODUCERS: u32 = 3;
 const WINDOW: usize = 50;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn start(dir: &std::path::Path, port: u16) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_warren"))
-        .env("WARREN_PORT", port.to_string())
-        .env("WARREN_LISTEN_ADDRESSES", "127.0.0.1")
-        .env("WARREN_DATA_DIR", dir)
-        .env("WARREN_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("warren binary starts")
-}
-
-async fn connect(port: u16) -> Connection {
-    let url = format!("amqp://guest:guest@127.0.0.1:{port}/%2f");
-    for _ in 0..200 {
-        if let Ok(c) = Connection::connect(&url, ConnectionProperties::default()).await {
-            return c;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("broker on port {port} did not come up");
-}
 
 async fn declare(ch: &Channel) -> lapin::Result<()> {
     let durable = QueueDeclareOptions {
@@ -242,7 +212,7 @@ async fn crash_rounds(rounds: u32, dead_letter: bool, tag: &str) {
     let dir = std::env::temp_dir().join(format!("warren-crash-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let mut port = free_port();
-    let mut broker = start(&dir, port);
+    let mut broker = start(&dir, port, &[]);
     connect(port).await.close(200, "up".into()).await.unwrap();
     let mut total_lost = 0usize;
     for round in 0..rounds {
@@ -261,7 +231,7 @@ async fn crash_rounds(rounds: u32, dead_letter: bool, tag: &str) {
         }
         let _ = tokio::time::timeout(Duration::from_secs(10), consumer_task).await;
         port = free_port();
-        broker = start(&dir, port);
+        broker = start(&dir, port, &[]);
         drain(port, &seen).await;
 
         let seen = seen.lock().unwrap().clone();

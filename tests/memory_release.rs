@@ -4,29 +4,21 @@
 //! and publishing resumes. (glibc's malloc would otherwise keep the drained pages, the
 //! broker would stay above the limit, and the publisher would be blocked for good.)
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+mod node;
+
 use std::time::Duration;
 
 use futures_lite::StreamExt;
+use lapin::BasicProperties;
 use lapin::options::*;
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Connection, ConnectionProperties};
+use node::{KillOnDrop, connect, free_port, start};
 
 /// The broker's memory limit, above what it needs when idle.
 const LIMIT_MIB: u64 = 160;
 const SIZE: usize = 4096;
 /// Messages that take about twice the limit.
 const TOTAL: usize = ((2 * LIMIT_MIB as usize) << 20) / SIZE;
-
-struct Broker(Child);
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn mem_total_bytes() -> u64 {
     let text = std::fs::read_to_string("/proc/meminfo").expect("/proc/meminfo");
@@ -39,38 +31,16 @@ fn mem_total_bytes() -> u64 {
     kb * 1024
 }
 
-async fn connect(port: u16) -> Connection {
-    let url = format!("amqp://guest:guest@127.0.0.1:{port}/%2f");
-    for _ in 0..200 {
-        if let Ok(c) = Connection::connect(&url, ConnectionProperties::default()).await {
-            return c;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("broker on port {port} did not come up");
-}
-
 #[tokio::test]
 async fn the_alarm_clears_once_a_backlog_is_drained() {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let dir = std::env::temp_dir().join(format!("warren-memory-{}", std::process::id()));
     let fraction = (LIMIT_MIB << 20) as f64 / mem_total_bytes() as f64;
-    let _broker = Broker(
-        Command::new(env!("CARGO_BIN_EXE_warren"))
-            .env("WARREN_PORT", port.to_string())
-            .env("WARREN_LISTEN_ADDRESSES", "127.0.0.1")
-            .env("WARREN_DATA_DIR", &dir)
-            .env("WARREN_MEMORY_HIGH_WATERMARK", fraction.to_string())
-            .env("WARREN_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("warren binary starts"),
-    );
+    let _node = KillOnDrop(start(
+        &dir,
+        port,
+        &[("WARREN_MEMORY_HIGH_WATERMARK", fraction.to_string())],
+    ));
 
     let conn = connect(port).await;
     let ch = conn.create_channel().await.unwrap();
