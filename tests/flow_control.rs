@@ -93,7 +93,12 @@ const BODY: &[u8] = b"0123456789abcdef";
 /// Publishes `n` small messages to `queue` on a new raw connection, as fast as the
 /// broker reads them.
 async fn flood(addr: &str, queue: &str, n: usize) -> tokio::task::JoinHandle<Raw> {
-    flood_with(addr, util::raw::publish(1, queue, BODY), n).await
+    flood_with(
+        addr,
+        util::raw::publish_frames(1, "", queue, false, false, BODY),
+        n,
+    )
+    .await
 }
 
 /// Sends `one` (a publish on channel 1) `n` times on a new raw connection.
@@ -151,7 +156,8 @@ async fn a_consumer_that_falls_behind_holds_its_publisher_back() {
         .await
         .saturating_sub(backlog) as u128;
     let reads = started.elapsed().as_millis() / FLOW_MAX_HOLD.as_millis() + 1;
-    let per_read = 4 * 64 * 1024 / util::raw::publish(1, "backlog", BODY).len() as u128;
+    let per_read = 4 * 64 * 1024
+        / util::raw::publish_frames(1, "", "backlog", false, false, BODY).len() as u128;
     assert!(
         grown <= reads * per_read,
         "the backlog grew by {grown} in {:?}: the publisher was not held back",
@@ -186,7 +192,7 @@ async fn a_publisher_that_outruns_the_disk_is_held_back() {
     .unwrap();
 
     // Persistent messages to a durable queue, no confirms: every publish is store work.
-    let one = util::raw::publish_persistent(1, "disk", BODY);
+    let one = util::raw::publish_frames(1, "", "disk", false, true, BODY);
     let per_read = 4 * 64 * 1024 / one.len() as u64;
     let publishing = flood_with(&addr, one, TOTAL).await;
     let mut most = 0;

@@ -13,15 +13,15 @@ mod util;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use amq_protocol::frame::{AMQPContentHeader, AMQPFrame, parse_frame};
-use amq_protocol::protocol::{AMQPClass, BasicProperties as RawProps, basic, confirm, queue, tx};
+use amq_protocol::frame::{AMQPFrame, parse_frame};
+use amq_protocol::protocol::{AMQPClass, basic, confirm, queue, tx};
 use amq_protocol::types::FieldTable as RawTable;
 use common::TestBroker;
 use lapin::options::*;
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use util::raw::{Raw, encode, method};
+use util::raw::{Raw, method, publish_frames};
 use util::*;
 use warren::{Broker, Config, FlushMode};
 
@@ -143,41 +143,6 @@ async fn acked(confirm: lapin::PublisherConfirm) {
 
 // ---------------------------------------------------------------------------------------
 // Raw frames: publishing and reading confirms, returns and replies.
-
-/// basic.publish + content header + one body frame, as bytes.
-fn publish_frames(
-    ch: u16,
-    exchange: &str,
-    key: &str,
-    mandatory: bool,
-    persistent: bool,
-    body: &[u8],
-) -> Vec<u8> {
-    let mut out = method(
-        ch,
-        AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
-            exchange: exchange.into(),
-            routing_key: key.into(),
-            mandatory,
-            immediate: false,
-        })),
-    );
-    let properties = if persistent {
-        RawProps::default().with_delivery_mode(2)
-    } else {
-        RawProps::default()
-    };
-    out.extend(encode(&AMQPFrame::Header(
-        ch,
-        AMQPContentHeader {
-            class_id: 60,
-            body_size: body.len() as u64,
-            properties,
-        },
-    )));
-    out.extend(encode(&AMQPFrame::Body(ch, body.to_vec())));
-    out
-}
 
 /// One frame from `r`; None when the socket closes.
 async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Option<AMQPFrame> {

@@ -47,42 +47,39 @@ pub fn method(channel: u16, m: AMQPClass) -> Vec<u8> {
     encode(&AMQPFrame::Method(channel, m))
 }
 
-/// Encodes a transient basic.publish to the default exchange, with its header and body.
-pub fn publish(channel: u16, queue: &str, body: &[u8]) -> Vec<u8> {
-    publish_with(channel, queue, body, basic::AMQPProperties::default())
-}
-
-/// Encodes a persistent (delivery-mode 2) basic.publish to the default exchange.
-pub fn publish_persistent(channel: u16, queue: &str, body: &[u8]) -> Vec<u8> {
-    let properties = basic::AMQPProperties::default().with_delivery_mode(2);
-    publish_with(channel, queue, body, properties)
-}
-
-fn publish_with(
-    channel: u16,
-    queue: &str,
+/// basic.publish + content header + one body frame, as bytes.
+pub fn publish_frames(
+    ch: u16,
+    exchange: &str,
+    key: &str,
+    mandatory: bool,
+    persistent: bool,
     body: &[u8],
-    properties: basic::AMQPProperties,
 ) -> Vec<u8> {
-    let mut bytes = method(
-        channel,
+    let mut out = method(
+        ch,
         AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
-            exchange: "".into(),
-            routing_key: queue.into(),
-            mandatory: false,
+            exchange: exchange.into(),
+            routing_key: key.into(),
+            mandatory,
             immediate: false,
         })),
     );
-    bytes.extend(encode(&AMQPFrame::Header(
-        channel,
+    let properties = if persistent {
+        basic::AMQPProperties::default().with_delivery_mode(2)
+    } else {
+        basic::AMQPProperties::default()
+    };
+    out.extend(encode(&AMQPFrame::Header(
+        ch,
         AMQPContentHeader {
             class_id: 60,
             body_size: body.len() as u64,
             properties,
         },
     )));
-    bytes.extend(encode(&AMQPFrame::Body(channel, body.to_vec())));
-    bytes
+    out.extend(encode(&AMQPFrame::Body(ch, body.to_vec())));
+    out
 }
 
 impl Raw {
