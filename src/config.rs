@@ -47,6 +47,9 @@ pub struct Config {
     pub heartbeat: u16,
     /// Fraction of RAM above which publishers are blocked.
     pub memory_high_watermark: f64,
+    /// Free bytes on the data directory's file system below which publishers are
+    /// blocked (0: never).
+    pub disk_free_limit: u64,
     /// tracing filter.
     pub log: String,
 }

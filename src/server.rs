@@ -102,7 +102,7 @@ impl Broker {
     /// Raises or clears the memory alarm by hand, as if memory use had crossed the
     /// watermark (tests; a future `warren ctl`).
     pub fn set_memory_alarm(&self, on: bool) {
-        self.state.memory.set_alarm(on);
+        self.state.alarms.set_memory(on);
     }
 
     /// Counters of the store's writer (tests; later the metrics endpoint).

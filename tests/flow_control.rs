@@ -1,6 +1,6 @@
 //! Flow control. Memory: under the memory alarm, connections that publish are not read
 //! (their publishes wait in the socket) while consumers keep draining; when the alarm
-//! clears, the held publishes arrive. Queues: a queue whose consumer's connection falls
+//! clears, the held publishes arrive; the disk alarm does the same. Queues: a queue whose consumer's connection falls
 //! behind holds its publishers back once it has a backlog, so the backlog stays small.
 
 mod common;
@@ -8,7 +8,8 @@ mod util;
 
 use std::time::{Duration, Instant};
 
-use amq_protocol::protocol::{AMQPClass, basic};
+use amq_protocol::protocol::{AMQPClass, basic, connection};
+use amq_protocol::types::AMQPValue;
 
 use futures_lite::StreamExt;
 use lapin::BasicProperties;
@@ -212,5 +213,41 @@ async fn a_publisher_that_outruns_the_disk_is_held_back() {
     assert_eq!(
         util::wait_message_count(&ch, "disk", TOTAL as u32).await,
         TOTAL as u32
+    );
+}
+
+#[tokio::test]
+async fn the_disk_alarm_blocks_publishers_and_says_why() {
+    // No file system has this much free space: the alarm is on from the first tick.
+    let b = common::TestBroker::start_with(|c| c.disk_free_limit = u64::MAX).await;
+    let addr = b.broker.as_ref().unwrap().local_addr().to_string();
+    let observer = b.connect().await;
+    let och = observer.create_channel().await.unwrap();
+    util::declare_queue(&och, "disk-alarm").await;
+
+    let mut capabilities = FieldTable::default();
+    capabilities.insert("connection.blocked".into(), AMQPValue::Boolean(true));
+    let mut properties = FieldTable::default();
+    properties.insert("capabilities".into(), AMQPValue::FieldTable(capabilities));
+    let mut raw = Raw::connect(&addr).await;
+    raw.handshake_as(properties, |t| t).await;
+    raw.open_channel(1).await;
+    // The first publish is read (the connection is no publisher until then); then the
+    // connection is blocked, told why, and what follows waits in the socket.
+    let first = util::raw::publish_frames(1, "", "disk-alarm", false, false, b"first");
+    raw.send(&first).await;
+    match raw.recv_method().await {
+        AMQPClass::Connection(connection::AMQPMethod::Blocked(b)) => {
+            assert_eq!(b.reason.as_str(), "low on disk")
+        }
+        other => panic!("expected connection.blocked, got {other:?}"),
+    }
+    let second = util::raw::publish_frames(1, "", "disk-alarm", false, false, b"second");
+    raw.send(&second).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        util::message_count(&och, "disk-alarm").await,
+        1,
+        "a publish went on under the disk alarm"
     );
 }

@@ -1,7 +1,6 @@
-//! Memory flow control, as RabbitMQ's memory alarm: the broker's resident memory is
-//! compared with a fraction of the machine's RAM on every tick; above it, the alarm is
-//! raised and publishing connections stop being read (consumers keep draining) until it
-//! falls below again. Without it a publisher faster than its consumers could grow the
+//! The memory alarm's measurement, as RabbitMQ's: the broker's resident memory is
+//! compared with a fraction of the machine's RAM on every tick (see `alarm` for what
+//! the alarm does). Without it a publisher faster than its consumers could grow the
 //! broker until the kernel kills it.
 //!
 //! glibc's malloc keeps the pages of a drained backlog for good: resident memory would
@@ -10,8 +9,6 @@
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-
-use tokio::sync::watch;
 
 /// How often the monitor may ask the allocator to give memory back.
 const RELEASE_INTERVAL: Duration = Duration::from_secs(1);
@@ -45,11 +42,10 @@ mod allocator {
     pub fn release() {}
 }
 
-/// Watches the process's memory and publishes the alarm state.
+/// Watches the process's memory against its limit.
 #[derive(Debug)]
 pub struct MemoryMonitor {
     limit_bytes: u64,
-    alarm: watch::Sender<bool>,
     /// The last measured state: the alarm follows changes of it (a manual setting
     /// stands until the measurement changes).
     measured_over: std::sync::atomic::AtomicBool,
@@ -81,10 +77,8 @@ impl MemoryMonitor {
             Some(total) if fraction > 0.0 => (total as f64 * fraction) as u64,
             _ => u64::MAX,
         };
-        let (alarm, _) = watch::channel(false);
         MemoryMonitor {
             limit_bytes,
-            alarm,
             measured_over: Default::default(),
             last_release: Mutex::new(Instant::now()),
         }
@@ -95,11 +89,9 @@ impl MemoryMonitor {
         self.limit_bytes
     }
 
-    /// Re-reads memory use and raises or clears the alarm.
-    pub fn check(&self) {
-        let Some(mut used) = resident_bytes() else {
-            return;
-        };
+    /// Re-reads memory use; returns the new alarm state when it changed.
+    pub fn check(&self) -> Option<bool> {
+        let mut used = resident_bytes()?;
         if self.release_due()
             && used.saturating_sub(allocator::in_use_bytes()) > RELEASE_UNUSED_BYTES
         {
@@ -127,8 +119,9 @@ impl MemoryMonitor {
             } else {
                 tracing::info!(used, limit = self.limit_bytes, "memory alarm cleared");
             }
-            self.alarm.send_replace(over);
+            return Some(over);
         }
+        None
     }
 
     /// Whether `RELEASE_INTERVAL` passed since the last look at unused memory.
@@ -139,15 +132,5 @@ impl MemoryMonitor {
             *last = Instant::now();
         }
         due
-    }
-
-    /// Raises or clears the alarm by hand (tests, and a future `warren ctl`).
-    pub fn set_alarm(&self, on: bool) {
-        self.alarm.send_replace(on);
-    }
-
-    /// A receiver that sees the alarm change.
-    pub fn subscribe(&self) -> watch::Receiver<bool> {
-        self.alarm.subscribe()
     }
 }

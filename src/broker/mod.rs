@@ -1,7 +1,9 @@
 //! The broker's shared state: users, vhosts and, in each vhost, exchanges, bindings and
 //! the queue registry. Connections call into it; it never calls into connections.
 
+pub mod alarm;
 pub mod deadletter;
+pub mod disk;
 pub mod exchange;
 pub mod memory;
 pub mod persist;
@@ -26,8 +28,8 @@ pub struct BrokerState {
     next_id: AtomicU64,
     next_msg_id: Arc<AtomicU64>,
     store: Option<Store>,
-    /// Memory flow control.
-    pub memory: memory::MemoryMonitor,
+    /// Memory and disk alarms.
+    pub alarms: alarm::ResourceAlarms,
 }
 
 impl BrokerState {
@@ -35,7 +37,11 @@ impl BrokerState {
     pub fn new(config: Config, store: Option<Store>) -> Arc<BrokerState> {
         let mut vhosts = HashMap::new();
         let next_msg_id = Arc::new(AtomicU64::new(1));
-        let memory = memory::MemoryMonitor::new(config.memory_high_watermark);
+        let alarms = alarm::ResourceAlarms::new(
+            config.memory_high_watermark,
+            store.as_ref().map(|_| config.data_dir.clone()),
+            config.disk_free_limit,
+        );
         vhosts.insert(
             config.default_vhost.clone(),
             VHost::new(&config.default_vhost, store.clone(), next_msg_id.clone()),
@@ -46,7 +52,7 @@ impl BrokerState {
             next_id: AtomicU64::new(1),
             next_msg_id,
             store,
-            memory,
+            alarms,
         })
     }
 
@@ -156,7 +162,7 @@ impl BrokerState {
             .cloned()
             .collect();
         let now = crate::queue::now_ms();
-        self.memory.check();
+        self.alarms.check();
         for v in vhosts {
             v.tick(now);
         }

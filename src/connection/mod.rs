@@ -84,7 +84,7 @@ pub struct Connection {
     published: bool,
     /// The client announced the connection.blocked capability.
     blocked_notify: bool,
-    /// We stopped reading because of the memory alarm.
+    /// We stopped reading because of a resource alarm.
     blocked: bool,
     /// Since when congested queues hold this connection's publishes back.
     held_since: Option<Instant>,
@@ -168,13 +168,13 @@ pub async fn serve(
 
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut alarm = conn.broker.memory.subscribe();
+    let mut alarm = conn.broker.alarms.subscribe();
     loop {
-        // Memory alarm: a connection that publishes is not read until it clears.
-        // (Always mark the alarm seen, or `changed()` below would fire at once, forever.)
-        let alarm_on = *alarm.borrow_and_update();
-        let throttled = conn.published && alarm_on;
-        conn.set_blocked(throttled);
+        // Resource alarms: a connection that publishes is not read until they clear.
+        // (Always mark the alarms seen, or `changed()` below would fire at once, forever.)
+        let alarms = *alarm.borrow_and_update();
+        let throttled = conn.published && alarms.any();
+        conn.set_blocked(throttled.then(|| alarms.reason()));
         if conn.flush(&mut writer).await.is_err() {
             break;
         }
@@ -231,19 +231,20 @@ pub async fn serve(
 }
 
 impl Connection {
-    /// Enters or leaves the memory-alarm block, telling clients that asked to know.
-    fn set_blocked(&mut self, blocked: bool) {
+    /// Enters (with the alarm's reason) or leaves the resource-alarm block, telling
+    /// clients that asked to know.
+    fn set_blocked(&mut self, reason: Option<&str>) {
+        let blocked = reason.is_some();
         if blocked == self.blocked || self.phase != Phase::Open {
             return;
         }
         self.blocked = blocked;
         if self.blocked_notify {
-            let method = if blocked {
-                conn_methods::AMQPMethod::Blocked(conn_methods::Blocked {
-                    reason: "low on memory".into(),
-                })
-            } else {
-                conn_methods::AMQPMethod::Unblocked(conn_methods::Unblocked {})
+            let method = match reason {
+                Some(reason) => conn_methods::AMQPMethod::Blocked(conn_methods::Blocked {
+                    reason: reason.into(),
+                }),
+                None => conn_methods::AMQPMethod::Unblocked(conn_methods::Unblocked {}),
             };
             self.send(0, AMQPClass::Connection(method));
         }

@@ -116,6 +116,15 @@ impl Raw {
     /// Header, start/start-ok, tune/tune-ok (values chosen by `answer`), open/open-ok.
     /// Returns what the server offered.
     pub async fn handshake(&mut self, answer: impl FnOnce(Tune) -> Tune) -> Tune {
+        self.handshake_as(FieldTable::default(), answer).await
+    }
+
+    /// `handshake`, announcing `client_properties` (e.g. capabilities) in start-ok.
+    pub async fn handshake_as(
+        &mut self,
+        client_properties: FieldTable,
+        answer: impl FnOnce(Tune) -> Tune,
+    ) -> Tune {
         self.send(HEADER).await;
         match self.recv_method().await {
             AMQPClass::Connection(connection::AMQPMethod::Start(_)) => {}
@@ -124,7 +133,7 @@ impl Raw {
         self.send_method(
             0,
             AMQPClass::Connection(connection::AMQPMethod::StartOk(connection::StartOk {
-                client_properties: FieldTable::default(),
+                client_properties,
                 mechanism: "PLAIN".into(),
                 response: LongString::from(b"\0guest\0guest".to_vec()),
                 locale: "en_US".into(),

@@ -1,0 +1,103 @@
+//! Resource alarms, as RabbitMQ's: memory (`memory`) and free disk space (`disk`).
+//! While one is on, connections that publish are not read (those that announced the
+//! capability are told with connection.blocked) and consumers keep draining, until
+//! every alarm has cleared.
+
+use std::path::PathBuf;
+
+use tokio::sync::watch;
+
+use super::disk::DiskMonitor;
+use super::memory::MemoryMonitor;
+
+/// Which alarms are on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Alarms {
+    /// The broker uses more memory than `memory_high_watermark` allows.
+    pub memory: bool,
+    /// The data directory's file system has less free space than `disk_free_limit`.
+    pub disk: bool,
+}
+
+impl Alarms {
+    /// Whether publishers must wait.
+    pub fn any(self) -> bool {
+        self.memory || self.disk
+    }
+
+    /// The reason given in connection.blocked, worded as RabbitMQ words it.
+    pub fn reason(self) -> &'static str {
+        match (self.memory, self.disk) {
+            (true, true) => "low on memory & disk",
+            (false, true) => "low on disk",
+            _ => "low on memory",
+        }
+    }
+}
+
+/// The node's alarms: measured on every tick, published to every connection.
+#[derive(Debug)]
+pub struct ResourceAlarms {
+    memory: MemoryMonitor,
+    disk: Option<DiskMonitor>,
+    state: watch::Sender<Alarms>,
+}
+
+impl ResourceAlarms {
+    /// Alarms for `memory_fraction` of RAM and, when the node has a data directory,
+    /// `disk_free_limit` bytes free on it.
+    pub fn new(memory_fraction: f64, data_dir: Option<PathBuf>, disk_free_limit: u64) -> Self {
+        ResourceAlarms {
+            memory: MemoryMonitor::new(memory_fraction),
+            disk: data_dir.map(|dir| DiskMonitor::new(dir, disk_free_limit)),
+            state: watch::channel(Alarms::default()).0,
+        }
+    }
+
+    /// Measures again; raises or clears alarms whose measurement changed.
+    pub fn check(&self) {
+        if let Some(on) = self.memory.check() {
+            self.state.send_modify(|a| a.memory = on);
+        }
+        if let Some(on) = self.disk.as_ref().and_then(|d| d.check()) {
+            self.state.send_modify(|a| a.disk = on);
+        }
+    }
+
+    /// Raises or clears the memory alarm by hand (tests, a future `warren ctl`); it
+    /// stands until the measurement changes.
+    pub fn set_memory(&self, on: bool) {
+        self.state.send_modify(|a| a.memory = on);
+    }
+
+    /// A receiver that sees the alarms change.
+    pub fn subscribe(&self) -> watch::Receiver<Alarms> {
+        self.state.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_are_worded_as_rabbitmq_words_them() {
+        let memory = Alarms {
+            memory: true,
+            disk: false,
+        };
+        let disk = Alarms {
+            memory: false,
+            disk: true,
+        };
+        let both = Alarms {
+            memory: true,
+            disk: true,
+        };
+        assert_eq!(memory.reason(), "low on memory");
+        assert_eq!(disk.reason(), "low on disk");
+        assert_eq!(both.reason(), "low on memory & disk");
+        assert!(!Alarms::default().any());
+        assert!(memory.any() && disk.any() && both.any());
+    }
+}

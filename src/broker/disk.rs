@@ -1,0 +1,104 @@
+//! The disk alarm's measurement, as RabbitMQ's `disk_free_limit`: free space on the
+//! file system of the data directory, checked once a second. Below the limit the store
+//! could soon fail a commit, and a failed commit stops the node (see `store`); the alarm
+//! stops publishers first, while consumers keep acking (which frees space).
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// How often free space is looked at.
+const CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Watches the free space of the data directory's file system against its limit.
+#[derive(Debug)]
+pub struct DiskMonitor {
+    path: PathBuf,
+    limit_bytes: u64,
+    measured_under: AtomicBool,
+    last_check: Mutex<Option<Instant>>,
+}
+
+/// Bytes available to unprivileged users on the file system holding `path`.
+pub fn free_bytes(path: &Path) -> Option<u64> {
+    let c_path = CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs writes only into `stats`, which is a plain C struct.
+    let mut stats: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c_path` is a valid NUL-terminated string and `stats` a valid pointer.
+    let rc = unsafe { libc::statvfs(c_path.as_ptr(), &mut stats) };
+    (rc == 0).then(|| stats.f_bavail as u64 * stats.f_frsize as u64)
+}
+
+impl DiskMonitor {
+    /// A monitor of `path` (the data directory) with `limit_bytes` (0: never alarms).
+    pub fn new(path: PathBuf, limit_bytes: u64) -> DiskMonitor {
+        DiskMonitor {
+            path,
+            limit_bytes,
+            measured_under: AtomicBool::new(false),
+            last_check: Mutex::new(None),
+        }
+    }
+
+    /// Re-reads free space (at most once a second); returns the new alarm state when it
+    /// changed.
+    pub fn check(&self) -> Option<bool> {
+        if self.limit_bytes == 0 {
+            return None;
+        }
+        {
+            let mut last = self.last_check.lock().unwrap_or_else(|p| p.into_inner());
+            if last.is_some_and(|t| t.elapsed() < CHECK_INTERVAL) {
+                return None;
+            }
+            *last = Some(Instant::now());
+        }
+        let free = free_bytes(&self.path)?;
+        let under = free < self.limit_bytes;
+        if under == self.measured_under.swap(under, Ordering::Relaxed) {
+            return None;
+        }
+        if under {
+            tracing::warn!(
+                free,
+                limit = self.limit_bytes,
+                path = %self.path.display(),
+                "disk alarm: publishers are blocked"
+            );
+        } else {
+            tracing::info!(free, limit = self.limit_bytes, "disk alarm cleared");
+        }
+        Some(under)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_space_of_a_real_directory() {
+        let free = free_bytes(&std::env::temp_dir()).expect("statvfs works on the temp dir");
+        assert!(free > 0);
+        assert!(free_bytes(Path::new("/no/such/dir/anywhere")).is_none());
+    }
+
+    #[test]
+    fn the_alarm_follows_free_space_against_the_limit() {
+        let dir = std::env::temp_dir();
+        let under = DiskMonitor::new(dir.clone(), u64::MAX);
+        assert_eq!(under.check(), Some(true));
+        assert_eq!(
+            under.check(),
+            None,
+            "at most once a second, and only changes"
+        );
+        let fine = DiskMonitor::new(dir.clone(), 1);
+        assert_eq!(fine.check(), None);
+        let off = DiskMonitor::new(dir, 0);
+        assert_eq!(off.check(), None);
+    }
+}
