@@ -4,7 +4,9 @@
 //! and publishing resumes. (glibc's malloc would otherwise keep the drained pages, the
 //! broker would stay above the limit, and the publisher would be blocked for good.)
 
+mod common;
 mod node;
+mod util;
 
 use std::time::Duration;
 
@@ -44,13 +46,7 @@ async fn the_alarm_clears_once_a_backlog_is_drained() {
 
     let conn = connect(port).await;
     let ch = conn.create_channel().await.unwrap();
-    ch.queue_declare(
-        "backlog".into(),
-        QueueDeclareOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    util::declare_queue(&ch, "backlog").await;
 
     // lapin waits while the connection is blocked, so the publisher has its own task.
     let publisher = connect(port).await;
@@ -74,18 +70,7 @@ async fn the_alarm_clears_once_a_backlog_is_drained() {
     let mut last = 0;
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let q = ch
-            .queue_declare(
-                "backlog".into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        let n = q.message_count() as usize;
+        let n = util::message_count(&ch, "backlog").await as usize;
         assert!(n < TOTAL, "the memory alarm never stopped the publisher");
         if n == last {
             break;

@@ -4,11 +4,41 @@
 //! every alarm has cleared.
 
 use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
 use super::disk::DiskMonitor;
 use super::memory::MemoryMonitor;
+
+/// At most once per period: for the monitors' slower looks (statvfs, malloc statistics)
+/// on a tick that comes every 50 ms.
+#[derive(Debug)]
+pub(super) struct Every {
+    period: Duration,
+    last: Mutex<Option<Instant>>,
+}
+
+impl Every {
+    /// Due at once, then once per `period`.
+    pub(super) fn new(period: Duration) -> Every {
+        Every {
+            period,
+            last: Mutex::new(None),
+        }
+    }
+
+    /// True when the period has passed since the last true (which starts a new one).
+    pub(super) fn due(&self) -> bool {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|t| t.elapsed() < self.period) {
+            return false;
+        }
+        *last = Some(Instant::now());
+        true
+    }
+}
 
 /// Which alarms are on.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

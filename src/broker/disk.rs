@@ -6,9 +6,10 @@
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use super::alarm::Every;
 
 /// How often free space is looked at.
 const CHECK_INTERVAL: Duration = Duration::from_secs(1);
@@ -19,7 +20,7 @@ pub struct DiskMonitor {
     path: PathBuf,
     limit_bytes: u64,
     measured_under: AtomicBool,
-    last_check: Mutex<Option<Instant>>,
+    checks: Every,
 }
 
 /// Bytes available to unprivileged users on the file system holding `path`.
@@ -39,22 +40,15 @@ impl DiskMonitor {
             path,
             limit_bytes,
             measured_under: AtomicBool::new(false),
-            last_check: Mutex::new(None),
+            checks: Every::new(CHECK_INTERVAL),
         }
     }
 
     /// Re-reads free space (at most once a second); returns the new alarm state when it
     /// changed.
     pub fn check(&self) -> Option<bool> {
-        if self.limit_bytes == 0 {
+        if self.limit_bytes == 0 || !self.checks.due() {
             return None;
-        }
-        {
-            let mut last = self.last_check.lock().unwrap_or_else(|p| p.into_inner());
-            if last.is_some_and(|t| t.elapsed() < CHECK_INTERVAL) {
-                return None;
-            }
-            *last = Some(Instant::now());
         }
         let free = free_bytes(&self.path)?;
         let under = free < self.limit_bytes;

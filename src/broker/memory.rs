@@ -7,8 +7,9 @@
 //! stay at its peak, and an alarm raised at the peak would never clear. So the monitor
 //! also hands the allocator's unused memory back to the system when there is much of it.
 
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use super::alarm::Every;
 
 /// How often the monitor may ask the allocator to give memory back.
 const RELEASE_INTERVAL: Duration = Duration::from_secs(1);
@@ -49,8 +50,8 @@ pub struct MemoryMonitor {
     /// The last measured state: the alarm follows changes of it (a manual setting
     /// stands until the measurement changes).
     measured_over: std::sync::atomic::AtomicBool,
-    /// When the allocator was last asked about its unused memory.
-    last_release: Mutex<Instant>,
+    /// When the allocator may be asked about its unused memory.
+    releases: Every,
 }
 
 fn meminfo_total() -> Option<u64> {
@@ -80,19 +81,14 @@ impl MemoryMonitor {
         MemoryMonitor {
             limit_bytes,
             measured_over: Default::default(),
-            last_release: Mutex::new(Instant::now()),
+            releases: Every::new(RELEASE_INTERVAL),
         }
-    }
-
-    /// The limit in bytes.
-    pub fn limit_bytes(&self) -> u64 {
-        self.limit_bytes
     }
 
     /// Re-reads memory use; returns the new alarm state when it changed.
     pub fn check(&self) -> Option<bool> {
         let mut used = resident_bytes()?;
-        if self.release_due()
+        if self.releases.due()
             && used.saturating_sub(allocator::in_use_bytes()) > RELEASE_UNUSED_BYTES
         {
             let started = Instant::now();
@@ -122,15 +118,5 @@ impl MemoryMonitor {
             return Some(over);
         }
         None
-    }
-
-    /// Whether `RELEASE_INTERVAL` passed since the last look at unused memory.
-    fn release_due(&self) -> bool {
-        let mut last = self.last_release.lock().unwrap_or_else(|p| p.into_inner());
-        let due = last.elapsed() >= RELEASE_INTERVAL;
-        if due {
-            *last = Instant::now();
-        }
-        due
     }
 }

@@ -1061,12 +1061,6 @@ impl Channel {
             c.last_seq += 1;
             c.last_seq
         });
-        if seq.is_none() && !ops.is_empty() && self.broker.store().is_some_and(|s| s.is_congested())
-        {
-            // Store flow control, for publishers that do not wait for confirms (those that
-            // do are held back by their own window): the next publishes wait for the writer.
-            self.link.conn.held_by_store.store(true, Ordering::Relaxed);
-        }
         match (self.broker.store(), seq) {
             (Some(store), Some(seq)) if !ops.is_empty() => {
                 if let Some(c) = &mut self.confirms {
@@ -1081,7 +1075,15 @@ impl Channel {
                     }),
                 );
             }
-            (Some(store), None) => store.submit(ops),
+            (Some(store), None) => {
+                // Store flow control, for publishers that do not wait for confirms (those
+                // that do are held back by their window): the next publishes wait for the
+                // writer.
+                if !ops.is_empty() && store.is_congested() {
+                    self.link.conn.held_by_store.store(true, Ordering::Relaxed);
+                }
+                store.submit(ops)
+            }
             (_, Some(seq)) => {
                 if let Some(c) = &mut self.confirms {
                     c.ready.push(seq);

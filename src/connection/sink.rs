@@ -42,7 +42,7 @@ pub struct ConnShared {
     /// until they clear (or a short while passes).
     pub held_by: Mutex<Vec<Arc<Queue>>>,
     /// This connection fed the store while it was congested: it reads no more
-    /// publishes until the store catches up (or a short while passes).
+    /// publishes until the store catches up.
     pub held_by_store: AtomicBool,
 }
 

@@ -139,12 +139,6 @@ pub enum StoreOp {
     },
 }
 
-/// Bytes of payload `ops` carry.
-fn payload_len(ops: &[StoreOp]) -> usize {
-    ops.iter()
-        .fold(0usize, |sum, op| sum.saturating_add(op.payload_len()))
-}
-
 impl StoreOp {
     /// Bytes of payload this op carries, used to bound the size of a group commit.
     fn payload_len(&self) -> usize {
@@ -238,8 +232,12 @@ enum Done {
 
 /// A message to the writer thread.
 enum Request {
-    /// Ops to apply in the next group commit.
-    Ops { ops: Vec<StoreOp>, done: Done },
+    /// Ops to apply in the next group commit, and their payload bytes.
+    Ops {
+        ops: Vec<StoreOp>,
+        done: Done,
+        bytes: usize,
+    },
     /// Commit what is queued before this, fsync, and stop.
     Close,
     /// Test hook: the writer blocks until the sender side is dropped or sends, so that a test
@@ -348,10 +346,7 @@ impl Store {
     /// must never be sent for data that was not stored.
     pub fn commit(&self, ops: Vec<StoreOp>) -> impl Future<Output = ()> + Send + 'static {
         let (tx, rx) = oneshot::channel();
-        self.send(Request::Ops {
-            ops,
-            done: Done::Wake(tx),
-        });
+        self.send_ops(ops, Done::Wake(tx));
         async move {
             if rx.await.is_err() {
                 tracing::error!("store: commit dropped because the store is closed");
@@ -365,10 +360,7 @@ impl Store {
     /// loss.
     pub fn submit(&self, ops: Vec<StoreOp>) {
         if !ops.is_empty() {
-            self.send(Request::Ops {
-                ops,
-                done: Done::Nothing,
-            });
+            self.send_ops(ops, Done::Nothing);
         }
     }
 
@@ -377,10 +369,7 @@ impl Store {
     /// quick and must not block or panic (a send on a channel is the intended use). If the
     /// store was closed, `done` is dropped without being called.
     pub fn commit_then(&self, ops: Vec<StoreOp>, done: Box<dyn FnOnce() + Send>) {
-        self.send(Request::Ops {
-            ops,
-            done: Done::Call(done),
-        });
+        self.send_ops(ops, Done::Call(done));
     }
 
     /// Commits (with fsync) everything submitted so far, stops the writer thread and closes
@@ -419,13 +408,18 @@ impl Store {
         &self.inner.path
     }
 
+    /// Queues ops for the writer, counting them (and their payload) as waiting.
+    fn send_ops(&self, ops: Vec<StoreOp>, done: Done) {
+        let bytes = ops
+            .iter()
+            .fold(0usize, |sum, op| sum.saturating_add(op.payload_len()));
+        let c = &self.inner.counters;
+        c.queued_ops.fetch_add(ops.len() as u64, Ordering::Relaxed);
+        c.queued_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.send(Request::Ops { ops, done, bytes });
+    }
+
     fn send(&self, request: Request) {
-        if let Request::Ops { ops, .. } = &request {
-            let c = &self.inner.counters;
-            c.queued_ops.fetch_add(ops.len() as u64, Ordering::Relaxed);
-            c.queued_bytes
-                .fetch_add(payload_len(ops) as u64, Ordering::Relaxed);
-        }
         if self.inner.tx.send(request).is_err() {
             tracing::error!("store: request dropped because the store is closed");
         }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use redb::{Database, Durability, ReadableTable, WriteTransaction};
 
 use super::schema::{DEFINITIONS, ENTRIES, MESSAGES};
-use super::{Counters, Done, FlushMode, Request, StoreOp, fatal_store_failure, payload_len};
+use super::{Counters, Done, FlushMode, Request, StoreOp, fatal_store_failure};
 
 /// At most this many requests go into one transaction, so that a flood of publishes cannot
 /// make one commit (and the latency of its first waiter) unbounded. The rest go into the
@@ -73,6 +73,8 @@ pub(super) struct Writer {
     released: Vec<u64>,
     /// The current group commit (reused between batches).
     batch: Vec<(Vec<StoreOp>, Done)>,
+    /// Payload bytes of the current group commit.
+    batch_bytes: usize,
     counters: Arc<Counters>,
     /// When the oldest non-durable commit not yet covered by an fsync was made.
     unsynced_since: Option<Instant>,
@@ -108,6 +110,7 @@ impl Writer {
             refcounts,
             released: Vec::new(),
             batch: Vec::new(),
+            batch_bytes: 0,
             counters,
             unsynced_since: None,
         }
@@ -168,7 +171,6 @@ impl Writer {
 
     /// Moves `first` and whatever else is already queued (up to the caps) into the batch.
     fn fill_batch(&mut self, first: Request) -> Control {
-        let mut bytes = 0usize;
         let mut next = Some(first);
         loop {
             let request = match next.take() {
@@ -179,10 +181,11 @@ impl Writer {
                 },
             };
             match request {
-                Request::Ops { ops, done } => {
-                    bytes = bytes.saturating_add(payload_len(&ops));
+                Request::Ops { ops, done, bytes } => {
+                    self.batch_bytes = self.batch_bytes.saturating_add(bytes);
                     self.batch.push((ops, done));
-                    if self.batch.len() >= MAX_BATCH_REQUESTS || bytes >= MAX_BATCH_BYTES {
+                    if self.batch.len() >= MAX_BATCH_REQUESTS || self.batch_bytes >= MAX_BATCH_BYTES
+                    {
                         return Control::Continue;
                     }
                 }
@@ -211,12 +214,12 @@ impl Writer {
         }
 
         let ops: usize = self.batch.iter().map(|(ops, _)| ops.len()).sum();
-        let bytes: usize = self.batch.iter().map(|(ops, _)| payload_len(ops)).sum();
         let counters = &self.counters;
         counters.queued_ops.fetch_sub(ops as u64, Ordering::Relaxed);
-        counters
-            .queued_bytes
-            .fetch_sub(bytes as u64, Ordering::Relaxed);
+        counters.queued_bytes.fetch_sub(
+            std::mem::take(&mut self.batch_bytes) as u64,
+            Ordering::Relaxed,
+        );
         counters.transactions.fetch_add(1, Ordering::Relaxed);
         counters
             .requests
