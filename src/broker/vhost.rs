@@ -8,7 +8,7 @@ use std::sync::{Arc, RwLock, Weak};
 use amq_protocol::types::{AMQPValue, FieldTable};
 
 use super::exchange::{Binding, Destination, Exchange, ExchangeDef, ExchangeKind};
-use super::persist::{self, StoredBinding, StoredExchange, StoredQueue};
+use super::persist::{self, StoredBinding, StoredDefinition, StoredExchange, StoredQueue};
 use crate::protocol::{AmqpError, reply::amqp_err};
 use crate::queue::{DeadLetterRouter, Queue, QueueArgs, QueueDef, QueueStore};
 use crate::store::{Store, StoreOp};
@@ -157,7 +157,7 @@ impl VHost {
         if x.def.durable {
             self.persist(vec![StoreOp::PutDefinition {
                 key: persist::exchange_key(&self.name, &x.def.name),
-                value: persist::to_json(&StoredExchange::new(&self.name, &x.def)),
+                value: StoredExchange::new(&self.name, &x.def).encode(),
             }]);
         }
         Ok(x)
@@ -441,7 +441,7 @@ impl VHost {
         if let Some(qs) = q.store() {
             qs.store.submit(vec![StoreOp::PutDefinition {
                 key: qs.key.clone(),
-                value: persist::to_json(&StoredQueue::new(&self.name, &q.def)),
+                value: StoredQueue::new(&self.name, &q.def).encode(),
             }]);
         }
         Ok((q, true))
@@ -511,7 +511,7 @@ impl VHost {
         ops.push(if put {
             StoreOp::PutDefinition {
                 key,
-                value: persist::to_json(&stored),
+                value: stored.encode(),
             }
         } else {
             StoreOp::DeleteDefinition { key }
