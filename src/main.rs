@@ -61,6 +61,15 @@ fn server_main(config_file: Option<PathBuf>) -> std::process::ExitCode {
 }
 
 async fn run_server(config: Config) -> std::process::ExitCode {
+    // Watch for the signals before starting: recovery can take seconds, and a SIGTERM
+    // sent meanwhile must stop the node as soon as it is up, not be lost.
+    let mut signals = match StopSignals::watch() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("cannot watch for SIGTERM and SIGINT: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     let broker = match Broker::start(config).await {
         Ok(b) => b,
         Err(e) => {
@@ -68,18 +77,35 @@ async fn run_server(config: Config) -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!("cannot watch SIGTERM: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    tracing::info!("shutting down");
+    let signal = signals.next().await;
+    tracing::info!("{signal} received: shutting down");
     broker.shutdown().await;
+    tracing::info!("stopped: connections closed, store committed and closed");
     std::process::ExitCode::SUCCESS
+}
+
+/// SIGTERM (`docker stop`, systemd, `kill`) and SIGINT (Ctrl-C): both stop the node
+/// gracefully. As PID 1 in a container a signal without a handler is ignored, so these
+/// handlers are what makes `docker stop` work.
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn watch() -> std::io::Result<StopSignals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(StopSignals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// Waits for the next stop signal and names it.
+    async fn next(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
 }
