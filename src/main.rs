@@ -1,6 +1,7 @@
 //! The `warren` command: runs a broker node (later also `warren perf` and `warren ctl`).
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
@@ -11,7 +12,8 @@ use warren::{Broker, Config};
 #[command(version, about)]
 struct Cli {
     /// Settings file (TOML) overriding the built-in defaults; WARREN_* env overrides both.
-    #[arg(long, global = true)]
+    /// WARREN_CONFIG_FILE names it too (the container image sets it).
+    #[arg(long, global = true, env = "WARREN_CONFIG_FILE")]
     config: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
@@ -24,6 +26,23 @@ enum Command {
     /// Drive a broker (this one or any AMQP 0-9-1 broker) with load and report rates,
     /// latency, loss and CPU per message.
     Perf(Box<warren::perf::PerfArgs>),
+    /// Exit 0 if the node on this host answers the AMQP protocol header with
+    /// connection.start, 1 if not (the container image's HEALTHCHECK).
+    Healthcheck(HealthcheckArgs),
+}
+
+#[derive(clap::Args)]
+struct HealthcheckArgs {
+    /// Host to check (default: loopback, or the first of `listen_addresses` when the node
+    /// does not listen on every address).
+    #[arg(long)]
+    host: Option<String>,
+    /// AMQP port (default: `port` from the settings).
+    #[arg(long)]
+    port: Option<u16>,
+    /// Seconds to wait for connection.start.
+    #[arg(long, default_value_t = 5)]
+    timeout: u64,
 }
 
 fn main() -> std::process::ExitCode {
@@ -31,6 +50,28 @@ fn main() -> std::process::ExitCode {
     match cli.command.unwrap_or(Command::Server) {
         Command::Server => server_main(cli.config),
         Command::Perf(args) => warren::perf::run(*args),
+        Command::Healthcheck(args) => healthcheck_main(cli.config, args),
+    }
+}
+
+fn healthcheck_main(config_file: Option<PathBuf>, args: HealthcheckArgs) -> std::process::ExitCode {
+    let config = match Config::load(config_file.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("warren healthcheck: bad configuration: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let host = args
+        .host
+        .unwrap_or_else(|| warren::healthcheck::local_host(&config.listen_addresses));
+    let port = args.port.unwrap_or(config.port);
+    match warren::healthcheck::check(&host, port, Duration::from_secs(args.timeout)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("warren healthcheck: {e}");
+            std::process::ExitCode::FAILURE
+        }
     }
 }
 
