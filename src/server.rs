@@ -42,6 +42,8 @@ impl Broker {
     pub async fn start(config: Config) -> anyhow::Result<Broker> {
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("data_dir {}", config.data_dir.display()))?;
+        // On a nearly full disk, give back the reserve before the store needs room.
+        crate::broker::disk::tend_reserve(&config.data_dir);
         let interval = std::time::Duration::from_millis(config.flush_interval_ms.max(1));
         // Opening reads the whole store back (seconds for millions of messages): keep it off
         // the async workers.
