@@ -6,6 +6,7 @@
 pub mod broker;
 pub mod config;
 pub mod connection;
+pub mod healthcheck;
 pub mod perf;
 pub mod protocol;
 pub mod queue;
