@@ -39,6 +39,14 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 impl Broker {
     /// Starts a node with these settings: opens the store, binds the listeners.
     pub async fn start(config: Config) -> anyhow::Result<Broker> {
+        let membership = crate::cluster::Membership::from_config(&config)?;
+        if let Some(m) = &membership {
+            tracing::info!(
+                node = m.this_node().name.as_str(),
+                members = m.members.len(),
+                "cluster member"
+            );
+        }
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("data_dir {}", config.data_dir.display()))?;
         let interval = std::time::Duration::from_millis(config.flush_interval_ms.max(1));
