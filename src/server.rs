@@ -19,9 +19,11 @@ pub struct Broker {
     shutdown: broadcast::Sender<()>,
     tasks: JoinSet<()>,
     state: Arc<BrokerState>,
+    cluster: Option<crate::cluster::ClusterNode>,
 }
 
-fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+/// A listening socket on `addr` (address reuse on; an IPv6 one serves IPv6 only).
+pub(crate) fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
@@ -40,13 +42,6 @@ impl Broker {
     /// Starts a node with these settings: opens the store, binds the listeners.
     pub async fn start(config: Config) -> anyhow::Result<Broker> {
         let membership = crate::cluster::Membership::from_config(&config)?;
-        if let Some(m) = &membership {
-            tracing::info!(
-                node = m.this_node().name.as_str(),
-                members = m.members.len(),
-                "cluster member"
-            );
-        }
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("data_dir {}", config.data_dir.display()))?;
         let interval = std::time::Duration::from_millis(config.flush_interval_ms.max(1));
@@ -58,6 +53,10 @@ impl Broker {
                 .await??;
         let state = BrokerState::new(config.clone(), Some(store));
         state.recover(recovered);
+        let cluster = match membership {
+            Some(m) => Some(crate::cluster::ClusterNode::start(m).await?),
+            None => None,
+        };
         let (shutdown, _) = broadcast::channel(1);
         let mut tasks = JoinSet::new();
         let mut addrs = Vec::new();
@@ -88,6 +87,7 @@ impl Broker {
             shutdown,
             tasks,
             state,
+            cluster,
         })
     }
 
@@ -118,9 +118,17 @@ impl Broker {
         self.state.store().map(|s| s.stats())
     }
 
+    /// The cluster's members and this node's links to them; `None` for a single node.
+    pub fn cluster_status(&self) -> Option<crate::cluster::ClusterStatus> {
+        self.cluster.as_ref().map(|c| c.status())
+    }
+
     /// Closes every connection (320 CONNECTION_FORCED) and stops listening.
     pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(());
+        if let Some(cluster) = &self.cluster {
+            cluster.shutdown();
+        }
         while self.tasks.join_next().await.is_some() {}
         if let Some(store) = self.state.store().cloned() {
             let _ = tokio::task::spawn_blocking(move || store.close()).await;

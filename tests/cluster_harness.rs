@@ -104,3 +104,46 @@ async fn nodes_are_hosts_of_their_own_and_faults_apply() {
         .unwrap();
     assert!(!link.status.success(), "bridge {bridge} removed");
 }
+
+/// Waits up to 15 s for `needle` in node `i`'s log.
+async fn wait_log(c: &Cluster, i: usize, needle: &str) -> bool {
+    for _ in 0..300 {
+        if c.log(i).contains(needle) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_nodes_link_to_every_peer_and_refuse_another_secret() {
+    let Some(mut c) = Cluster::start(3) else {
+        return;
+    };
+    let names = c.member_names();
+    for i in 1..=3 {
+        for (j, peer) in names.iter().enumerate() {
+            if j + 1 != i {
+                assert!(
+                    wait_log(&c, i, &format!("link to {peer} up")).await,
+                    "node {i} linked to {peer}:\n{}",
+                    c.log_tail(i)
+                );
+            }
+        }
+    }
+    c.kill(3);
+    c.set_env("WARREN_CLUSTER_SECRET", "not-the-cluster-secret");
+    c.start_node(3);
+    assert!(
+        wait_log(&c, 3, "cluster_secret differs").await,
+        "node 3 says why it has no link:\n{}",
+        c.log_tail(3)
+    );
+    assert!(
+        wait_log(&c, 1, "could not prove the cluster secret").await,
+        "node 1 refused node 3:\n{}",
+        c.log_tail(1)
+    );
+}

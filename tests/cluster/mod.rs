@@ -113,7 +113,7 @@ impl Cluster {
             eprintln!("skipped: the cluster tests need root (ip netns, nft)");
             return None;
         }
-        assert!(n >= 1 && n <= 200, "1..=200 nodes");
+        assert!((1..=200).contains(&n), "1..=200 nodes");
         reap_abandoned();
         let subnet = claim_subnet();
         let bridge = format!("wc-{subnet}-br");
