@@ -690,3 +690,45 @@ async fn work_piling_up_for_the_writer_congests_the_store_until_committed() {
     assert!(!store.is_congested());
     store.close();
 }
+
+#[tokio::test]
+async fn raft_logs_and_values_of_every_group_survive_a_reopen() {
+    let dir = TempDir::new("raft-log");
+    let (store, recovered) = open(&dir);
+    assert!(recovered.raft.is_empty(), "a new store has no Raft group");
+    let append = |group, index: u64| StoreOp::RaftAppend {
+        group,
+        index,
+        entry: Bytes::from(format!("g{group}-{index}")),
+    };
+    let mut ops: Vec<StoreOp> = (1..=6).map(|i| append(0, i)).collect();
+    ops.extend((1..=3).map(|i| append(9, i)));
+    ops.push(StoreOp::RaftPutState {
+        group: 0,
+        key: "vote".into(),
+        value: Bytes::from_static(b"v1"),
+    });
+    store.commit(ops).await;
+    store
+        .commit(vec![
+            StoreOp::RaftTruncateFrom { group: 0, index: 5 },
+            StoreOp::RaftPurgeUpTo { group: 0, index: 2 },
+            append(0, 5),
+            StoreOp::RaftPutState {
+                group: 0,
+                key: "vote".into(),
+                value: Bytes::from_static(b"v2"),
+            },
+        ])
+        .await;
+    let recovered = reopen(store, &dir);
+    let g0 = &recovered.raft[&0];
+    let indexes: Vec<u64> = g0.log.iter().map(|(i, _)| *i).collect();
+    assert_eq!(
+        indexes,
+        [3, 4, 5],
+        "purged up to 2, truncated from 5, 5 appended again"
+    );
+    assert_eq!(g0.state["vote"], b"v2");
+    assert_eq!(recovered.raft[&9].log.len(), 3, "other groups untouched");
+}
