@@ -48,13 +48,18 @@ impl Broker {
         // Opening reads the whole store back (seconds for millions of messages): keep it off
         // the async workers.
         let (dir, flush) = (config.data_dir.clone(), config.flush);
-        let (store, recovered) =
+        let (store, mut recovered) =
             tokio::task::spawn_blocking(move || crate::store::Store::open(&dir, flush, interval))
                 .await??;
+        let meta_log = recovered
+            .raft
+            .remove(&crate::cluster::meta::storage::META_GROUP)
+            .unwrap_or_default();
+        let cluster_store = store.clone();
         let state = BrokerState::new(config.clone(), Some(store));
         state.recover(recovered);
         let cluster = match membership {
-            Some(m) => Some(crate::cluster::ClusterNode::start(m).await?),
+            Some(m) => Some(crate::cluster::ClusterNode::start(m, cluster_store, meta_log).await?),
             None => None,
         };
         let (shutdown, _) = broadcast::channel(1);
@@ -127,7 +132,7 @@ impl Broker {
     pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(());
         if let Some(cluster) = &self.cluster {
-            cluster.shutdown();
+            cluster.shutdown().await;
         }
         while self.tasks.join_next().await.is_some() {}
         if let Some(store) = self.state.store().cloned() {

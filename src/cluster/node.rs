@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use anyhow::Context;
 
 use super::membership::Membership;
+use super::meta::MetaGroup;
 use super::transport::{PeerStatus, Transport, TransportConfig};
 
 /// The running cluster side of a node.
@@ -15,6 +16,7 @@ pub struct ClusterNode {
     membership: Membership,
     transport: Transport,
     listen: SocketAddr,
+    meta: MetaGroup,
 }
 
 /// What `cluster_status` shows, as RabbitMQ's `rabbitmqctl cluster_status` does: the
@@ -27,11 +29,18 @@ pub struct ClusterStatus {
     pub members: Vec<String>,
     /// This node's link to each other member.
     pub peers: Vec<PeerStatus>,
+    /// The leader of the metadata group, as far as this node knows.
+    pub metadata_leader: Option<String>,
 }
 
 impl ClusterNode {
-    /// Listens for peers on this member's address and `cluster_port`, and starts dialing.
-    pub async fn start(membership: Membership) -> anyhow::Result<ClusterNode> {
+    /// Listens for peers on this member's address and `cluster_port`, starts dialing, and
+    /// starts this node's member of the metadata group from what `store` recovered.
+    pub async fn start(
+        membership: Membership,
+        store: crate::store::Store,
+        recovered: crate::store::RecoveredRaftGroup,
+    ) -> anyhow::Result<ClusterNode> {
         let me = membership.this_node().clone();
         let listen = me
             .address(membership.port)
@@ -49,10 +58,12 @@ impl ClusterNode {
         tracing::info!("listening for cluster peers on {listen} as {}", me.name);
         let config = TransportConfig::new(me.name.clone(), peers, membership.secret.clone());
         let transport = Transport::start(config, listener);
+        let meta = MetaGroup::start(&membership, transport.clone(), store, recovered).await?;
         Ok(ClusterNode {
             membership,
             transport,
             listen,
+            meta,
         })
     }
 
@@ -67,6 +78,7 @@ impl ClusterNode {
                 .map(|m| m.name.clone())
                 .collect(),
             peers: self.transport.status(),
+            metadata_leader: self.meta.leader(),
         }
     }
 
@@ -80,8 +92,14 @@ impl ClusterNode {
         self.listen
     }
 
-    /// Closes every link.
-    pub fn shutdown(&self) {
+    /// The metadata group.
+    pub fn meta(&self) -> &MetaGroup {
+        &self.meta
+    }
+
+    /// Stops the metadata group and closes every link.
+    pub async fn shutdown(&self) {
+        self.meta.shutdown().await;
         self.transport.shutdown();
     }
 }
