@@ -105,6 +105,16 @@ impl Cluster {
 
     /// As [`Cluster::start`], with extra `WARREN_*` settings for every node.
     pub fn start_with(n: usize, env: &[(&str, &str)]) -> Option<Cluster> {
+        let mut cluster = Self::create(n, env)?;
+        for i in 1..=n {
+            cluster.start_node(i);
+        }
+        Some(cluster)
+    }
+
+    /// The network of `n` nodes with no process started yet (tests that choose the start
+    /// order call [`Cluster::start_node`]).
+    pub fn create(n: usize, env: &[(&str, &str)]) -> Option<Cluster> {
         if !is_root() {
             assert!(
                 std::env::var_os("CI").is_none(),
@@ -143,9 +153,6 @@ impl Cluster {
         for index in 1..=n {
             let node = cluster.make_node(index);
             cluster.nodes.push(node);
-        }
-        for i in 1..=n {
-            cluster.start_node(i);
         }
         Some(cluster)
     }
@@ -433,6 +440,41 @@ impl Cluster {
     /// The whole log of node `i`.
     pub fn log(&self, i: usize) -> String {
         std::fs::read_to_string(&self.nodes[i - 1].log).unwrap_or_default()
+    }
+
+    /// The metadata leader node `i` last logged, `None` if it logged none or "no leader".
+    pub fn logged_leader(&self, i: usize) -> Option<String> {
+        let log = self.log(i);
+        let line = log.lines().rev().find(|l| {
+            l.contains("cluster: metadata leader is ") || l.contains("cluster: no metadata leader")
+        })?;
+        let (_, name) = line.split_once("cluster: metadata leader is ")?;
+        Some(name.trim().to_string())
+    }
+
+    /// Waits up to `limit` until every node of `on` logged the same metadata leader (other
+    /// than node `not`, when given), and returns its index.
+    pub async fn wait_agreed_leader(
+        &self,
+        on: &[usize],
+        not: Option<usize>,
+        limit: Duration,
+    ) -> usize {
+        let deadline = Instant::now() + limit;
+        loop {
+            let leaders: Vec<Option<String>> = on.iter().map(|i| self.logged_leader(*i)).collect();
+            if let Some(Some(first)) = leaders.first()
+                && leaders.iter().all(|l| l.as_ref() == Some(first))
+                && let Some(n) = self.nodes.iter().find(|n| &n.name == first)
+                && Some(n.index) != not
+            {
+                return n.index;
+            }
+            if Instant::now() >= deadline {
+                panic!("nodes {on:?} did not agree on a metadata leader: {leaders:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Names of the network namespaces this harness made (tests check cleanup).

@@ -160,6 +160,7 @@ impl MetaGroup {
         .await
         .context("starting the metadata group")?;
         tokio::spawn(network::serve(raft.clone(), inbox));
+        tokio::spawn(log_leader_changes(raft.clone(), names.clone()));
         if !raft
             .is_initialized()
             .await
@@ -269,5 +270,25 @@ impl MetaGroup {
     /// Stops the Raft node.
     pub async fn shutdown(&self) {
         let _ = self.raft.shutdown().await;
+    }
+}
+
+/// Logs every change of the metadata leader as this node sees it (operators read it;
+/// the cluster tests wait for it), until the Raft node stops.
+async fn log_leader_changes(raft: Raft<TypeConfig>, names: BTreeMap<NodeId, String>) {
+    let mut metrics = raft.metrics();
+    let mut last: Option<Option<NodeId>> = None;
+    loop {
+        let leader = metrics.borrow_and_update().current_leader;
+        if last != Some(leader) {
+            match leader.and_then(|id| names.get(&id)) {
+                Some(name) => tracing::info!("cluster: metadata leader is {name}"),
+                None => tracing::info!("cluster: no metadata leader"),
+            }
+            last = Some(leader);
+        }
+        if metrics.changed().await.is_err() {
+            return;
+        }
     }
 }
