@@ -520,6 +520,18 @@ fn remove_network(s: u8) {
             }
         }
     }
+    // A deleted namespace can linger in the kernel (and its veths with it) while sockets
+    // of its processes wind down: delete the host-side veths, which takes their pairs.
+    let veth = format!("wc-{s}-v");
+    if let Ok(out) = Command::new("ip").args(["-o", "link", "show"]).output() {
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let name = line.split(": ").nth(1).unwrap_or("");
+            let name = name.split('@').next().unwrap_or("");
+            if name.starts_with(&veth) {
+                let _ = run(&["ip", "link", "delete", name]);
+            }
+        }
+    }
     let _ = run(&["ip", "link", "delete", &format!("wc-{s}-br")]);
     let _ = std::fs::remove_file(format!("{OWNERS_DIR}/{s}"));
 }
