@@ -57,3 +57,19 @@ async fn a_killed_or_cut_off_leader_is_replaced_and_rejoins_as_a_follower() {
         "the cut-off node lacks the majority's entries, so it follows after healing"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_leader_is_replaced_and_follows_when_it_resumes() {
+    let Some(c) = Cluster::start(3) else {
+        return;
+    };
+    let first = c.wait_agreed_leader(&[1, 2, 3], None, ELECTION).await;
+    // SIGSTOP past the election timeout and the transport's silence limit.
+    c.pause(first);
+    let rest: Vec<usize> = (1..=3).filter(|i| *i != first).collect();
+    let second = c.wait_agreed_leader(&rest, Some(first), ELECTION).await;
+    c.resume(first);
+    let after = c.wait_agreed_leader(&[1, 2, 3], Some(first), ELECTION).await;
+    assert!(rest.contains(&after), "leader {after} is one of the nodes that kept running");
+    let _ = second;
+}

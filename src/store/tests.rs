@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use redb::{Database, ReadableDatabase, ReadableTable};
+use redb::{Database, ReadableDatabase, ReadableTable, TableHandle};
 
 use super::schema::{ENTRIES, MESSAGES};
 use super::*;
@@ -731,4 +731,38 @@ async fn raft_logs_and_values_of_every_group_survive_a_reopen() {
     );
     assert_eq!(g0.state["vote"], b"v2");
     assert_eq!(recovered.raft[&9].log.len(), 3, "other groups untouched");
+}
+
+#[tokio::test]
+async fn a_single_node_never_creates_the_raft_tables() {
+    let dir = TempDir::new("no-raft");
+    let (store, _) = open(&dir);
+    store
+        .commit(vec![
+            put(1, b"m"),
+            StoreOp::Enqueue {
+                queue: "q/%2f/a".into(),
+                offset: 0,
+                msg_id: 1,
+            },
+            StoreOp::PutDefinition {
+                key: "q/%2f/a".into(),
+                value: b"{}".to_vec(),
+            },
+        ])
+        .await;
+    store.close();
+    drop(store);
+    let db = Database::open(dir.path().join(DB_FILE_NAME)).expect("open db");
+    let txn = db.begin_read().expect("read txn");
+    let names: Vec<String> = txn
+        .list_tables()
+        .expect("list tables")
+        .map(|t| t.name().to_string())
+        .collect();
+    assert!(names.iter().any(|n| n == "queue_entries"), "{names:?}");
+    assert!(
+        !names.iter().any(|n| n.starts_with("raft")),
+        "no Raft table without a cluster: {names:?}"
+    );
 }

@@ -449,3 +449,40 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_change_the_definitions_as_named() {
+        let mut defs = Definitions::new();
+        let put = |k: &str, v: &str| MetaCommand::Put {
+            key: k.into(),
+            value: v.as_bytes().to_vec(),
+        };
+        assert!(apply_command(&mut defs, put("q/%2f/a", "1")).changed);
+        assert!(!apply_command(&mut defs, put("q/%2f/a", "2")).changed, "replaced");
+        assert_eq!(defs["q/%2f/a"], b"2");
+        let keep = MetaCommand::PutIfAbsent {
+            key: "q/%2f/a".into(),
+            value: b"3".to_vec(),
+        };
+        assert!(!apply_command(&mut defs, keep).changed);
+        assert_eq!(defs["q/%2f/a"], b"2", "the first declare wins");
+        apply_command(&mut defs, put("b/%2f/a/1", ""));
+        apply_command(&mut defs, put("b/%2f/a/2", ""));
+        apply_command(&mut defs, put("b/%2f/b/1", ""));
+        let gone = MetaCommand::DeletePrefix {
+            prefix: "b/%2f/a/".into(),
+        };
+        assert!(apply_command(&mut defs, gone).changed);
+        let left: Vec<&String> = defs.keys().collect();
+        assert_eq!(left, ["b/%2f/b/1", "q/%2f/a"]);
+        let del = MetaCommand::Delete {
+            key: "q/%2f/a".into(),
+        };
+        assert!(apply_command(&mut defs, del.clone()).changed);
+        assert!(!apply_command(&mut defs, del).changed, "already gone");
+    }
+}
