@@ -123,6 +123,11 @@ impl Broker {
         self.state.store().map(|s| s.stats())
     }
 
+    /// This node's cluster side (links, metadata group); `None` for a single node.
+    pub fn cluster(&self) -> Option<&crate::cluster::ClusterNode> {
+        self.cluster.as_ref()
+    }
+
     /// The cluster's members and this node's links to them; `None` for a single node.
     pub fn cluster_status(&self) -> Option<crate::cluster::ClusterStatus> {
         self.cluster.as_ref().map(|c| c.status())
