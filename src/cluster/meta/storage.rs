@@ -462,7 +462,10 @@ mod tests {
             value: v.as_bytes().to_vec(),
         };
         assert!(apply_command(&mut defs, put("q/%2f/a", "1")).changed);
-        assert!(!apply_command(&mut defs, put("q/%2f/a", "2")).changed, "replaced");
+        assert!(
+            !apply_command(&mut defs, put("q/%2f/a", "2")).changed,
+            "replaced"
+        );
         assert_eq!(defs["q/%2f/a"], b"2");
         let keep = MetaCommand::PutIfAbsent {
             key: "q/%2f/a".into(),
