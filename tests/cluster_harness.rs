@@ -79,6 +79,23 @@ async fn nodes_are_hosts_of_their_own_and_faults_apply() {
     declare(&conn, "survives-kill", false)
         .await
         .expect("declare");
+    // A confirmed persistent publish to it is stored after its definition: both are on
+    // disk once the confirm arrives. (declare-ok alone does not wait for the disk.)
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(Default::default()).await.unwrap();
+    let confirm = ch
+        .basic_publish(
+            "".into(),
+            "survives-kill".into(),
+            Default::default(),
+            b"kept",
+            lapin::BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(confirm.is_ack());
     c.kill(1);
     assert!(!c.is_running(1));
     c.start_node(1);
@@ -86,6 +103,13 @@ async fn nodes_are_hosts_of_their_own_and_faults_apply() {
     declare(&conn, "survives-kill", true)
         .await
         .expect("a durable queue survives kill -9 and restart");
+    let ch = conn.create_channel().await.unwrap();
+    let got = ch
+        .basic_get("survives-kill".into(), Default::default())
+        .await
+        .unwrap()
+        .expect("the confirmed message survives too");
+    assert_eq!(got.delivery.data, b"kept");
 
     let namespaces = c.namespaces();
     let bridge = format!("wc-{}-br", c.subnet);

@@ -65,6 +65,15 @@ fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// Sends `signal` to `pid` (no `kill` binary needed: minimal systems lack procps).
+fn send_signal(pid: u32, signal: i32) -> bool {
+    let Ok(pid) = i32::try_from(pid) else {
+        return false;
+    };
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe { libc::kill(pid, signal) == 0 }
+}
+
 fn pid_alive(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
@@ -248,12 +257,15 @@ impl Cluster {
         self.env.push((key.into(), value.into()));
     }
 
-    fn signal(&self, i: usize, signal: &str) {
+    fn signal(&self, i: usize, signal: i32) {
         let child = self.nodes[i - 1]
             .child
             .as_ref()
             .unwrap_or_else(|| panic!("node {i} is not running"));
-        sh(&["kill", signal, &child.id().to_string()]);
+        assert!(
+            send_signal(child.id(), signal),
+            "signal {signal} to node {i} failed"
+        );
     }
 
     /// kill -9 node `i` and reap it.
@@ -269,7 +281,7 @@ impl Cluster {
         let Some(mut child) = self.nodes[i - 1].child.take() else {
             return;
         };
-        let _ = run(&["kill", "-TERM", &child.id().to_string()]);
+        send_signal(child.id(), libc::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = child.try_wait() {
@@ -289,12 +301,12 @@ impl Cluster {
 
     /// SIGSTOP: the node keeps its sockets but answers nothing.
     pub fn pause(&self, i: usize) {
-        self.signal(i, "-STOP");
+        self.signal(i, libc::SIGSTOP);
     }
 
     /// SIGCONT after [`Cluster::pause`].
     pub fn resume(&self, i: usize) {
-        self.signal(i, "-CONT");
+        self.signal(i, libc::SIGCONT);
     }
 
     /// Whether node `i`'s process is running (not exited).
@@ -512,7 +524,9 @@ fn remove_network(s: u8) {
                 // Processes of an abandoned harness are still running in it.
                 if let Ok(pids) = Command::new("ip").args(["netns", "pids", name]).output() {
                     for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
-                        let _ = run(&["kill", "-9", pid]);
+                        if let Ok(pid) = pid.parse() {
+                            send_signal(pid, libc::SIGKILL);
+                        }
                     }
                 }
                 // Deleting the namespace destroys its end of the veth, and with it the pair.
