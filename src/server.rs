@@ -229,7 +229,12 @@ async fn ticker(state: Arc<BrokerState>, mut stop: broadcast::Receiver<()>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         tokio::select! {
-            _ = tick.tick() => state.tick(),
+            // Alarm checks read procfs and statvfs and may trim the allocator, and
+            // expiry scans lock every queue: keep them off the async workers.
+            _ = tick.tick() => {
+                let state = state.clone();
+                let _ = tokio::task::spawn_blocking(move || state.tick()).await;
+            }
             _ = stop.recv() => return,
         }
     }

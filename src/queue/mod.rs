@@ -12,6 +12,9 @@ pub mod args;
 pub mod message;
 pub mod state;
 
+#[cfg(test)]
+mod model_tests;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
