@@ -58,6 +58,14 @@ pub struct Config {
     /// Free bytes on the data directory's file system below which publishers are
     /// blocked (0: never).
     pub disk_free_limit: u64,
+    /// This node's cluster name (`name@host`); empty: `warren@<host name>`.
+    pub node_name: String,
+    /// Every member of the cluster as `name@host`, this node included; empty: single node.
+    pub cluster_nodes: Vec<String>,
+    /// Inter-node port.
+    pub cluster_port: u16,
+    /// Shared secret that peers prove to each other.
+    pub cluster_secret: String,
     /// tracing filter.
     pub log: String,
 }
@@ -89,7 +97,8 @@ impl Config {
                     .try_parsing(true)
                     .list_separator(",")
                     .with_list_parse_key("listen_addresses")
-                    .with_list_parse_key("loopback_users"),
+                    .with_list_parse_key("loopback_users")
+                    .with_list_parse_key("cluster_nodes"),
             )
             .build()?
             .try_deserialize()
@@ -154,6 +163,21 @@ fn rabbitmq_image_env(vars: &config::Map<String, String>) -> config::Environment
     config::Environment::with_prefix("RABBITMQ").source(Some(picked))
 }
 
+impl Config {
+    /// This node's name: `node_name`, or `warren@<host name>` when it is empty.
+    pub fn node_name(&self) -> String {
+        if !self.node_name.is_empty() {
+            return self.node_name.clone();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "localhost".into());
+        format!("warren@{host}")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,6 +188,19 @@ mod tests {
         assert_eq!(c.port, 5672);
         assert_eq!(c.default_user, "guest");
         assert_eq!(c.flush, FlushMode::Sync);
+        assert!(c.cluster_nodes.is_empty(), "single node unless configured");
+        assert_eq!(c.cluster_port, 25672);
+    }
+
+    #[test]
+    fn node_name_defaults_to_warren_at_host() {
+        let c = Config::defaults();
+        assert!(c.node_name().starts_with("warren@"));
+        let named = Config {
+            node_name: "n1@10.0.0.1".into(),
+            ..Config::defaults()
+        };
+        assert_eq!(named.node_name(), "n1@10.0.0.1");
     }
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {

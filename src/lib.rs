@@ -4,6 +4,7 @@
 //! integration tests both do), read the address it listens on, shut it down.
 
 pub mod broker;
+pub mod cluster;
 pub mod config;
 pub mod connection;
 pub mod healthcheck;

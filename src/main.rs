@@ -83,7 +83,14 @@ fn server_main(config_file: Option<PathBuf>) -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        let filter = EnvFilter::new(&config.log);
+        // openraft narrates every election at info; Warren logs the leader changes itself.
+        match "openraft=warn".parse() {
+            Ok(quiet) if !config.log.contains("openraft") => filter.add_directive(quiet),
+            _ => filter,
+        }
+    });
     // Colours only on a terminal: `docker logs`, journald and log files get plain text.
     tracing_subscriber::fmt()
         .with_env_filter(filter)
