@@ -7,6 +7,7 @@ pub mod disk;
 pub mod exchange;
 pub mod memory;
 pub mod persist;
+pub mod reply_to;
 pub mod vhost;
 
 use std::collections::HashMap;
@@ -30,6 +31,8 @@ pub struct BrokerState {
     store: Option<Store>,
     /// Memory and disk alarms.
     pub alarms: alarm::ResourceAlarms,
+    /// Live direct reply-to consumers (node-wide: a reply may come from any vhost).
+    pub direct_reply_to: reply_to::DirectReplyTo,
 }
 
 impl BrokerState {
@@ -53,6 +56,7 @@ impl BrokerState {
             next_msg_id,
             store,
             alarms,
+            direct_reply_to: Default::default(),
         })
     }
 

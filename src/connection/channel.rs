@@ -2,6 +2,8 @@
 //! unacked-delivery map keyed by delivery tag, prefetch, publisher confirms and
 //! transactions. Each AMQP class's methods become calls on the vhost and its queues.
 
+mod direct_reply;
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -12,6 +14,7 @@ use bytes::{Bytes, BytesMut};
 
 use super::sink::{ChannelLink, ConnEvent, ConnShared};
 use crate::broker::persist;
+use crate::broker::reply_to::PSEUDO_QUEUE;
 use crate::broker::vhost::generated_name;
 use crate::broker::{BrokerState, ExchangeDef, ExchangeKind, VHost};
 use crate::protocol::codec::{ContentHeader, InFrame, encode};
@@ -133,6 +136,8 @@ pub struct Channel {
     tx: Option<Vec<TxOp>>,
     last_queue: Option<String>,
     frame_max: u32,
+    /// The consumer of `amq.rabbitmq.reply-to` on this channel (direct reply-to).
+    reply_consumer: Option<direct_reply::ReplyConsumer>,
 }
 
 type Result<T> = std::result::Result<T, AmqpError>;
@@ -175,6 +180,7 @@ impl Channel {
             tx: None,
             last_queue: None,
             frame_max,
+            reply_consumer: None,
         }
     }
 
@@ -405,28 +411,33 @@ impl Channel {
     fn queue_method(&mut self, m: queue::AMQPMethod, out: &mut BytesMut) -> Result<()> {
         let reply = match m {
             queue::AMQPMethod::Declare(d) => {
-                let name = if d.passive {
-                    self.queue_name(s(&d.queue))?
+                if let Some(ok) = self.declare_reply_to(s(&d.queue)) {
+                    let ok = ok?;
+                    (!d.nowait).then_some(queue::AMQPMethod::DeclareOk(ok))
                 } else {
-                    s(&d.queue).to_string()
-                };
-                let def = QueueDef {
-                    name,
-                    durable: d.durable,
-                    exclusive_owner: d.exclusive.then_some(self.conn_id),
-                    auto_delete: d.auto_delete,
-                    arguments: d.arguments,
-                };
-                let (q, _created) = self.vhost.declare_queue(def, d.passive, self.conn_id)?;
-                let counts = q.counts();
-                self.last_queue = Some(q.name().to_string());
-                (!d.nowait).then(|| {
-                    queue::AMQPMethod::DeclareOk(queue::DeclareOk {
-                        queue: q.name().into(),
-                        message_count: counts.messages,
-                        consumer_count: counts.consumers,
+                    let name = if d.passive {
+                        self.queue_name(s(&d.queue))?
+                    } else {
+                        s(&d.queue).to_string()
+                    };
+                    let def = QueueDef {
+                        name,
+                        durable: d.durable,
+                        exclusive_owner: d.exclusive.then_some(self.conn_id),
+                        auto_delete: d.auto_delete,
+                        arguments: d.arguments,
+                    };
+                    let (q, _created) = self.vhost.declare_queue(def, d.passive, self.conn_id)?;
+                    let counts = q.counts();
+                    self.last_queue = Some(q.name().to_string());
+                    (!d.nowait).then(|| {
+                        queue::AMQPMethod::DeclareOk(queue::DeclareOk {
+                            queue: q.name().into(),
+                            message_count: counts.messages,
+                            consumer_count: counts.consumers,
+                        })
                     })
-                })
+                }
             }
             queue::AMQPMethod::Bind(b) => {
                 let name = self.queue_name(s(&b.queue))?;
@@ -514,7 +525,11 @@ impl Channel {
             basic::AMQPMethod::Consume(c) => self.consume(c, out)?,
             basic::AMQPMethod::Cancel(c) => {
                 let tag: Arc<str> = Arc::from(s(&c.consumer_tag));
-                self.cancel_consumer(&tag);
+                if self.is_reply_consumer(&tag) {
+                    self.cancel_reply_consumer();
+                } else {
+                    self.cancel_consumer(&tag);
+                }
                 if !c.nowait {
                     self.send(
                         out,
@@ -554,20 +569,28 @@ impl Channel {
     }
 
     fn consume(&mut self, c: basic::Consume, out: &mut BytesMut) -> Result<()> {
-        let name = self.queue_name(s(&c.queue))?;
-        let q = self.vhost.queue(&name, self.conn_id)?;
+        let direct_reply = c.queue.as_str() == PSEUDO_QUEUE;
+        let q = if direct_reply {
+            None
+        } else {
+            let name = self.queue_name(s(&c.queue))?;
+            Some(self.vhost.queue(&name, self.conn_id)?)
+        };
         let tag: Arc<str> = if c.consumer_tag.as_str().is_empty() {
             Arc::from(generated_name("amq.ctag-"))
         } else {
             Arc::from(s(&c.consumer_tag))
         };
-        if self.consumers.contains_key(&tag) {
+        if self.consumers.contains_key(&tag) || self.is_reply_consumer(&tag) {
             return Err(amqp_err!(
                 NotAllowed,
                 "attempt to reuse consumer tag '{}'",
                 tag
             ));
         }
+        let Some(q) = q else {
+            return self.consume_reply_to(c, tag, out);
+        };
         let priority = match c.arguments.inner().get("x-priority") {
             None => 0,
             Some(v) => crate::queue::args::int_value(v).ok_or_else(|| {
@@ -955,9 +978,10 @@ impl Channel {
         let Some(p) = self.publish.take() else {
             return Ok(());
         };
-        let Some(header) = p.header else {
+        let Some(mut header) = p.header else {
             return Ok(());
         };
+        self.rewrite_reply_to(&mut header)?;
         let body = match p.first_chunk {
             Some(b) => b,
             None => p.body.freeze(),
@@ -1009,22 +1033,17 @@ impl Channel {
         out: &mut BytesMut,
         tx: Option<&mut TxCommit>,
     ) -> Result<()> {
+        if direct_reply::is_reply(&msg.exchange, &msg.routing_key) {
+            self.publish_reply(mandatory, msg, out);
+            return Ok(());
+        }
         let queues = self.vhost.route(
             &msg.exchange,
             &msg.routing_key,
             msg.properties.headers().as_ref(),
         )?;
         if queues.is_empty() && mandatory {
-            self.send(
-                out,
-                AMQPClass::Basic(basic::AMQPMethod::Return(basic::Return {
-                    reply_code: ReplyCode::NoRoute.code(),
-                    reply_text: "NO_ROUTE".into(),
-                    exchange: msg.exchange.as_str().into(),
-                    routing_key: msg.routing_key.as_str().into(),
-                })),
-            );
-            encode::content(out, self.id, &msg.raw_properties, &msg.body, self.frame_max);
+            self.return_unroutable(&msg, out);
         }
         // Persistent copies go to the store before the queues see the message, so that
         // no ack of it can reach the store first.
@@ -1116,6 +1135,28 @@ impl Channel {
         Ok(())
     }
 
+    /// basic.return of a mandatory message that reached no queue.
+    fn return_unroutable(&self, msg: &Message, out: &mut BytesMut) {
+        self.send(
+            out,
+            AMQPClass::Basic(basic::AMQPMethod::Return(basic::Return {
+                reply_code: ReplyCode::NoRoute.code(),
+                reply_text: "NO_ROUTE".into(),
+                exchange: msg.exchange.as_str().into(),
+                routing_key: msg.routing_key.as_str().into(),
+            })),
+        );
+        encode::content(out, self.id, &msg.raw_properties, &msg.body, self.frame_max);
+    }
+
+    /// In confirm mode, confirms a publish that needs nothing stored.
+    fn confirm_now(&mut self) {
+        if let Some(c) = &mut self.confirms {
+            c.last_seq += 1;
+            c.ready.push(c.last_seq);
+        }
+    }
+
     /// The store committed this channel's transaction: commit-ok may go.
     pub fn tx_committed(&self, out: &mut BytesMut) {
         if !self.closing {
@@ -1175,6 +1216,7 @@ impl Channel {
     /// Lets go of everything the channel holds: consumers are cancelled, unacked
     /// messages go back to their queues (marked redelivered).
     pub fn release(&mut self) {
+        self.cancel_reply_consumer();
         let tags: Vec<Arc<str>> = self.consumers.keys().cloned().collect();
         for tag in tags {
             self.cancel_consumer(&tag);

@@ -503,6 +503,11 @@ impl Connection {
                     channel.stored(&seqs);
                 }
             }
+            ConnEvent::Reply(ch, tag, msg) => {
+                if let Some(channel) = self.channels.get_mut(&ch) {
+                    channel.deliver_reply(&tag, &msg, &mut self.out);
+                }
+            }
         }
     }
 
