@@ -926,3 +926,143 @@ async fn an_empty_all_headers_binding_matches_every_message() {
     .await;
     assert_eq!(got[0], ["plain", "with headers"]);
 }
+
+// ---------------------------------------------------------------------------------------
+// Sender-selected distribution (CC and BCC headers)
+
+fn keys(xs: &[&str]) -> AMQPValue {
+    AMQPValue::FieldArray(xs.iter().map(|x| s(x)).collect::<Vec<_>>().into())
+}
+
+/// Publishes (confirmed) with these headers; returns the confirmation.
+async fn publish_with(
+    ch: &Channel,
+    exchange: &str,
+    key: &str,
+    body: &str,
+    headers: FieldTable,
+    mandatory: bool,
+) -> lapin::Confirmation {
+    let c = within(ch.basic_publish(
+        exchange.into(),
+        key.into(),
+        BasicPublishOptions {
+            mandatory,
+            ..Default::default()
+        },
+        body.as_bytes(),
+        BasicProperties::default().with_headers(headers),
+    ))
+    .await
+    .expect("basic.publish");
+    within(c).await.expect("confirm")
+}
+
+#[tokio::test]
+async fn cc_and_bcc_headers_add_routing_keys_and_bcc_is_removed_before_delivery() {
+    let t = Target::start().await;
+    let (_conn, ch) = confirm_channel(&t).await;
+    let x = uniq("direct");
+    declare_exchange(&ch, &x, ExchangeKind::Direct).await;
+    let (qa, qb, qc, qd) = (
+        temp_queue(&ch).await,
+        temp_queue(&ch).await,
+        temp_queue(&ch).await,
+        temp_queue(&ch).await,
+    );
+    bind(&ch, &qa, &x, "a").await;
+    bind(&ch, &qb, &x, "b").await;
+    bind(&ch, &qc, &x, "c").await;
+    bind(&ch, &qd, &x, "d").await;
+    let headers = table(&[
+        ("CC", keys(&["b", "a"])),
+        ("BCC", keys(&["c"])),
+        ("other", s("kept")),
+    ]);
+    publish_with(&ch, &x, "a", "m", headers, false).await;
+    for q in [&qa, &qb, &qc] {
+        let m = get(&ch, q).await.expect("one copy in each CC/BCC queue");
+        assert_eq!(m.delivery.data, b"m");
+        assert_eq!(
+            m.delivery.routing_key.as_str(),
+            "a",
+            "the publish's routing key"
+        );
+        let h = m.delivery.properties.headers().clone().unwrap_or_default();
+        assert!(h.inner().contains_key("CC"), "CC stays");
+        assert!(!h.inner().contains_key("BCC"), "BCC is removed: {h:?}");
+        assert_eq!(h.inner().get("other"), Some(&s("kept")));
+        assert!(get(&ch, q).await.is_none(), "one copy per queue");
+    }
+    assert!(get(&ch, &qd).await.is_none());
+    // A BCC key alone makes a mandatory message routable.
+    let c = publish_with(
+        &ch,
+        &x,
+        "nowhere",
+        "bcc only",
+        table(&[("BCC", keys(&["d"]))]),
+        true,
+    )
+    .await;
+    assert!(c.take_message().is_none(), "routed by its BCC key");
+    assert_eq!(strings(drain(&ch, &qd).await), ["bcc only"]);
+}
+
+#[tokio::test]
+async fn cc_routes_on_topic_and_default_exchanges() {
+    let t = Target::start().await;
+    let (_conn, ch) = confirm_channel(&t).await;
+    let x = uniq("topic");
+    declare_exchange(&ch, &x, ExchangeKind::Topic).await;
+    let (q1, q2) = (temp_queue(&ch).await, temp_queue(&ch).await);
+    bind(&ch, &q1, &x, "orders.#").await;
+    publish_with(
+        &ch,
+        &x,
+        "invoices.eu",
+        "topic",
+        table(&[("CC", keys(&["orders.eu.new"]))]),
+        false,
+    )
+    .await;
+    assert_eq!(strings(drain(&ch, &q1).await), ["topic"]);
+    // The default exchange: each key names a queue.
+    publish_with(
+        &ch,
+        "",
+        &q1,
+        "default",
+        table(&[("CC", keys(&[&q2])), ("BCC", keys(&[&q1]))]),
+        false,
+    )
+    .await;
+    assert_eq!(strings(drain(&ch, &q1).await), ["default"]);
+    assert_eq!(strings(drain(&ch, &q2).await), ["default"]);
+}
+
+#[tokio::test]
+async fn a_cc_or_bcc_header_that_is_not_an_array_fails_with_406() {
+    let t = Target::start().await;
+    for (name, value) in [
+        ("CC", s("a")),
+        ("BCC", AMQPValue::LongInt(5)),
+        ("CC", AMQPValue::FieldTable(FieldTable::default())),
+    ] {
+        let (_conn, ch) = t.channel().await;
+        let mut closed = sentinel(&ch).await;
+        let _ = within(ch.basic_publish(
+            "amq.direct".into(),
+            "a".into(),
+            BasicPublishOptions::default(),
+            b"bad",
+            BasicProperties::default().with_headers(table(&[(name, value.clone())])),
+        ))
+        .await;
+        assert_eq!(
+            channel_closed_with(&mut closed).await,
+            Some(406),
+            "{name} = {value:?}"
+        );
+    }
+}

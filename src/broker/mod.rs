@@ -8,6 +8,7 @@ pub mod exchange;
 pub mod memory;
 pub mod persist;
 pub mod reply_to;
+pub mod sender_selected;
 pub mod vhost;
 
 use std::collections::HashMap;

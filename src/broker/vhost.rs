@@ -686,10 +686,26 @@ impl VHost {
         routing_key: &str,
         headers: Option<&FieldTable>,
     ) -> Result<Vec<Arc<Queue>>, AmqpError> {
+        self.route_keys(exchange, &[routing_key], headers)
+    }
+
+    /// `route` for a message with several routing keys (sender-selected distribution):
+    /// the union of where each key leads, each queue once.
+    pub fn route_keys(
+        &self,
+        exchange: &str,
+        routing_keys: &[&str],
+        headers: Option<&FieldTable>,
+    ) -> Result<Vec<Arc<Queue>>, AmqpError> {
         let mut queues: Vec<Arc<Queue>> = Vec::new();
         if exchange.is_empty() {
-            if let Some(q) = lock_read(&self.queues).get(routing_key) {
-                queues.push(q.clone());
+            let all = lock_read(&self.queues);
+            for key in routing_keys {
+                if let Some(q) = all.get(*key)
+                    && !queues.iter().any(|have| Arc::ptr_eq(have, q))
+                {
+                    queues.push(q.clone());
+                }
             }
             return Ok(queues);
         }
@@ -714,7 +730,9 @@ impl VHost {
             }
             visited.push(&x.def.name);
             dests.clear();
-            x.route(routing_key, headers, &mut dests);
+            for key in routing_keys {
+                x.route(key, headers, &mut dests);
+            }
             if dests.is_empty()
                 && let Some(ae) = x.alternate().and_then(|n| exchanges.get(n))
             {

@@ -15,6 +15,7 @@ use bytes::{Bytes, BytesMut};
 use super::sink::{ChannelLink, ConnEvent, ConnShared};
 use crate::broker::persist;
 use crate::broker::reply_to::PSEUDO_QUEUE;
+use crate::broker::sender_selected;
 use crate::broker::vhost::generated_name;
 use crate::broker::{BrokerState, ExchangeDef, ExchangeKind, VHost};
 use crate::protocol::codec::{ContentHeader, InFrame, encode};
@@ -65,8 +66,8 @@ struct PendingPublish {
 /// Work a transactional channel holds back until tx.commit.
 #[derive(Debug)]
 enum TxOp {
-    /// A publish (its mandatory flag and the message).
-    Publish(bool, Arc<Message>),
+    /// A publish (its mandatory flag, the message, its CC/BCC routing keys).
+    Publish(bool, Arc<Message>, Vec<String>),
     /// Deliveries acked, rejected or nacked in the transaction (by tag).
     Settle(BTreeMap<u64, Unacked>, Settle),
 }
@@ -833,9 +834,9 @@ impl Channel {
                     .into_iter()
                     .partition(|op| matches!(op, TxOp::Publish(..)));
                 for op in publishes {
-                    if let TxOp::Publish(mandatory, msg) = op
+                    if let TxOp::Publish(mandatory, msg, cc) = op
                         && let Err(e) =
-                            self.route_and_enqueue(mandatory, msg, out, Some(&mut commit))
+                            self.route_and_enqueue(mandatory, msg, &cc, out, Some(&mut commit))
                     {
                         self.restore_tx_settles(settles);
                         return Err(e);
@@ -982,6 +983,11 @@ impl Channel {
             return Ok(());
         };
         self.rewrite_reply_to(&mut header)?;
+        let (cc, without_bcc) = sender_selected::extra_routing_keys(&header.properties)?;
+        if let Some(props) = without_bcc {
+            header.raw_properties = encode::properties(&props);
+            header.properties = props;
+        }
         let body = match p.first_chunk {
             Some(b) => b,
             None => p.body.freeze(),
@@ -1020,16 +1026,17 @@ impl Channel {
             if !msg.exchange.is_empty() {
                 self.vhost.exchange(&msg.exchange)?;
             }
-            tx.push(TxOp::Publish(p.method.mandatory, msg));
+            tx.push(TxOp::Publish(p.method.mandatory, msg, cc));
             return Ok(());
         }
-        self.route_and_enqueue(p.method.mandatory, msg, out, None)
+        self.route_and_enqueue(p.method.mandatory, msg, &cc, out, None)
     }
 
     fn route_and_enqueue(
         &mut self,
         mandatory: bool,
         msg: Arc<Message>,
+        cc: &[String],
         out: &mut BytesMut,
         tx: Option<&mut TxCommit>,
     ) -> Result<()> {
@@ -1037,11 +1044,19 @@ impl Channel {
             self.publish_reply(mandatory, msg, out);
             return Ok(());
         }
-        let queues = self.vhost.route(
-            &msg.exchange,
-            &msg.routing_key,
-            msg.properties.headers().as_ref(),
-        )?;
+        let queues = if cc.is_empty() {
+            self.vhost.route(
+                &msg.exchange,
+                &msg.routing_key,
+                msg.properties.headers().as_ref(),
+            )?
+        } else {
+            let keys: Vec<&str> = std::iter::once(msg.routing_key.as_str())
+                .chain(cc.iter().map(String::as_str))
+                .collect();
+            self.vhost
+                .route_keys(&msg.exchange, &keys, msg.properties.headers().as_ref())?
+        };
         if queues.is_empty() && mandatory {
             self.return_unroutable(&msg, out);
         }
