@@ -1066,3 +1066,89 @@ async fn a_cc_or_bcc_header_that_is_not_an_array_fails_with_406() {
         );
     }
 }
+
+#[tokio::test]
+async fn headers_exchange_compares_numbers_by_value_across_types() {
+    use lapin::types::DecimalValue;
+    let bindings = [
+        AMQPValue::LongInt(42),
+        AMQPValue::LongLongInt(42),
+        AMQPValue::Double(42.0),
+        AMQPValue::ShortShortInt(42),
+    ];
+    let headers = [
+        ("byte", AMQPValue::ShortShortInt(42)),
+        ("ubyte", AMQPValue::ShortShortUInt(42)),
+        ("short", AMQPValue::ShortInt(42)),
+        ("ushort", AMQPValue::ShortUInt(42)),
+        ("int", AMQPValue::LongInt(42)),
+        ("uint", AMQPValue::LongUInt(42)),
+        ("long", AMQPValue::LongLongInt(42)),
+        ("float", AMQPValue::Float(42.0)),
+        ("double", AMQPValue::Double(42.0)),
+        ("timestamp", AMQPValue::Timestamp(42)),
+        // Not numbers, or other values: no match.
+        (
+            "decimal",
+            AMQPValue::DecimalValue(DecimalValue {
+                scale: 0,
+                value: 42,
+            }),
+        ),
+        ("string", s("42")),
+        ("43", AMQPValue::LongInt(43)),
+        ("42.5", AMQPValue::Double(42.5)),
+        ("true", AMQPValue::Boolean(true)),
+    ];
+    let got = headers_routing(
+        None,
+        &bindings
+            .iter()
+            .map(|v| table(&[("n", v.clone())]))
+            .collect::<Vec<_>>(),
+        &headers
+            .iter()
+            .map(|(name, v)| (*name, table(&[("n", v.clone())])))
+            .collect::<Vec<_>>(),
+    )
+    .await;
+    let numbers = [
+        "byte",
+        "ubyte",
+        "short",
+        "ushort",
+        "int",
+        "uint",
+        "long",
+        "float",
+        "double",
+        "timestamp",
+    ];
+    for (b, g) in bindings.iter().zip(got) {
+        assert_eq!(g, numbers, "binding {b:?}");
+    }
+}
+
+#[tokio::test]
+async fn binding_with_an_invalid_x_match_fails_with_406() {
+    let t = Target::start().await;
+    for value in [s("bogus"), s("ALL"), AMQPValue::LongInt(5)] {
+        let (_conn, ch) = t.channel().await;
+        let q = temp_queue(&ch).await;
+        let r = within(ch.queue_bind(
+            q.as_str().into(),
+            "amq.headers".into(),
+            "".into(),
+            QueueBindOptions::default(),
+            table(&[("x-match", value.clone())]),
+        ))
+        .await;
+        assert_code(r, 406);
+    }
+    // The four valid values bind.
+    let (_conn, ch) = t.channel().await;
+    let q = temp_queue(&ch).await;
+    for value in ["all", "any", "all-with-x", "any-with-x"] {
+        bind_args(&ch, &q, "amq.headers", "", table(&[("x-match", s(value))])).await;
+    }
+}

@@ -5,6 +5,7 @@ pub mod alarm;
 pub mod deadletter;
 pub mod disk;
 pub mod exchange;
+pub mod field_type;
 pub mod memory;
 pub mod persist;
 pub mod reply_to;

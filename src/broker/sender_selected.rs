@@ -7,6 +7,7 @@
 use amq_protocol::protocol::BasicProperties;
 use amq_protocol::types::{AMQPValue, FieldTable};
 
+use super::field_type;
 use crate::protocol::{AmqpError, reply::amqp_err};
 
 const CC: &str = "CC";
@@ -39,7 +40,7 @@ pub fn extra_routing_keys(
                     PreconditionFailed,
                     "invalid message: {{unacceptable_type_in_header,\"{}\",{}}}",
                     name,
-                    type_name(other)
+                    field_type::rabbit_name(other)
                 ));
             }
         }
@@ -54,29 +55,6 @@ pub fn extra_routing_keys(
         properties.clone().with_headers(kept)
     });
     Ok((keys, stripped))
-}
-
-/// A field value's type as RabbitMQ names it in error texts.
-fn type_name(v: &AMQPValue) -> &'static str {
-    match v {
-        AMQPValue::Boolean(_) => "bool",
-        AMQPValue::ShortShortInt(_) => "byte",
-        AMQPValue::ShortShortUInt(_) => "unsignedbyte",
-        AMQPValue::ShortInt(_) => "short",
-        AMQPValue::ShortUInt(_) => "unsignedshort",
-        AMQPValue::LongInt(_) => "signedint",
-        AMQPValue::LongUInt(_) => "unsignedint",
-        AMQPValue::LongLongInt(_) => "long",
-        AMQPValue::Float(_) => "float",
-        AMQPValue::Double(_) => "double",
-        AMQPValue::DecimalValue(_) => "decimal",
-        AMQPValue::ShortString(_) | AMQPValue::LongString(_) => "longstr",
-        AMQPValue::FieldArray(_) => "array",
-        AMQPValue::Timestamp(_) => "timestamp",
-        AMQPValue::FieldTable(_) => "table",
-        AMQPValue::ByteArray(_) => "binary",
-        AMQPValue::Void => "void",
-    }
 }
 
 #[cfg(test)]

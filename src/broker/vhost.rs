@@ -7,7 +7,9 @@ use std::sync::{Arc, RwLock, Weak};
 
 use amq_protocol::types::{AMQPValue, FieldTable};
 
-use super::exchange::{Binding, Destination, Exchange, ExchangeDef, ExchangeKind};
+use super::exchange::{
+    Binding, Destination, Exchange, ExchangeDef, ExchangeKind, validate_binding_args,
+};
 use super::persist::{self, StoredBinding, StoredExchange, StoredQueue};
 use crate::protocol::{AmqpError, reply::amqp_err};
 use crate::queue::{DeadLetterRouter, Queue, QueueArgs, QueueDef, QueueStore};
@@ -288,6 +290,7 @@ impl VHost {
         args: FieldTable,
     ) -> Result<(), AmqpError> {
         let (src, _dst) = self.binding_ends(source, destination)?;
+        validate_binding_args(src.def.kind, &args)?;
         self.add_binding(
             &src,
             Binding {
@@ -581,6 +584,7 @@ impl VHost {
             ));
         }
         let x = self.exchange(exchange)?;
+        validate_binding_args(x.def.kind, &args)?;
         self.add_binding(
             &x,
             Binding {
