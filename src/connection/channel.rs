@@ -210,21 +210,24 @@ impl Channel {
         let (class_method, result) = match frame {
             InFrame::Method(_, method) => {
                 let cm = (method.get_amqp_class_id(), method.get_amqp_method_id());
-                if self.publish.is_some() {
-                    (
-                        cm,
-                        Err(amqp_err!(
-                            UnexpectedFrame,
-                            "expected content header for class 60, got non content header frame instead"
-                        )),
-                    )
+                if let Some(p) = &self.publish {
+                    // The error names the publish whose content was interrupted.
+                    let expected = if p.header.is_some() {
+                        "expected content body, got non content body frame instead"
+                    } else {
+                        "expected content header for class 60, got non content header frame instead"
+                    };
+                    ((60, 40), Err(amqp_err!(UnexpectedFrame, "{}", expected)))
                 } else {
                     (cm, self.handle_method(method, out))
                 }
             }
             InFrame::Header(_, header) => ((60, 40), self.content_header(header, out)),
             InFrame::Body(_, body) => ((60, 40), self.content_body(body, out)),
-            InFrame::Heartbeat(_) => ((0, 0), Err(amqp_err!(FrameError, "heartbeat on a channel"))),
+            InFrame::Heartbeat(_) => (
+                (0, 0),
+                Err(amqp_err!(UnexpectedFrame, "type 8, all octets = <<>>")),
+            ),
         };
         match result {
             Ok(outcome) => outcome,
@@ -290,14 +293,8 @@ impl Channel {
                     )),
                 );
             }
-            other => {
-                return Err(amqp_err!(
-                    CommandInvalid,
-                    "unexpected method {}.{}",
-                    other.get_amqp_class_id(),
-                    other.get_amqp_method_id()
-                ));
-            }
+            // A connection method on a channel, or one no channel handles.
+            _ => return Err(amqp_err!(CommandInvalid, "unimplemented method")),
         }
         Ok(Outcome::Continue)
     }
@@ -916,8 +913,8 @@ impl Channel {
         }
         if header.class_id != 60 {
             return Err(amqp_err!(
-                FrameError,
-                "content header for class {} instead of 60",
+                UnexpectedFrame,
+                "expected content header for class 60, got one for class {} instead",
                 header.class_id
             ));
         }
@@ -955,7 +952,7 @@ impl Channel {
         if p.received > header.body_size {
             return Err(amqp_err!(
                 FrameError,
-                "content body exceeds the size announced in its header"
+                "content body frame exceeds remaining content size"
             ));
         }
         // The common single-frame body stays a slice of the read buffer; only bodies split

@@ -96,7 +96,9 @@ impl FrameDecoder {
         let kind = src[0];
         let channel = u16::from_be_bytes([src[1], src[2]]);
         let size = u32::from_be_bytes([src[3], src[4], src[5], src[6]]) as usize;
-        if self.frame_max != 0 && size + FRAME_OVERHEAD > self.frame_max as usize {
+        // As RabbitMQ, a payload of up to frame_max octets is accepted (the frame's own 8
+        // octets on top): some clients fill body frames to frame_max.
+        if self.frame_max != 0 && size > self.frame_max as usize {
             return Err(frame_error(format!(
                 "type {kind}, all octets = <<>>: {{frame_too_large,{},{}}}",
                 size,
