@@ -921,3 +921,24 @@ async fn a_body_longer_than_its_header_announced_closes_the_connection() {
     w.check().await;
     w.check().await;
 }
+
+#[tokio::test]
+async fn basic_qos_with_a_prefetch_size_is_a_540_connection_error() {
+    let t = Target::start().await;
+    let (mut raw, _) = Raw::open(&t.addr(), 0).await;
+    raw.open_channel(1).await;
+    // basic.qos: prefetch_size 1000, prefetch_count 10, global false (amq-protocol
+    // cannot write a prefetch_size, so the frame is built by hand).
+    let mut f = vec![1, 0, 1, 0, 0, 0, 11, 0, 60, 0, 10];
+    f.extend_from_slice(&1000u32.to_be_bytes());
+    f.extend_from_slice(&10u16.to_be_bytes());
+    f.extend_from_slice(&[0, 0xCE]);
+    raw.send(&f).await;
+    let close = raw.expect_connection_close().await;
+    assert_eq!(close.reply_code, 540, "{close:?}");
+    assert_eq!(
+        close.reply_text.as_str(),
+        "NOT_IMPLEMENTED - prefetch_size!=0 (1000)"
+    );
+    assert_eq!((close.class_id, close.method_id), (60, 10));
+}

@@ -1025,3 +1025,41 @@ async fn a_lower_priority_consumer_gets_messages_when_higher_ones_are_full() {
     assert_eq!(text(&next(&mut high).await), "5");
     assert_no_delivery(&mut low).await;
 }
+
+#[tokio::test]
+async fn ack_or_nack_multiple_of_a_tag_never_delivered_is_406_even_with_earlier_tags_outstanding() {
+    let t = Target::start().await;
+    for nack in [false, true] {
+        let (_conn, ch) = t.channel().await;
+        let q = temp_queue(&ch).await;
+        for body in [b"a", b"b"] {
+            publish(&ch, "", &q, body).await;
+        }
+        let mut c = consume(&ch, &q, "c").await;
+        let first = next(&mut c).await;
+        let _second = next(&mut c).await;
+        assert_eq!(first.delivery_tag, 1);
+        let mut closed = sentinel(&ch).await;
+        if nack {
+            let _ = ch
+                .basic_nack(
+                    99,
+                    BasicNackOptions {
+                        multiple: true,
+                        requeue: true,
+                    },
+                )
+                .await;
+        } else {
+            let _ = ch.basic_ack(99, BasicAckOptions { multiple: true }).await;
+        }
+        assert_eq!(
+            channel_closed_with(&mut closed).await,
+            Some(406),
+            "nack={nack}"
+        );
+        // Nothing was settled: both messages are back in the queue.
+        let (_c2, other) = t.channel().await;
+        assert_eq!(wait_message_count(&other, &q, 2).await, 2, "nack={nack}");
+    }
+}

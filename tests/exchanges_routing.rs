@@ -163,6 +163,22 @@ async fn deleting_the_default_exchange_is_refused_with_403() {
 }
 
 #[tokio::test]
+async fn declaring_the_default_exchange_even_passively_is_refused_with_403() {
+    let t = Target::start().await;
+    for options in [passive(), ExchangeDeclareOptions::default()] {
+        let (_conn, ch) = t.channel().await;
+        let r = within(ch.exchange_declare(
+            "".into(),
+            ExchangeKind::Direct,
+            options,
+            FieldTable::default(),
+        ))
+        .await;
+        assert_code(r, 403);
+    }
+}
+
+#[tokio::test]
 async fn passive_declare_of_a_missing_exchange_fails_with_404() {
     let t = Target::start().await;
     let (_conn, ch) = t.channel().await;

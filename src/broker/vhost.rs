@@ -133,14 +133,15 @@ impl VHost {
         def: ExchangeDef,
         passive: bool,
     ) -> Result<Arc<Exchange>, AmqpError> {
-        if passive {
-            return self.exchange(&def.name);
-        }
+        // The default exchange cannot be declared, not even passively (RabbitMQ's 403).
         if def.name.is_empty() {
             return Err(amqp_err!(
                 AccessRefused,
                 "operation not permitted on the default exchange"
             ));
+        }
+        if passive {
+            return self.exchange(&def.name);
         }
         let mut exchanges = lock_write(&self.exchanges);
         if let Some(x) = exchanges.get(&def.name) {
@@ -310,7 +311,12 @@ impl VHost {
         key: &str,
         args: &FieldTable,
     ) -> Result<(), AmqpError> {
-        let (src, _dst) = self.binding_ends(source, destination)?;
+        // Unbinding from or to an exchange that does not exist succeeds, as in RabbitMQ.
+        let src = match self.binding_ends(source, destination) {
+            Ok((src, _)) => src,
+            Err(e) if e.code == crate::protocol::ReplyCode::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
         let dest = Destination::Exchange(destination.into());
         self.remove_binding(
             &src,
@@ -405,7 +411,10 @@ impl VHost {
         conn: u64,
     ) -> Result<(Arc<Queue>, bool), AmqpError> {
         if passive {
-            return self.queue(&def.name, conn).map(|q| (q, false));
+            // Any use of a queue, a passive declare included, restarts its x-expires clock.
+            let q = self.queue(&def.name, conn)?;
+            q.touch();
+            return Ok((q, false));
         }
         if def.name.is_empty() {
             def.name = generated_name("amq.gen-");
@@ -605,14 +614,22 @@ impl VHost {
         args: &FieldTable,
         conn: u64,
     ) -> Result<(), AmqpError> {
-        let q = self.queue(queue, conn)?;
         if exchange.is_empty() {
             return Err(amqp_err!(
                 AccessRefused,
                 "operation not permitted on the default exchange"
             ));
         }
-        let x = self.exchange(exchange)?;
+        // A binding whose queue or exchange does not exist is not there: unbind-ok, as
+        // in RabbitMQ.
+        let q = match self.queue(queue, conn) {
+            Ok(q) => q,
+            Err(e) if e.code == crate::protocol::ReplyCode::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let Ok(x) = self.exchange(exchange) else {
+            return Ok(());
+        };
         let dest = Destination::Queue(q);
         self.remove_binding(
             &x,

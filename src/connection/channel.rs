@@ -730,10 +730,13 @@ impl Channel {
     }
 
     /// Removes the unacked deliveries named by (tag, multiple); 406 on an unknown tag.
-    /// Removes the unacked deliveries named by (tag, multiple); 406 on an unknown tag.
     fn take_unacked(&mut self, tag: u64, multiple: bool) -> Result<BTreeMap<u64, Unacked>> {
         let unknown = || amqp_err!(PreconditionFailed, "unknown delivery tag {}", tag);
         if multiple {
+            // As RabbitMQ: the tag itself must be outstanding, even when earlier ones are.
+            if tag != 0 && !self.unacked.contains_key(&tag) {
+                return Err(unknown());
+            }
             let upto = if tag == 0 { u64::MAX } else { tag };
             let keep = self.unacked.split_off(&upto.saturating_add(1));
             let taken = std::mem::replace(&mut self.unacked, keep);
@@ -1135,7 +1138,9 @@ impl Channel {
                         offset: id,
                     }]);
                 }
-                refused |= q.args.overflow == Overflow::RejectPublish;
+                // reject-publish and reject-publish-dlx alike: the publisher gets a nack
+                // (the -dlx queue dead-letters the message too).
+                refused = true;
             }
         }
         if refused && let (Some(c), Some(seq)) = (&mut self.confirms, seq) {

@@ -339,7 +339,7 @@ impl Connection {
                 Ok(None) => return,
                 Err(e) => {
                     buf.clear();
-                    if e.code == ReplyCode::NotImplemented {
+                    if crate::protocol::codec::is_unknown_method(&e) {
                         // An unknown class or method: RabbitMQ cannot parse it either and
                         // drops the socket without a connection.close.
                         tracing::warn!(peer = %self.peer, "closing connection: {}", e.reply_text());

@@ -117,7 +117,10 @@ impl FrameDecoder {
         src.advance(1);
         let frame = match kind {
             FRAME_METHOD => match parse_class(&payload[..]) {
-                Ok((_, method)) => InFrame::Method(channel, method),
+                Ok((_, method)) => {
+                    check_qos_prefetch_size(&method, &payload)?;
+                    InFrame::Method(channel, method)
+                }
                 Err(_) => return Err(method_error(&payload)),
             },
             FRAME_HEADER => InFrame::Header(channel, Box::new(parse_header(&payload)?)),
@@ -128,6 +131,32 @@ impl FrameDecoder {
         Ok(Some(frame))
     }
 }
+
+/// basic.qos with a prefetch_size other than 0 is RabbitMQ's 540 (amq-protocol does not
+/// keep the field, so it is read from the payload: class, method, then the u32).
+fn check_qos_prefetch_size(method: &AMQPClass, payload: &[u8]) -> Result<(), AmqpError> {
+    if let AMQPClass::Basic(amq_protocol::protocol::basic::AMQPMethod::Qos(_)) = method
+        && let Some(size) = payload.get(4..8)
+    {
+        let size = u32::from_be_bytes([size[0], size[1], size[2], size[3]]);
+        if size != 0 {
+            return Err(AmqpError::new(
+                ReplyCode::NotImplemented,
+                format!("prefetch_size!=0 ({size})"),
+            )
+            .at(60, 10));
+        }
+    }
+    Ok(())
+}
+
+/// Whether a decode error is an unknown class or method: RabbitMQ cannot parse such a
+/// frame and drops the socket without a connection.close.
+pub fn is_unknown_method(e: &AmqpError) -> bool {
+    e.code == ReplyCode::NotImplemented && e.text.starts_with(UNKNOWN_METHOD)
+}
+
+const UNKNOWN_METHOD: &str = "unknown method";
 
 /// Tells an unknown method (540) from malformed arguments of a known one (502).
 fn method_error(payload: &[u8]) -> AmqpError {
@@ -155,7 +184,7 @@ fn method_error(payload: &[u8]) -> AmqpError {
     } else {
         AmqpError::new(
             ReplyCode::NotImplemented,
-            format!("unknown method {class}.{method}"),
+            format!("{UNKNOWN_METHOD} {class}.{method}"),
         )
     }
 }
