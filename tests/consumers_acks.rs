@@ -1063,3 +1063,41 @@ async fn ack_or_nack_multiple_of_a_tag_never_delivered_is_406_even_with_earlier_
         assert_eq!(wait_message_count(&other, &q, 2).await, 2, "nack={nack}");
     }
 }
+
+#[tokio::test]
+async fn a_per_consumer_qos_after_a_global_one_lifts_the_channel_limit_as_rabbitmq() {
+    let t = Target::start().await;
+    // (qos calls in order: prefetch_count, global) -> unacked deliveries to consumers
+    // A then B, both on one queue of 10 messages and started after the qos calls.
+    type QosCalls = &'static [(u16, bool)];
+    let cases: [(QosCalls, (u32, u32)); 5] = [
+        (&[(2, false), (3, true)], (2, 1)),
+        (&[(3, true), (2, false)], (2, 2)),
+        (&[(3, true), (0, false)], (10, 0)),
+        (&[(3, true), (2, false), (3, true)], (2, 1)),
+        (&[(3, true)], (3, 0)),
+    ];
+    for (calls, expected) in cases {
+        let (_conn, ch) = t.channel().await;
+        let q = temp_queue(&ch).await;
+        for i in 0..10 {
+            publish(&ch, "", &q, format!("m{i}").as_bytes()).await;
+        }
+        wait_message_count(&ch, &q, 10).await;
+        for (count, global) in calls {
+            within(ch.basic_qos(*count, BasicQosOptions { global: *global }))
+                .await
+                .expect("basic.qos");
+        }
+        let mut a = consume(&ch, &q, "A").await;
+        let mut b = consume(&ch, &q, "B").await;
+        let (mut na, mut nb) = (0, 0);
+        while next_within(&mut a, 300).await.is_some() {
+            na += 1;
+        }
+        while next_within(&mut b, 300).await.is_some() {
+            nb += 1;
+        }
+        assert_eq!((na, nb), expected, "qos calls {calls:?}");
+    }
+}

@@ -514,6 +514,13 @@ impl Channel {
                     }
                 } else {
                     self.prefetch = q.prefetch_count as u32;
+                    // As RabbitMQ: a per-consumer qos lifts a channel-wide limit set
+                    // before it (so the order of the two settings matters).
+                    if self.link.global_prefetch.swap(0, Ordering::Relaxed) != 0 {
+                        for c in self.consumers.values() {
+                            c.queue.kick();
+                        }
+                    }
                 }
                 self.send(
                     out,
