@@ -10,7 +10,7 @@ use amq_protocol::types::{AMQPValue, FieldTable};
 use super::exchange::{
     Binding, Destination, Exchange, ExchangeDef, ExchangeKind, validate_binding_args,
 };
-use super::persist::{self, StoredBinding, StoredExchange, StoredQueue};
+use super::persist::{self, StoredBinding, StoredDefinition, StoredExchange, StoredQueue};
 use crate::protocol::{AmqpError, reply::amqp_err};
 use crate::queue::{DeadLetterRouter, Queue, QueueArgs, QueueDef, QueueStore};
 use crate::store::{Store, StoreOp};
@@ -160,7 +160,7 @@ impl VHost {
         if x.def.durable {
             self.persist(vec![StoreOp::PutDefinition {
                 key: persist::exchange_key(&self.name, &x.def.name),
-                value: persist::to_json(&StoredExchange::new(&self.name, &x.def)),
+                value: StoredExchange::new(&self.name, &x.def).encode(),
             }]);
         }
         Ok(x)
@@ -453,7 +453,7 @@ impl VHost {
         if let Some(qs) = q.store() {
             qs.store.submit(vec![StoreOp::PutDefinition {
                 key: qs.key.clone(),
-                value: persist::to_json(&StoredQueue::new(&self.name, &q.def)),
+                value: StoredQueue::new(&self.name, &q.def).encode(),
             }]);
         }
         Ok((q, true))
@@ -523,7 +523,7 @@ impl VHost {
         ops.push(if put {
             StoreOp::PutDefinition {
                 key,
-                value: persist::to_json(&stored),
+                value: stored.encode(),
             }
         } else {
             StoreOp::DeleteDefinition { key }
@@ -742,14 +742,14 @@ impl VHost {
                 self.name
             ));
         }
-        let mut visited: Vec<&str> = Vec::new();
+        let mut visited: Seen<&str> = Seen::default();
+        let mut routed: Seen<*const Queue> = Seen::default();
         let mut pending: Vec<&Arc<Exchange>> = vec![first];
         let mut dests = Vec::new();
         while let Some(x) = pending.pop() {
-            if visited.contains(&x.def.name.as_str()) {
+            if !visited.insert(&x.def.name) {
                 continue;
             }
-            visited.push(&x.def.name);
             dests.clear();
             for key in routing_keys {
                 x.route(key, headers, &mut dests);
@@ -762,7 +762,7 @@ impl VHost {
             for d in dests.drain(..) {
                 match d {
                     Destination::Queue(q) => {
-                        if !queues.iter().any(|have| Arc::ptr_eq(have, &q)) {
+                        if routed.insert(Arc::as_ptr(&q)) {
                             queues.push(q);
                         }
                     }
@@ -775,6 +775,44 @@ impl VHost {
             }
         }
         Ok(queues)
+    }
+}
+
+/// A set for routing's "each once" checks: a short list while small (the usual case,
+/// no hashing or allocation beyond the list), a hash set once bindings fan out widely, so
+/// that routing stays linear in the bindings followed.
+struct Seen<T> {
+    few: Vec<T>,
+    many: std::collections::HashSet<T>,
+}
+
+impl<T> Default for Seen<T> {
+    fn default() -> Self {
+        Seen {
+            few: Vec::new(),
+            many: std::collections::HashSet::new(),
+        }
+    }
+}
+
+impl<T: std::hash::Hash + Eq + Copy> Seen<T> {
+    /// Past this many items, membership moves to the hash set.
+    const FEW: usize = 16;
+
+    /// Adds `item`; false when it was there already.
+    fn insert(&mut self, item: T) -> bool {
+        if self.many.is_empty() {
+            if self.few.contains(&item) {
+                return false;
+            }
+            self.few.push(item);
+            if self.few.len() > Self::FEW {
+                self.many.extend(self.few.drain(..));
+            }
+            true
+        } else {
+            self.many.insert(item)
+        }
     }
 }
 

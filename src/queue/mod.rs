@@ -248,6 +248,19 @@ impl Queue {
         let mut dead = Dead::new();
         let result = {
             let mut inner = self.lock();
+            if inner.deleted {
+                // Routed just before a delete: the delete's purge may already be in the
+                // store ahead of this message's entry, so take the entry out again.
+                if let (Some(qs), Some(id)) = (&self.store, msg.store_id)
+                    && msg.is_persistent()
+                {
+                    qs.store.submit(vec![StoreOp::Remove {
+                        queue: qs.key.clone(),
+                        offset: id,
+                    }]);
+                }
+                return Enqueued::Accepted(0);
+            }
             let mut effects = Vec::new();
             let result = inner.state.enqueue(msg, &mut effects);
             self.apply(&mut inner, effects, &mut dead);
