@@ -1168,3 +1168,56 @@ async fn binding_with_an_invalid_x_match_fails_with_406() {
         bind_args(&ch, &q, "amq.headers", "", table(&[("x-match", s(value))])).await;
     }
 }
+
+#[tokio::test]
+async fn dead_lettering_routes_with_the_cc_keys_too_and_lists_them_in_x_death() {
+    let t = Target::start().await;
+    let (_conn, ch) = confirm_channel(&t).await;
+    let dlx = uniq("dlx");
+    declare_exchange(&ch, &dlx, ExchangeKind::Direct).await;
+    let (by_key, by_cc) = (temp_queue(&ch).await, temp_queue(&ch).await);
+    bind(&ch, &by_key, &dlx, "rk").await;
+    bind(&ch, &by_cc, &dlx, "cc1").await;
+    let src = uniq("cc-source");
+    within(ch.queue_declare(
+        src.as_str().into(),
+        QueueDeclareOptions {
+            auto_delete: true,
+            ..Default::default()
+        },
+        table(&[("x-dead-letter-exchange", s(&dlx))]),
+    ))
+    .await
+    .expect("queue.declare");
+    let x = uniq("cc-direct");
+    declare_exchange(&ch, &x, ExchangeKind::Direct).await;
+    bind(&ch, &src, &x, "rk").await;
+    publish_with(&ch, &x, "rk", "m", table(&[("CC", keys(&["cc1"]))]), false).await;
+    let m = get(&ch, &src).await.expect("the message");
+    within(m.delivery.reject(BasicRejectOptions { requeue: false }))
+        .await
+        .unwrap();
+    for q in [&by_key, &by_cc] {
+        let mut got = None;
+        for _ in 0..100 {
+            got = get(&ch, q).await;
+            if got.is_some() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let m = got.expect("dead-lettered by its routing key and by its CC key");
+        let h = m.delivery.properties.headers().clone().unwrap_or_default();
+        let Some(AMQPValue::FieldArray(deaths)) = h.inner().get("x-death") else {
+            panic!("no x-death: {h:?}");
+        };
+        let Some(AMQPValue::FieldTable(death)) = deaths.as_slice().first() else {
+            panic!("empty x-death");
+        };
+        assert_eq!(
+            death.inner().get("routing-keys"),
+            Some(&keys(&["rk", "cc1"])),
+            "x-death routing-keys"
+        );
+    }
+}
