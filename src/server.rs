@@ -4,6 +4,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::Context;
 use tokio::net::{TcpListener, TcpSocket};
@@ -53,6 +54,8 @@ impl Broker {
         let (shutdown, _) = broadcast::channel(1);
         let mut tasks = JoinSet::new();
         let mut addrs = Vec::new();
+        // Client connections open on all listeners together.
+        let open = Arc::new(AtomicUsize::new(0));
         let mut port = config.port;
         for host in &config.listen_addresses {
             let ip: IpAddr = host
@@ -72,7 +75,12 @@ impl Broker {
             port = local.port();
             tracing::info!("listening for AMQP 0-9-1 on {local}");
             addrs.push(local);
-            tasks.spawn(accept_loop(listener, state.clone(), shutdown.clone()));
+            tasks.spawn(accept_loop(
+                listener,
+                state.clone(),
+                shutdown.clone(),
+                open.clone(),
+            ));
         }
         tasks.spawn(ticker(state.clone(), shutdown.subscribe()));
         Ok(Broker {
@@ -110,6 +118,13 @@ impl Broker {
         self.state.store().map(|s| s.stats())
     }
 
+    /// Test hook: holds the store writer after the requests queued so far until the
+    /// returned sender is used or dropped (None without a store).
+    #[doc(hidden)]
+    pub fn pause_store_writer(&self) -> Option<std::sync::mpsc::Sender<()>> {
+        self.state.store().map(|s| s.pause())
+    }
+
     /// Closes every connection (320 CONNECTION_FORCED) and stops listening.
     pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(());
@@ -120,10 +135,31 @@ impl Broker {
     }
 }
 
+/// One open client connection, counted against `connection_max` until dropped.
+struct ConnectionSlot(Arc<AtomicUsize>);
+
+impl ConnectionSlot {
+    /// A slot, unless `limit` (0: none) connections are open already.
+    fn take(open: &Arc<AtomicUsize>, limit: usize) -> Option<ConnectionSlot> {
+        open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (limit == 0 || n < limit).then_some(n + 1)
+        })
+        .ok()
+        .map(|_| ConnectionSlot(open.clone()))
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 async fn accept_loop(
     listener: TcpListener,
     state: Arc<BrokerState>,
     shutdown: broadcast::Sender<()>,
+    open: Arc<AtomicUsize>,
 ) {
     let mut stop = shutdown.subscribe();
     let mut connections = JoinSet::new();
@@ -131,7 +167,16 @@ async fn accept_loop(
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    connections.spawn(crate::connection::serve(stream, peer, state.clone(), shutdown.subscribe()));
+                    let Some(slot) = ConnectionSlot::take(&open, state.config.connection_max) else {
+                        tracing::warn!(%peer, limit = state.config.connection_max, "connection limit reached; closing the new connection");
+                        drop(stream);
+                        continue;
+                    };
+                    let (state, stop) = (state.clone(), shutdown.subscribe());
+                    connections.spawn(async move {
+                        crate::connection::serve(stream, peer, state, stop).await;
+                        drop(slot);
+                    });
                 }
                 Err(e) => {
                     tracing::warn!("accept failed: {e}");
@@ -158,7 +203,12 @@ async fn ticker(state: Arc<BrokerState>, mut stop: broadcast::Receiver<()>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         tokio::select! {
-            _ = tick.tick() => state.tick(),
+            // Alarm checks read procfs and statvfs and may trim the allocator, and
+            // expiry scans lock every queue: keep them off the async workers.
+            _ = tick.tick() => {
+                let state = state.clone();
+                let _ = tokio::task::spawn_blocking(move || state.tick()).await;
+            }
             _ = stop.recv() => return,
         }
     }

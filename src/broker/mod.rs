@@ -2,6 +2,7 @@
 //! the queue registry. Connections call into it; it never calls into connections.
 
 pub mod alarm;
+mod cgroup;
 pub mod deadletter;
 pub mod disk;
 pub mod exchange;

@@ -12,6 +12,9 @@ pub mod args;
 pub mod message;
 pub mod state;
 
+#[cfg(test)]
+mod model_tests;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -386,7 +389,11 @@ impl Queue {
             inner.state.return_undelivered(entry);
             return;
         };
-        ops.extend(self.delivery_record(&entry, r.no_ack));
+        // An auto-ack delivery keeps its stored copy until its channel has written it
+        // (`settle_written_auto_ack`): it may yet come back unwritten.
+        if !r.no_ack {
+            ops.extend(self.delivery_record(&entry, false));
+        }
         let delivery = Delivery {
             queue: me,
             consumer_tag: r.tag.clone(),
@@ -559,6 +566,12 @@ impl Queue {
             self.run(&mut inner, &mut dead);
         }
         self.bury(dead);
+    }
+
+    /// An auto-ack delivery was written to its consumer's socket: its stored copy goes
+    /// (the op is added to `ops`, which the connection submits after the write).
+    pub fn settle_written_auto_ack(&self, entry: &Entry, ops: &mut Vec<StoreOp>) {
+        ops.extend(self.delivery_record(entry, true));
     }
 
     /// A delivery that never reached its client goes back unchanged.
