@@ -4,8 +4,10 @@
 //! integration tests both do), read the address it listens on, shut it down.
 
 pub mod broker;
+pub mod cluster;
 pub mod config;
 pub mod connection;
+pub mod healthcheck;
 pub mod perf;
 pub mod protocol;
 pub mod queue;

@@ -52,6 +52,9 @@ impl BrokerState {
             config.default_vhost.clone(),
             VHost::new(&config.default_vhost, store.clone(), next_msg_id.clone()),
         );
+        // Measure before any client is served: a node that starts on a full disk must
+        // not take publishes in its first tick.
+        alarms.check();
         Arc::new(BrokerState {
             config,
             vhosts: RwLock::new(vhosts),

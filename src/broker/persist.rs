@@ -49,7 +49,7 @@ pub fn binding_key(vhost: &str, b: &StoredBinding) -> String {
 
 /// Appends definition fields.
 #[derive(Default)]
-pub(crate) struct Writer(Vec<u8>);
+pub struct Writer(Vec<u8>);
 
 impl Writer {
     fn str(&mut self, s: &str) {
@@ -71,7 +71,7 @@ impl Writer {
 }
 
 /// Reads definition fields back; every read checks the bytes are there.
-pub(crate) struct Reader<'a>(&'a [u8]);
+pub struct Reader<'a>(&'a [u8]);
 
 impl Reader<'_> {
     fn str(&mut self) -> Option<String> {
@@ -107,7 +107,7 @@ impl Reader<'_> {
 }
 
 /// A stored definition: encoded in the binary format, decoded from it or from JSON.
-pub(crate) trait StoredDefinition: Sized + for<'de> Deserialize<'de> {
+pub trait StoredDefinition: Sized + for<'de> Deserialize<'de> {
     /// Appends the fields.
     fn write(&self, w: &mut Writer);
     /// Reads the fields back.
@@ -142,7 +142,7 @@ pub(crate) trait StoredDefinition: Sized + for<'de> Deserialize<'de> {
 }
 
 /// A definition read back, and whether it was in the old JSON format (to be rewritten).
-pub(crate) struct Decoded<T> {
+pub struct Decoded<T> {
     /// The definition.
     pub value: T,
     /// Stored as JSON by an earlier version.
@@ -334,7 +334,8 @@ pub fn decode_message(blob: &Bytes, store_id: u64) -> Option<Message> {
         if cur.len() < n {
             return None;
         }
-        let s = String::from_utf8_lossy(&cur[..n]).into_owned();
+        // Warren writes only text here; anything else is a damaged blob.
+        let s = std::str::from_utf8(&cur[..n]).ok()?.to_owned();
         cur.advance(n);
         Some(s)
     };
