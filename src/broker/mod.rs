@@ -6,9 +6,12 @@ mod cgroup;
 pub mod deadletter;
 pub mod disk;
 pub mod exchange;
+pub mod field_type;
 pub mod memory;
 pub mod persist;
 mod recovery;
+pub mod reply_to;
+pub mod sender_selected;
 pub mod vhost;
 
 use std::collections::HashMap;
@@ -31,6 +34,8 @@ pub struct BrokerState {
     store: Option<Store>,
     /// Memory and disk alarms.
     pub alarms: alarm::ResourceAlarms,
+    /// Live direct reply-to consumers (node-wide: a reply may come from any vhost).
+    pub direct_reply_to: reply_to::DirectReplyTo,
 }
 
 impl BrokerState {
@@ -57,6 +62,7 @@ impl BrokerState {
             next_msg_id,
             store,
             alarms,
+            direct_reply_to: Default::default(),
         })
     }
 

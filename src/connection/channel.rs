@@ -2,6 +2,8 @@
 //! unacked-delivery map keyed by delivery tag, prefetch, publisher confirms and
 //! transactions. Each AMQP class's methods become calls on the vhost and its queues.
 
+mod direct_reply;
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -13,6 +15,8 @@ use bytes::{Bytes, BytesMut};
 
 use super::sink::{ChannelLink, ConnEvent, ConnShared};
 use crate::broker::persist;
+use crate::broker::reply_to::PSEUDO_QUEUE;
+use crate::broker::sender_selected;
 use crate::broker::vhost::generated_name;
 use crate::broker::{BrokerState, ExchangeDef, ExchangeKind, VHost};
 use crate::protocol::codec::{ContentHeader, InFrame, encode};
@@ -66,8 +70,8 @@ struct PendingPublish {
 /// Work a transactional channel holds back until tx.commit.
 #[derive(Debug)]
 enum TxOp {
-    /// A publish (its mandatory flag and the message).
-    Publish(bool, Arc<Message>),
+    /// A publish (its mandatory flag, the message, its CC/BCC routing keys).
+    Publish(bool, Arc<Message>, Vec<String>),
     /// Deliveries acked, rejected or nacked in the transaction (by tag).
     Settle(BTreeMap<u64, Unacked>, Settle),
 }
@@ -140,6 +144,8 @@ pub struct Channel {
     tx_commits_in_flight: u32,
     last_queue: Option<String>,
     frame_max: u32,
+    /// The consumer of `amq.rabbitmq.reply-to` on this channel (direct reply-to).
+    reply_consumer: Option<direct_reply::ReplyConsumer>,
 }
 
 type Result<T> = std::result::Result<T, AmqpError>;
@@ -183,6 +189,7 @@ impl Channel {
             tx_commits_in_flight: 0,
             last_queue: None,
             frame_max,
+            reply_consumer: None,
         }
     }
 
@@ -211,21 +218,24 @@ impl Channel {
         let (class_method, result) = match frame {
             InFrame::Method(_, method) => {
                 let cm = (method.get_amqp_class_id(), method.get_amqp_method_id());
-                if self.publish.is_some() {
-                    (
-                        cm,
-                        Err(amqp_err!(
-                            UnexpectedFrame,
-                            "expected content header for class 60, got non content header frame instead"
-                        )),
-                    )
+                if let Some(p) = &self.publish {
+                    // The error names the publish whose content was interrupted.
+                    let expected = if p.header.is_some() {
+                        "expected content body, got non content body frame instead"
+                    } else {
+                        "expected content header for class 60, got non content header frame instead"
+                    };
+                    ((60, 40), Err(amqp_err!(UnexpectedFrame, "{}", expected)))
                 } else {
                     (cm, self.handle_method(method, out))
                 }
             }
             InFrame::Header(_, header) => ((60, 40), self.content_header(header, out)),
             InFrame::Body(_, body) => ((60, 40), self.content_body(body, out)),
-            InFrame::Heartbeat(_) => ((0, 0), Err(amqp_err!(FrameError, "heartbeat on a channel"))),
+            InFrame::Heartbeat(_) => (
+                (0, 0),
+                Err(amqp_err!(UnexpectedFrame, "type 8, all octets = <<>>")),
+            ),
         };
         match result {
             Ok(outcome) => outcome,
@@ -311,14 +321,8 @@ impl Channel {
                     )),
                 );
             }
-            other => {
-                return Err(amqp_err!(
-                    CommandInvalid,
-                    "unexpected method {}.{}",
-                    other.get_amqp_class_id(),
-                    other.get_amqp_method_id()
-                ));
-            }
+            // A connection method on a channel, or one no channel handles.
+            _ => return Err(amqp_err!(CommandInvalid, "unimplemented method")),
         }
         Ok(Outcome::Continue)
     }
@@ -433,28 +437,33 @@ impl Channel {
     fn queue_method(&mut self, m: queue::AMQPMethod, out: &mut BytesMut) -> Result<()> {
         let reply = match m {
             queue::AMQPMethod::Declare(d) => {
-                let name = if d.passive {
-                    self.queue_name(s(&d.queue))?
+                if let Some(ok) = self.declare_reply_to(s(&d.queue)) {
+                    let ok = ok?;
+                    (!d.nowait).then_some(queue::AMQPMethod::DeclareOk(ok))
                 } else {
-                    s(&d.queue).to_string()
-                };
-                let def = QueueDef {
-                    name,
-                    durable: d.durable,
-                    exclusive_owner: d.exclusive.then_some(self.conn_id),
-                    auto_delete: d.auto_delete,
-                    arguments: d.arguments,
-                };
-                let (q, _created) = self.vhost.declare_queue(def, d.passive, self.conn_id)?;
-                let counts = q.counts();
-                self.last_queue = Some(q.name().to_string());
-                (!d.nowait).then(|| {
-                    queue::AMQPMethod::DeclareOk(queue::DeclareOk {
-                        queue: q.name().into(),
-                        message_count: counts.messages,
-                        consumer_count: counts.consumers,
+                    let name = if d.passive {
+                        self.queue_name(s(&d.queue))?
+                    } else {
+                        s(&d.queue).to_string()
+                    };
+                    let def = QueueDef {
+                        name,
+                        durable: d.durable,
+                        exclusive_owner: d.exclusive.then_some(self.conn_id),
+                        auto_delete: d.auto_delete,
+                        arguments: d.arguments,
+                    };
+                    let (q, _created) = self.vhost.declare_queue(def, d.passive, self.conn_id)?;
+                    let counts = q.counts();
+                    self.last_queue = Some(q.name().to_string());
+                    (!d.nowait).then(|| {
+                        queue::AMQPMethod::DeclareOk(queue::DeclareOk {
+                            queue: q.name().into(),
+                            message_count: counts.messages,
+                            consumer_count: counts.consumers,
+                        })
                     })
-                })
+                }
             }
             queue::AMQPMethod::Bind(b) => {
                 let name = self.queue_name(s(&b.queue))?;
@@ -533,6 +542,13 @@ impl Channel {
                     }
                 } else {
                     self.prefetch = q.prefetch_count as u32;
+                    // As RabbitMQ: a per-consumer qos lifts a channel-wide limit set
+                    // before it (so the order of the two settings matters).
+                    if self.link.global_prefetch.swap(0, Ordering::Relaxed) != 0 {
+                        for c in self.consumers.values() {
+                            c.queue.kick();
+                        }
+                    }
                 }
                 self.send(
                     out,
@@ -542,7 +558,11 @@ impl Channel {
             basic::AMQPMethod::Consume(c) => self.consume(c, out)?,
             basic::AMQPMethod::Cancel(c) => {
                 let tag: Arc<str> = Arc::from(s(&c.consumer_tag));
-                self.cancel_consumer(&tag);
+                if self.is_reply_consumer(&tag) {
+                    self.cancel_reply_consumer();
+                } else {
+                    self.cancel_consumer(&tag);
+                }
                 if !c.nowait {
                     self.send(
                         out,
@@ -582,20 +602,28 @@ impl Channel {
     }
 
     fn consume(&mut self, c: basic::Consume, out: &mut BytesMut) -> Result<()> {
-        let name = self.queue_name(s(&c.queue))?;
-        let q = self.vhost.queue(&name, self.conn_id)?;
+        let direct_reply = c.queue.as_str() == PSEUDO_QUEUE;
+        let q = if direct_reply {
+            None
+        } else {
+            let name = self.queue_name(s(&c.queue))?;
+            Some(self.vhost.queue(&name, self.conn_id)?)
+        };
         let tag: Arc<str> = if c.consumer_tag.as_str().is_empty() {
             Arc::from(generated_name("amq.ctag-"))
         } else {
             Arc::from(s(&c.consumer_tag))
         };
-        if self.consumers.contains_key(&tag) {
+        if self.consumers.contains_key(&tag) || self.is_reply_consumer(&tag) {
             return Err(amqp_err!(
                 NotAllowed,
                 "attempt to reuse consumer tag '{}'",
                 tag
             ));
         }
+        let Some(q) = q else {
+            return self.consume_reply_to(c, tag, out);
+        };
         let priority = match c.arguments.inner().get("x-priority") {
             None => 0,
             Some(v) => crate::queue::args::int_value(v).ok_or_else(|| {
@@ -749,10 +777,13 @@ impl Channel {
     }
 
     /// Removes the unacked deliveries named by (tag, multiple); 406 on an unknown tag.
-    /// Removes the unacked deliveries named by (tag, multiple); 406 on an unknown tag.
     fn take_unacked(&mut self, tag: u64, multiple: bool) -> Result<BTreeMap<u64, Unacked>> {
         let unknown = || amqp_err!(PreconditionFailed, "unknown delivery tag {}", tag);
         if multiple {
+            // As RabbitMQ: the tag itself must be outstanding, even when earlier ones are.
+            if tag != 0 && !self.unacked.contains_key(&tag) {
+                return Err(unknown());
+            }
             let upto = if tag == 0 { u64::MAX } else { tag };
             let keep = self.unacked.split_off(&upto.saturating_add(1));
             let taken = std::mem::replace(&mut self.unacked, keep);
@@ -850,9 +881,9 @@ impl Channel {
                     .into_iter()
                     .partition(|op| matches!(op, TxOp::Publish(..)));
                 for op in publishes {
-                    if let TxOp::Publish(mandatory, msg) = op
+                    if let TxOp::Publish(mandatory, msg, cc) = op
                         && let Err(e) =
-                            self.route_and_enqueue(mandatory, msg, out, Some(&mut commit))
+                            self.route_and_enqueue(mandatory, msg, &cc, out, Some(&mut commit))
                     {
                         self.restore_tx_settles(settles);
                         return Err(e);
@@ -935,8 +966,8 @@ impl Channel {
         }
         if header.class_id != 60 {
             return Err(amqp_err!(
-                FrameError,
-                "content header for class {} instead of 60",
+                UnexpectedFrame,
+                "expected content header for class 60, got one for class {} instead",
                 header.class_id
             ));
         }
@@ -975,7 +1006,7 @@ impl Channel {
         if p.received > header.body_size {
             return Err(amqp_err!(
                 FrameError,
-                "content body exceeds the size announced in its header"
+                "content body frame exceeds remaining content size"
             ));
         }
         // The common single-frame body stays a slice of the read buffer; only bodies split
@@ -999,9 +1030,15 @@ impl Channel {
         let Some(p) = self.publish.take() else {
             return Ok(());
         };
-        let Some(header) = p.header else {
+        let Some(mut header) = p.header else {
             return Ok(());
         };
+        self.rewrite_reply_to(&mut header)?;
+        let (cc, without_bcc) = sender_selected::extra_routing_keys(&header.properties)?;
+        if let Some(props) = without_bcc {
+            header.raw_properties = encode::properties(&props);
+            header.properties = props;
+        }
         let body = match p.first_chunk {
             Some(b) => b,
             None => p.body.freeze(),
@@ -1040,35 +1077,39 @@ impl Channel {
             if !msg.exchange.is_empty() {
                 self.vhost.exchange(&msg.exchange)?;
             }
-            tx.push(TxOp::Publish(p.method.mandatory, msg));
+            tx.push(TxOp::Publish(p.method.mandatory, msg, cc));
             return Ok(());
         }
-        self.route_and_enqueue(p.method.mandatory, msg, out, None)
+        self.route_and_enqueue(p.method.mandatory, msg, &cc, out, None)
     }
 
     fn route_and_enqueue(
         &mut self,
         mandatory: bool,
         msg: Arc<Message>,
+        cc: &[String],
         out: &mut BytesMut,
         tx: Option<&mut TxCommit>,
     ) -> Result<()> {
-        let queues = self.vhost.route(
-            &msg.exchange,
-            &msg.routing_key,
-            msg.properties.headers().as_ref(),
-        )?;
+        if direct_reply::is_reply(&msg.exchange, &msg.routing_key) {
+            self.publish_reply(mandatory, msg, out);
+            return Ok(());
+        }
+        let queues = if cc.is_empty() {
+            self.vhost.route(
+                &msg.exchange,
+                &msg.routing_key,
+                msg.properties.headers().as_ref(),
+            )?
+        } else {
+            let keys: Vec<&str> = std::iter::once(msg.routing_key.as_str())
+                .chain(cc.iter().map(String::as_str))
+                .collect();
+            self.vhost
+                .route_keys(&msg.exchange, &keys, msg.properties.headers().as_ref())?
+        };
         if queues.is_empty() && mandatory {
-            self.send(
-                out,
-                AMQPClass::Basic(basic::AMQPMethod::Return(basic::Return {
-                    reply_code: ReplyCode::NoRoute.code(),
-                    reply_text: "NO_ROUTE".into(),
-                    exchange: msg.exchange.as_str().into(),
-                    routing_key: msg.routing_key.as_str().into(),
-                })),
-            );
-            encode::content(out, self.id, &msg.raw_properties, &msg.body, self.frame_max);
+            self.return_unroutable(&msg, out);
         }
         // Persistent copies go to the store before the queues see the message, so that
         // no ack of it can reach the store first.
@@ -1153,7 +1194,9 @@ impl Channel {
                         offset: id,
                     }]);
                 }
-                refused |= q.args.overflow == Overflow::RejectPublish;
+                // reject-publish and reject-publish-dlx alike: the publisher gets a nack
+                // (the -dlx queue dead-letters the message too).
+                refused = true;
             }
         }
         if refused && let (Some(c), Some(seq)) = (&mut self.confirms, seq) {
@@ -1163,6 +1206,28 @@ impl Channel {
             c.nacks.push(seq);
         }
         Ok(())
+    }
+
+    /// basic.return of a mandatory message that reached no queue.
+    fn return_unroutable(&self, msg: &Message, out: &mut BytesMut) {
+        self.send(
+            out,
+            AMQPClass::Basic(basic::AMQPMethod::Return(basic::Return {
+                reply_code: ReplyCode::NoRoute.code(),
+                reply_text: "NO_ROUTE".into(),
+                exchange: msg.exchange.as_str().into(),
+                routing_key: msg.routing_key.as_str().into(),
+            })),
+        );
+        encode::content(out, self.id, &msg.raw_properties, &msg.body, self.frame_max);
+    }
+
+    /// In confirm mode, confirms a publish that needs nothing stored.
+    fn confirm_now(&mut self) {
+        if let Some(c) = &mut self.confirms {
+            c.last_seq += 1;
+            c.ready.push(c.last_seq);
+        }
     }
 
     /// The store committed this channel's transaction: commit-ok may go.
@@ -1225,6 +1290,7 @@ impl Channel {
     /// Lets go of everything the channel holds: consumers are cancelled, unacked
     /// messages go back to their queues (marked redelivered).
     pub fn release(&mut self) {
+        self.cancel_reply_consumer();
         let tags: Vec<Arc<str>> = self.consumers.keys().cloned().collect();
         for tag in tags {
             self.cancel_consumer(&tag);
