@@ -20,6 +20,7 @@ use crate::broker::sender_selected;
 use crate::broker::vhost::generated_name;
 use crate::broker::{BrokerState, ExchangeDef, ExchangeKind, VHost};
 use crate::protocol::codec::{ContentHeader, InFrame, encode};
+use crate::protocol::content::{Assembled, ContentAssembly, Progress};
 use crate::protocol::{AmqpError, ReplyCode, reply::amqp_err};
 use crate::queue::args::Overflow;
 use crate::queue::{
@@ -56,15 +57,6 @@ struct Unacked {
     counted: bool,
     /// When it was handed out (for consumer_timeout).
     at: Instant,
-}
-
-#[derive(Debug)]
-struct PendingPublish {
-    method: basic::Publish,
-    header: Option<Box<ContentHeader>>,
-    body: BytesMut,
-    first_chunk: Option<Bytes>,
-    received: u64,
 }
 
 /// Work a transactional channel holds back until tx.commit.
@@ -132,7 +124,7 @@ pub struct Channel {
     broker: Arc<BrokerState>,
     link: Arc<ChannelLink>,
     closing: bool,
-    publish: Option<PendingPublish>,
+    publish: Option<ContentAssembly>,
     consumers: HashMap<Arc<str>, Consumer>,
     unacked: BTreeMap<u64, Unacked>,
     next_tag: u64,
@@ -220,7 +212,7 @@ impl Channel {
                 let cm = (method.get_amqp_class_id(), method.get_amqp_method_id());
                 if let Some(p) = &self.publish {
                     // The error names the publish whose content was interrupted.
-                    let expected = if p.header.is_some() {
+                    let expected = if p.has_header() {
                         "expected content body, got non content body frame instead"
                     } else {
                         "expected content header for class 60, got non content header frame instead"
@@ -524,13 +516,7 @@ impl Channel {
                 if p.immediate {
                     return Err(amqp_err!(NotImplemented, "immediate=true"));
                 }
-                self.publish = Some(PendingPublish {
-                    method: p,
-                    header: None,
-                    body: BytesMut::new(),
-                    first_chunk: None,
-                    received: 0,
-                });
+                self.publish = Some(ContentAssembly::new(p));
             }
             basic::AMQPMethod::Qos(q) => {
                 if q.global {
@@ -958,21 +944,8 @@ impl Channel {
                 "expected method frame, got non method frame instead"
             ));
         };
-        if p.header.is_some() {
-            return Err(amqp_err!(
-                UnexpectedFrame,
-                "expected content body, got non content body frame instead"
-            ));
-        }
-        if header.class_id != 60 {
-            return Err(amqp_err!(
-                UnexpectedFrame,
-                "expected content header for class 60, got one for class {} instead",
-                header.class_id
-            ));
-        }
         let max = self.broker.config.max_message_size();
-        if header.body_size > max {
+        if !p.has_header() && header.body_size > max {
             self.publish = None;
             return Err(amqp_err!(
                 PreconditionFailed,
@@ -981,9 +954,7 @@ impl Channel {
                 max
             ));
         }
-        let done = header.body_size == 0;
-        p.header = Some(header);
-        if done {
+        if p.header(header)? == Progress::Complete {
             self.complete_publish(out)?;
         }
         Ok(Outcome::Continue)
@@ -996,41 +967,19 @@ impl Channel {
                 "expected method frame, got non method frame instead"
             ));
         };
-        let Some(header) = &p.header else {
-            return Err(amqp_err!(
-                UnexpectedFrame,
-                "expected content header for class 60, got non content header frame instead"
-            ));
-        };
-        p.received += body.len() as u64;
-        if p.received > header.body_size {
-            return Err(amqp_err!(
-                FrameError,
-                "content body frame exceeds remaining content size"
-            ));
-        }
-        // The common single-frame body stays a slice of the read buffer; only bodies split
-        // over several frames are joined.
-        match (&p.first_chunk, p.body.is_empty()) {
-            (None, true) => p.first_chunk = Some(body),
-            _ => {
-                if let Some(first) = p.first_chunk.take() {
-                    p.body.extend_from_slice(&first);
-                }
-                p.body.extend_from_slice(&body);
-            }
-        }
-        if p.received == header.body_size {
+        if p.body(body)? == Progress::Complete {
             self.complete_publish(out)?;
         }
         Ok(Outcome::Continue)
     }
 
     fn complete_publish(&mut self, out: &mut BytesMut) -> Result<()> {
-        let Some(p) = self.publish.take() else {
-            return Ok(());
-        };
-        let Some(mut header) = p.header else {
+        let Some(Assembled {
+            method,
+            mut header,
+            body,
+        }) = self.publish.take().and_then(ContentAssembly::finish)
+        else {
             return Ok(());
         };
         self.rewrite_reply_to(&mut header)?;
@@ -1039,10 +988,6 @@ impl Channel {
             header.raw_properties = encode::properties(&props);
             header.properties = props;
         }
-        let body = match p.first_chunk {
-            Some(b) => b,
-            None => p.body.freeze(),
-        };
         if let Some(exp) = header.properties.expiration()
             && exp.as_str().parse::<u64>().is_err()
         {
@@ -1064,8 +1009,8 @@ impl Channel {
         }
         let persistent = *header.properties.delivery_mode() == Some(2);
         let msg = Arc::new(Message {
-            exchange: String::from(p.method.exchange),
-            routing_key: String::from(p.method.routing_key),
+            exchange: String::from(method.exchange),
+            routing_key: String::from(method.routing_key),
             properties: header.properties,
             raw_properties: header.raw_properties,
             body,
@@ -1077,10 +1022,10 @@ impl Channel {
             if !msg.exchange.is_empty() {
                 self.vhost.exchange(&msg.exchange)?;
             }
-            tx.push(TxOp::Publish(p.method.mandatory, msg, cc));
+            tx.push(TxOp::Publish(method.mandatory, msg, cc));
             return Ok(());
         }
-        self.route_and_enqueue(p.method.mandatory, msg, &cc, out, None)
+        self.route_and_enqueue(method.mandatory, msg, &cc, out, None)
     }
 
     fn route_and_enqueue(

@@ -8,6 +8,7 @@
 pub mod codec;
 #[cfg(test)]
 mod codec_props;
+pub mod content;
 pub mod fieldtable;
 pub mod reply;
 
