@@ -204,3 +204,52 @@ async fn a_commit_ok_never_overtakes_an_earlier_commit() {
         }
     }
 }
+
+/// declare-ok for a durable queue goes out only once its definition is on disk (as
+/// RabbitMQ answers): with the store writer held, no answer comes.
+#[tokio::test]
+async fn a_durable_declare_is_answered_once_stored() {
+    use amq_protocol::protocol::queue;
+    let t = common::TestBroker::start().await;
+    let addr = t
+        .url
+        .rsplit('@')
+        .next()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let mut raw = Raw::connect(&addr).await;
+    raw.handshake(|t| t).await;
+    raw.open_channel(1).await;
+    let hold = t
+        .broker
+        .as_ref()
+        .and_then(|b| b.pause_store_writer())
+        .expect("a store");
+    raw.send_method(
+        1,
+        AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
+            queue: "stored-first".into(),
+            passive: false,
+            durable: true,
+            exclusive: false,
+            auto_delete: false,
+            nowait: false,
+            arguments: FieldTable::default(),
+        })),
+    )
+    .await;
+    match raw.read_frame(Duration::from_millis(500)).await {
+        util::raw::Read::Timeout => {}
+        other => panic!("declare-ok went out before the definition was stored: {other:?}"),
+    }
+    drop(hold);
+    match raw.recv_method().await {
+        AMQPClass::Queue(queue::AMQPMethod::DeclareOk(ok)) => {
+            assert_eq!(ok.queue.as_str(), "stored-first")
+        }
+        other => panic!("expected declare-ok, got {other:?}"),
+    }
+}

@@ -117,6 +117,9 @@ pub struct Connection {
     written_auto_acks: Vec<StoreOp>,
     /// The node is shutting down (seen while writing).
     shutdown_seen: bool,
+    /// An exchange or queue method was handled: its answer waits until the store has
+    /// committed what was submitted before it.
+    definitions_changed: bool,
 }
 
 /// Runs a connection until it closes.
@@ -170,6 +173,7 @@ pub async fn serve(
         store_hold: false,
         written_auto_acks: Vec::new(),
         shutdown_seen: false,
+        definitions_changed: false,
     };
 
     let mut buf = BytesMut::with_capacity(64 * 1024);
@@ -206,6 +210,15 @@ pub async fn serve(
         let alarms = *alarm.borrow_and_update();
         let throttled = conn.published && alarms.any();
         conn.set_blocked(throttled.then(|| alarms.reason()));
+        if conn.definitions_changed {
+            // Answers to declare, bind and delete go out only once the definitions they
+            // changed are on disk, as RabbitMQ answers: an empty commit after them is a
+            // barrier (one fsync, shared with whatever else the writer commits).
+            conn.definitions_changed = false;
+            if let Some(store) = conn.broker.store() {
+                store.commit(Vec::new()).await;
+            }
+        }
         if conn.flush(&mut writer, &mut shutdown).await.is_err() {
             break;
         }
@@ -533,6 +546,13 @@ impl Connection {
 
     fn channel_frame(&mut self, frame: InFrame) -> Result<(), AmqpError> {
         let ch = frame_channel(&frame);
+        // Exchange and queue methods that write to the store answer once it committed.
+        let sent_before = matches!(
+            frame,
+            InFrame::Method(_, AMQPClass::Exchange(_) | AMQPClass::Queue(_))
+        )
+        .then(|| self.broker.store().map(|s| s.sent_requests()))
+        .flatten();
         let Some(channel) = self.channels.get_mut(&ch) else {
             // A channel.close that crossed ours already ended the channel: its close-ok,
             // or a repeated close, is answered quietly, as RabbitMQ does.
@@ -561,6 +581,9 @@ impl Connection {
             ));
         };
         let outcome = channel.handle_frame(frame, &mut self.out);
+        if let (Some(before), Some(store)) = (sent_before, self.broker.store()) {
+            self.definitions_changed |= store.sent_requests() != before;
+        }
         match outcome {
             channel::Outcome::Continue => Ok(()),
             channel::Outcome::Closed => {

@@ -250,6 +250,8 @@ struct Counters {
     queued_ops: AtomicU64,
     /// Payload bytes sent to the writer and not yet committed.
     queued_bytes: AtomicU64,
+    /// Requests ever sent to the writer.
+    sent: AtomicU64,
 }
 
 impl Counters {
@@ -442,6 +444,12 @@ impl Store {
             || c.queued_bytes.load(Ordering::Relaxed) >= CONGESTED_BYTES
     }
 
+    /// Requests ever sent to the writer (by any handle): a caller that compares it
+    /// before and after some work knows whether that work may have written anything.
+    pub fn sent_requests(&self) -> u64 {
+        self.inner.counters.sent.load(Ordering::Relaxed)
+    }
+
     /// Counters of the writer's work so far.
     pub fn stats(&self) -> StoreStats {
         self.inner.counters.snapshot()
@@ -460,6 +468,7 @@ impl Store {
         let c = &self.inner.counters;
         c.queued_ops.fetch_add(ops.len() as u64, Ordering::Relaxed);
         c.queued_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        c.sent.fetch_add(1, Ordering::Relaxed);
         self.send(Request::Ops { ops, done, bytes });
     }
 
