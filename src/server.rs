@@ -45,10 +45,13 @@ impl Broker {
         // Opening reads the whole store back (seconds for millions of messages): keep it off
         // the async workers.
         let (dir, flush) = (config.data_dir.clone(), config.flush);
-        let (store, recovered) =
+        let (store, mut recovered) =
             tokio::task::spawn_blocking(move || crate::store::Store::open(&dir, flush, interval))
                 .await??;
-        let state = BrokerState::new(config.clone(), Some(store));
+        let access_records = std::mem::take(&mut recovered.access);
+        let access =
+            crate::auth::AccessControl::open(&access_records, Some(store.clone()), &config).await;
+        let state = BrokerState::new(config.clone(), Some(store), access);
         state.recover(recovered);
         let (shutdown, _) = broadcast::channel(1);
         let mut tasks = JoinSet::new();
@@ -97,6 +100,12 @@ impl Broker {
             c.default_pass,
             self.local_addr()
         )
+    }
+
+    /// The node's shared state: vhosts, access control, connections (the management API
+    /// and tests work through it).
+    pub fn state(&self) -> &Arc<BrokerState> {
+        &self.state
     }
 
     /// Raises or clears the memory alarm by hand, as if memory use had crossed the

@@ -10,10 +10,14 @@ pub mod persist;
 pub mod vhost;
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
+use crate::auth::{AccessChange, AccessControl, AccessError, VHostRecord};
 use crate::config::Config;
+use crate::connection::sink::{ConnEvent, ConnShared};
+use crate::protocol::{AmqpError, reply::amqp_err};
 use crate::queue::Message;
 use crate::store::{Recovered, Store};
 pub use exchange::{Binding, Destination, Exchange, ExchangeDef, ExchangeKind};
@@ -30,11 +34,30 @@ pub struct BrokerState {
     store: Option<Store>,
     /// Memory and disk alarms.
     pub alarms: alarm::ResourceAlarms,
+    /// Users, vhosts and permissions.
+    pub access: AccessControl,
+    /// Open connections (after connection.open), by id.
+    connections: Mutex<HashMap<u64, ConnectionEntry>>,
+}
+
+/// What the broker knows of an open connection: who it is, and how to reach its task.
+#[derive(Debug, Clone)]
+pub struct ConnectionEntry {
+    /// Node-unique id.
+    pub id: u64,
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// Authenticated user.
+    pub user: String,
+    /// The vhost it opened.
+    pub vhost: String,
+    /// The connection task's shared state (its event channel).
+    pub shared: Arc<ConnShared>,
 }
 
 impl BrokerState {
-    /// A broker with the default vhost and its built-in exchanges.
-    pub fn new(config: Config, store: Option<Store>) -> Arc<BrokerState> {
+    /// A broker with the vhosts `access` knows, each with its built-in exchanges.
+    pub fn new(config: Config, store: Option<Store>, access: AccessControl) -> Arc<BrokerState> {
         let mut vhosts = HashMap::new();
         let next_msg_id = Arc::new(AtomicU64::new(1));
         let alarms = alarm::ResourceAlarms::new(
@@ -42,10 +65,10 @@ impl BrokerState {
             store.as_ref().map(|_| config.data_dir.clone()),
             config.disk_free_limit,
         );
-        vhosts.insert(
-            config.default_vhost.clone(),
-            VHost::new(&config.default_vhost, store.clone(), next_msg_id.clone()),
-        );
+        for v in access.vhosts() {
+            let vhost = VHost::new(&v.name, store.clone(), next_msg_id.clone());
+            vhosts.insert(v.name, vhost);
+        }
         Arc::new(BrokerState {
             config,
             vhosts: RwLock::new(vhosts),
@@ -53,6 +76,8 @@ impl BrokerState {
             next_msg_id,
             store,
             alarms,
+            access,
+            connections: Mutex::default(),
         })
     }
 
@@ -168,14 +193,109 @@ impl BrokerState {
         }
     }
 
-    /// Checks a login. Only the configured default user exists for now.
-    pub fn authenticate(&self, user: &str, pass: &str) -> bool {
-        user == self.config.default_user && pass == self.config.default_pass
+    /// Every vhost, by name.
+    pub fn vhost_list(&self) -> Vec<Arc<VHost>> {
+        let mut list: Vec<Arc<VHost>> = self
+            .vhosts
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        list.sort_by(|a, b| a.name.cmp(&b.name));
+        list
     }
 
-    /// Whether `user` may log in only from loopback addresses.
-    pub fn loopback_only(&self, user: &str) -> bool {
-        self.config.loopback_users.iter().any(|u| u == user)
+    /// Creates a vhost (or updates its metadata) with the built-in exchanges.
+    pub async fn add_vhost(&self, record: VHostRecord) -> Result<(), AccessError> {
+        let name = record.name.clone();
+        self.access.change(AccessChange::PutVHost(record)).await?;
+        self.vhosts
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(name.clone())
+            .or_insert_with(|| VHost::new(&name, self.store.clone(), self.next_msg_id.clone()));
+        Ok(())
+    }
+
+    /// Deletes a vhost: its permissions, queues (with their messages) and exchanges;
+    /// connections to it are closed with 320 CONNECTION_FORCED, as RabbitMQ does.
+    pub async fn delete_vhost(&self, name: &str) -> Result<(), AccessError> {
+        self.access
+            .change(AccessChange::DeleteVHost(name.to_string()))
+            .await?;
+        let removed = self
+            .vhosts
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+        self.close_connections(
+            |c| c.vhost == name,
+            &amqp_err!(ConnectionForced, "vhost '{}' is deleted", name),
+        );
+        if let Some(v) = removed {
+            v.delete_everything();
+        }
+        Ok(())
+    }
+
+    /// Deletes a user and its permissions; its open connections are closed with 320
+    /// CONNECTION_FORCED.
+    pub async fn delete_user(&self, name: &str) -> Result<(), AccessError> {
+        self.access
+            .change(AccessChange::DeleteUser(name.to_string()))
+            .await?;
+        self.close_connections(
+            |c| c.user == name,
+            &amqp_err!(ConnectionForced, "user '{}' is deleted", name),
+        );
+        Ok(())
+    }
+
+    /// Notes an opened connection (connection.open-ok sent).
+    pub fn register_connection(&self, entry: ConnectionEntry) {
+        self.connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(entry.id, entry);
+    }
+
+    /// Forgets a connection that ended.
+    pub fn deregister_connection(&self, id: u64) {
+        self.connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+    }
+
+    /// Every open connection, by id.
+    pub fn connections(&self) -> Vec<ConnectionEntry> {
+        let mut list: Vec<ConnectionEntry> = self
+            .connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        list.sort_by_key(|c| c.id);
+        list
+    }
+
+    /// Asks every connection matching `which` to close with `reason`; returns how many.
+    pub fn close_connections(
+        &self,
+        which: impl Fn(&ConnectionEntry) -> bool,
+        reason: &AmqpError,
+    ) -> usize {
+        let targets: Vec<ConnectionEntry> = self
+            .connections()
+            .into_iter()
+            .filter(|c| which(c))
+            .collect();
+        for c in &targets {
+            let _ = c.shared.tx.send(ConnEvent::Close(reason.clone()));
+        }
+        targets.len()
     }
 
     /// A node-unique id (connections, consumers).

@@ -394,11 +394,14 @@ impl VHost {
         }
     }
 
-    /// queue.declare. Returns the queue and whether it was created now.
+    /// queue.declare. Returns the queue and whether it was created now. An empty name
+    /// gets a generated `amq.gen-` one; so does a name the caller already generated
+    /// (`server_named`), which the reserved-prefix rule then does not apply to.
     pub fn declare_queue(
         &self,
         mut def: QueueDef,
         passive: bool,
+        server_named: bool,
         conn: u64,
     ) -> Result<(Arc<Queue>, bool), AmqpError> {
         if passive {
@@ -406,7 +409,7 @@ impl VHost {
         }
         if def.name.is_empty() {
             def.name = generated_name("amq.gen-");
-        } else if def.name.starts_with("amq.") {
+        } else if !server_named && def.name.starts_with("amq.") {
             return Err(amqp_err!(
                 AccessRefused,
                 "queue name '{}' contains reserved prefix 'amq.*'",
@@ -664,6 +667,30 @@ impl VHost {
         }
         self.persist(ops);
         q.mark_deleted()
+    }
+
+    /// Every queue, in no particular order (listings, the management API).
+    pub fn queues(&self) -> Vec<Arc<Queue>> {
+        lock_read(&self.queues).values().cloned().collect()
+    }
+
+    /// Every exchange, the built-in ones included, in no particular order.
+    pub fn exchanges(&self) -> Vec<Arc<Exchange>> {
+        lock_read(&self.exchanges).values().cloned().collect()
+    }
+
+    /// Deletes every queue (cancelling consumers) and every exchange but the built-in
+    /// ones, with their stored records: the vhost itself is being deleted.
+    pub fn delete_everything(&self) {
+        for q in self.queues() {
+            self.remove_queue(&q);
+        }
+        for x in self.exchanges() {
+            let name = &x.def.name;
+            if !name.is_empty() && !name.starts_with("amq.") {
+                let _ = self.delete_exchange(name, false);
+            }
+        }
     }
 
     /// Deletes the exclusive queues of a closing connection.

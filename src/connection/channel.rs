@@ -11,6 +11,7 @@ use amq_protocol::types::AMQPValue;
 use bytes::{Bytes, BytesMut};
 
 use super::sink::{ChannelLink, ConnEvent, ConnShared};
+use crate::auth::{Permission, ResourceKind};
 use crate::broker::persist;
 use crate::broker::vhost::generated_name;
 use crate::broker::{BrokerState, ExchangeDef, ExchangeKind, VHost};
@@ -133,6 +134,22 @@ pub struct Channel {
     tx: Option<Vec<TxOp>>,
     last_queue: Option<String>,
     frame_max: u32,
+    /// Exchanges this channel may publish to, checked at access-control generation
+    /// `.0`: a publish costs a short scan, not a regex match.
+    write_allowed: (u64, Vec<String>),
+}
+
+/// Most exchanges remembered in a channel's publish-permission cache (as RabbitMQ's
+/// per-channel permission cache).
+const WRITE_CACHE_SIZE: usize = 12;
+
+/// A string-valued argument (`x-dead-letter-exchange`, `alternate-exchange`).
+fn string_arg<'a>(args: &'a amq_protocol::types::FieldTable, key: &str) -> Option<&'a str> {
+    match args.inner().get(key)? {
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok(),
+        AMQPValue::ShortString(s) => Some(s.as_str()),
+        _ => None,
+    }
 }
 
 type Result<T> = std::result::Result<T, AmqpError>;
@@ -175,7 +192,34 @@ impl Channel {
             tx: None,
             last_queue: None,
             frame_max,
+            write_allowed: (u64::MAX, Vec::new()),
         }
+    }
+
+    /// 403 ACCESS_REFUSED unless this channel's user has `permission` on the resource.
+    fn check(&self, kind: ResourceKind, name: &str, permission: Permission) -> Result<()> {
+        self.broker
+            .access
+            .check(&self.user, &self.vhost.name, kind, name, permission)
+    }
+
+    /// basic.publish: write permission on the exchange, cached per channel until the
+    /// users or permissions change.
+    fn check_publish(&mut self, exchange: &str) -> Result<()> {
+        let generation = self.broker.access.generation();
+        if self.write_allowed.0 != generation {
+            self.write_allowed = (generation, Vec::new());
+        }
+        if self.write_allowed.1.iter().any(|x| x == exchange) {
+            return Ok(());
+        }
+        self.check(ResourceKind::Exchange, exchange, Permission::Write)?;
+        let cache = &mut self.write_allowed.1;
+        if cache.len() >= WRITE_CACHE_SIZE {
+            cache.remove(0);
+        }
+        cache.push(exchange.to_string());
+        Ok(())
     }
 
     fn send(&self, out: &mut BytesMut, method: AMQPClass) {
@@ -345,8 +389,18 @@ impl Channel {
                         ));
                     }
                 };
+                let name = s(&d.exchange);
+                if !d.passive && !name.is_empty() {
+                    self.check(ResourceKind::Exchange, name, Permission::Configure)?;
+                    if let Some(ae) = string_arg(&d.arguments, "alternate-exchange")
+                        && self.vhost.exchange(name).is_err()
+                    {
+                        self.check(ResourceKind::Exchange, name, Permission::Read)?;
+                        self.check(ResourceKind::Exchange, ae, Permission::Write)?;
+                    }
+                }
                 let def = ExchangeDef {
-                    name: s(&d.exchange).to_string(),
+                    name: name.to_string(),
                     kind,
                     durable: d.durable,
                     auto_delete: d.auto_delete,
@@ -357,10 +411,18 @@ impl Channel {
                 (!d.nowait).then_some(exchange::AMQPMethod::DeclareOk(exchange::DeclareOk {}))
             }
             exchange::AMQPMethod::Delete(d) => {
+                if !s(&d.exchange).is_empty() {
+                    self.check(
+                        ResourceKind::Exchange,
+                        s(&d.exchange),
+                        Permission::Configure,
+                    )?;
+                }
                 self.vhost.delete_exchange(s(&d.exchange), d.if_unused)?;
                 (!d.nowait).then_some(exchange::AMQPMethod::DeleteOk(exchange::DeleteOk {}))
             }
             exchange::AMQPMethod::Bind(b) => {
+                self.check_bind(ResourceKind::Exchange, s(&b.destination), s(&b.source))?;
                 self.vhost.bind_exchange(
                     s(&b.destination),
                     s(&b.source),
@@ -370,6 +432,7 @@ impl Channel {
                 (!b.nowait).then_some(exchange::AMQPMethod::BindOk(exchange::BindOk {}))
             }
             exchange::AMQPMethod::Unbind(b) => {
+                self.check_bind(ResourceKind::Exchange, s(&b.destination), s(&b.source))?;
                 self.vhost.unbind_exchange(
                     s(&b.destination),
                     s(&b.source),
@@ -392,6 +455,16 @@ impl Channel {
         Ok(())
     }
 
+    /// Binding and unbinding, as RabbitMQ checks them: write on the destination, read on
+    /// the source (the default exchange is refused by the vhost with its own text).
+    fn check_bind(&self, kind: ResourceKind, destination: &str, source: &str) -> Result<()> {
+        self.check(kind, destination, Permission::Write)?;
+        if !source.is_empty() && !destination.is_empty() {
+            self.check(ResourceKind::Exchange, source, Permission::Read)?;
+        }
+        Ok(())
+    }
+
     /// The queue name a method refers to; empty means the last one declared here.
     fn queue_name(&self, name: &str) -> Result<String> {
         if !name.is_empty() {
@@ -407,9 +480,18 @@ impl Channel {
             queue::AMQPMethod::Declare(d) => {
                 let name = if d.passive {
                     self.queue_name(s(&d.queue))?
+                } else if d.queue.as_str().is_empty() {
+                    generated_name("amq.gen-")
                 } else {
                     s(&d.queue).to_string()
                 };
+                if !d.passive {
+                    self.check(ResourceKind::Queue, &name, Permission::Configure)?;
+                    if let Some(dlx) = string_arg(&d.arguments, "x-dead-letter-exchange") {
+                        self.check(ResourceKind::Queue, &name, Permission::Read)?;
+                        self.check(ResourceKind::Exchange, dlx, Permission::Write)?;
+                    }
+                }
                 let def = QueueDef {
                     name,
                     durable: d.durable,
@@ -417,7 +499,10 @@ impl Channel {
                     auto_delete: d.auto_delete,
                     arguments: d.arguments,
                 };
-                let (q, _created) = self.vhost.declare_queue(def, d.passive, self.conn_id)?;
+                let server_named = !d.passive && d.queue.as_str().is_empty();
+                let (q, _created) =
+                    self.vhost
+                        .declare_queue(def, d.passive, server_named, self.conn_id)?;
                 let counts = q.counts();
                 self.last_queue = Some(q.name().to_string());
                 (!d.nowait).then(|| {
@@ -430,6 +515,7 @@ impl Channel {
             }
             queue::AMQPMethod::Bind(b) => {
                 let name = self.queue_name(s(&b.queue))?;
+                self.check_bind(ResourceKind::Queue, &name, s(&b.exchange))?;
                 self.vhost.bind_queue(
                     &name,
                     s(&b.exchange),
@@ -441,6 +527,7 @@ impl Channel {
             }
             queue::AMQPMethod::Unbind(b) => {
                 let name = self.queue_name(s(&b.queue))?;
+                self.check_bind(ResourceKind::Queue, &name, s(&b.exchange))?;
                 self.vhost.unbind_queue(
                     &name,
                     s(&b.exchange),
@@ -452,6 +539,7 @@ impl Channel {
             }
             queue::AMQPMethod::Purge(p) => {
                 let name = self.queue_name(s(&p.queue))?;
+                self.check(ResourceKind::Queue, &name, Permission::Read)?;
                 let q = self.vhost.queue(&name, self.conn_id)?;
                 let purged = q.purge();
                 (!p.nowait).then_some(queue::AMQPMethod::PurgeOk(queue::PurgeOk {
@@ -460,6 +548,7 @@ impl Channel {
             }
             queue::AMQPMethod::Delete(d) => {
                 let name = self.queue_name(s(&d.queue))?;
+                self.check(ResourceKind::Queue, &name, Permission::Configure)?;
                 let count =
                     self.vhost
                         .delete_queue(&name, d.if_unused, d.if_empty, self.conn_id)?;
@@ -555,6 +644,7 @@ impl Channel {
 
     fn consume(&mut self, c: basic::Consume, out: &mut BytesMut) -> Result<()> {
         let name = self.queue_name(s(&c.queue))?;
+        self.check(ResourceKind::Queue, &name, Permission::Read)?;
         let q = self.vhost.queue(&name, self.conn_id)?;
         let tag: Arc<str> = if c.consumer_tag.as_str().is_empty() {
             Arc::from(generated_name("amq.ctag-"))
@@ -632,6 +722,7 @@ impl Channel {
 
     fn get(&mut self, g: basic::Get, out: &mut BytesMut) -> Result<()> {
         let name = self.queue_name(s(&g.queue))?;
+        self.check(ResourceKind::Queue, &name, Permission::Read)?;
         let q = self.vhost.queue(&name, self.conn_id)?;
         match q.get(g.no_ack) {
             None => self.send(
@@ -958,6 +1049,7 @@ impl Channel {
         let Some(header) = p.header else {
             return Ok(());
         };
+        self.check_publish(p.method.exchange.as_str())?;
         let body = match p.first_chunk {
             Some(b) => b,
             None => p.body.freeze(),

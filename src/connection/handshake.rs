@@ -150,11 +150,11 @@ impl Connection {
             tracing::warn!(peer = %self.peer, "malformed {mechanism} response");
             return Err(refused());
         };
-        if !self.broker.authenticate(&user, &pass) {
+        if self.broker.access.authenticate(&user, &pass).is_none() {
             tracing::warn!(peer = %self.peer, %user, "authentication failed");
             return Err(refused());
         }
-        if self.broker.loopback_only(&user) && !self.peer.ip().to_canonical().is_loopback() {
+        if self.broker.access.loopback_only(&user) && !self.peer.ip().to_canonical().is_loopback() {
             tracing::warn!(peer = %self.peer, %user, "user may only connect via localhost");
             return Err(refused());
         }
@@ -212,10 +212,19 @@ impl Connection {
 
     fn open(&mut self, open: Open) -> Result<(), AmqpError> {
         let name = open.virtual_host.as_str();
+        self.broker.access.check_vhost(&self.user, name)?;
         let Some(vhost) = self.broker.vhost(name) else {
             return Err(amqp_err!(NotAllowed, "vhost {} not found", name));
         };
         tracing::info!(peer = %self.peer, user = %self.user, vhost = %name, "connection opened");
+        self.broker
+            .register_connection(crate::broker::ConnectionEntry {
+                id: self.id,
+                peer: self.peer,
+                user: self.user.clone(),
+                vhost: name.to_string(),
+                shared: self.shared.clone(),
+            });
         self.vhost = Some(vhost);
         self.phase = Phase::Open;
         self.send(0, AMQPClass::Connection(AMQPMethod::OpenOk(OpenOk {})));

@@ -503,6 +503,7 @@ impl Connection {
                     channel.stored(&seqs);
                 }
             }
+            ConnEvent::Close(reason) => self.close_connection(reason),
         }
     }
 
@@ -575,6 +576,7 @@ impl Connection {
                 d.queue.return_undelivered(d.entry);
             }
         }
+        self.broker.deregister_connection(self.id);
         if let Some(vhost) = &self.vhost {
             vhost.remove_exclusive_queues(self.id);
             tracing::info!(peer = %self.peer, user = %self.user, vhost = %vhost.name, "connection closed");

@@ -27,6 +27,8 @@ pub enum ConnEvent {
     Stored(u16, Vec<u64>),
     /// This channel's tx.commit is durable.
     TxCommitted(u16),
+    /// The broker closes the connection (vhost or user deleted, closed by an operator).
+    Close(crate::protocol::AmqpError),
 }
 
 /// State of a connection that queues may touch.

@@ -92,6 +92,19 @@ pub enum StoreOp {
         /// Key given to [`StoreOp::PutDefinition`].
         key: String,
     },
+    /// Create or replace an access-control record (user, vhost, permission), in its own
+    /// table beside the definitions.
+    PutAccess {
+        /// Key chosen by the access-control module; [`Recovered::access`] is sorted by it.
+        key: String,
+        /// Its encoded record.
+        value: Vec<u8>,
+    },
+    /// Delete an access-control record (absent keys are ignored).
+    DeleteAccess {
+        /// Key given to [`StoreOp::PutAccess`].
+        key: String,
+    },
     /// Store a message blob once, however many queues will hold it. Follow it with one
     /// [`StoreOp::Enqueue`] per queue (in the same batch, normally): the blob lives as long as
     /// some entry references it. A blob that no entry ever references is deleted at the next
@@ -143,7 +156,7 @@ impl StoreOp {
     /// Bytes of payload this op carries, used to bound the size of a group commit.
     fn payload_len(&self) -> usize {
         match self {
-            StoreOp::PutDefinition { value, .. } => value.len(),
+            StoreOp::PutDefinition { value, .. } | StoreOp::PutAccess { value, .. } => value.len(),
             StoreOp::PutMessage { blob, .. } => blob.len(),
             _ => 0,
         }
@@ -155,6 +168,8 @@ impl StoreOp {
 pub struct Recovered {
     /// Every stored definition `(key, value)`, sorted by key.
     pub definitions: Vec<(String, Vec<u8>)>,
+    /// Every stored access-control record `(key, value)`, sorted by key.
+    pub access: Vec<(String, Vec<u8>)>,
     /// Entries per queue key, each list in ascending offset order. Queues without entries
     /// are absent.
     pub queues: HashMap<String, Vec<RecoveredEntry>>,

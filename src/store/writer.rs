@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use redb::{Database, Durability, ReadableTable, WriteTransaction};
 
-use super::schema::{DEFINITIONS, ENTRIES, MESSAGES};
+use super::schema::{ACCESS, DEFINITIONS, ENTRIES, MESSAGES};
 use super::{Counters, Done, FlushMode, Request, StoreOp, fatal_store_failure};
 
 /// At most this many requests go into one transaction, so that a flood of publishes cannot
@@ -270,6 +270,7 @@ fn apply(
     released: &mut Vec<u64>,
 ) -> Result<(), redb::Error> {
     let mut definitions = txn.open_table(DEFINITIONS)?;
+    let mut access = txn.open_table(ACCESS)?;
     let mut messages = txn.open_table(MESSAGES)?;
     let mut entries = txn.open_table(ENTRIES)?;
 
@@ -280,6 +281,12 @@ fn apply(
             }
             StoreOp::DeleteDefinition { key } => {
                 definitions.remove(key.as_str())?;
+            }
+            StoreOp::PutAccess { key, value } => {
+                access.insert(key.as_str(), value.as_slice())?;
+            }
+            StoreOp::DeleteAccess { key } => {
+                access.remove(key.as_str())?;
             }
             StoreOp::PutMessage { msg_id, blob } => {
                 messages.insert(*msg_id, blob.as_ref())?;
