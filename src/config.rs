@@ -50,6 +50,10 @@ pub struct Config {
     /// Free bytes on the data directory's file system below which publishers are
     /// blocked (0: never).
     pub disk_free_limit: u64,
+    /// Management HTTP API port (0 = ephemeral), on `listen_addresses`.
+    pub management_port: u16,
+    /// A definitions file (RabbitMQ's JSON) imported at boot; empty: none.
+    pub load_definitions: String,
     /// tracing filter.
     pub log: String,
 }
@@ -89,6 +93,7 @@ impl Config {
         Config {
             listen_addresses: vec!["127.0.0.1".into()],
             port: 0,
+            management_port: 0,
             data_dir: data_dir.into(),
             ..Config::defaults()
         }
@@ -105,5 +110,7 @@ mod tests {
         assert_eq!(c.port, 5672);
         assert_eq!(c.default_user, "guest");
         assert_eq!(c.flush, FlushMode::Sync);
+        assert_eq!(c.management_port, 15672);
+        assert!(c.load_definitions.is_empty());
     }
 }

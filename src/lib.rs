@@ -7,6 +7,7 @@ pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod connection;
+pub mod http;
 pub mod perf;
 pub mod protocol;
 pub mod queue;

@@ -16,6 +16,7 @@ use crate::config::Config;
 /// A running node. Dropping it does not stop it; call `shutdown`.
 pub struct Broker {
     addrs: Vec<SocketAddr>,
+    management_addrs: Vec<SocketAddr>,
     shutdown: broadcast::Sender<()>,
     tasks: JoinSet<()>,
     state: Arc<BrokerState>,
@@ -77,9 +78,14 @@ impl Broker {
             addrs.push(local);
             tasks.spawn(accept_loop(listener, state.clone(), shutdown.clone()));
         }
+        if !config.load_definitions.is_empty() {
+            load_definitions(&state, &config.load_definitions).await?;
+        }
+        let management_addrs = start_management(&config, &state, &addrs, &shutdown, &mut tasks)?;
         tasks.spawn(ticker(state.clone(), shutdown.subscribe()));
         Ok(Broker {
             addrs,
+            management_addrs,
             shutdown,
             tasks,
             state,
@@ -89,6 +95,11 @@ impl Broker {
     /// The first address the node listens on (tests connect here).
     pub fn local_addr(&self) -> SocketAddr {
         self.addrs[0]
+    }
+
+    /// The first address the management API listens on.
+    pub fn management_addr(&self) -> Option<SocketAddr> {
+        self.management_addrs.first().copied()
     }
 
     /// `amqp://guest:guest@host:port/%2f` for the first listener.
@@ -127,6 +138,69 @@ impl Broker {
             let _ = tokio::task::spawn_blocking(move || store.close()).await;
         }
     }
+}
+
+/// Imports a definitions file at boot (`load_definitions`); a file that cannot be read
+/// or applied stops the start, as RabbitMQ refuses to boot with a broken one.
+async fn load_definitions(state: &Arc<BrokerState>, path: &str) -> anyhow::Result<()> {
+    let text = std::fs::read(path).with_context(|| format!("load_definitions {path}"))?;
+    let defs: serde_json::Value =
+        serde_json::from_slice(&text).with_context(|| format!("load_definitions {path}"))?;
+    crate::broker::definitions::import(state, &defs, None)
+        .await
+        .map_err(|e| anyhow::anyhow!("load_definitions {path}: {e}"))?;
+    tracing::info!(file = path, "loaded definitions");
+    Ok(())
+}
+
+/// Binds the management API on every listen address (sharing one port when it is 0)
+/// and starts it with its rate sampler.
+fn start_management(
+    config: &Config,
+    state: &Arc<BrokerState>,
+    amqp_addrs: &[SocketAddr],
+    shutdown: &broadcast::Sender<()>,
+    tasks: &mut JoinSet<()>,
+) -> anyhow::Result<Vec<SocketAddr>> {
+    let rates = Arc::new(crate::http::RateSampler::default());
+    let http = crate::http::Http {
+        broker: state.clone(),
+        amqp_addrs: Arc::new(amqp_addrs.to_vec()),
+        rates: rates.clone(),
+    };
+    let mut port = config.management_port;
+    let mut addrs = Vec::new();
+    for host in &config.listen_addresses {
+        let ip: IpAddr = host
+            .parse()
+            .with_context(|| format!("listen address '{host}'"))?;
+        let listener = match bind(SocketAddr::new(ip, port)) {
+            Ok(l) => l,
+            Err(e) if ip.is_ipv6() && config.listen_addresses.len() > 1 => {
+                tracing::warn!("no management API on [{ip}]:{port}: {e}");
+                continue;
+            }
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("cannot listen on {ip}:{port} (management)"));
+            }
+        };
+        let local = listener.local_addr()?;
+        port = local.port();
+        tracing::info!("management API on http://{local}/api/");
+        addrs.push(local);
+        tasks.spawn(crate::http::serve(
+            listener,
+            http.clone(),
+            shutdown.subscribe(),
+        ));
+    }
+    tasks.spawn(crate::http::run_sampler(
+        rates,
+        state.clone(),
+        shutdown.subscribe(),
+    ));
+    Ok(addrs)
 }
 
 async fn accept_loop(

@@ -8,7 +8,7 @@ mod util;
 
 use lapin::options::*;
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ErrorKind, ExchangeKind};
+use lapin::{Channel, Connection, ConnectionProperties, ErrorKind, ExchangeKind};
 use util::within;
 use warren::auth::{AccessChange, PermissionRecord, VHostRecord};
 use warren::{Broker, Config};
@@ -326,57 +326,73 @@ async fn binding_needs_write_on_the_destination_and_read_on_the_source() {
     );
 }
 
-#[tokio::test]
-async fn publishing_needs_write_on_the_exchange_and_a_change_applies_to_open_channels() {
-    let (t, _admin, _) = two_users().await;
-    let b = t.broker.as_ref().expect("broker");
-    let (_c, ch) = channel_as(&t, "carol").await;
-    ch.basic_publish(
-        "".into(),
-        "bob-q".into(),
-        Default::default(),
-        b"x",
-        BasicProperties::default(),
-    )
-    .await
-    .expect("publish sent");
-    // The refusal comes as a channel.close; the next call on the channel sees it.
-    let r = ch
-        .queue_declare(
-            "bob-q".into(),
-            QueueDeclareOptions {
-                passive: true,
+/// Publishes on `ch` with the raw client and returns the reply text of the
+/// channel.close that follows within a short wait, or None when the channel stays open.
+async fn raw_publish_refusal(raw: &mut util::raw::Raw, ch: u16, exchange: &str) -> Option<String> {
+    use amq_protocol::frame::AMQPFrame;
+    use amq_protocol::protocol::{AMQPClass, channel};
+    raw.send(&util::raw::publish_frames(
+        ch, exchange, "k", false, false, b"x",
+    ))
+    .await;
+    // A queue.declare behind the publish: its declare-ok proves the publish passed.
+    raw.send_method(
+        ch,
+        AMQPClass::Queue(amq_protocol::protocol::queue::AMQPMethod::Declare(
+            amq_protocol::protocol::queue::Declare {
+                queue: "".into(),
+                exclusive: true,
                 ..Default::default()
             },
-            FieldTable::default(),
-        )
-        .await;
-    assert_refused(
-        r,
-        "access to exchange 'amq.default' in vhost 'v1' refused for user 'carol'",
-    );
+        )),
+    )
+    .await;
+    loop {
+        match raw.read_frame(std::time::Duration::from_secs(10)).await {
+            util::raw::Read::Frame(AMQPFrame::Method(
+                _,
+                AMQPClass::Channel(channel::AMQPMethod::Close(c)),
+            )) => {
+                raw.send_method(
+                    ch,
+                    AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})),
+                )
+                .await;
+                return Some(format!("{} {}", c.reply_code, c.reply_text.as_str()));
+            }
+            util::raw::Read::Frame(AMQPFrame::Method(_, AMQPClass::Queue(_))) => return None,
+            util::raw::Read::Frame(_) => {}
+            other => panic!("expected channel.close or declare-ok, got {other:?}"),
+        }
+    }
+}
 
-    let (_c, ch) = channel_as(&t, "bob").await;
-    ch.confirm_select(Default::default())
-        .await
-        .expect("confirms");
-    let publish = |ch: Channel| async move {
-        ch.basic_publish(
-            "bob-x".into(),
-            "".into(),
-            Default::default(),
-            b"m",
-            BasicProperties::default(),
+#[tokio::test]
+async fn publishing_needs_write_on_the_exchange_and_a_change_applies_to_open_channels() {
+    let t = common::TestBroker::start().await;
+    let b = t.broker.as_ref().expect("broker");
+    let mut raw = util::raw::Raw::connect(&b.local_addr().to_string()).await;
+    raw.handshake(|t| t).await;
+    raw.open_channel(1).await;
+    assert_eq!(raw_publish_refusal(&mut raw, 1, "amq.fanout").await, None);
+    set_permissions(b, "guest", "/", ".*", "^amq\\.fanout$", ".*").await;
+    assert_eq!(
+        raw_publish_refusal(&mut raw, 1, "").await.as_deref(),
+        Some(
+            "403 ACCESS_REFUSED - access to exchange 'amq.default' in vhost '/' refused for user 'guest'"
         )
-        .await?
-        .await
-    };
-    publish(ch.clone()).await.expect("bob may publish to bob-x");
-    set_permissions(b, "bob", "v1", "^bob-", "^nothing$", "^bob-").await;
-    // The confirm never comes: the channel is closed with the refusal instead.
-    assert_refused(
-        publish(ch.clone()).await,
-        "access to exchange 'bob-x' in vhost 'v1' refused for user 'bob'",
+    );
+    raw.open_channel(2).await;
+    assert_eq!(raw_publish_refusal(&mut raw, 2, "amq.fanout").await, None);
+    // The channel has amq.fanout in its cache: revoking must still apply at once.
+    set_permissions(b, "guest", "/", ".*", "^$", ".*").await;
+    assert_eq!(
+        raw_publish_refusal(&mut raw, 2, "amq.fanout")
+            .await
+            .as_deref(),
+        Some(
+            "403 ACCESS_REFUSED - access to exchange 'amq.fanout' in vhost '/' refused for user 'guest'"
+        )
     );
 }
 

@@ -100,6 +100,11 @@ impl ResourceAlarms {
         self.state.send_modify(|a| a.memory = on);
     }
 
+    /// The alarms in effect now.
+    pub fn current(&self) -> Alarms {
+        *self.state.borrow()
+    }
+
     /// A receiver that sees the alarms change.
     pub fn subscribe(&self) -> watch::Receiver<Alarms> {
         self.state.subscribe()

@@ -3,8 +3,10 @@
 
 pub mod alarm;
 pub mod deadletter;
+pub mod definitions;
 pub mod disk;
 pub mod exchange;
+pub mod json;
 pub mod memory;
 pub mod persist;
 pub mod vhost;
@@ -40,6 +42,18 @@ pub struct BrokerState {
     connections: Mutex<HashMap<u64, ConnectionEntry>>,
 }
 
+impl ConnectionEntry {
+    /// RabbitMQ's name of a connection: `client address -> broker address`.
+    pub fn name(&self) -> String {
+        format!("{} -> {}", self.peer, self.local)
+    }
+
+    /// Channels open on it now.
+    pub fn channel_count(&self) -> usize {
+        self.shared.channels.load(Ordering::Relaxed)
+    }
+}
+
 /// What the broker knows of an open connection: who it is, and how to reach its task.
 #[derive(Debug, Clone)]
 pub struct ConnectionEntry {
@@ -47,6 +61,10 @@ pub struct ConnectionEntry {
     pub id: u64,
     /// The client's address.
     pub peer: SocketAddr,
+    /// The broker's end of the socket.
+    pub local: SocketAddr,
+    /// When connection.open succeeded (ms since the epoch).
+    pub connected_at_ms: u64,
     /// Authenticated user.
     pub user: String,
     /// The vhost it opened.

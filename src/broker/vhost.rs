@@ -10,7 +10,7 @@ use amq_protocol::types::{AMQPValue, FieldTable};
 use super::exchange::{Binding, Destination, Exchange, ExchangeDef, ExchangeKind};
 use super::persist::{self, StoredBinding, StoredExchange, StoredQueue};
 use crate::protocol::{AmqpError, reply::amqp_err};
-use crate::queue::{DeadLetterRouter, Queue, QueueArgs, QueueDef, QueueStore};
+use crate::queue::{DeadLetterRouter, Message, Queue, QueueArgs, QueueDef, QueueStore};
 use crate::store::{Store, StoreOp};
 
 /// Queue arguments whose values must match on redeclare (as RabbitMQ checks them).
@@ -691,6 +691,52 @@ impl VHost {
                 let _ = self.delete_exchange(name, false);
             }
         }
+    }
+
+    /// Publishes a message made by the broker itself (the management API's publish):
+    /// routes it, stores persistent copies and waits for that commit, then enqueues.
+    /// Returns whether some queue took it.
+    pub async fn publish(&self, msg: Message) -> Result<bool, AmqpError> {
+        let msg = Arc::new(msg);
+        let mut queues = self.route(
+            &msg.exchange,
+            &msg.routing_key,
+            msg.properties.headers().as_ref(),
+        )?;
+        queues.retain(|q| {
+            !(q.args.overflow == crate::queue::args::Overflow::RejectPublish
+                && q.would_reject(msg.size()))
+        });
+        if let (Some(store), Some(id)) = (&self.store, msg.store_id) {
+            let mut ops = Vec::new();
+            for q in &queues {
+                q.persist_ops(&msg, &mut ops);
+            }
+            if !ops.is_empty() {
+                ops.insert(
+                    0,
+                    StoreOp::PutMessage {
+                        msg_id: id,
+                        blob: persist::encode_message(&msg),
+                    },
+                );
+                store.commit(ops).await;
+            }
+        }
+        let mut routed = false;
+        for q in &queues {
+            if q.enqueue(msg.clone()) == crate::queue::Enqueued::Rejected {
+                if let (Some(qs), Some(id)) = (q.store(), msg.store_id) {
+                    qs.store.submit(vec![StoreOp::Remove {
+                        queue: qs.key.clone(),
+                        offset: id,
+                    }]);
+                }
+            } else {
+                routed = true;
+            }
+        }
+        Ok(routed)
     }
 
     /// Deletes the exclusive queues of a closing connection.

@@ -221,6 +221,8 @@ impl Connection {
             .register_connection(crate::broker::ConnectionEntry {
                 id: self.id,
                 peer: self.peer,
+                local: self.local,
+                connected_at_ms: crate::queue::now_ms(),
                 user: self.user.clone(),
                 vhost: name.to_string(),
                 shared: self.shared.clone(),

@@ -57,6 +57,7 @@ enum Phase {
 pub struct Connection {
     id: u64,
     peer: SocketAddr,
+    local: SocketAddr,
     broker: Arc<BrokerState>,
     phase: Phase,
     user: String,
@@ -101,6 +102,7 @@ pub async fn serve(
     mut shutdown: broadcast::Receiver<()>,
 ) {
     let _ = stream.set_nodelay(true);
+    let local = stream.local_addr().unwrap_or(peer);
     let (mut reader, mut writer) = stream.into_split();
     let (tx, mut rx) = mpsc::unbounded_channel();
     let shared = Arc::new(ConnShared {
@@ -109,11 +111,13 @@ pub async fn serve(
         waiting: Default::default(),
         held_by: Default::default(),
         held_by_store: Default::default(),
+        channels: Default::default(),
     });
     let id = broker.next_id();
     let mut conn = Connection {
         id,
         peer,
+        local,
         channel_max: broker.config.channel_max,
         frame_max: broker.config.frame_max,
         heartbeat: 0,
@@ -426,6 +430,9 @@ impl Connection {
             self.frame_max,
         );
         self.channels.insert(ch, channel);
+        self.shared
+            .channels
+            .store(self.channels.len(), Ordering::Relaxed);
         self.send(
             ch,
             AMQPClass::Channel(amq_protocol::protocol::channel::AMQPMethod::OpenOk(
@@ -467,6 +474,9 @@ impl Connection {
             channel::Outcome::Continue => Ok(()),
             channel::Outcome::Closed => {
                 self.channels.remove(&ch);
+                self.shared
+                    .channels
+                    .store(self.channels.len(), Ordering::Relaxed);
                 self.closed_channels.push(ch);
                 if self.closed_channels.len() > 64 {
                     self.closed_channels.remove(0);
@@ -566,6 +576,7 @@ impl Connection {
         for (_, mut ch) in self.channels.drain() {
             ch.release();
         }
+        self.shared.channels.store(0, Ordering::Relaxed);
     }
 
     /// After the socket is gone: unacked messages go back, exclusive queues go away.

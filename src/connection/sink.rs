@@ -46,6 +46,8 @@ pub struct ConnShared {
     /// This connection fed the store while it was congested: it reads no more
     /// publishes until the store catches up.
     pub held_by_store: AtomicBool,
+    /// Open channels (for listings; written only by the connection task).
+    pub channels: AtomicUsize,
 }
 
 impl ConnShared {
