@@ -52,6 +52,8 @@ pub struct Config {
     pub disk_free_limit: u64,
     /// Management HTTP API port (0 = ephemeral), on `listen_addresses`.
     pub management_port: u16,
+    /// Prometheus metrics port (0 = ephemeral), on `listen_addresses`.
+    pub prometheus_port: u16,
     /// A definitions file (RabbitMQ's JSON) imported at boot; empty: none.
     pub load_definitions: String,
     /// tracing filter.
@@ -94,6 +96,7 @@ impl Config {
             listen_addresses: vec!["127.0.0.1".into()],
             port: 0,
             management_port: 0,
+            prometheus_port: 0,
             data_dir: data_dir.into(),
             ..Config::defaults()
         }
@@ -111,6 +114,7 @@ mod tests {
         assert_eq!(c.default_user, "guest");
         assert_eq!(c.flush, FlushMode::Sync);
         assert_eq!(c.management_port, 15672);
+        assert_eq!(c.prometheus_port, 15692);
         assert!(c.load_definitions.is_empty());
     }
 }

@@ -8,6 +8,7 @@ pub mod broker;
 pub mod config;
 pub mod connection;
 pub mod http;
+pub mod metrics;
 pub mod perf;
 pub mod protocol;
 pub mod queue;

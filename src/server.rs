@@ -17,6 +17,7 @@ use crate::config::Config;
 pub struct Broker {
     addrs: Vec<SocketAddr>,
     management_addrs: Vec<SocketAddr>,
+    prometheus_addrs: Vec<SocketAddr>,
     shutdown: broadcast::Sender<()>,
     tasks: JoinSet<()>,
     state: Arc<BrokerState>,
@@ -82,10 +83,22 @@ impl Broker {
             load_definitions(&state, &config.load_definitions).await?;
         }
         let management_addrs = start_management(&config, &state, &addrs, &shutdown, &mut tasks)?;
+        let mut prometheus_addrs = Vec::new();
+        for listener in bind_all(&config, config.prometheus_port, "Prometheus metrics")? {
+            let local = listener.local_addr()?;
+            tracing::info!("Prometheus metrics on http://{local}/metrics");
+            prometheus_addrs.push(local);
+            tasks.spawn(crate::metrics::serve(
+                listener,
+                state.clone(),
+                shutdown.subscribe(),
+            ));
+        }
         tasks.spawn(ticker(state.clone(), shutdown.subscribe()));
         Ok(Broker {
             addrs,
             management_addrs,
+            prometheus_addrs,
             shutdown,
             tasks,
             state,
@@ -100,6 +113,11 @@ impl Broker {
     /// The first address the management API listens on.
     pub fn management_addr(&self) -> Option<SocketAddr> {
         self.management_addrs.first().copied()
+    }
+
+    /// The first address the Prometheus endpoint listens on.
+    pub fn prometheus_addr(&self) -> Option<SocketAddr> {
+        self.prometheus_addrs.first().copied()
     }
 
     /// `amqp://guest:guest@host:port/%2f` for the first listener.
@@ -153,6 +171,30 @@ async fn load_definitions(state: &Arc<BrokerState>, path: &str) -> anyhow::Resul
     Ok(())
 }
 
+/// Binds `port` on every listen address (with port 0, all share the port picked for
+/// the first); a host without IPv6 still serves IPv4.
+fn bind_all(config: &Config, mut port: u16, what: &str) -> anyhow::Result<Vec<TcpListener>> {
+    let mut listeners = Vec::new();
+    for host in &config.listen_addresses {
+        let ip: IpAddr = host
+            .parse()
+            .with_context(|| format!("listen address '{host}'"))?;
+        let listener = match bind(SocketAddr::new(ip, port)) {
+            Ok(l) => l,
+            Err(e) if ip.is_ipv6() && config.listen_addresses.len() > 1 => {
+                tracing::warn!("no {what} on [{ip}]:{port}: {e}");
+                continue;
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot listen on {ip}:{port} ({what})"));
+            }
+        };
+        port = listener.local_addr()?.port();
+        listeners.push(listener);
+    }
+    Ok(listeners)
+}
+
 /// Binds the management API on every listen address (sharing one port when it is 0)
 /// and starts it with its rate sampler.
 fn start_management(
@@ -168,25 +210,9 @@ fn start_management(
         amqp_addrs: Arc::new(amqp_addrs.to_vec()),
         rates: rates.clone(),
     };
-    let mut port = config.management_port;
     let mut addrs = Vec::new();
-    for host in &config.listen_addresses {
-        let ip: IpAddr = host
-            .parse()
-            .with_context(|| format!("listen address '{host}'"))?;
-        let listener = match bind(SocketAddr::new(ip, port)) {
-            Ok(l) => l,
-            Err(e) if ip.is_ipv6() && config.listen_addresses.len() > 1 => {
-                tracing::warn!("no management API on [{ip}]:{port}: {e}");
-                continue;
-            }
-            Err(e) => {
-                return Err(e)
-                    .with_context(|| format!("cannot listen on {ip}:{port} (management)"));
-            }
-        };
+    for listener in bind_all(config, config.management_port, "management API")? {
         let local = listener.local_addr()?;
-        port = local.port();
         tracing::info!("management API on http://{local}/api/");
         addrs.push(local);
         tasks.spawn(crate::http::serve(

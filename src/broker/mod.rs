@@ -40,6 +40,12 @@ pub struct BrokerState {
     pub access: AccessControl,
     /// Open connections (after connection.open), by id.
     connections: Mutex<HashMap<u64, ConnectionEntry>>,
+    /// Message counters of connections that have ended (see `ConnStats`).
+    closed_stats: Mutex<[u64; 10]>,
+    /// Connections opened and closed since start (metrics).
+    pub connections_opened: AtomicU64,
+    /// See `connections_opened`.
+    pub connections_closed: AtomicU64,
 }
 
 impl ConnectionEntry {
@@ -96,6 +102,9 @@ impl BrokerState {
             alarms,
             access,
             connections: Mutex::default(),
+            closed_stats: Mutex::default(),
+            connections_opened: AtomicU64::new(0),
+            connections_closed: AtomicU64::new(0),
         })
     }
 
@@ -272,18 +281,37 @@ impl BrokerState {
 
     /// Notes an opened connection (connection.open-ok sent).
     pub fn register_connection(&self, entry: ConnectionEntry) {
+        self.connections_opened.fetch_add(1, Ordering::Relaxed);
         self.connections
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(entry.id, entry);
     }
 
-    /// Forgets a connection that ended.
-    pub fn deregister_connection(&self, id: u64) {
-        self.connections
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&id);
+    /// Forgets a connection that ended, keeping its message counters in the totals
+    /// (both under the registry's lock, so that a reader of the totals never misses it).
+    pub fn deregister_connection(&self, id: u64, stats: [u64; 10]) {
+        let mut open = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        if open.remove(&id).is_some() {
+            self.connections_closed.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut closed = self.closed_stats.lock().unwrap_or_else(|p| p.into_inner());
+        for (total, n) in closed.iter_mut().zip(stats) {
+            *total += n;
+        }
+    }
+
+    /// Message counters (in `ConnStats::values` order) of every connection so far:
+    /// the closed ones' totals plus the open ones' current counts.
+    pub fn message_totals(&self) -> [u64; 10] {
+        let open = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        let mut totals = *self.closed_stats.lock().unwrap_or_else(|p| p.into_inner());
+        for c in open.values() {
+            for (total, n) in totals.iter_mut().zip(c.shared.stats.values()) {
+                *total += n;
+            }
+        }
+        totals
     }
 
     /// Every open connection, by id.

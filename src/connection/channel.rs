@@ -10,7 +10,7 @@ use amq_protocol::protocol::{AMQPClass, basic, channel, confirm, exchange, queue
 use amq_protocol::types::AMQPValue;
 use bytes::{Bytes, BytesMut};
 
-use super::sink::{ChannelLink, ConnEvent, ConnShared};
+use super::sink::{ChannelLink, ConnEvent, ConnShared, ConnStats};
 use crate::auth::{Permission, ResourceKind};
 use crate::broker::persist;
 use crate::broker::vhost::generated_name;
@@ -730,6 +730,18 @@ impl Channel {
                 AMQPClass::Basic(basic::AMQPMethod::GetEmpty(basic::GetEmpty {})),
             ),
             Some((entry, left)) => {
+                let stats = &self.link.conn.stats;
+                ConnStats::add(
+                    if g.no_ack {
+                        &stats.get_no_ack
+                    } else {
+                        &stats.get_ack
+                    },
+                    1,
+                );
+                if entry.redelivered {
+                    ConnStats::add(&stats.redelivered, 1);
+                }
                 let tag = self.next_tag;
                 self.next_tag += 1;
                 if !g.no_ack {
@@ -787,6 +799,18 @@ impl Channel {
         );
         let props = delivery_properties(&d.queue, &d.entry);
         encode::content(out, self.id, &props, &msg.body, self.frame_max);
+        let stats = &self.link.conn.stats;
+        ConnStats::add(
+            if d.no_ack {
+                &stats.delivered_no_ack
+            } else {
+                &stats.delivered_ack
+            },
+            1,
+        );
+        if d.entry.redelivered {
+            ConnStats::add(&stats.redelivered, 1);
+        }
         if !d.no_ack {
             self.unacked.insert(
                 tag,
@@ -842,6 +866,9 @@ impl Channel {
     fn settle(&mut self, taken: Vec<Unacked>, how: Settle, mut ops: Option<&mut Vec<StoreOp>>) {
         if taken.is_empty() {
             return;
+        }
+        if matches!(how, Settle::Ack) {
+            ConnStats::add(&self.link.conn.stats.acked, taken.len() as u64);
         }
         let counted = taken.iter().filter(|u| u.counted).count() as u32;
         self.link
@@ -1050,6 +1077,7 @@ impl Channel {
             return Ok(());
         };
         self.check_publish(p.method.exchange.as_str())?;
+        ConnStats::add(&self.link.conn.stats.published, 1);
         let body = match p.first_chunk {
             Some(b) => b,
             None => p.body.freeze(),
@@ -1106,6 +1134,17 @@ impl Channel {
             &msg.routing_key,
             msg.properties.headers().as_ref(),
         )?;
+        if queues.is_empty() {
+            let stats = &self.link.conn.stats;
+            ConnStats::add(
+                if mandatory {
+                    &stats.returned
+                } else {
+                    &stats.dropped
+                },
+                1,
+            );
+        }
         if queues.is_empty() && mandatory {
             self.send(
                 out,
@@ -1234,6 +1273,7 @@ impl Channel {
     /// everything below the oldest publish still waiting for the store is confirmed.
     pub fn flush_confirms(&mut self, out: &mut BytesMut) {
         let Some(c) = &mut self.confirms else { return };
+        ConnStats::add(&self.link.conn.stats.confirmed, c.ready.len() as u64);
         for seq in c.nacks.drain(..) {
             encode::confirm(out, self.id, seq, false, false);
             c.ever_nacked = true;

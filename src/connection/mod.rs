@@ -112,6 +112,7 @@ pub async fn serve(
         held_by: Default::default(),
         held_by_store: Default::default(),
         channels: Default::default(),
+        stats: Default::default(),
     });
     let id = broker.next_id();
     let mut conn = Connection {
@@ -587,7 +588,8 @@ impl Connection {
                 d.queue.return_undelivered(d.entry);
             }
         }
-        self.broker.deregister_connection(self.id);
+        self.broker
+            .deregister_connection(self.id, self.shared.stats.values());
         if let Some(vhost) = &self.vhost {
             vhost.remove_exclusive_queues(self.id);
             tracing::info!(peer = %self.peer, user = %self.user, vhost = %vhost.name, "connection closed");

@@ -2,7 +2,7 @@
 //! `ConsumerSink`, so a queue can hand it deliveries (through the connection's event
 //! channel) and ask whether the channel can take more (prefetch, socket backlog).
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use tokio::sync::mpsc::UnboundedSender;
@@ -48,6 +48,61 @@ pub struct ConnShared {
     pub held_by_store: AtomicBool,
     /// Open channels (for listings; written only by the connection task).
     pub channels: AtomicUsize,
+    /// Message counters of this connection's channels (metrics).
+    pub stats: ConnStats,
+}
+
+/// What a connection's channels did, for the metrics endpoint and the management API.
+/// Only the connection's own task writes them (relaxed atomics on its own cache lines:
+/// no contention, no lock); readers sum them on demand. When the connection ends they
+/// are added to the broker's totals of closed connections, so totals never go down.
+#[derive(Debug, Default)]
+pub struct ConnStats {
+    /// basic.publish received.
+    pub published: AtomicU64,
+    /// Publishes confirmed (basic.ack sent to a confirm-mode publisher).
+    pub confirmed: AtomicU64,
+    /// Unroutable mandatory publishes returned.
+    pub returned: AtomicU64,
+    /// Unroutable publishes dropped.
+    pub dropped: AtomicU64,
+    /// Deliveries to consumers that ack.
+    pub delivered_ack: AtomicU64,
+    /// Deliveries to auto-ack consumers.
+    pub delivered_no_ack: AtomicU64,
+    /// basic.get-ok with acks expected.
+    pub get_ack: AtomicU64,
+    /// basic.get-ok in auto-ack mode.
+    pub get_no_ack: AtomicU64,
+    /// Deliveries and gets with the redelivered flag.
+    pub redelivered: AtomicU64,
+    /// Messages acknowledged by the client.
+    pub acked: AtomicU64,
+}
+
+impl ConnStats {
+    /// Adds `n` to a counter (only its connection's task calls this).
+    #[inline]
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.store(counter.load(Ordering::Relaxed) + n, Ordering::Relaxed);
+    }
+
+    /// Every counter, in field order.
+    pub fn values(&self) -> [u64; 10] {
+        [
+            &self.published,
+            &self.confirmed,
+            &self.returned,
+            &self.dropped,
+            &self.delivered_ack,
+            &self.delivered_no_ack,
+            &self.get_ack,
+            &self.get_no_ack,
+            &self.redelivered,
+            &self.acked,
+        ]
+        .map(|c| c.load(Ordering::Relaxed))
+    }
 }
 
 impl ConnShared {

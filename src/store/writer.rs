@@ -199,6 +199,7 @@ impl Writer {
     /// Applies the batch in one write transaction, commits it (with fsync if `durable`), then
     /// releases its waiters. Any failure is fatal.
     fn commit_batch(&mut self, durable: bool) {
+        let started = Instant::now();
         let mut txn = self
             .db
             .begin_write()
@@ -212,6 +213,12 @@ impl Writer {
         if let Err(err) = txn.commit() {
             fatal_store_failure("committing a batch", &err);
         }
+        self.counters
+            .commit_seconds
+            .observe(started.elapsed().as_secs_f64());
+        self.counters
+            .batch_requests
+            .observe(self.batch.len() as f64);
 
         let ops: usize = self.batch.iter().map(|(ops, _)| ops.len()).sum();
         let counters = &self.counters;
