@@ -7,6 +7,7 @@ pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod connection;
+pub mod ctl;
 pub mod http;
 pub mod metrics;
 pub mod perf;

@@ -1,4 +1,5 @@
-//! The `warren` command: runs a broker node (later also `warren perf` and `warren ctl`).
+//! The `warren` command: runs a broker node; `warren perf` drives load; `warren ctl`
+//! manages a running node.
 
 use std::path::PathBuf;
 
@@ -24,6 +25,9 @@ enum Command {
     /// Drive a broker (this one or any AMQP 0-9-1 broker) with load and report rates,
     /// latency, loss and CPU per message.
     Perf(Box<warren::perf::PerfArgs>),
+    /// Manage a running node through its management API, as rabbitmqctl does
+    /// (list_queues, add_user, set_permissions, export_definitions, ...).
+    Ctl(warren::ctl::CtlArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -31,6 +35,7 @@ fn main() -> std::process::ExitCode {
     match cli.command.unwrap_or(Command::Server) {
         Command::Server => server_main(cli.config),
         Command::Perf(args) => warren::perf::run(*args),
+        Command::Ctl(args) => warren::ctl::run(args),
     }
 }
 

@@ -56,7 +56,16 @@ impl ConnectionEntry {
 
     /// Channels open on it now.
     pub fn channel_count(&self) -> usize {
-        self.shared.channels.load(Ordering::Relaxed)
+        self.channel_numbers().len()
+    }
+
+    /// Numbers of the channels open on it now.
+    pub fn channel_numbers(&self) -> Vec<u16> {
+        self.shared
+            .channels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 

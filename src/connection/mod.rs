@@ -105,7 +105,9 @@ pub async fn serve(
     let local = stream.local_addr().unwrap_or(peer);
     let (mut reader, mut writer) = stream.into_split();
     let (tx, mut rx) = mpsc::unbounded_channel();
+    let id = broker.next_id();
     let shared = Arc::new(ConnShared {
+        id,
         tx,
         pending: Default::default(),
         waiting: Default::default(),
@@ -114,7 +116,6 @@ pub async fn serve(
         channels: Default::default(),
         stats: Default::default(),
     });
-    let id = broker.next_id();
     let mut conn = Connection {
         id,
         peer,
@@ -398,6 +399,17 @@ impl Connection {
         }
     }
 
+    /// Tells listings which channels are open (on channel open and close only).
+    fn publish_channel_numbers(&self) {
+        let mut numbers: Vec<u16> = self.channels.keys().copied().collect();
+        numbers.sort_unstable();
+        *self
+            .shared
+            .channels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = numbers;
+    }
+
     fn recently_closed(&self, ch: u16) -> bool {
         self.closed_channels.contains(&ch)
     }
@@ -431,9 +443,7 @@ impl Connection {
             self.frame_max,
         );
         self.channels.insert(ch, channel);
-        self.shared
-            .channels
-            .store(self.channels.len(), Ordering::Relaxed);
+        self.publish_channel_numbers();
         self.send(
             ch,
             AMQPClass::Channel(amq_protocol::protocol::channel::AMQPMethod::OpenOk(
@@ -475,9 +485,7 @@ impl Connection {
             channel::Outcome::Continue => Ok(()),
             channel::Outcome::Closed => {
                 self.channels.remove(&ch);
-                self.shared
-                    .channels
-                    .store(self.channels.len(), Ordering::Relaxed);
+                self.publish_channel_numbers();
                 self.closed_channels.push(ch);
                 if self.closed_channels.len() > 64 {
                     self.closed_channels.remove(0);
@@ -577,7 +585,7 @@ impl Connection {
         for (_, mut ch) in self.channels.drain() {
             ch.release();
         }
-        self.shared.channels.store(0, Ordering::Relaxed);
+        self.publish_channel_numbers();
     }
 
     /// After the socket is gone: unacked messages go back, exclusive queues go away.

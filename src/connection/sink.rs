@@ -34,6 +34,8 @@ pub enum ConnEvent {
 /// State of a connection that queues may touch.
 #[derive(Debug)]
 pub struct ConnShared {
+    /// The connection's node-unique id.
+    pub id: u64,
     /// Events into the connection task.
     pub tx: UnboundedSender<ConnEvent>,
     /// Deliveries handed to the connection and not yet written to its socket.
@@ -46,8 +48,8 @@ pub struct ConnShared {
     /// This connection fed the store while it was congested: it reads no more
     /// publishes until the store catches up.
     pub held_by_store: AtomicBool,
-    /// Open channels (for listings; written only by the connection task).
-    pub channels: AtomicUsize,
+    /// Numbers of the open channels (for listings; changed on channel open and close).
+    pub channels: Mutex<Vec<u16>>,
     /// Message counters of this connection's channels (metrics).
     pub stats: ConnStats,
 }
@@ -134,6 +136,10 @@ pub struct ChannelLink {
 }
 
 impl ConsumerSink for ChannelLink {
+    fn channel(&self) -> Option<(u64, u16)> {
+        Some((self.conn.id, self.channel))
+    }
+
     fn has_credit(&self, no_ack: bool) -> bool {
         if self.conn.tx.is_closed()
             || self.conn.pending.load(Ordering::Relaxed) >= MAX_PENDING_DELIVERIES

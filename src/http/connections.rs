@@ -92,3 +92,128 @@ pub async fn close(
     );
     Ok(StatusCode::NO_CONTENT)
 }
+
+/// (connection id, channel) -> consumers on it, over the vhosts the caller sees.
+fn consumer_counts(http: &Http, who: &Caller) -> std::collections::HashMap<(u64, u16), usize> {
+    let mut counts = std::collections::HashMap::new();
+    for v in http.broker.vhost_list() {
+        if !who.may_see(&http.broker, &v.name) {
+            continue;
+        }
+        for q in v.queues() {
+            for c in q.consumers() {
+                if let Some(key) = c.channel {
+                    *counts.entry(key).or_insert(0) += 1;
+                }
+            }
+        }
+    }
+    counts
+}
+
+fn channel_details(c: &ConnectionEntry, number: u16) -> Value {
+    json!({
+        "name": format!("{} ({number})", c.name()),
+        "number": number,
+        "connection_name": c.name(),
+        "peer_host": c.peer.ip().to_string(),
+        "peer_port": c.peer.port(),
+        "user": c.user,
+    })
+}
+
+/// GET /api/channels.
+pub async fn channels(
+    State(http): State<Http>,
+    query: ListQuery,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let who = caller(&http.broker, &headers)?;
+    let counts = consumer_counts(&http, &who);
+    let mut list = Vec::new();
+    for c in visible(&http, &who) {
+        for n in c.channel_numbers() {
+            list.push(json!({
+                "name": format!("{} ({n})", c.name()),
+                "number": n,
+                "node": node_name(),
+                "user": c.user,
+                "vhost": c.vhost,
+                "state": "running",
+                "consumer_count": counts.get(&(c.id, n)).copied().unwrap_or(0),
+                "connection_details": {
+                    "name": c.name(),
+                    "peer_host": c.peer.ip().to_string(),
+                    "peer_port": c.peer.port(),
+                },
+            }));
+        }
+    }
+    Ok(Json(filter::apply(list, &query)))
+}
+
+fn list_consumers(
+    http: &Http,
+    who: &Caller,
+    vhost: Option<&str>,
+    query: &ListQuery,
+) -> Result<Json<Value>, ApiError> {
+    if let Some(name) = vhost {
+        who.require_vhost(&http.broker, name)?;
+    }
+    let connections: std::collections::HashMap<u64, ConnectionEntry> = http
+        .broker
+        .connections()
+        .into_iter()
+        .map(|c| (c.id, c))
+        .collect();
+    let mut list = Vec::new();
+    for v in http.broker.vhost_list() {
+        if vhost.is_some_and(|name| name != v.name) || !who.may_see(&http.broker, &v.name) {
+            continue;
+        }
+        let mut queues = v.queues();
+        queues.sort_by(|a, b| a.name().cmp(b.name()));
+        for q in queues {
+            for c in q.consumers() {
+                let details = c
+                    .channel
+                    .and_then(|(id, n)| connections.get(&id).map(|conn| channel_details(conn, n)))
+                    .unwrap_or(Value::Null);
+                list.push(json!({
+                    "consumer_tag": c.tag.as_ref(),
+                    "queue": {"name": q.name(), "vhost": v.name},
+                    "channel_details": details,
+                    "ack_required": c.ack_required,
+                    "exclusive": c.exclusive,
+                    "prefetch_count": c.prefetch,
+                    "active": true,
+                    "activity_status": "up",
+                    "arguments": {},
+                }));
+            }
+        }
+    }
+    Ok(Json(filter::apply(list, query)))
+}
+
+/// GET /api/consumers.
+pub async fn consumers(
+    State(http): State<Http>,
+    query: ListQuery,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let who = caller(&http.broker, &headers)?;
+    list_consumers(&http, &who, None, &query)
+}
+
+/// GET /api/consumers/{vhost}.
+pub async fn consumers_in(
+    State(http): State<Http>,
+    axum::extract::Path(vhost): axum::extract::Path<String>,
+    query: ListQuery,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let who = caller(&http.broker, &headers)?;
+    list_consumers(&http, &who, Some(&vhost), &query)
+}

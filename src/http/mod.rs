@@ -117,6 +117,9 @@ pub fn router(http: Http) -> Router {
             get(resources::binding).delete(resources::delete_binding),
         )
         .route("/api/connections", get(connections::list))
+        .route("/api/channels", get(connections::channels))
+        .route("/api/consumers", get(connections::consumers))
+        .route("/api/consumers/{vhost}", get(connections::consumers_in))
         .route(
             "/api/connections/{name}",
             get(connections::one).delete(connections::close),

@@ -77,6 +77,10 @@ pub trait ConsumerSink: Send + Sync + std::fmt::Debug {
     /// Whether the channel's connection holds many deliveries it has not yet written:
     /// the broker, not the client, is what keeps this consumer from taking more.
     fn is_behind(&self) -> bool;
+    /// (connection id, channel number) of the consumer, for listings.
+    fn channel(&self) -> Option<(u64, u16)> {
+        None
+    }
 }
 
 /// Ready messages (or bytes of them) from which a queue holds its publishers back while
@@ -103,6 +107,22 @@ struct Registered {
     sink: Arc<dyn ConsumerSink>,
     no_ack: bool,
     exclusive: bool,
+    prefetch: u32,
+}
+
+/// A consumer as listings show it.
+#[derive(Debug, Clone)]
+pub struct ConsumerInfo {
+    /// Consumer tag.
+    pub tag: Arc<str>,
+    /// Manual acknowledgement expected.
+    pub ack_required: bool,
+    /// basic.consume exclusive.
+    pub exclusive: bool,
+    /// Its prefetch (0: unlimited).
+    pub prefetch: u32,
+    /// (connection id, channel number) it consumes on, when the sink knows.
+    pub channel: Option<(u64, u16)>,
 }
 
 #[derive(Debug)]
@@ -526,6 +546,7 @@ impl Queue {
                     sink,
                     no_ack,
                     exclusive,
+                    prefetch: spec.prefetch,
                 },
             );
             inner.had_consumer = true;
@@ -661,6 +682,21 @@ impl Queue {
             messages: inner.state.ready_count() as u32,
             consumers: inner.consumers.len() as u32,
         }
+    }
+
+    /// The queue's consumers, for listings.
+    pub fn consumers(&self) -> Vec<ConsumerInfo> {
+        self.lock()
+            .consumers
+            .values()
+            .map(|r| ConsumerInfo {
+                tag: r.tag.clone(),
+                ack_required: !r.no_ack,
+                exclusive: r.exclusive,
+                prefetch: r.prefetch,
+                channel: r.sink.channel(),
+            })
+            .collect()
     }
 
     /// Counts, bytes and counters for listings.
