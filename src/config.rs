@@ -18,6 +18,16 @@ pub enum FlushMode {
     Interval,
 }
 
+/// How log lines look; see `log_format` in `config/warren.toml`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line (timestamp, level, target, message, fields).
+    Json,
+}
+
 /// Every setting of a Warren node.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Config {
@@ -58,6 +68,8 @@ pub struct Config {
     pub load_definitions: String,
     /// tracing filter.
     pub log: String,
+    /// Plain text or JSON log lines.
+    pub log_format: LogFormat,
 }
 
 impl Config {
@@ -116,5 +128,6 @@ mod tests {
         assert_eq!(c.management_port, 15672);
         assert_eq!(c.prometheus_port, 15692);
         assert!(c.load_definitions.is_empty());
+        assert_eq!(c.log_format, LogFormat::Text);
     }
 }

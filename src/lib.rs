@@ -16,5 +16,5 @@ pub mod queue;
 pub mod server;
 pub mod store;
 
-pub use config::{Config, FlushMode};
+pub use config::{Config, FlushMode, LogFormat};
 pub use server::Broker;
