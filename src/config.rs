@@ -62,6 +62,23 @@ pub struct Config {
     pub disk_free_limit: u64,
     /// Management HTTP API port (0 = ephemeral), on `listen_addresses`.
     pub management_port: u16,
+    /// AMQP over TLS port (0 = ephemeral); only with a certificate.
+    pub tls_port: u16,
+    /// Management API over TLS port (0 = ephemeral); only with a certificate.
+    pub management_tls_port: u16,
+    /// PEM certificate chain of the node (empty: no TLS listeners).
+    pub tls_cert_file: String,
+    /// PEM private key of the node.
+    pub tls_key_file: String,
+    /// PEM CA certificates that client certificates are verified against.
+    pub tls_ca_file: String,
+    /// Ask clients for a certificate and verify it.
+    pub tls_verify_peer: bool,
+    /// Refuse clients without a certificate (with `tls_verify_peer`).
+    pub tls_fail_if_no_peer_cert: bool,
+    /// Which part of a client certificate is the user name for EXTERNAL:
+    /// "distinguished_name" or "common_name".
+    pub ssl_cert_login_from: String,
     /// Prometheus metrics port (0 = ephemeral), on `listen_addresses`.
     pub prometheus_port: u16,
     /// A definitions file (RabbitMQ's JSON) imported at boot; empty: none.
@@ -109,6 +126,8 @@ impl Config {
             port: 0,
             management_port: 0,
             prometheus_port: 0,
+            tls_port: 0,
+            management_tls_port: 0,
             data_dir: data_dir.into(),
             ..Config::defaults()
         }

@@ -15,6 +15,7 @@ pub mod protocol;
 pub mod queue;
 pub mod server;
 pub mod store;
+pub mod tls;
 
 pub use config::{Config, FlushMode, LogFormat};
 pub use server::Broker;

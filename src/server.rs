@@ -18,6 +18,8 @@ pub struct Broker {
     addrs: Vec<SocketAddr>,
     management_addrs: Vec<SocketAddr>,
     prometheus_addrs: Vec<SocketAddr>,
+    tls_addrs: Vec<SocketAddr>,
+    management_tls_addrs: Vec<SocketAddr>,
     shutdown: broadcast::Sender<()>,
     tasks: JoinSet<()>,
     state: Arc<BrokerState>,
@@ -77,12 +79,28 @@ impl Broker {
             port = local.port();
             tracing::info!("listening for AMQP 0-9-1 on {local}");
             addrs.push(local);
-            tasks.spawn(accept_loop(listener, state.clone(), shutdown.clone()));
+            tasks.spawn(accept_loop(listener, None, state.clone(), shutdown.clone()));
+        }
+        let mut tls_addrs = Vec::new();
+        if let Some(tls) = crate::tls::server_config(&config, &[])? {
+            for listener in bind_all(&config, config.tls_port, "AMQP over TLS")? {
+                let local = listener.local_addr()?;
+                tracing::info!("listening for AMQP 0-9-1 over TLS on {local}");
+                tls_addrs.push(local);
+                let acceptor = tokio_rustls::TlsAcceptor::from(tls.clone());
+                tasks.spawn(accept_loop(
+                    listener,
+                    Some(acceptor),
+                    state.clone(),
+                    shutdown.clone(),
+                ));
+            }
         }
         if !config.load_definitions.is_empty() {
             load_definitions(&state, &config.load_definitions).await?;
         }
-        let management_addrs = start_management(&config, &state, &addrs, &shutdown, &mut tasks)?;
+        let (management_addrs, management_tls_addrs) =
+            start_management(&config, &state, &addrs, &shutdown, &mut tasks)?;
         let mut prometheus_addrs = Vec::new();
         for listener in bind_all(&config, config.prometheus_port, "Prometheus metrics")? {
             let local = listener.local_addr()?;
@@ -99,6 +117,8 @@ impl Broker {
             addrs,
             management_addrs,
             prometheus_addrs,
+            tls_addrs,
+            management_tls_addrs,
             shutdown,
             tasks,
             state,
@@ -113,6 +133,16 @@ impl Broker {
     /// The first address the management API listens on.
     pub fn management_addr(&self) -> Option<SocketAddr> {
         self.management_addrs.first().copied()
+    }
+
+    /// The first address AMQP over TLS listens on (when a certificate is configured).
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls_addrs.first().copied()
+    }
+
+    /// The first address the management API listens on over HTTPS.
+    pub fn management_tls_addr(&self) -> Option<SocketAddr> {
+        self.management_tls_addrs.first().copied()
     }
 
     /// The first address the Prometheus endpoint listens on.
@@ -203,7 +233,7 @@ fn start_management(
     amqp_addrs: &[SocketAddr],
     shutdown: &broadcast::Sender<()>,
     tasks: &mut JoinSet<()>,
-) -> anyhow::Result<Vec<SocketAddr>> {
+) -> anyhow::Result<(Vec<SocketAddr>, Vec<SocketAddr>)> {
     let rates = Arc::new(crate::http::RateSampler::default());
     let http = crate::http::Http {
         broker: state.clone(),
@@ -221,16 +251,64 @@ fn start_management(
             shutdown.subscribe(),
         ));
     }
+    let mut tls_addrs = Vec::new();
+    if let Some(tls) = crate::tls::server_config(config, &[b"http/1.1"])? {
+        for listener in bind_all(
+            config,
+            config.management_tls_port,
+            "management API over TLS",
+        )? {
+            let local = listener.local_addr()?;
+            tracing::info!("management API on https://{local}/api/");
+            tls_addrs.push(local);
+            let listener = crate::http::TlsListener::new(listener, tls.clone());
+            tasks.spawn(crate::http::serve_tls(
+                listener,
+                http.clone(),
+                shutdown.subscribe(),
+            ));
+        }
+    }
     tasks.spawn(crate::http::run_sampler(
         rates,
         state.clone(),
         shutdown.subscribe(),
     ));
-    Ok(addrs)
+    Ok((addrs, tls_addrs))
+}
+
+/// How long a client has to finish the TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// One accepted AMQP-over-TLS socket: the handshake (bounded), then the connection,
+/// with the user its verified client certificate names.
+async fn serve_tls(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    acceptor: tokio_rustls::TlsAcceptor,
+    state: Arc<BrokerState>,
+    shutdown: broadcast::Receiver<()>,
+) {
+    let _ = stream.set_nodelay(true);
+    let local = stream.local_addr().unwrap_or(peer);
+    let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::info!(%peer, "TLS handshake failed: {e}");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(%peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    let user = crate::tls::peer_identity(tls.get_ref().1, &state.config.ssl_cert_login_from);
+    crate::connection::serve_tls(tls, peer, local, user, state, shutdown).await
 }
 
 async fn accept_loop(
     listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     state: Arc<BrokerState>,
     shutdown: broadcast::Sender<()>,
 ) {
@@ -239,9 +317,14 @@ async fn accept_loop(
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    connections.spawn(crate::connection::serve(stream, peer, state.clone(), shutdown.subscribe()));
-                }
+                Ok((stream, peer)) => match &tls {
+                    None => {
+                        connections.spawn(crate::connection::serve(stream, peer, state.clone(), shutdown.subscribe()));
+                    }
+                    Some(acceptor) => {
+                        connections.spawn(serve_tls(stream, peer, acceptor.clone(), state.clone(), shutdown.subscribe()));
+                    }
+                },
                 Err(e) => {
                     tracing::warn!("accept failed: {e}");
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;

@@ -78,6 +78,8 @@ pub struct ConnectionEntry {
     pub peer: SocketAddr,
     /// The broker's end of the socket.
     pub local: SocketAddr,
+    /// It came over TLS.
+    pub tls: bool,
     /// When connection.open succeeded (ms since the epoch).
     pub connected_at_ms: u64,
     /// Authenticated user.

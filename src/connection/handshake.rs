@@ -78,7 +78,11 @@ impl Connection {
                 version_major: 0,
                 version_minor: 9,
                 server_properties: server_properties(),
-                mechanisms: "PLAIN AMQPLAIN".into(),
+                mechanisms: if self.certificate_user.is_some() {
+                    "PLAIN AMQPLAIN EXTERNAL".into()
+                } else {
+                    "PLAIN AMQPLAIN".into()
+                },
                 locales: "en_US".into(),
             })),
         );
@@ -131,11 +135,19 @@ impl Connection {
         let creds = match mechanism {
             "PLAIN" => plain(ok.response.as_bytes()),
             "AMQPLAIN" => amqplain(ok.response.as_bytes()),
+            "EXTERNAL" if self.certificate_user.is_some() => {
+                return self.external_login(mechanism);
+            }
             other => {
                 return Err(amqp_err!(
                     AccessRefused,
-                    "unsupported authentication mechanism '{}', allowed: PLAIN AMQPLAIN",
-                    other
+                    "unsupported authentication mechanism '{}', allowed: {}",
+                    other,
+                    if self.certificate_user.is_some() {
+                        "PLAIN AMQPLAIN EXTERNAL"
+                    } else {
+                        "PLAIN AMQPLAIN"
+                    }
                 ));
             }
         };
@@ -158,6 +170,37 @@ impl Connection {
             tracing::warn!(peer = %self.peer, %user, "user may only connect via localhost");
             return Err(refused());
         }
+        self.logged_in(user);
+        Ok(())
+    }
+
+    /// EXTERNAL: the verified client certificate names the user; it must exist (and
+    /// obey loopback_users), no password is asked.
+    fn external_login(&mut self, mechanism: &str) -> Result<(), AmqpError> {
+        let refused = || {
+            amqp_err!(
+                AccessRefused,
+                "Login was refused using authentication mechanism {}. For details see the broker logfile.",
+                mechanism
+            )
+        };
+        let Some(user) = self.certificate_user.clone() else {
+            return Err(refused());
+        };
+        if self.broker.access.user(&user).is_none() {
+            tracing::warn!(peer = %self.peer, %user, "EXTERNAL: no user for this client certificate");
+            return Err(refused());
+        }
+        if self.broker.access.loopback_only(&user) && !self.peer.ip().to_canonical().is_loopback() {
+            tracing::warn!(peer = %self.peer, %user, "user may only connect via localhost");
+            return Err(refused());
+        }
+        self.logged_in(user);
+        Ok(())
+    }
+
+    /// Authentication succeeded: offer the tuning.
+    fn logged_in(&mut self, user: String) {
         self.user = user;
         self.phase = Phase::AwaitTuneOk;
         self.send(
@@ -168,7 +211,6 @@ impl Connection {
                 heartbeat: self.broker.config.heartbeat,
             })),
         );
-        Ok(())
     }
 
     fn tune_ok(&mut self, ok: TuneOk) -> Result<(), AmqpError> {
@@ -222,6 +264,7 @@ impl Connection {
                 id: self.id,
                 peer: self.peer,
                 local: self.local,
+                tls: self.tls,
                 connected_at_ms: crate::queue::now_ms(),
                 user: self.user.clone(),
                 vhost: name.to_string(),

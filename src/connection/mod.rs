@@ -19,7 +19,6 @@ use amq_protocol::protocol::{AMQPClass, connection as conn_methods};
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::{broadcast, mpsc};
 
 use crate::broker::{BrokerState, VHost};
@@ -58,6 +57,10 @@ pub struct Connection {
     id: u64,
     peer: SocketAddr,
     local: SocketAddr,
+    /// The connection came over TLS.
+    tls: bool,
+    /// The user a verified client certificate names (EXTERNAL mechanism).
+    certificate_user: Option<String>,
     broker: Arc<BrokerState>,
     phase: Phase,
     user: String,
@@ -94,16 +97,71 @@ pub struct Connection {
     store_hold: bool,
 }
 
-/// Runs a connection until it closes.
+/// Runs a plain TCP connection until it closes.
 pub async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
     broker: Arc<BrokerState>,
-    mut shutdown: broadcast::Receiver<()>,
+    shutdown: broadcast::Receiver<()>,
 ) {
     let _ = stream.set_nodelay(true);
     let local = stream.local_addr().unwrap_or(peer);
-    let (mut reader, mut writer) = stream.into_split();
+    let (reader, writer) = stream.into_split();
+    let transport = Transport {
+        peer,
+        local,
+        tls: false,
+        certificate_user: None,
+    };
+    run(reader, writer, transport, broker, shutdown).await
+}
+
+/// Runs a connection over TLS (amqps) until it closes. `certificate_user` is the user a
+/// verified client certificate names, for the EXTERNAL mechanism.
+pub async fn serve_tls(
+    stream: tokio_rustls::server::TlsStream<TcpStream>,
+    peer: SocketAddr,
+    local: SocketAddr,
+    certificate_user: Option<String>,
+    broker: Arc<BrokerState>,
+    shutdown: broadcast::Receiver<()>,
+) {
+    let (reader, writer) = tokio::io::split(stream);
+    let transport = Transport {
+        peer,
+        local,
+        tls: true,
+        certificate_user,
+    };
+    run(reader, writer, transport, broker, shutdown).await
+}
+
+/// Where a connection comes from and what its transport proved.
+struct Transport {
+    peer: SocketAddr,
+    local: SocketAddr,
+    tls: bool,
+    certificate_user: Option<String>,
+}
+
+/// The connection's life, over any byte stream split in two halves (plain TCP keeps
+/// tokio's lock-free owned halves).
+async fn run<R, W>(
+    mut reader: R,
+    mut writer: W,
+    transport: Transport,
+    broker: Arc<BrokerState>,
+    mut shutdown: broadcast::Receiver<()>,
+) where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    let Transport {
+        peer,
+        local,
+        tls,
+        certificate_user,
+    } = transport;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let id = broker.next_id();
     let shared = Arc::new(ConnShared {
@@ -120,6 +178,8 @@ pub async fn serve(
         id,
         peer,
         local,
+        tls,
+        certificate_user,
         channel_max: broker.config.channel_max,
         frame_max: broker.config.frame_max,
         heartbeat: 0,
@@ -291,7 +351,10 @@ impl Connection {
         encode::method(&mut self.out, channel, method);
     }
 
-    async fn flush(&mut self, writer: &mut OwnedWriteHalf) -> std::io::Result<()> {
+    async fn flush<W: tokio::io::AsyncWrite + Unpin>(
+        &mut self,
+        writer: &mut W,
+    ) -> std::io::Result<()> {
         for ch in self.channels.values_mut() {
             ch.flush_confirms(&mut self.out);
         }

@@ -100,7 +100,7 @@ fn credentials(headers: &HeaderMap) -> Option<(String, String)> {
 /// address, as over AMQP and as in RabbitMQ.
 pub async fn loopback_guard(
     axum::extract::State(http): axum::extract::State<super::Http>,
-    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
+    axum::extract::ConnectInfo(super::Peer(peer)): axum::extract::ConnectInfo<super::Peer>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {

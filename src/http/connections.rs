@@ -26,7 +26,7 @@ fn connection_json(c: &ConnectionEntry) -> Value {
         "port": c.local.port(),
         "channels": c.channel_count(),
         "connected_at": c.connected_at_ms,
-        "ssl": false,
+        "ssl": c.tls,
     })
 }
 

@@ -140,18 +140,92 @@ pub fn router(http: Http) -> Router {
         .with_state(http)
 }
 
+/// The client's address, as the loopback rule needs it (for plain and TLS listeners).
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub SocketAddr);
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TcpListener>> for Peer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, TcpListener>) -> Peer {
+        Peer(*stream.remote_addr())
+    }
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>> for Peer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, TlsListener>) -> Peer {
+        Peer(*stream.remote_addr())
+    }
+}
+
+/// An HTTPS listener: TCP accept, then the TLS handshake (bounded in time, so that a
+/// client that never finishes it cannot hold the listener for long).
+pub struct TlsListener {
+    tcp: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl TlsListener {
+    /// TLS over `tcp` with `config`.
+    pub fn new(tcp: TcpListener, config: Arc<rustls::ServerConfig>) -> TlsListener {
+        TlsListener {
+            tcp,
+            acceptor: tokio_rustls::TlsAcceptor::from(config),
+        }
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, SocketAddr) {
+        loop {
+            let (stream, peer) = match self.tcp.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!("management accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let handshake = self.acceptor.accept(stream);
+            match tokio::time::timeout(std::time::Duration::from_secs(5), handshake).await {
+                Ok(Ok(tls)) => return (tls, peer),
+                Ok(Err(e)) => tracing::debug!(%peer, "management TLS handshake failed: {e}"),
+                Err(_) => tracing::debug!(%peer, "management TLS handshake timed out"),
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.tcp.local_addr()
+    }
+}
+
 /// Serves the API on `listener` until `stop` fires.
 pub async fn serve(listener: TcpListener, http: Http, mut stop: broadcast::Receiver<()>) {
-    let app = router(http);
+    let app = router(http).into_make_service_with_connect_info::<Peer>();
     let shutdown = async move {
         let _ = stop.recv().await;
     };
-    let app = app.into_make_service_with_connect_info::<SocketAddr>();
     if let Err(e) = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
     {
         tracing::warn!("management listener stopped: {e}");
+    }
+}
+
+/// Serves the API over HTTPS on `listener` until `stop` fires.
+pub async fn serve_tls(listener: TlsListener, http: Http, mut stop: broadcast::Receiver<()>) {
+    let app = router(http).into_make_service_with_connect_info::<Peer>();
+    let shutdown = async move {
+        let _ = stop.recv().await;
+    };
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+    {
+        tracing::warn!("management TLS listener stopped: {e}");
     }
 }
 

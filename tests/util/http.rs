@@ -62,7 +62,8 @@ pub async fn request(
     parse(&raw)
 }
 
-fn parse(raw: &[u8]) -> Response {
+/// Parses a whole HTTP/1.1 response (for tests that bring their own stream, e.g. TLS).
+pub fn parse(raw: &[u8]) -> Response {
     let split = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
