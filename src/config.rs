@@ -55,6 +55,14 @@ pub struct Config {
     pub frame_max: u32,
     /// Heartbeat interval offered in tune, in seconds.
     pub heartbeat: u16,
+    /// Largest message body accepted, in bytes.
+    pub max_message_size: u64,
+    /// Milliseconds a connection has to complete the handshake.
+    pub handshake_timeout: u64,
+    /// Milliseconds a delivery may stay unacknowledged (0: no limit).
+    pub consumer_timeout: u64,
+    /// Most client connections served at once (0: no limit).
+    pub connection_max: usize,
     /// Fraction of RAM above which publishers are blocked.
     pub memory_high_watermark: f64,
     /// Free bytes on the data directory's file system below which publishers are
@@ -107,6 +115,21 @@ impl Config {
             )
             .build()?
             .try_deserialize()
+    }
+
+    /// `handshake_timeout` as a duration.
+    pub fn handshake_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.handshake_timeout)
+    }
+
+    /// `max_message_size`, capped at RabbitMQ's hard limit of 512 MiB.
+    pub fn max_message_size(&self) -> u64 {
+        self.max_message_size.min(512 * 1024 * 1024)
+    }
+
+    /// `consumer_timeout` as a duration, `None` when off.
+    pub fn consumer_timeout(&self) -> Option<std::time::Duration> {
+        (self.consumer_timeout > 0).then(|| std::time::Duration::from_millis(self.consumer_timeout))
     }
 
     /// The built-in defaults alone (no file, no environment).

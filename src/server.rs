@@ -4,6 +4,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::Context;
 use tokio::net::{TcpListener, TcpSocket};
@@ -45,6 +46,8 @@ impl Broker {
     pub async fn start(config: Config) -> anyhow::Result<Broker> {
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("data_dir {}", config.data_dir.display()))?;
+        // On a nearly full disk, give back the reserve before the store needs room.
+        crate::broker::disk::tend_reserve(&config.data_dir);
         let interval = std::time::Duration::from_millis(config.flush_interval_ms.max(1));
         // Opening reads the whole store back (seconds for millions of messages): keep it off
         // the async workers.
@@ -60,6 +63,8 @@ impl Broker {
         let (shutdown, _) = broadcast::channel(1);
         let mut tasks = JoinSet::new();
         let mut addrs = Vec::new();
+        // Client connections open on all listeners together.
+        let open = Arc::new(AtomicUsize::new(0));
         let mut port = config.port;
         for host in &config.listen_addresses {
             let ip: IpAddr = host
@@ -79,7 +84,13 @@ impl Broker {
             port = local.port();
             tracing::info!("listening for AMQP 0-9-1 on {local}");
             addrs.push(local);
-            tasks.spawn(accept_loop(listener, None, state.clone(), shutdown.clone()));
+            tasks.spawn(accept_loop(
+                listener,
+                None,
+                state.clone(),
+                shutdown.clone(),
+                open.clone(),
+            ));
         }
         let mut tls_addrs = Vec::new();
         if let Some(tls) = crate::tls::server_config(&config, &[])? {
@@ -93,6 +104,7 @@ impl Broker {
                     Some(acceptor),
                     state.clone(),
                     shutdown.clone(),
+                    open.clone(),
                 ));
             }
         }
@@ -176,6 +188,13 @@ impl Broker {
     /// Counters of the store's writer (tests; later the metrics endpoint).
     pub fn store_stats(&self) -> Option<crate::store::StoreStats> {
         self.state.store().map(|s| s.stats())
+    }
+
+    /// Test hook: holds the store writer after the requests queued so far until the
+    /// returned sender is used or dropped (None without a store).
+    #[doc(hidden)]
+    pub fn pause_store_writer(&self) -> Option<std::sync::mpsc::Sender<()>> {
+        self.state.store().map(|s| s.pause())
     }
 
     /// Closes every connection (320 CONNECTION_FORCED) and stops listening.
@@ -306,25 +325,54 @@ async fn serve_tls(
     crate::connection::serve_tls(tls, peer, local, user, state, shutdown).await
 }
 
+/// One open client connection, counted against `connection_max` until dropped.
+struct ConnectionSlot(Arc<AtomicUsize>);
+
+impl ConnectionSlot {
+    /// A slot, unless `limit` (0: none) connections are open already.
+    fn take(open: &Arc<AtomicUsize>, limit: usize) -> Option<ConnectionSlot> {
+        open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (limit == 0 || n < limit).then_some(n + 1)
+        })
+        .ok()
+        .map(|_| ConnectionSlot(open.clone()))
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 async fn accept_loop(
     listener: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
     state: Arc<BrokerState>,
     shutdown: broadcast::Sender<()>,
+    open: Arc<AtomicUsize>,
 ) {
     let mut stop = shutdown.subscribe();
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => match &tls {
-                    None => {
-                        connections.spawn(crate::connection::serve(stream, peer, state.clone(), shutdown.subscribe()));
-                    }
-                    Some(acceptor) => {
-                        connections.spawn(serve_tls(stream, peer, acceptor.clone(), state.clone(), shutdown.subscribe()));
-                    }
-                },
+                Ok((stream, peer)) => {
+                    let Some(slot) = ConnectionSlot::take(&open, state.config.connection_max) else {
+                        tracing::warn!(%peer, limit = state.config.connection_max, "connection limit reached; closing the new connection");
+                        drop(stream);
+                        continue;
+                    };
+                    let (state, stop) = (state.clone(), shutdown.subscribe());
+                    let tls = tls.clone();
+                    connections.spawn(async move {
+                        match tls {
+                            None => crate::connection::serve(stream, peer, state, stop).await,
+                            Some(acceptor) => serve_tls(stream, peer, acceptor, state, stop).await,
+                        }
+                        drop(slot);
+                    });
+                }
                 Err(e) => {
                     tracing::warn!("accept failed: {e}");
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -350,7 +398,12 @@ async fn ticker(state: Arc<BrokerState>, mut stop: broadcast::Receiver<()>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         tokio::select! {
-            _ = tick.tick() => state.tick(),
+            // Alarm checks read procfs and statvfs and may trim the allocator, and
+            // expiry scans lock every queue: keep them off the async workers.
+            _ = tick.tick() => {
+                let state = state.clone();
+                let _ = tokio::task::spawn_blocking(move || state.tick()).await;
+            }
             _ = stop.recv() => return,
         }
     }

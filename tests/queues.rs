@@ -689,3 +689,44 @@ async fn deleting_a_queue_removes_its_bindings() {
     publish_confirmed(&ch, "amq.direct", &key, b"m").await;
     assert!(drain(&ch, &q).await.is_empty());
 }
+
+/// Returning a message to a full drop-head queue drops from the head again, as
+/// RabbitMQ's requeue does: the requeued message goes back to its place at the head,
+/// and is the one dropped.
+#[tokio::test]
+async fn requeue_into_a_full_drop_head_queue_drops_the_head() {
+    let t = Target::start().await;
+    let (_conn, ch) = t.channel().await;
+    let q = uniq("maxlen-requeue");
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongInt(1));
+    within(ch.queue_declare(
+        q.as_str().into(),
+        QueueDeclareOptions {
+            auto_delete: false,
+            ..Default::default()
+        },
+        args,
+    ))
+    .await
+    .expect("declare");
+    publish(&ch, "", &q, b"first").await;
+    let first = within(ch.basic_get(q.as_str().into(), BasicGetOptions { no_ack: false }))
+        .await
+        .expect("get")
+        .expect("first");
+    publish(&ch, "", &q, b"second").await;
+    first
+        .delivery
+        .nack(BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        })
+        .await
+        .expect("nack");
+    assert_eq!(wait_message_count(&ch, &q, 1).await, 1);
+    assert_eq!(drain(&ch, &q).await, vec![b"second".to_vec()]);
+    within(ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()))
+        .await
+        .expect("delete");
+}

@@ -2,6 +2,12 @@
 //! file system of the data directory, checked once a second. Below the limit the store
 //! could soon fail a commit, and a failed commit stops the node (see `store`); the alarm
 //! stops publishers first, while consumers keep acking (which frees space).
+//!
+//! Acking writes too (a redb commit needs free pages), so a disk that another program
+//! filled to the last byte would fail the first ack's commit and stop the node at every
+//! start. The data directory therefore keeps a reserve file while space is plentiful,
+//! and gives it back when free space runs critically low: the node then starts, raises
+//! the alarm and serves its consumers.
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
@@ -13,6 +19,56 @@ use super::alarm::Every;
 
 /// How often free space is looked at.
 const CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The reserve file in the data directory.
+const RESERVE_FILE: &str = "warren.reserve";
+/// Its size: room for many group commits of acks.
+pub const RESERVE_BYTES: u64 = 16 * 1024 * 1024;
+/// Free space below which the reserve is given back.
+const CRITICAL_FREE_BYTES: u64 = 4 * 1024 * 1024;
+/// Free space needed before a reserve is (re)made, so that making it never brings the
+/// file system near the critical level.
+const RESERVE_MAKE_FREE_BYTES: u64 = RESERVE_BYTES + 16 * CRITICAL_FREE_BYTES;
+
+/// Keeps the data directory's reserve: gives it back when free space is critical, makes
+/// it when space is plentiful. Called before the store opens and at every disk check.
+pub fn tend_reserve(dir: &Path) {
+    let path = dir.join(RESERVE_FILE);
+    let Some(free) = free_bytes(dir) else { return };
+    let exists = path.exists();
+    if exists && free < CRITICAL_FREE_BYTES {
+        match std::fs::remove_file(&path) {
+            Ok(()) => tracing::warn!(
+                free,
+                released = RESERVE_BYTES,
+                path = %dir.display(),
+                "disk nearly full: released the reserve so that consumers can still be served"
+            ),
+            Err(e) => tracing::error!("cannot release the disk reserve {}: {e}", path.display()),
+        }
+    } else if !exists
+        && free >= RESERVE_MAKE_FREE_BYTES
+        && let Err(e) = make_reserve(&path)
+    {
+        tracing::debug!("no disk reserve at {}: {e}", path.display());
+        let _ = std::fs::remove_file(&path);
+    }
+}
+
+/// Allocates the reserve's blocks for real (a sparse file would reserve nothing).
+fn make_reserve(path: &Path) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)?;
+    // SAFETY: the descriptor is valid for the life of `file`.
+    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, RESERVE_BYTES as libc::off_t) };
+    if rc != 0 {
+        return Err(std::io::Error::from_raw_os_error(rc));
+    }
+    file.sync_all()
+}
 
 /// Watches the free space of the data directory's file system against its limit.
 #[derive(Debug)]
@@ -50,6 +106,7 @@ impl DiskMonitor {
         if self.limit_bytes == 0 || !self.checks.due() {
             return None;
         }
+        tend_reserve(&self.path);
         let free = free_bytes(&self.path)?;
         let under = free < self.limit_bytes;
         if under == self.measured_under.swap(under, Ordering::Relaxed) {

@@ -2,7 +2,7 @@
 //! and headers to a set of destinations, over an index built for its type (a hash map for
 //! direct, a list for fanout, a trie for topic, a list of parsed patterns for headers).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
 use amq_protocol::types::{AMQPValue, FieldTable};
@@ -112,34 +112,54 @@ struct TopicNode {
 }
 
 impl TopicNode {
+    /// Adds a binding pattern. Consecutive `#` words match exactly what one does, so they
+    /// are stored as one: the trie never holds `#` below `#`.
     fn insert(&mut self, words: &[&str], dest: Destination) {
-        match words.split_first() {
-            None => self.dests.push(dest),
-            Some((&"*", rest)) => self.star.get_or_insert_default().insert(rest, dest),
-            Some((&"#", rest)) => self.hash.get_or_insert_default().insert(rest, dest),
-            Some((w, rest)) => self
-                .words
-                .entry((*w).to_string())
-                .or_default()
-                .insert(rest, dest),
+        let mut node = self;
+        let mut previous_hash = false;
+        for w in words {
+            let is_hash = *w == "#";
+            if is_hash && previous_hash {
+                continue;
+            }
+            previous_hash = is_hash;
+            node = match *w {
+                "*" => node.star.get_or_insert_default(),
+                "#" => node.hash.get_or_insert_default(),
+                w => node.words.entry(w.to_string()).or_default(),
+            };
         }
+        node.dests.push(dest);
     }
 
+    /// Every destination whose pattern matches `words`, each binding once.
+    ///
+    /// A walk over (trie node, words consumed) pairs with an explicit stack. Without `#`
+    /// each pair is reached by one path only; a `#` node can be reached at the same
+    /// position along many paths, so those pairs are remembered and visited once. The work
+    /// is then bounded by nodes x (words + 1)^2, whatever patterns are bound, instead of
+    /// growing exponentially with the number of `#` in a pattern.
     fn collect<'a>(&'a self, words: &[&str], out: &mut Vec<&'a Destination>) {
-        if let Some(hash) = &self.hash {
-            // `#` takes zero or more words.
-            for skip in 0..=words.len() {
-                hash.collect(&words[skip..], out);
-            }
-        }
-        match words.split_first() {
-            None => out.extend(self.dests.iter()),
-            Some((w, rest)) => {
-                if let Some(child) = self.words.get(*w) {
-                    child.collect(rest, out);
+        let mut seen_hash: HashSet<(*const TopicNode, usize)> = HashSet::new();
+        let mut stack: Vec<(&TopicNode, usize)> = vec![(self, 0)];
+        while let Some((node, pos)) = stack.pop() {
+            if let Some(hash) = &node.hash {
+                // `#` takes zero or more words.
+                for at in pos..=words.len() {
+                    if seen_hash.insert((&**hash as *const TopicNode, at)) {
+                        stack.push((hash, at));
+                    }
                 }
-                if let Some(star) = &self.star {
-                    star.collect(rest, out);
+            }
+            match words.get(pos) {
+                None => out.extend(node.dests.iter()),
+                Some(w) => {
+                    if let Some(child) = node.words.get(*w) {
+                        stack.push((child, pos + 1));
+                    }
+                    if let Some(star) = &node.star {
+                        stack.push((star, pos + 1));
+                    }
                 }
             }
         }
@@ -437,6 +457,72 @@ mod tests {
         assert_eq!(routed(&x, "x.b.z", None), ["c", "d"]);
         assert_eq!(routed(&x, "x.b.q.r.z", None), ["c", "d"]);
         assert_eq!(routed(&x, "", None), ["c"]);
+    }
+
+    /// Patterns of many `#` against a long key: exponential work before, and every
+    /// binding still matched once.
+    #[test]
+    fn topic_many_hashes_match_once_in_polynomial_work() {
+        let x = exchange(ExchangeKind::Topic);
+        let key = vec!["a"; 120].join(".");
+        for (q, pattern) in [
+            ("hashes", vec!["#"; 60].join(".")),
+            ("alternating", vec!["#.a"; 40].join(".")),
+            ("stars", format!("{}.#", vec!["*.#"; 30].join("."))),
+        ] {
+            x.bind(Binding {
+                dest: Destination::Queue(queue(q)),
+                key: pattern,
+                args: FieldTable::default(),
+            });
+        }
+        assert_eq!(routed(&x, &key, None), ["alternating", "hashes", "stars"]);
+        assert_eq!(routed(&x, "b", None), ["hashes"]);
+    }
+
+    /// A plain matcher, for comparison: does `pattern` match `key` (words, AMQP rules)?
+    fn reference_match(pattern: &[&str], key: &[&str]) -> bool {
+        // can[i][j]: the first i pattern words match the first j key words.
+        let mut can = vec![vec![false; key.len() + 1]; pattern.len() + 1];
+        can[0][0] = true;
+        for i in 1..=pattern.len() {
+            for j in 0..=key.len() {
+                can[i][j] = match pattern[i - 1] {
+                    "#" => can[i - 1][j] || (j > 0 && can[i][j - 1]),
+                    "*" => j > 0 && can[i - 1][j - 1],
+                    w => j > 0 && key[j - 1] == w && can[i - 1][j - 1],
+                };
+            }
+        }
+        can[pattern.len()][key.len()]
+    }
+
+    proptest::proptest! {
+        /// The trie routes exactly the bindings a plain matcher accepts, each once.
+        #[test]
+        fn topic_trie_agrees_with_a_plain_matcher(
+            patterns in proptest::collection::vec(
+                proptest::collection::vec(proptest::sample::select(vec!["a", "b", "*", "#"]), 0..7),
+                1..8,
+            ),
+            key in proptest::collection::vec(proptest::sample::select(vec!["a", "b", "c"]), 0..8),
+        ) {
+            let x = exchange(ExchangeKind::Topic);
+            for (i, p) in patterns.iter().enumerate() {
+                x.bind(Binding {
+                    dest: Destination::Queue(queue(&format!("q{i:02}"))),
+                    key: p.join("."),
+                    args: FieldTable::default(),
+                });
+            }
+            let expected: Vec<String> = patterns
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| reference_match(p, &key))
+                .map(|(i, _)| format!("q{i:02}"))
+                .collect();
+            proptest::prop_assert_eq!(routed(&x, &key.join("."), None), expected);
+        }
     }
 
     #[test]

@@ -72,9 +72,21 @@ pub fn resident_bytes() -> Option<u64> {
 }
 
 impl MemoryMonitor {
-    /// A monitor for `fraction` of the machine's RAM (0 or no /proc: never alarms).
+    /// A monitor for `fraction` of the memory the node may use: the machine's RAM, or
+    /// its control group's limit when that is smaller (0 or no /proc: never alarms).
     pub fn new(fraction: f64) -> MemoryMonitor {
-        let limit_bytes = match meminfo_total() {
+        let available = match (meminfo_total(), super::cgroup::memory_limit()) {
+            (Some(ram), Some(group)) if group < ram => {
+                tracing::info!(
+                    limit = group,
+                    ram,
+                    "memory: the control group's limit applies"
+                );
+                Some(group)
+            }
+            (ram, group) => ram.or(group),
+        };
+        let limit_bytes = match available {
             Some(total) if fraction > 0.0 => (total as f64 * fraction) as u64,
             _ => u64::MAX,
         };

@@ -2,6 +2,7 @@
 //! the queue registry. Connections call into it; it never calls into connections.
 
 pub mod alarm;
+mod cgroup;
 pub mod deadletter;
 pub mod definitions;
 pub mod disk;
@@ -9,6 +10,7 @@ pub mod exchange;
 pub mod json;
 pub mod memory;
 pub mod persist;
+mod recovery;
 pub mod vhost;
 
 use std::collections::HashMap;
@@ -20,8 +22,7 @@ use crate::auth::{AccessChange, AccessControl, AccessError, VHostRecord};
 use crate::config::Config;
 use crate::connection::sink::{ConnEvent, ConnShared};
 use crate::protocol::{AmqpError, reply::amqp_err};
-use crate::queue::Message;
-use crate::store::{Recovered, Store};
+use crate::store::Store;
 pub use exchange::{Binding, Destination, Exchange, ExchangeDef, ExchangeKind};
 pub use vhost::VHost;
 
@@ -104,6 +105,9 @@ impl BrokerState {
             let vhost = VHost::new(&v.name, store.clone(), next_msg_id.clone());
             vhosts.insert(v.name, vhost);
         }
+        // Measure before any client is served: a node that starts on a full disk must
+        // not take publishes in its first tick.
+        alarms.check();
         Arc::new(BrokerState {
             config,
             vhosts: RwLock::new(vhosts),
@@ -127,83 +131,6 @@ impl BrokerState {
     /// An id for a persistent message's stored copy.
     pub fn next_msg_id(&self) -> u64 {
         self.next_msg_id.fetch_add(1, Ordering::Relaxed)
-    }
-
-    /// Rebuilds durable exchanges, queues, bindings and messages from the store.
-    pub fn recover(&self, recovered: Recovered) {
-        self.next_msg_id
-            .fetch_max(recovered.next_msg_id.max(1), Ordering::Relaxed);
-        let defs = &recovered.definitions;
-        let vhost_for = |name: &str| self.vhost(name);
-        for (key, value) in defs.iter().filter(|(k, _)| k.starts_with("x/")) {
-            match persist::from_json::<persist::StoredExchange>(value)
-                .and_then(|x| Some((x.def()?, x.vhost)))
-            {
-                Some((def, vhost)) => {
-                    if let Some(v) = vhost_for(&vhost) {
-                        v.restore_exchange(def);
-                    }
-                }
-                None => tracing::warn!("skipping unreadable stored exchange {key:?}"),
-            }
-        }
-        let mut queues = HashMap::new();
-        for (key, value) in defs.iter().filter(|(k, _)| k.starts_with("q/")) {
-            match persist::from_json::<persist::StoredQueue>(value) {
-                Some(q) => {
-                    if let Some(v) = vhost_for(&q.vhost) {
-                        queues.insert(key.clone(), v.restore_queue(q.def()));
-                    }
-                }
-                None => tracing::warn!("skipping unreadable stored queue {key:?}"),
-            }
-        }
-        for (key, value) in defs.iter().filter(|(k, _)| k.starts_with("b/")) {
-            match persist::from_json::<persist::StoredBinding>(value) {
-                Some(b) => {
-                    if let Some(v) = vhost_for(&b.vhost) {
-                        v.restore_binding(b);
-                    }
-                }
-                None => tracing::warn!("skipping unreadable stored binding {key:?}"),
-            }
-        }
-        let mut messages: HashMap<u64, Arc<Message>> = HashMap::new();
-        let mut count = 0usize;
-        for (key, entries) in recovered.queues {
-            let Some(queue) = queues.get(&key) else {
-                tracing::warn!("stored messages of unknown queue {key:?}");
-                continue;
-            };
-            for (offset, e) in entries.into_iter().enumerate() {
-                let msg = match messages.get(&e.msg_id) {
-                    Some(m) => m.clone(),
-                    None => match persist::decode_message(&e.blob, e.msg_id) {
-                        Some(m) => {
-                            let m = Arc::new(m);
-                            messages.insert(e.msg_id, m.clone());
-                            m
-                        }
-                        None => {
-                            tracing::warn!("skipping unreadable stored message {}", e.msg_id);
-                            continue;
-                        }
-                    },
-                };
-                queue.restore(
-                    offset as u64,
-                    msg,
-                    e.delivered,
-                    e.delivery_count.saturating_sub(1),
-                );
-                count += 1;
-            }
-        }
-        tracing::info!(
-            definitions = defs.len(),
-            messages = count,
-            "recovered durable state"
-        );
     }
 
     /// A vhost by name.

@@ -8,7 +8,7 @@ use std::sync::{Arc, RwLock, Weak};
 use amq_protocol::types::{AMQPValue, FieldTable};
 
 use super::exchange::{Binding, Destination, Exchange, ExchangeDef, ExchangeKind};
-use super::persist::{self, StoredBinding, StoredExchange, StoredQueue};
+use super::persist::{self, StoredBinding, StoredDefinition, StoredExchange, StoredQueue};
 use crate::protocol::{AmqpError, reply::amqp_err};
 use crate::queue::{DeadLetterRouter, Message, Queue, QueueArgs, QueueDef, QueueStore};
 use crate::store::{Store, StoreOp};
@@ -157,7 +157,7 @@ impl VHost {
         if x.def.durable {
             self.persist(vec![StoreOp::PutDefinition {
                 key: persist::exchange_key(&self.name, &x.def.name),
-                value: persist::to_json(&StoredExchange::new(&self.name, &x.def)),
+                value: StoredExchange::new(&self.name, &x.def).encode(),
             }]);
         }
         Ok(x)
@@ -444,7 +444,7 @@ impl VHost {
         if let Some(qs) = q.store() {
             qs.store.submit(vec![StoreOp::PutDefinition {
                 key: qs.key.clone(),
-                value: persist::to_json(&StoredQueue::new(&self.name, &q.def)),
+                value: StoredQueue::new(&self.name, &q.def).encode(),
             }]);
         }
         Ok((q, true))
@@ -514,7 +514,7 @@ impl VHost {
         ops.push(if put {
             StoreOp::PutDefinition {
                 key,
-                value: persist::to_json(&stored),
+                value: stored.encode(),
             }
         } else {
             StoreOp::DeleteDefinition { key }
@@ -778,14 +778,14 @@ impl VHost {
                 self.name
             ));
         }
-        let mut visited: Vec<&str> = Vec::new();
+        let mut visited: Seen<&str> = Seen::default();
+        let mut routed: Seen<*const Queue> = Seen::default();
         let mut pending: Vec<&Arc<Exchange>> = vec![first];
         let mut dests = Vec::new();
         while let Some(x) = pending.pop() {
-            if visited.contains(&x.def.name.as_str()) {
+            if !visited.insert(&x.def.name) {
                 continue;
             }
-            visited.push(&x.def.name);
             dests.clear();
             x.route(routing_key, headers, &mut dests);
             if dests.is_empty()
@@ -796,7 +796,7 @@ impl VHost {
             for d in dests.drain(..) {
                 match d {
                     Destination::Queue(q) => {
-                        if !queues.iter().any(|have| Arc::ptr_eq(have, &q)) {
+                        if routed.insert(Arc::as_ptr(&q)) {
                             queues.push(q);
                         }
                     }
@@ -809,6 +809,44 @@ impl VHost {
             }
         }
         Ok(queues)
+    }
+}
+
+/// A set for routing's "each once" checks: a short list while small (the usual case,
+/// no hashing or allocation beyond the list), a hash set once bindings fan out widely, so
+/// that routing stays linear in the bindings followed.
+struct Seen<T> {
+    few: Vec<T>,
+    many: std::collections::HashSet<T>,
+}
+
+impl<T> Default for Seen<T> {
+    fn default() -> Self {
+        Seen {
+            few: Vec::new(),
+            many: std::collections::HashSet::new(),
+        }
+    }
+}
+
+impl<T: std::hash::Hash + Eq + Copy> Seen<T> {
+    /// Past this many items, membership moves to the hash set.
+    const FEW: usize = 16;
+
+    /// Adds `item`; false when it was there already.
+    fn insert(&mut self, item: T) -> bool {
+        if self.many.is_empty() {
+            if self.few.contains(&item) {
+                return false;
+            }
+            self.few.push(item);
+            if self.few.len() > Self::FEW {
+                self.many.extend(self.few.drain(..));
+            }
+            true
+        } else {
+            self.many.insert(item)
+        }
     }
 }
 

@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
 
 use amq_protocol::protocol::{AMQPClass, basic, channel, confirm, exchange, queue, tx};
 use amq_protocol::types::AMQPValue;
@@ -23,8 +24,9 @@ use crate::queue::{
 };
 use crate::store::StoreOp;
 
-/// Largest message body accepted (RabbitMQ's default max_message_size).
-const MAX_MESSAGE_SIZE: u64 = 128 * 1024 * 1024;
+/// Unconfirmed publishes beyond which a confirm-mode publisher counts as not waiting
+/// for its confirms (publishers keep a window of a few hundred or thousand).
+const UNWAITED_CONFIRMS: usize = 10_000;
 
 /// What the connection must do after a frame on this channel.
 #[derive(Debug)]
@@ -49,6 +51,8 @@ struct Unacked {
     offset: Offset,
     /// Delivered to a consumer (counts against the channel-wide prefetch), not got.
     counted: bool,
+    /// When it was handed out (for consumer_timeout).
+    at: Instant,
 }
 
 #[derive(Debug)]
@@ -132,6 +136,9 @@ pub struct Channel {
     prefetch: u32,
     confirms: Option<Confirms>,
     tx: Option<Vec<TxOp>>,
+    /// tx.commits handed to the store whose commit-ok has not been sent: a later commit
+    /// answers after them, never ahead.
+    tx_commits_in_flight: u32,
     last_queue: Option<String>,
     frame_max: u32,
     /// Exchanges this channel may publish to, checked at access-control generation
@@ -190,6 +197,7 @@ impl Channel {
             prefetch: 0,
             confirms: None,
             tx: None,
+            tx_commits_in_flight: 0,
             last_queue: None,
             frame_max,
             write_allowed: (u64::MAX, Vec::new()),
@@ -273,6 +281,26 @@ impl Channel {
                 self.close_with(e, out);
                 Outcome::Continue
             }
+        }
+    }
+
+    /// consumer_timeout: when the oldest unacknowledged delivery has waited longer than
+    /// `timeout`, the channel is closed with 406 (as RabbitMQ) and its unacked messages
+    /// go back to their queues.
+    pub fn check_consumer_timeout(&mut self, now: Instant, timeout: Duration, out: &mut BytesMut) {
+        let overdue = self
+            .unacked
+            .first_key_value()
+            .is_some_and(|(_, u)| now.duration_since(u.at) > timeout);
+        if overdue && !self.closing {
+            let e = amqp_err!(
+                PreconditionFailed,
+                "delivery acknowledgement on channel {} timed out. Timeout value used: {} ms. \
+                 This timeout value can be configured, see consumers doc guide to learn more",
+                self.id,
+                timeout.as_millis()
+            );
+            self.close_with(e, out);
         }
     }
 
@@ -751,6 +779,7 @@ impl Channel {
                             queue: q.clone(),
                             offset: entry.offset,
                             counted: false,
+                            at: Instant::now(),
                         },
                     );
                 }
@@ -771,8 +800,16 @@ impl Channel {
         Ok(())
     }
 
-    /// Writes a delivery from a queue, or gives it back when its consumer is gone.
-    pub fn deliver(&mut self, d: Delivery, out: &mut BytesMut) {
+    /// Writes a delivery from a queue, or gives it back when its consumer is gone. An
+    /// auto-ack delivery's stored copy is settled into `written` (to be submitted once
+    /// `out` reached the socket).
+    pub fn deliver(
+        &mut self,
+        d: Delivery,
+        now: Instant,
+        out: &mut BytesMut,
+        written: &mut Vec<StoreOp>,
+    ) {
         let live = !self.closing
             && self
                 .consumers
@@ -811,13 +848,16 @@ impl Channel {
         if d.entry.redelivered {
             ConnStats::add(&stats.redelivered, 1);
         }
-        if !d.no_ack {
+        if d.no_ack {
+            d.queue.settle_written_auto_ack(&d.entry, written);
+        } else {
             self.unacked.insert(
                 tag,
                 Unacked {
                     queue: d.queue,
                     offset: d.entry.offset,
                     counted: true,
+                    at: now,
                 },
             );
         }
@@ -943,7 +983,10 @@ impl Channel {
                 }
                 let store = self.broker.store().cloned();
                 match store {
-                    Some(store) if !commit.ops.is_empty() => {
+                    // A commit with nothing to store still goes through the store when an
+                    // earlier one is in flight: the store answers in order.
+                    Some(store) if !commit.ops.is_empty() || self.tx_commits_in_flight > 0 => {
+                        self.tx_commits_in_flight += 1;
                         let tx = self.link.conn.tx.clone();
                         let ch = self.id;
                         store.commit_then(
@@ -1015,13 +1058,14 @@ impl Channel {
                 header.class_id
             ));
         }
-        if header.body_size > MAX_MESSAGE_SIZE {
+        let max = self.broker.config.max_message_size();
+        if header.body_size > max {
             self.publish = None;
             return Err(amqp_err!(
                 PreconditionFailed,
                 "message size {} is larger than configured max size {}",
                 header.body_size,
-                MAX_MESSAGE_SIZE
+                max
             ));
         }
         let done = header.body_size == 0;
@@ -1196,6 +1240,11 @@ impl Channel {
             (Some(store), Some(seq)) if !ops.is_empty() => {
                 if let Some(c) = &mut self.confirms {
                     c.outstanding.insert(seq);
+                    // A publisher in confirm mode that does not wait for its confirms is
+                    // held back like one that asks for none (a windowed one never gets here).
+                    if c.outstanding.len() > UNWAITED_CONFIRMS && store.is_congested() {
+                        self.link.conn.held_by_store.store(true, Ordering::Relaxed);
+                    }
                 }
                 let tx = self.link.conn.tx.clone();
                 let ch = self.id;
@@ -1248,7 +1297,8 @@ impl Channel {
     }
 
     /// The store committed this channel's transaction: commit-ok may go.
-    pub fn tx_committed(&self, out: &mut BytesMut) {
+    pub fn tx_committed(&mut self, out: &mut BytesMut) {
+        self.tx_commits_in_flight = self.tx_commits_in_flight.saturating_sub(1);
         if !self.closing {
             self.send(
                 out,

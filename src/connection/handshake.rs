@@ -46,6 +46,7 @@ fn amqplain(response: &[u8]) -> Option<(String, String)> {
     let mut framed = Vec::with_capacity(response.len() + 4);
     framed.extend_from_slice(&(response.len() as u32).to_be_bytes());
     framed.extend_from_slice(response);
+    crate::protocol::fieldtable::check_table(&framed).ok()?;
     let (_, table) = amq_protocol::types::parsing::parse_field_table(&framed[..]).ok()?;
     let get = |k: &str| match table.inner().get(k)? {
         AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),

@@ -24,15 +24,16 @@ use tokio::sync::{broadcast, mpsc};
 use crate::broker::{BrokerState, VHost};
 use crate::protocol::codec::{FrameDecoder, InFrame, PROTOCOL_HEADER, encode};
 use crate::protocol::{AmqpError, ReplyCode, reply::amqp_err};
+use crate::store::StoreOp;
 use channel::Channel;
 use sink::{ConnEvent, ConnShared};
 
 /// Frames of at most this size are allowed before tune-ok (the spec's minimum).
 const FRAME_MIN_SIZE: u32 = 4096;
-/// Time a client has to complete the handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long we wait for close-ok after sending connection.close.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a write may still stall once the node is shutting down.
+const SHUTDOWN_WRITE_GRACE: Duration = Duration::from_secs(1);
 /// How often a publisher held back by congested queues looks whether they cleared.
 const FLOW_POLL: Duration = Duration::from_millis(1);
 /// The longest a publisher is held back before one more read: queue flow control slows
@@ -76,6 +77,8 @@ pub struct Connection {
     out: BytesMut,
     /// Deliveries encoded into `out` since the last write.
     delivered: usize,
+    /// Their bytes.
+    delivered_bytes: usize,
     last_read: Instant,
     last_write: Instant,
     started: Instant,
@@ -95,6 +98,11 @@ pub struct Connection {
     /// The congested store holds this connection's publishes back (its heartbeats
     /// are not read meanwhile, so they cannot be missed).
     store_hold: bool,
+    /// Removals of stored copies of auto-ack deliveries written into `out`: submitted
+    /// once the write succeeded, so that a delivery that never left keeps its copy.
+    written_auto_acks: Vec<StoreOp>,
+    /// The node is shutting down (seen while writing).
+    shutdown_seen: bool,
 }
 
 /// Runs a plain TCP connection until it closes.
@@ -168,6 +176,7 @@ async fn run<R, W>(
         id,
         tx,
         pending: Default::default(),
+        pending_bytes: Default::default(),
         waiting: Default::default(),
         held_by: Default::default(),
         held_by_store: Default::default(),
@@ -195,6 +204,7 @@ async fn run<R, W>(
         shared,
         out: BytesMut::with_capacity(64 * 1024),
         delivered: 0,
+        delivered_bytes: 0,
         last_read: Instant::now(),
         last_write: Instant::now(),
         started: Instant::now(),
@@ -206,11 +216,13 @@ async fn run<R, W>(
         blocked: false,
         held_since: None,
         store_hold: false,
+        written_auto_acks: Vec::new(),
+        shutdown_seen: false,
     };
 
     let mut buf = BytesMut::with_capacity(64 * 1024);
     // Protocol header: exactly 8 bytes, or we answer with ours and close.
-    let header_ok = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+    let header_ok = tokio::time::timeout(conn.broker.config.handshake_timeout(), async {
         while buf.len() < 8 {
             match reader.read_buf(&mut buf).await {
                 Ok(0) | Err(_) => return false,
@@ -241,8 +253,14 @@ async fn run<R, W>(
         let alarms = *alarm.borrow_and_update();
         let throttled = conn.published && alarms.any();
         conn.set_blocked(throttled.then(|| alarms.reason()));
-        if conn.flush(&mut writer).await.is_err() {
+        if conn.flush(&mut writer, &mut shutdown).await.is_err() {
             break;
+        }
+        if conn.shutdown_seen {
+            conn.close_connection(amqp_err!(
+                ConnectionForced,
+                "broker forced connection closure with reason 'shutdown'"
+            ));
         }
         if conn.phase == Phase::Closed {
             break;
@@ -261,11 +279,12 @@ async fn run<R, W>(
                 }
             }
             Some(event) = rx.recv() => {
-                conn.handle_event(event);
+                let now = Instant::now();
+                conn.handle_event(event, now);
                 let mut more = 0;
                 while more < 4096 {
                     match rx.try_recv() {
-                        Ok(event) => conn.handle_event(event),
+                        Ok(event) => conn.handle_event(event, now),
                         Err(_) => break,
                     }
                     more += 1;
@@ -354,26 +373,81 @@ impl Connection {
     async fn flush<W: tokio::io::AsyncWrite + Unpin>(
         &mut self,
         writer: &mut W,
+        shutdown: &mut broadcast::Receiver<()>,
     ) -> std::io::Result<()> {
         for ch in self.channels.values_mut() {
             ch.flush_confirms(&mut self.out);
         }
         if !self.out.is_empty() {
-            writer.write_all(&self.out).await?;
+            self.write_out(writer, shutdown).await?;
             self.out.clear();
             self.last_write = Instant::now();
+        }
+        if !self.written_auto_acks.is_empty()
+            && let Some(store) = self.broker.store()
+        {
+            store.submit(std::mem::take(&mut self.written_auto_acks));
         }
         if self.delivered > 0 {
             self.shared
                 .pending
                 .fetch_sub(self.delivered, Ordering::Relaxed);
+            self.shared
+                .pending_bytes
+                .fetch_sub(self.delivered_bytes, Ordering::Relaxed);
             self.delivered = 0;
+            self.delivered_bytes = 0;
         }
         // Queues that ran out of credit (socket backlog, channel-wide prefetch) try again
         // now that writes and acks may have freed some.
         for queue in self.shared.take_waiting() {
             if let Some(q) = queue.upgrade() {
                 q.kick();
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `out` whole. A peer that stops reading must not hold the connection (and
+    /// its unacked messages) forever: when no byte goes out for as long as missed
+    /// heartbeats would take (the handshake or close timeout before and after), or for
+    /// a second once the node is shutting down, the connection is given up.
+    async fn write_out<W: tokio::io::AsyncWrite + Unpin>(
+        &mut self,
+        writer: &mut W,
+        shutdown: &mut broadcast::Receiver<()>,
+    ) -> std::io::Result<()> {
+        let stall_limit = match self.phase {
+            Phase::Open if self.heartbeat > 0 => {
+                Some(Duration::from_secs(self.heartbeat as u64) * 2)
+            }
+            Phase::Open => None,
+            Phase::Closing | Phase::Closed => Some(CLOSE_TIMEOUT),
+            _ => Some(self.broker.config.handshake_timeout()),
+        };
+        let mut written = 0;
+        while written < self.out.len() {
+            let limit = if self.shutdown_seen {
+                Some(SHUTDOWN_WRITE_GRACE)
+            } else {
+                stall_limit
+            };
+            let stalled = async {
+                match limit {
+                    Some(d) => tokio::time::sleep(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                n = writer.write(&self.out[written..]) => match n? {
+                    0 => return Err(std::io::ErrorKind::WriteZero.into()),
+                    n => written += n,
+                },
+                _ = stalled => {
+                    tracing::info!(peer = %self.peer, user = %self.user, "peer stopped reading; closing the connection");
+                    return Err(std::io::ErrorKind::TimedOut.into());
+                }
+                _ = shutdown.recv(), if !self.shutdown_seen => self.shutdown_seen = true,
             }
         }
         Ok(())
@@ -559,12 +633,15 @@ impl Connection {
         }
     }
 
-    fn handle_event(&mut self, event: ConnEvent) {
+    fn handle_event(&mut self, event: ConnEvent, now: Instant) {
         match event {
             ConnEvent::Deliver(ch, d) => {
                 self.delivered += 1;
+                self.delivered_bytes += d.entry.msg.size();
                 match self.channels.get_mut(&ch) {
-                    Some(channel) => channel.deliver(d, &mut self.out),
+                    Some(channel) => {
+                        channel.deliver(d, now, &mut self.out, &mut self.written_auto_acks)
+                    }
                     None => {
                         d.queue.return_undelivered(d.entry);
                     }
@@ -576,7 +653,7 @@ impl Connection {
                 }
             }
             ConnEvent::TxCommitted(ch) => {
-                if let Some(channel) = self.channels.get(&ch) {
+                if let Some(channel) = self.channels.get_mut(&ch) {
                     channel.tx_committed(&mut self.out);
                 }
             }
@@ -593,7 +670,7 @@ impl Connection {
         let now = Instant::now();
         match self.phase {
             Phase::AwaitStartOk | Phase::AwaitTuneOk | Phase::AwaitOpen
-                if now.duration_since(self.started) > HANDSHAKE_TIMEOUT =>
+                if now.duration_since(self.started) > self.broker.config.handshake_timeout() =>
             {
                 tracing::info!(peer = %self.peer, "handshake timeout");
                 self.phase = Phase::Closed;
@@ -605,7 +682,15 @@ impl Connection {
             {
                 self.phase = Phase::Closed;
             }
-            Phase::Open if self.heartbeat > 0 => {
+            Phase::Open if self.heartbeat > 0 || self.broker.config.consumer_timeout > 0 => {
+                if let Some(timeout) = self.broker.config.consumer_timeout() {
+                    for ch in self.channels.values_mut() {
+                        ch.check_consumer_timeout(now, timeout, &mut self.out);
+                    }
+                }
+                if self.heartbeat == 0 {
+                    return;
+                }
                 let interval = Duration::from_secs(self.heartbeat as u64);
                 if !self.blocked
                     && !self.store_hold

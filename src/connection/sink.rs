@@ -12,6 +12,9 @@ use crate::queue::{ConsumerSink, Delivery, Queue};
 /// Deliveries queued for a connection's socket beyond which queues stop handing it
 /// more until it has written them out: bounds memory for fast queues and slow sockets.
 pub const MAX_PENDING_DELIVERIES: usize = 2048;
+/// Bytes of message bodies and properties queued for a connection's socket beyond which
+/// queues stop handing it more: large messages reach the count above only at gigabytes.
+pub const MAX_PENDING_BYTES: usize = 8 * 1024 * 1024;
 /// Deliveries queued for a connection's socket from which it counts as behind: its
 /// queues then hold their publishers back once they have a backlog (queue flow control).
 pub const BEHIND_PENDING_DELIVERIES: usize = 256;
@@ -40,6 +43,8 @@ pub struct ConnShared {
     pub tx: UnboundedSender<ConnEvent>,
     /// Deliveries handed to the connection and not yet written to its socket.
     pub pending: AtomicUsize,
+    /// Their size in bytes.
+    pub pending_bytes: AtomicUsize,
     /// Queues that stopped delivering for lack of credit and want a kick.
     pub waiting: Mutex<Vec<Weak<Queue>>>,
     /// Congested queues this connection published to: it reads no more publishes
@@ -143,6 +148,7 @@ impl ConsumerSink for ChannelLink {
     fn has_credit(&self, no_ack: bool) -> bool {
         if self.conn.tx.is_closed()
             || self.conn.pending.load(Ordering::Relaxed) >= MAX_PENDING_DELIVERIES
+            || self.conn.pending_bytes.load(Ordering::Relaxed) >= MAX_PENDING_BYTES
         {
             return false;
         }
@@ -161,6 +167,7 @@ impl ConsumerSink for ChannelLink {
 
     fn deliver(&self, delivery: Delivery) -> Result<(), Delivery> {
         let no_ack = delivery.no_ack;
+        let size = delivery.entry.msg.size();
         match self
             .conn
             .tx
@@ -168,6 +175,7 @@ impl ConsumerSink for ChannelLink {
         {
             Ok(()) => {
                 self.conn.pending.fetch_add(1, Ordering::Relaxed);
+                self.conn.pending_bytes.fetch_add(size, Ordering::Relaxed);
                 Ok(())
             }
             Err(e) => {

@@ -11,6 +11,7 @@ use amq_protocol::protocol::basic::parse_properties;
 use amq_protocol::protocol::{AMQPClass, BasicProperties, parse_class};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
+use super::fieldtable;
 use super::reply::{AmqpError, ReplyCode};
 
 /// Frame type octets of AMQP 0-9-1.
@@ -114,10 +115,15 @@ impl FrameDecoder {
         let payload = src.split_to(size).freeze();
         src.advance(1);
         let frame = match kind {
-            FRAME_METHOD => match parse_class(&payload[..]) {
-                Ok((_, method)) => InFrame::Method(channel, method),
-                Err(_) => return Err(method_error(&payload)),
-            },
+            FRAME_METHOD => {
+                if let Err(e) = fieldtable::check_method(&payload) {
+                    return Err(table_error(&payload, e));
+                }
+                match parse_class(&payload[..]) {
+                    Ok((_, method)) => InFrame::Method(channel, method),
+                    Err(_) => return Err(method_error(&payload)),
+                }
+            }
             FRAME_HEADER => InFrame::Header(channel, Box::new(parse_header(&payload)?)),
             FRAME_BODY => InFrame::Body(channel, payload),
             FRAME_HEARTBEAT => InFrame::Heartbeat(channel),
@@ -125,6 +131,20 @@ impl FrameDecoder {
         };
         Ok(Some(frame))
     }
+}
+
+/// A method whose field table the bounded walk refused: too deep or an unknown type is a
+/// syntax error naming the method; a length past the end is reported as the parser would.
+fn table_error(payload: &[u8], e: fieldtable::TableError) -> AmqpError {
+    if e == fieldtable::TableError::Truncated {
+        return method_error(payload);
+    }
+    let class = u16::from_be_bytes([payload[0], payload[1]]);
+    let method = u16::from_be_bytes([payload[2], payload[3]]);
+    AmqpError::new(
+        ReplyCode::SyntaxError,
+        format!("{e} in arguments of method {class}.{method}"),
+    )
 }
 
 /// Tells an unknown method (540) from malformed arguments of a known one (502).
@@ -165,6 +185,15 @@ fn parse_header(payload: &Bytes) -> Result<ContentHeader, AmqpError> {
     let class_id = u16::from_be_bytes([payload[0], payload[1]]);
     let body_size = u64::from_be_bytes(payload[4..12].try_into().unwrap_or([0; 8]));
     let raw_properties = payload.slice(12..);
+    // A length past the end is left for the property parser to report.
+    if let Err(e) = fieldtable::check_properties(&raw_properties)
+        && e != fieldtable::TableError::Truncated
+    {
+        return Err(AmqpError::new(
+            ReplyCode::SyntaxError,
+            format!("{e} in content headers"),
+        ));
+    }
     let properties = match parse_properties(&raw_properties[..]) {
         Ok((_, p)) => p,
         Err(_) => {

@@ -6,6 +6,7 @@
 //! property bytes so that properties are passed on bit-exact.
 
 pub mod codec;
+pub mod fieldtable;
 pub mod reply;
 
 pub use amq_protocol::protocol::{AMQPClass, BasicProperties};

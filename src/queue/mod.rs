@@ -12,6 +12,9 @@ pub mod args;
 pub mod message;
 pub mod state;
 
+#[cfg(test)]
+mod model_tests;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -310,6 +313,19 @@ impl Queue {
         let mut dead = Dead::new();
         let result = {
             let mut inner = self.lock();
+            if inner.deleted {
+                // Routed just before a delete: the delete's purge may already be in the
+                // store ahead of this message's entry, so take the entry out again.
+                if let (Some(qs), Some(id)) = (&self.store, msg.store_id)
+                    && msg.is_persistent()
+                {
+                    qs.store.submit(vec![StoreOp::Remove {
+                        queue: qs.key.clone(),
+                        offset: id,
+                    }]);
+                }
+                return Enqueued::Accepted(0);
+            }
             let mut effects = Vec::new();
             let result = inner.state.enqueue(msg, &mut effects);
             if result != Enqueued::Rejected {
@@ -444,7 +460,11 @@ impl Queue {
             state.return_undelivered(entry);
             return;
         };
-        ops.extend(self.delivery_record(&entry, r.no_ack));
+        // An auto-ack delivery keeps its stored copy until its channel has written it
+        // (`settle_written_auto_ack`): it may yet come back unwritten.
+        if !r.no_ack {
+            ops.extend(self.delivery_record(&entry, false));
+        }
         if r.no_ack {
             counters.deliver_no_ack += 1;
         } else {
@@ -625,6 +645,12 @@ impl Queue {
             self.run(&mut inner, &mut dead);
         }
         self.bury(dead);
+    }
+
+    /// An auto-ack delivery was written to its consumer's socket: its stored copy goes
+    /// (the op is added to `ops`, which the connection submits after the write).
+    pub fn settle_written_auto_ack(&self, entry: &Entry, ops: &mut Vec<StoreOp>) {
+        ops.extend(self.delivery_record(entry, true));
     }
 
     /// A delivery that never reached its client goes back unchanged.

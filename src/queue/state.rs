@@ -447,6 +447,11 @@ impl QueueState {
                 }
             }
         }
+        // As RabbitMQ's requeue: a drop-head queue pushed over its limit by returning
+        // messages drops from the head again (reject-publish queues keep them).
+        if self.args.overflow == Overflow::DropHead {
+            self.enforce_limits(out);
+        }
     }
 
     /// Puts back a message that was handed out but never reached the client (its

@@ -294,7 +294,6 @@ enum Request {
     Close,
     /// Test hook: the writer blocks until the sender side is dropped or sends, so that a test
     /// can queue requests and observe that they land in one transaction.
-    #[cfg(test)]
     Pause(mpsc::Receiver<()>),
 }
 
@@ -487,9 +486,8 @@ impl Store {
     }
 
     /// Test hook: makes the writer wait, after the requests queued so far, until the returned
-    /// sender is used or dropped.
-    #[cfg(test)]
-    fn pause(&self) -> mpsc::Sender<()> {
+    /// sender is used or dropped (ordering tests hold commits back with it).
+    pub fn pause(&self) -> mpsc::Sender<()> {
         let (tx, rx) = mpsc::channel();
         self.send(Request::Pause(rx));
         tx

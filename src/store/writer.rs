@@ -56,7 +56,6 @@ enum Control {
     /// [`Request::Close`]: commit durably and stop.
     Close,
     /// [`Request::Pause`]: commit, then wait on the receiver.
-    #[cfg(test)]
     Pause(Receiver<()>),
 }
 
@@ -132,7 +131,6 @@ impl Writer {
             match control {
                 Control::Continue => {}
                 Control::Close => break,
-                #[cfg(test)]
                 Control::Pause(rx) => {
                     let _ = rx.recv();
                 }
@@ -190,7 +188,6 @@ impl Writer {
                     }
                 }
                 Request::Close => return Control::Close,
-                #[cfg(test)]
                 Request::Pause(rx) => return Control::Pause(rx),
             }
         }
