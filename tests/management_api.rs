@@ -250,7 +250,30 @@ async fn connections_are_listed_and_closed_by_name() {
     let conn = Connection::connect(&t.url, ConnectionProperties::default())
         .await
         .expect("connects");
-    let _ch = conn.create_channel().await.expect("channel");
+    let ch = conn.create_channel().await.expect("channel");
+    for _ in 0..2 {
+        ch.basic_publish(
+            "amq.fanout".into(),
+            "".into(),
+            BasicPublishOptions::default(),
+            b"x",
+            lapin::BasicProperties::default(),
+        )
+        .await
+        .expect("publish");
+    }
+    // The overview counts publishes per channel, once each, as RabbitMQ does.
+    let stats = within(async {
+        loop {
+            let o = get(b, "/api/overview").await.json();
+            if o["message_stats"]["publish"] == 2 {
+                return o["message_stats"].clone();
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert_eq!(stats["drop_unroutable"], 2);
     let list = get(b, "/api/connections").await.json();
     let c = &list[0];
     assert_eq!(

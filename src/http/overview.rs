@@ -58,7 +58,7 @@ pub async fn overview(
         "cluster_name": node,
         "node": node,
         "erlang_version": "none (Warren is written in Rust)",
-        "message_stats": http.rates.totals(b, None),
+        "message_stats": super::stats::node_stats(b, &http.rates),
         "queue_totals": {
             "messages": ready + unacked,
             "messages_ready": ready,

@@ -23,11 +23,17 @@ struct Sample {
     rates: [f64; 7],
 }
 
-/// Samples of every queue's counters, keyed by (vhost, queue).
+/// Samples of every queue's counters, keyed by (vhost, queue), and of the node's
+/// channel totals.
 #[derive(Debug, Default)]
 pub struct RateSampler {
     samples: Mutex<HashMap<(String, String), Sample>>,
+    node: Mutex<Option<NodeSample>>,
 }
+
+/// When the node's channel totals (in `ConnStats::values` order) were read, the
+/// totals, and their rates since the sample before.
+type NodeSample = (Instant, [u64; 10], [f64; 10]);
 
 fn as_array(c: &MessageCounters) -> [u64; 7] {
     [
@@ -42,9 +48,21 @@ fn as_array(c: &MessageCounters) -> [u64; 7] {
 }
 
 impl RateSampler {
-    /// Reads every queue's counters now.
+    /// Reads every queue's counters and the node's channel totals now.
     pub fn sample(&self, broker: &BrokerState) {
         let now = Instant::now();
+        {
+            let totals = broker.message_totals();
+            let mut node = self.node.lock().unwrap_or_else(|p| p.into_inner());
+            let rates = match *node {
+                Some((at, prev, _)) => {
+                    let dt = now.duration_since(at).as_secs_f64().max(1e-3);
+                    std::array::from_fn(|i| totals[i].saturating_sub(prev[i]) as f64 / dt)
+                }
+                None => [0.0; 10],
+            };
+            *node = Some((now, totals, rates));
+        }
         let mut samples = self.samples.lock().unwrap_or_else(|p| p.into_inner());
         let mut seen = HashMap::with_capacity(samples.len());
         for vhost in broker.vhost_list() {
@@ -105,6 +123,42 @@ impl RateSampler {
         }
         message_stats(counts, rates)
     }
+}
+
+/// The node's `message_stats` (overview) from its channels, as RabbitMQ counts them:
+/// a publish counts once however many queues it reaches.
+pub fn node_stats(broker: &BrokerState, sampler: &RateSampler) -> Value {
+    let c = broker.message_totals();
+    let r = sampler
+        .node
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .map_or([0.0; 10], |(_, _, r)| r);
+    // ConnStats order: published, confirmed, returned, dropped, delivered_ack,
+    // delivered_no_ack, get_ack, get_no_ack, redelivered, acked.
+    const NAMES: [&str; 10] = [
+        "publish",
+        "confirm",
+        "return_unroutable",
+        "drop_unroutable",
+        "deliver",
+        "deliver_no_ack",
+        "get",
+        "get_no_ack",
+        "redeliver",
+        "ack",
+    ];
+    let mut out = Map::new();
+    for i in 0..10 {
+        out.insert(NAMES[i].into(), json!(c[i]));
+        out.insert(format!("{}_details", NAMES[i]), json!({"rate": r[i]}));
+    }
+    out.insert("deliver_get".into(), json!(c[4] + c[5] + c[6] + c[7]));
+    out.insert(
+        "deliver_get_details".into(),
+        json!({"rate": r[4] + r[5] + r[6] + r[7]}),
+    );
+    Value::Object(out)
 }
 
 fn message_stats(c: [u64; 7], r: [f64; 7]) -> Value {
