@@ -91,6 +91,14 @@ pub struct Config {
     pub prometheus_port: u16,
     /// A definitions file (RabbitMQ's JSON) imported at boot; empty: none.
     pub load_definitions: String,
+    /// This node's cluster name (`name@host`); empty: `warren@<host name>`.
+    pub node_name: String,
+    /// Every member of the cluster as `name@host`, this node included; empty: single node.
+    pub cluster_nodes: Vec<String>,
+    /// Inter-node port.
+    pub cluster_port: u16,
+    /// Shared secret that peers prove to each other.
+    pub cluster_secret: String,
     /// tracing filter.
     pub log: String,
     /// Plain text or JSON log lines.
@@ -98,20 +106,34 @@ pub struct Config {
 }
 
 impl Config {
-    /// Loads defaults, then `file` (if any), then `WARREN_*` environment variables.
+    /// Loads defaults, then `file` (if any), then RabbitMQ's image variables
+    /// (`RABBITMQ_DEFAULT_USER`, `_PASS`, `_VHOST`), then `WARREN_*` environment variables.
     pub fn load(file: Option<&std::path::Path>) -> Result<Config, config::ConfigError> {
+        Config::load_with_env(file, std::env::vars())
+    }
+
+    /// Like [`Config::load`], with the environment variables given (tests use this to
+    /// check the precedence without touching the process environment).
+    pub fn load_with_env(
+        file: Option<&std::path::Path>,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, config::ConfigError> {
+        let vars: config::Map<String, String> = vars.into_iter().collect();
         let mut builder = config::Config::builder()
             .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml));
         if let Some(path) = file {
             builder = builder.add_source(config::File::from(path.to_path_buf()).required(true));
         }
         builder
+            .add_source(rabbitmq_image_env(&vars))
             .add_source(
                 config::Environment::with_prefix("WARREN")
+                    .source(Some(vars))
                     .try_parsing(true)
                     .list_separator(",")
                     .with_list_parse_key("listen_addresses")
-                    .with_list_parse_key("loopback_users"),
+                    .with_list_parse_key("loopback_users")
+                    .with_list_parse_key("cluster_nodes"),
             )
             .build()?
             .try_deserialize()
@@ -157,6 +179,44 @@ impl Config {
     }
 }
 
+/// The variables RabbitMQ's Docker image reads for its first user and vhost, so that a
+/// `docker run -e RABBITMQ_DEFAULT_USER=...` line written for RabbitMQ works unchanged.
+/// `WARREN_DEFAULT_USER` and friends win when both are set.
+const RABBITMQ_IMAGE_VARS: [(&str, &str); 3] = [
+    ("RABBITMQ_DEFAULT_USER", "default_user"),
+    ("RABBITMQ_DEFAULT_PASS", "default_pass"),
+    ("RABBITMQ_DEFAULT_VHOST", "default_vhost"),
+];
+
+/// A source holding the settings named by RabbitMQ's image variables found in `vars`.
+fn rabbitmq_image_env(vars: &config::Map<String, String>) -> config::Environment {
+    let picked = RABBITMQ_IMAGE_VARS
+        .iter()
+        .filter_map(|(var, key)| {
+            Some((
+                format!("RABBITMQ_{}", key.to_uppercase()),
+                vars.get(*var)?.clone(),
+            ))
+        })
+        .collect();
+    config::Environment::with_prefix("RABBITMQ").source(Some(picked))
+}
+
+impl Config {
+    /// This node's name: `node_name`, or `warren@<host name>` when it is empty.
+    pub fn node_name(&self) -> String {
+        if !self.node_name.is_empty() {
+            return self.node_name.clone();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "localhost".into());
+        format!("warren@{host}")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,5 +231,86 @@ mod tests {
         assert_eq!(c.prometheus_port, 15692);
         assert!(c.load_definitions.is_empty());
         assert_eq!(c.log_format, LogFormat::Text);
+        assert!(c.cluster_nodes.is_empty(), "single node unless configured");
+        assert_eq!(c.cluster_port, 25672);
+    }
+
+    #[test]
+    fn node_name_defaults_to_warren_at_host() {
+        let c = Config::defaults();
+        assert!(c.node_name().starts_with("warren@"));
+        let named = Config {
+            node_name: "n1@10.0.0.1".into(),
+            ..Config::defaults()
+        };
+        assert_eq!(named.node_name(), "n1@10.0.0.1");
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn rabbitmq_image_variables_set_the_first_user_and_vhost() {
+        let c = Config::load_with_env(
+            None,
+            env(&[
+                ("RABBITMQ_DEFAULT_USER", "app"),
+                ("RABBITMQ_DEFAULT_PASS", "s3cret"),
+                ("RABBITMQ_DEFAULT_VHOST", "prod"),
+                // Other RABBITMQ_* variables are not Warren settings.
+                ("RABBITMQ_NODENAME", "rabbit@host"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                c.default_user.as_str(),
+                c.default_pass.as_str(),
+                c.default_vhost.as_str()
+            ),
+            ("app", "s3cret", "prod")
+        );
+        assert_eq!(c.loopback_users, vec!["guest".to_string()]);
+    }
+
+    #[test]
+    fn warren_variables_win_over_rabbitmq_ones() {
+        let c = Config::load_with_env(
+            None,
+            env(&[
+                ("RABBITMQ_DEFAULT_USER", "rabbit"),
+                ("WARREN_DEFAULT_USER", "warren"),
+                ("RABBITMQ_DEFAULT_VHOST", "v"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.default_user, "warren");
+        assert_eq!(c.default_vhost, "v");
+    }
+
+    #[test]
+    fn empty_loopback_users_lets_guest_in_from_anywhere() {
+        let c = Config::load_with_env(None, env(&[("WARREN_LOOPBACK_USERS", "")])).unwrap();
+        assert!(
+            c.loopback_users.iter().all(|u| u.is_empty()),
+            "{:?}",
+            c.loopback_users
+        );
+    }
+
+    #[test]
+    fn a_file_sets_what_the_environment_leaves_alone() {
+        let dir = std::env::temp_dir().join(format!("warren-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("warren.toml");
+        std::fs::write(&file, "default_vhost = \"from-file\"\nheartbeat = 17\n").unwrap();
+        let c = Config::load_with_env(Some(&file), env(&[("WARREN_HEARTBEAT", "5")])).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(c.default_vhost, "from-file");
+        assert_eq!(c.heartbeat, 5);
     }
 }

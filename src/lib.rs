@@ -5,9 +5,11 @@
 
 pub mod auth;
 pub mod broker;
+pub mod cluster;
 pub mod config;
 pub mod connection;
 pub mod ctl;
+pub mod healthcheck;
 pub mod http;
 pub mod metrics;
 pub mod perf;

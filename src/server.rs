@@ -24,9 +24,11 @@ pub struct Broker {
     shutdown: broadcast::Sender<()>,
     tasks: JoinSet<()>,
     state: Arc<BrokerState>,
+    cluster: Option<crate::cluster::ClusterNode>,
 }
 
-fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+/// A listening socket on `addr` (address reuse on; an IPv6 one serves IPv6 only).
+pub(crate) fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
@@ -44,6 +46,7 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 impl Broker {
     /// Starts a node with these settings: opens the store, binds the listeners.
     pub async fn start(config: Config) -> anyhow::Result<Broker> {
+        let membership = crate::cluster::Membership::from_config(&config)?;
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("data_dir {}", config.data_dir.display()))?;
         // On a nearly full disk, give back the reserve before the store needs room.
@@ -55,11 +58,20 @@ impl Broker {
         let (store, mut recovered) =
             tokio::task::spawn_blocking(move || crate::store::Store::open(&dir, flush, interval))
                 .await??;
+        let meta_log = recovered
+            .raft
+            .remove(&crate::cluster::meta::storage::META_GROUP)
+            .unwrap_or_default();
+        let cluster_store = store.clone();
         let access_records = std::mem::take(&mut recovered.access);
         let access =
             crate::auth::AccessControl::open(&access_records, Some(store.clone()), &config).await;
         let state = BrokerState::new(config.clone(), Some(store), access);
         state.recover(recovered);
+        let cluster = match membership {
+            Some(m) => Some(crate::cluster::ClusterNode::start(m, cluster_store, meta_log).await?),
+            None => None,
+        };
         let (shutdown, _) = broadcast::channel(1);
         let mut tasks = JoinSet::new();
         let mut addrs = Vec::new();
@@ -134,6 +146,7 @@ impl Broker {
             shutdown,
             tasks,
             state,
+            cluster,
         })
     }
 
@@ -190,6 +203,16 @@ impl Broker {
         self.state.store().map(|s| s.stats())
     }
 
+    /// This node's cluster side (links, metadata group); `None` for a single node.
+    pub fn cluster(&self) -> Option<&crate::cluster::ClusterNode> {
+        self.cluster.as_ref()
+    }
+
+    /// The cluster's members and this node's links to them; `None` for a single node.
+    pub fn cluster_status(&self) -> Option<crate::cluster::ClusterStatus> {
+        self.cluster.as_ref().map(|c| c.status())
+    }
+
     /// Test hook: holds the store writer after the requests queued so far until the
     /// returned sender is used or dropped (None without a store).
     #[doc(hidden)]
@@ -200,6 +223,9 @@ impl Broker {
     /// Closes every connection (320 CONNECTION_FORCED) and stops listening.
     pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(());
+        if let Some(cluster) = &self.cluster {
+            cluster.shutdown().await;
+        }
         while self.tasks.join_next().await.is_some() {}
         if let Some(store) = self.state.store().cloned() {
             let _ = tokio::task::spawn_blocking(move || store.close()).await;

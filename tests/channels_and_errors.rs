@@ -381,6 +381,15 @@ async fn method_on_a_channel_that_was_never_opened_is_a_504_connection_error() {
     .await;
     let close = raw.expect_connection_close().await;
     assert_eq!(close.reply_code, 504, "{close:?}");
+    assert_eq!(
+        close.reply_text.as_str(),
+        "CHANNEL_ERROR - expected 'channel.open'"
+    );
+    assert_eq!(
+        (close.class_id, close.method_id),
+        (50, 10),
+        "names queue.declare"
+    );
 }
 
 #[tokio::test]
@@ -395,6 +404,88 @@ async fn opening_an_open_channel_again_is_a_504_connection_error() {
     .await;
     let close = raw.expect_connection_close().await;
     assert_eq!(close.reply_code, 504, "{close:?}");
+    assert_eq!(
+        (close.class_id, close.method_id),
+        (20, 10),
+        "names channel.open"
+    );
+}
+
+#[tokio::test]
+async fn a_channel_method_on_channel_0_is_a_504_naming_it() {
+    let t = Target::start().await;
+    for m in [
+        AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
+        AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
+            queue: "".into(),
+            passive: false,
+            durable: false,
+            exclusive: false,
+            auto_delete: false,
+            nowait: false,
+            arguments: FieldTable::default(),
+        })),
+    ] {
+        let ids = (m.get_amqp_class_id(), m.get_amqp_method_id());
+        let (mut raw, _) = Raw::open(&t.addr(), 0).await;
+        raw.send_method(0, m).await;
+        let close = raw.expect_connection_close().await;
+        assert_eq!(close.reply_code, 504, "{close:?}");
+        assert_eq!(
+            close.reply_text.as_str(),
+            "CHANNEL_ERROR - unexpected method in connection state running"
+        );
+        assert_eq!((close.class_id, close.method_id), ids);
+    }
+}
+
+#[tokio::test]
+async fn a_connection_method_on_an_open_channel_is_a_503() {
+    let t = Target::start().await;
+    let (mut raw, _) = Raw::open(&t.addr(), 0).await;
+    raw.open_channel(1).await;
+    raw.send_method(
+        1,
+        AMQPClass::Connection(amq_protocol::protocol::connection::AMQPMethod::Close(
+            amq_protocol::protocol::connection::Close {
+                reply_code: 200,
+                reply_text: "".into(),
+                class_id: 0,
+                method_id: 0,
+            },
+        )),
+    )
+    .await;
+    let close = raw.expect_connection_close().await;
+    assert_eq!(close.reply_code, 503, "{close:?}");
+    assert_eq!((close.class_id, close.method_id), (10, 50));
+}
+
+#[tokio::test]
+async fn a_content_frame_on_a_channel_never_opened_is_a_505() {
+    let t = Target::start().await;
+    let (mut raw, _) = Raw::open(&t.addr(), 0).await;
+    raw.send(&encode(&AMQPFrame::Header(
+        4,
+        AMQPContentHeader {
+            class_id: 60,
+            body_size: 3,
+            properties: RawProps::default(),
+        },
+    )))
+    .await;
+    let close = raw.expect_connection_close().await;
+    assert_eq!(close.reply_code, 505, "{close:?}");
+}
+
+#[tokio::test]
+async fn a_heartbeat_on_a_channel_is_a_505() {
+    let t = Target::start().await;
+    let (mut raw, _) = Raw::open(&t.addr(), 0).await;
+    raw.open_channel(1).await;
+    raw.send(&[8, 0, 1, 0, 0, 0, 0, 0xCE]).await;
+    let close = raw.expect_connection_close().await;
+    assert_eq!(close.reply_code, 505, "{close:?}");
 }
 
 #[tokio::test]
@@ -453,6 +544,128 @@ async fn a_method_where_a_content_header_is_expected_is_a_505_connection_error()
     .await;
     let close = raw.expect_connection_close().await;
     assert_eq!(close.reply_code, 505, "{close:?}");
+    assert_eq!(
+        close.reply_text.as_str(),
+        "UNEXPECTED_FRAME - expected content header for class 60, got non content header frame instead"
+    );
+    assert_eq!(
+        (close.class_id, close.method_id),
+        (60, 40),
+        "names basic.publish"
+    );
+}
+
+/// basic.publish and a content header announcing `body_size`, on channel 1.
+fn publish_and_header(key: &str, class_id: u16, body_size: u64) -> Vec<u8> {
+    let mut out = method(
+        1,
+        AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
+            exchange: "".into(),
+            routing_key: key.into(),
+            mandatory: false,
+            immediate: false,
+        })),
+    );
+    out.extend(encode(&AMQPFrame::Header(
+        1,
+        AMQPContentHeader {
+            class_id,
+            body_size,
+            properties: RawProps::default(),
+        },
+    )));
+    out
+}
+
+#[tokio::test]
+async fn a_method_where_a_content_body_is_expected_is_a_505_naming_basic_publish() {
+    let t = Target::start().await;
+    let (mut raw, _) = Raw::open(&t.addr(), 0).await;
+    raw.open_channel(1).await;
+    raw.send(&publish_and_header("nowhere", 60, 10)).await;
+    raw.send_method(
+        1,
+        AMQPClass::Basic(basic::AMQPMethod::Qos(basic::Qos {
+            prefetch_count: 1,
+            global: false,
+        })),
+    )
+    .await;
+    let close = raw.expect_connection_close().await;
+    assert_eq!(close.reply_code, 505, "{close:?}");
+    assert_eq!(
+        close.reply_text.as_str(),
+        "UNEXPECTED_FRAME - expected content body, got non content body frame instead"
+    );
+    assert_eq!((close.class_id, close.method_id), (60, 40));
+}
+
+#[tokio::test]
+async fn a_content_header_of_another_class_is_a_505() {
+    let t = Target::start().await;
+    let (mut raw, _) = Raw::open(&t.addr(), 0).await;
+    raw.open_channel(1).await;
+    raw.send(&publish_and_header("nowhere", 50, 3)).await;
+    let close = raw.expect_connection_close().await;
+    assert_eq!(close.reply_code, 505, "{close:?}");
+    assert_eq!((close.class_id, close.method_id), (60, 40));
+}
+
+#[tokio::test]
+async fn a_body_frame_filling_frame_max_is_accepted_and_one_octet_more_is_a_501() {
+    let t = Target::start().await;
+    let (mut raw, tune) = Raw::open(&t.addr(), 0).await;
+    raw.open_channel(1).await;
+    let q = uniq("full-frame");
+    raw.send_method(
+        1,
+        AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
+            queue: q.as_str().into(),
+            passive: false,
+            durable: false,
+            exclusive: false,
+            auto_delete: true,
+            nowait: false,
+            arguments: FieldTable::default(),
+        })),
+    )
+    .await;
+    raw.recv_method().await; // declare-ok
+    let full = tune.frame_max as usize;
+    raw.send(&publish_and_header(&q, 60, full as u64)).await;
+    raw.send(&encode(&AMQPFrame::Body(1, vec![b'x'; full])))
+        .await;
+    // Passive declares after it: the message reaches the queue, the connection lives.
+    let mut count = 0;
+    for _ in 0..100 {
+        raw.send_method(
+            1,
+            AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
+                queue: q.as_str().into(),
+                passive: true,
+                durable: false,
+                exclusive: false,
+                auto_delete: false,
+                nowait: false,
+                arguments: FieldTable::default(),
+            })),
+        )
+        .await;
+        count = match raw.recv_method().await {
+            AMQPClass::Queue(queue::AMQPMethod::DeclareOk(ok)) => ok.message_count,
+            other => panic!("expected declare-ok, got {other:?}"),
+        };
+        if count == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(count, 1, "the full-frame message arrived");
+    raw.send(&publish_and_header(&q, 60, full as u64 + 1)).await;
+    raw.try_send(&encode(&AMQPFrame::Body(1, vec![b'x'; full + 1])))
+        .await;
+    let close = raw.expect_connection_close().await;
+    assert_eq!(close.reply_code, 501, "{close:?}");
 }
 
 #[tokio::test]
@@ -570,12 +783,13 @@ async fn an_unknown_method_id_closes_the_connection() {
     // class 60 (basic), method 999.
     raw.send(&[1, 0, 1, 0, 0, 0, 4, 0, 60, 0x03, 0xe7, 0xCE])
         .await;
-    // RabbitMQ drops the socket without a close; a hard error close is fine too.
-    let code = raw.ends_connection().await;
-    assert!(
-        matches!(code, None | Some(501..=505) | Some(540)),
-        "expected a hard error, got {code:?}"
-    );
+    // RabbitMQ cannot parse it and drops the socket without a connection.close.
+    assert_eq!(raw.ends_connection().await, None);
+    // An unknown class too.
+    let (mut raw, _) = Raw::open(&t.addr(), 0).await;
+    raw.open_channel(1).await;
+    raw.send(&[1, 0, 1, 0, 0, 0, 4, 0, 99, 0, 10, 0xCE]).await;
+    assert_eq!(raw.ends_connection().await, None);
     w.check().await;
 }
 
@@ -706,4 +920,25 @@ async fn a_body_longer_than_its_header_announced_closes_the_connection() {
     }
     w.check().await;
     w.check().await;
+}
+
+#[tokio::test]
+async fn basic_qos_with_a_prefetch_size_is_a_540_connection_error() {
+    let t = Target::start().await;
+    let (mut raw, _) = Raw::open(&t.addr(), 0).await;
+    raw.open_channel(1).await;
+    // basic.qos: prefetch_size 1000, prefetch_count 10, global false (amq-protocol
+    // cannot write a prefetch_size, so the frame is built by hand).
+    let mut f = vec![1, 0, 1, 0, 0, 0, 11, 0, 60, 0, 10];
+    f.extend_from_slice(&1000u32.to_be_bytes());
+    f.extend_from_slice(&10u16.to_be_bytes());
+    f.extend_from_slice(&[0, 0xCE]);
+    raw.send(&f).await;
+    let close = raw.expect_connection_close().await;
+    assert_eq!(close.reply_code, 540, "{close:?}");
+    assert_eq!(
+        close.reply_text.as_str(),
+        "NOT_IMPLEMENTED - prefetch_size!=0 (1000)"
+    );
+    assert_eq!((close.class_id, close.method_id), (60, 10));
 }

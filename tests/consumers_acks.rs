@@ -1025,3 +1025,79 @@ async fn a_lower_priority_consumer_gets_messages_when_higher_ones_are_full() {
     assert_eq!(text(&next(&mut high).await), "5");
     assert_no_delivery(&mut low).await;
 }
+
+#[tokio::test]
+async fn ack_or_nack_multiple_of_a_tag_never_delivered_is_406_even_with_earlier_tags_outstanding() {
+    let t = Target::start().await;
+    for nack in [false, true] {
+        let (_conn, ch) = t.channel().await;
+        let q = temp_queue(&ch).await;
+        for body in [b"a", b"b"] {
+            publish(&ch, "", &q, body).await;
+        }
+        let mut c = consume(&ch, &q, "c").await;
+        let first = next(&mut c).await;
+        let _second = next(&mut c).await;
+        assert_eq!(first.delivery_tag, 1);
+        let mut closed = sentinel(&ch).await;
+        if nack {
+            let _ = ch
+                .basic_nack(
+                    99,
+                    BasicNackOptions {
+                        multiple: true,
+                        requeue: true,
+                    },
+                )
+                .await;
+        } else {
+            let _ = ch.basic_ack(99, BasicAckOptions { multiple: true }).await;
+        }
+        assert_eq!(
+            channel_closed_with(&mut closed).await,
+            Some(406),
+            "nack={nack}"
+        );
+        // Nothing was settled: both messages are back in the queue.
+        let (_c2, other) = t.channel().await;
+        assert_eq!(wait_message_count(&other, &q, 2).await, 2, "nack={nack}");
+    }
+}
+
+#[tokio::test]
+async fn a_per_consumer_qos_after_a_global_one_lifts_the_channel_limit_as_rabbitmq() {
+    let t = Target::start().await;
+    // (qos calls in order: prefetch_count, global) -> unacked deliveries to consumers
+    // A then B, both on one queue of 10 messages and started after the qos calls.
+    type QosCalls = &'static [(u16, bool)];
+    let cases: [(QosCalls, (u32, u32)); 5] = [
+        (&[(2, false), (3, true)], (2, 1)),
+        (&[(3, true), (2, false)], (2, 2)),
+        (&[(3, true), (0, false)], (10, 0)),
+        (&[(3, true), (2, false), (3, true)], (2, 1)),
+        (&[(3, true)], (3, 0)),
+    ];
+    for (calls, expected) in cases {
+        let (_conn, ch) = t.channel().await;
+        let q = temp_queue(&ch).await;
+        for i in 0..10 {
+            publish(&ch, "", &q, format!("m{i}").as_bytes()).await;
+        }
+        wait_message_count(&ch, &q, 10).await;
+        for (count, global) in calls {
+            within(ch.basic_qos(*count, BasicQosOptions { global: *global }))
+                .await
+                .expect("basic.qos");
+        }
+        let mut a = consume(&ch, &q, "A").await;
+        let mut b = consume(&ch, &q, "B").await;
+        let (mut na, mut nb) = (0, 0);
+        while next_within(&mut a, 300).await.is_some() {
+            na += 1;
+        }
+        while next_within(&mut b, 300).await.is_some() {
+            nb += 1;
+        }
+        assert_eq!((na, nb), expected, "qos calls {calls:?}");
+    }
+}

@@ -163,6 +163,22 @@ async fn deleting_the_default_exchange_is_refused_with_403() {
 }
 
 #[tokio::test]
+async fn declaring_the_default_exchange_even_passively_is_refused_with_403() {
+    let t = Target::start().await;
+    for options in [passive(), ExchangeDeclareOptions::default()] {
+        let (_conn, ch) = t.channel().await;
+        let r = within(ch.exchange_declare(
+            "".into(),
+            ExchangeKind::Direct,
+            options,
+            FieldTable::default(),
+        ))
+        .await;
+        assert_code(r, 403);
+    }
+}
+
+#[tokio::test]
 async fn passive_declare_of_a_missing_exchange_fails_with_404() {
     let t = Target::start().await;
     let (_conn, ch) = t.channel().await;
@@ -925,4 +941,283 @@ async fn an_empty_all_headers_binding_matches_every_message() {
     )
     .await;
     assert_eq!(got[0], ["plain", "with headers"]);
+}
+
+// ---------------------------------------------------------------------------------------
+// Sender-selected distribution (CC and BCC headers)
+
+fn keys(xs: &[&str]) -> AMQPValue {
+    AMQPValue::FieldArray(xs.iter().map(|x| s(x)).collect::<Vec<_>>().into())
+}
+
+/// Publishes (confirmed) with these headers; returns the confirmation.
+async fn publish_with(
+    ch: &Channel,
+    exchange: &str,
+    key: &str,
+    body: &str,
+    headers: FieldTable,
+    mandatory: bool,
+) -> lapin::Confirmation {
+    let c = within(ch.basic_publish(
+        exchange.into(),
+        key.into(),
+        BasicPublishOptions {
+            mandatory,
+            ..Default::default()
+        },
+        body.as_bytes(),
+        BasicProperties::default().with_headers(headers),
+    ))
+    .await
+    .expect("basic.publish");
+    within(c).await.expect("confirm")
+}
+
+#[tokio::test]
+async fn cc_and_bcc_headers_add_routing_keys_and_bcc_is_removed_before_delivery() {
+    let t = Target::start().await;
+    let (_conn, ch) = confirm_channel(&t).await;
+    let x = uniq("direct");
+    declare_exchange(&ch, &x, ExchangeKind::Direct).await;
+    let (qa, qb, qc, qd) = (
+        temp_queue(&ch).await,
+        temp_queue(&ch).await,
+        temp_queue(&ch).await,
+        temp_queue(&ch).await,
+    );
+    bind(&ch, &qa, &x, "a").await;
+    bind(&ch, &qb, &x, "b").await;
+    bind(&ch, &qc, &x, "c").await;
+    bind(&ch, &qd, &x, "d").await;
+    let headers = table(&[
+        ("CC", keys(&["b", "a"])),
+        ("BCC", keys(&["c"])),
+        ("other", s("kept")),
+    ]);
+    publish_with(&ch, &x, "a", "m", headers, false).await;
+    for q in [&qa, &qb, &qc] {
+        let m = get(&ch, q).await.expect("one copy in each CC/BCC queue");
+        assert_eq!(m.delivery.data, b"m");
+        assert_eq!(
+            m.delivery.routing_key.as_str(),
+            "a",
+            "the publish's routing key"
+        );
+        let h = m.delivery.properties.headers().clone().unwrap_or_default();
+        assert!(h.inner().contains_key("CC"), "CC stays");
+        assert!(!h.inner().contains_key("BCC"), "BCC is removed: {h:?}");
+        assert_eq!(h.inner().get("other"), Some(&s("kept")));
+        assert!(get(&ch, q).await.is_none(), "one copy per queue");
+    }
+    assert!(get(&ch, &qd).await.is_none());
+    // A BCC key alone makes a mandatory message routable.
+    let c = publish_with(
+        &ch,
+        &x,
+        "nowhere",
+        "bcc only",
+        table(&[("BCC", keys(&["d"]))]),
+        true,
+    )
+    .await;
+    assert!(c.take_message().is_none(), "routed by its BCC key");
+    assert_eq!(strings(drain(&ch, &qd).await), ["bcc only"]);
+}
+
+#[tokio::test]
+async fn cc_routes_on_topic_and_default_exchanges() {
+    let t = Target::start().await;
+    let (_conn, ch) = confirm_channel(&t).await;
+    let x = uniq("topic");
+    declare_exchange(&ch, &x, ExchangeKind::Topic).await;
+    let (q1, q2) = (temp_queue(&ch).await, temp_queue(&ch).await);
+    bind(&ch, &q1, &x, "orders.#").await;
+    publish_with(
+        &ch,
+        &x,
+        "invoices.eu",
+        "topic",
+        table(&[("CC", keys(&["orders.eu.new"]))]),
+        false,
+    )
+    .await;
+    assert_eq!(strings(drain(&ch, &q1).await), ["topic"]);
+    // The default exchange: each key names a queue.
+    publish_with(
+        &ch,
+        "",
+        &q1,
+        "default",
+        table(&[("CC", keys(&[&q2])), ("BCC", keys(&[&q1]))]),
+        false,
+    )
+    .await;
+    assert_eq!(strings(drain(&ch, &q1).await), ["default"]);
+    assert_eq!(strings(drain(&ch, &q2).await), ["default"]);
+}
+
+#[tokio::test]
+async fn a_cc_or_bcc_header_that_is_not_an_array_fails_with_406() {
+    let t = Target::start().await;
+    for (name, value) in [
+        ("CC", s("a")),
+        ("BCC", AMQPValue::LongInt(5)),
+        ("CC", AMQPValue::FieldTable(FieldTable::default())),
+    ] {
+        let (_conn, ch) = t.channel().await;
+        let mut closed = sentinel(&ch).await;
+        let _ = within(ch.basic_publish(
+            "amq.direct".into(),
+            "a".into(),
+            BasicPublishOptions::default(),
+            b"bad",
+            BasicProperties::default().with_headers(table(&[(name, value.clone())])),
+        ))
+        .await;
+        assert_eq!(
+            channel_closed_with(&mut closed).await,
+            Some(406),
+            "{name} = {value:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn headers_exchange_compares_numbers_by_value_across_types() {
+    use lapin::types::DecimalValue;
+    let bindings = [
+        AMQPValue::LongInt(42),
+        AMQPValue::LongLongInt(42),
+        AMQPValue::Double(42.0),
+        AMQPValue::ShortShortInt(42),
+    ];
+    let headers = [
+        ("byte", AMQPValue::ShortShortInt(42)),
+        ("ubyte", AMQPValue::ShortShortUInt(42)),
+        ("short", AMQPValue::ShortInt(42)),
+        ("ushort", AMQPValue::ShortUInt(42)),
+        ("int", AMQPValue::LongInt(42)),
+        ("uint", AMQPValue::LongUInt(42)),
+        ("long", AMQPValue::LongLongInt(42)),
+        ("float", AMQPValue::Float(42.0)),
+        ("double", AMQPValue::Double(42.0)),
+        ("timestamp", AMQPValue::Timestamp(42)),
+        // Not numbers, or other values: no match.
+        (
+            "decimal",
+            AMQPValue::DecimalValue(DecimalValue {
+                scale: 0,
+                value: 42,
+            }),
+        ),
+        ("string", s("42")),
+        ("43", AMQPValue::LongInt(43)),
+        ("42.5", AMQPValue::Double(42.5)),
+        ("true", AMQPValue::Boolean(true)),
+    ];
+    let got = headers_routing(
+        None,
+        &bindings
+            .iter()
+            .map(|v| table(&[("n", v.clone())]))
+            .collect::<Vec<_>>(),
+        &headers
+            .iter()
+            .map(|(name, v)| (*name, table(&[("n", v.clone())])))
+            .collect::<Vec<_>>(),
+    )
+    .await;
+    let numbers = [
+        "byte",
+        "ubyte",
+        "short",
+        "ushort",
+        "int",
+        "uint",
+        "long",
+        "float",
+        "double",
+        "timestamp",
+    ];
+    for (b, g) in bindings.iter().zip(got) {
+        assert_eq!(g, numbers, "binding {b:?}");
+    }
+}
+
+#[tokio::test]
+async fn binding_with_an_invalid_x_match_fails_with_406() {
+    let t = Target::start().await;
+    for value in [s("bogus"), s("ALL"), AMQPValue::LongInt(5)] {
+        let (_conn, ch) = t.channel().await;
+        let q = temp_queue(&ch).await;
+        let r = within(ch.queue_bind(
+            q.as_str().into(),
+            "amq.headers".into(),
+            "".into(),
+            QueueBindOptions::default(),
+            table(&[("x-match", value.clone())]),
+        ))
+        .await;
+        assert_code(r, 406);
+    }
+    // The four valid values bind.
+    let (_conn, ch) = t.channel().await;
+    let q = temp_queue(&ch).await;
+    for value in ["all", "any", "all-with-x", "any-with-x"] {
+        bind_args(&ch, &q, "amq.headers", "", table(&[("x-match", s(value))])).await;
+    }
+}
+
+#[tokio::test]
+async fn dead_lettering_routes_with_the_cc_keys_too_and_lists_them_in_x_death() {
+    let t = Target::start().await;
+    let (_conn, ch) = confirm_channel(&t).await;
+    let dlx = uniq("dlx");
+    declare_exchange(&ch, &dlx, ExchangeKind::Direct).await;
+    let (by_key, by_cc) = (temp_queue(&ch).await, temp_queue(&ch).await);
+    bind(&ch, &by_key, &dlx, "rk").await;
+    bind(&ch, &by_cc, &dlx, "cc1").await;
+    let src = uniq("cc-source");
+    within(ch.queue_declare(
+        src.as_str().into(),
+        QueueDeclareOptions {
+            auto_delete: true,
+            ..Default::default()
+        },
+        table(&[("x-dead-letter-exchange", s(&dlx))]),
+    ))
+    .await
+    .expect("queue.declare");
+    let x = uniq("cc-direct");
+    declare_exchange(&ch, &x, ExchangeKind::Direct).await;
+    bind(&ch, &src, &x, "rk").await;
+    publish_with(&ch, &x, "rk", "m", table(&[("CC", keys(&["cc1"]))]), false).await;
+    let m = get(&ch, &src).await.expect("the message");
+    within(m.delivery.reject(BasicRejectOptions { requeue: false }))
+        .await
+        .unwrap();
+    for q in [&by_key, &by_cc] {
+        let mut got = None;
+        for _ in 0..100 {
+            got = get(&ch, q).await;
+            if got.is_some() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let m = got.expect("dead-lettered by its routing key and by its CC key");
+        let h = m.delivery.properties.headers().clone().unwrap_or_default();
+        let Some(AMQPValue::FieldArray(deaths)) = h.inner().get("x-death") else {
+            panic!("no x-death: {h:?}");
+        };
+        let Some(AMQPValue::FieldTable(death)) = deaths.as_slice().first() else {
+            panic!("empty x-death");
+        };
+        assert_eq!(
+            death.inner().get("routing-keys"),
+            Some(&keys(&["rk", "cc1"])),
+            "x-death routing-keys"
+        );
+    }
 }

@@ -677,3 +677,38 @@ async fn basic_get_marks_requeued_messages_redelivered() {
     assert_eq!(m.delivery.data, b"again");
     assert!(m.delivery.redelivered);
 }
+
+#[tokio::test]
+async fn message_counts_leave_out_messages_already_expired_at_the_head() {
+    let t = Target::start().await;
+    let (_conn, ch) = t.channel().await;
+    let q = temp_queue(&ch).await;
+    for (body, ttl) in [
+        ("first", None),
+        ("short", Some("50")),
+        ("short2", Some("50")),
+        ("last", None),
+    ] {
+        let mut props = BasicProperties::default();
+        if let Some(ttl) = ttl {
+            props = props.with_expiration(ttl.into());
+        }
+        within(ch.basic_publish(
+            "".into(),
+            q.as_str().into(),
+            BasicPublishOptions::default(),
+            body.as_bytes(),
+            props,
+        ))
+        .await
+        .unwrap();
+    }
+    wait_message_count(&ch, &q, 4).await;
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    // Taking "first" puts the two expired messages at the head: they do not count.
+    let m = get(&ch, &q).await.expect("first");
+    assert_eq!(m.delivery.data, b"first");
+    assert_eq!(m.message_count, 1, "get-ok counts only 'last'");
+    assert_eq!(message_count(&ch, &q).await, 1, "declare-ok too");
+    assert_eq!(drain(&ch, &q).await, [b"last".to_vec()]);
+}

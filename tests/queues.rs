@@ -690,6 +690,80 @@ async fn deleting_a_queue_removes_its_bindings() {
     assert!(drain(&ch, &q).await.is_empty());
 }
 
+#[tokio::test]
+async fn delete_if_empty_counts_ready_messages_only() {
+    let t = Target::start().await;
+    let (_conn, ch) = t.channel().await;
+    let q = uniq("if-empty");
+    declare(&ch, &q, opts(false, false, false)).await.unwrap();
+    publish(&ch, "", &q, b"taken").await;
+    wait_message_count(&ch, &q, 1).await;
+    let _unacked = get(&ch, &q).await.expect("a message");
+    let deleted = within(ch.queue_delete(
+        q.as_str().into(),
+        QueueDeleteOptions {
+            if_empty: true,
+            ..Default::default()
+        },
+    ))
+    .await
+    .expect("an unacked message does not block if-empty");
+    assert_eq!(deleted, 0);
+}
+
+#[tokio::test]
+async fn unbinding_with_a_missing_queue_or_exchange_succeeds() {
+    let t = Target::start().await;
+    let (_conn, ch) = t.channel().await;
+    let q = temp_queue(&ch).await;
+    for (queue, exchange) in [
+        (q.as_str(), "no-such-exchange"),
+        ("no-such-queue", "amq.direct"),
+        ("no-such-queue", "no-such-exchange"),
+    ] {
+        within(ch.queue_unbind(
+            queue.into(),
+            exchange.into(),
+            "k".into(),
+            FieldTable::default(),
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("unbind {queue} from {exchange}: {e}"));
+    }
+    within(ch.exchange_unbind(
+        "no-such-destination".into(),
+        "no-such-source".into(),
+        "k".into(),
+        ExchangeUnbindOptions::default(),
+        FieldTable::default(),
+    ))
+    .await
+    .expect("exchange.unbind of missing exchanges");
+    assert_channel_works(&ch).await;
+}
+
+#[tokio::test]
+async fn a_passive_declare_restarts_the_x_expires_timer() {
+    let t = Target::start().await;
+    let (conn, ch) = t.channel().await;
+    let q = uniq("expires-passive");
+    let mut args = FieldTable::default();
+    args.insert("x-expires".into(), AMQPValue::LongInt(1500));
+    within(ch.queue_declare(q.as_str().into(), QueueDeclareOptions::default(), args))
+        .await
+        .unwrap();
+    // Used every 500 ms by passive declares only, for 3 s: twice its x-expires.
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        declare(&ch, &q, passive())
+            .await
+            .expect("still there: passive declares keep it alive");
+    }
+    // Left alone (a passive declare would keep it alive), it expires after all.
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    assert!(!queue_exists(&conn, &q).await, "unused, it expired");
+}
+
 /// Returning a message to a full drop-head queue drops from the head again, as
 /// RabbitMQ's requeue does: the requeued message goes back to its place at the head,
 /// and is the one dropped.

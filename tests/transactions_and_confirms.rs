@@ -1501,3 +1501,58 @@ fn confirm_log_rejects_a_tag_never_published() {
     let mut log = ConfirmLog::new(5, true);
     log.record(6, true, true);
 }
+
+#[tokio::test]
+async fn a_publish_refused_by_a_reject_publish_dlx_queue_is_nacked_and_dead_lettered() {
+    let t = Target::start().await;
+    let (_conn, ch) = t.channel().await;
+    within(ch.confirm_select(ConfirmSelectOptions::default()))
+        .await
+        .unwrap();
+    let dead = temp_queue(&ch).await;
+    let q = uniq("reject-publish-dlx");
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), lapin::types::AMQPValue::LongInt(1));
+    args.insert(
+        "x-overflow".into(),
+        lapin::types::AMQPValue::LongString("reject-publish-dlx".into()),
+    );
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        lapin::types::AMQPValue::LongString("".into()),
+    );
+    args.insert(
+        "x-dead-letter-routing-key".into(),
+        lapin::types::AMQPValue::LongString(dead.as_str().into()),
+    );
+    within(ch.queue_declare(
+        q.as_str().into(),
+        QueueDeclareOptions {
+            auto_delete: true,
+            ..Default::default()
+        },
+        args,
+    ))
+    .await
+    .expect("queue.declare");
+    let mut answers = Vec::new();
+    for body in [&b"kept"[..], b"refused"] {
+        let c = within(ch.basic_publish(
+            "".into(),
+            q.as_str().into(),
+            BasicPublishOptions::default(),
+            body,
+            lapin::BasicProperties::default(),
+        ))
+        .await
+        .unwrap();
+        answers.push(within(c).await.unwrap().is_ack());
+    }
+    assert_eq!(answers, [true, false], "the refused publish is nacked");
+    assert_eq!(
+        wait_message_count(&ch, &dead, 1).await,
+        1,
+        "and dead-lettered"
+    );
+    assert_eq!(drain(&ch, &dead).await, [b"refused".to_vec()]);
+}

@@ -23,6 +23,16 @@ fn table_str(t: &FieldTable, key: &str) -> Option<String> {
     t.inner().get(key).and_then(crate::queue::args::str_value)
 }
 
+/// The routing keys a message was published with: its own and those of its CC header
+/// (sender-selected distribution; BCC keys are not kept with the message).
+fn published_keys(msg: &Message) -> Vec<String> {
+    let mut keys = vec![msg.routing_key.clone()];
+    if let Ok((cc, _)) = super::sender_selected::extra_routing_keys(&msg.properties) {
+        keys.extend(cc);
+    }
+    keys
+}
+
 /// The properties of the dead-lettered copy: `expiration` removed, x-death updated.
 fn dead_properties(msg: &Message, queue: &str, reason: DeathReason, now: u64) -> BasicProperties {
     let p = &msg.properties;
@@ -55,9 +65,10 @@ fn dead_properties(msg: &Message, queue: &str, reason: DeathReason, now: u64) ->
             t.insert("queue".into(), text(queue));
             t.insert("time".into(), AMQPValue::Timestamp(now / 1000));
             t.insert("exchange".into(), text(&msg.exchange));
+            let keys: Vec<AMQPValue> = published_keys(msg).iter().map(|k| text(k)).collect();
             t.insert(
                 "routing-keys".into(),
-                AMQPValue::FieldArray(FieldArray::from(vec![text(&msg.routing_key)])),
+                AMQPValue::FieldArray(FieldArray::from(keys)),
             );
             if let Some(exp) = p.expiration() {
                 t.insert("original-expiration".into(), text(exp.as_str()));
@@ -157,13 +168,16 @@ impl DeadLetterRouter for VHost {
                 removals.push(op);
             }
             let old = &entry.msg;
-            let routing_key = from
-                .args
-                .dead_letter_routing_key
-                .clone()
-                .unwrap_or_else(|| old.routing_key.clone());
+            // x-dead-letter-routing-key, or every key the message was published with
+            // (its CC keys too), as RabbitMQ.
+            let keys = match &from.args.dead_letter_routing_key {
+                Some(key) => vec![key.clone()],
+                None => published_keys(old),
+            };
+            let routing_key = keys[0].clone();
             let properties = dead_properties(old, from.name(), reason, now);
-            let Ok(mut queues) = self.route(dlx, &routing_key, properties.headers().as_ref())
+            let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+            let Ok(mut queues) = self.route_keys(dlx, &key_refs, properties.headers().as_ref())
             else {
                 tracing::debug!(
                     queue = from.name(),

@@ -7,6 +7,8 @@ use std::sync::{Arc, RwLock};
 
 use amq_protocol::types::{AMQPValue, FieldTable};
 
+use super::field_type;
+use crate::protocol::{AmqpError, reply::amqp_err};
 use crate::queue::Queue;
 use crate::queue::args::int_value;
 
@@ -357,7 +359,7 @@ fn headers_match(args: &FieldTable, headers: &FieldTable) -> bool {
     let matches_one =
         |(k, v): (&amq_protocol::types::ShortString, &AMQPValue)| match headers.inner().get(k) {
             None => false,
-            Some(h) => matches!(v, AMQPValue::Void) || value_eq(v, h),
+            Some(h) => matches!(v, AMQPValue::Void) || header_value_eq(v, h),
         };
     match mode {
         XMatch::All | XMatch::AllWithX => patterns.all(matches_one),
@@ -382,6 +384,60 @@ fn value_eq(a: &AMQPValue, b: &AMQPValue) -> bool {
         return x == y;
     }
     a == b
+}
+
+/// Equality of a binding's value and a header's, as RabbitMQ's headers exchange
+/// compares them: numbers by value whatever their type (an int binding matches a
+/// byte, short, long, timestamp, float or double header of the same value), strings
+/// by bytes, anything else by type and value.
+fn header_value_eq(a: &AMQPValue, b: &AMQPValue) -> bool {
+    fn number(v: &AMQPValue) -> Option<f64> {
+        match v {
+            AMQPValue::Float(x) => Some(*x as f64),
+            AMQPValue::Double(x) => Some(*x),
+            _ => None,
+        }
+    }
+    if let (Some(x), Some(y)) = (int_value(a), int_value(b)) {
+        return x == y;
+    }
+    match (
+        number(a).or_else(|| int_value(a).map(|i| i as f64)),
+        number(b).or_else(|| int_value(b).map(|i| i as f64)),
+    ) {
+        (Some(x), Some(y)) => x == y,
+        _ => value_eq(a, b),
+    }
+}
+
+/// Checks a binding's arguments as the exchange type requires: for a headers
+/// exchange, `x-match` must be a long string all, any, all-with-x or any-with-x
+/// (RabbitMQ's 406 texts).
+pub fn validate_binding_args(kind: ExchangeKind, args: &FieldTable) -> Result<(), AmqpError> {
+    if kind != ExchangeKind::Headers {
+        return Ok(());
+    }
+    let text = match args.inner().get("x-match") {
+        None => return Ok(()),
+        Some(AMQPValue::LongString(s)) => s.as_bytes().to_vec(),
+        Some(AMQPValue::ShortString(s)) => s.as_str().as_bytes().to_vec(),
+        Some(other) => {
+            return Err(amqp_err!(
+                PreconditionFailed,
+                "Invalid x-match field type {} (value {}); expected longstr",
+                field_type::rabbit_name(other),
+                field_type::rabbit_value(other)
+            ));
+        }
+    };
+    match text.as_slice() {
+        b"all" | b"any" | b"all-with-x" | b"any-with-x" => Ok(()),
+        other => Err(amqp_err!(
+            PreconditionFailed,
+            "Invalid x-match field value <<\"{}\">>; expected all, any, all-with-x, or any-with-x",
+            String::from_utf8_lossy(other)
+        )),
+    }
 }
 
 /// Loose equality of argument values (integers of different widths are equal), used

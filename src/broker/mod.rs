@@ -7,10 +7,13 @@ pub mod deadletter;
 pub mod definitions;
 pub mod disk;
 pub mod exchange;
+pub mod field_type;
 pub mod json;
 pub mod memory;
 pub mod persist;
 mod recovery;
+pub mod reply_to;
+pub mod sender_selected;
 pub mod vhost;
 
 use std::collections::HashMap;
@@ -37,6 +40,8 @@ pub struct BrokerState {
     store: Option<Store>,
     /// Memory and disk alarms.
     pub alarms: alarm::ResourceAlarms,
+    /// Live direct reply-to consumers (node-wide: a reply may come from any vhost).
+    pub direct_reply_to: reply_to::DirectReplyTo,
     /// Users, vhosts and permissions.
     pub access: AccessControl,
     /// Open connections (after connection.open), by id.
@@ -120,6 +125,7 @@ impl BrokerState {
             closed_stats: Mutex::default(),
             connections_opened: AtomicU64::new(0),
             connections_closed: AtomicU64::new(0),
+            direct_reply_to: Default::default(),
         })
     }
 

@@ -334,7 +334,8 @@ pub fn decode_message(blob: &Bytes, store_id: u64) -> Option<Message> {
         if cur.len() < n {
             return None;
         }
-        let s = String::from_utf8_lossy(&cur[..n]).into_owned();
+        // Warren writes only text here; anything else is a damaged blob.
+        let s = std::str::from_utf8(&cur[..n]).ok()?.to_owned();
         cur.advance(n);
         Some(s)
     };

@@ -7,7 +7,9 @@ use std::sync::{Arc, RwLock, Weak};
 
 use amq_protocol::types::{AMQPValue, FieldTable};
 
-use super::exchange::{Binding, Destination, Exchange, ExchangeDef, ExchangeKind};
+use super::exchange::{
+    Binding, Destination, Exchange, ExchangeDef, ExchangeKind, validate_binding_args,
+};
 use super::persist::{self, StoredBinding, StoredDefinition, StoredExchange, StoredQueue};
 use crate::protocol::{AmqpError, reply::amqp_err};
 use crate::queue::{DeadLetterRouter, Message, Queue, QueueArgs, QueueDef, QueueStore};
@@ -131,14 +133,15 @@ impl VHost {
         def: ExchangeDef,
         passive: bool,
     ) -> Result<Arc<Exchange>, AmqpError> {
-        if passive {
-            return self.exchange(&def.name);
-        }
+        // The default exchange cannot be declared, not even passively (RabbitMQ's 403).
         if def.name.is_empty() {
             return Err(amqp_err!(
                 AccessRefused,
                 "operation not permitted on the default exchange"
             ));
+        }
+        if passive {
+            return self.exchange(&def.name);
         }
         let mut exchanges = lock_write(&self.exchanges);
         if let Some(x) = exchanges.get(&def.name) {
@@ -288,6 +291,7 @@ impl VHost {
         args: FieldTable,
     ) -> Result<(), AmqpError> {
         let (src, _dst) = self.binding_ends(source, destination)?;
+        validate_binding_args(src.def.kind, &args)?;
         self.add_binding(
             &src,
             Binding {
@@ -307,7 +311,12 @@ impl VHost {
         key: &str,
         args: &FieldTable,
     ) -> Result<(), AmqpError> {
-        let (src, _dst) = self.binding_ends(source, destination)?;
+        // Unbinding from or to an exchange that does not exist succeeds, as in RabbitMQ.
+        let src = match self.binding_ends(source, destination) {
+            Ok((src, _)) => src,
+            Err(e) if e.code == crate::protocol::ReplyCode::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
         let dest = Destination::Exchange(destination.into());
         self.remove_binding(
             &src,
@@ -405,7 +414,10 @@ impl VHost {
         conn: u64,
     ) -> Result<(Arc<Queue>, bool), AmqpError> {
         if passive {
-            return self.queue(&def.name, conn).map(|q| (q, false));
+            // Any use of a queue, a passive declare included, restarts its x-expires clock.
+            let q = self.queue(&def.name, conn)?;
+            q.touch();
+            return Ok((q, false));
         }
         if def.name.is_empty() {
             def.name = generated_name("amq.gen-");
@@ -584,6 +596,7 @@ impl VHost {
             ));
         }
         let x = self.exchange(exchange)?;
+        validate_binding_args(x.def.kind, &args)?;
         self.add_binding(
             &x,
             Binding {
@@ -604,14 +617,22 @@ impl VHost {
         args: &FieldTable,
         conn: u64,
     ) -> Result<(), AmqpError> {
-        let q = self.queue(queue, conn)?;
         if exchange.is_empty() {
             return Err(amqp_err!(
                 AccessRefused,
                 "operation not permitted on the default exchange"
             ));
         }
-        let x = self.exchange(exchange)?;
+        // A binding whose queue or exchange does not exist is not there: unbind-ok, as
+        // in RabbitMQ.
+        let q = match self.queue(queue, conn) {
+            Ok(q) => q,
+            Err(e) if e.code == crate::protocol::ReplyCode::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let Ok(x) = self.exchange(exchange) else {
+            return Ok(());
+        };
         let dest = Destination::Queue(q);
         self.remove_binding(
             &x,
@@ -759,10 +780,26 @@ impl VHost {
         routing_key: &str,
         headers: Option<&FieldTable>,
     ) -> Result<Vec<Arc<Queue>>, AmqpError> {
+        self.route_keys(exchange, &[routing_key], headers)
+    }
+
+    /// `route` for a message with several routing keys (sender-selected distribution):
+    /// the union of where each key leads, each queue once.
+    pub fn route_keys(
+        &self,
+        exchange: &str,
+        routing_keys: &[&str],
+        headers: Option<&FieldTable>,
+    ) -> Result<Vec<Arc<Queue>>, AmqpError> {
         let mut queues: Vec<Arc<Queue>> = Vec::new();
         if exchange.is_empty() {
-            if let Some(q) = lock_read(&self.queues).get(routing_key) {
-                queues.push(q.clone());
+            let all = lock_read(&self.queues);
+            for key in routing_keys {
+                if let Some(q) = all.get(*key)
+                    && !queues.iter().any(|have| Arc::ptr_eq(have, q))
+                {
+                    queues.push(q.clone());
+                }
             }
             return Ok(queues);
         }
@@ -787,7 +824,9 @@ impl VHost {
                 continue;
             }
             dests.clear();
-            x.route(routing_key, headers, &mut dests);
+            for key in routing_keys {
+                x.route(key, headers, &mut dests);
+            }
             if dests.is_empty()
                 && let Some(ae) = x.alternate().and_then(|n| exchanges.get(n))
             {

@@ -2,6 +2,8 @@
 //! unacked-delivery map keyed by delivery tag, prefetch, publisher confirms and
 //! transactions. Each AMQP class's methods become calls on the vhost and its queues.
 
+mod direct_reply;
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -14,9 +16,12 @@ use bytes::{Bytes, BytesMut};
 use super::sink::{ChannelLink, ConnEvent, ConnShared, ConnStats};
 use crate::auth::{Permission, ResourceKind};
 use crate::broker::persist;
+use crate::broker::reply_to::PSEUDO_QUEUE;
+use crate::broker::sender_selected;
 use crate::broker::vhost::generated_name;
 use crate::broker::{BrokerState, ExchangeDef, ExchangeKind, VHost};
 use crate::protocol::codec::{ContentHeader, InFrame, encode};
+use crate::protocol::content::{Assembled, ContentAssembly, Progress};
 use crate::protocol::{AmqpError, ReplyCode, reply::amqp_err};
 use crate::queue::args::Overflow;
 use crate::queue::{
@@ -55,20 +60,11 @@ struct Unacked {
     at: Instant,
 }
 
-#[derive(Debug)]
-struct PendingPublish {
-    method: basic::Publish,
-    header: Option<Box<ContentHeader>>,
-    body: BytesMut,
-    first_chunk: Option<Bytes>,
-    received: u64,
-}
-
 /// Work a transactional channel holds back until tx.commit.
 #[derive(Debug)]
 enum TxOp {
-    /// A publish (its mandatory flag and the message).
-    Publish(bool, Arc<Message>),
+    /// A publish (its mandatory flag, the message, its CC/BCC routing keys).
+    Publish(bool, Arc<Message>, Vec<String>),
     /// Deliveries acked, rejected or nacked in the transaction (by tag).
     Settle(BTreeMap<u64, Unacked>, Settle),
 }
@@ -129,7 +125,7 @@ pub struct Channel {
     broker: Arc<BrokerState>,
     link: Arc<ChannelLink>,
     closing: bool,
-    publish: Option<PendingPublish>,
+    publish: Option<ContentAssembly>,
     consumers: HashMap<Arc<str>, Consumer>,
     unacked: BTreeMap<u64, Unacked>,
     next_tag: u64,
@@ -141,6 +137,8 @@ pub struct Channel {
     tx_commits_in_flight: u32,
     last_queue: Option<String>,
     frame_max: u32,
+    /// The consumer of `amq.rabbitmq.reply-to` on this channel (direct reply-to).
+    reply_consumer: Option<direct_reply::ReplyConsumer>,
     /// Exchanges this channel may publish to, checked at access-control generation
     /// `.0`: a publish costs a short scan, not a regex match.
     write_allowed: (u64, Vec<String>),
@@ -201,6 +199,7 @@ impl Channel {
             last_queue: None,
             frame_max,
             write_allowed: (u64::MAX, Vec::new()),
+            reply_consumer: None,
         }
     }
 
@@ -255,21 +254,24 @@ impl Channel {
         let (class_method, result) = match frame {
             InFrame::Method(_, method) => {
                 let cm = (method.get_amqp_class_id(), method.get_amqp_method_id());
-                if self.publish.is_some() {
-                    (
-                        cm,
-                        Err(amqp_err!(
-                            UnexpectedFrame,
-                            "expected content header for class 60, got non content header frame instead"
-                        )),
-                    )
+                if let Some(p) = &self.publish {
+                    // The error names the publish whose content was interrupted.
+                    let expected = if p.has_header() {
+                        "expected content body, got non content body frame instead"
+                    } else {
+                        "expected content header for class 60, got non content header frame instead"
+                    };
+                    ((60, 40), Err(amqp_err!(UnexpectedFrame, "{}", expected)))
                 } else {
                     (cm, self.handle_method(method, out))
                 }
             }
             InFrame::Header(_, header) => ((60, 40), self.content_header(header, out)),
             InFrame::Body(_, body) => ((60, 40), self.content_body(body, out)),
-            InFrame::Heartbeat(_) => ((0, 0), Err(amqp_err!(FrameError, "heartbeat on a channel"))),
+            InFrame::Heartbeat(_) => (
+                (0, 0),
+                Err(amqp_err!(UnexpectedFrame, "type 8, all octets = <<>>")),
+            ),
         };
         match result {
             Ok(outcome) => outcome,
@@ -355,14 +357,8 @@ impl Channel {
                     )),
                 );
             }
-            other => {
-                return Err(amqp_err!(
-                    CommandInvalid,
-                    "unexpected method {}.{}",
-                    other.get_amqp_class_id(),
-                    other.get_amqp_method_id()
-                ));
-            }
+            // A connection method on a channel, or one no channel handles.
+            _ => return Err(amqp_err!(CommandInvalid, "unimplemented method")),
         }
         Ok(Outcome::Continue)
     }
@@ -506,40 +502,45 @@ impl Channel {
     fn queue_method(&mut self, m: queue::AMQPMethod, out: &mut BytesMut) -> Result<()> {
         let reply = match m {
             queue::AMQPMethod::Declare(d) => {
-                let name = if d.passive {
-                    self.queue_name(s(&d.queue))?
-                } else if d.queue.as_str().is_empty() {
-                    generated_name("amq.gen-")
+                if let Some(ok) = self.declare_reply_to(s(&d.queue)) {
+                    let ok = ok?;
+                    (!d.nowait).then_some(queue::AMQPMethod::DeclareOk(ok))
                 } else {
-                    s(&d.queue).to_string()
-                };
-                if !d.passive {
-                    self.check(ResourceKind::Queue, &name, Permission::Configure)?;
-                    if let Some(dlx) = string_arg(&d.arguments, "x-dead-letter-exchange") {
-                        self.check(ResourceKind::Queue, &name, Permission::Read)?;
-                        self.check(ResourceKind::Exchange, dlx, Permission::Write)?;
+                    let name = if d.passive {
+                        self.queue_name(s(&d.queue))?
+                    } else if d.queue.as_str().is_empty() {
+                        generated_name("amq.gen-")
+                    } else {
+                        s(&d.queue).to_string()
+                    };
+                    if !d.passive {
+                        self.check(ResourceKind::Queue, &name, Permission::Configure)?;
+                        if let Some(dlx) = string_arg(&d.arguments, "x-dead-letter-exchange") {
+                            self.check(ResourceKind::Queue, &name, Permission::Read)?;
+                            self.check(ResourceKind::Exchange, dlx, Permission::Write)?;
+                        }
                     }
-                }
-                let def = QueueDef {
-                    name,
-                    durable: d.durable,
-                    exclusive_owner: d.exclusive.then_some(self.conn_id),
-                    auto_delete: d.auto_delete,
-                    arguments: d.arguments,
-                };
-                let server_named = !d.passive && d.queue.as_str().is_empty();
-                let (q, _created) =
-                    self.vhost
-                        .declare_queue(def, d.passive, server_named, self.conn_id)?;
-                let counts = q.counts();
-                self.last_queue = Some(q.name().to_string());
-                (!d.nowait).then(|| {
-                    queue::AMQPMethod::DeclareOk(queue::DeclareOk {
-                        queue: q.name().into(),
-                        message_count: counts.messages,
-                        consumer_count: counts.consumers,
+                    let def = QueueDef {
+                        name,
+                        durable: d.durable,
+                        exclusive_owner: d.exclusive.then_some(self.conn_id),
+                        auto_delete: d.auto_delete,
+                        arguments: d.arguments,
+                    };
+                    let server_named = !d.passive && d.queue.as_str().is_empty();
+                    let (q, _created) =
+                        self.vhost
+                            .declare_queue(def, d.passive, server_named, self.conn_id)?;
+                    let counts = q.counts();
+                    self.last_queue = Some(q.name().to_string());
+                    (!d.nowait).then(|| {
+                        queue::AMQPMethod::DeclareOk(queue::DeclareOk {
+                            queue: q.name().into(),
+                            message_count: counts.messages,
+                            consumer_count: counts.consumers,
+                        })
                     })
-                })
+                }
             }
             queue::AMQPMethod::Bind(b) => {
                 let name = self.queue_name(s(&b.queue))?;
@@ -604,13 +605,7 @@ impl Channel {
                 if p.immediate {
                     return Err(amqp_err!(NotImplemented, "immediate=true"));
                 }
-                self.publish = Some(PendingPublish {
-                    method: p,
-                    header: None,
-                    body: BytesMut::new(),
-                    first_chunk: None,
-                    received: 0,
-                });
+                self.publish = Some(ContentAssembly::new(p));
             }
             basic::AMQPMethod::Qos(q) => {
                 if q.global {
@@ -622,6 +617,13 @@ impl Channel {
                     }
                 } else {
                     self.prefetch = q.prefetch_count as u32;
+                    // As RabbitMQ: a per-consumer qos lifts a channel-wide limit set
+                    // before it (so the order of the two settings matters).
+                    if self.link.global_prefetch.swap(0, Ordering::Relaxed) != 0 {
+                        for c in self.consumers.values() {
+                            c.queue.kick();
+                        }
+                    }
                 }
                 self.send(
                     out,
@@ -631,7 +633,11 @@ impl Channel {
             basic::AMQPMethod::Consume(c) => self.consume(c, out)?,
             basic::AMQPMethod::Cancel(c) => {
                 let tag: Arc<str> = Arc::from(s(&c.consumer_tag));
-                self.cancel_consumer(&tag);
+                if self.is_reply_consumer(&tag) {
+                    self.cancel_reply_consumer();
+                } else {
+                    self.cancel_consumer(&tag);
+                }
                 if !c.nowait {
                     self.send(
                         out,
@@ -671,21 +677,29 @@ impl Channel {
     }
 
     fn consume(&mut self, c: basic::Consume, out: &mut BytesMut) -> Result<()> {
-        let name = self.queue_name(s(&c.queue))?;
-        self.check(ResourceKind::Queue, &name, Permission::Read)?;
-        let q = self.vhost.queue(&name, self.conn_id)?;
+        let direct_reply = c.queue.as_str() == PSEUDO_QUEUE;
+        let q = if direct_reply {
+            None
+        } else {
+            let name = self.queue_name(s(&c.queue))?;
+            self.check(ResourceKind::Queue, &name, Permission::Read)?;
+            Some(self.vhost.queue(&name, self.conn_id)?)
+        };
         let tag: Arc<str> = if c.consumer_tag.as_str().is_empty() {
             Arc::from(generated_name("amq.ctag-"))
         } else {
             Arc::from(s(&c.consumer_tag))
         };
-        if self.consumers.contains_key(&tag) {
+        if self.consumers.contains_key(&tag) || self.is_reply_consumer(&tag) {
             return Err(amqp_err!(
                 NotAllowed,
                 "attempt to reuse consumer tag '{}'",
                 tag
             ));
         }
+        let Some(q) = q else {
+            return self.consume_reply_to(c, tag, out);
+        };
         let priority = match c.arguments.inner().get("x-priority") {
             None => 0,
             Some(v) => crate::queue::args::int_value(v).ok_or_else(|| {
@@ -864,10 +878,13 @@ impl Channel {
     }
 
     /// Removes the unacked deliveries named by (tag, multiple); 406 on an unknown tag.
-    /// Removes the unacked deliveries named by (tag, multiple); 406 on an unknown tag.
     fn take_unacked(&mut self, tag: u64, multiple: bool) -> Result<BTreeMap<u64, Unacked>> {
         let unknown = || amqp_err!(PreconditionFailed, "unknown delivery tag {}", tag);
         if multiple {
+            // As RabbitMQ: the tag itself must be outstanding, even when earlier ones are.
+            if tag != 0 && !self.unacked.contains_key(&tag) {
+                return Err(unknown());
+            }
             let upto = if tag == 0 { u64::MAX } else { tag };
             let keep = self.unacked.split_off(&upto.saturating_add(1));
             let taken = std::mem::replace(&mut self.unacked, keep);
@@ -968,9 +985,9 @@ impl Channel {
                     .into_iter()
                     .partition(|op| matches!(op, TxOp::Publish(..)));
                 for op in publishes {
-                    if let TxOp::Publish(mandatory, msg) = op
+                    if let TxOp::Publish(mandatory, msg, cc) = op
                         && let Err(e) =
-                            self.route_and_enqueue(mandatory, msg, out, Some(&mut commit))
+                            self.route_and_enqueue(mandatory, msg, &cc, out, Some(&mut commit))
                     {
                         self.restore_tx_settles(settles);
                         return Err(e);
@@ -1045,21 +1062,8 @@ impl Channel {
                 "expected method frame, got non method frame instead"
             ));
         };
-        if p.header.is_some() {
-            return Err(amqp_err!(
-                UnexpectedFrame,
-                "expected content body, got non content body frame instead"
-            ));
-        }
-        if header.class_id != 60 {
-            return Err(amqp_err!(
-                FrameError,
-                "content header for class {} instead of 60",
-                header.class_id
-            ));
-        }
         let max = self.broker.config.max_message_size();
-        if header.body_size > max {
+        if !p.has_header() && header.body_size > max {
             self.publish = None;
             return Err(amqp_err!(
                 PreconditionFailed,
@@ -1068,9 +1072,7 @@ impl Channel {
                 max
             ));
         }
-        let done = header.body_size == 0;
-        p.header = Some(header);
-        if done {
+        if p.header(header)? == Progress::Complete {
             self.complete_publish(out)?;
         }
         Ok(Outcome::Continue)
@@ -1083,49 +1085,29 @@ impl Channel {
                 "expected method frame, got non method frame instead"
             ));
         };
-        let Some(header) = &p.header else {
-            return Err(amqp_err!(
-                UnexpectedFrame,
-                "expected content header for class 60, got non content header frame instead"
-            ));
-        };
-        p.received += body.len() as u64;
-        if p.received > header.body_size {
-            return Err(amqp_err!(
-                FrameError,
-                "content body exceeds the size announced in its header"
-            ));
-        }
-        // The common single-frame body stays a slice of the read buffer; only bodies split
-        // over several frames are joined.
-        match (&p.first_chunk, p.body.is_empty()) {
-            (None, true) => p.first_chunk = Some(body),
-            _ => {
-                if let Some(first) = p.first_chunk.take() {
-                    p.body.extend_from_slice(&first);
-                }
-                p.body.extend_from_slice(&body);
-            }
-        }
-        if p.received == header.body_size {
+        if p.body(body)? == Progress::Complete {
             self.complete_publish(out)?;
         }
         Ok(Outcome::Continue)
     }
 
     fn complete_publish(&mut self, out: &mut BytesMut) -> Result<()> {
-        let Some(p) = self.publish.take() else {
+        let Some(Assembled {
+            method,
+            mut header,
+            body,
+        }) = self.publish.take().and_then(ContentAssembly::finish)
+        else {
             return Ok(());
         };
-        let Some(header) = p.header else {
-            return Ok(());
-        };
-        self.check_publish(p.method.exchange.as_str())?;
+        self.check_publish(method.exchange.as_str())?;
         ConnStats::add(&self.link.conn.stats.published, 1);
-        let body = match p.first_chunk {
-            Some(b) => b,
-            None => p.body.freeze(),
-        };
+        self.rewrite_reply_to(&mut header)?;
+        let (cc, without_bcc) = sender_selected::extra_routing_keys(&header.properties)?;
+        if let Some(props) = without_bcc {
+            header.raw_properties = encode::properties(&props);
+            header.properties = props;
+        }
         if let Some(exp) = header.properties.expiration()
             && exp.as_str().parse::<u64>().is_err()
         {
@@ -1147,8 +1129,8 @@ impl Channel {
         }
         let persistent = *header.properties.delivery_mode() == Some(2);
         let msg = Arc::new(Message {
-            exchange: String::from(p.method.exchange),
-            routing_key: String::from(p.method.routing_key),
+            exchange: String::from(method.exchange),
+            routing_key: String::from(method.routing_key),
             properties: header.properties,
             raw_properties: header.raw_properties,
             body,
@@ -1160,24 +1142,37 @@ impl Channel {
             if !msg.exchange.is_empty() {
                 self.vhost.exchange(&msg.exchange)?;
             }
-            tx.push(TxOp::Publish(p.method.mandatory, msg));
+            tx.push(TxOp::Publish(method.mandatory, msg, cc));
             return Ok(());
         }
-        self.route_and_enqueue(p.method.mandatory, msg, out, None)
+        self.route_and_enqueue(method.mandatory, msg, &cc, out, None)
     }
 
     fn route_and_enqueue(
         &mut self,
         mandatory: bool,
         msg: Arc<Message>,
+        cc: &[String],
         out: &mut BytesMut,
         tx: Option<&mut TxCommit>,
     ) -> Result<()> {
-        let queues = self.vhost.route(
-            &msg.exchange,
-            &msg.routing_key,
-            msg.properties.headers().as_ref(),
-        )?;
+        if direct_reply::is_reply(&msg.exchange, &msg.routing_key) {
+            self.publish_reply(mandatory, msg, out);
+            return Ok(());
+        }
+        let queues = if cc.is_empty() {
+            self.vhost.route(
+                &msg.exchange,
+                &msg.routing_key,
+                msg.properties.headers().as_ref(),
+            )?
+        } else {
+            let keys: Vec<&str> = std::iter::once(msg.routing_key.as_str())
+                .chain(cc.iter().map(String::as_str))
+                .collect();
+            self.vhost
+                .route_keys(&msg.exchange, &keys, msg.properties.headers().as_ref())?
+        };
         if queues.is_empty() {
             let stats = &self.link.conn.stats;
             ConnStats::add(
@@ -1190,16 +1185,7 @@ impl Channel {
             );
         }
         if queues.is_empty() && mandatory {
-            self.send(
-                out,
-                AMQPClass::Basic(basic::AMQPMethod::Return(basic::Return {
-                    reply_code: ReplyCode::NoRoute.code(),
-                    reply_text: "NO_ROUTE".into(),
-                    exchange: msg.exchange.as_str().into(),
-                    routing_key: msg.routing_key.as_str().into(),
-                })),
-            );
-            encode::content(out, self.id, &msg.raw_properties, &msg.body, self.frame_max);
+            self.return_unroutable(&msg, out);
         }
         // Persistent copies go to the store before the queues see the message, so that
         // no ack of it can reach the store first.
@@ -1284,7 +1270,9 @@ impl Channel {
                         offset: id,
                     }]);
                 }
-                refused |= q.args.overflow == Overflow::RejectPublish;
+                // reject-publish and reject-publish-dlx alike: the publisher gets a nack
+                // (the -dlx queue dead-letters the message too).
+                refused = true;
             }
         }
         if refused && let (Some(c), Some(seq)) = (&mut self.confirms, seq) {
@@ -1294,6 +1282,28 @@ impl Channel {
             c.nacks.push(seq);
         }
         Ok(())
+    }
+
+    /// basic.return of a mandatory message that reached no queue.
+    fn return_unroutable(&self, msg: &Message, out: &mut BytesMut) {
+        self.send(
+            out,
+            AMQPClass::Basic(basic::AMQPMethod::Return(basic::Return {
+                reply_code: ReplyCode::NoRoute.code(),
+                reply_text: "NO_ROUTE".into(),
+                exchange: msg.exchange.as_str().into(),
+                routing_key: msg.routing_key.as_str().into(),
+            })),
+        );
+        encode::content(out, self.id, &msg.raw_properties, &msg.body, self.frame_max);
+    }
+
+    /// In confirm mode, confirms a publish that needs nothing stored.
+    fn confirm_now(&mut self) {
+        if let Some(c) = &mut self.confirms {
+            c.last_seq += 1;
+            c.ready.push(c.last_seq);
+        }
     }
 
     /// The store committed this channel's transaction: commit-ok may go.
@@ -1357,6 +1367,7 @@ impl Channel {
     /// Lets go of everything the channel holds: consumers are cancelled, unacked
     /// messages go back to their queues (marked redelivered).
     pub fn release(&mut self) {
+        self.cancel_reply_consumer();
         let tags: Vec<Arc<str>> = self.consumers.keys().cloned().collect();
         for tag in tags {
             self.cancel_consumer(&tag);

@@ -71,6 +71,36 @@ fn plain(response: &[u8]) -> Option<(String, String)> {
     ))
 }
 
+/// RabbitMQ's check of a value the client chose in tune-ok: at least `min` (0 is "no
+/// limit"), and within the server's offer unless that is 0; 530 naming connection.tune
+/// otherwise.
+fn negotiated(field: &str, min: u32, server: u32, client: u32) -> Result<(), AmqpError> {
+    let detail = if client == 0 { " (no limit)" } else { "" };
+    if client != 0 && client < min {
+        return Err(amqp_err!(
+            NotAllowed,
+            "negotiated {} = {}{} is lower than the minimum allowed value ({})",
+            field,
+            client,
+            detail,
+            min
+        )
+        .at(10, 30));
+    }
+    if server != 0 && (client == 0 || client > server) {
+        return Err(amqp_err!(
+            NotAllowed,
+            "negotiated {} = {}{} is higher than the maximum allowed value ({})",
+            field,
+            client,
+            detail,
+            server
+        )
+        .at(10, 30));
+    }
+    Ok(())
+}
+
 impl Connection {
     pub(super) fn send_start(&mut self) {
         self.send(
@@ -121,8 +151,13 @@ impl Connection {
     }
 
     fn start_ok(&mut self, ok: StartOk) -> Result<(), AmqpError> {
+        let mut failure_close = false;
         if let Some(AMQPValue::FieldTable(caps)) = ok.client_properties.inner().get("capabilities")
         {
+            failure_close = matches!(
+                caps.inner().get("authentication_failure_close"),
+                Some(AMQPValue::Boolean(true))
+            );
             self.cancel_notify = matches!(
                 caps.inner().get("consumer_cancel_notify"),
                 Some(AMQPValue::Boolean(true))
@@ -140,36 +175,38 @@ impl Connection {
                 return self.external_login(mechanism);
             }
             other => {
-                return Err(amqp_err!(
-                    AccessRefused,
-                    "unsupported authentication mechanism '{}', allowed: {}",
-                    other,
-                    if self.certificate_user.is_some() {
-                        "PLAIN AMQPLAIN EXTERNAL"
-                    } else {
-                        "PLAIN AMQPLAIN"
-                    }
-                ));
+                // As RabbitMQ: an unknown mechanism ends the handshake without a
+                // connection.close, whatever the client's capabilities.
+                tracing::warn!(peer = %self.peer, "unknown authentication mechanism '{other}'");
+                self.phase = Phase::Closed;
+                return Ok(());
             }
         };
-        let refused = || {
-            amqp_err!(
-                AccessRefused,
-                "Login was refused using authentication mechanism {}. For details see the broker logfile.",
-                mechanism
-            )
+        // A refused login is a 403 connection.close only for clients that announced the
+        // authentication_failure_close capability; others just see the socket close
+        // (RabbitMQ's rule: older clients would not understand the close).
+        let mut refused = || {
+            if failure_close {
+                return Err(amqp_err!(
+                    AccessRefused,
+                    "Login was refused using authentication mechanism {}. For details see the broker logfile.",
+                    mechanism
+                ));
+            }
+            self.phase = Phase::Closed;
+            Ok(())
         };
         let Some((user, pass)) = creds else {
             tracing::warn!(peer = %self.peer, "malformed {mechanism} response");
-            return Err(refused());
+            return refused();
         };
         if self.broker.access.authenticate(&user, &pass).is_none() {
             tracing::warn!(peer = %self.peer, %user, "authentication failed");
-            return Err(refused());
+            return refused();
         }
         if self.broker.access.loopback_only(&user) && !self.peer.ip().to_canonical().is_loopback() {
             tracing::warn!(peer = %self.peer, %user, "user may only connect via localhost");
-            return Err(refused());
+            return refused();
         }
         self.logged_in(user);
         Ok(())
@@ -216,36 +253,19 @@ impl Connection {
 
     fn tune_ok(&mut self, ok: TuneOk) -> Result<(), AmqpError> {
         let server_frame_max = self.broker.config.frame_max;
-        let frame_max = if ok.frame_max == 0 {
-            server_frame_max
-        } else {
-            ok.frame_max
-        };
-        if frame_max < FRAME_MIN_SIZE {
-            return Err(amqp_err!(
-                NotAllowed,
-                "failed to negotiate connection parameters: frame_max={} < {} min size",
-                frame_max,
-                FRAME_MIN_SIZE
-            ));
-        }
-        if server_frame_max != 0 && frame_max > server_frame_max {
-            return Err(amqp_err!(
-                NotAllowed,
-                "failed to negotiate connection parameters: frame_max={} > {} max size",
-                frame_max,
-                server_frame_max
-            ));
-        }
         let server_channel_max = self.broker.config.channel_max;
+        negotiated("frame_max", FRAME_MIN_SIZE, server_frame_max, ok.frame_max)?;
+        negotiated(
+            "channel_max",
+            1,
+            server_channel_max as u32,
+            ok.channel_max as u32,
+        )?;
+        let frame_max = ok.frame_max;
         self.channel_max = match ok.channel_max {
-            0 => server_channel_max,
-            n if server_channel_max == 0 => n,
-            n => n.min(server_channel_max),
+            0 => u16::MAX,
+            n => n,
         };
-        if self.channel_max == 0 {
-            self.channel_max = u16::MAX;
-        }
         self.frame_max = frame_max;
         self.decoder.frame_max = frame_max;
         self.heartbeat = ok.heartbeat;
@@ -257,7 +277,7 @@ impl Connection {
         let name = open.virtual_host.as_str();
         self.broker.access.check_vhost(&self.user, name)?;
         let Some(vhost) = self.broker.vhost(name) else {
-            return Err(amqp_err!(NotAllowed, "vhost {} not found", name));
+            return Err(amqp_err!(NotAllowed, "vhost {} not found", name).at(10, 40));
         };
         tracing::info!(peer = %self.peer, user = %self.user, vhost = %name, "connection opened");
         self.broker

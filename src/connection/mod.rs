@@ -28,6 +28,10 @@ use crate::store::StoreOp;
 use channel::Channel;
 use sink::{ConnEvent, ConnShared};
 
+/// The protocol header of AMQP 0-9 (before 0-9-1): RabbitMQ serves it as 0-9-1, which
+/// differs from 0-9 in nothing a client of it relies on.
+const PROTOCOL_HEADER_0_9: &[u8; 8] = b"AMQP\x01\x01\x00\x09";
+
 /// Frames of at most this size are allowed before tune-ok (the spec's minimum).
 const FRAME_MIN_SIZE: u32 = 4096;
 /// How long we wait for close-ok after sending connection.close.
@@ -51,6 +55,20 @@ enum Phase {
     Closing,
     /// Done: close the socket.
     Closed,
+}
+
+impl Phase {
+    /// The connection state as RabbitMQ names it in error texts.
+    fn rabbit_name(self) -> &'static str {
+        match self {
+            Phase::AwaitStartOk => "starting",
+            Phase::AwaitTuneOk => "tuning",
+            Phase::AwaitOpen => "opening",
+            Phase::Open => "running",
+            Phase::Closing => "closing",
+            Phase::Closed => "closed",
+        }
+    }
 }
 
 /// The state of one client connection.
@@ -228,7 +246,8 @@ async fn run<R, W>(
                 Ok(0) | Err(_) => return false,
                 Ok(_) => {}
             }
-            if !PROTOCOL_HEADER.starts_with(&buf[..buf.len().min(8)]) {
+            let seen = &buf[..buf.len().min(8)];
+            if !PROTOCOL_HEADER.starts_with(seen) && !PROTOCOL_HEADER_0_9.starts_with(seen) {
                 return false;
             }
         }
@@ -236,7 +255,7 @@ async fn run<R, W>(
     })
     .await
     .unwrap_or(false);
-    if !header_ok || &buf[..8] != PROTOCOL_HEADER {
+    if !header_ok || (&buf[..8] != PROTOCOL_HEADER && &buf[..8] != PROTOCOL_HEADER_0_9) {
         let _ = writer.write_all(PROTOCOL_HEADER).await;
         tracing::debug!(%peer, "bad or missing protocol header");
         return;
@@ -463,6 +482,13 @@ impl Connection {
                 Ok(None) => return,
                 Err(e) => {
                     buf.clear();
+                    if crate::protocol::codec::is_unknown_method(&e) {
+                        // An unknown class or method: RabbitMQ cannot parse it either and
+                        // drops the socket without a connection.close.
+                        tracing::warn!(peer = %self.peer, "closing connection: {}", e.reply_text());
+                        self.phase = Phase::Closed;
+                        return;
+                    }
                     self.close_connection(e);
                     // Nothing more can be parsed from a broken stream.
                     self.phase = Phase::Closed;
@@ -501,17 +527,14 @@ impl Connection {
         }
         let result = match frame {
             InFrame::Heartbeat(0) => Ok(()),
-            InFrame::Heartbeat(_) => Err(amqp_err!(
-                FrameError,
-                "heartbeat frame on a non-zero channel"
-            )),
+            InFrame::Heartbeat(_) => Err(amqp_err!(UnexpectedFrame, "type 8, all octets = <<>>")),
             InFrame::Method(0, AMQPClass::Connection(m)) => self.handle_connection_method(m),
             InFrame::Method(0, other) => Err(amqp_err!(
-                CommandInvalid,
-                "method {}.{} on channel 0",
-                other.get_amqp_class_id(),
-                method_id(&other)
-            )),
+                ChannelError,
+                "unexpected method in connection state {}",
+                self.phase.rabbit_name()
+            )
+            .caused_by(&other)),
             InFrame::Header(0, _) | InFrame::Body(0, _) => {
                 Err(amqp_err!(UnexpectedFrame, "content frame on channel 0"))
             }
@@ -519,11 +542,6 @@ impl Connection {
                 ChannelError,
                 "channel frame before connection.open-ok: {:?}",
                 frame_channel(&frame)
-            )),
-            InFrame::Method(ch, AMQPClass::Connection(_)) => Err(amqp_err!(
-                CommandInvalid,
-                "connection method on channel {}",
-                ch
             )),
             InFrame::Method(
                 ch,
@@ -552,7 +570,8 @@ impl Connection {
     }
 
     fn open_channel(&mut self, ch: u16) -> Result<(), AmqpError> {
-        if self.channels.len() >= self.channel_max as usize || ch > self.channel_max {
+        // channel_max bounds how many channels are open at once, not their numbers.
+        if self.channels.len() >= self.channel_max as usize {
             return Err(amqp_err!(
                 NotAllowed,
                 "number of channels opened ({}) has reached the negotiated channel_max ({})",
@@ -561,7 +580,7 @@ impl Connection {
             ));
         }
         if self.channels.contains_key(&ch) {
-            return Err(amqp_err!(ChannelError, "second 'channel.open' seen"));
+            return Err(amqp_err!(ChannelError, "second 'channel.open' seen").at(20, 10));
         }
         self.closed_channels.retain(|c| *c != ch);
         let Some(vhost) = self.vhost.clone() else {
@@ -609,12 +628,14 @@ impl Connection {
                     );
                     return Ok(());
                 }
+                InFrame::Method(_, m) => {
+                    return Err(amqp_err!(ChannelError, "expected 'channel.open'").caused_by(&m));
+                }
                 _ => {}
             }
             return Err(amqp_err!(
-                ChannelError,
-                "expected 'channel.open' on channel {}",
-                ch
+                UnexpectedFrame,
+                "expected method frame, got non method frame instead"
             ));
         };
         let outcome = channel.handle_frame(frame, &mut self.out);
@@ -663,6 +684,11 @@ impl Connection {
                 }
             }
             ConnEvent::Close(reason) => self.close_connection(reason),
+            ConnEvent::Reply(ch, tag, msg) => {
+                if let Some(channel) = self.channels.get_mut(&ch) {
+                    channel.deliver_reply(&tag, &msg, &mut self.out);
+                }
+            }
         }
     }
 

@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex, Weak};
 
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::queue::{ConsumerSink, Delivery, Queue};
+use crate::broker::reply_to::ReplySink;
+use crate::queue::{ConsumerSink, Delivery, Message, Queue};
 
 /// Deliveries queued for a connection's socket beyond which queues stop handing it
 /// more until it has written them out: bounds memory for fast queues and slow sockets.
@@ -32,6 +33,8 @@ pub enum ConnEvent {
     TxCommitted(u16),
     /// The broker closes the connection (vhost or user deleted, closed by an operator).
     Close(crate::protocol::AmqpError),
+    /// A direct reply-to message for the reply consumer with this tag.
+    Reply(u16, Arc<str>, Arc<Message>),
 }
 
 /// State of a connection that queues may touch.
@@ -209,5 +212,14 @@ impl ConsumerSink for ChannelLink {
 
     fn is_behind(&self) -> bool {
         self.conn.pending.load(Ordering::Relaxed) >= BEHIND_PENDING_DELIVERIES
+    }
+}
+
+impl ReplySink for ChannelLink {
+    fn reply(&self, consumer_tag: Arc<str>, msg: Arc<Message>) -> bool {
+        self.conn
+            .tx
+            .send(ConnEvent::Reply(self.channel, consumer_tag, msg))
+            .is_ok()
     }
 }

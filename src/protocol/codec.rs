@@ -97,7 +97,9 @@ impl FrameDecoder {
         let kind = src[0];
         let channel = u16::from_be_bytes([src[1], src[2]]);
         let size = u32::from_be_bytes([src[3], src[4], src[5], src[6]]) as usize;
-        if self.frame_max != 0 && size + FRAME_OVERHEAD > self.frame_max as usize {
+        // As RabbitMQ, a payload of up to frame_max octets is accepted (the frame's own 8
+        // octets on top): some clients fill body frames to frame_max.
+        if self.frame_max != 0 && size > self.frame_max as usize {
             return Err(frame_error(format!(
                 "type {kind}, all octets = <<>>: {{frame_too_large,{},{}}}",
                 size,
@@ -120,7 +122,10 @@ impl FrameDecoder {
                     return Err(table_error(&payload, e));
                 }
                 match parse_class(&payload[..]) {
-                    Ok((_, method)) => InFrame::Method(channel, method),
+                    Ok((_, method)) => {
+                        check_qos_prefetch_size(&method, &payload)?;
+                        InFrame::Method(channel, method)
+                    }
                     Err(_) => return Err(method_error(&payload)),
                 }
             }
@@ -132,6 +137,32 @@ impl FrameDecoder {
         Ok(Some(frame))
     }
 }
+
+/// basic.qos with a prefetch_size other than 0 is RabbitMQ's 540 (amq-protocol does not
+/// keep the field, so it is read from the payload: class, method, then the u32).
+fn check_qos_prefetch_size(method: &AMQPClass, payload: &[u8]) -> Result<(), AmqpError> {
+    if let AMQPClass::Basic(amq_protocol::protocol::basic::AMQPMethod::Qos(_)) = method
+        && let Some(size) = payload.get(4..8)
+    {
+        let size = u32::from_be_bytes([size[0], size[1], size[2], size[3]]);
+        if size != 0 {
+            return Err(AmqpError::new(
+                ReplyCode::NotImplemented,
+                format!("prefetch_size!=0 ({size})"),
+            )
+            .at(60, 10));
+        }
+    }
+    Ok(())
+}
+
+/// Whether a decode error is an unknown class or method: RabbitMQ cannot parse such a
+/// frame and drops the socket without a connection.close.
+pub fn is_unknown_method(e: &AmqpError) -> bool {
+    e.code == ReplyCode::NotImplemented && e.text.starts_with(UNKNOWN_METHOD)
+}
+
+const UNKNOWN_METHOD: &str = "unknown method";
 
 /// A method whose field table the bounded walk refused: too deep or an unknown type is a
 /// syntax error naming the method; a length past the end is reported as the parser would.
@@ -173,7 +204,7 @@ fn method_error(payload: &[u8]) -> AmqpError {
     } else {
         AmqpError::new(
             ReplyCode::NotImplemented,
-            format!("unknown method {class}.{method}"),
+            format!("{UNKNOWN_METHOD} {class}.{method}"),
         )
     }
 }

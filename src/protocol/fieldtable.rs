@@ -25,6 +25,8 @@ pub enum TableError {
     UnknownType(u8),
     /// Tables and arrays nest deeper than [`MAX_DEPTH`].
     TooDeep,
+    /// A field name that is not UTF-8 (names are short strings of text).
+    BadName,
 }
 
 impl fmt::Display for TableError {
@@ -38,6 +40,7 @@ impl fmt::Display for TableError {
             TableError::TooDeep => {
                 write!(f, "field tables nested deeper than {MAX_DEPTH} levels")
             }
+            TableError::BadName => write!(f, "field name is not UTF-8"),
         }
     }
 }
@@ -105,7 +108,10 @@ pub fn check_table(data: &[u8]) -> Result<usize, TableError> {
         }
         if let Kind::Table = kind {
             let name_len = cur.u8(end)? as usize;
-            cur.take(name_len, end)?;
+            let name = cur.take(name_len, end)?;
+            if std::str::from_utf8(name).is_err() {
+                return Err(TableError::BadName);
+            }
         }
         let code = cur.u8(end)?;
         if let Some(n) = fixed_width(code) {
@@ -314,6 +320,12 @@ mod tests {
             0xff, 0xff, 0xff, 0xff, 1, b'k', b'S', 0xff, 0xff, 0xff, 0xff,
         ];
         assert_eq!(check_table(&huge), Err(TableError::Truncated));
+    }
+
+    #[test]
+    fn names_must_be_text() {
+        let t = [0, 0, 0, 4, 2, 0xc3, 0x28, b'V'];
+        assert_eq!(check_table(&t), Err(TableError::BadName));
     }
 
     #[test]

@@ -6,6 +6,9 @@
 //! property bytes so that properties are passed on bit-exact.
 
 pub mod codec;
+#[cfg(test)]
+mod codec_props;
+pub mod content;
 pub mod fieldtable;
 pub mod reply;
 

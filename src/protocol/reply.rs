@@ -121,6 +121,17 @@ impl AmqpError {
         }
         t
     }
+
+    /// Names the offending method by its class and method ids.
+    pub fn at(mut self, class_id: u16, method_id: u16) -> AmqpError {
+        self.class_method = (class_id, method_id);
+        self
+    }
+
+    /// Names `method` as the offending method.
+    pub fn caused_by(self, method: &amq_protocol::protocol::AMQPClass) -> AmqpError {
+        self.at(method.get_amqp_class_id(), method.get_amqp_method_id())
+    }
 }
 
 /// Shorthand constructors used by the handlers.

@@ -101,6 +101,15 @@ impl QueueArgs {
                 str_value(value)
                     .ok_or_else(|| bad(format!("{{unacceptable_type,{}}}", type_name(value))))
             };
+            // Exchange names and routing keys are short strings on the wire: a longer
+            // one could never be routed, delivered or stored as one.
+            let short_string = || {
+                let s = string()?;
+                if s.len() > 255 {
+                    return Err(bad(format!("{{value_too_long,{},255}}", s.len())));
+                }
+                Ok(s)
+            };
             match name {
                 "x-message-ttl" => out.message_ttl = Some(non_negative(0)?),
                 "x-expires" => out.expires = Some(non_negative(1)?),
@@ -124,8 +133,8 @@ impl QueueArgs {
                         }
                     }
                 }
-                "x-dead-letter-exchange" => out.dead_letter_exchange = Some(string()?),
-                "x-dead-letter-routing-key" => out.dead_letter_routing_key = Some(string()?),
+                "x-dead-letter-exchange" => out.dead_letter_exchange = Some(short_string()?),
+                "x-dead-letter-routing-key" => out.dead_letter_routing_key = Some(short_string()?),
                 "x-single-active-consumer" => match value {
                     AMQPValue::Boolean(b) => out.single_active_consumer = *b,
                     other => {

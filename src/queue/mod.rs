@@ -701,13 +701,22 @@ impl Queue {
         removed.len()
     }
 
-    /// Counts for declare-ok and friends.
+    /// Counts for declare-ok and friends. Messages already expired at the head are
+    /// dropped (dead-lettered) first, so that they are not counted, as RabbitMQ.
     pub fn counts(&self) -> QueueCounts {
-        let inner = self.lock();
-        QueueCounts {
-            messages: inner.state.ready_count() as u32,
-            consumers: inner.consumers.len() as u32,
-        }
+        let mut dead = Dead::new();
+        let counts = {
+            let mut inner = self.lock();
+            let mut effects = Vec::new();
+            inner.state.expire(now_ms(), &mut effects);
+            self.apply(&mut inner, effects, &mut dead);
+            QueueCounts {
+                messages: inner.state.ready_count() as u32,
+                consumers: inner.consumers.len() as u32,
+            }
+        };
+        self.bury(dead);
+        counts
     }
 
     /// The queue's consumers, for listings.
@@ -751,7 +760,8 @@ impl Queue {
                 self.vhost
             ));
         }
-        if if_empty && inner.state.ready_count() + inner.state.unacked_count() > 0 {
+        // As RabbitMQ: only ready messages make a queue non-empty; unacked ones do not.
+        if if_empty && inner.state.ready_count() > 0 {
             return Err(amqp_err!(
                 PreconditionFailed,
                 "queue '{}' in vhost '{}' is not empty",

@@ -400,6 +400,8 @@ impl QueueState {
         if !no_ack {
             self.unacked.insert(entry.offset, (entry.clone(), None));
         }
+        // Messages already expired at the new head do not count in get-ok.
+        self.expire(now_ms, out);
         Some(entry)
     }
 

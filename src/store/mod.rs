@@ -151,6 +151,38 @@ pub enum StoreOp {
         /// Queue key.
         queue: String,
     },
+    /// Append (or overwrite) entry `index` of Raft group `group`'s log.
+    RaftAppend {
+        /// The group.
+        group: u64,
+        /// The entry's log index.
+        index: u64,
+        /// The encoded entry.
+        entry: Bytes,
+    },
+    /// Delete every entry of `group`'s log from `index` on (a conflicting suffix).
+    RaftTruncateFrom {
+        /// The group.
+        group: u64,
+        /// First index removed.
+        index: u64,
+    },
+    /// Delete every entry of `group`'s log up to `index` included (covered by a snapshot).
+    RaftPurgeUpTo {
+        /// The group.
+        group: u64,
+        /// Last index removed.
+        index: u64,
+    },
+    /// Store a durable value of `group` (its vote, committed index, snapshot).
+    RaftPutState {
+        /// The group.
+        group: u64,
+        /// The value's name.
+        key: String,
+        /// The encoded value.
+        value: Bytes,
+    },
 }
 
 impl StoreOp {
@@ -159,6 +191,8 @@ impl StoreOp {
         match self {
             StoreOp::PutDefinition { value, .. } | StoreOp::PutAccess { value, .. } => value.len(),
             StoreOp::PutMessage { blob, .. } => blob.len(),
+            StoreOp::RaftAppend { entry, .. } => entry.len(),
+            StoreOp::RaftPutState { value, .. } => value.len(),
             _ => 0,
         }
     }
@@ -176,6 +210,17 @@ pub struct Recovered {
     pub queues: HashMap<String, Vec<RecoveredEntry>>,
     /// Greater than every msg id in the database: where the broker resumes allocating.
     pub next_msg_id: u64,
+    /// What every Raft group stored, by group id (empty for a single node).
+    pub raft: HashMap<u64, RecoveredRaftGroup>,
+}
+
+/// One Raft group's log and durable values, read back by [`Store::open`].
+#[derive(Debug, Default, Clone)]
+pub struct RecoveredRaftGroup {
+    /// The log's entries in index order.
+    pub log: Vec<(u64, Vec<u8>)>,
+    /// Durable values by name.
+    pub state: HashMap<String, Vec<u8>>,
 }
 
 /// One queue entry read back by [`Store::open`].

@@ -8,10 +8,11 @@ use bytes::Bytes;
 use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 
 use super::schema::{
-    ACCESS, DEFINITIONS, ENTRIES, MESSAGES, META, META_SCHEMA_VERSION, SCHEMA_VERSION,
+    ACCESS, DEFINITIONS, ENTRIES, MESSAGES, META, META_SCHEMA_VERSION, RAFT_LOG, RAFT_STATE,
+    SCHEMA_VERSION,
 };
 use super::writer::RefCounts;
-use super::{Recovered, RecoveredEntry};
+use super::{Recovered, RecoveredEntry, RecoveredRaftGroup};
 
 /// What [`load`] read: the broker's part, and the writer's part.
 pub(super) struct Loaded {
@@ -139,12 +140,15 @@ pub(super) fn load(db: &Database) -> anyhow::Result<Loaded> {
         );
     }
 
+    let raft = read_raft(&txn)?;
+
     Ok(Loaded {
         recovered: Recovered {
             definitions,
             access,
             queues,
             next_msg_id,
+            raft,
         },
         refcounts,
         orphans,
@@ -284,4 +288,41 @@ fn read_messages(txn: &ReadTransaction) -> anyhow::Result<Messages> {
         blobs.extend(part_blobs);
     }
     Ok(Messages::new(ids, blobs))
+}
+
+/// Reads every Raft group's log and values; none when the tables were never created
+/// (a single node).
+fn read_raft(txn: &ReadTransaction) -> anyhow::Result<HashMap<u64, RecoveredRaftGroup>> {
+    let mut groups: HashMap<u64, RecoveredRaftGroup> = HashMap::new();
+    match txn.open_table(RAFT_LOG) {
+        Ok(table) => {
+            for row in table.iter()? {
+                let (key, value) = row?;
+                let (group, index) = key.value();
+                groups
+                    .entry(group)
+                    .or_default()
+                    .log
+                    .push((index, value.value().to_vec()));
+            }
+        }
+        Err(redb::TableError::TableDoesNotExist(_)) => {}
+        Err(e) => return Err(e.into()),
+    }
+    match txn.open_table(RAFT_STATE) {
+        Ok(table) => {
+            for row in table.iter()? {
+                let (key, value) = row?;
+                let (group, name) = key.value();
+                groups
+                    .entry(group)
+                    .or_default()
+                    .state
+                    .insert(name.to_owned(), value.value().to_vec());
+            }
+        }
+        Err(redb::TableError::TableDoesNotExist(_)) => {}
+        Err(e) => return Err(e.into()),
+    }
+    Ok(groups)
 }

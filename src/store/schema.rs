@@ -10,11 +10,18 @@
 //! | `access`        | `&str` (auth key)   | `&[u8]` (auth blob)        |
 //! | `messages`      | `u64` msg id        | `&[u8]` (message blob)     |
 //! | `queue_entries` | `(&str, u64)`       | `(u64, u32)`               |
+//! | `raft_log`      | `(u64, u64)`        | `&[u8]` (Raft entry)       |
+//! | `raft_state`    | `(u64, &str)`       | `&[u8]` (vote, snapshot..) |
 //!
 //! A queue entry's key is (queue key, offset) so that one queue's entries are contiguous and
 //! in offset order; its value is (msg id, delivery count). Message reference counts are not
 //! stored: they are the number of entries naming a msg id, counted at recovery and kept in
 //! the writer's memory, which saves one B-tree update per enqueue and per ack.
+//!
+//! Raft groups (cluster mode only) keep their logs in `raft_log`, keyed by (group id, log
+//! index), and their small durable values (vote, committed index, snapshot) in
+//! `raft_state`, so that one group commit makes the appends of every group durable. A
+//! single node never creates these tables.
 
 use redb::TableDefinition;
 
@@ -42,3 +49,10 @@ pub(crate) const MESSAGES: TableDefinition<u64, &[u8]> = TableDefinition::new("m
 /// Per-queue index: (queue key, offset) -> (msg id, delivery count).
 pub(crate) const ENTRIES: TableDefinition<(&str, u64), (u64, u32)> =
     TableDefinition::new("queue_entries");
+
+/// Every Raft group's log: (group id, index) -> encoded entry.
+pub(crate) const RAFT_LOG: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("raft_log");
+
+/// Every Raft group's durable values: (group id, name) -> encoded value.
+pub(crate) const RAFT_STATE: TableDefinition<(u64, &str), &[u8]> =
+    TableDefinition::new("raft_state");

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use redb::{Database, ReadableDatabase, ReadableTable};
+use redb::{Database, ReadableDatabase, ReadableTable, TableHandle};
 
 use super::schema::{ENTRIES, MESSAGES};
 use super::*;
@@ -728,5 +728,81 @@ async fn access_records_come_back_apart_from_definitions() {
     assert_eq!(
         recovered.definitions,
         vec![("q/%2f/a".to_string(), b"queue a".to_vec())]
+    );
+}
+
+#[tokio::test]
+async fn raft_logs_and_values_of_every_group_survive_a_reopen() {
+    let dir = TempDir::new("raft-log");
+    let (store, recovered) = open(&dir);
+    assert!(recovered.raft.is_empty(), "a new store has no Raft group");
+    let append = |group, index: u64| StoreOp::RaftAppend {
+        group,
+        index,
+        entry: Bytes::from(format!("g{group}-{index}")),
+    };
+    let mut ops: Vec<StoreOp> = (1..=6).map(|i| append(0, i)).collect();
+    ops.extend((1..=3).map(|i| append(9, i)));
+    ops.push(StoreOp::RaftPutState {
+        group: 0,
+        key: "vote".into(),
+        value: Bytes::from_static(b"v1"),
+    });
+    store.commit(ops).await;
+    store
+        .commit(vec![
+            StoreOp::RaftTruncateFrom { group: 0, index: 5 },
+            StoreOp::RaftPurgeUpTo { group: 0, index: 2 },
+            append(0, 5),
+            StoreOp::RaftPutState {
+                group: 0,
+                key: "vote".into(),
+                value: Bytes::from_static(b"v2"),
+            },
+        ])
+        .await;
+    let recovered = reopen(store, &dir);
+    let g0 = &recovered.raft[&0];
+    let indexes: Vec<u64> = g0.log.iter().map(|(i, _)| *i).collect();
+    assert_eq!(
+        indexes,
+        [3, 4, 5],
+        "purged up to 2, truncated from 5, 5 appended again"
+    );
+    assert_eq!(g0.state["vote"], b"v2");
+    assert_eq!(recovered.raft[&9].log.len(), 3, "other groups untouched");
+}
+
+#[tokio::test]
+async fn a_single_node_never_creates_the_raft_tables() {
+    let dir = TempDir::new("no-raft");
+    let (store, _) = open(&dir);
+    store
+        .commit(vec![
+            put(1, b"m"),
+            StoreOp::Enqueue {
+                queue: "q/%2f/a".into(),
+                offset: 0,
+                msg_id: 1,
+            },
+            StoreOp::PutDefinition {
+                key: "q/%2f/a".into(),
+                value: b"{}".to_vec(),
+            },
+        ])
+        .await;
+    store.close();
+    drop(store);
+    let db = Database::open(dir.path().join(DB_FILE_NAME)).expect("open db");
+    let txn = db.begin_read().expect("read txn");
+    let names: Vec<String> = txn
+        .list_tables()
+        .expect("list tables")
+        .map(|t| t.name().to_string())
+        .collect();
+    assert!(names.iter().any(|n| n == "queue_entries"), "{names:?}");
+    assert!(
+        !names.iter().any(|n| n.starts_with("raft")),
+        "no Raft table without a cluster: {names:?}"
     );
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use redb::{Database, Durability, ReadableTable, WriteTransaction};
 
-use super::schema::{ACCESS, DEFINITIONS, ENTRIES, MESSAGES};
+use super::schema::{ACCESS, DEFINITIONS, ENTRIES, MESSAGES, RAFT_LOG, RAFT_STATE};
 use super::{Counters, Done, FlushMode, Request, StoreOp, fatal_store_failure};
 
 /// At most this many requests go into one transaction, so that a flood of publishes cannot
@@ -277,6 +277,9 @@ fn apply(
     let mut access = txn.open_table(ACCESS)?;
     let mut messages = txn.open_table(MESSAGES)?;
     let mut entries = txn.open_table(ENTRIES)?;
+    // Raft tables are opened only by batches that touch them: a single node never does.
+    let mut raft_log = None;
+    let mut raft_state = None;
 
     for op in batch.iter().flat_map(|(ops, _)| ops) {
         match op {
@@ -342,6 +345,38 @@ fn apply(
                     release(refcounts, released, value.value().0);
                 }
                 extracted.close()?;
+            }
+            StoreOp::RaftAppend {
+                group,
+                index,
+                entry,
+            } => {
+                let log = match &mut raft_log {
+                    Some(t) => t,
+                    None => raft_log.insert(txn.open_table(RAFT_LOG)?),
+                };
+                log.insert((*group, *index), entry.as_ref())?;
+            }
+            StoreOp::RaftTruncateFrom { group, index } => {
+                let log = match &mut raft_log {
+                    Some(t) => t,
+                    None => raft_log.insert(txn.open_table(RAFT_LOG)?),
+                };
+                log.retain_in((*group, *index)..=(*group, u64::MAX), |_, _| false)?;
+            }
+            StoreOp::RaftPurgeUpTo { group, index } => {
+                let log = match &mut raft_log {
+                    Some(t) => t,
+                    None => raft_log.insert(txn.open_table(RAFT_LOG)?),
+                };
+                log.retain_in((*group, 0)..=(*group, *index), |_, _| false)?;
+            }
+            StoreOp::RaftPutState { group, key, value } => {
+                let state = match &mut raft_state {
+                    Some(t) => t,
+                    None => raft_state.insert(txn.open_table(RAFT_STATE)?),
+                };
+                state.insert((*group, key.as_str()), value.as_ref())?;
             }
         }
     }

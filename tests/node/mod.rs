@@ -21,7 +21,25 @@ pub fn free_port() -> u16 {
 
 /// Starts `warren` on 127.0.0.1:`port` with its data in `dir`, plus `env` settings.
 pub fn start(dir: &Path, port: u16, env: &[(&str, String)]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_warren"))
+    command(dir, port, env)
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("warren binary starts")
+}
+
+/// Like [`start`], with the node's log (stderr) written to the file `log` so that a test
+/// can read what it said.
+pub fn start_logged(dir: &Path, port: u16, env: &[(&str, String)], log: &Path) -> Child {
+    let file = std::fs::File::create(log).expect("create the node's log file");
+    command(dir, port, env)
+        .stderr(Stdio::from(file))
+        .spawn()
+        .expect("warren binary starts")
+}
+
+fn command(dir: &Path, port: u16, env: &[(&str, String)]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_warren"));
+    command
         .env("WARREN_PORT", port.to_string())
         .env("WARREN_MANAGEMENT_PORT", "0")
         .env("WARREN_PROMETHEUS_PORT", "0")
@@ -29,10 +47,8 @@ pub fn start(dir: &Path, port: u16, env: &[(&str, String)]) -> Child {
         .env("WARREN_DATA_DIR", dir)
         .env("WARREN_LOG", "warn")
         .envs(env.iter().map(|(k, v)| (k, v)))
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("warren binary starts")
+        .stdout(Stdio::null());
+    command
 }
 
 /// Connects to the node on `port`, waiting (up to 5 s) for it to listen.

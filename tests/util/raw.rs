@@ -251,6 +251,11 @@ impl Raw {
     /// with close-ok; its code is returned) or by dropping the socket (None). Panics if
     /// neither happens within 10 s.
     pub async fn ends_connection(&mut self) -> Option<u16> {
+        self.ends_connection_with().await.map(|c| c.reply_code)
+    }
+
+    /// `ends_connection`, returning the whole connection.close (None: socket dropped).
+    pub async fn ends_connection_with(&mut self) -> Option<connection::Close> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -266,7 +271,7 @@ impl Raw {
                         )),
                     ))
                     .await;
-                    return Some(c.reply_code);
+                    return Some(c);
                 }
                 Read::Frame(AMQPFrame::Method(
                     0,

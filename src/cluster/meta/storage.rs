@@ -1,0 +1,491 @@
+//! The metadata group's log and state machine, kept in memory and made durable in the
+//! node's redb file through the store's one writer (so their fsyncs are shared with every
+//! other write of the node).
+//!
+//! - Log: every entry is a `raft_log` row of group [`META_GROUP`]; the vote, the committed
+//!   id and the last purged id are `raft_state` values. An append is reported flushed only
+//!   once its group commit is durable.
+//! - State machine: the definitions, a map from a broker key to its encoded value (the
+//!   broker owns both encodings, as it does for a single node's store). It is rebuilt at
+//!   start from the last snapshot (a `raft_state` value) plus the committed log after it.
+
+// openraft's trait methods return its (large) StorageError; the helpers here return the
+// same type so that `?` works in them.
+#![allow(clippy::result_large_err)]
+
+use std::collections::BTreeMap;
+use std::collections::btree_map::Entry as MapEntry;
+use std::fmt::Debug;
+use std::io::Cursor;
+use std::ops::RangeBounds;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use openraft::storage::{LogFlushed, RaftLogStorage, RaftStateMachine};
+use openraft::{
+    AnyError, Entry, EntryPayload, LogId, LogState, RaftLogReader, RaftSnapshotBuilder, Snapshot,
+    SnapshotMeta, StorageError, StorageIOError, StoredMembership, Vote,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use super::{MetaCommand, MetaReply, NodeId, TypeConfig};
+use crate::cluster::wire::GroupId;
+use crate::store::{RecoveredRaftGroup, Store, StoreOp};
+
+/// The metadata group's id on the wire and in the store.
+pub const META_GROUP: GroupId = 0;
+
+const VOTE: &str = "vote";
+const COMMITTED: &str = "committed";
+const PURGED: &str = "purged";
+const SNAPSHOT: &str = "snapshot";
+
+type Membership = StoredMembership<NodeId, openraft::BasicNode>;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Bytes, StorageError<NodeId>> {
+    postcard::to_stdvec(value)
+        .map(Bytes::from)
+        .map_err(|e| StorageError::IO {
+            source: StorageIOError::write_logs(AnyError::error(e)),
+        })
+}
+
+fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8], what: &str) -> anyhow::Result<T> {
+    postcard::from_bytes(bytes).map_err(|e| anyhow::anyhow!("unreadable stored {what}: {e}"))
+}
+
+/// The log as kept in memory (the metadata log is small; reads never touch the disk).
+#[derive(Debug, Default)]
+struct LogData {
+    entries: BTreeMap<u64, Entry<TypeConfig>>,
+    vote: Option<Vote<NodeId>>,
+    committed: Option<LogId<NodeId>>,
+    purged: Option<LogId<NodeId>>,
+}
+
+/// The metadata group's log: memory for reads, the store writer for durability.
+#[derive(Debug, Clone)]
+pub struct LogStore {
+    store: Store,
+    data: Arc<Mutex<LogData>>,
+}
+
+impl LogStore {
+    /// The log as the store read it back at start.
+    pub fn recover(store: Store, recovered: &RecoveredRaftGroup) -> anyhow::Result<LogStore> {
+        let mut data = LogData::default();
+        for (index, bytes) in &recovered.log {
+            let entry: Entry<TypeConfig> = decode(bytes, "metadata log entry")?;
+            data.entries.insert(*index, entry);
+        }
+        if let Some(v) = recovered.state.get(VOTE) {
+            data.vote = Some(decode(v, "vote")?);
+        }
+        if let Some(v) = recovered.state.get(COMMITTED) {
+            data.committed = decode(v, "committed log id")?;
+        }
+        if let Some(v) = recovered.state.get(PURGED) {
+            data.purged = decode(v, "purged log id")?;
+        }
+        Ok(LogStore {
+            store,
+            data: Arc::new(Mutex::new(data)),
+        })
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry<TypeConfig>>, StorageError<NodeId>> {
+        let data = lock(&self.data);
+        Ok(data.entries.range(range).map(|(_, e)| e.clone()).collect())
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError<NodeId>> {
+        let data = lock(&self.data);
+        let last = data.entries.values().next_back().map(|e| e.log_id);
+        Ok(LogState {
+            last_purged_log_id: data.purged,
+            last_log_id: last.or(data.purged),
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError<NodeId>> {
+        let value = encode(vote)?;
+        lock(&self.data).vote = Some(*vote);
+        // A vote must be durable before it is acted on.
+        self.store
+            .commit(vec![StoreOp::RaftPutState {
+                group: META_GROUP,
+                key: VOTE.into(),
+                value,
+            }])
+            .await;
+        Ok(())
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError<NodeId>> {
+        Ok(lock(&self.data).vote)
+    }
+
+    async fn save_committed(
+        &mut self,
+        committed: Option<LogId<NodeId>>,
+    ) -> Result<(), StorageError<NodeId>> {
+        let value = encode(&committed)?;
+        lock(&self.data).committed = committed;
+        // Not awaited: a lost committed id is learnt again from the leader.
+        self.store.submit(vec![StoreOp::RaftPutState {
+            group: META_GROUP,
+            key: COMMITTED.into(),
+            value,
+        }]);
+        Ok(())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, StorageError<NodeId>> {
+        Ok(lock(&self.data).committed)
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError<NodeId>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + Send,
+        I::IntoIter: Send,
+    {
+        let mut ops = Vec::new();
+        {
+            let mut data = lock(&self.data);
+            for entry in entries {
+                ops.push(StoreOp::RaftAppend {
+                    group: META_GROUP,
+                    index: entry.log_id.index,
+                    entry: encode(&entry)?,
+                });
+                data.entries.insert(entry.log_id.index, entry);
+            }
+        }
+        self.store
+            .commit_then(ops, Box::new(move || callback.log_io_completed(Ok(()))));
+        Ok(())
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
+        lock(&self.data).entries.split_off(&log_id.index);
+        self.store
+            .commit(vec![StoreOp::RaftTruncateFrom {
+                group: META_GROUP,
+                index: log_id.index,
+            }])
+            .await;
+        Ok(())
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
+        let value = encode(&Some(log_id))?;
+        {
+            let mut data = lock(&self.data);
+            data.entries = data.entries.split_off(&(log_id.index + 1));
+            data.purged = Some(log_id);
+        }
+        self.store.submit(vec![
+            StoreOp::RaftPutState {
+                group: META_GROUP,
+                key: PURGED.into(),
+                value,
+            },
+            StoreOp::RaftPurgeUpTo {
+                group: META_GROUP,
+                index: log_id.index,
+            },
+        ]);
+        Ok(())
+    }
+}
+
+/// The definitions every node agrees on: broker key -> broker-encoded value.
+pub type Definitions = BTreeMap<String, Vec<u8>>;
+
+/// A snapshot as stored and sent: where it stands in the log, and the definitions.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta<NodeId, openraft::BasicNode>,
+    definitions: Definitions,
+}
+
+#[derive(Debug, Default)]
+struct MachineData {
+    definitions: Definitions,
+    last_applied: Option<LogId<NodeId>>,
+    membership: Membership,
+    snapshot: Option<StoredSnapshot>,
+    snapshots_built: u64,
+}
+
+/// The metadata state machine: the agreed definitions. Changes are published on a watch
+/// channel (the applied log index) so that readers can wait for an entry to be applied.
+#[derive(Debug, Clone)]
+pub struct StateMachine {
+    store: Store,
+    data: Arc<Mutex<MachineData>>,
+    applied: watch::Sender<u64>,
+}
+
+impl StateMachine {
+    /// The state machine as of the last stored snapshot (the log after it is replayed by
+    /// openraft at start).
+    pub fn recover(store: Store, recovered: &RecoveredRaftGroup) -> anyhow::Result<StateMachine> {
+        let mut data = MachineData::default();
+        if let Some(bytes) = recovered.state.get(SNAPSHOT) {
+            let snap: StoredSnapshot = decode(bytes, "metadata snapshot")?;
+            data.definitions = snap.definitions.clone();
+            data.last_applied = snap.meta.last_log_id;
+            data.membership = snap.meta.last_membership.clone();
+            data.snapshot = Some(snap);
+        }
+        let index = data.last_applied.map_or(0, |l| l.index);
+        Ok(StateMachine {
+            store,
+            data: Arc::new(Mutex::new(data)),
+            applied: watch::channel(index).0,
+        })
+    }
+
+    /// A copy of the definitions now.
+    pub fn definitions(&self) -> Definitions {
+        lock(&self.data).definitions.clone()
+    }
+
+    /// One definition.
+    pub fn get(&self, key: &str) -> Option<Vec<u8>> {
+        lock(&self.data).definitions.get(key).cloned()
+    }
+
+    /// Every definition whose key starts with `prefix`.
+    pub fn with_prefix(&self, prefix: &str) -> Vec<(String, Vec<u8>)> {
+        lock(&self.data)
+            .definitions
+            .range(prefix.to_string()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// The index of the last applied entry, as a watch.
+    pub fn applied(&self) -> watch::Receiver<u64> {
+        self.applied.subscribe()
+    }
+
+    fn persist_snapshot(&self, snap: &StoredSnapshot) -> Result<(), StorageError<NodeId>> {
+        let value = encode(snap)?;
+        self.store.submit(vec![StoreOp::RaftPutState {
+            group: META_GROUP,
+            key: SNAPSHOT.into(),
+            value,
+        }]);
+        Ok(())
+    }
+}
+
+/// Applies one command to the definitions.
+fn apply_command(defs: &mut Definitions, command: MetaCommand) -> MetaReply {
+    match command {
+        MetaCommand::Put { key, value } => {
+            let existed = defs.insert(key, value).is_some();
+            MetaReply { changed: !existed }
+        }
+        MetaCommand::PutIfAbsent { key, value } => {
+            if let MapEntry::Vacant(slot) = defs.entry(key) {
+                slot.insert(value);
+                MetaReply { changed: true }
+            } else {
+                MetaReply { changed: false }
+            }
+        }
+        MetaCommand::Delete { key } => MetaReply {
+            changed: defs.remove(&key).is_some(),
+        },
+        MetaCommand::DeletePrefix { prefix } => {
+            let keys: Vec<String> = defs
+                .range(prefix.clone()..)
+                .take_while(|(k, _)| k.starts_with(&prefix))
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in &keys {
+                defs.remove(k);
+            }
+            MetaReply {
+                changed: !keys.is_empty(),
+            }
+        }
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
+        let snap = {
+            let mut data = lock(&self.data);
+            data.snapshots_built += 1;
+            let index = data.last_applied.map_or(0, |l| l.index);
+            let snap = StoredSnapshot {
+                meta: SnapshotMeta {
+                    last_log_id: data.last_applied,
+                    last_membership: data.membership.clone(),
+                    snapshot_id: format!("{index}-{}", data.snapshots_built),
+                },
+                definitions: data.definitions.clone(),
+            };
+            data.snapshot = Some(snap.clone());
+            snap
+        };
+        self.persist_snapshot(&snap)?;
+        Ok(Snapshot {
+            meta: snap.meta.clone(),
+            snapshot: Box::new(Cursor::new(encode(&snap.definitions)?.to_vec())),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = StateMachine;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId<NodeId>>, Membership), StorageError<NodeId>> {
+        let data = lock(&self.data);
+        Ok((data.last_applied, data.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<MetaReply>, StorageError<NodeId>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + Send,
+        I::IntoIter: Send,
+    {
+        let mut replies = Vec::new();
+        let last = {
+            let mut data = lock(&self.data);
+            for entry in entries {
+                data.last_applied = Some(entry.log_id);
+                let reply = match entry.payload {
+                    EntryPayload::Blank => MetaReply { changed: false },
+                    EntryPayload::Normal(command) => apply_command(&mut data.definitions, command),
+                    EntryPayload::Membership(m) => {
+                        data.membership = StoredMembership::new(Some(entry.log_id), m);
+                        MetaReply { changed: false }
+                    }
+                };
+                replies.push(reply);
+            }
+            data.last_applied.map_or(0, |l| l.index)
+        };
+        self.applied.send_replace(last);
+        Ok(replies)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(
+        &mut self,
+    ) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError<NodeId>> {
+        let definitions: Definitions =
+            postcard::from_bytes(snapshot.get_ref()).map_err(|e| StorageError::IO {
+                source: StorageIOError::read_snapshot(Some(meta.signature()), AnyError::error(e)),
+            })?;
+        let snap = StoredSnapshot {
+            meta: meta.clone(),
+            definitions: definitions.clone(),
+        };
+        let index = {
+            let mut data = lock(&self.data);
+            data.definitions = definitions;
+            data.last_applied = meta.last_log_id;
+            data.membership = meta.last_membership.clone();
+            data.snapshot = Some(snap.clone());
+            data.last_applied.map_or(0, |l| l.index)
+        };
+        self.persist_snapshot(&snap)?;
+        self.applied.send_replace(index);
+        Ok(())
+    }
+
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
+        let snap = lock(&self.data).snapshot.clone();
+        match snap {
+            None => Ok(None),
+            Some(s) => Ok(Some(Snapshot {
+                meta: s.meta.clone(),
+                snapshot: Box::new(Cursor::new(encode(&s.definitions)?.to_vec())),
+            })),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_change_the_definitions_as_named() {
+        let mut defs = Definitions::new();
+        let put = |k: &str, v: &str| MetaCommand::Put {
+            key: k.into(),
+            value: v.as_bytes().to_vec(),
+        };
+        assert!(apply_command(&mut defs, put("q/%2f/a", "1")).changed);
+        assert!(
+            !apply_command(&mut defs, put("q/%2f/a", "2")).changed,
+            "replaced"
+        );
+        assert_eq!(defs["q/%2f/a"], b"2");
+        let keep = MetaCommand::PutIfAbsent {
+            key: "q/%2f/a".into(),
+            value: b"3".to_vec(),
+        };
+        assert!(!apply_command(&mut defs, keep).changed);
+        assert_eq!(defs["q/%2f/a"], b"2", "the first declare wins");
+        apply_command(&mut defs, put("b/%2f/a/1", ""));
+        apply_command(&mut defs, put("b/%2f/a/2", ""));
+        apply_command(&mut defs, put("b/%2f/b/1", ""));
+        let gone = MetaCommand::DeletePrefix {
+            prefix: "b/%2f/a/".into(),
+        };
+        assert!(apply_command(&mut defs, gone).changed);
+        let left: Vec<&String> = defs.keys().collect();
+        assert_eq!(left, ["b/%2f/b/1", "q/%2f/a"]);
+        let del = MetaCommand::Delete {
+            key: "q/%2f/a".into(),
+        };
+        assert!(apply_command(&mut defs, del.clone()).changed);
+        assert!(!apply_command(&mut defs, del).changed, "already gone");
+    }
+}

@@ -1,0 +1,105 @@
+//! This node's part in the cluster: its membership and its links to the other members,
+//! started by [`crate::Broker::start`] when `cluster_nodes` is set. The public functions
+//! here are what `warren ctl` and the management side read (`cluster_status`).
+
+use std::net::SocketAddr;
+
+use anyhow::Context;
+
+use super::membership::Membership;
+use super::meta::MetaGroup;
+use super::transport::{PeerStatus, Transport, TransportConfig};
+
+/// The running cluster side of a node.
+#[derive(Debug)]
+pub struct ClusterNode {
+    membership: Membership,
+    transport: Transport,
+    listen: SocketAddr,
+    meta: MetaGroup,
+}
+
+/// What `cluster_status` shows, as RabbitMQ's `rabbitmqctl cluster_status` does: the
+/// members, and which of them this node can reach now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterStatus {
+    /// This node's name.
+    pub node: String,
+    /// Every member, sorted by name.
+    pub members: Vec<String>,
+    /// This node's link to each other member.
+    pub peers: Vec<PeerStatus>,
+    /// The leader of the metadata group, as far as this node knows.
+    pub metadata_leader: Option<String>,
+}
+
+impl ClusterNode {
+    /// Listens for peers on this member's address and `cluster_port`, starts dialing, and
+    /// starts this node's member of the metadata group from what `store` recovered.
+    pub async fn start(
+        membership: Membership,
+        store: crate::store::Store,
+        recovered: crate::store::RecoveredRaftGroup,
+    ) -> anyhow::Result<ClusterNode> {
+        let me = membership.this_node().clone();
+        let listen = me
+            .address(membership.port)
+            .with_context(|| format!("the address of this node ('{}')", me.name))?;
+        let listener = crate::server::bind(listen)
+            .with_context(|| format!("cannot listen for cluster peers on {listen}"))?;
+        let listen = listener.local_addr()?;
+        let mut peers = Vec::new();
+        for peer in membership.peers() {
+            let addr = peer
+                .address(membership.port)
+                .with_context(|| format!("the address of cluster node '{}'", peer.name))?;
+            peers.push((peer.name.clone(), addr));
+        }
+        tracing::info!("listening for cluster peers on {listen} as {}", me.name);
+        let config = TransportConfig::new(me.name.clone(), peers, membership.secret.clone());
+        let transport = Transport::start(config, listener);
+        let meta = MetaGroup::start(&membership, transport.clone(), store, recovered).await?;
+        Ok(ClusterNode {
+            membership,
+            transport,
+            listen,
+            meta,
+        })
+    }
+
+    /// The members and the links to them.
+    pub fn status(&self) -> ClusterStatus {
+        ClusterStatus {
+            node: self.membership.this_node().name.clone(),
+            members: self
+                .membership
+                .members
+                .iter()
+                .map(|m| m.name.clone())
+                .collect(),
+            peers: self.transport.status(),
+            metadata_leader: self.meta.leader(),
+        }
+    }
+
+    /// The links to the other members.
+    pub fn transport(&self) -> &Transport {
+        &self.transport
+    }
+
+    /// Where this node listens for its peers.
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.listen
+    }
+
+    /// The metadata group.
+    pub fn meta(&self) -> &MetaGroup {
+        &self.meta
+    }
+
+    /// Stops the metadata group and closes every link.
+    pub async fn shutdown(&self) {
+        self.meta.shutdown().await;
+        self.transport.shutdown();
+    }
+}
