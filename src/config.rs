@@ -18,6 +18,16 @@ pub enum FlushMode {
     Interval,
 }
 
+/// How log lines look; see `log_format` in `config/warren.toml`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line (timestamp, level, target, message, fields).
+    Json,
+}
+
 /// Every setting of a Warren node.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Config {
@@ -58,6 +68,29 @@ pub struct Config {
     /// Free bytes on the data directory's file system below which publishers are
     /// blocked (0: never).
     pub disk_free_limit: u64,
+    /// Management HTTP API port (0 = ephemeral), on `listen_addresses`.
+    pub management_port: u16,
+    /// AMQP over TLS port (0 = ephemeral); only with a certificate.
+    pub tls_port: u16,
+    /// Management API over TLS port (0 = ephemeral); only with a certificate.
+    pub management_tls_port: u16,
+    /// PEM certificate chain of the node (empty: no TLS listeners).
+    pub tls_cert_file: String,
+    /// PEM private key of the node.
+    pub tls_key_file: String,
+    /// PEM CA certificates that client certificates are verified against.
+    pub tls_ca_file: String,
+    /// Ask clients for a certificate and verify it.
+    pub tls_verify_peer: bool,
+    /// Refuse clients without a certificate (with `tls_verify_peer`).
+    pub tls_fail_if_no_peer_cert: bool,
+    /// Which part of a client certificate is the user name for EXTERNAL:
+    /// "distinguished_name" or "common_name".
+    pub ssl_cert_login_from: String,
+    /// Prometheus metrics port (0 = ephemeral), on `listen_addresses`.
+    pub prometheus_port: u16,
+    /// A definitions file (RabbitMQ's JSON) imported at boot; empty: none.
+    pub load_definitions: String,
     /// This node's cluster name (`name@host`); empty: `warren@<host name>`.
     pub node_name: String,
     /// Every member of the cluster as `name@host`, this node included; empty: single node.
@@ -68,6 +101,8 @@ pub struct Config {
     pub cluster_secret: String,
     /// tracing filter.
     pub log: String,
+    /// Plain text or JSON log lines.
+    pub log_format: LogFormat,
 }
 
 impl Config {
@@ -134,6 +169,10 @@ impl Config {
         Config {
             listen_addresses: vec!["127.0.0.1".into()],
             port: 0,
+            management_port: 0,
+            prometheus_port: 0,
+            tls_port: 0,
+            management_tls_port: 0,
             data_dir: data_dir.into(),
             ..Config::defaults()
         }
@@ -188,6 +227,10 @@ mod tests {
         assert_eq!(c.port, 5672);
         assert_eq!(c.default_user, "guest");
         assert_eq!(c.flush, FlushMode::Sync);
+        assert_eq!(c.management_port, 15672);
+        assert_eq!(c.prometheus_port, 15692);
+        assert!(c.load_definitions.is_empty());
+        assert_eq!(c.log_format, LogFormat::Text);
         assert!(c.cluster_nodes.is_empty(), "single node unless configured");
         assert_eq!(c.cluster_port, 25672);
     }

@@ -1,4 +1,5 @@
-//! The `warren` command: runs a broker node (later also `warren perf` and `warren ctl`).
+//! The `warren` command: runs a broker node; `warren perf` drives load; `warren ctl`
+//! manages a running node.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -26,6 +27,9 @@ enum Command {
     /// Drive a broker (this one or any AMQP 0-9-1 broker) with load and report rates,
     /// latency, loss and CPU per message.
     Perf(Box<warren::perf::PerfArgs>),
+    /// Manage a running node through its management API, as rabbitmqctl does
+    /// (list_queues, add_user, set_permissions, export_definitions, ...).
+    Ctl(warren::ctl::CtlArgs),
     /// Exit 0 if the node on this host answers the AMQP protocol header with
     /// connection.start, 1 if not (the container image's HEALTHCHECK).
     Healthcheck(HealthcheckArgs),
@@ -50,6 +54,7 @@ fn main() -> std::process::ExitCode {
     match cli.command.unwrap_or(Command::Server) {
         Command::Server => server_main(cli.config),
         Command::Perf(args) => warren::perf::run(*args),
+        Command::Ctl(args) => warren::ctl::run(args),
         Command::Healthcheck(args) => healthcheck_main(cli.config, args),
     }
 }
@@ -92,11 +97,14 @@ fn server_main(config_file: Option<PathBuf>) -> std::process::ExitCode {
         }
     });
     // Colours only on a terminal: `docker logs`, journald and log files get plain text.
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match config.log_format {
+        warren::LogFormat::Text => logs.init(),
+        warren::LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

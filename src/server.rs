@@ -17,6 +17,10 @@ use crate::config::Config;
 /// A running node. Dropping it does not stop it; call `shutdown`.
 pub struct Broker {
     addrs: Vec<SocketAddr>,
+    management_addrs: Vec<SocketAddr>,
+    prometheus_addrs: Vec<SocketAddr>,
+    tls_addrs: Vec<SocketAddr>,
+    management_tls_addrs: Vec<SocketAddr>,
     shutdown: broadcast::Sender<()>,
     tasks: JoinSet<()>,
     state: Arc<BrokerState>,
@@ -59,7 +63,10 @@ impl Broker {
             .remove(&crate::cluster::meta::storage::META_GROUP)
             .unwrap_or_default();
         let cluster_store = store.clone();
-        let state = BrokerState::new(config.clone(), Some(store));
+        let access_records = std::mem::take(&mut recovered.access);
+        let access =
+            crate::auth::AccessControl::open(&access_records, Some(store.clone()), &config).await;
+        let state = BrokerState::new(config.clone(), Some(store), access);
         state.recover(recovered);
         let cluster = match membership {
             Some(m) => Some(crate::cluster::ClusterNode::start(m, cluster_store, meta_log).await?),
@@ -91,14 +98,51 @@ impl Broker {
             addrs.push(local);
             tasks.spawn(accept_loop(
                 listener,
+                None,
                 state.clone(),
                 shutdown.clone(),
                 open.clone(),
             ));
         }
+        let mut tls_addrs = Vec::new();
+        if let Some(tls) = crate::tls::server_config(&config, &[])? {
+            for listener in bind_all(&config, config.tls_port, "AMQP over TLS")? {
+                let local = listener.local_addr()?;
+                tracing::info!("listening for AMQP 0-9-1 over TLS on {local}");
+                tls_addrs.push(local);
+                let acceptor = tokio_rustls::TlsAcceptor::from(tls.clone());
+                tasks.spawn(accept_loop(
+                    listener,
+                    Some(acceptor),
+                    state.clone(),
+                    shutdown.clone(),
+                    open.clone(),
+                ));
+            }
+        }
+        if !config.load_definitions.is_empty() {
+            load_definitions(&state, &config.load_definitions).await?;
+        }
+        let (management_addrs, management_tls_addrs) =
+            start_management(&config, &state, &addrs, &shutdown, &mut tasks)?;
+        let mut prometheus_addrs = Vec::new();
+        for listener in bind_all(&config, config.prometheus_port, "Prometheus metrics")? {
+            let local = listener.local_addr()?;
+            tracing::info!("Prometheus metrics on http://{local}/metrics");
+            prometheus_addrs.push(local);
+            tasks.spawn(crate::metrics::serve(
+                listener,
+                state.clone(),
+                shutdown.subscribe(),
+            ));
+        }
         tasks.spawn(ticker(state.clone(), shutdown.subscribe()));
         Ok(Broker {
             addrs,
+            management_addrs,
+            prometheus_addrs,
+            tls_addrs,
+            management_tls_addrs,
             shutdown,
             tasks,
             state,
@@ -111,6 +155,26 @@ impl Broker {
         self.addrs[0]
     }
 
+    /// The first address the management API listens on.
+    pub fn management_addr(&self) -> Option<SocketAddr> {
+        self.management_addrs.first().copied()
+    }
+
+    /// The first address AMQP over TLS listens on (when a certificate is configured).
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls_addrs.first().copied()
+    }
+
+    /// The first address the management API listens on over HTTPS.
+    pub fn management_tls_addr(&self) -> Option<SocketAddr> {
+        self.management_tls_addrs.first().copied()
+    }
+
+    /// The first address the Prometheus endpoint listens on.
+    pub fn prometheus_addr(&self) -> Option<SocketAddr> {
+        self.prometheus_addrs.first().copied()
+    }
+
     /// `amqp://guest:guest@host:port/%2f` for the first listener.
     pub fn amqp_url(&self) -> String {
         let c = &self.state.config;
@@ -120,6 +184,12 @@ impl Broker {
             c.default_pass,
             self.local_addr()
         )
+    }
+
+    /// The node's shared state: vhosts, access control, connections (the management API
+    /// and tests work through it).
+    pub fn state(&self) -> &Arc<BrokerState> {
+        &self.state
     }
 
     /// Raises or clears the memory alarm by hand, as if memory use had crossed the
@@ -163,6 +233,124 @@ impl Broker {
     }
 }
 
+/// Imports a definitions file at boot (`load_definitions`); a file that cannot be read
+/// or applied stops the start, as RabbitMQ refuses to boot with a broken one.
+async fn load_definitions(state: &Arc<BrokerState>, path: &str) -> anyhow::Result<()> {
+    let text = std::fs::read(path).with_context(|| format!("load_definitions {path}"))?;
+    let defs: serde_json::Value =
+        serde_json::from_slice(&text).with_context(|| format!("load_definitions {path}"))?;
+    crate::broker::definitions::import(state, &defs, None)
+        .await
+        .map_err(|e| anyhow::anyhow!("load_definitions {path}: {e}"))?;
+    tracing::info!(file = path, "loaded definitions");
+    Ok(())
+}
+
+/// Binds `port` on every listen address (with port 0, all share the port picked for
+/// the first); a host without IPv6 still serves IPv4.
+fn bind_all(config: &Config, mut port: u16, what: &str) -> anyhow::Result<Vec<TcpListener>> {
+    let mut listeners = Vec::new();
+    for host in &config.listen_addresses {
+        let ip: IpAddr = host
+            .parse()
+            .with_context(|| format!("listen address '{host}'"))?;
+        let listener = match bind(SocketAddr::new(ip, port)) {
+            Ok(l) => l,
+            Err(e) if ip.is_ipv6() && config.listen_addresses.len() > 1 => {
+                tracing::warn!("no {what} on [{ip}]:{port}: {e}");
+                continue;
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot listen on {ip}:{port} ({what})"));
+            }
+        };
+        port = listener.local_addr()?.port();
+        listeners.push(listener);
+    }
+    Ok(listeners)
+}
+
+/// Binds the management API on every listen address (sharing one port when it is 0)
+/// and starts it with its rate sampler.
+fn start_management(
+    config: &Config,
+    state: &Arc<BrokerState>,
+    amqp_addrs: &[SocketAddr],
+    shutdown: &broadcast::Sender<()>,
+    tasks: &mut JoinSet<()>,
+) -> anyhow::Result<(Vec<SocketAddr>, Vec<SocketAddr>)> {
+    let rates = Arc::new(crate::http::RateSampler::default());
+    let http = crate::http::Http {
+        broker: state.clone(),
+        amqp_addrs: Arc::new(amqp_addrs.to_vec()),
+        rates: rates.clone(),
+    };
+    let mut addrs = Vec::new();
+    for listener in bind_all(config, config.management_port, "management API")? {
+        let local = listener.local_addr()?;
+        tracing::info!("management API on http://{local}/api/");
+        addrs.push(local);
+        tasks.spawn(crate::http::serve(
+            listener,
+            http.clone(),
+            shutdown.subscribe(),
+        ));
+    }
+    let mut tls_addrs = Vec::new();
+    if let Some(tls) = crate::tls::server_config(config, &[b"http/1.1"])? {
+        for listener in bind_all(
+            config,
+            config.management_tls_port,
+            "management API over TLS",
+        )? {
+            let local = listener.local_addr()?;
+            tracing::info!("management API on https://{local}/api/");
+            tls_addrs.push(local);
+            let listener = crate::http::TlsListener::new(listener, tls.clone());
+            tasks.spawn(crate::http::serve_tls(
+                listener,
+                http.clone(),
+                shutdown.subscribe(),
+            ));
+        }
+    }
+    tasks.spawn(crate::http::run_sampler(
+        rates,
+        state.clone(),
+        shutdown.subscribe(),
+    ));
+    Ok((addrs, tls_addrs))
+}
+
+/// How long a client has to finish the TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// One accepted AMQP-over-TLS socket: the handshake (bounded), then the connection,
+/// with the user its verified client certificate names.
+async fn serve_tls(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    acceptor: tokio_rustls::TlsAcceptor,
+    state: Arc<BrokerState>,
+    shutdown: broadcast::Receiver<()>,
+) {
+    let _ = stream.set_nodelay(true);
+    let local = stream.local_addr().unwrap_or(peer);
+    let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::info!(%peer, "TLS handshake failed: {e}");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(%peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    let user = crate::tls::peer_identity(tls.get_ref().1, &state.config.ssl_cert_login_from);
+    crate::connection::serve_tls(tls, peer, local, user, state, shutdown).await
+}
+
 /// One open client connection, counted against `connection_max` until dropped.
 struct ConnectionSlot(Arc<AtomicUsize>);
 
@@ -185,6 +373,7 @@ impl Drop for ConnectionSlot {
 
 async fn accept_loop(
     listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     state: Arc<BrokerState>,
     shutdown: broadcast::Sender<()>,
     open: Arc<AtomicUsize>,
@@ -201,8 +390,12 @@ async fn accept_loop(
                         continue;
                     };
                     let (state, stop) = (state.clone(), shutdown.subscribe());
+                    let tls = tls.clone();
                     connections.spawn(async move {
-                        crate::connection::serve(stream, peer, state, stop).await;
+                        match tls {
+                            None => crate::connection::serve(stream, peer, state, stop).await,
+                            Some(acceptor) => serve_tls(stream, peer, acceptor, state, stop).await,
+                        }
                         drop(slot);
                     });
                 }

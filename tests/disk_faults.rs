@@ -91,6 +91,8 @@ async fn a_failed_fsync_stops_the_node_and_loses_nothing_confirmed() {
             env!("CARGO_BIN_EXE_warren"),
         ])
         .env("WARREN_PORT", port.to_string())
+        .env("WARREN_MANAGEMENT_PORT", "0")
+        .env("WARREN_PROMETHEUS_PORT", "0")
         .env("WARREN_LISTEN_ADDRESSES", "127.0.0.1")
         .env("WARREN_DATA_DIR", &dir)
         .env("WARREN_LOG", "warn")

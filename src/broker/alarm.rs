@@ -100,6 +100,16 @@ impl ResourceAlarms {
         self.state.send_modify(|a| a.memory = on);
     }
 
+    /// The memory alarm's threshold in bytes (u64::MAX: none).
+    pub fn memory_limit_bytes(&self) -> u64 {
+        self.memory.limit_bytes()
+    }
+
+    /// The alarms in effect now.
+    pub fn current(&self) -> Alarms {
+        *self.state.borrow()
+    }
+
     /// A receiver that sees the alarms change.
     pub fn subscribe(&self) -> watch::Receiver<Alarms> {
         self.state.subscribe()

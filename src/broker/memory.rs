@@ -97,6 +97,11 @@ impl MemoryMonitor {
         }
     }
 
+    /// The resident memory above which the alarm goes on (u64::MAX: never).
+    pub fn limit_bytes(&self) -> u64 {
+        self.limit_bytes
+    }
+
     /// Re-reads memory use; returns the new alarm state when it changed.
     pub fn check(&self) -> Option<bool> {
         let mut used = resident_bytes()?;

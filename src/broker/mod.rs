@@ -4,9 +4,11 @@
 pub mod alarm;
 mod cgroup;
 pub mod deadletter;
+pub mod definitions;
 pub mod disk;
 pub mod exchange;
 pub mod field_type;
+pub mod json;
 pub mod memory;
 pub mod persist;
 mod recovery;
@@ -15,10 +17,14 @@ pub mod sender_selected;
 pub mod vhost;
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
+use crate::auth::{AccessChange, AccessControl, AccessError, VHostRecord};
 use crate::config::Config;
+use crate::connection::sink::{ConnEvent, ConnShared};
+use crate::protocol::{AmqpError, reply::amqp_err};
 use crate::store::Store;
 pub use exchange::{Binding, Destination, Exchange, ExchangeDef, ExchangeKind};
 pub use vhost::VHost;
@@ -36,11 +42,63 @@ pub struct BrokerState {
     pub alarms: alarm::ResourceAlarms,
     /// Live direct reply-to consumers (node-wide: a reply may come from any vhost).
     pub direct_reply_to: reply_to::DirectReplyTo,
+    /// Users, vhosts and permissions.
+    pub access: AccessControl,
+    /// Open connections (after connection.open), by id.
+    connections: Mutex<HashMap<u64, ConnectionEntry>>,
+    /// Message counters of connections that have ended (see `ConnStats`).
+    closed_stats: Mutex<[u64; 10]>,
+    /// Connections opened and closed since start (metrics).
+    pub connections_opened: AtomicU64,
+    /// See `connections_opened`.
+    pub connections_closed: AtomicU64,
+}
+
+impl ConnectionEntry {
+    /// RabbitMQ's name of a connection: `client address -> broker address`.
+    pub fn name(&self) -> String {
+        format!("{} -> {}", self.peer, self.local)
+    }
+
+    /// Channels open on it now.
+    pub fn channel_count(&self) -> usize {
+        self.channel_numbers().len()
+    }
+
+    /// Numbers of the channels open on it now.
+    pub fn channel_numbers(&self) -> Vec<u16> {
+        self.shared
+            .channels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// What the broker knows of an open connection: who it is, and how to reach its task.
+#[derive(Debug, Clone)]
+pub struct ConnectionEntry {
+    /// Node-unique id.
+    pub id: u64,
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// The broker's end of the socket.
+    pub local: SocketAddr,
+    /// It came over TLS.
+    pub tls: bool,
+    /// When connection.open succeeded (ms since the epoch).
+    pub connected_at_ms: u64,
+    /// Authenticated user.
+    pub user: String,
+    /// The vhost it opened.
+    pub vhost: String,
+    /// The connection task's shared state (its event channel).
+    pub shared: Arc<ConnShared>,
 }
 
 impl BrokerState {
-    /// A broker with the default vhost and its built-in exchanges.
-    pub fn new(config: Config, store: Option<Store>) -> Arc<BrokerState> {
+    /// A broker with the vhosts `access` knows, each with its built-in exchanges.
+    pub fn new(config: Config, store: Option<Store>, access: AccessControl) -> Arc<BrokerState> {
         let mut vhosts = HashMap::new();
         let next_msg_id = Arc::new(AtomicU64::new(1));
         let alarms = alarm::ResourceAlarms::new(
@@ -48,10 +106,10 @@ impl BrokerState {
             store.as_ref().map(|_| config.data_dir.clone()),
             config.disk_free_limit,
         );
-        vhosts.insert(
-            config.default_vhost.clone(),
-            VHost::new(&config.default_vhost, store.clone(), next_msg_id.clone()),
-        );
+        for v in access.vhosts() {
+            let vhost = VHost::new(&v.name, store.clone(), next_msg_id.clone());
+            vhosts.insert(v.name, vhost);
+        }
         // Measure before any client is served: a node that starts on a full disk must
         // not take publishes in its first tick.
         alarms.check();
@@ -62,6 +120,11 @@ impl BrokerState {
             next_msg_id,
             store,
             alarms,
+            access,
+            connections: Mutex::default(),
+            closed_stats: Mutex::default(),
+            connections_opened: AtomicU64::new(0),
+            connections_closed: AtomicU64::new(0),
             direct_reply_to: Default::default(),
         })
     }
@@ -101,14 +164,128 @@ impl BrokerState {
         }
     }
 
-    /// Checks a login. Only the configured default user exists for now.
-    pub fn authenticate(&self, user: &str, pass: &str) -> bool {
-        user == self.config.default_user && pass == self.config.default_pass
+    /// Every vhost, by name.
+    pub fn vhost_list(&self) -> Vec<Arc<VHost>> {
+        let mut list: Vec<Arc<VHost>> = self
+            .vhosts
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        list.sort_by(|a, b| a.name.cmp(&b.name));
+        list
     }
 
-    /// Whether `user` may log in only from loopback addresses.
-    pub fn loopback_only(&self, user: &str) -> bool {
-        self.config.loopback_users.iter().any(|u| u == user)
+    /// Creates a vhost (or updates its metadata) with the built-in exchanges.
+    pub async fn add_vhost(&self, record: VHostRecord) -> Result<(), AccessError> {
+        let name = record.name.clone();
+        self.access.change(AccessChange::PutVHost(record)).await?;
+        self.vhosts
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(name.clone())
+            .or_insert_with(|| VHost::new(&name, self.store.clone(), self.next_msg_id.clone()));
+        Ok(())
+    }
+
+    /// Deletes a vhost: its permissions, queues (with their messages) and exchanges;
+    /// connections to it are closed with 320 CONNECTION_FORCED, as RabbitMQ does.
+    pub async fn delete_vhost(&self, name: &str) -> Result<(), AccessError> {
+        self.access
+            .change(AccessChange::DeleteVHost(name.to_string()))
+            .await?;
+        let removed = self
+            .vhosts
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+        self.close_connections(
+            |c| c.vhost == name,
+            &amqp_err!(ConnectionForced, "vhost '{}' is deleted", name),
+        );
+        if let Some(v) = removed {
+            v.delete_everything();
+        }
+        Ok(())
+    }
+
+    /// Deletes a user and its permissions; its open connections are closed with 320
+    /// CONNECTION_FORCED.
+    pub async fn delete_user(&self, name: &str) -> Result<(), AccessError> {
+        self.access
+            .change(AccessChange::DeleteUser(name.to_string()))
+            .await?;
+        self.close_connections(
+            |c| c.user == name,
+            &amqp_err!(ConnectionForced, "user '{}' is deleted", name),
+        );
+        Ok(())
+    }
+
+    /// Notes an opened connection (connection.open-ok sent).
+    pub fn register_connection(&self, entry: ConnectionEntry) {
+        self.connections_opened.fetch_add(1, Ordering::Relaxed);
+        self.connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(entry.id, entry);
+    }
+
+    /// Forgets a connection that ended, keeping its message counters in the totals
+    /// (both under the registry's lock, so that a reader of the totals never misses it).
+    pub fn deregister_connection(&self, id: u64, stats: [u64; 10]) {
+        let mut open = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        if open.remove(&id).is_some() {
+            self.connections_closed.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut closed = self.closed_stats.lock().unwrap_or_else(|p| p.into_inner());
+        for (total, n) in closed.iter_mut().zip(stats) {
+            *total += n;
+        }
+    }
+
+    /// Message counters (in `ConnStats::values` order) of every connection so far:
+    /// the closed ones' totals plus the open ones' current counts.
+    pub fn message_totals(&self) -> [u64; 10] {
+        let open = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        let mut totals = *self.closed_stats.lock().unwrap_or_else(|p| p.into_inner());
+        for c in open.values() {
+            for (total, n) in totals.iter_mut().zip(c.shared.stats.values()) {
+                *total += n;
+            }
+        }
+        totals
+    }
+
+    /// Every open connection, by id.
+    pub fn connections(&self) -> Vec<ConnectionEntry> {
+        let mut list: Vec<ConnectionEntry> = self
+            .connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        list.sort_by_key(|c| c.id);
+        list
+    }
+
+    /// Asks every connection matching `which` to close with `reason`; returns how many.
+    pub fn close_connections(
+        &self,
+        which: impl Fn(&ConnectionEntry) -> bool,
+        reason: &AmqpError,
+    ) -> usize {
+        let targets: Vec<ConnectionEntry> = self
+            .connections()
+            .into_iter()
+            .filter(|c| which(c))
+            .collect();
+        for c in &targets {
+            let _ = c.shared.tx.send(ConnEvent::Close(reason.clone()));
+        }
+        targets.len()
     }
 
     /// A node-unique id (connections, consumers).

@@ -12,7 +12,7 @@ use super::exchange::{
 };
 use super::persist::{self, StoredBinding, StoredDefinition, StoredExchange, StoredQueue};
 use crate::protocol::{AmqpError, reply::amqp_err};
-use crate::queue::{DeadLetterRouter, Queue, QueueArgs, QueueDef, QueueStore};
+use crate::queue::{DeadLetterRouter, Message, Queue, QueueArgs, QueueDef, QueueStore};
 use crate::store::{Store, StoreOp};
 
 /// Queue arguments whose values must match on redeclare (as RabbitMQ checks them).
@@ -403,11 +403,14 @@ impl VHost {
         }
     }
 
-    /// queue.declare. Returns the queue and whether it was created now.
+    /// queue.declare. Returns the queue and whether it was created now. An empty name
+    /// gets a generated `amq.gen-` one; so does a name the caller already generated
+    /// (`server_named`), which the reserved-prefix rule then does not apply to.
     pub fn declare_queue(
         &self,
         mut def: QueueDef,
         passive: bool,
+        server_named: bool,
         conn: u64,
     ) -> Result<(Arc<Queue>, bool), AmqpError> {
         if passive {
@@ -418,7 +421,7 @@ impl VHost {
         }
         if def.name.is_empty() {
             def.name = generated_name("amq.gen-");
-        } else if def.name.starts_with("amq.") {
+        } else if !server_named && def.name.starts_with("amq.") {
             return Err(amqp_err!(
                 AccessRefused,
                 "queue name '{}' contains reserved prefix 'amq.*'",
@@ -685,6 +688,76 @@ impl VHost {
         }
         self.persist(ops);
         q.mark_deleted()
+    }
+
+    /// Every queue, in no particular order (listings, the management API).
+    pub fn queues(&self) -> Vec<Arc<Queue>> {
+        lock_read(&self.queues).values().cloned().collect()
+    }
+
+    /// Every exchange, the built-in ones included, in no particular order.
+    pub fn exchanges(&self) -> Vec<Arc<Exchange>> {
+        lock_read(&self.exchanges).values().cloned().collect()
+    }
+
+    /// Deletes every queue (cancelling consumers) and every exchange but the built-in
+    /// ones, with their stored records: the vhost itself is being deleted.
+    pub fn delete_everything(&self) {
+        for q in self.queues() {
+            self.remove_queue(&q);
+        }
+        for x in self.exchanges() {
+            let name = &x.def.name;
+            if !name.is_empty() && !name.starts_with("amq.") {
+                let _ = self.delete_exchange(name, false);
+            }
+        }
+    }
+
+    /// Publishes a message made by the broker itself (the management API's publish):
+    /// routes it, stores persistent copies and waits for that commit, then enqueues.
+    /// Returns whether some queue took it.
+    pub async fn publish(&self, msg: Message) -> Result<bool, AmqpError> {
+        let msg = Arc::new(msg);
+        let mut queues = self.route(
+            &msg.exchange,
+            &msg.routing_key,
+            msg.properties.headers().as_ref(),
+        )?;
+        queues.retain(|q| {
+            !(q.args.overflow == crate::queue::args::Overflow::RejectPublish
+                && q.would_reject(msg.size()))
+        });
+        if let (Some(store), Some(id)) = (&self.store, msg.store_id) {
+            let mut ops = Vec::new();
+            for q in &queues {
+                q.persist_ops(&msg, &mut ops);
+            }
+            if !ops.is_empty() {
+                ops.insert(
+                    0,
+                    StoreOp::PutMessage {
+                        msg_id: id,
+                        blob: persist::encode_message(&msg),
+                    },
+                );
+                store.commit(ops).await;
+            }
+        }
+        let mut routed = false;
+        for q in &queues {
+            if q.enqueue(msg.clone()) == crate::queue::Enqueued::Rejected {
+                if let (Some(qs), Some(id)) = (q.store(), msg.store_id) {
+                    qs.store.submit(vec![StoreOp::Remove {
+                        queue: qs.key.clone(),
+                        offset: id,
+                    }]);
+                }
+            } else {
+                routed = true;
+            }
+        }
+        Ok(routed)
     }
 
     /// Deletes the exclusive queues of a closing connection.

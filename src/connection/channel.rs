@@ -13,7 +13,8 @@ use amq_protocol::protocol::{AMQPClass, basic, channel, confirm, exchange, queue
 use amq_protocol::types::AMQPValue;
 use bytes::{Bytes, BytesMut};
 
-use super::sink::{ChannelLink, ConnEvent, ConnShared};
+use super::sink::{ChannelLink, ConnEvent, ConnShared, ConnStats};
+use crate::auth::{Permission, ResourceKind};
 use crate::broker::persist;
 use crate::broker::reply_to::PSEUDO_QUEUE;
 use crate::broker::sender_selected;
@@ -138,6 +139,22 @@ pub struct Channel {
     frame_max: u32,
     /// The consumer of `amq.rabbitmq.reply-to` on this channel (direct reply-to).
     reply_consumer: Option<direct_reply::ReplyConsumer>,
+    /// Exchanges this channel may publish to, checked at access-control generation
+    /// `.0`: a publish costs a short scan, not a regex match.
+    write_allowed: (u64, Vec<String>),
+}
+
+/// Most exchanges remembered in a channel's publish-permission cache (as RabbitMQ's
+/// per-channel permission cache).
+const WRITE_CACHE_SIZE: usize = 12;
+
+/// A string-valued argument (`x-dead-letter-exchange`, `alternate-exchange`).
+fn string_arg<'a>(args: &'a amq_protocol::types::FieldTable, key: &str) -> Option<&'a str> {
+    match args.inner().get(key)? {
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok(),
+        AMQPValue::ShortString(s) => Some(s.as_str()),
+        _ => None,
+    }
 }
 
 type Result<T> = std::result::Result<T, AmqpError>;
@@ -181,8 +198,35 @@ impl Channel {
             tx_commits_in_flight: 0,
             last_queue: None,
             frame_max,
+            write_allowed: (u64::MAX, Vec::new()),
             reply_consumer: None,
         }
+    }
+
+    /// 403 ACCESS_REFUSED unless this channel's user has `permission` on the resource.
+    fn check(&self, kind: ResourceKind, name: &str, permission: Permission) -> Result<()> {
+        self.broker
+            .access
+            .check(&self.user, &self.vhost.name, kind, name, permission)
+    }
+
+    /// basic.publish: write permission on the exchange, cached per channel until the
+    /// users or permissions change.
+    fn check_publish(&mut self, exchange: &str) -> Result<()> {
+        let generation = self.broker.access.generation();
+        if self.write_allowed.0 != generation {
+            self.write_allowed = (generation, Vec::new());
+        }
+        if self.write_allowed.1.iter().any(|x| x == exchange) {
+            return Ok(());
+        }
+        self.check(ResourceKind::Exchange, exchange, Permission::Write)?;
+        let cache = &mut self.write_allowed.1;
+        if cache.len() >= WRITE_CACHE_SIZE {
+            cache.remove(0);
+        }
+        cache.push(exchange.to_string());
+        Ok(())
     }
 
     fn send(&self, out: &mut BytesMut, method: AMQPClass) {
@@ -369,8 +413,18 @@ impl Channel {
                         ));
                     }
                 };
+                let name = s(&d.exchange);
+                if !d.passive && !name.is_empty() {
+                    self.check(ResourceKind::Exchange, name, Permission::Configure)?;
+                    if let Some(ae) = string_arg(&d.arguments, "alternate-exchange")
+                        && self.vhost.exchange(name).is_err()
+                    {
+                        self.check(ResourceKind::Exchange, name, Permission::Read)?;
+                        self.check(ResourceKind::Exchange, ae, Permission::Write)?;
+                    }
+                }
                 let def = ExchangeDef {
-                    name: s(&d.exchange).to_string(),
+                    name: name.to_string(),
                     kind,
                     durable: d.durable,
                     auto_delete: d.auto_delete,
@@ -381,10 +435,18 @@ impl Channel {
                 (!d.nowait).then_some(exchange::AMQPMethod::DeclareOk(exchange::DeclareOk {}))
             }
             exchange::AMQPMethod::Delete(d) => {
+                if !s(&d.exchange).is_empty() {
+                    self.check(
+                        ResourceKind::Exchange,
+                        s(&d.exchange),
+                        Permission::Configure,
+                    )?;
+                }
                 self.vhost.delete_exchange(s(&d.exchange), d.if_unused)?;
                 (!d.nowait).then_some(exchange::AMQPMethod::DeleteOk(exchange::DeleteOk {}))
             }
             exchange::AMQPMethod::Bind(b) => {
+                self.check_bind(ResourceKind::Exchange, s(&b.destination), s(&b.source))?;
                 self.vhost.bind_exchange(
                     s(&b.destination),
                     s(&b.source),
@@ -394,6 +456,7 @@ impl Channel {
                 (!b.nowait).then_some(exchange::AMQPMethod::BindOk(exchange::BindOk {}))
             }
             exchange::AMQPMethod::Unbind(b) => {
+                self.check_bind(ResourceKind::Exchange, s(&b.destination), s(&b.source))?;
                 self.vhost.unbind_exchange(
                     s(&b.destination),
                     s(&b.source),
@@ -412,6 +475,16 @@ impl Channel {
         };
         if let Some(r) = reply {
             self.send(out, AMQPClass::Exchange(r));
+        }
+        Ok(())
+    }
+
+    /// Binding and unbinding, as RabbitMQ checks them: write on the destination, read on
+    /// the source (the default exchange is refused by the vhost with its own text).
+    fn check_bind(&self, kind: ResourceKind, destination: &str, source: &str) -> Result<()> {
+        self.check(kind, destination, Permission::Write)?;
+        if !source.is_empty() && !destination.is_empty() {
+            self.check(ResourceKind::Exchange, source, Permission::Read)?;
         }
         Ok(())
     }
@@ -435,9 +508,18 @@ impl Channel {
                 } else {
                     let name = if d.passive {
                         self.queue_name(s(&d.queue))?
+                    } else if d.queue.as_str().is_empty() {
+                        generated_name("amq.gen-")
                     } else {
                         s(&d.queue).to_string()
                     };
+                    if !d.passive {
+                        self.check(ResourceKind::Queue, &name, Permission::Configure)?;
+                        if let Some(dlx) = string_arg(&d.arguments, "x-dead-letter-exchange") {
+                            self.check(ResourceKind::Queue, &name, Permission::Read)?;
+                            self.check(ResourceKind::Exchange, dlx, Permission::Write)?;
+                        }
+                    }
                     let def = QueueDef {
                         name,
                         durable: d.durable,
@@ -445,7 +527,10 @@ impl Channel {
                         auto_delete: d.auto_delete,
                         arguments: d.arguments,
                     };
-                    let (q, _created) = self.vhost.declare_queue(def, d.passive, self.conn_id)?;
+                    let server_named = !d.passive && d.queue.as_str().is_empty();
+                    let (q, _created) =
+                        self.vhost
+                            .declare_queue(def, d.passive, server_named, self.conn_id)?;
                     let counts = q.counts();
                     self.last_queue = Some(q.name().to_string());
                     (!d.nowait).then(|| {
@@ -459,6 +544,7 @@ impl Channel {
             }
             queue::AMQPMethod::Bind(b) => {
                 let name = self.queue_name(s(&b.queue))?;
+                self.check_bind(ResourceKind::Queue, &name, s(&b.exchange))?;
                 self.vhost.bind_queue(
                     &name,
                     s(&b.exchange),
@@ -470,6 +556,7 @@ impl Channel {
             }
             queue::AMQPMethod::Unbind(b) => {
                 let name = self.queue_name(s(&b.queue))?;
+                self.check_bind(ResourceKind::Queue, &name, s(&b.exchange))?;
                 self.vhost.unbind_queue(
                     &name,
                     s(&b.exchange),
@@ -481,6 +568,7 @@ impl Channel {
             }
             queue::AMQPMethod::Purge(p) => {
                 let name = self.queue_name(s(&p.queue))?;
+                self.check(ResourceKind::Queue, &name, Permission::Read)?;
                 let q = self.vhost.queue(&name, self.conn_id)?;
                 let purged = q.purge();
                 (!p.nowait).then_some(queue::AMQPMethod::PurgeOk(queue::PurgeOk {
@@ -489,6 +577,7 @@ impl Channel {
             }
             queue::AMQPMethod::Delete(d) => {
                 let name = self.queue_name(s(&d.queue))?;
+                self.check(ResourceKind::Queue, &name, Permission::Configure)?;
                 let count =
                     self.vhost
                         .delete_queue(&name, d.if_unused, d.if_empty, self.conn_id)?;
@@ -593,6 +682,7 @@ impl Channel {
             None
         } else {
             let name = self.queue_name(s(&c.queue))?;
+            self.check(ResourceKind::Queue, &name, Permission::Read)?;
             Some(self.vhost.queue(&name, self.conn_id)?)
         };
         let tag: Arc<str> = if c.consumer_tag.as_str().is_empty() {
@@ -674,6 +764,7 @@ impl Channel {
 
     fn get(&mut self, g: basic::Get, out: &mut BytesMut) -> Result<()> {
         let name = self.queue_name(s(&g.queue))?;
+        self.check(ResourceKind::Queue, &name, Permission::Read)?;
         let q = self.vhost.queue(&name, self.conn_id)?;
         match q.get(g.no_ack) {
             None => self.send(
@@ -681,6 +772,18 @@ impl Channel {
                 AMQPClass::Basic(basic::AMQPMethod::GetEmpty(basic::GetEmpty {})),
             ),
             Some((entry, left)) => {
+                let stats = &self.link.conn.stats;
+                ConnStats::add(
+                    if g.no_ack {
+                        &stats.get_no_ack
+                    } else {
+                        &stats.get_ack
+                    },
+                    1,
+                );
+                if entry.redelivered {
+                    ConnStats::add(&stats.redelivered, 1);
+                }
                 let tag = self.next_tag;
                 self.next_tag += 1;
                 if !g.no_ack {
@@ -747,6 +850,18 @@ impl Channel {
         );
         let props = delivery_properties(&d.queue, &d.entry);
         encode::content(out, self.id, &props, &msg.body, self.frame_max);
+        let stats = &self.link.conn.stats;
+        ConnStats::add(
+            if d.no_ack {
+                &stats.delivered_no_ack
+            } else {
+                &stats.delivered_ack
+            },
+            1,
+        );
+        if d.entry.redelivered {
+            ConnStats::add(&stats.redelivered, 1);
+        }
         if d.no_ack {
             d.queue.settle_written_auto_ack(&d.entry, written);
         } else {
@@ -808,6 +923,9 @@ impl Channel {
     fn settle(&mut self, taken: Vec<Unacked>, how: Settle, mut ops: Option<&mut Vec<StoreOp>>) {
         if taken.is_empty() {
             return;
+        }
+        if matches!(how, Settle::Ack) {
+            ConnStats::add(&self.link.conn.stats.acked, taken.len() as u64);
         }
         let counted = taken.iter().filter(|u| u.counted).count() as u32;
         self.link
@@ -982,6 +1100,8 @@ impl Channel {
         else {
             return Ok(());
         };
+        self.check_publish(method.exchange.as_str())?;
+        ConnStats::add(&self.link.conn.stats.published, 1);
         self.rewrite_reply_to(&mut header)?;
         let (cc, without_bcc) = sender_selected::extra_routing_keys(&header.properties)?;
         if let Some(props) = without_bcc {
@@ -1053,6 +1173,17 @@ impl Channel {
             self.vhost
                 .route_keys(&msg.exchange, &keys, msg.properties.headers().as_ref())?
         };
+        if queues.is_empty() {
+            let stats = &self.link.conn.stats;
+            ConnStats::add(
+                if mandatory {
+                    &stats.returned
+                } else {
+                    &stats.dropped
+                },
+                1,
+            );
+        }
         if queues.is_empty() && mandatory {
             self.return_unroutable(&msg, out);
         }
@@ -1202,6 +1333,7 @@ impl Channel {
     /// everything below the oldest publish still waiting for the store is confirmed.
     pub fn flush_confirms(&mut self, out: &mut BytesMut) {
         let Some(c) = &mut self.confirms else { return };
+        ConnStats::add(&self.link.conn.stats.confirmed, c.ready.len() as u64);
         for seq in c.nacks.drain(..) {
             encode::confirm(out, self.id, seq, false, false);
             c.ever_nacked = true;

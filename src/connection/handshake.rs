@@ -109,7 +109,11 @@ impl Connection {
                 version_major: 0,
                 version_minor: 9,
                 server_properties: server_properties(),
-                mechanisms: "PLAIN AMQPLAIN".into(),
+                mechanisms: if self.certificate_user.is_some() {
+                    "PLAIN AMQPLAIN EXTERNAL".into()
+                } else {
+                    "PLAIN AMQPLAIN".into()
+                },
                 locales: "en_US".into(),
             })),
         );
@@ -167,6 +171,9 @@ impl Connection {
         let creds = match mechanism {
             "PLAIN" => plain(ok.response.as_bytes()),
             "AMQPLAIN" => amqplain(ok.response.as_bytes()),
+            "EXTERNAL" if self.certificate_user.is_some() => {
+                return self.external_login(mechanism);
+            }
             other => {
                 // As RabbitMQ: an unknown mechanism ends the handshake without a
                 // connection.close, whatever the client's capabilities.
@@ -193,14 +200,45 @@ impl Connection {
             tracing::warn!(peer = %self.peer, "malformed {mechanism} response");
             return refused();
         };
-        if !self.broker.authenticate(&user, &pass) {
+        if self.broker.access.authenticate(&user, &pass).is_none() {
             tracing::warn!(peer = %self.peer, %user, "authentication failed");
             return refused();
         }
-        if self.broker.loopback_only(&user) && !self.peer.ip().to_canonical().is_loopback() {
+        if self.broker.access.loopback_only(&user) && !self.peer.ip().to_canonical().is_loopback() {
             tracing::warn!(peer = %self.peer, %user, "user may only connect via localhost");
             return refused();
         }
+        self.logged_in(user);
+        Ok(())
+    }
+
+    /// EXTERNAL: the verified client certificate names the user; it must exist (and
+    /// obey loopback_users), no password is asked.
+    fn external_login(&mut self, mechanism: &str) -> Result<(), AmqpError> {
+        let refused = || {
+            amqp_err!(
+                AccessRefused,
+                "Login was refused using authentication mechanism {}. For details see the broker logfile.",
+                mechanism
+            )
+        };
+        let Some(user) = self.certificate_user.clone() else {
+            return Err(refused());
+        };
+        if self.broker.access.user(&user).is_none() {
+            tracing::warn!(peer = %self.peer, %user, "EXTERNAL: no user for this client certificate");
+            return Err(refused());
+        }
+        if self.broker.access.loopback_only(&user) && !self.peer.ip().to_canonical().is_loopback() {
+            tracing::warn!(peer = %self.peer, %user, "user may only connect via localhost");
+            return Err(refused());
+        }
+        self.logged_in(user);
+        Ok(())
+    }
+
+    /// Authentication succeeded: offer the tuning.
+    fn logged_in(&mut self, user: String) {
         self.user = user;
         self.phase = Phase::AwaitTuneOk;
         self.send(
@@ -211,7 +249,6 @@ impl Connection {
                 heartbeat: self.broker.config.heartbeat,
             })),
         );
-        Ok(())
     }
 
     fn tune_ok(&mut self, ok: TuneOk) -> Result<(), AmqpError> {
@@ -238,10 +275,22 @@ impl Connection {
 
     fn open(&mut self, open: Open) -> Result<(), AmqpError> {
         let name = open.virtual_host.as_str();
+        self.broker.access.check_vhost(&self.user, name)?;
         let Some(vhost) = self.broker.vhost(name) else {
             return Err(amqp_err!(NotAllowed, "vhost {} not found", name).at(10, 40));
         };
         tracing::info!(peer = %self.peer, user = %self.user, vhost = %name, "connection opened");
+        self.broker
+            .register_connection(crate::broker::ConnectionEntry {
+                id: self.id,
+                peer: self.peer,
+                local: self.local,
+                tls: self.tls,
+                connected_at_ms: crate::queue::now_ms(),
+                user: self.user.clone(),
+                vhost: name.to_string(),
+                shared: self.shared.clone(),
+            });
         self.vhost = Some(vhost);
         self.phase = Phase::Open;
         self.send(0, AMQPClass::Connection(AMQPMethod::OpenOk(OpenOk {})));

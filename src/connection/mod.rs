@@ -19,7 +19,6 @@ use amq_protocol::protocol::{AMQPClass, connection as conn_methods};
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::{broadcast, mpsc};
 
 use crate::broker::{BrokerState, VHost};
@@ -76,6 +75,11 @@ impl Phase {
 pub struct Connection {
     id: u64,
     peer: SocketAddr,
+    local: SocketAddr,
+    /// The connection came over TLS.
+    tls: bool,
+    /// The user a verified client certificate names (EXTERNAL mechanism).
+    certificate_user: Option<String>,
     broker: Arc<BrokerState>,
     phase: Phase,
     user: String,
@@ -122,28 +126,90 @@ pub struct Connection {
     definitions_changed: bool,
 }
 
-/// Runs a connection until it closes.
+/// Runs a plain TCP connection until it closes.
 pub async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
     broker: Arc<BrokerState>,
-    mut shutdown: broadcast::Receiver<()>,
+    shutdown: broadcast::Receiver<()>,
 ) {
     let _ = stream.set_nodelay(true);
-    let (mut reader, mut writer) = stream.into_split();
+    let local = stream.local_addr().unwrap_or(peer);
+    let (reader, writer) = stream.into_split();
+    let transport = Transport {
+        peer,
+        local,
+        tls: false,
+        certificate_user: None,
+    };
+    run(reader, writer, transport, broker, shutdown).await
+}
+
+/// Runs a connection over TLS (amqps) until it closes. `certificate_user` is the user a
+/// verified client certificate names, for the EXTERNAL mechanism.
+pub async fn serve_tls(
+    stream: tokio_rustls::server::TlsStream<TcpStream>,
+    peer: SocketAddr,
+    local: SocketAddr,
+    certificate_user: Option<String>,
+    broker: Arc<BrokerState>,
+    shutdown: broadcast::Receiver<()>,
+) {
+    let (reader, writer) = tokio::io::split(stream);
+    let transport = Transport {
+        peer,
+        local,
+        tls: true,
+        certificate_user,
+    };
+    run(reader, writer, transport, broker, shutdown).await
+}
+
+/// Where a connection comes from and what its transport proved.
+struct Transport {
+    peer: SocketAddr,
+    local: SocketAddr,
+    tls: bool,
+    certificate_user: Option<String>,
+}
+
+/// The connection's life, over any byte stream split in two halves (plain TCP keeps
+/// tokio's lock-free owned halves).
+async fn run<R, W>(
+    mut reader: R,
+    mut writer: W,
+    transport: Transport,
+    broker: Arc<BrokerState>,
+    mut shutdown: broadcast::Receiver<()>,
+) where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    let Transport {
+        peer,
+        local,
+        tls,
+        certificate_user,
+    } = transport;
     let (tx, mut rx) = mpsc::unbounded_channel();
+    let id = broker.next_id();
     let shared = Arc::new(ConnShared {
+        id,
         tx,
         pending: Default::default(),
         pending_bytes: Default::default(),
         waiting: Default::default(),
         held_by: Default::default(),
         held_by_store: Default::default(),
+        channels: Default::default(),
+        stats: Default::default(),
     });
-    let id = broker.next_id();
     let mut conn = Connection {
         id,
         peer,
+        local,
+        tls,
+        certificate_user,
         channel_max: broker.config.channel_max,
         frame_max: broker.config.frame_max,
         heartbeat: 0,
@@ -336,9 +402,9 @@ impl Connection {
         encode::method(&mut self.out, channel, method);
     }
 
-    async fn flush(
+    async fn flush<W: tokio::io::AsyncWrite + Unpin>(
         &mut self,
-        writer: &mut OwnedWriteHalf,
+        writer: &mut W,
         shutdown: &mut broadcast::Receiver<()>,
     ) -> std::io::Result<()> {
         for ch in self.channels.values_mut() {
@@ -378,9 +444,9 @@ impl Connection {
     /// its unacked messages) forever: when no byte goes out for as long as missed
     /// heartbeats would take (the handshake or close timeout before and after), or for
     /// a second once the node is shutting down, the connection is given up.
-    async fn write_out(
+    async fn write_out<W: tokio::io::AsyncWrite + Unpin>(
         &mut self,
-        writer: &mut OwnedWriteHalf,
+        writer: &mut W,
         shutdown: &mut broadcast::Receiver<()>,
     ) -> std::io::Result<()> {
         let stall_limit = match self.phase {
@@ -501,6 +567,17 @@ impl Connection {
         }
     }
 
+    /// Tells listings which channels are open (on channel open and close only).
+    fn publish_channel_numbers(&self) {
+        let mut numbers: Vec<u16> = self.channels.keys().copied().collect();
+        numbers.sort_unstable();
+        *self
+            .shared
+            .channels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = numbers;
+    }
+
     fn recently_closed(&self, ch: u16) -> bool {
         self.closed_channels.contains(&ch)
     }
@@ -535,6 +612,7 @@ impl Connection {
             self.frame_max,
         );
         self.channels.insert(ch, channel);
+        self.publish_channel_numbers();
         self.send(
             ch,
             AMQPClass::Channel(amq_protocol::protocol::channel::AMQPMethod::OpenOk(
@@ -588,6 +666,7 @@ impl Connection {
             channel::Outcome::Continue => Ok(()),
             channel::Outcome::Closed => {
                 self.channels.remove(&ch);
+                self.publish_channel_numbers();
                 self.closed_channels.push(ch);
                 if self.closed_channels.len() > 64 {
                     self.closed_channels.remove(0);
@@ -627,6 +706,7 @@ impl Connection {
                     channel.stored(&seqs);
                 }
             }
+            ConnEvent::Close(reason) => self.close_connection(reason),
             ConnEvent::Reply(ch, tag, msg) => {
                 if let Some(channel) = self.channels.get_mut(&ch) {
                     channel.deliver_reply(&tag, &msg, &mut self.out);
@@ -702,6 +782,7 @@ impl Connection {
         for (_, mut ch) in self.channels.drain() {
             ch.release();
         }
+        self.publish_channel_numbers();
     }
 
     /// After the socket is gone: unacked messages go back, exclusive queues go away.
@@ -712,6 +793,8 @@ impl Connection {
                 d.queue.return_undelivered(d.entry);
             }
         }
+        self.broker
+            .deregister_connection(self.id, self.shared.stats.values());
         if let Some(vhost) = &self.vhost {
             vhost.remove_exclusive_queues(self.id);
             tracing::info!(peer = %self.peer, user = %self.user, vhost = %vhost.name, "connection closed");

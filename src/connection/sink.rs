@@ -2,7 +2,7 @@
 //! `ConsumerSink`, so a queue can hand it deliveries (through the connection's event
 //! channel) and ask whether the channel can take more (prefetch, socket backlog).
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use tokio::sync::mpsc::UnboundedSender;
@@ -31,6 +31,8 @@ pub enum ConnEvent {
     Stored(u16, Vec<u64>),
     /// This channel's tx.commit is durable.
     TxCommitted(u16),
+    /// The broker closes the connection (vhost or user deleted, closed by an operator).
+    Close(crate::protocol::AmqpError),
     /// A direct reply-to message for the reply consumer with this tag.
     Reply(u16, Arc<str>, Arc<Message>),
 }
@@ -38,6 +40,8 @@ pub enum ConnEvent {
 /// State of a connection that queues may touch.
 #[derive(Debug)]
 pub struct ConnShared {
+    /// The connection's node-unique id.
+    pub id: u64,
     /// Events into the connection task.
     pub tx: UnboundedSender<ConnEvent>,
     /// Deliveries handed to the connection and not yet written to its socket.
@@ -52,6 +56,63 @@ pub struct ConnShared {
     /// This connection fed the store while it was congested: it reads no more
     /// publishes until the store catches up.
     pub held_by_store: AtomicBool,
+    /// Numbers of the open channels (for listings; changed on channel open and close).
+    pub channels: Mutex<Vec<u16>>,
+    /// Message counters of this connection's channels (metrics).
+    pub stats: ConnStats,
+}
+
+/// What a connection's channels did, for the metrics endpoint and the management API.
+/// Only the connection's own task writes them (relaxed atomics on its own cache lines:
+/// no contention, no lock); readers sum them on demand. When the connection ends they
+/// are added to the broker's totals of closed connections, so totals never go down.
+#[derive(Debug, Default)]
+pub struct ConnStats {
+    /// basic.publish received.
+    pub published: AtomicU64,
+    /// Publishes confirmed (basic.ack sent to a confirm-mode publisher).
+    pub confirmed: AtomicU64,
+    /// Unroutable mandatory publishes returned.
+    pub returned: AtomicU64,
+    /// Unroutable publishes dropped.
+    pub dropped: AtomicU64,
+    /// Deliveries to consumers that ack.
+    pub delivered_ack: AtomicU64,
+    /// Deliveries to auto-ack consumers.
+    pub delivered_no_ack: AtomicU64,
+    /// basic.get-ok with acks expected.
+    pub get_ack: AtomicU64,
+    /// basic.get-ok in auto-ack mode.
+    pub get_no_ack: AtomicU64,
+    /// Deliveries and gets with the redelivered flag.
+    pub redelivered: AtomicU64,
+    /// Messages acknowledged by the client.
+    pub acked: AtomicU64,
+}
+
+impl ConnStats {
+    /// Adds `n` to a counter (only its connection's task calls this).
+    #[inline]
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.store(counter.load(Ordering::Relaxed) + n, Ordering::Relaxed);
+    }
+
+    /// Every counter, in field order.
+    pub fn values(&self) -> [u64; 10] {
+        [
+            &self.published,
+            &self.confirmed,
+            &self.returned,
+            &self.dropped,
+            &self.delivered_ack,
+            &self.delivered_no_ack,
+            &self.get_ack,
+            &self.get_no_ack,
+            &self.redelivered,
+            &self.acked,
+        ]
+        .map(|c| c.load(Ordering::Relaxed))
+    }
 }
 
 impl ConnShared {
@@ -83,6 +144,10 @@ pub struct ChannelLink {
 }
 
 impl ConsumerSink for ChannelLink {
+    fn channel(&self) -> Option<(u64, u16)> {
+        Some((self.conn.id, self.channel))
+    }
+
     fn has_credit(&self, no_ack: bool) -> bool {
         if self.conn.tx.is_closed()
             || self.conn.pending.load(Ordering::Relaxed) >= MAX_PENDING_DELIVERIES

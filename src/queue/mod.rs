@@ -80,6 +80,10 @@ pub trait ConsumerSink: Send + Sync + std::fmt::Debug {
     /// Whether the channel's connection holds many deliveries it has not yet written:
     /// the broker, not the client, is what keeps this consumer from taking more.
     fn is_behind(&self) -> bool;
+    /// (connection id, channel number) of the consumer, for listings.
+    fn channel(&self) -> Option<(u64, u16)> {
+        None
+    }
 }
 
 /// Ready messages (or bytes of them) from which a queue holds its publishers back while
@@ -106,6 +110,22 @@ struct Registered {
     sink: Arc<dyn ConsumerSink>,
     no_ack: bool,
     exclusive: bool,
+    prefetch: u32,
+}
+
+/// A consumer as listings show it.
+#[derive(Debug, Clone)]
+pub struct ConsumerInfo {
+    /// Consumer tag.
+    pub tag: Arc<str>,
+    /// Manual acknowledgement expected.
+    pub ack_required: bool,
+    /// basic.consume exclusive.
+    pub exclusive: bool,
+    /// Its prefetch (0: unlimited).
+    pub prefetch: u32,
+    /// (connection id, channel number) it consumes on, when the sink knows.
+    pub channel: Option<(u64, u16)>,
 }
 
 #[derive(Debug)]
@@ -117,6 +137,47 @@ struct Inner {
     last_used_ms: u64,
     /// Publishes left before `enqueue` looks at the consumers again (queue flow control).
     flow_check_in: u32,
+    /// Message counters for the management API and metrics, bumped under the lock the
+    /// operation holds anyway.
+    counters: MessageCounters,
+}
+
+/// Totals of what went through a queue since it was created (or recovered), as
+/// RabbitMQ's `message_stats`. Rates are derived by whoever samples them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MessageCounters {
+    /// Messages enqueued (publish, dead-lettered in).
+    pub publish: u64,
+    /// Messages delivered to consumers expecting acks.
+    pub deliver: u64,
+    /// Messages delivered to auto-ack consumers.
+    pub deliver_no_ack: u64,
+    /// Messages fetched with basic.get expecting acks.
+    pub get: u64,
+    /// Messages fetched with basic.get in auto-ack mode.
+    pub get_no_ack: u64,
+    /// Deliveries and gets with the redelivered flag set.
+    pub redeliver: u64,
+    /// Messages acknowledged.
+    pub ack: u64,
+}
+
+/// A point-in-time view of a queue for listings (management API, metrics, ctl).
+#[derive(Debug, Clone, Copy)]
+pub struct QueueSnapshot {
+    /// Messages ready for delivery.
+    pub ready: u64,
+    /// Messages delivered and not yet acknowledged.
+    pub unacked: u64,
+    /// Body bytes of the ready messages.
+    pub ready_bytes: u64,
+    /// Consumers.
+    pub consumers: u64,
+    /// Estimate of the memory the queue's messages take: bodies and properties of the
+    /// ready ones plus the bookkeeping of every entry.
+    pub memory: u64,
+    /// Totals since creation.
+    pub counters: MessageCounters,
 }
 
 /// Declared properties of a queue, compared on redeclare.
@@ -199,6 +260,7 @@ impl Queue {
                 deleted: false,
                 last_used_ms: now_ms(),
                 flow_check_in: 0,
+                counters: MessageCounters::default(),
             }),
             congested: AtomicBool::new(false),
             args,
@@ -266,6 +328,9 @@ impl Queue {
             }
             let mut effects = Vec::new();
             let result = inner.state.enqueue(msg, &mut effects);
+            if result != Enqueued::Rejected {
+                inner.counters.publish += 1;
+            }
             self.apply(&mut inner, effects, &mut dead);
             self.run(&mut inner, &mut dead);
             let congested = self.check_congestion(&mut inner);
@@ -385,8 +450,14 @@ impl Queue {
         ops: &mut Vec<StoreOp>,
     ) {
         let Some(me) = self.me.upgrade() else { return };
-        let Some(r) = inner.consumers.get(&consumer) else {
-            inner.state.return_undelivered(entry);
+        let Inner {
+            state,
+            consumers,
+            counters,
+            ..
+        } = inner;
+        let Some(r) = consumers.get(&consumer) else {
+            state.return_undelivered(entry);
             return;
         };
         // An auto-ack delivery keeps its stored copy until its channel has written it
@@ -394,6 +465,12 @@ impl Queue {
         if !r.no_ack {
             ops.extend(self.delivery_record(&entry, false));
         }
+        if r.no_ack {
+            counters.deliver_no_ack += 1;
+        } else {
+            counters.deliver += 1;
+        }
+        counters.redeliver += u64::from(entry.redelivered);
         let delivery = Delivery {
             queue: me,
             consumer_tag: r.tag.clone(),
@@ -402,7 +479,7 @@ impl Queue {
             no_ack: r.no_ack,
         };
         if let Err(back) = r.sink.deliver(delivery) {
-            inner.state.return_undelivered(back.entry);
+            state.return_undelivered(back.entry);
         }
     }
 
@@ -489,6 +566,7 @@ impl Queue {
                     sink,
                     no_ack,
                     exclusive,
+                    prefetch: spec.prefetch,
                 },
             );
             inner.had_consumer = true;
@@ -526,6 +604,7 @@ impl Queue {
         {
             let mut inner = self.lock();
             let removed = inner.state.settle(offsets);
+            inner.counters.ack += removed.len() as u64;
             self.forget(removed.iter(), ops);
             self.run(&mut inner, &mut dead);
         }
@@ -598,6 +677,13 @@ impl Queue {
             let entry = inner.state.get(now_ms(), no_ack, &mut effects);
             self.apply(&mut inner, effects, &mut dead);
             entry.map(|entry| {
+                let c = &mut inner.counters;
+                if no_ack {
+                    c.get_no_ack += 1;
+                } else {
+                    c.get += 1;
+                }
+                c.redeliver += u64::from(entry.redelivered);
                 if let (Some(qs), Some(op)) = (&self.store, self.delivery_record(&entry, no_ack)) {
                     qs.store.submit(vec![op]);
                 }
@@ -631,6 +717,36 @@ impl Queue {
         };
         self.bury(dead);
         counts
+    }
+
+    /// The queue's consumers, for listings.
+    pub fn consumers(&self) -> Vec<ConsumerInfo> {
+        self.lock()
+            .consumers
+            .values()
+            .map(|r| ConsumerInfo {
+                tag: r.tag.clone(),
+                ack_required: !r.no_ack,
+                exclusive: r.exclusive,
+                prefetch: r.prefetch,
+                channel: r.sink.channel(),
+            })
+            .collect()
+    }
+
+    /// Counts, bytes and counters for listings.
+    pub fn snapshot(&self) -> QueueSnapshot {
+        let inner = self.lock();
+        let (ready, unacked) = (inner.state.ready_count(), inner.state.unacked_count());
+        let per_entry = std::mem::size_of::<Entry>() + std::mem::size_of::<Message>();
+        QueueSnapshot {
+            ready: ready as u64,
+            unacked: unacked as u64,
+            ready_bytes: inner.state.ready_bytes() as u64,
+            consumers: inner.consumers.len() as u64,
+            memory: (inner.state.ready_bytes() + (ready + unacked) * per_entry) as u64,
+            counters: inner.counters,
+        }
     }
 
     /// Checks queue.delete's if-unused / if-empty conditions.

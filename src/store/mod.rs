@@ -15,6 +15,7 @@
 //! cannot go on: [`fatal_store_failure`] logs and exits the process. No caller is ever told
 //! "not stored".
 
+pub mod histogram;
 mod recovery;
 mod schema;
 mod writer;
@@ -90,6 +91,19 @@ pub enum StoreOp {
     /// Delete a definition (absent keys are ignored).
     DeleteDefinition {
         /// Key given to [`StoreOp::PutDefinition`].
+        key: String,
+    },
+    /// Create or replace an access-control record (user, vhost, permission), in its own
+    /// table beside the definitions.
+    PutAccess {
+        /// Key chosen by the access-control module; [`Recovered::access`] is sorted by it.
+        key: String,
+        /// Its encoded record.
+        value: Vec<u8>,
+    },
+    /// Delete an access-control record (absent keys are ignored).
+    DeleteAccess {
+        /// Key given to [`StoreOp::PutAccess`].
         key: String,
     },
     /// Store a message blob once, however many queues will hold it. Follow it with one
@@ -175,7 +189,7 @@ impl StoreOp {
     /// Bytes of payload this op carries, used to bound the size of a group commit.
     fn payload_len(&self) -> usize {
         match self {
-            StoreOp::PutDefinition { value, .. } => value.len(),
+            StoreOp::PutDefinition { value, .. } | StoreOp::PutAccess { value, .. } => value.len(),
             StoreOp::PutMessage { blob, .. } => blob.len(),
             StoreOp::RaftAppend { entry, .. } => entry.len(),
             StoreOp::RaftPutState { value, .. } => value.len(),
@@ -189,6 +203,8 @@ impl StoreOp {
 pub struct Recovered {
     /// Every stored definition `(key, value)`, sorted by key.
     pub definitions: Vec<(String, Vec<u8>)>,
+    /// Every stored access-control record `(key, value)`, sorted by key.
+    pub access: Vec<(String, Vec<u8>)>,
     /// Entries per queue key, each list in ascending offset order. Queues without entries
     /// are absent.
     pub queues: HashMap<String, Vec<RecoveredEntry>>,
@@ -239,8 +255,27 @@ pub struct StoreStats {
     pub queued_bytes: u64,
 }
 
+/// Upper bounds (seconds) of the commit latency histogram.
+const COMMIT_SECONDS_BOUNDS: [f64; 14] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+/// Upper bounds of the group-commit size histogram (requests per transaction).
+const BATCH_REQUESTS_BOUNDS: [f64; 13] = [
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0, 16384.0,
+];
+
+/// The writer's histograms, for the metrics endpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoreHistograms {
+    /// Seconds from the start of a write transaction to the end of its commit (with
+    /// its fsync, for durable commits).
+    pub commit_seconds: histogram::HistogramSnapshot,
+    /// Requests (publishes, acks, definition changes...) per group commit.
+    pub batch_requests: histogram::HistogramSnapshot,
+}
+
 /// Shared between the handles and the writer thread.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Counters {
     transactions: AtomicU64,
     durable_commits: AtomicU64,
@@ -252,6 +287,24 @@ struct Counters {
     queued_bytes: AtomicU64,
     /// Requests ever sent to the writer.
     sent: AtomicU64,
+    commit_seconds: histogram::Histogram,
+    batch_requests: histogram::Histogram,
+}
+
+impl Default for Counters {
+    fn default() -> Counters {
+        Counters {
+            transactions: AtomicU64::new(0),
+            durable_commits: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            ops: AtomicU64::new(0),
+            queued_ops: AtomicU64::new(0),
+            queued_bytes: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
+            commit_seconds: histogram::Histogram::new(&COMMIT_SECONDS_BOUNDS),
+            batch_requests: histogram::Histogram::new(&BATCH_REQUESTS_BOUNDS),
+        }
+    }
 }
 
 impl Counters {
@@ -453,6 +506,15 @@ impl Store {
     /// Counters of the writer's work so far.
     pub fn stats(&self) -> StoreStats {
         self.inner.counters.snapshot()
+    }
+
+    /// Commit latency and group-commit size distributions so far.
+    pub fn histograms(&self) -> StoreHistograms {
+        let c = &self.inner.counters;
+        StoreHistograms {
+            commit_seconds: c.commit_seconds.snapshot(),
+            batch_requests: c.batch_requests.snapshot(),
+        }
     }
 
     /// Path of the database file.

@@ -8,7 +8,8 @@ use bytes::Bytes;
 use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 
 use super::schema::{
-    DEFINITIONS, ENTRIES, MESSAGES, META, META_SCHEMA_VERSION, RAFT_LOG, RAFT_STATE, SCHEMA_VERSION,
+    ACCESS, DEFINITIONS, ENTRIES, MESSAGES, META, META_SCHEMA_VERSION, RAFT_LOG, RAFT_STATE,
+    SCHEMA_VERSION,
 };
 use super::writer::RefCounts;
 use super::{Recovered, RecoveredEntry, RecoveredRaftGroup};
@@ -23,6 +24,20 @@ pub(super) struct Loaded {
     pub(super) orphans: Vec<u64>,
     /// Entries whose message is missing: dropped from `recovered`, deleted by [`clean_up`].
     pub(super) dangling: Vec<(String, u64)>,
+}
+
+/// Every `(key, value)` of a string-keyed blob table, in key order.
+fn read_blobs(
+    txn: &ReadTransaction,
+    table: redb::TableDefinition<&str, &[u8]>,
+) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    let table = txn.open_table(table)?;
+    let mut out = Vec::with_capacity(usize::try_from(table.len()?).unwrap_or(0));
+    for row in table.iter()? {
+        let (key, value) = row?;
+        out.push((key.value().to_owned(), value.value().to_vec()));
+    }
+    Ok(out)
 }
 
 /// Creates the tables of a new database and checks the schema version of an existing one.
@@ -41,6 +56,7 @@ pub(super) fn init_schema(db: &Database) -> anyhow::Result<()> {
             ),
         }
         txn.open_table(DEFINITIONS)?;
+        txn.open_table(ACCESS)?;
         txn.open_table(MESSAGES)?;
         txn.open_table(ENTRIES)?;
     }
@@ -57,15 +73,8 @@ pub(super) fn init_schema(db: &Database) -> anyhow::Result<()> {
 pub(super) fn load(db: &Database) -> anyhow::Result<Loaded> {
     let txn = db.begin_read()?;
 
-    let definitions = {
-        let table = txn.open_table(DEFINITIONS)?;
-        let mut out = Vec::with_capacity(usize::try_from(table.len()?).unwrap_or(0));
-        for row in table.iter()? {
-            let (key, value) = row?;
-            out.push((key.value().to_owned(), value.value().to_vec()));
-        }
-        out
-    };
+    let definitions = read_blobs(&txn, DEFINITIONS)?;
+    let access = read_blobs(&txn, ACCESS)?;
 
     let mut messages = read_messages(&txn)?;
     let next_msg_id = messages.ids.last().map_or(0, |max| max.saturating_add(1));
@@ -136,6 +145,7 @@ pub(super) fn load(db: &Database) -> anyhow::Result<Loaded> {
     Ok(Loaded {
         recovered: Recovered {
             definitions,
+            access,
             queues,
             next_msg_id,
             raft,

@@ -7,6 +7,7 @@
 //! |-----------------|---------------------|----------------------------|
 //! | `meta`          | `&str`              | `u64` (schema version)     |
 //! | `definitions`   | `&str` (broker key) | `&[u8]` (broker blob)      |
+//! | `access`        | `&str` (auth key)   | `&[u8]` (auth blob)        |
 //! | `messages`      | `u64` msg id        | `&[u8]` (message blob)     |
 //! | `queue_entries` | `(&str, u64)`       | `(u64, u32)`               |
 //! | `raft_log`      | `(u64, u64)`        | `&[u8]` (Raft entry)       |
@@ -36,6 +37,11 @@ pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta")
 
 /// Durable exchanges, queues and bindings, opaque to the store.
 pub(crate) const DEFINITIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("definitions");
+
+/// Users, vhosts and permissions (the access-control definitions), opaque to the store.
+/// Kept apart from [`DEFINITIONS`] so that the metadata they describe can move (to a
+/// replicated metadata group) without touching the exchanges' and queues' records.
+pub(crate) const ACCESS: TableDefinition<&str, &[u8]> = TableDefinition::new("access");
 
 /// Every persistent message blob, stored once however many queues hold it.
 pub(crate) const MESSAGES: TableDefinition<u64, &[u8]> = TableDefinition::new("messages");

@@ -692,6 +692,46 @@ async fn work_piling_up_for_the_writer_congests_the_store_until_committed() {
 }
 
 #[tokio::test]
+async fn access_records_come_back_apart_from_definitions() {
+    let dir = TempDir::new("access");
+    let (store, _) = open(&dir);
+    store
+        .commit(vec![
+            StoreOp::PutAccess {
+                key: "u/bob".into(),
+                value: b"bob v1".to_vec(),
+            },
+            StoreOp::PutAccess {
+                key: "u/carol".into(),
+                value: b"carol".to_vec(),
+            },
+            StoreOp::PutAccess {
+                key: "u/bob".into(),
+                value: b"bob v2".to_vec(),
+            },
+            StoreOp::PutDefinition {
+                key: "q/%2f/a".into(),
+                value: b"queue a".to_vec(),
+            },
+        ])
+        .await;
+    store
+        .commit(vec![StoreOp::DeleteAccess {
+            key: "u/carol".into(),
+        }])
+        .await;
+    let recovered = reopen(store, &dir);
+    assert_eq!(
+        recovered.access,
+        vec![("u/bob".to_string(), b"bob v2".to_vec())]
+    );
+    assert_eq!(
+        recovered.definitions,
+        vec![("q/%2f/a".to_string(), b"queue a".to_vec())]
+    );
+}
+
+#[tokio::test]
 async fn raft_logs_and_values_of_every_group_survive_a_reopen() {
     let dir = TempDir::new("raft-log");
     let (store, recovered) = open(&dir);

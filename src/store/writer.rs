@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use redb::{Database, Durability, ReadableTable, WriteTransaction};
 
-use super::schema::{DEFINITIONS, ENTRIES, MESSAGES, RAFT_LOG, RAFT_STATE};
+use super::schema::{ACCESS, DEFINITIONS, ENTRIES, MESSAGES, RAFT_LOG, RAFT_STATE};
 use super::{Counters, Done, FlushMode, Request, StoreOp, fatal_store_failure};
 
 /// At most this many requests go into one transaction, so that a flood of publishes cannot
@@ -196,6 +196,7 @@ impl Writer {
     /// Applies the batch in one write transaction, commits it (with fsync if `durable`), then
     /// releases its waiters. Any failure is fatal.
     fn commit_batch(&mut self, durable: bool) {
+        let started = Instant::now();
         let mut txn = self
             .db
             .begin_write()
@@ -209,6 +210,12 @@ impl Writer {
         if let Err(err) = txn.commit() {
             fatal_store_failure("committing a batch", &err);
         }
+        self.counters
+            .commit_seconds
+            .observe(started.elapsed().as_secs_f64());
+        self.counters
+            .batch_requests
+            .observe(self.batch.len() as f64);
 
         let ops: usize = self.batch.iter().map(|(ops, _)| ops.len()).sum();
         let counters = &self.counters;
@@ -267,6 +274,7 @@ fn apply(
     released: &mut Vec<u64>,
 ) -> Result<(), redb::Error> {
     let mut definitions = txn.open_table(DEFINITIONS)?;
+    let mut access = txn.open_table(ACCESS)?;
     let mut messages = txn.open_table(MESSAGES)?;
     let mut entries = txn.open_table(ENTRIES)?;
     // Raft tables are opened only by batches that touch them: a single node never does.
@@ -280,6 +288,12 @@ fn apply(
             }
             StoreOp::DeleteDefinition { key } => {
                 definitions.remove(key.as_str())?;
+            }
+            StoreOp::PutAccess { key, value } => {
+                access.insert(key.as_str(), value.as_slice())?;
+            }
+            StoreOp::DeleteAccess { key } => {
+                access.remove(key.as_str())?;
             }
             StoreOp::PutMessage { msg_id, blob } => {
                 messages.insert(*msg_id, blob.as_ref())?;

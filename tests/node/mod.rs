@@ -41,6 +41,8 @@ fn command(dir: &Path, port: u16, env: &[(&str, String)]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_warren"));
     command
         .env("WARREN_PORT", port.to_string())
+        .env("WARREN_MANAGEMENT_PORT", "0")
+        .env("WARREN_PROMETHEUS_PORT", "0")
         .env("WARREN_LISTEN_ADDRESSES", "127.0.0.1")
         .env("WARREN_DATA_DIR", dir)
         .env("WARREN_LOG", "warn")

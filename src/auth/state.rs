@@ -1,0 +1,211 @@
+//! The access-control state machine: users, vhosts and permissions, changed only by
+//! applying an [`AccessChange`]. Every change is a plain command, so the same log of
+//! commands can later be replicated by a metadata Raft group instead of being written
+//! to this node's store alone.
+
+use std::collections::BTreeMap;
+
+use regex::Regex;
+use serde::{Deserialize, Serialize};
+
+use super::records::{PermissionRecord, UserRecord, VHostRecord};
+use super::{AccessError, password};
+
+/// One change to users, vhosts or permissions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AccessChange {
+    /// Create or replace a user.
+    PutUser(UserRecord),
+    /// Delete a user and every permission it has.
+    DeleteUser(String),
+    /// Create or replace a vhost's metadata.
+    PutVHost(VHostRecord),
+    /// Delete a vhost and every permission on it.
+    DeleteVHost(String),
+    /// Set a user's permissions in a vhost.
+    SetPermissions(PermissionRecord),
+    /// Remove a user's permissions in a vhost: (user, vhost).
+    ClearPermissions(String, String),
+}
+
+/// A user's permissions in one vhost, compiled.
+#[derive(Debug, Clone)]
+pub(super) struct Permissions {
+    pub(super) record: PermissionRecord,
+    pub(super) configure: Regex,
+    pub(super) write: Regex,
+    pub(super) read: Regex,
+}
+
+/// Compiles a permission pattern as RabbitMQ reads it: unanchored, and the empty
+/// pattern means "nothing" (RabbitMQ turns it into `^$`).
+fn compile(pattern: &str) -> Result<Regex, AccessError> {
+    let pattern = if pattern.is_empty() { "^$" } else { pattern };
+    Regex::new(pattern)
+        .map_err(|e| AccessError::Invalid(format!("invalid regular expression '{pattern}': {e}")))
+}
+
+impl Permissions {
+    pub(super) fn compile(record: PermissionRecord) -> Result<Permissions, AccessError> {
+        Ok(Permissions {
+            configure: compile(&record.configure)?,
+            write: compile(&record.write)?,
+            read: compile(&record.read)?,
+            record,
+        })
+    }
+}
+
+/// What a changed record means for the store: the record under its key, or its removal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Persist {
+    /// Write `value` under `key`.
+    Put(String, Vec<u8>),
+    /// Remove `key`.
+    Delete(String),
+}
+
+/// Every user, vhost and permission of the node.
+#[derive(Debug, Default)]
+pub(super) struct AccessState {
+    pub(super) users: BTreeMap<String, UserRecord>,
+    pub(super) vhosts: BTreeMap<String, VHostRecord>,
+    /// Keyed by (vhost, user).
+    pub(super) permissions: BTreeMap<(String, String), Permissions>,
+}
+
+/// Store key of a user record.
+pub(super) fn user_key(name: &str) -> String {
+    format!("u/{name}")
+}
+
+/// Store key of a vhost record.
+pub(super) fn vhost_key(name: &str) -> String {
+    format!("v/{name}")
+}
+
+/// Store key of a permission record.
+pub(super) fn permission_key(vhost: &str, user: &str) -> String {
+    format!("p/{vhost}\u{0}{user}")
+}
+
+fn json<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+impl AccessState {
+    /// Rebuilds the state from stored `(key, value)` records; unreadable ones are skipped
+    /// with a warning.
+    pub(super) fn from_records(records: &[(String, Vec<u8>)]) -> AccessState {
+        let mut state = AccessState::default();
+        for (key, value) in records {
+            let loaded = match key.split_once('/') {
+                Some(("u", _)) => serde_json::from_slice::<UserRecord>(value)
+                    .ok()
+                    .map(|u| state.users.insert(u.name.clone(), u))
+                    .map(drop),
+                Some(("v", _)) => serde_json::from_slice::<VHostRecord>(value)
+                    .ok()
+                    .map(|v| state.vhosts.insert(v.name.clone(), v))
+                    .map(drop),
+                Some(("p", _)) => serde_json::from_slice::<PermissionRecord>(value)
+                    .ok()
+                    .and_then(|p| Permissions::compile(p).ok())
+                    .map(|p| {
+                        let k = (p.record.vhost.clone(), p.record.user.clone());
+                        state.permissions.insert(k, p);
+                    }),
+                _ => None,
+            };
+            if loaded.is_none() {
+                tracing::warn!("skipping unreadable access-control record {key:?}");
+            }
+        }
+        state
+    }
+
+    /// Applies `change`, returning what to write to the store; the state is unchanged
+    /// when the change is refused.
+    pub(super) fn apply(&mut self, change: AccessChange) -> Result<Vec<Persist>, AccessError> {
+        match change {
+            AccessChange::PutUser(user) => {
+                if user.name.is_empty() {
+                    return Err(AccessError::Invalid("user name must not be empty".into()));
+                }
+                if !user.password_hash.is_empty()
+                    && !password::is_well_formed(&user.hashing_algorithm, &user.password_hash)
+                {
+                    return Err(AccessError::Invalid(format!(
+                        "password hash of user '{}' is not a {} hash",
+                        user.name, user.hashing_algorithm
+                    )));
+                }
+                let put = Persist::Put(user_key(&user.name), json(&user));
+                self.users.insert(user.name.clone(), user);
+                Ok(vec![put])
+            }
+            AccessChange::DeleteUser(name) => {
+                if self.users.remove(&name).is_none() {
+                    return Err(AccessError::NotFound(format!("user '{name}'")));
+                }
+                let mut out = vec![Persist::Delete(user_key(&name))];
+                self.permissions.retain(|(vhost, user), _| {
+                    let keep = *user != name;
+                    if !keep {
+                        out.push(Persist::Delete(permission_key(vhost, user)));
+                    }
+                    keep
+                });
+                Ok(out)
+            }
+            AccessChange::PutVHost(vhost) => {
+                if vhost.name.is_empty() {
+                    return Err(AccessError::Invalid("vhost name must not be empty".into()));
+                }
+                let put = Persist::Put(vhost_key(&vhost.name), json(&vhost));
+                self.vhosts.insert(vhost.name.clone(), vhost);
+                Ok(vec![put])
+            }
+            AccessChange::DeleteVHost(name) => {
+                if self.vhosts.remove(&name).is_none() {
+                    return Err(AccessError::NotFound(format!("vhost '{name}'")));
+                }
+                let mut out = vec![Persist::Delete(vhost_key(&name))];
+                self.permissions.retain(|(vhost, user), _| {
+                    let keep = *vhost != name;
+                    if !keep {
+                        out.push(Persist::Delete(permission_key(vhost, user)));
+                    }
+                    keep
+                });
+                Ok(out)
+            }
+            AccessChange::SetPermissions(record) => {
+                if !self.users.contains_key(&record.user) {
+                    return Err(AccessError::NotFound(format!("user '{}'", record.user)));
+                }
+                if !self.vhosts.contains_key(&record.vhost) {
+                    return Err(AccessError::NotFound(format!("vhost '{}'", record.vhost)));
+                }
+                let compiled = Permissions::compile(record)?;
+                let r = &compiled.record;
+                let put = Persist::Put(permission_key(&r.vhost, &r.user), json(r));
+                self.permissions
+                    .insert((r.vhost.clone(), r.user.clone()), compiled);
+                Ok(vec![put])
+            }
+            AccessChange::ClearPermissions(user, vhost) => {
+                if self
+                    .permissions
+                    .remove(&(vhost.clone(), user.clone()))
+                    .is_none()
+                {
+                    return Err(AccessError::NotFound(format!(
+                        "permissions of user '{user}' in vhost '{vhost}'"
+                    )));
+                }
+                Ok(vec![Persist::Delete(permission_key(&vhost, &user))])
+            }
+        }
+    }
+}
