@@ -210,10 +210,18 @@ async fn a_publisher_that_outruns_the_disk_is_held_back() {
     }
     publishing.await.unwrap();
     eprintln!("at most {most} store ops queued");
-    assert_eq!(
-        util::wait_message_count(&ch, "disk", TOTAL as u32).await,
-        TOTAL as u32
-    );
+    // The broker may still be reading what the publisher wrote (held back while the
+    // writer catches up): on a loaded machine that takes longer than
+    // `wait_message_count`'s few seconds, so wait up to a minute for every message.
+    let mut count = 0;
+    for _ in 0..600 {
+        count = util::message_count(&ch, "disk").await;
+        if count == TOTAL as u32 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(count, TOTAL as u32);
 }
 
 #[tokio::test]

@@ -275,7 +275,10 @@ impl Connection {
 
     fn open(&mut self, open: Open) -> Result<(), AmqpError> {
         let name = open.virtual_host.as_str();
-        self.broker.access.check_vhost(&self.user, name)?;
+        self.broker
+            .access
+            .check_vhost(&self.user, name)
+            .map_err(|e| e.at(10, 40))?;
         let Some(vhost) = self.broker.vhost(name) else {
             return Err(amqp_err!(NotAllowed, "vhost {} not found", name).at(10, 40));
         };
