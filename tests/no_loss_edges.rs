@@ -31,6 +31,15 @@ async fn ready_count(conn: &Connection, queue: &str) -> u32 {
     q.message_count()
 }
 
+/// A raw connection to the in-process broker `t` with channel 1 open.
+async fn open_raw(t: &common::TestBroker) -> Raw {
+    let addr = t.broker.as_ref().expect("in-process broker").local_addr();
+    let mut raw = Raw::connect(&addr.to_string()).await;
+    raw.handshake(|t| t).await;
+    raw.open_channel(1).await;
+    raw
+}
+
 /// A no-ack consumer whose connection dies with deliveries still waiting to be written:
 /// those go back to the queue, and must still be on disk when the node is killed.
 #[tokio::test]
@@ -156,18 +165,7 @@ async fn a_commit_ok_never_overtakes_an_earlier_commit() {
     )
     .await
     .expect("declare");
-    let addr = t
-        .url
-        .rsplit('@')
-        .next()
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .to_string();
-    let mut raw = Raw::connect(&addr).await;
-    raw.handshake(|t| t).await;
-    raw.open_channel(1).await;
+    let mut raw = open_raw(&t).await;
     raw.send_method(1, AMQPClass::Tx(tx::AMQPMethod::Select(tx::Select {})))
         .await;
     match raw.recv_method().await {
@@ -211,18 +209,7 @@ async fn a_commit_ok_never_overtakes_an_earlier_commit() {
 async fn a_durable_declare_is_answered_once_stored() {
     use amq_protocol::protocol::queue;
     let t = common::TestBroker::start().await;
-    let addr = t
-        .url
-        .rsplit('@')
-        .next()
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .to_string();
-    let mut raw = Raw::connect(&addr).await;
-    raw.handshake(|t| t).await;
-    raw.open_channel(1).await;
+    let mut raw = open_raw(&t).await;
     let hold = t
         .broker
         .as_ref()
