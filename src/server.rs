@@ -60,6 +60,7 @@ async fn start_clustered(
     state.join_cluster(ClusterLink {
         proposals: cluster.proposals().clone(),
         node,
+        cluster: cluster.clone(),
     });
     Ok(cluster)
 }

@@ -31,6 +31,8 @@ pub struct ClusterLink {
     pub proposals: Proposals,
     /// This node's name (the home of the queues declared here).
     pub node: String,
+    /// The node's cluster side, for its status (management API, `warren ctl`).
+    pub cluster: crate::cluster::ClusterNode,
 }
 
 impl ClusterLink {
