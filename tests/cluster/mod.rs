@@ -15,6 +15,11 @@
 //! drop, also when a test fails; harnesses left by a killed test process are reaped by the
 //! next one. Needs root (`ip netns`, `nft`); [`Cluster::start`] returns `None` without it
 //! unless `CI` is set, where it fails.
+//!
+//! `WARREN_TEST_CLUSTER_BACKEND=rabbitmq` runs RabbitMQ nodes instead of Warren ones (through
+//! the `rabbitmq-cluster-node` stand-in, which takes the same `WARREN_*` cluster settings;
+//! its path is `WARREN_RABBITMQ_CLUSTER_NODE`), so that a test can be pointed at RabbitMQ to
+//! compare: the fault checker (tests/faults.rs) is run that way.
 
 #![allow(dead_code)]
 
@@ -33,6 +38,47 @@ pub const CLUSTER_PORT: u16 = 25672;
 pub const USER: &str = "harness";
 /// Where harnesses note their owner's pid, so that a later run can reap an abandoned one.
 const OWNERS_DIR: &str = "/tmp/wc-harness";
+
+/// Where the RabbitMQ stand-in script is, unless `WARREN_RABBITMQ_CLUSTER_NODE` says.
+const RABBITMQ_CLUSTER_NODE: &str = "/work/shared/tools/rabbitmq-cluster-node";
+
+/// Which broker runs on every node of a harness.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// This repository's `warren` binary.
+    Warren,
+    /// RabbitMQ through the stand-in script (to compare Warren with).
+    RabbitMq,
+}
+
+impl Backend {
+    /// The backend `WARREN_TEST_CLUSTER_BACKEND` names (`warren`, the default, or
+    /// `rabbitmq`); any other value is a mistake worth stopping for.
+    pub fn from_env() -> Backend {
+        match std::env::var("WARREN_TEST_CLUSTER_BACKEND").as_deref() {
+            Err(_) | Ok("") | Ok("warren") => Backend::Warren,
+            Ok("rabbitmq") => Backend::RabbitMq,
+            Ok(other) => panic!("WARREN_TEST_CLUSTER_BACKEND={other}: expected warren or rabbitmq"),
+        }
+    }
+
+    /// The user and password clients log in with.
+    pub fn credentials(self) -> (&'static str, &'static str) {
+        match self {
+            Backend::Warren => (USER, USER),
+            // The stand-in lets guest in from any address.
+            Backend::RabbitMq => ("guest", "guest"),
+        }
+    }
+
+    /// How long a (re)started node may take before it accepts AMQP connections.
+    pub fn boot_time(self) -> Duration {
+        match self {
+            Backend::Warren => Duration::from_secs(20),
+            Backend::RabbitMq => Duration::from_secs(120),
+        }
+    }
+}
 
 /// Runs a command, returning whether it succeeded (its stderr is kept for the panic
 /// message of [`sh`]).
@@ -97,6 +143,8 @@ pub struct Node {
 pub struct Cluster {
     /// The subnet number N of 10.77.N.0/24.
     pub subnet: u8,
+    /// The broker every node runs.
+    pub backend: Backend,
     bridge: String,
     dir: PathBuf,
     secret: String,
@@ -139,6 +187,7 @@ impl Cluster {
         let dir = std::env::temp_dir().join(format!("wc-harness-{subnet}-{}", std::process::id()));
         let mut cluster = Cluster {
             subnet,
+            backend: Backend::from_env(),
             bridge: bridge.clone(),
             dir,
             secret: format!("secret-{}-{subnet}", std::process::id()),
@@ -229,8 +278,21 @@ impl Cluster {
             .append(true)
             .open(&node.log)
             .expect("node log file");
-        let child = Command::new("ip")
-            .args(["netns", "exec", &node.netns, env!("CARGO_BIN_EXE_warren")])
+        let mut command = Command::new("ip");
+        match self.backend {
+            Backend::Warren => {
+                command.args(["netns", "exec", &node.netns, env!("CARGO_BIN_EXE_warren")])
+            }
+            Backend::RabbitMq => {
+                let script = std::env::var("WARREN_RABBITMQ_CLUSTER_NODE")
+                    .unwrap_or_else(|_| RABBITMQ_CLUSTER_NODE.to_string());
+                // Guest may log in from any address (WARREN_LOOPBACK_USERS set, without it).
+                command
+                    .args(["netns", "exec", &node.netns, &script])
+                    .env("WARREN_LOOPBACK_USERS", "")
+            }
+        };
+        let child = command
             .env("WARREN_LISTEN_ADDRESSES", "0.0.0.0")
             .env("WARREN_PORT", AMQP_PORT.to_string())
             .env("WARREN_DATA_DIR", &node.data_dir)
@@ -243,6 +305,13 @@ impl Cluster {
             .env("WARREN_LOG", "info")
             .env_remove("RUST_LOG")
             .envs(env)
+            // The stand-in names its node rabbit@<name>: it takes the bare name.
+            .envs((self.backend == Backend::RabbitMq).then(|| {
+                (
+                    "WARREN_NODE_NAME",
+                    node.name.split('@').next().unwrap_or_default(),
+                )
+            }))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -266,10 +335,29 @@ impl Cluster {
             send_signal(child.id(), signal),
             "signal {signal} to node {i} failed"
         );
+        if self.backend == Backend::RabbitMq {
+            // A RabbitMQ node is a shell, the Erlang VM and epmd: the host is all of them.
+            self.signal_namespace(i, signal);
+        }
+    }
+
+    /// Sends `signal` to every process of node `i`'s namespace.
+    fn signal_namespace(&self, i: usize, signal: i32) {
+        let netns = &self.nodes[i - 1].netns;
+        if let Ok(out) = Command::new("ip").args(["netns", "pids", netns]).output() {
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                if let Ok(pid) = pid.parse() {
+                    send_signal(pid, signal);
+                }
+            }
+        }
     }
 
     /// kill -9 node `i` and reap it.
     pub fn kill(&mut self, i: usize) {
+        if self.backend == Backend::RabbitMq {
+            self.signal_namespace(i, libc::SIGKILL);
+        }
         if let Some(mut child) = self.nodes[i - 1].child.take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -409,15 +497,17 @@ impl Cluster {
 
     /// The AMQP URL of node `i`.
     pub fn url(&self, i: usize) -> String {
+        let (user, pass) = self.backend.credentials();
         format!(
-            "amqp://{USER}:{USER}@{}:{AMQP_PORT}/%2f",
+            "amqp://{user}:{pass}@{}:{AMQP_PORT}/%2f",
             self.nodes[i - 1].ip
         )
     }
 
-    /// Connects to node `i`, waiting up to 20 s for it to accept.
+    /// Connects to node `i`, waiting as long as a node of the backend may take to boot
+    /// (20 s for Warren).
     pub async fn connect(&self, i: usize) -> Connection {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + self.backend.boot_time();
         loop {
             match self.try_connect(i, Duration::from_secs(2)).await {
                 Some(c) => return c,
