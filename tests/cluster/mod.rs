@@ -579,6 +579,31 @@ impl Cluster {
         }
     }
 
+    /// Runs RabbitMQ's `rabbitmqctl` against node `i` (RabbitMQ backend) from inside its
+    /// namespace, so that a test can see what AMQP does not show (a quorum queue's
+    /// leader); `None` when it fails or takes more than 20 s.
+    pub fn rabbitmqctl(&self, i: usize, args: &[&str]) -> Option<String> {
+        let node = &self.nodes[i - 1];
+        let short = node.name.split('@').next()?;
+        let out = Command::new("ip")
+            .args(["netns", "exec", &node.netns, "timeout", "20", "env"])
+            // The stand-in keeps the cookie and the name resolution in the data directory.
+            .arg(format!("HOME={}", node.data_dir.display()))
+            .arg(format!(
+                "ERL_INETRC={}",
+                node.data_dir.join("inetrc").display()
+            ))
+            .arg("/usr/lib/rabbitmq/bin/rabbitmqctl")
+            .args(["-q", "-n", &format!("rabbit@{short}")])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// Names of the network namespaces this harness made (tests check cleanup).
     pub fn namespaces(&self) -> Vec<String> {
         self.nodes.iter().map(|n| n.netns.clone()).collect()

@@ -169,6 +169,12 @@ pub struct Report {
     pub confirmed: usize,
     /// Publishes nacked, returned or unanswered.
     pub unconfirmed: usize,
+    /// Of those, nacked.
+    pub nacked: usize,
+    /// Of those, acked but returned (mandatory, no queue to route to).
+    pub returned: usize,
+    /// Of those, unanswered within 10 s or cut off by a broken channel or connection.
+    pub unanswered: usize,
     /// Unconfirmed messages that came out all the same.
     pub unconfirmed_delivered: usize,
     /// Unconfirmed messages that never came out (reported, not a failure).
@@ -205,7 +211,7 @@ impl Report {
         let _ = writeln!(s, "== fault checker: {} (seed {})", self.setting, self.seed);
         let _ = writeln!(
             s,
-            "{:>3}  {:<18} {:<14} {:>6} {:>10} {:>11} {:>13} {:>12}",
+            "{:>3}  {:<18} {:<17} {:>6} {:>10} {:>11} {:>13} {:>12}",
             "#",
             "fault",
             "target",
@@ -222,7 +228,7 @@ impl Report {
             };
             let _ = writeln!(
                 s,
-                "{:>3}  {:<18} {:<14} {:>5.1}s {:>10} {:>11} {:>13} {:>12}",
+                "{:>3}  {:<18} {:<17} {:>5.1}s {:>10} {:>11} {:>13} {:>12}",
                 i + 1,
                 f.record.kind.label(),
                 f.record.target,
@@ -251,10 +257,14 @@ impl Report {
         }
         let _ = writeln!(
             s,
-            "published {}  confirmed {}  unconfirmed {} (delivered {}, lost {})",
+            "published {}  confirmed {}  unconfirmed {} (nacked {}, returned {}, unanswered {}; \
+             delivered {}, lost {})",
             self.published,
             self.confirmed,
             self.unconfirmed,
+            self.nacked,
+            self.returned,
+            self.unanswered,
             self.unconfirmed_delivered,
             self.unconfirmed_lost
         );
@@ -300,6 +310,9 @@ struct QueueUnderTest {
 struct ProducerLedger {
     confirmed: Vec<(u64, Instant)>,
     unconfirmed: Vec<(u64, Instant)>,
+    nacked: usize,
+    returned: usize,
+    unanswered: usize,
 }
 
 /// A small deterministic generator for the nemesis's choices (seeded and printed, so a
@@ -409,9 +422,17 @@ async fn produce(
             let now = Instant::now();
             match outcome {
                 Ok(Ok(Confirmation::Ack(None))) => ledger.confirmed.push((seq, now)),
-                // Acked but returned (no queue to route to), nacked, or not confirmed at all.
-                Ok(Ok(_)) => ledger.unconfirmed.push((seq, now)),
+                // Acked but returned: no queue to route to.
+                Ok(Ok(Confirmation::Ack(Some(_)))) => {
+                    ledger.returned += 1;
+                    ledger.unconfirmed.push((seq, now));
+                }
+                Ok(Ok(_)) => {
+                    ledger.nacked += 1;
+                    ledger.unconfirmed.push((seq, now));
+                }
                 Ok(Err(_)) | Err(_) => {
+                    ledger.unanswered += 1;
                     ledger.unconfirmed.push((seq, now));
                     break;
                 }
@@ -514,12 +535,12 @@ async fn inject(
     let target;
     match kind {
         FaultKind::KillLeader | FaultKind::KillRandom => {
-            let victim = if kind == FaultKind::KillLeader {
+            let (victim, how) = if kind == FaultKind::KillLeader {
                 leader(cluster, settings, aimed)
             } else {
-                random
+                (random, "")
             };
-            target = format!("n{victim}");
+            target = format!("n{victim} {how}").trim_end().to_string();
             cluster.kill(victim);
             tokio::time::sleep(settings.hold).await;
             cluster.start_node(victim);
@@ -570,48 +591,102 @@ async fn inject(
     }
 }
 
-/// The node to kill as "the leader": a classic queue's home (taken in turn); for quorum
-/// queues on Warren the metadata leader its nodes logged, on RabbitMQ (whose queue leaders
-/// the harness cannot see) the node the queues of this turn were declared on, where
-/// RabbitMQ places their first leader.
-fn leader(cluster: &Cluster, settings: &Settings, aimed: usize) -> usize {
-    if settings.queue_type == QueueType::Quorum && cluster.backend == Backend::Warren {
-        let names = cluster.member_names();
-        if let Some(i) = (1..=cluster.len())
-            .find_map(|i| cluster.logged_leader(i))
-            .and_then(|l| names.iter().position(|n| *n == l))
-        {
-            return i + 1;
+/// The node to kill as "the leader", and how it was found: a classic queue's home (taken in
+/// turn); for quorum queues the leader of the live queue homed on the aimed node as
+/// RabbitMQ's `rabbitmqctl` reports it, or on Warren the metadata leader its nodes logged
+/// (until replicated queues say where their leaders are); else the aimed node, where the
+/// queues of this turn were declared.
+fn leader(cluster: &Cluster, settings: &Settings, aimed: usize) -> (usize, &'static str) {
+    if settings.queue_type == QueueType::Classic {
+        return (aimed, "home");
+    }
+    let index_of = |name: &str| {
+        let short = name.rsplit_once('@').map_or(name, |(_, n)| n);
+        let short = if cluster.backend == Backend::Warren {
+            name.split('@').next().unwrap_or_default()
+        } else {
+            short
+        };
+        short.strip_prefix('n')?.parse::<usize>().ok()
+    };
+    match cluster.backend {
+        Backend::RabbitMq => {
+            let queue = format!("faults-n{aimed}-live");
+            for i in (0..cluster.len()).map(|k| (aimed - 1 + k) % cluster.len() + 1) {
+                let Some(out) = cluster.rabbitmqctl(i, &["list_queues", "name", "leader"]) else {
+                    continue;
+                };
+                if let Some(leader) = out
+                    .lines()
+                    .filter_map(|l| l.split_once('\t'))
+                    .find(|(name, _)| name.trim() == queue)
+                    .and_then(|(_, leader)| index_of(leader.trim()))
+                {
+                    return (leader, "queue leader");
+                }
+            }
+        }
+        Backend::Warren => {
+            if let Some(leader) = (1..=cluster.len())
+                .find_map(|i| cluster.logged_leader(i))
+                .and_then(|l| index_of(&l))
+            {
+                return (leader, "meta leader");
+            }
         }
     }
-    aimed
+    (aimed, "declared on")
 }
 
-/// Takes every message of `queue` through node `node` (basic.get + ack), up to 2 min.
+/// Takes every message of `queue` through the node at `url`: a consumer (prefetch 500) until
+/// it has been idle for 2 s, then basic.get must find the queue empty (else again).
 async fn drain_through(
     url: &str,
     queue: &str,
     got: &mut Vec<Option<(u32, u64)>>,
 ) -> Result<usize, lapin::Error> {
     let conn = Connection::connect(url, ConnectionProperties::default()).await?;
-    let ch = conn.create_channel().await?;
     let mut n = 0;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while Instant::now() < deadline {
-        let get = ch.basic_get(queue.into(), BasicGetOptions { no_ack: false });
-        let Ok(message) = tokio::time::timeout(Duration::from_secs(10), get).await else {
-            break;
-        };
-        let Some(message) = message? else {
-            break;
-        };
-        got.push(stamp(&message.delivery.data));
-        n += 1;
-        message
-            .delivery
-            .acker
-            .ack(BasicAckOptions::default())
+    loop {
+        let ch = conn.create_channel().await?;
+        ch.basic_qos(500, BasicQosOptions::default()).await?;
+        let mut consumer = ch
+            .basic_consume(
+                queue.into(),
+                "drain".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
             .await?;
+        while let Ok(next) = tokio::time::timeout(Duration::from_secs(2), consumer.next()).await {
+            let Some(delivery) = next else { break };
+            let delivery = delivery?;
+            got.push(stamp(&delivery.data));
+            n += 1;
+            delivery.acker.ack(BasicAckOptions::default()).await?;
+        }
+        ch.close(200, "drained".into()).await?;
+        let ch = conn.create_channel().await?;
+        let get = ch.basic_get(queue.into(), BasicGetOptions { no_ack: false });
+        let last = tokio::time::timeout(Duration::from_secs(10), get)
+            .await
+            .map_err(|_| {
+                lapin::Error::from(lapin::ErrorKind::InvalidConnectionState(
+                    lapin::ConnectionState::Error,
+                ))
+            })??;
+        match last {
+            None => break,
+            Some(message) => {
+                got.push(stamp(&message.delivery.data));
+                n += 1;
+                message
+                    .delivery
+                    .acker
+                    .ack(BasicAckOptions::default())
+                    .await?;
+            }
+        }
     }
     let _ = tokio::time::timeout(Duration::from_secs(2), conn.close(0, "checker".into())).await;
     Ok(n)
@@ -630,6 +705,10 @@ pub async fn run(cluster: &mut Cluster, settings: &Settings) -> Report {
                 live_consumer: live,
             });
         }
+    }
+    // Every node up first: a replicated queue takes its members among the running nodes.
+    for i in 1..=n {
+        drop(cluster.connect(i).await);
     }
     // Declared through their home, which is where a classic queue lives.
     for q in &queues {
@@ -770,6 +849,9 @@ pub async fn run(cluster: &mut Cluster, settings: &Settings) -> Report {
     let mut published = std::collections::HashSet::new();
     for (p, ledger) in ledgers.iter().enumerate() {
         let p = p as u32;
+        report.nacked += ledger.nacked;
+        report.returned += ledger.returned;
+        report.unanswered += ledger.unanswered;
         for (seq, _) in &ledger.confirmed {
             published.insert((p, *seq));
             report.confirmed += 1;
