@@ -13,6 +13,7 @@ pub mod json;
 pub mod memory;
 pub mod persist;
 mod recovery;
+pub mod remote;
 pub mod reply_to;
 pub mod sender_selected;
 pub mod vhost;
