@@ -528,8 +528,9 @@ async fn inject(
 ) -> FaultRecord {
     let n = cluster.len();
     // The node hit by a fault aimed at a queue's server: classic queues are homed on every
-    // node in turn, so taking the nodes in turn hits every home.
-    let aimed = round % n + 1;
+    // node in turn, so taking the nodes in turn hits every home; shifted by one every cycle
+    // of the fault kinds, so that each kind hits every node over a long run.
+    let aimed = (round + round / settings.faults.len().max(1)) % n + 1;
     let random = dice.below(n) + 1;
     let started = Instant::now();
     let target;
