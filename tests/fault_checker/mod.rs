@@ -532,15 +532,17 @@ async fn inject(
     // of the fault kinds, so that each kind hits every node over a long run.
     let aimed = (round + round / settings.faults.len().max(1)) % n + 1;
     let random = dice.below(n) + 1;
+    // Finding the leader may take a while (rabbitmqctl): before the clock starts.
+    let (chosen, how) = if kind == FaultKind::KillLeader {
+        leader(cluster, settings, aimed)
+    } else {
+        (random, "")
+    };
     let started = Instant::now();
     let target;
     match kind {
         FaultKind::KillLeader | FaultKind::KillRandom => {
-            let (victim, how) = if kind == FaultKind::KillLeader {
-                leader(cluster, settings, aimed)
-            } else {
-                (random, "")
-            };
+            let victim = chosen;
             target = format!("n{victim} {how}").trim_end().to_string();
             cluster.kill(victim);
             tokio::time::sleep(settings.hold).await;
