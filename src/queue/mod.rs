@@ -43,7 +43,7 @@ pub struct QueueStore {
 
 impl QueueStore {
     /// The op that removes an entry's stored copy, if it has one.
-    pub(crate) fn removal(&self, entry: &Entry) -> Option<StoreOp> {
+    fn removal(&self, entry: &Entry) -> Option<StoreOp> {
         entry.msg.store_id.map(|id| StoreOp::Remove {
             queue: self.key.clone(),
             offset: id,
@@ -144,7 +144,6 @@ struct Inner {
     /// Reused buffers of the delivery path (no allocation per message).
     effects: Effects,
     granted: Vec<ConsumerId>,
-    candidates: Vec<(ConsumerId, i32, bool)>,
     /// Publishes left before `enqueue` looks at the consumers again (queue flow control).
     flow_check_in: u32,
     /// Message counters for the management API and metrics, bumped under the lock the
@@ -286,7 +285,6 @@ impl Queue {
                 store_ops: Vec::new(),
                 effects: Effects::new(),
                 granted: Vec::new(),
-                candidates: Vec::new(),
                 flow_check_in: 0,
                 counters: MessageCounters::default(),
             }),
@@ -613,24 +611,20 @@ impl Queue {
             granted.clear();
             {
                 let Inner {
-                    state,
-                    consumers,
-                    candidates,
-                    ..
-                } = &mut *inner;
-                state.credit_candidates(candidates);
+                    state, consumers, ..
+                } = &*inner;
                 let want = state.ready_count();
                 let mut group = None;
-                for &(id, priority, _) in candidates.iter() {
-                    if granted.len() >= want || group.is_some_and(|g| g != priority) {
+                for spec in state.credit_candidates() {
+                    if granted.len() >= want || group.is_some_and(|g| g != spec.priority) {
                         break;
                     }
-                    let Some(r) = consumers.get(&id) else {
+                    let Some(r) = consumers.get(&spec.id) else {
                         continue;
                     };
                     if r.sink.has_credit(r.no_ack) {
-                        granted.push(id);
-                        group = Some(priority);
+                        granted.push(spec.id);
+                        group = Some(spec.priority);
                     } else {
                         r.sink.wait_for_credit(self.me.clone());
                     }

@@ -413,29 +413,25 @@ impl QueueState {
     /// The consumers that a `Credit` round could serve now, with their priority, in the
     /// order the round would serve them (highest priority first, round-robin within):
     /// the host asks their channels for credit in this order.
-    pub fn credit_candidates(&self, out: &mut Vec<(ConsumerId, i32, bool)>) {
-        out.clear();
-        if self.args.single_active_consumer {
-            if let Some(slot) = self.consumers.first()
-                && slot.has_room()
-            {
-                out.push((slot.spec.id, slot.spec.priority, slot.spec.no_ack));
-            }
-            return;
-        }
-        let n = self.consumers.len();
-        let mut start = 0;
-        while start < n {
-            let end = self.group_end(start);
-            let width = end - start;
-            for step in 0..width {
-                let slot = &self.consumers[start + (self.next_consumer + step) % width];
-                if slot.has_room() {
-                    out.push((slot.spec.id, slot.spec.priority, slot.spec.no_ack));
-                }
-            }
-            start = end;
-        }
+    /// Lazy, so that a host that has its grants stops looking (a queue may have
+    /// hundreds of consumers).
+    pub fn credit_candidates(&self) -> impl Iterator<Item = &ConsumerSpec> + '_ {
+        let n = if self.args.single_active_consumer {
+            self.consumers.len().min(1)
+        } else {
+            self.consumers.len()
+        };
+        let consumers = &self.consumers[..n];
+        (0..n)
+            .filter(move |&i| {
+                i == 0 || consumers[i].spec.priority != consumers[i - 1].spec.priority
+            })
+            .flat_map(move |start| {
+                let width = self.group_end(start).min(n) - start;
+                (0..width).map(move |step| &consumers[start + (self.next_consumer + step) % width])
+            })
+            .filter(|slot| slot.has_room())
+            .map(|slot| &slot.spec)
     }
 
     /// End of the priority group that starts at `start`.
@@ -843,10 +839,8 @@ mod tests {
 
     /// Delivery rounds with every channel granting credit, until nothing moves.
     fn deliver_all(q: &mut QueueState, now: u64, out: &mut Effects) {
-        let mut candidates = Vec::new();
         loop {
-            q.credit_candidates(&mut candidates);
-            let granted = candidates.iter().map(|c| c.0).collect();
+            let granted = q.credit_candidates().map(|c| c.id).collect();
             match run(q, now, Command::Credit { granted }, out) {
                 Reply::Credited { delivered, .. } if delivered > 0 => {}
                 _ => return,
@@ -1000,6 +994,40 @@ mod tests {
         let order: Vec<Offset> =
             std::iter::from_fn(|| get(&mut q, 0, true, &mut out).map(|e| e.offset)).collect();
         assert_eq!(order, vec![1, 3, 0, 2]);
+    }
+
+    #[test]
+    fn a_requeue_into_a_deleted_queue_forgets_the_messages() {
+        let mut q = QueueState::default();
+        let mut out = Vec::new();
+        run(&mut q, 0, Command::Enqueue(msg("a")), &mut out);
+        run(&mut q, 0, Command::AddConsumer(consumer(1, 0, 0)), &mut out);
+        deliver_all(&mut q, 0, &mut out);
+        run(&mut q, 0, Command::Delete, &mut out);
+        out.clear();
+        assert_eq!(
+            run(&mut q, 0, Command::Requeue(vec![0]), &mut out),
+            Reply::Settled(1)
+        );
+        assert!(matches!(out.as_slice(), [Effect::Forget { entry }] if entry.offset == 0));
+        assert_eq!((q.ready_count(), q.unacked_count()), (0, 0));
+    }
+
+    #[test]
+    fn restoring_keeps_offsets_dense() {
+        let mut q = QueueState::default();
+        let mut out = Vec::new();
+        let cmd = Command::Restore {
+            offset: 3,
+            msg: msg("a"),
+            delivered: true,
+            delivery_count: 1,
+        };
+        run(&mut q, 0, cmd, &mut out);
+        assert_eq!(
+            run(&mut q, 0, Command::Enqueue(msg("b")), &mut out),
+            Reply::Enqueued(Enqueued::Accepted(4))
+        );
     }
 
     #[test]
