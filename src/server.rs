@@ -41,15 +41,31 @@ async fn start_clustered(
     use crate::cluster::meta::storage::{DefinitionsObserver, StateMachine};
     let node = membership.this_node().name.clone();
     let agreed = StateMachine::recover(store.clone(), &meta_log)?.definitions();
+    // Agreed users, vhosts and permissions first: the vhosts must exist to be restored.
+    for (key, value) in &agreed {
+        if let Some(record) = key.strip_prefix(crate::auth::CLUSTER_PREFIX) {
+            state.access.apply_record(record, Some(value));
+            if let Some(vhost) = record.strip_prefix("v/") {
+                state.ensure_vhost(vhost);
+            }
+        }
+    }
     recovered.definitions = agreed_definitions(&agreed);
     state.recover(recovered);
     let mirror = DefinitionsMirror::new(state, &node);
     mirror.reset(&agreed);
     let cluster =
         crate::cluster::ClusterNode::start(membership, store, meta_log, Some(mirror)).await?;
+    state.access.join_cluster(cluster.proposals().clone());
+    let inbox = cluster
+        .transport()
+        .register(crate::broker::remote::QUEUE_GROUP);
+    tokio::spawn(crate::broker::remote::serve(Arc::downgrade(state), inbox));
     state.join_cluster(ClusterLink {
         proposals: cluster.proposals().clone(),
         node,
+        cluster: cluster.clone(),
+        forwarder: crate::broker::remote::Forwarder::new(cluster.transport().clone()),
     });
     Ok(cluster)
 }

@@ -5,6 +5,9 @@
 //! a node that was down catches up.
 
 mod cluster;
+#[path = "util/http.rs"]
+#[allow(dead_code)]
+mod http;
 
 use std::time::{Duration, Instant};
 
@@ -361,4 +364,85 @@ async fn a_restarted_node_has_what_was_agreed_while_it_was_down() {
         "the home node kept its queue's message"
     );
     assert!(queue_exists(&c, 2, "home1").await);
+}
+
+/// A management API request to node `i` as the harness user; returns the status.
+async fn api(c: &Cluster, i: usize, method: &str, path: &str, body: serde_json::Value) -> u16 {
+    let addr = std::net::SocketAddr::from((c.node(i).ip, 15672));
+    let body = (!body.is_null()).then_some(&body);
+    let auth = Some((cluster::USER, cluster::USER));
+    http::request(addr, method, path, auth, body).await.status
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_vhosts_and_permissions_made_on_one_node_hold_on_every_node() {
+    let Some(c) = Cluster::start(3) else {
+        return;
+    };
+    c.wait_agreed_leader(&[1, 2, 3], None, ELECTION).await;
+    let created = api(
+        &c,
+        1,
+        "PUT",
+        "/api/users/bob",
+        serde_json::json!({"password": "secret", "tags": ""}),
+    )
+    .await;
+    assert!(created == 201 || created == 204, "user created: {created}");
+    let vhost = api(&c, 2, "PUT", "/api/vhosts/shop", serde_json::Value::Null).await;
+    assert!(vhost == 201 || vhost == 204, "vhost created: {vhost}");
+    let perms = serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"});
+    let set = api(&c, 3, "PUT", "/api/permissions/shop/bob", perms).await;
+    assert!(set == 201 || set == 204, "permissions set: {set}");
+
+    // Bob, made on node 1, uses vhost shop, made on node 2, through node 3 with the
+    // permissions set there; what he declares is visible through node 1.
+    let url = |i: usize| format!("amqp://bob:secret@{}:5672/shop", c.node(i).ip);
+    let conn = lapin::Connection::connect(&url(3), lapin::ConnectionProperties::default())
+        .await
+        .expect("bob logs in to vhost shop on node 3");
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare("carts".into(), durable_queue(), FieldTable::default())
+        .await
+        .unwrap();
+    let conn1 = lapin::Connection::connect(&url(1), lapin::ConnectionProperties::default())
+        .await
+        .expect("bob logs in to vhost shop on node 1");
+    let ch1 = conn1.create_channel().await.unwrap();
+    ch1.queue_declare("carts".into(), passive_queue(), FieldTable::default())
+        .await
+        .expect("bob's queue is visible through node 1");
+
+    // Deleting the vhost through node 2 removes it, and its queue, everywhere.
+    let deleted = api(&c, 2, "DELETE", "/api/vhosts/shop", serde_json::Value::Null).await;
+    assert_eq!(deleted, 204, "vhost deleted");
+    for i in 1..=3 {
+        let refused =
+            lapin::Connection::connect(&url(i), lapin::ConnectionProperties::default()).await;
+        assert!(refused.is_err(), "vhost shop is gone on node {i}");
+    }
+    let again = api(&c, 1, "PUT", "/api/vhosts/shop", serde_json::Value::Null).await;
+    assert!(again == 201 || again == 204);
+    let perms = serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"});
+    api(&c, 1, "PUT", "/api/permissions/shop/bob", perms).await;
+    eventually(
+        Duration::from_secs(10),
+        "recreated vhost on node 3",
+        || async {
+            lapin::Connection::connect(&url(3), lapin::ConnectionProperties::default())
+                .await
+                .is_ok()
+        },
+    )
+    .await;
+    let conn = lapin::Connection::connect(&url(3), lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    assert!(
+        ch.queue_declare("carts".into(), passive_queue(), FieldTable::default())
+            .await
+            .is_err(),
+        "the deleted vhost's queue did not come back with the new vhost"
+    );
 }

@@ -15,6 +15,7 @@ use std::sync::{Arc, Weak};
 
 use super::BrokerState;
 use super::persist::{StoredBinding, StoredDefinition, StoredExchange, StoredQueue};
+use crate::auth::CLUSTER_PREFIX;
 use crate::cluster::meta::MetaCommand;
 use crate::cluster::meta::proposals::Proposals;
 use crate::cluster::meta::storage::{DefinitionChange, Definitions, DefinitionsObserver};
@@ -30,6 +31,10 @@ pub struct ClusterLink {
     pub proposals: Proposals,
     /// This node's name (the home of the queues declared here).
     pub node: String,
+    /// The node's cluster side, for its status (management API, `warren ctl`).
+    pub cluster: crate::cluster::ClusterNode,
+    /// Publishes to queues homed on other nodes go through here.
+    pub forwarder: super::remote::Forwarder,
 }
 
 impl ClusterLink {
@@ -88,7 +93,9 @@ fn split_homed(value: &[u8]) -> Option<(&str, &[u8])> {
 pub fn agreed_definitions(defs: &Definitions) -> Vec<(String, Vec<u8>)> {
     let mut out = Vec::with_capacity(defs.len());
     for (key, value) in defs {
-        if key.starts_with("q/") {
+        if key.starts_with(CLUSTER_PREFIX) {
+            continue;
+        } else if key.starts_with("q/") {
             let Some((_, stored)) = split_homed(value) else {
                 tracing::error!("cluster: agreed queue {key:?} cannot be read");
                 continue;
@@ -118,7 +125,12 @@ impl DefinitionsMirror {
     }
 
     fn put(&self, broker: &BrokerState, key: &str, value: &[u8]) {
-        if key.starts_with("x/") {
+        if let Some(record) = key.strip_prefix(CLUSTER_PREFIX) {
+            broker.access.apply_record(record, Some(value));
+            if let Some(vhost) = record.strip_prefix("v/") {
+                broker.ensure_vhost(vhost);
+            }
+        } else if key.starts_with("x/") {
             let Some(d) = StoredExchange::decode(value) else {
                 return tracing::error!("cluster: agreed exchange {key:?} cannot be read");
             };
@@ -147,7 +159,12 @@ impl DefinitionsMirror {
     }
 
     fn gone(&self, broker: &BrokerState, key: &str, old: &[u8]) {
-        if key.starts_with("x/") {
+        if let Some(record) = key.strip_prefix(CLUSTER_PREFIX) {
+            broker.access.apply_record(record, None);
+            if let Some(vhost) = record.strip_prefix("v/") {
+                broker.forget_vhost(vhost);
+            }
+        } else if key.starts_with("x/") {
             if let Some(d) = StoredExchange::decode(old)
                 && let Some(vhost) = broker.vhost(&d.value.vhost)
             {
@@ -187,7 +204,9 @@ impl DefinitionsObserver for DefinitionsMirror {
             return;
         };
         // What is here but not agreed goes (bindings first, then queues and exchanges);
-        // then everything agreed is put in place (exchanges and queues before bindings).
+        // then everything agreed is put in place (access records and vhosts first,
+        // bindings last). Access records only ever come in here: a node's own seeded
+        // user and vhost are not agreed records, and stay.
         let mut local: Vec<(String, Vec<u8>)> = Vec::new();
         for vhost in broker.vhost_list() {
             local.extend(vhost.durable_definitions());
@@ -204,7 +223,7 @@ impl DefinitionsObserver for DefinitionsMirror {
             }
         }
         let mut agreed: Vec<(&String, &Vec<u8>)> = definitions.iter().collect();
-        agreed.sort_by_key(|(k, _)| k.starts_with("b/"));
+        agreed.sort_by_key(|(k, _)| (!k.starts_with(CLUSTER_PREFIX), k.starts_with("b/")));
         for (key, value) in agreed {
             self.put(&broker, key, value);
         }

@@ -13,6 +13,7 @@ pub mod json;
 pub mod memory;
 pub mod persist;
 mod recovery;
+pub mod remote;
 pub mod reply_to;
 pub mod sender_selected;
 pub mod vhost;
@@ -204,27 +205,31 @@ impl BrokerState {
     pub async fn add_vhost(&self, record: VHostRecord) -> Result<(), AccessError> {
         let name = record.name.clone();
         self.access.change(AccessChange::PutVHost(record)).await?;
+        self.ensure_vhost(&name);
+        Ok(())
+    }
+
+    /// The vhost `name`, created (empty, with its built-in exchanges) if missing.
+    pub fn ensure_vhost(&self, name: &str) -> Arc<VHost> {
         self.vhosts
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .entry(name.clone())
+            .entry(name.to_string())
             .or_insert_with(|| {
                 VHost::new(
-                    &name,
+                    name,
                     self.store.clone(),
                     self.next_msg_id.clone(),
                     self.cluster.clone(),
                 )
-            });
-        Ok(())
+            })
+            .clone()
     }
 
-    /// Deletes a vhost: its permissions, queues (with their messages) and exchanges;
-    /// connections to it are closed with 320 CONNECTION_FORCED, as RabbitMQ does.
-    pub async fn delete_vhost(&self, name: &str) -> Result<(), AccessError> {
-        self.access
-            .change(AccessChange::DeleteVHost(name.to_string()))
-            .await?;
+    /// Drops vhost `name` from this node and closes its connections, keeping what it
+    /// stored (a clustered node mirroring a deletion: its exchanges and queues were
+    /// deleted by the same agreed batch). Returns the vhost.
+    pub fn forget_vhost(&self, name: &str) -> Option<Arc<VHost>> {
         let removed = self
             .vhosts
             .write()
@@ -234,7 +239,26 @@ impl BrokerState {
             |c| c.vhost == name,
             &amqp_err!(ConnectionForced, "vhost '{}' is deleted", name),
         );
-        if let Some(v) = removed {
+        removed
+    }
+
+    /// Deletes a vhost: its permissions, queues (with their messages) and exchanges;
+    /// connections to it are closed with 320 CONNECTION_FORCED, as RabbitMQ does.
+    pub async fn delete_vhost(&self, name: &str) -> Result<(), AccessError> {
+        let change = AccessChange::DeleteVHost(name.to_string());
+        if self.cluster.get().is_some() {
+            // Its definitions go in the same agreed batch; every node's mirror removes
+            // them (the home nodes their messages) and then the vhost.
+            let also = ["b/", "q/", "x/"]
+                .iter()
+                .map(|kind| crate::cluster::meta::MetaCommand::DeletePrefix {
+                    prefix: format!("{kind}{name}\u{0}"),
+                })
+                .collect();
+            return self.access.change_with(change, also).await;
+        }
+        self.access.change(change).await?;
+        if let Some(v) = self.forget_vhost(name) {
             v.delete_everything();
         }
         Ok(())

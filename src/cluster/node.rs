@@ -12,8 +12,8 @@ use super::meta::proposals::Proposals;
 use super::meta::storage::DefinitionsObserver;
 use super::transport::{PeerStatus, Transport, TransportConfig};
 
-/// The running cluster side of a node.
-#[derive(Debug)]
+/// The running cluster side of a node (clones share it).
+#[derive(Debug, Clone)]
 pub struct ClusterNode {
     membership: Membership,
     transport: Transport,

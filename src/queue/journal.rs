@@ -88,7 +88,7 @@ impl Journal {
     }
 
     /// `append_then` for async callers: resolves once the writes are durable.
-    pub fn append_wait(&self, writes: Writes) -> impl Future<Output = ()> + Send + 'static {
+    pub fn append_wait(&self, writes: Writes) -> impl Future<Output = ()> + Send + use<> {
         self.store.commit(writes.ops)
     }
 

@@ -443,7 +443,7 @@ impl Store {
     ///
     /// If the store was closed, the future never resolves (an error is logged): a confirm
     /// must never be sent for data that was not stored.
-    pub fn commit(&self, ops: Vec<StoreOp>) -> impl Future<Output = ()> + Send + 'static {
+    pub fn commit(&self, ops: Vec<StoreOp>) -> impl Future<Output = ()> + Send + use<> {
         let (tx, rx) = oneshot::channel();
         self.send_ops(ops, Done::Wake(tx));
         async move {
