@@ -27,6 +27,7 @@ use crate::auth::{AccessChange, AccessControl, AccessError, VHostRecord};
 use crate::config::Config;
 use crate::connection::sink::{ConnEvent, ConnShared};
 use crate::protocol::{AmqpError, reply::amqp_err};
+use crate::queue::journal::Journal;
 use crate::store::Store;
 pub use exchange::{Binding, Destination, Exchange, ExchangeDef, ExchangeKind};
 pub use vhost::VHost;
@@ -40,6 +41,7 @@ pub struct BrokerState {
     next_id: AtomicU64,
     next_msg_id: Arc<AtomicU64>,
     store: Option<Store>,
+    journal: Option<Journal>,
     /// Memory and disk alarms.
     pub alarms: alarm::ResourceAlarms,
     /// Live direct reply-to consumers (node-wide: a reply may come from any vhost).
@@ -123,6 +125,7 @@ impl BrokerState {
             vhosts: RwLock::new(vhosts),
             next_id: AtomicU64::new(1),
             next_msg_id,
+            journal: store.clone().map(Journal::new),
             store,
             alarms,
             access,
@@ -148,6 +151,11 @@ impl BrokerState {
     /// The node's store (None only for brokers started without persistence).
     pub fn store(&self) -> Option<&Store> {
         self.store.as_ref()
+    }
+
+    /// Where publishes and settlements become durable (None without persistence).
+    pub fn journal(&self) -> Option<&Journal> {
+        self.journal.as_ref()
     }
 
     /// An id for a persistent message's stored copy.

@@ -15,7 +15,6 @@ use bytes::{Bytes, BytesMut};
 
 use super::sink::{ChannelLink, ConnEvent, ConnShared, ConnStats};
 use crate::auth::{Permission, ResourceKind};
-use crate::broker::persist;
 use crate::broker::reply_to::PSEUDO_QUEUE;
 use crate::broker::sender_selected;
 use crate::broker::vhost::generated_name;
@@ -24,10 +23,10 @@ use crate::protocol::codec::{ContentHeader, InFrame, encode};
 use crate::protocol::content::{Assembled, ContentAssembly, Progress};
 use crate::protocol::{AmqpError, ReplyCode, reply::amqp_err};
 use crate::queue::args::Overflow;
+use crate::queue::journal::Writes;
 use crate::queue::{
     ConsumerId, ConsumerSpec, Delivery, Enqueued, Message, Offset, Queue, QueueDef,
 };
-use crate::store::StoreOp;
 
 /// Unconfirmed publishes beyond which a confirm-mode publisher counts as not waiting
 /// for its confirms (publishers keep a window of a few hundred or thousand).
@@ -90,10 +89,10 @@ impl Settle {
     }
 }
 
-/// What a tx.commit hands to the store at once, and the enqueues that follow it.
+/// What a tx.commit hands to the journal at once, and the enqueues that follow it.
 #[derive(Debug, Default)]
 struct TxCommit {
-    ops: Vec<StoreOp>,
+    writes: Writes,
     enqueues: Vec<(Vec<Arc<Queue>>, Arc<Message>)>,
 }
 
@@ -817,13 +816,7 @@ impl Channel {
     /// Writes a delivery from a queue, or gives it back when its consumer is gone. An
     /// auto-ack delivery's stored copy is settled into `written` (to be submitted once
     /// `out` reached the socket).
-    pub fn deliver(
-        &mut self,
-        d: Delivery,
-        now: Instant,
-        out: &mut BytesMut,
-        written: &mut Vec<StoreOp>,
-    ) {
+    pub fn deliver(&mut self, d: Delivery, now: Instant, out: &mut BytesMut, written: &mut Writes) {
         let live = !self.closing
             && self
                 .consumers
@@ -920,7 +913,7 @@ impl Channel {
     }
 
     /// Acks, requeues or rejects (dead-letters) deliveries, one call per queue.
-    fn settle(&mut self, taken: Vec<Unacked>, how: Settle, mut ops: Option<&mut Vec<StoreOp>>) {
+    fn settle(&mut self, taken: Vec<Unacked>, how: Settle, mut writes: Option<&mut Writes>) {
         if taken.is_empty() {
             return;
         }
@@ -940,9 +933,9 @@ impl Channel {
         }
         for (q, offsets) in groups {
             match how {
-                Settle::Requeue => q.requeue(&offsets),
-                Settle::Reject => q.reject(&offsets),
-                Settle::Ack => q.settle(&offsets, ops.as_deref_mut()),
+                Settle::Requeue => q.requeue(offsets),
+                Settle::Reject => q.reject(offsets),
+                Settle::Ack => q.settle(offsets, writes.as_deref_mut()),
             }
         }
     }
@@ -995,19 +988,19 @@ impl Channel {
                 }
                 for op in settles {
                     if let TxOp::Settle(taken, how) = op {
-                        self.settle(taken.into_values().collect(), how, Some(&mut commit.ops));
+                        self.settle(taken.into_values().collect(), how, Some(&mut commit.writes));
                     }
                 }
-                let store = self.broker.store().cloned();
-                match store {
-                    // A commit with nothing to store still goes through the store when an
-                    // earlier one is in flight: the store answers in order.
-                    Some(store) if !commit.ops.is_empty() || self.tx_commits_in_flight > 0 => {
+                let journal = self.broker.journal().cloned();
+                match journal {
+                    // A commit with nothing to store still goes through the journal when
+                    // an earlier one is in flight: the journal answers in order.
+                    Some(journal) if !commit.writes.is_empty() || self.tx_commits_in_flight > 0 => {
                         self.tx_commits_in_flight += 1;
                         let tx = self.link.conn.tx.clone();
                         let ch = self.id;
-                        store.commit_then(
-                            commit.ops,
+                        journal.append_then(
+                            commit.writes,
                             Box::new(move || {
                                 let _ = tx.send(ConnEvent::TxCommitted(ch));
                             }),
@@ -1209,23 +1202,10 @@ impl Channel {
             self.publish_with_remote(msg, queues, remote, refused);
             return Ok(());
         }
-        let mut ops = Vec::new();
-        if let Some(id) = msg.store_id {
-            for q in &queues {
-                q.persist_ops(&msg, &mut ops);
-            }
-            if !ops.is_empty() {
-                ops.insert(
-                    0,
-                    StoreOp::PutMessage {
-                        msg_id: id,
-                        blob: persist::encode_message(&msg),
-                    },
-                );
-            }
-        }
+        let mut writes = Writes::default();
+        writes.publish(&queues, &msg);
         if let Some(commit) = tx {
-            commit.ops.append(&mut ops);
+            commit.writes.append(writes);
             commit.enqueues.push((queues, msg));
             return Ok(());
         }
@@ -1233,33 +1213,33 @@ impl Channel {
             c.last_seq += 1;
             c.last_seq
         });
-        match (self.broker.store(), seq) {
-            (Some(store), Some(seq)) if !ops.is_empty() => {
+        match (self.broker.journal(), seq) {
+            (Some(journal), Some(seq)) if !writes.is_empty() => {
                 if let Some(c) = &mut self.confirms {
                     c.outstanding.insert(seq);
                     // A publisher in confirm mode that does not wait for its confirms is
                     // held back like one that asks for none (a windowed one never gets here).
-                    if c.outstanding.len() > UNWAITED_CONFIRMS && store.is_congested() {
+                    if c.outstanding.len() > UNWAITED_CONFIRMS && journal.is_congested() {
                         self.link.conn.held_by_store.store(true, Ordering::Relaxed);
                     }
                 }
                 let tx = self.link.conn.tx.clone();
                 let ch = self.id;
-                store.commit_then(
-                    ops,
+                journal.append_then(
+                    writes,
                     Box::new(move || {
                         let _ = tx.send(ConnEvent::Stored(ch, vec![seq]));
                     }),
                 );
             }
-            (Some(store), None) => {
+            (Some(journal), None) => {
                 // Store flow control, for publishers that do not wait for confirms (those
                 // that do are held back by their window): the next publishes wait for the
                 // writer.
-                if !ops.is_empty() && store.is_congested() {
+                if !writes.is_empty() && journal.is_congested() {
                     self.link.conn.held_by_store.store(true, Ordering::Relaxed);
                 }
-                store.submit(ops)
+                journal.append(writes)
             }
             (_, Some(seq)) => {
                 if let Some(c) = &mut self.confirms {
@@ -1274,13 +1254,8 @@ impl Channel {
                 self.link.conn.held_by(q);
             }
             if enqueued == Enqueued::Rejected {
-                // Lost a race with other publishers for the last place: undo its copy.
-                if let (Some(qs), Some(id)) = (q.store(), msg.store_id) {
-                    qs.store.submit(vec![StoreOp::Remove {
-                        queue: qs.key.clone(),
-                        offset: id,
-                    }]);
-                }
+                // Lost a race with other publishers for the last place (the queue
+                // removed its stored copy).
                 // reject-publish and reject-publish-dlx alike: the publisher gets a nack
                 // (the -dlx queue dead-letters the message too).
                 refused = true;
@@ -1328,37 +1303,19 @@ impl Channel {
         let Some(link) = self.broker.cluster_link() else {
             return;
         };
-        let mut ops = Vec::new();
-        if let Some(id) = msg.store_id {
-            for q in &queues {
-                q.persist_ops(&msg, &mut ops);
-            }
-            if !ops.is_empty() {
-                ops.insert(
-                    0,
-                    StoreOp::PutMessage {
-                        msg_id: id,
-                        blob: persist::encode_message(&msg),
-                    },
-                );
-            }
-        }
-        let local = match self.broker.store() {
-            Some(store) if !ops.is_empty() => Some(store.commit(ops)),
+        let mut writes = Writes::default();
+        writes.publish(&queues, &msg);
+        let local = match self.broker.journal() {
+            Some(journal) if !writes.is_empty() => Some(journal.append_wait(writes)),
             _ => None,
         };
         for q in &queues {
+            // A queue that lost a race for its last place removes its copy itself.
             if q.enqueue(msg.clone()) == Enqueued::Rejected {
-                if let (Some(qs), Some(id)) = (q.store(), msg.store_id) {
-                    qs.store.submit(vec![StoreOp::Remove {
-                        queue: qs.key.clone(),
-                        offset: id,
-                    }]);
-                }
                 refused = true;
             }
         }
-        let blob = persist::encode_message(&msg).to_vec();
+        let blob = msg.encode().to_vec();
         let mut answers = Vec::with_capacity(remote.len());
         for (home, names) in remote {
             let (answered, answer) = tokio::sync::oneshot::channel();
