@@ -1,7 +1,8 @@
 //! The management HTTP API, RabbitMQ-compatible where tools read it (rabbitmqadmin,
 //! monitoring scripts): axum handlers, each a thin layer over the broker's public
 //! functions, as LavinMQ's http/ controllers. Authentication is HTTP basic against the
-//! node's users; what a caller may see and do follows its tags, as in RabbitMQ.
+//! node's users; what a caller may see and do follows its tags, as in RabbitMQ. The
+//! same listener serves the web UI at `/`.
 
 mod access;
 mod auth;
@@ -35,9 +36,20 @@ pub struct Http {
     pub rates: Arc<RateSampler>,
 }
 
+/// The web UI: one page with its script and styles inline (no external assets) that
+/// drives this API from the browser. Like RabbitMQ's, it logs in from
+/// `#/login/<user>/<password>` too.
+const WEB_UI: &str = include_str!("ui.html");
+
+async fn web_ui() -> axum::response::Html<&'static str> {
+    axum::response::Html(WEB_UI)
+}
+
 /// The API's routes.
 pub fn router(http: Http) -> Router {
     Router::new()
+        .route("/", get(web_ui))
+        .route("/index.html", get(web_ui))
         .route("/api/overview", get(overview::overview))
         .route("/api/nodes", get(overview::nodes))
         .route("/api/nodes/{node}", get(overview::node))
