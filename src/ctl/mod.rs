@@ -36,6 +36,13 @@ pub struct CtlArgs {
 pub enum CtlCommand {
     /// Node status: versions, listeners, object and message totals, alarms.
     Status,
+    /// Stops the node as SIGTERM does (connections closed with 320 CONNECTION_FORCED,
+    /// the store committed and closed, exit 0) and waits until it has stopped.
+    Stop {
+        /// How long to wait for the node to go away, in seconds.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
     /// Queues of the vhost, with the columns asked for (default: name messages).
     ListQueues {
         /// Columns, e.g. name messages messages_ready messages_unacknowledged consumers.
@@ -437,6 +444,26 @@ fn execute(api: &Api, vhost: &str, command: CtlCommand) -> Result<String, String
                 serde_json::from_str(&text).map_err(|e| format!("{path} is not JSON: {e}"))?;
             api.post("/definitions", &defs)?;
             Ok(format!("Imported definitions from \"{path}\"\n"))
+        }
+        CtlCommand::Stop { timeout } => {
+            let node = api.get("/overview")?["node"]
+                .as_str()
+                .map(String::from)
+                .ok_or("the node did not say its name")?;
+            api.post(&format!("/nodes/{}/stop", segment(&node)), &Value::Null)?;
+            // As rabbitmqctl stop: return once the node no longer answers.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(timeout);
+            loop {
+                match api.get("/overview") {
+                    Err(e) if e.starts_with("cannot reach") => break,
+                    _ => {}
+                }
+                if std::time::Instant::now() >= deadline {
+                    return Err(format!("{node} still answers after {timeout} s"));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            Ok(format!("Stopping and halting node {node} ...\n"))
         }
         CtlCommand::CloseConnection { name, reason } => {
             api.delete(

@@ -34,6 +34,9 @@ pub struct Http {
     pub amqp_addrs: Arc<Vec<SocketAddr>>,
     /// Message rates derived from the queues' counters.
     pub rates: Arc<RateSampler>,
+    /// Raised by `warren ctl stop`: the process that runs the node waits on it beside
+    /// SIGTERM and stops the node the same way.
+    pub stop: Arc<tokio::sync::Notify>,
 }
 
 /// The web UI: one page with its script and styles inline (no external assets) that
@@ -53,6 +56,7 @@ pub fn router(http: Http) -> Router {
         .route("/api/overview", get(overview::overview))
         .route("/api/nodes", get(overview::nodes))
         .route("/api/nodes/{node}", get(overview::node))
+        .route("/api/nodes/{node}/stop", post(overview::stop_node))
         .route("/api/whoami", get(access::whoami))
         .route("/api/aliveness-test/{vhost}", get(overview::aliveness))
         .route("/api/health/checks/alarms", get(overview::alarms))
