@@ -46,7 +46,8 @@ pub struct BrokerState {
     pub access: AccessControl,
     /// Open connections (after connection.open), by id.
     connections: Mutex<HashMap<u64, ConnectionEntry>>,
-    /// Message counters of connections that have ended (see `ConnStats`).
+    /// Message counters of connections that have ended (see `ConnStats`), plus what the
+    /// node did itself on no connection (`count_direct`).
     closed_stats: Mutex<[u64; 10]>,
     /// Connections opened and closed since start (metrics).
     pub connections_opened: AtomicU64,
@@ -241,6 +242,17 @@ impl BrokerState {
         }
         let mut closed = self.closed_stats.lock().unwrap_or_else(|p| p.into_inner());
         for (total, n) in closed.iter_mut().zip(stats) {
+            *total += n;
+        }
+    }
+
+    /// Counts messages the node handled itself, on no client connection (a publish or
+    /// get through the management API), in the totals (`ConnStats::values` order): in
+    /// RabbitMQ those go through a direct connection's channel, so they show in the
+    /// overview's message_stats and the channel metrics like any client's.
+    pub fn count_direct(&self, stats: [u64; 10]) {
+        let mut totals = self.closed_stats.lock().unwrap_or_else(|p| p.into_inner());
+        for (total, n) in totals.iter_mut().zip(stats) {
             *total += n;
         }
     }
