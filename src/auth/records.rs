@@ -52,6 +52,23 @@ pub struct PermissionRecord {
     pub read: String,
 }
 
+/// What a user may do with routing keys on one topic exchange in a vhost (RabbitMQ's
+/// topic authorisation): two regular expressions over routing and binding keys, in
+/// which `{username}` and `{vhost}` stand for the user's name and the vhost.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicPermissionRecord {
+    /// The user.
+    pub user: String,
+    /// The vhost.
+    pub vhost: String,
+    /// The topic exchange the patterns apply to.
+    pub exchange: String,
+    /// Routing keys the user may publish with.
+    pub write: String,
+    /// Binding keys the user may bind with (consume from the exchange).
+    pub read: String,
+}
+
 /// Tags come as a list (RabbitMQ 3.9+) or as one comma-separated string (older files).
 fn tags<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
     #[derive(Deserialize)]

@@ -4,11 +4,12 @@
 //! to this node's store alone.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 
-use super::records::{PermissionRecord, UserRecord, VHostRecord};
+use super::records::{PermissionRecord, TopicPermissionRecord, UserRecord, VHostRecord};
 use super::{AccessError, password};
 
 /// One change to users, vhosts or permissions.
@@ -26,6 +27,50 @@ pub enum AccessChange {
     SetPermissions(PermissionRecord),
     /// Remove a user's permissions in a vhost: (user, vhost).
     ClearPermissions(String, String),
+    /// Set a user's topic permission on one exchange of a vhost.
+    SetTopicPermission(TopicPermissionRecord),
+    /// Remove a user's topic permissions in a vhost: on one exchange, or on all.
+    ClearTopicPermissions {
+        /// The user.
+        user: String,
+        /// The vhost.
+        vhost: String,
+        /// Only this exchange's (all when `None`).
+        exchange: Option<String>,
+    },
+}
+
+/// A topic permission, compiled with `{username}` and `{vhost}` already expanded (they
+/// are fixed for the record), so a check is one regex match and a channel can cache it.
+#[derive(Debug)]
+pub struct TopicRule {
+    /// As set.
+    pub record: TopicPermissionRecord,
+    write: Regex,
+    read: Regex,
+}
+
+impl TopicRule {
+    fn compile(record: TopicPermissionRecord) -> Result<TopicRule, AccessError> {
+        let expand = |p: &str| {
+            p.replace("{username}", &record.user)
+                .replace("{vhost}", &record.vhost)
+        };
+        Ok(TopicRule {
+            write: compile(&expand(&record.write))?,
+            read: compile(&expand(&record.read))?,
+            record,
+        })
+    }
+
+    /// Whether `key` may be published with (`write`) or bound with (`read`).
+    pub fn allows(&self, write: bool, key: &str) -> bool {
+        if write {
+            self.write.is_match(key)
+        } else {
+            self.read.is_match(key)
+        }
+    }
 }
 
 /// A user's permissions in one vhost, compiled.
@@ -72,6 +117,8 @@ pub(super) struct AccessState {
     pub(super) vhosts: BTreeMap<String, VHostRecord>,
     /// Keyed by (vhost, user).
     pub(super) permissions: BTreeMap<(String, String), Permissions>,
+    /// Keyed by (vhost, user, exchange).
+    pub(super) topic_permissions: BTreeMap<(String, String, String), Arc<TopicRule>>,
 }
 
 /// Store key of a user record.
@@ -82,6 +129,15 @@ pub(super) fn user_key(name: &str) -> String {
 /// Store key of a vhost record.
 pub(super) fn vhost_key(name: &str) -> String {
     format!("v/{name}")
+}
+
+/// Store key of a topic permission record.
+pub(super) fn topic_permission_key(vhost: &str, user: &str, exchange: &str) -> String {
+    format!("t/{vhost}\u{0}{user}\u{0}{exchange}")
+}
+
+fn topic_key_of(r: &TopicPermissionRecord) -> (String, String, String) {
+    (r.vhost.clone(), r.user.clone(), r.exchange.clone())
 }
 
 /// Store key of a permission record.
@@ -114,6 +170,13 @@ impl AccessState {
                     .map(|p| {
                         let k = (p.record.vhost.clone(), p.record.user.clone());
                         state.permissions.insert(k, p);
+                    }),
+                Some(("t", _)) => serde_json::from_slice::<TopicPermissionRecord>(value)
+                    .ok()
+                    .and_then(|t| TopicRule::compile(t).ok())
+                    .map(|t| {
+                        let k = topic_key_of(&t.record);
+                        state.topic_permissions.insert(k, Arc::new(t));
                     }),
                 _ => None,
             };
@@ -156,6 +219,13 @@ impl AccessState {
                     }
                     keep
                 });
+                self.topic_permissions.retain(|(vhost, user, x), _| {
+                    let keep = *user != name;
+                    if !keep {
+                        out.push(Persist::Delete(topic_permission_key(vhost, user, x)));
+                    }
+                    keep
+                });
                 Ok(out)
             }
             AccessChange::PutVHost(vhost) => {
@@ -175,6 +245,13 @@ impl AccessState {
                     let keep = *vhost != name;
                     if !keep {
                         out.push(Persist::Delete(permission_key(vhost, user)));
+                    }
+                    keep
+                });
+                self.topic_permissions.retain(|(vhost, user, x), _| {
+                    let keep = *vhost != name;
+                    if !keep {
+                        out.push(Persist::Delete(topic_permission_key(vhost, user, x)));
                     }
                     keep
                 });
@@ -205,6 +282,43 @@ impl AccessState {
                     )));
                 }
                 Ok(vec![Persist::Delete(permission_key(&vhost, &user))])
+            }
+            AccessChange::SetTopicPermission(record) => {
+                if !self.users.contains_key(&record.user) {
+                    return Err(AccessError::NotFound(format!("user '{}'", record.user)));
+                }
+                if !self.vhosts.contains_key(&record.vhost) {
+                    return Err(AccessError::NotFound(format!("vhost '{}'", record.vhost)));
+                }
+                let rule = TopicRule::compile(record)?;
+                let r = &rule.record;
+                let put = Persist::Put(
+                    topic_permission_key(&r.vhost, &r.user, &r.exchange),
+                    json(r),
+                );
+                self.topic_permissions
+                    .insert(topic_key_of(r), Arc::new(rule));
+                Ok(vec![put])
+            }
+            AccessChange::ClearTopicPermissions {
+                user,
+                vhost,
+                exchange,
+            } => {
+                let mut out = Vec::new();
+                self.topic_permissions.retain(|(v, u, x), _| {
+                    let hit = *v == vhost && *u == user && exchange.as_ref().is_none_or(|e| e == x);
+                    if hit {
+                        out.push(Persist::Delete(topic_permission_key(v, u, x)));
+                    }
+                    !hit
+                });
+                if out.is_empty() {
+                    return Err(AccessError::NotFound(format!(
+                        "topic permissions of user '{user}' in vhost '{vhost}'"
+                    )));
+                }
+                Ok(out)
             }
         }
     }

@@ -10,7 +10,9 @@ use serde_json::{Value, json};
 use super::exchange::{Destination, ExchangeDef, ExchangeKind};
 use super::json::{json_to_table, table_to_json};
 use super::{BrokerState, VHost};
-use crate::auth::{AccessChange, PermissionRecord, UserRecord, VHostRecord, password};
+use crate::auth::{
+    AccessChange, PermissionRecord, TopicPermissionRecord, UserRecord, VHostRecord, password,
+};
 use crate::queue::QueueDef;
 
 /// The connection id the broker itself acts as (never a client's: those start at 1).
@@ -59,12 +61,16 @@ pub fn export(state: &BrokerState, only_vhost: Option<&str>) -> Value {
         .into_iter()
         .filter(|p| wanted(&p.vhost))
         .collect();
+    let topic_permissions: Vec<TopicPermissionRecord> = access
+        .topic_permissions()
+        .into_iter()
+        .filter(|t| wanted(&t.vhost))
+        .collect();
     let mut out = json!({
         "rabbit_version": RABBITMQ_VERSION,
         "rabbitmq_version": RABBITMQ_VERSION,
         "product_name": "Warren",
         "product_version": env!("CARGO_PKG_VERSION"),
-        "topic_permissions": [],
         "parameters": [],
         "global_parameters": [],
         "policies": [],
@@ -76,6 +82,9 @@ pub fn export(state: &BrokerState, only_vhost: Option<&str>) -> Value {
         out["users"] = json!(users);
         out["vhosts"] = json!(vhosts);
         out["permissions"] = json!(permissions);
+        out["topic_permissions"] = json!(topic_permissions);
+    } else {
+        out["topic_permissions"] = json!([]);
     }
     out
 }
@@ -166,6 +175,8 @@ struct Definitions {
     vhosts: Vec<ImportVHost>,
     #[serde(default)]
     permissions: Vec<PermissionRecord>,
+    #[serde(default)]
+    topic_permissions: Vec<TopicPermissionRecord>,
     #[serde(default)]
     exchanges: Vec<ImportExchange>,
     #[serde(default)]
@@ -305,6 +316,13 @@ pub async fn import(
         state
             .access
             .change(AccessChange::SetPermissions(p))
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    for t in defs.topic_permissions {
+        state
+            .access
+            .change(AccessChange::SetTopicPermission(t))
             .await
             .map_err(|e| e.to_string())?;
     }

@@ -133,6 +133,27 @@ pub enum CtlCommand {
     },
     /// Permissions in the vhost (-p).
     ListPermissions,
+    /// Sets a user's topic permission on a topic exchange of the vhost (-p): patterns
+    /// over routing keys, `{username}` and `{vhost}` expanded.
+    SetTopicPermissions {
+        /// User name.
+        user: String,
+        /// The topic exchange.
+        exchange: String,
+        /// Routing keys the user may publish with.
+        write: String,
+        /// Binding keys the user may bind with.
+        read: String,
+    },
+    /// Removes a user's topic permissions in the vhost (-p), or only on one exchange.
+    ClearTopicPermissions {
+        /// User name.
+        user: String,
+        /// Only the permission on this exchange.
+        exchange: Option<String>,
+    },
+    /// Topic permissions in the vhost (-p).
+    ListTopicPermissions,
     /// Deletes a queue of the vhost.
     DeleteQueue {
         /// Queue name.
@@ -403,6 +424,43 @@ fn execute(api: &Api, vhost: &str, command: CtlCommand) -> Result<String, String
                 .to_vec();
             Ok(table(
                 &api.get(&format!("/vhosts/{v}/permissions"))?,
+                &cols,
+                &[],
+            ))
+        }
+        CtlCommand::SetTopicPermissions {
+            user,
+            exchange,
+            write,
+            read,
+        } => {
+            api.put(
+                &format!("/topic-permissions/{v}/{}", segment(&user)),
+                &json!({"exchange": exchange, "write": write, "read": read}),
+            )?;
+            Ok(format!(
+                "Setting topic permissions on \"{exchange}\" for user \"{user}\" in vhost \"{vhost}\" ...\n"
+            ))
+        }
+        CtlCommand::ClearTopicPermissions { user, exchange } => {
+            let query = exchange
+                .as_ref()
+                .map(|x| format!("?exchange={}", segment(x)))
+                .unwrap_or_default();
+            api.delete(
+                &format!("/topic-permissions/{v}/{}{query}", segment(&user)),
+                &[],
+            )?;
+            Ok(format!(
+                "Clearing topic permissions for user \"{user}\" in vhost \"{vhost}\" ...\n"
+            ))
+        }
+        CtlCommand::ListTopicPermissions => {
+            let cols: Vec<String> = ["user", "exchange", "write", "read"]
+                .map(String::from)
+                .to_vec();
+            Ok(table(
+                &api.get(&format!("/vhosts/{v}/topic-permissions"))?,
                 &cols,
                 &[],
             ))

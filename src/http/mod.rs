@@ -12,6 +12,7 @@ mod filter;
 mod overview;
 mod resources;
 mod stats;
+mod topic_permissions;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -88,6 +89,21 @@ pub fn router(http: Http) -> Router {
             get(access::user_permissions),
         )
         .route("/api/permissions", get(access::permissions))
+        .route("/api/topic-permissions", get(topic_permissions::all))
+        .route(
+            "/api/topic-permissions/{vhost}/{user}",
+            get(topic_permissions::of_user_in_vhost)
+                .put(topic_permissions::put)
+                .delete(topic_permissions::delete),
+        )
+        .route(
+            "/api/vhosts/{vhost}/topic-permissions",
+            get(topic_permissions::of_vhost),
+        )
+        .route(
+            "/api/users/{user}/topic-permissions",
+            get(topic_permissions::of_user),
+        )
         .route(
             "/api/permissions/{vhost}/{user}",
             get(access::permission)

@@ -333,6 +333,13 @@ pub async fn publish(
         exchange,
         Permission::Write,
     )?;
+    // As RabbitMQ's direct channel: topic authorisation of the routing key.
+    if !exchange.is_empty() && v.exchange(exchange)?.def.kind == crate::broker::ExchangeKind::Topic
+    {
+        http.broker
+            .access
+            .check_topic(&who.name, &vhost, exchange, routing_key, true)?;
+    }
     let mut props = properties_from_json(&b["properties"]);
     if let Some(mode) = b["delivery_mode"].as_str().and_then(|m| m.parse().ok()) {
         props = props.with_delivery_mode(mode);
