@@ -14,7 +14,7 @@ mod state;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
-pub use records::{PermissionRecord, TopicPermissionRecord, UserRecord, VHostRecord};
+pub use records::{PermissionRecord, PolicyRecord, TopicPermissionRecord, UserRecord, VHostRecord};
 pub use state::{AccessChange, TopicRule};
 use state::{AccessState, Persist};
 
@@ -208,6 +208,21 @@ impl AccessControl {
             .permissions
             .values()
             .map(|p| p.record.clone())
+            .collect()
+    }
+
+    /// Every policy, by vhost and name.
+    pub fn policies(&self) -> Vec<PolicyRecord> {
+        self.read().policies.values().cloned().collect()
+    }
+
+    /// The policies of one vhost.
+    pub fn vhost_policies(&self, vhost: &str) -> Vec<PolicyRecord> {
+        self.read()
+            .policies
+            .values()
+            .filter(|p| p.vhost == vhost)
+            .cloned()
             .collect()
     }
 

@@ -9,7 +9,9 @@ use std::sync::Arc;
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 
-use super::records::{PermissionRecord, TopicPermissionRecord, UserRecord, VHostRecord};
+use super::records::{
+    PermissionRecord, PolicyRecord, TopicPermissionRecord, UserRecord, VHostRecord,
+};
 use super::{AccessError, password};
 
 /// One change to users, vhosts or permissions.
@@ -38,6 +40,10 @@ pub enum AccessChange {
         /// Only this exchange's (all when `None`).
         exchange: Option<String>,
     },
+    /// Create or replace a policy (validated as RabbitMQ validates it).
+    PutPolicy(PolicyRecord),
+    /// Delete a policy: (vhost, name).
+    DeletePolicy(String, String),
 }
 
 /// A topic permission, compiled with `{username}` and `{vhost}` already expanded (they
@@ -119,6 +125,8 @@ pub(super) struct AccessState {
     pub(super) permissions: BTreeMap<(String, String), Permissions>,
     /// Keyed by (vhost, user, exchange).
     pub(super) topic_permissions: BTreeMap<(String, String, String), Arc<TopicRule>>,
+    /// Keyed by (vhost, name).
+    pub(super) policies: BTreeMap<(String, String), PolicyRecord>,
 }
 
 /// Store key of a user record.
@@ -138,6 +146,11 @@ pub(super) fn topic_permission_key(vhost: &str, user: &str, exchange: &str) -> S
 
 fn topic_key_of(r: &TopicPermissionRecord) -> (String, String, String) {
     (r.vhost.clone(), r.user.clone(), r.exchange.clone())
+}
+
+/// Store key of a policy record.
+pub(super) fn policy_key(vhost: &str, name: &str) -> String {
+    format!("pol/{vhost}\u{0}{name}")
 }
 
 /// Store key of a permission record.
@@ -178,6 +191,9 @@ impl AccessState {
                         let k = topic_key_of(&t.record);
                         state.topic_permissions.insert(k, Arc::new(t));
                     }),
+                Some(("pol", _)) => serde_json::from_slice::<PolicyRecord>(value).ok().map(|p| {
+                    state.policies.insert((p.vhost.clone(), p.name.clone()), p);
+                }),
                 _ => None,
             };
             if loaded.is_none() {
@@ -255,6 +271,13 @@ impl AccessState {
                     }
                     keep
                 });
+                self.policies.retain(|(vhost, policy), _| {
+                    let keep = *vhost != name;
+                    if !keep {
+                        out.push(Persist::Delete(policy_key(vhost, policy)));
+                    }
+                    keep
+                });
                 Ok(out)
             }
             AccessChange::SetPermissions(record) => {
@@ -282,6 +305,28 @@ impl AccessState {
                     )));
                 }
                 Ok(vec![Persist::Delete(permission_key(&vhost, &user))])
+            }
+            AccessChange::PutPolicy(policy) => {
+                if !self.vhosts.contains_key(&policy.vhost) {
+                    return Err(AccessError::NotFound(format!("vhost '{}'", policy.vhost)));
+                }
+                crate::broker::policy::validate(&policy).map_err(AccessError::Invalid)?;
+                let put = Persist::Put(policy_key(&policy.vhost, &policy.name), json(&policy));
+                self.policies
+                    .insert((policy.vhost.clone(), policy.name.clone()), policy);
+                Ok(vec![put])
+            }
+            AccessChange::DeletePolicy(vhost, name) => {
+                if self
+                    .policies
+                    .remove(&(vhost.clone(), name.clone()))
+                    .is_none()
+                {
+                    return Err(AccessError::NotFound(format!(
+                        "policy '{name}' in vhost '{vhost}'"
+                    )));
+                }
+                Ok(vec![Persist::Delete(policy_key(&vhost, &name))])
             }
             AccessChange::SetTopicPermission(record) => {
                 if !self.users.contains_key(&record.user) {

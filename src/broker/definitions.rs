@@ -11,7 +11,8 @@ use super::exchange::{Destination, ExchangeDef, ExchangeKind};
 use super::json::{json_to_table, table_to_json};
 use super::{BrokerState, VHost};
 use crate::auth::{
-    AccessChange, PermissionRecord, TopicPermissionRecord, UserRecord, VHostRecord, password,
+    AccessChange, PermissionRecord, PolicyRecord, TopicPermissionRecord, UserRecord, VHostRecord,
+    password,
 };
 use crate::queue::QueueDef;
 
@@ -61,6 +62,11 @@ pub fn export(state: &BrokerState, only_vhost: Option<&str>) -> Value {
         .into_iter()
         .filter(|p| wanted(&p.vhost))
         .collect();
+    let policies: Vec<PolicyRecord> = access
+        .policies()
+        .into_iter()
+        .filter(|p| wanted(&p.vhost))
+        .collect();
     let topic_permissions: Vec<TopicPermissionRecord> = access
         .topic_permissions()
         .into_iter()
@@ -73,7 +79,7 @@ pub fn export(state: &BrokerState, only_vhost: Option<&str>) -> Value {
         "product_version": env!("CARGO_PKG_VERSION"),
         "parameters": [],
         "global_parameters": [],
-        "policies": [],
+        "policies": policies,
         "queues": queues,
         "exchanges": exchanges,
         "bindings": bindings,
@@ -178,11 +184,25 @@ struct Definitions {
     #[serde(default)]
     topic_permissions: Vec<TopicPermissionRecord>,
     #[serde(default)]
+    policies: Vec<ImportPolicy>,
+    #[serde(default)]
     exchanges: Vec<ImportExchange>,
     #[serde(default)]
     queues: Vec<ImportQueue>,
     #[serde(default)]
     bindings: Vec<ImportBinding>,
+}
+
+#[derive(Deserialize)]
+struct ImportPolicy {
+    vhost: Option<String>,
+    name: String,
+    pattern: String,
+    #[serde(rename = "apply-to", default)]
+    apply_to: Option<String>,
+    definition: Value,
+    #[serde(default)]
+    priority: i64,
 }
 
 #[derive(Deserialize)]
@@ -318,6 +338,21 @@ pub async fn import(
             .change(AccessChange::SetPermissions(p))
             .await
             .map_err(|e| e.to_string())?;
+    }
+    for p in defs.policies {
+        let vhost = into_vhost.or(p.vhost.as_deref()).unwrap_or("/").to_string();
+        let name = p.name.clone();
+        state
+            .set_policy(PolicyRecord {
+                vhost,
+                name: p.name,
+                pattern: p.pattern,
+                apply_to: p.apply_to.unwrap_or_else(|| "all".into()),
+                definition: p.definition,
+                priority: p.priority,
+            })
+            .await
+            .map_err(|e| format!("policy '{name}': {e}"))?;
     }
     for t in defs.topic_permissions {
         state

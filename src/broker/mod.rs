@@ -11,6 +11,7 @@ pub mod field_type;
 pub mod json;
 pub mod memory;
 pub mod persist;
+pub mod policy;
 mod recovery;
 pub mod reply_to;
 pub mod sender_selected;
@@ -188,6 +189,21 @@ impl BrokerState {
             .entry(name.clone())
             .or_insert_with(|| VHost::new(&name, self.store.clone(), self.next_msg_id.clone()));
         Ok(())
+    }
+
+    /// Stores a policy (validated as RabbitMQ does; the error is RabbitMQ's text).
+    pub async fn set_policy(&self, policy: crate::auth::PolicyRecord) -> Result<(), String> {
+        self.access
+            .change(AccessChange::PutPolicy(policy))
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Deletes a policy.
+    pub async fn clear_policy(&self, vhost: &str, name: &str) -> Result<(), AccessError> {
+        self.access
+            .change(AccessChange::DeletePolicy(vhost.into(), name.into()))
+            .await
     }
 
     /// Deletes a vhost: its permissions, queues (with their messages) and exchanges;

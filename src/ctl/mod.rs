@@ -154,6 +154,29 @@ pub enum CtlCommand {
     },
     /// Topic permissions in the vhost (-p).
     ListTopicPermissions,
+    /// Sets a policy in the vhost (-p): settings (a JSON object) for the queues and/or
+    /// exchanges whose names match PATTERN.
+    SetPolicy {
+        /// Policy name.
+        name: String,
+        /// Regular expression over queue or exchange names.
+        pattern: String,
+        /// The settings, as JSON, e.g. '{"max-length":1000}'.
+        definition: String,
+        /// Higher wins when several policies match.
+        #[arg(long, default_value_t = 0)]
+        priority: i64,
+        /// queues, exchanges or all.
+        #[arg(long = "apply-to", default_value = "all")]
+        apply_to: String,
+    },
+    /// Deletes a policy of the vhost (-p).
+    ClearPolicy {
+        /// Policy name.
+        name: String,
+    },
+    /// Policies of the vhost (-p).
+    ListPolicies,
     /// Deletes a queue of the vhost.
     DeleteQueue {
         /// Queue name.
@@ -464,6 +487,43 @@ fn execute(api: &Api, vhost: &str, command: CtlCommand) -> Result<String, String
                 &cols,
                 &[],
             ))
+        }
+        CtlCommand::SetPolicy {
+            name,
+            pattern,
+            definition,
+            priority,
+            apply_to,
+        } => {
+            let definition: Value = serde_json::from_str(&definition)
+                .map_err(|e| format!("the definition is not JSON: {e}"))?;
+            api.put(
+                &format!("/policies/{v}/{}", segment(&name)),
+                &json!({"pattern": pattern, "definition": definition,
+                        "priority": priority, "apply-to": apply_to}),
+            )?;
+            Ok(format!(
+                "Setting policy \"{name}\" for pattern \"{pattern}\" to \"{definition}\" with priority \"{priority}\" for vhost \"{vhost}\" ...\n"
+            ))
+        }
+        CtlCommand::ClearPolicy { name } => {
+            api.delete(&format!("/policies/{v}/{}", segment(&name)), &[])?;
+            Ok(format!(
+                "Clearing policy \"{name}\" on vhost \"{vhost}\" ...\n"
+            ))
+        }
+        CtlCommand::ListPolicies => {
+            let cols: Vec<String> = [
+                "vhost",
+                "name",
+                "pattern",
+                "apply-to",
+                "definition",
+                "priority",
+            ]
+            .map(String::from)
+            .to_vec();
+            Ok(table(&api.get(&format!("/policies/{v}"))?, &cols, &[]))
         }
         CtlCommand::DeleteQueue {
             name,

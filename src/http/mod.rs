@@ -10,6 +10,7 @@ mod connections;
 mod error;
 mod filter;
 mod overview;
+mod policies;
 mod resources;
 mod stats;
 mod topic_permissions;
@@ -89,6 +90,14 @@ pub fn router(http: Http) -> Router {
             get(access::user_permissions),
         )
         .route("/api/permissions", get(access::permissions))
+        .route("/api/policies", get(policies::all))
+        .route("/api/policies/{vhost}", get(policies::of_vhost))
+        .route(
+            "/api/policies/{vhost}/{name}",
+            get(policies::one)
+                .put(policies::put)
+                .delete(policies::delete),
+        )
         .route("/api/topic-permissions", get(topic_permissions::all))
         .route(
             "/api/topic-permissions/{vhost}/{user}",
