@@ -28,6 +28,44 @@ pub struct Broker {
     stop: Arc<tokio::sync::Notify>,
 }
 
+/// Restores a clustered node's vhosts from the definitions it last agreed to (its own
+/// definitions table is not used), then joins the metadata group with the vhosts as its
+/// mirror.
+async fn start_clustered(
+    state: &Arc<BrokerState>,
+    membership: crate::cluster::Membership,
+    mut recovered: crate::store::Recovered,
+    store: crate::store::Store,
+    meta_log: crate::store::RecoveredRaftGroup,
+) -> anyhow::Result<crate::cluster::ClusterNode> {
+    use crate::broker::cluster_defs::{ClusterLink, DefinitionsMirror, agreed_definitions};
+    use crate::cluster::meta::storage::{DefinitionsObserver, StateMachine};
+    let node = membership.this_node().name.clone();
+    let agreed = StateMachine::recover(store.clone(), &meta_log)?.definitions();
+    // Agreed users, vhosts and permissions first: the vhosts must exist to be restored.
+    for (key, value) in &agreed {
+        if let Some(record) = key.strip_prefix(crate::auth::CLUSTER_PREFIX) {
+            state.access.apply_record(record, Some(value));
+            if let Some(vhost) = record.strip_prefix("v/") {
+                state.ensure_vhost(vhost);
+            }
+        }
+    }
+    recovered.definitions = agreed_definitions(&agreed);
+    state.recover(recovered);
+    let mirror = DefinitionsMirror::new(state, &node);
+    mirror.reset(&agreed);
+    let cluster =
+        crate::cluster::ClusterNode::start(membership, store, meta_log, Some(mirror)).await?;
+    state.access.join_cluster(cluster.proposals().clone());
+    state.join_cluster(ClusterLink {
+        proposals: cluster.proposals().clone(),
+        node,
+        cluster: cluster.clone(),
+    });
+    Ok(cluster)
+}
+
 /// A listening socket on `addr` (address reuse on; an IPv6 one serves IPv6 only).
 pub(crate) fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
@@ -68,10 +106,12 @@ impl Broker {
         let access =
             crate::auth::AccessControl::open(&access_records, Some(store.clone()), &config).await;
         let state = BrokerState::new(config.clone(), Some(store), access);
-        state.recover(recovered);
         let cluster = match membership {
-            Some(m) => Some(crate::cluster::ClusterNode::start(m, cluster_store, meta_log).await?),
-            None => None,
+            None => {
+                state.recover(recovered);
+                None
+            }
+            Some(m) => Some(start_clustered(&state, m, recovered, cluster_store, meta_log).await?),
         };
         let (shutdown, _) = broadcast::channel(1);
         let mut tasks = JoinSet::new();

@@ -77,3 +77,75 @@ async fn a_paused_leader_is_replaced_and_follows_when_it_resumes() {
         "leader {after} is one of the nodes that kept running"
     );
 }
+
+/// `warren ctl cluster_status` against node `i`'s management API; its stdout.
+fn cluster_status(c: &Cluster, i: usize) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_warren"))
+        .args(["ctl", "--url", &format!("http://{}:15672", c.node(i).ip)])
+        .args(["-u", cluster::USER, "--password", cluster::USER])
+        .arg("cluster_status")
+        .output()
+        .expect("warren ctl runs");
+    assert!(
+        out.status.success(),
+        "warren ctl cluster_status failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The node names listed under `heading` in `cluster_status` output.
+fn section(status: &str, heading: &str) -> Vec<String> {
+    status
+        .split(heading)
+        .nth(1)
+        .unwrap_or_default()
+        .trim_start()
+        .split("\n\n")
+        .next()
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_cluster_status_shows_members_reachability_and_the_leader() {
+    let Some(c) = Cluster::start(3) else {
+        return;
+    };
+    let leader = c.wait_agreed_leader(&[1, 2, 3], None, ELECTION).await;
+    let names = c.member_names();
+    let deadline = std::time::Instant::now() + ELECTION;
+    let status = loop {
+        let s = cluster_status(&c, 1);
+        if section(&s, "Running Nodes").len() == 3 || std::time::Instant::now() > deadline {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(section(&status, "Disk Nodes"), names, "{status}");
+    assert_eq!(section(&status, "Running Nodes"), names, "{status}");
+    let leader_name = &c.node(leader).name;
+    assert!(
+        status.contains(&format!("Metadata leader: {leader_name}")),
+        "{status}"
+    );
+
+    // Node 3 cut off: it still lists every member, and runs with itself alone.
+    c.partition(&[3], &[1, 2]);
+    let deadline = std::time::Instant::now() + ELECTION;
+    let status = loop {
+        let s = cluster_status(&c, 3);
+        if section(&s, "Running Nodes").len() == 1 || std::time::Instant::now() > deadline {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(section(&status, "Disk Nodes"), names, "{status}");
+    assert_eq!(
+        section(&status, "Running Nodes"),
+        vec![c.node(3).name.clone()],
+        "{status}"
+    );
+}

@@ -79,7 +79,7 @@ impl Net {
         let (store, mut recovered) =
             Store::open(&self.dirs[i], FlushMode::Sync, Duration::from_millis(100)).unwrap();
         let log = recovered.raft.remove(&META_GROUP).unwrap_or_default();
-        let group = MetaGroup::start(&membership, transport.clone(), store.clone(), log)
+        let group = MetaGroup::start(&membership, transport.clone(), store.clone(), log, None)
             .await
             .unwrap();
         self.nodes[i] = Some(TestNode {

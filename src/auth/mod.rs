@@ -12,12 +12,14 @@ pub mod records;
 mod state;
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 pub use records::{PermissionRecord, PolicyRecord, TopicPermissionRecord, UserRecord, VHostRecord};
 pub use state::{AccessChange, TopicRule};
 use state::{AccessState, Persist};
 
+use crate::cluster::meta::MetaCommand;
+use crate::cluster::meta::proposals::Proposals;
 use crate::config::Config;
 use crate::protocol::{AmqpError, reply::amqp_err};
 use crate::store::{Store, StoreOp};
@@ -29,13 +31,15 @@ pub enum AccessError {
     NotFound(String),
     /// The change is malformed (bad regex, bad hash, empty name).
     Invalid(String),
+    /// On a clustered node: the metadata group did not commit the change in time.
+    Unavailable(String),
 }
 
 impl std::fmt::Display for AccessError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             AccessError::NotFound(what) => write!(f, "{what} not found"),
-            AccessError::Invalid(why) => f.write_str(why),
+            AccessError::Invalid(why) | AccessError::Unavailable(why) => f.write_str(why),
         }
     }
 }
@@ -79,7 +83,13 @@ pub struct AccessControl {
     /// Bumped on every change, so that channels can cache checks (publish) cheaply.
     generation: AtomicU64,
     loopback_users: Vec<String>,
+    /// Set on a clustered node: changes are proposed to the metadata group and applied
+    /// (on every node) as they are committed, through [`AccessControl::apply_record`].
+    cluster: OnceLock<Proposals>,
 }
+
+/// Prefix of access-control records among the metadata group's definitions.
+pub const CLUSTER_PREFIX: &str = "a/";
 
 impl AccessControl {
     /// Loads the stored records. On a node with neither users nor vhosts (first start),
@@ -95,6 +105,7 @@ impl AccessControl {
             store,
             generation: AtomicU64::new(0),
             loopback_users: config.loopback_users.clone(),
+            cluster: OnceLock::new(),
         };
         let fresh = {
             let s = access.read();
@@ -141,6 +152,35 @@ impl AccessControl {
 
     /// Applies `change` and returns once it is stored durably.
     pub async fn change(&self, change: AccessChange) -> Result<(), AccessError> {
+        self.change_with(change, Vec::new()).await
+    }
+
+    /// [`AccessControl::change`]; on a clustered node `also` (definition changes that go
+    /// with it, e.g. a deleted vhost's exchanges and queues) is proposed before it in the
+    /// same batch.
+    pub async fn change_with(
+        &self,
+        change: AccessChange,
+        also: Vec<MetaCommand>,
+    ) -> Result<(), AccessError> {
+        if let Some(proposals) = self.cluster.get() {
+            // Validated on a copy; the state changes when the group commits it.
+            let persisted = self.read().clone().apply(change)?;
+            let mut commands = also;
+            commands.extend(persisted.into_iter().map(|p| match p {
+                Persist::Put(key, value) => MetaCommand::Put {
+                    key: format!("{CLUSTER_PREFIX}{key}"),
+                    value,
+                },
+                Persist::Delete(key) => MetaCommand::Delete {
+                    key: format!("{CLUSTER_PREFIX}{key}"),
+                },
+            }));
+            let ticket = proposals.submit(commands);
+            return proposals.wait(ticket - 1, ticket).await.map_err(|e| {
+                AccessError::Unavailable(format!("the metadata store operation timed out: {e}"))
+            });
+        }
         let committed = {
             let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
             let persisted = state.apply(change)?;
@@ -159,6 +199,20 @@ impl AccessControl {
             done.await;
         }
         Ok(())
+    }
+
+    /// Makes this a clustered node's access control (see the `cluster` field).
+    pub fn join_cluster(&self, proposals: Proposals) {
+        let _ = self.cluster.set(proposals);
+    }
+
+    /// A committed access-control record of the metadata group (`key` without
+    /// [`CLUSTER_PREFIX`]): set, or removed when `value` is `None`.
+    pub fn apply_record(&self, key: &str, value: Option<&[u8]>) {
+        let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
+        if state.load_record(key, value) {
+            self.generation.fetch_add(1, Ordering::Release);
+        }
     }
 
     /// Counter of changes so far: a cached check is valid while it is unchanged.

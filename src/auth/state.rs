@@ -117,7 +117,7 @@ pub enum Persist {
 }
 
 /// Every user, vhost and permission of the node.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub(super) struct AccessState {
     pub(super) users: BTreeMap<String, UserRecord>,
     pub(super) vhosts: BTreeMap<String, VHostRecord>,
@@ -168,39 +168,70 @@ impl AccessState {
     pub(super) fn from_records(records: &[(String, Vec<u8>)]) -> AccessState {
         let mut state = AccessState::default();
         for (key, value) in records {
-            let loaded = match key.split_once('/') {
-                Some(("u", _)) => serde_json::from_slice::<UserRecord>(value)
-                    .ok()
-                    .map(|u| state.users.insert(u.name.clone(), u))
-                    .map(drop),
-                Some(("v", _)) => serde_json::from_slice::<VHostRecord>(value)
-                    .ok()
-                    .map(|v| state.vhosts.insert(v.name.clone(), v))
-                    .map(drop),
-                Some(("p", _)) => serde_json::from_slice::<PermissionRecord>(value)
-                    .ok()
-                    .and_then(|p| Permissions::compile(p).ok())
-                    .map(|p| {
-                        let k = (p.record.vhost.clone(), p.record.user.clone());
-                        state.permissions.insert(k, p);
-                    }),
-                Some(("t", _)) => serde_json::from_slice::<TopicPermissionRecord>(value)
-                    .ok()
-                    .and_then(|t| TopicRule::compile(t).ok())
-                    .map(|t| {
-                        let k = topic_key_of(&t.record);
-                        state.topic_permissions.insert(k, Arc::new(t));
-                    }),
-                Some(("pol", _)) => serde_json::from_slice::<PolicyRecord>(value).ok().map(|p| {
-                    state.policies.insert((p.vhost.clone(), p.name.clone()), p);
-                }),
-                _ => None,
-            };
-            if loaded.is_none() {
-                tracing::warn!("skipping unreadable access-control record {key:?}");
-            }
+            state.load_record(key, Some(value));
         }
         state
+    }
+
+    /// Sets (`Some`) or removes (`None`) one stored record; `false` (with a warning) when
+    /// it cannot be read.
+    pub(super) fn load_record(&mut self, key: &str, value: Option<&[u8]>) -> bool {
+        let loaded = match (key.split_once('/'), value) {
+            (Some(("u", name)), None) => self.users.remove(name).map(drop),
+            (Some(("v", name)), None) => self.vhosts.remove(name).map(drop),
+            (Some(("p", both)), None) => both.split_once('\u{0}').and_then(|(vhost, user)| {
+                self.permissions
+                    .remove(&(vhost.to_string(), user.to_string()))
+                    .map(drop)
+            }),
+            (Some(("u", _)), Some(value)) => serde_json::from_slice::<UserRecord>(value)
+                .ok()
+                .map(|u| self.users.insert(u.name.clone(), u))
+                .map(drop),
+            (Some(("v", _)), Some(value)) => serde_json::from_slice::<VHostRecord>(value)
+                .ok()
+                .map(|v| self.vhosts.insert(v.name.clone(), v))
+                .map(drop),
+            (Some(("p", _)), Some(value)) => serde_json::from_slice::<PermissionRecord>(value)
+                .ok()
+                .and_then(|p| Permissions::compile(p).ok())
+                .map(|p| {
+                    let k = (p.record.vhost.clone(), p.record.user.clone());
+                    self.permissions.insert(k, p);
+                }),
+            (Some(("t", all)), None) => {
+                let mut parts = all.splitn(3, '\u{0}');
+                match (parts.next(), parts.next(), parts.next()) {
+                    (Some(vhost), Some(user), Some(exchange)) => self
+                        .topic_permissions
+                        .remove(&(vhost.into(), user.into(), exchange.into()))
+                        .map(drop),
+                    _ => None,
+                }
+            }
+            (Some(("t", _)), Some(value)) => serde_json::from_slice::<TopicPermissionRecord>(value)
+                .ok()
+                .and_then(|t| TopicRule::compile(t).ok())
+                .map(|t| {
+                    let k = topic_key_of(&t.record);
+                    self.topic_permissions.insert(k, Arc::new(t));
+                }),
+            (Some(("pol", both)), None) => both.split_once('\u{0}').and_then(|(vhost, name)| {
+                self.policies
+                    .remove(&(vhost.to_string(), name.to_string()))
+                    .map(drop)
+            }),
+            (Some(("pol", _)), Some(value)) => {
+                serde_json::from_slice::<PolicyRecord>(value).ok().map(|p| {
+                    self.policies.insert((p.vhost.clone(), p.name.clone()), p);
+                })
+            }
+            _ => None,
+        };
+        if loaded.is_none() && value.is_some() {
+            tracing::warn!("skipping unreadable access-control record {key:?}");
+        }
+        loaded.is_some()
     }
 
     /// Applies `change`, returning what to write to the store; the state is unchanged

@@ -49,7 +49,7 @@ impl ExchangeKind {
 }
 
 /// Declared properties of an exchange, compared on redeclare.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ExchangeDef {
     /// Name.
     pub name: String,

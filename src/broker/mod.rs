@@ -3,6 +3,7 @@
 
 pub mod alarm;
 mod cgroup;
+pub mod cluster_defs;
 pub mod deadletter;
 pub mod definitions;
 pub mod disk;
@@ -20,7 +21,7 @@ pub mod vhost;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use crate::auth::{AccessChange, AccessControl, AccessError, VHostRecord};
 use crate::config::Config;
@@ -54,6 +55,8 @@ pub struct BrokerState {
     pub connections_opened: AtomicU64,
     /// See `connections_opened`.
     pub connections_closed: AtomicU64,
+    /// Set once on a clustered node: how its vhosts reach the metadata group.
+    cluster: Arc<OnceLock<cluster_defs::ClusterLink>>,
 }
 
 impl ConnectionEntry {
@@ -103,13 +106,14 @@ impl BrokerState {
     pub fn new(config: Config, store: Option<Store>, access: AccessControl) -> Arc<BrokerState> {
         let mut vhosts = HashMap::new();
         let next_msg_id = Arc::new(AtomicU64::new(1));
+        let cluster: Arc<OnceLock<cluster_defs::ClusterLink>> = Arc::default();
         let alarms = alarm::ResourceAlarms::new(
             config.memory_high_watermark,
             store.as_ref().map(|_| config.data_dir.clone()),
             config.disk_free_limit,
         );
         for v in access.vhosts() {
-            let vhost = VHost::new(&v.name, store.clone(), next_msg_id.clone());
+            let vhost = VHost::new(&v.name, store.clone(), next_msg_id.clone(), cluster.clone());
             vhosts.insert(v.name, vhost);
         }
         // Measure before any client is served: a node that starts on a full disk must
@@ -128,7 +132,18 @@ impl BrokerState {
             connections_opened: AtomicU64::new(0),
             connections_closed: AtomicU64::new(0),
             direct_reply_to: Default::default(),
+            cluster,
         })
+    }
+
+    /// Makes this a clustered node's broker: durable definitions go to the metadata group.
+    pub fn join_cluster(&self, link: cluster_defs::ClusterLink) {
+        let _ = self.cluster.set(link);
+    }
+
+    /// This node's way into the metadata group, on a clustered node.
+    pub fn cluster_link(&self) -> Option<&cluster_defs::ClusterLink> {
+        self.cluster.get()
     }
 
     /// The node's store (None only for brokers started without persistence).
@@ -183,11 +198,7 @@ impl BrokerState {
     pub async fn add_vhost(&self, record: VHostRecord) -> Result<(), AccessError> {
         let name = record.name.clone();
         self.access.change(AccessChange::PutVHost(record)).await?;
-        self.vhosts
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(name.clone())
-            .or_insert_with(|| VHost::new(&name, self.store.clone(), self.next_msg_id.clone()));
+        self.ensure_vhost(&name);
         Ok(())
     }
 
@@ -206,12 +217,27 @@ impl BrokerState {
             .await
     }
 
-    /// Deletes a vhost: its permissions, queues (with their messages) and exchanges;
-    /// connections to it are closed with 320 CONNECTION_FORCED, as RabbitMQ does.
-    pub async fn delete_vhost(&self, name: &str) -> Result<(), AccessError> {
-        self.access
-            .change(AccessChange::DeleteVHost(name.to_string()))
-            .await?;
+    /// The vhost `name`, created (empty, with its built-in exchanges) if missing.
+    pub fn ensure_vhost(&self, name: &str) -> Arc<VHost> {
+        self.vhosts
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(name.to_string())
+            .or_insert_with(|| {
+                VHost::new(
+                    name,
+                    self.store.clone(),
+                    self.next_msg_id.clone(),
+                    self.cluster.clone(),
+                )
+            })
+            .clone()
+    }
+
+    /// Drops vhost `name` from this node and closes its connections, keeping what it
+    /// stored (a clustered node mirroring a deletion: its exchanges and queues were
+    /// deleted by the same agreed batch). Returns the vhost.
+    pub fn forget_vhost(&self, name: &str) -> Option<Arc<VHost>> {
         let removed = self
             .vhosts
             .write()
@@ -221,7 +247,26 @@ impl BrokerState {
             |c| c.vhost == name,
             &amqp_err!(ConnectionForced, "vhost '{}' is deleted", name),
         );
-        if let Some(v) = removed {
+        removed
+    }
+
+    /// Deletes a vhost: its permissions, queues (with their messages) and exchanges;
+    /// connections to it are closed with 320 CONNECTION_FORCED, as RabbitMQ does.
+    pub async fn delete_vhost(&self, name: &str) -> Result<(), AccessError> {
+        let change = AccessChange::DeleteVHost(name.to_string());
+        if self.cluster.get().is_some() {
+            // Its definitions go in the same agreed batch; every node's mirror removes
+            // them (the home nodes their messages) and then the vhost.
+            let also = ["b/", "q/", "x/"]
+                .iter()
+                .map(|kind| crate::cluster::meta::MetaCommand::DeletePrefix {
+                    prefix: format!("{kind}{name}\u{0}"),
+                })
+                .collect();
+            return self.access.change_with(change, also).await;
+        }
+        self.access.change(change).await?;
+        if let Some(v) = self.forget_vhost(name) {
             v.delete_everything();
         }
         Ok(())

@@ -3,10 +3,11 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, Weak};
+use std::sync::{Arc, OnceLock, RwLock, Weak};
 
 use amq_protocol::types::{AMQPValue, FieldTable};
 
+use super::cluster_defs::ClusterLink;
 use super::exchange::{
     Binding, Destination, Exchange, ExchangeDef, ExchangeKind, validate_binding_args,
 };
@@ -41,6 +42,10 @@ pub struct VHost {
     store: Option<Store>,
     msg_ids: Arc<AtomicU64>,
     me: Weak<VHost>,
+    /// Set on a clustered node: durable definitions go to the metadata group.
+    cluster: Arc<OnceLock<ClusterLink>>,
+    /// Durable queues homed on another node, by name: their home.
+    homes: RwLock<HashMap<String, String>>,
 }
 
 fn lock_read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -81,7 +86,12 @@ pub fn generated_name(prefix: &str) -> String {
 
 impl VHost {
     /// A vhost with the default exchange and the `amq.*` built-ins.
-    pub fn new(name: &str, store: Option<Store>, msg_ids: Arc<AtomicU64>) -> Arc<VHost> {
+    pub fn new(
+        name: &str,
+        store: Option<Store>,
+        msg_ids: Arc<AtomicU64>,
+        cluster: Arc<OnceLock<ClusterLink>>,
+    ) -> Arc<VHost> {
         let mut exchanges = HashMap::new();
         for (x, kind) in [
             ("", ExchangeKind::Direct),
@@ -108,6 +118,8 @@ impl VHost {
             store,
             msg_ids,
             me: me.clone(),
+            cluster,
+            homes: RwLock::default(),
         })
     }
 
@@ -453,8 +465,9 @@ impl VHost {
         }
         let q = self.new_queue(def, args);
         queues.insert(q.name().to_string(), q.clone());
+        drop(queues);
         if let Some(qs) = q.store() {
-            qs.store.submit(vec![StoreOp::PutDefinition {
+            self.persist(vec![StoreOp::PutDefinition {
                 key: qs.key.clone(),
                 value: StoredQueue::new(&self.name, &q.def).encode(),
             }]);
@@ -486,7 +499,8 @@ impl VHost {
     pub fn tick(&self, now: u64) {
         let queues: Vec<Arc<Queue>> = lock_read(&self.queues).values().cloned().collect();
         for q in queues {
-            if q.tick(now) {
+            // A queue homed on another node expires there.
+            if q.tick(now) && self.remote_home(q.name()).is_none() {
                 tracing::debug!(queue = q.name(), "queue expired (x-expires)");
                 self.remove_queue(&q);
             }
@@ -494,9 +508,20 @@ impl VHost {
     }
 
     /// Sends definition changes to the store (not awaited: a confirm that depends on them
-    /// is committed after them, since the store applies requests in order).
+    /// is committed after them, since the store applies requests in order); on a
+    /// clustered node they are proposed to the metadata group instead, and the connection
+    /// answers once they are committed there.
     fn persist(&self, ops: Vec<StoreOp>) {
-        if let Some(store) = &self.store {
+        if ops.is_empty() {
+            return;
+        }
+        let ops = match self.cluster.get() {
+            Some(link) => link.propose(ops),
+            None => ops,
+        };
+        if let Some(store) = &self.store
+            && !ops.is_empty()
+        {
             store.submit(ops);
         }
     }
@@ -665,6 +690,12 @@ impl VHost {
 
     /// Removes a queue from the registry and from every binding; cancels its consumers.
     pub fn remove_queue(&self, q: &Arc<Queue>) -> u32 {
+        self.unregister_queue(q, true)
+    }
+
+    /// [`VHost::remove_queue`], storing (or proposing) the change when `record` (a
+    /// clustered node mirroring a deletion agreed elsewhere does not).
+    fn unregister_queue(&self, q: &Arc<Queue>, record: bool) -> u32 {
         {
             let mut queues = lock_write(&self.queues);
             match queues.get(q.name()) {
@@ -674,6 +705,7 @@ impl VHost {
                 _ => return 0,
             }
         }
+        lock_write(&self.homes).remove(q.name());
         let dest = Destination::Queue(q.clone());
         let exchanges: Vec<Arc<Exchange>> = lock_read(&self.exchanges).values().cloned().collect();
         let mut ops = Vec::new();
@@ -682,11 +714,18 @@ impl VHost {
             for b in &gone {
                 self.binding_op(&x, b, false, &mut ops);
             }
-            if !gone.is_empty() {
+            if !gone.is_empty() && record {
                 self.auto_delete_exchange(&x);
             }
         }
-        self.persist(ops);
+        if q.def.durable && self.store.is_some() {
+            ops.push(StoreOp::DeleteDefinition {
+                key: persist::queue_key(&self.name, q.name()),
+            });
+        }
+        if record {
+            self.persist(ops);
+        }
         q.mark_deleted()
     }
 
@@ -929,5 +968,167 @@ impl VHost {
     /// A queue by name regardless of owner (recovery).
     pub fn find_queue(&self, name: &str) -> Option<Arc<Queue>> {
         lock_read(&self.queues).get(name).cloned()
+    }
+}
+
+/// A clustered node's vhost following the definitions the metadata group agreed: these
+/// change the vhost without storing or proposing anything (the change is already agreed),
+/// and do nothing when the vhost already matches (the node that proposed a change made
+/// it in advance).
+impl VHost {
+    /// The node a durable queue is homed on, when that is another node.
+    pub fn remote_home(&self, queue: &str) -> Option<String> {
+        lock_read(&self.homes).get(queue).cloned()
+    }
+
+    /// A queue that connection `conn` may consume from, get from or purge here: as
+    /// [`VHost::queue`], and 406 while it is homed on another node (its messages are
+    /// there; Warren does not proxy them yet).
+    pub fn local_queue(&self, name: &str, conn: u64) -> Result<Arc<Queue>, AmqpError> {
+        let q = self.queue(name, conn)?;
+        self.check_local(&q)?;
+        Ok(q)
+    }
+
+    /// 406 when `q` is homed on another node (see [`VHost::local_queue`]).
+    pub fn check_local(&self, q: &Queue) -> Result<(), AmqpError> {
+        match self.remote_home(q.name()) {
+            None => Ok(()),
+            Some(home) => Err(amqp_err!(
+                PreconditionFailed,
+                "queue '{}' in vhost '{}' is homed on node '{}'; using its messages through \
+                 another node is not supported yet: connect to '{}'",
+                q.name(),
+                self.name,
+                home,
+                home
+            )),
+        }
+    }
+
+    /// Whether some queue of this vhost is homed on another node (publishes check their
+    /// queues only then).
+    pub fn has_remote_queues(&self) -> bool {
+        !lock_read(&self.homes).is_empty()
+    }
+
+    /// An agreed durable exchange: created, or replaced when its declaration differs.
+    pub fn mirror_exchange(&self, def: ExchangeDef) {
+        let mut exchanges = lock_write(&self.exchanges);
+        if exchanges.get(&def.name).is_some_and(|x| x.def == def) {
+            return;
+        }
+        let x = Exchange::new(def);
+        if let Some(old) = exchanges.insert(x.def.name.clone(), x.clone()) {
+            for b in old.bindings() {
+                x.bind(b);
+            }
+        }
+    }
+
+    /// An agreed exchange deletion: the exchange and every binding to it go.
+    pub fn mirror_exchange_gone(&self, name: &str) {
+        let mut exchanges = lock_write(&self.exchanges);
+        if exchanges.remove(name).is_none() {
+            return;
+        }
+        let dest = Destination::Exchange(name.to_string());
+        for other in exchanges.values() {
+            other.unbind_all_to(&dest);
+        }
+    }
+
+    /// An agreed durable queue, homed on `home` (`None`: this node, which keeps its
+    /// messages). A queue of the same name that differs is replaced.
+    pub fn mirror_queue(&self, def: QueueDef, home: Option<String>) {
+        let existing = lock_read(&self.queues).get(&def.name).cloned();
+        let same_home = self.remote_home(&def.name) == home;
+        if let Some(q) = &existing {
+            if q.def.durable
+                && q.def.auto_delete == def.auto_delete
+                && q.def.arguments == def.arguments
+                && same_home
+            {
+                return;
+            }
+            self.unregister_queue(q, false);
+        }
+        let name = def.name.clone();
+        let q = self.restore_queue(def);
+        let mut homes = lock_write(&self.homes);
+        match home {
+            Some(h) => homes.insert(name, h),
+            None => homes.remove(&name),
+        };
+        drop(homes);
+        // Bindings the replaced queue had point at it: move them to the new one.
+        if let Some(old) = existing {
+            let old_dest = Destination::Queue(old);
+            for x in self.exchanges() {
+                for mut b in x.unbind_all_to(&old_dest) {
+                    b.dest = Destination::Queue(q.clone());
+                    x.bind(b);
+                }
+            }
+        }
+    }
+
+    /// An agreed queue deletion.
+    pub fn mirror_queue_gone(&self, name: &str) {
+        if let Some(q) = self.find_queue(name) {
+            self.unregister_queue(&q, false);
+        }
+    }
+
+    /// An agreed binding deletion.
+    pub fn mirror_binding_gone(&self, b: &StoredBinding) {
+        let Ok(source) = self.exchange(&b.source) else {
+            return;
+        };
+        let dest = if b.to_exchange {
+            Destination::Exchange(b.destination.clone())
+        } else {
+            match self.find_queue(&b.destination) {
+                Some(q) => Destination::Queue(q),
+                None => return,
+            }
+        };
+        source.unbind(&dest, &b.routing_key, &b.arguments);
+    }
+
+    /// The durable definitions of this vhost as the store (or the metadata group) holds
+    /// them: `(key, value)` of every durable exchange, queue and binding between durable
+    /// ends. A resync compares them with the agreed ones.
+    pub fn durable_definitions(&self) -> Vec<(String, Vec<u8>)> {
+        let mut out = Vec::new();
+        let exchanges = self.exchanges();
+        for x in &exchanges {
+            if x.def.durable && !x.def.name.is_empty() && !x.def.name.starts_with("amq.") {
+                out.push((
+                    persist::exchange_key(&self.name, &x.def.name),
+                    StoredExchange::new(&self.name, &x.def).encode(),
+                ));
+            }
+        }
+        for q in self.queues() {
+            if q.def.durable {
+                out.push((
+                    persist::queue_key(&self.name, q.name()),
+                    StoredQueue::new(&self.name, &q.def).encode(),
+                ));
+            }
+        }
+        for x in &exchanges {
+            let mut ops = Vec::new();
+            for b in x.bindings() {
+                self.binding_op(x, &b, true, &mut ops);
+            }
+            for op in ops {
+                if let StoreOp::PutDefinition { key, value } = op {
+                    out.push((key, value));
+                }
+            }
+        }
+        out
     }
 }

@@ -8,15 +8,18 @@ use anyhow::Context;
 
 use super::membership::Membership;
 use super::meta::MetaGroup;
+use super::meta::proposals::Proposals;
+use super::meta::storage::DefinitionsObserver;
 use super::transport::{PeerStatus, Transport, TransportConfig};
 
-/// The running cluster side of a node.
-#[derive(Debug)]
+/// The running cluster side of a node (clones share it).
+#[derive(Debug, Clone)]
 pub struct ClusterNode {
     membership: Membership,
     transport: Transport,
     listen: SocketAddr,
     meta: MetaGroup,
+    proposals: Proposals,
 }
 
 /// What `cluster_status` shows, as RabbitMQ's `rabbitmqctl cluster_status` does: the
@@ -40,6 +43,7 @@ impl ClusterNode {
         membership: Membership,
         store: crate::store::Store,
         recovered: crate::store::RecoveredRaftGroup,
+        observer: Option<std::sync::Arc<dyn DefinitionsObserver>>,
     ) -> anyhow::Result<ClusterNode> {
         let me = membership.this_node().clone();
         let listen = me
@@ -58,12 +62,15 @@ impl ClusterNode {
         tracing::info!("listening for cluster peers on {listen} as {}", me.name);
         let config = TransportConfig::new(me.name.clone(), peers, membership.secret.clone());
         let transport = Transport::start(config, listener);
-        let meta = MetaGroup::start(&membership, transport.clone(), store, recovered).await?;
+        let meta =
+            MetaGroup::start(&membership, transport.clone(), store, recovered, observer).await?;
+        let proposals = Proposals::start(meta.clone());
         Ok(ClusterNode {
             membership,
             transport,
             listen,
             meta,
+            proposals,
         })
     }
 
@@ -95,6 +102,11 @@ impl ClusterNode {
     /// The metadata group.
     pub fn meta(&self) -> &MetaGroup {
         &self.meta
+    }
+
+    /// This node's proposer of definition changes (the broker's vhosts submit to it).
+    pub fn proposals(&self) -> &Proposals {
+        &self.proposals
     }
 
     /// Stops the metadata group and closes every link.

@@ -664,7 +664,7 @@ impl Channel {
             queue::AMQPMethod::Purge(p) => {
                 let name = self.queue_name(s(&p.queue))?;
                 self.check(ResourceKind::Queue, &name, Permission::Read)?;
-                let q = self.vhost.queue(&name, self.conn_id)?;
+                let q = self.vhost.local_queue(&name, self.conn_id)?;
                 let purged = q.purge();
                 (!p.nowait).then_some(queue::AMQPMethod::PurgeOk(queue::PurgeOk {
                     message_count: purged as u32,
@@ -778,7 +778,7 @@ impl Channel {
         } else {
             let name = self.queue_name(s(&c.queue))?;
             self.check(ResourceKind::Queue, &name, Permission::Read)?;
-            Some(self.vhost.queue(&name, self.conn_id)?)
+            Some(self.vhost.local_queue(&name, self.conn_id)?)
         };
         let tag: Arc<str> = if c.consumer_tag.as_str().is_empty() {
             Arc::from(generated_name("amq.ctag-"))
@@ -860,7 +860,7 @@ impl Channel {
     fn get(&mut self, g: basic::Get, out: &mut BytesMut) -> Result<()> {
         let name = self.queue_name(s(&g.queue))?;
         self.check(ResourceKind::Queue, &name, Permission::Read)?;
-        let q = self.vhost.queue(&name, self.conn_id)?;
+        let q = self.vhost.local_queue(&name, self.conn_id)?;
         match q.get(g.no_ack) {
             None => self.send(
                 out,
@@ -1268,6 +1268,13 @@ impl Channel {
             self.vhost
                 .route_keys(&msg.exchange, &keys, msg.properties.headers().as_ref())?
         };
+        // A clustered node does not forward messages to queues homed elsewhere yet: refuse
+        // the publish rather than lose it.
+        if self.broker.cluster_link().is_some() && self.vhost.has_remote_queues() {
+            for q in &queues {
+                self.vhost.check_local(q)?;
+            }
+        }
         if queues.is_empty() {
             let stats = &self.link.conn.stats;
             ConnStats::add(

@@ -124,6 +124,9 @@ pub struct Connection {
     /// An exchange or queue method was handled: its answer waits until the store has
     /// committed what was submitted before it.
     definitions_changed: bool,
+    /// On a clustered node: the answer to a definition method, held until the metadata
+    /// group has committed what the method proposed (input after it waits too).
+    awaiting_definitions: Option<AwaitedDefinitions>,
 }
 
 /// Runs a plain TCP connection until it closes.
@@ -240,6 +243,7 @@ async fn run<R, W>(
         written_auto_acks: Vec::new(),
         shutdown_seen: false,
         definitions_changed: false,
+        awaiting_definitions: None,
     };
 
     let mut buf = BytesMut::with_capacity(64 * 1024);
@@ -276,6 +280,12 @@ async fn run<R, W>(
         let alarms = *alarm.borrow_and_update();
         let throttled = conn.published && alarms.any();
         conn.set_blocked(throttled.then(|| alarms.reason()));
+        if let Some(awaited) = conn.awaiting_definitions.take() {
+            conn.settle_definitions(awaited).await;
+            // What the client sent after the method is read now.
+            conn.handle_input(&mut buf);
+            continue;
+        }
         if conn.definitions_changed {
             // Answers to declare, bind and delete go out only once the definitions they
             // changed are on disk, as RabbitMQ answers: an empty commit after them is a
@@ -347,7 +357,39 @@ async fn run<R, W>(
     conn.cleanup(&mut rx);
 }
 
+/// A definition method's answer waiting for the metadata group.
+struct AwaitedDefinitions {
+    /// Proposal tickets after this one and up to `upto` must be committed.
+    after: u64,
+    upto: u64,
+    /// The method, for the error if they are not.
+    class_method: (u16, u16),
+    /// What the method wrote (its -ok).
+    answer: BytesMut,
+}
+
 impl Connection {
+    /// Sends a definition method's answer once its proposals are committed; when they
+    /// cannot be (no majority in time), closes the connection with 541 as RabbitMQ does
+    /// when its metadata store times out.
+    async fn settle_definitions(&mut self, awaited: AwaitedDefinitions) {
+        let Some(link) = self.broker.cluster_link() else {
+            return;
+        };
+        match link.proposals.wait(awaited.after, awaited.upto).await {
+            Ok(()) => self.out.extend_from_slice(&awaited.answer),
+            Err(e) => {
+                let mut err = amqp_err!(
+                    InternalError,
+                    "the metadata store operation timed out: {}",
+                    e
+                );
+                err.class_method = awaited.class_method;
+                self.close_connection(err);
+            }
+        }
+    }
+
     /// Enters (with the alarm's reason) or leaves the resource-alarm block, telling
     /// clients that asked to know.
     fn set_blocked(&mut self, reason: Option<&str>) {
@@ -488,6 +530,9 @@ impl Connection {
     fn handle_input(&mut self, buf: &mut BytesMut) {
         loop {
             if matches!(self.phase, Phase::Closed) {
+                return;
+            }
+            if self.awaiting_definitions.is_some() {
                 return;
             }
             match self.decoder.decode_frame(buf) {
@@ -631,6 +676,18 @@ impl Connection {
         )
         .then(|| self.broker.store().map(|s| s.sent_requests()))
         .flatten();
+        // On a clustered node they answer once the metadata group committed them.
+        let proposed_before = match (&frame, self.broker.cluster_link()) {
+            (
+                InFrame::Method(_, m @ (AMQPClass::Exchange(_) | AMQPClass::Queue(_))),
+                Some(link),
+            ) => Some((
+                link.proposals.submitted(),
+                (m.get_amqp_class_id(), m.get_amqp_method_id()),
+                self.out.len(),
+            )),
+            _ => None,
+        };
         let Some(channel) = self.channels.get_mut(&ch) else {
             // A channel.close that crossed ours already ended the channel: its close-ok,
             // or a repeated close, is answered quietly, as RabbitMQ does.
@@ -661,6 +718,19 @@ impl Connection {
         let outcome = channel.handle_frame(frame, &mut self.out);
         if let (Some(before), Some(store)) = (sent_before, self.broker.store()) {
             self.definitions_changed |= store.sent_requests() != before;
+        }
+        if let (Some((after, class_method, answer_at)), Some(link)) =
+            (proposed_before, self.broker.cluster_link())
+        {
+            let upto = link.proposals.submitted();
+            if upto != after {
+                self.awaiting_definitions = Some(AwaitedDefinitions {
+                    after,
+                    upto,
+                    class_method,
+                    answer: self.out.split_off(answer_at.min(self.out.len())),
+                });
+            }
         }
         match outcome {
             channel::Outcome::Continue => Ok(()),

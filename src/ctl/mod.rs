@@ -43,6 +43,9 @@ pub enum CtlCommand {
         #[arg(long, default_value_t = 60)]
         timeout: u64,
     },
+    /// The cluster as this node sees it: members, which of them it reaches, the
+    /// metadata leader, alarms.
+    ClusterStatus,
     /// Queues of the vhost, with the columns asked for (default: name messages).
     ListQueues {
         /// Columns, e.g. name messages messages_ready messages_unacknowledged consumers.
@@ -264,9 +267,55 @@ fn or_default(columns: Vec<String>, default: &[&str]) -> Vec<String> {
     }
 }
 
+/// `cluster_status`, laid out as rabbitmqctl's.
+fn cluster_status(api: &Api) -> Result<String, String> {
+    let nodes = api.get("/nodes")?;
+    let nodes = nodes.as_array().cloned().unwrap_or_default();
+    let me = nodes
+        .iter()
+        .find(|n| n.get("metadata_leader").is_some())
+        .or_else(|| nodes.first())
+        .cloned()
+        .unwrap_or(Value::Null);
+    let name = |n: &Value| n["name"].as_str().unwrap_or_default().to_string();
+    let mut out = format!("Cluster status of node {}\n\nDisk Nodes\n\n", name(&me));
+    for n in &nodes {
+        out.push_str(&format!("{}\n", name(n)));
+    }
+    out.push_str("\nRunning Nodes\n\n");
+    for n in nodes
+        .iter()
+        .filter(|n| n["running"].as_bool() == Some(true))
+    {
+        out.push_str(&format!("{}\n", name(n)));
+    }
+    out.push_str(&format!(
+        "\nMetadata leader: {}\n",
+        me["metadata_leader"].as_str().unwrap_or("(none known)")
+    ));
+    let alarms = api.get("/health/checks/alarms").unwrap_or(Value::Null);
+    let alarm_list: Vec<String> = alarms["alarms"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| {
+            let resource = a["resource"].as_str()?;
+            Some(format!("{resource} alarm on node {}", a["node"].as_str()?))
+        })
+        .collect();
+    out.push_str("\nAlarms\n\n");
+    out.push_str(&if alarm_list.is_empty() {
+        "(none)\n".to_string()
+    } else {
+        alarm_list.join("\n") + "\n"
+    });
+    Ok(out)
+}
+
 fn execute(api: &Api, vhost: &str, command: CtlCommand) -> Result<String, String> {
     let v = segment(vhost);
     match command {
+        CtlCommand::ClusterStatus => cluster_status(api),
         CtlCommand::Status => {
             let o = api.get("/overview")?;
             let alarms = api.get("/health/checks/alarms").unwrap_or(Value::Null);

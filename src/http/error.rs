@@ -79,6 +79,7 @@ impl From<crate::auth::AccessError> for ApiError {
         match e {
             crate::auth::AccessError::NotFound(_) => ApiError::not_found(),
             crate::auth::AccessError::Invalid(why) => ApiError::bad_request(why),
+            crate::auth::AccessError::Unavailable(why) => ApiError::internal(why),
         }
     }
 }

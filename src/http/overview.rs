@@ -88,10 +88,31 @@ fn node_json() -> Value {
     })
 }
 
-/// GET /api/nodes: this node (Warren runs single-node until the cluster lands).
+/// GET /api/nodes: this node, or on a clustered node every member, `running` when this
+/// node has a link to it (as RabbitMQ lists the nodes it sees). The local entry also
+/// names the metadata group's leader as this node knows it (`metadata_leader`, Warren's).
 pub async fn nodes(State(http): State<Http>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
     caller(&http.broker, &headers)?.require_monitoring()?;
-    Ok(Json(json!([node_json()])))
+    let Some(link) = http.broker.cluster_link() else {
+        return Ok(Json(json!([node_json()])));
+    };
+    let status = link.cluster.status();
+    let mut list = Vec::new();
+    for member in &status.members {
+        if *member == status.node {
+            let mut me = node_json();
+            me["name"] = json!(member);
+            me["metadata_leader"] = json!(status.metadata_leader);
+            list.push(me);
+        } else {
+            let running = status
+                .peers
+                .iter()
+                .any(|p| p.name == *member && p.connected);
+            list.push(json!({"name": member, "type": "disc", "running": running}));
+        }
+    }
+    Ok(Json(Value::Array(list)))
 }
 
 /// GET /api/nodes/{node}.

@@ -10,6 +10,7 @@
 //! commit and answers [`MetaError::Unavailable`] within its time limit.
 
 pub mod network;
+pub mod proposals;
 pub mod storage;
 
 use std::collections::BTreeMap;
@@ -57,6 +58,9 @@ pub enum MetaCommand {
         /// Key prefix.
         prefix: String,
     },
+    /// Several changes in one log entry, applied in order (what one node proposed while
+    /// the previous proposal was in flight: one round trip and one fsync for all).
+    Batch(Vec<MetaCommand>),
 }
 
 /// What applying a [`MetaCommand`] did.
@@ -128,6 +132,7 @@ impl MetaGroup {
         transport: Transport,
         store: Store,
         recovered: RecoveredRaftGroup,
+        observer: Option<std::sync::Arc<dyn storage::DefinitionsObserver>>,
     ) -> anyhow::Result<MetaGroup> {
         let names: BTreeMap<NodeId, String> = membership
             .members
@@ -147,6 +152,9 @@ impl MetaGroup {
         .context("metadata group settings")?;
         let log = LogStore::recover(store.clone(), &recovered)?;
         let machine = StateMachine::recover(store, &recovered)?;
+        if let Some(o) = observer {
+            machine.observe(o);
+        }
         let inbox = transport.register(META_GROUP);
         let raft = Raft::new(
             me,

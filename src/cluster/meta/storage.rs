@@ -231,6 +231,30 @@ struct StoredSnapshot {
     definitions: Definitions,
 }
 
+/// One definition as a committed command changed it: what was there before and what is
+/// there now (`None`: absent). A `PutIfAbsent` that found the key reports the value that
+/// stays, so that a node whose own declare lost the race learns the winner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DefinitionChange {
+    /// Broker key.
+    pub key: String,
+    /// The value before the command.
+    pub old: Option<Vec<u8>>,
+    /// The value after it.
+    pub new: Option<Vec<u8>>,
+}
+
+/// What the broker implements to mirror the agreed definitions in its vhosts: called in
+/// log order, before the entry counts as applied on this node (so that a proposer that
+/// waited for its entry finds the change in place).
+pub trait DefinitionsObserver: Send + Sync {
+    /// Committed commands changed these definitions.
+    fn changed(&self, changes: &[DefinitionChange]);
+    /// The definitions were replaced wholesale (a snapshot from the leader, or a resync
+    /// after a failed proposal): make the vhosts match `definitions`.
+    fn reset(&self, definitions: &Definitions);
+}
+
 #[derive(Debug, Default)]
 struct MachineData {
     definitions: Definitions,
@@ -247,11 +271,20 @@ pub struct StateMachine {
     store: Store,
     data: Arc<Mutex<MachineData>>,
     applied: watch::Sender<u64>,
+    observer: Arc<std::sync::OnceLock<Arc<dyn DefinitionsObserver>>>,
+}
+
+impl Debug for dyn DefinitionsObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DefinitionsObserver")
+    }
 }
 
 impl StateMachine {
-    /// The state machine as of the last stored snapshot (the log after it is replayed by
-    /// openraft at start).
+    /// The state machine as of the last stored snapshot plus every entry after it that
+    /// this node knew to be committed: the definitions this node last agreed to, before
+    /// any peer is heard (the broker restores its vhosts, and the messages of its queues,
+    /// from them).
     pub fn recover(store: Store, recovered: &RecoveredRaftGroup) -> anyhow::Result<StateMachine> {
         let mut data = MachineData::default();
         if let Some(bytes) = recovered.state.get(SNAPSHOT) {
@@ -261,12 +294,40 @@ impl StateMachine {
             data.membership = snap.meta.last_membership.clone();
             data.snapshot = Some(snap);
         }
+        let committed: Option<LogId<NodeId>> = match recovered.state.get(COMMITTED) {
+            Some(v) => decode(v, "committed log id")?,
+            None => None,
+        };
+        let from = data.last_applied.map_or(0, |l| l.index + 1);
+        let to = committed.map_or(0, |l| l.index);
+        let mut ignored = Vec::new();
+        for (index, bytes) in &recovered.log {
+            if (from..=to).contains(index) {
+                let entry: Entry<TypeConfig> = decode(bytes, "metadata log entry")?;
+                apply_entry(&mut data, entry, &mut ignored);
+            }
+        }
         let index = data.last_applied.map_or(0, |l| l.index);
         Ok(StateMachine {
             store,
             data: Arc::new(Mutex::new(data)),
             applied: watch::channel(index).0,
+            observer: Arc::default(),
         })
+    }
+
+    /// Sets who mirrors the definitions (once, before the Raft node starts applying).
+    pub fn observe(&self, observer: Arc<dyn DefinitionsObserver>) {
+        let _ = self.observer.set(observer);
+    }
+
+    /// Tells the observer to make its vhosts match the definitions as applied here (after
+    /// a proposal of this node failed: whatever it changed locally in advance is undone).
+    pub fn resync(&self) {
+        if let Some(o) = self.observer.get() {
+            let defs = self.definitions();
+            o.reset(&defs);
+        }
     }
 
     /// A copy of the definitions now.
@@ -305,24 +366,72 @@ impl StateMachine {
     }
 }
 
-/// Applies one command to the definitions.
-fn apply_command(defs: &mut Definitions, command: MetaCommand) -> MetaReply {
+/// Applies one log entry to the machine, noting the definitions it changed.
+fn apply_entry(
+    data: &mut MachineData,
+    entry: Entry<TypeConfig>,
+    changes: &mut Vec<DefinitionChange>,
+) -> MetaReply {
+    data.last_applied = Some(entry.log_id);
+    match entry.payload {
+        EntryPayload::Blank => MetaReply { changed: false },
+        EntryPayload::Normal(command) => apply_command(&mut data.definitions, command, changes),
+        EntryPayload::Membership(m) => {
+            data.membership = StoredMembership::new(Some(entry.log_id), m);
+            MetaReply { changed: false }
+        }
+    }
+}
+
+/// Applies one command to the definitions, noting what it changed in `changes`.
+fn apply_command(
+    defs: &mut Definitions,
+    command: MetaCommand,
+    changes: &mut Vec<DefinitionChange>,
+) -> MetaReply {
     match command {
         MetaCommand::Put { key, value } => {
-            let existed = defs.insert(key, value).is_some();
-            MetaReply { changed: !existed }
+            let old = defs.insert(key.clone(), value.clone());
+            let changed = old.is_none();
+            changes.push(DefinitionChange {
+                key,
+                old,
+                new: Some(value),
+            });
+            MetaReply { changed }
         }
-        MetaCommand::PutIfAbsent { key, value } => {
-            if let MapEntry::Vacant(slot) = defs.entry(key) {
-                slot.insert(value);
+        MetaCommand::PutIfAbsent { key, value } => match defs.entry(key.clone()) {
+            MapEntry::Vacant(slot) => {
+                slot.insert(value.clone());
+                changes.push(DefinitionChange {
+                    key,
+                    old: None,
+                    new: Some(value),
+                });
                 MetaReply { changed: true }
-            } else {
+            }
+            MapEntry::Occupied(slot) => {
+                let current = slot.get().clone();
+                changes.push(DefinitionChange {
+                    key,
+                    old: Some(current.clone()),
+                    new: Some(current),
+                });
                 MetaReply { changed: false }
             }
-        }
-        MetaCommand::Delete { key } => MetaReply {
-            changed: defs.remove(&key).is_some(),
         },
+        MetaCommand::Delete { key } => {
+            let old = defs.remove(&key);
+            let changed = old.is_some();
+            if changed {
+                changes.push(DefinitionChange {
+                    key,
+                    old,
+                    new: None,
+                });
+            }
+            MetaReply { changed }
+        }
         MetaCommand::DeletePrefix { prefix } => {
             let keys: Vec<String> = defs
                 .range(prefix.clone()..)
@@ -330,11 +439,23 @@ fn apply_command(defs: &mut Definitions, command: MetaCommand) -> MetaReply {
                 .map(|(k, _)| k.clone())
                 .collect();
             for k in &keys {
-                defs.remove(k);
+                let old = defs.remove(k);
+                changes.push(DefinitionChange {
+                    key: k.clone(),
+                    old,
+                    new: None,
+                });
             }
             MetaReply {
                 changed: !keys.is_empty(),
             }
+        }
+        MetaCommand::Batch(commands) => {
+            let mut changed = false;
+            for c in commands {
+                changed |= apply_command(defs, c, changes).changed;
+            }
+            MetaReply { changed }
         }
     }
 }
@@ -380,22 +501,19 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I::IntoIter: Send,
     {
         let mut replies = Vec::new();
+        let mut changes = Vec::new();
         let last = {
             let mut data = lock(&self.data);
             for entry in entries {
-                data.last_applied = Some(entry.log_id);
-                let reply = match entry.payload {
-                    EntryPayload::Blank => MetaReply { changed: false },
-                    EntryPayload::Normal(command) => apply_command(&mut data.definitions, command),
-                    EntryPayload::Membership(m) => {
-                        data.membership = StoredMembership::new(Some(entry.log_id), m);
-                        MetaReply { changed: false }
-                    }
-                };
-                replies.push(reply);
+                replies.push(apply_entry(&mut data, entry, &mut changes));
             }
             data.last_applied.map_or(0, |l| l.index)
         };
+        if let Some(o) = self.observer.get()
+            && !changes.is_empty()
+        {
+            o.changed(&changes);
+        }
         self.applied.send_replace(last);
         Ok(replies)
     }
@@ -423,6 +541,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             meta: meta.clone(),
             definitions: definitions.clone(),
         };
+        if let Some(o) = self.observer.get() {
+            o.reset(&definitions);
+        }
         let index = {
             let mut data = lock(&self.data);
             data.definitions = definitions;
@@ -453,6 +574,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn apply_command(defs: &mut Definitions, command: MetaCommand) -> MetaReply {
+        super::apply_command(defs, command, &mut Vec::new())
+    }
 
     #[test]
     fn commands_change_the_definitions_as_named() {

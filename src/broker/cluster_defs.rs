@@ -1,0 +1,242 @@
+//! A clustered node's definitions: the durable exchanges, queues and bindings of every
+//! vhost live in the metadata group, not in the node's own definitions table.
+//!
+//! - Out: what a vhost would store ([`StoreOp::PutDefinition`] / `DeleteDefinition`)
+//!   is proposed instead ([`ClusterLink::propose`]); the connection answers once it is
+//!   committed. A queue's value carries its home node (the node it was declared on, as
+//!   RabbitMQ's default `client-local` locator), which keeps its messages.
+//! - In: [`DefinitionsMirror`] applies every committed change to the vhosts of this node,
+//!   in log order, whichever node proposed it.
+//! - At start: [`agreed_definitions`] turns the definitions the node last agreed to into
+//!   the form the store's recovery reads, so that a home node restores its queues'
+//!   messages and every node its vhosts before any peer is heard.
+
+use std::sync::{Arc, Weak};
+
+use super::BrokerState;
+use super::persist::{StoredBinding, StoredDefinition, StoredExchange, StoredQueue};
+use crate::auth::CLUSTER_PREFIX;
+use crate::cluster::meta::MetaCommand;
+use crate::cluster::meta::proposals::Proposals;
+use crate::cluster::meta::storage::{DefinitionChange, Definitions, DefinitionsObserver};
+use crate::store::StoreOp;
+
+/// First byte of a queue's value in the metadata group: home node, then the stored queue.
+const HOMED_QUEUE: u8 = 0xC1;
+
+/// A vhost's way into the metadata group.
+#[derive(Debug, Clone)]
+pub struct ClusterLink {
+    /// This node's proposer.
+    pub proposals: Proposals,
+    /// This node's name (the home of the queues declared here).
+    pub node: String,
+    /// The node's cluster side, for its status (management API, `warren ctl`).
+    pub cluster: crate::cluster::ClusterNode,
+}
+
+impl ClusterLink {
+    /// Proposes the definition changes among `ops`; returns the others (queue entries,
+    /// purges) for the node's own store.
+    pub fn propose(&self, ops: Vec<StoreOp>) -> Vec<StoreOp> {
+        let mut commands = Vec::new();
+        let mut rest = Vec::new();
+        for op in ops {
+            match op {
+                StoreOp::PutDefinition { key, value } if key.starts_with("q/") => {
+                    commands.push(MetaCommand::PutIfAbsent {
+                        key,
+                        value: homed_queue(&self.node, &value),
+                    });
+                }
+                StoreOp::PutDefinition { key, value } if key.starts_with("x/") => {
+                    commands.push(MetaCommand::PutIfAbsent { key, value });
+                }
+                StoreOp::PutDefinition { key, value } => {
+                    commands.push(MetaCommand::Put { key, value });
+                }
+                StoreOp::DeleteDefinition { key } => commands.push(MetaCommand::Delete { key }),
+                other => rest.push(other),
+            }
+        }
+        if !commands.is_empty() {
+            self.proposals.submit(commands);
+        }
+        rest
+    }
+}
+
+/// A queue's value in the metadata group.
+fn homed_queue(home: &str, stored: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(3 + home.len() + stored.len());
+    v.push(HOMED_QUEUE);
+    v.extend_from_slice(&(home.len() as u16).to_be_bytes());
+    v.extend_from_slice(home.as_bytes());
+    v.extend_from_slice(stored);
+    v
+}
+
+/// The home node and the stored queue of a queue's value.
+fn split_homed(value: &[u8]) -> Option<(&str, &[u8])> {
+    let (&HOMED_QUEUE, rest) = value.split_first()? else {
+        return None;
+    };
+    let len = u16::from_be_bytes([*rest.first()?, *rest.get(1)?]) as usize;
+    let home = std::str::from_utf8(rest.get(2..2 + len)?).ok()?;
+    Some((home, rest.get(2 + len..)?))
+}
+
+/// The agreed definitions as the store's recovery reads them (queue values without their
+/// home: [`DefinitionsMirror::reset`] sets the homes once the vhosts are restored).
+pub fn agreed_definitions(defs: &Definitions) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::with_capacity(defs.len());
+    for (key, value) in defs {
+        if key.starts_with(CLUSTER_PREFIX) {
+            continue;
+        } else if key.starts_with("q/") {
+            let Some((_, stored)) = split_homed(value) else {
+                tracing::error!("cluster: agreed queue {key:?} cannot be read");
+                continue;
+            };
+            out.push((key.clone(), stored.to_vec()));
+        } else {
+            out.push((key.clone(), value.clone()));
+        }
+    }
+    out
+}
+
+/// Applies the metadata group's committed changes to this node's vhosts.
+#[derive(Debug)]
+pub struct DefinitionsMirror {
+    broker: Weak<BrokerState>,
+    node: String,
+}
+
+impl DefinitionsMirror {
+    /// The mirror of `broker`'s vhosts on node `node`.
+    pub fn new(broker: &Arc<BrokerState>, node: &str) -> Arc<DefinitionsMirror> {
+        Arc::new(DefinitionsMirror {
+            broker: Arc::downgrade(broker),
+            node: node.to_string(),
+        })
+    }
+
+    fn put(&self, broker: &BrokerState, key: &str, value: &[u8]) {
+        if let Some(record) = key.strip_prefix(CLUSTER_PREFIX) {
+            broker.access.apply_record(record, Some(value));
+            if let Some(vhost) = record.strip_prefix("v/") {
+                broker.ensure_vhost(vhost);
+            }
+        } else if key.starts_with("x/") {
+            let Some(d) = StoredExchange::decode(value) else {
+                return tracing::error!("cluster: agreed exchange {key:?} cannot be read");
+            };
+            if let (Some(vhost), Some(def)) = (broker.vhost(&d.value.vhost), d.value.def()) {
+                vhost.mirror_exchange(def);
+            }
+        } else if key.starts_with("q/") {
+            let Some(q) = split_homed(value).and_then(|(home, stored)| {
+                StoredQueue::decode(stored).map(|q| (home.to_string(), q.value))
+            }) else {
+                return tracing::error!("cluster: agreed queue {key:?} cannot be read");
+            };
+            let (home, stored) = q;
+            if let Some(vhost) = broker.vhost(&stored.vhost) {
+                let home = (home != self.node).then_some(home);
+                vhost.mirror_queue(stored.def(), home);
+            }
+        } else if key.starts_with("b/") {
+            let Some(b) = StoredBinding::decode(value) else {
+                return tracing::error!("cluster: agreed binding {key:?} cannot be read");
+            };
+            if let Some(vhost) = broker.vhost(&b.value.vhost) {
+                vhost.restore_binding(b.value);
+            }
+        }
+    }
+
+    fn gone(&self, broker: &BrokerState, key: &str, old: &[u8]) {
+        if let Some(record) = key.strip_prefix(CLUSTER_PREFIX) {
+            broker.access.apply_record(record, None);
+            if let Some(vhost) = record.strip_prefix("v/") {
+                broker.forget_vhost(vhost);
+            }
+        } else if key.starts_with("x/") {
+            if let Some(d) = StoredExchange::decode(old)
+                && let Some(vhost) = broker.vhost(&d.value.vhost)
+            {
+                vhost.mirror_exchange_gone(&d.value.name);
+            }
+        } else if key.starts_with("q/") {
+            if let Some(q) = split_homed(old).and_then(|(_, s)| StoredQueue::decode(s))
+                && let Some(vhost) = broker.vhost(&q.value.vhost)
+            {
+                vhost.mirror_queue_gone(&q.value.name);
+            }
+        } else if key.starts_with("b/")
+            && let Some(b) = StoredBinding::decode(old)
+            && let Some(vhost) = broker.vhost(&b.value.vhost)
+        {
+            vhost.mirror_binding_gone(&b.value);
+        }
+    }
+}
+
+impl DefinitionsObserver for DefinitionsMirror {
+    fn changed(&self, changes: &[DefinitionChange]) {
+        let Some(broker) = self.broker.upgrade() else {
+            return;
+        };
+        for c in changes {
+            match (&c.old, &c.new) {
+                (_, Some(new)) => self.put(&broker, &c.key, new),
+                (Some(old), None) => self.gone(&broker, &c.key, old),
+                (None, None) => {}
+            }
+        }
+    }
+
+    fn reset(&self, definitions: &Definitions) {
+        let Some(broker) = self.broker.upgrade() else {
+            return;
+        };
+        // What is here but not agreed goes (bindings first, then queues and exchanges);
+        // then everything agreed is put in place (access records and vhosts first,
+        // bindings last). Access records only ever come in here: a node's own seeded
+        // user and vhost are not agreed records, and stay.
+        let mut local: Vec<(String, Vec<u8>)> = Vec::new();
+        for vhost in broker.vhost_list() {
+            local.extend(vhost.durable_definitions());
+        }
+        local.sort_by_key(|(k, _)| !k.starts_with("b/"));
+        for (key, value) in &local {
+            if !definitions.contains_key(key) {
+                let old = if key.starts_with("q/") {
+                    homed_queue(&self.node, value)
+                } else {
+                    value.clone()
+                };
+                self.gone(&broker, key, &old);
+            }
+        }
+        let mut agreed: Vec<(&String, &Vec<u8>)> = definitions.iter().collect();
+        agreed.sort_by_key(|(k, _)| (!k.starts_with(CLUSTER_PREFIX), k.starts_with("b/")));
+        for (key, value) in agreed {
+            self.put(&broker, key, value);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_queue_value_carries_its_home() {
+        let v = homed_queue("rabbit@n1", b"\x02stored");
+        assert_eq!(split_homed(&v), Some(("rabbit@n1", &b"\x02stored"[..])));
+        assert_eq!(split_homed(b"\x02stored"), None, "not a homed value");
+        assert_eq!(split_homed(&v[..4]), None, "truncated");
+    }
+}
