@@ -118,7 +118,7 @@ impl Config {
         file: Option<&std::path::Path>,
         vars: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, config::ConfigError> {
-        let vars: config::Map<String, String> = vars.into_iter().collect();
+        let vars = with_secret_files(vars.into_iter().collect())?;
         let mut builder = config::Config::builder()
             .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml));
         if let Some(path) = file {
@@ -188,6 +188,43 @@ const RABBITMQ_IMAGE_VARS: [(&str, &str); 3] = [
     ("RABBITMQ_DEFAULT_VHOST", "default_vhost"),
 ];
 
+/// Settings that may come from a file named by `<VARIABLE>_FILE` (Docker and Kubernetes
+/// secrets, as RabbitMQ's image once read `RABBITMQ_DEFAULT_PASS_FILE`).
+const SECRET_FILE_VARS: [&str; 7] = [
+    "WARREN_DEFAULT_USER",
+    "WARREN_DEFAULT_PASS",
+    "WARREN_DEFAULT_VHOST",
+    "WARREN_CLUSTER_SECRET",
+    "RABBITMQ_DEFAULT_USER",
+    "RABBITMQ_DEFAULT_PASS",
+    "RABBITMQ_DEFAULT_VHOST",
+];
+
+/// `vars` with each `<VARIABLE>_FILE` of [`SECRET_FILE_VARS`] replaced by the file's
+/// contents under `<VARIABLE>` (without a trailing newline); the variable itself, when
+/// also set, wins. A file that cannot be read is an error, not a silent default.
+fn with_secret_files(
+    mut vars: config::Map<String, String>,
+) -> Result<config::Map<String, String>, config::ConfigError> {
+    for var in SECRET_FILE_VARS {
+        let Some(path) = vars.remove(&format!("{var}_FILE")) else {
+            continue;
+        };
+        if vars.contains_key(var) {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            config::ConfigError::Message(format!("{var}_FILE: cannot read {path}: {e}"))
+        })?;
+        let value = text.strip_suffix('\n').unwrap_or(&text);
+        vars.insert(
+            var.to_string(),
+            value.strip_suffix('\r').unwrap_or(value).into(),
+        );
+    }
+    Ok(vars)
+}
+
 /// A source holding the settings named by RabbitMQ's image variables found in `vars`.
 fn rabbitmq_image_env(vars: &config::Map<String, String>) -> config::Environment {
     let picked = RABBITMQ_IMAGE_VARS
@@ -220,6 +257,40 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secrets_can_come_from_files() {
+        let dir = std::env::temp_dir().join(format!("warren-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pass = dir.join("pass");
+        std::fs::write(&pass, "s3cret\n").unwrap();
+        let secret = dir.join("cookie");
+        std::fs::write(&secret, "cookie").unwrap();
+        let vars = |extra: &[(&str, &str)]| {
+            extra
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<Vec<_>>()
+        };
+        let p = pass.to_string_lossy().into_owned();
+        let c = Config::load_with_env(None, vars(&[("RABBITMQ_DEFAULT_PASS_FILE", &p)])).unwrap();
+        assert_eq!(c.default_pass, "s3cret", "the newline is not part of it");
+        let s = secret.to_string_lossy().into_owned();
+        let c = Config::load_with_env(None, vars(&[("WARREN_CLUSTER_SECRET_FILE", &s)])).unwrap();
+        assert_eq!(c.cluster_secret, "cookie");
+        let c = Config::load_with_env(
+            None,
+            vars(&[
+                ("WARREN_DEFAULT_PASS_FILE", &p),
+                ("WARREN_DEFAULT_PASS", "direct"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.default_pass, "direct", "the variable itself wins");
+        let missing = Config::load_with_env(None, vars(&[("WARREN_DEFAULT_PASS_FILE", "/nope")]));
+        assert!(missing.is_err(), "an unreadable secret file is an error");
+        std::fs::remove_dir_all(&dir).ok();
+    }
 
     #[test]
     fn shipped_defaults_parse() {

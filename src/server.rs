@@ -58,10 +58,15 @@ async fn start_clustered(
     let cluster =
         crate::cluster::ClusterNode::start(membership, store, meta_log, Some(mirror)).await?;
     state.access.join_cluster(cluster.proposals().clone());
+    let inbox = cluster
+        .transport()
+        .register(crate::broker::remote::QUEUE_GROUP);
+    tokio::spawn(crate::broker::remote::serve(Arc::downgrade(state), inbox));
     state.join_cluster(ClusterLink {
         proposals: cluster.proposals().clone(),
         node,
         cluster: cluster.clone(),
+        forwarder: crate::broker::remote::Forwarder::new(cluster.transport().clone()),
     });
     Ok(cluster)
 }

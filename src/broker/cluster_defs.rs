@@ -33,6 +33,8 @@ pub struct ClusterLink {
     pub node: String,
     /// The node's cluster side, for its status (management API, `warren ctl`).
     pub cluster: crate::cluster::ClusterNode,
+    /// Publishes to queues homed on other nodes go through here.
+    pub forwarder: super::remote::Forwarder,
 }
 
 impl ClusterLink {

@@ -14,6 +14,7 @@ pub mod memory;
 pub mod persist;
 pub mod policy;
 mod recovery;
+pub mod remote;
 pub mod reply_to;
 pub mod sender_selected;
 pub mod vhost;

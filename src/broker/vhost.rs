@@ -753,6 +753,64 @@ impl VHost {
         }
     }
 
+    /// A message another node routed to `queues` of this vhost (those homed here take
+    /// it; others are skipped): its persistent copies go to the store, it is enqueued
+    /// now, and the future is ready once the copies are durable. Also says whether a
+    /// queue refused it (x-overflow reject-publish): the publisher then gets a nack.
+    pub fn enqueue_forwarded(
+        &self,
+        queues: &[String],
+        msg: Message,
+    ) -> (bool, impl Future<Output = ()> + Send + 'static) {
+        let msg = Arc::new(msg);
+        let mut refused = false;
+        let mut targets: Vec<Arc<Queue>> = Vec::new();
+        for name in queues {
+            let Some(q) = self.find_queue(name) else {
+                continue;
+            };
+            if self.remote_home(name).is_some() {
+                continue;
+            }
+            if q.args.overflow == crate::queue::args::Overflow::RejectPublish
+                && q.would_reject(msg.size())
+            {
+                refused = true;
+                continue;
+            }
+            targets.push(q);
+        }
+        let mut ops = Vec::new();
+        if let Some(id) = msg.store_id {
+            for q in &targets {
+                q.persist_ops(&msg, &mut ops);
+            }
+            if !ops.is_empty() {
+                ops.insert(
+                    0,
+                    StoreOp::PutMessage {
+                        msg_id: id,
+                        blob: persist::encode_message(&msg),
+                    },
+                );
+            }
+        }
+        let durable = match &self.store {
+            Some(store) if !ops.is_empty() => Some(store.commit(ops)),
+            _ => None,
+        };
+        for q in &targets {
+            if q.enqueue(msg.clone()) == crate::queue::Enqueued::Rejected {
+                refused = true;
+            }
+        }
+        (refused, async move {
+            if let Some(d) = durable {
+                d.await;
+            }
+        })
+    }
+
     /// Publishes a message made by the broker itself (the management API's publish):
     /// routes it, stores persistent copies and waits for that commit, then enqueues.
     /// Returns whether some queue took it.

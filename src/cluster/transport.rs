@@ -128,6 +128,35 @@ impl Responder {
     }
 }
 
+/// The answer to a request [`Transport::request`] sent.
+#[derive(Debug)]
+pub struct Answer {
+    id: u64,
+    group: GroupId,
+    pending: Pending,
+    rx: oneshot::Receiver<Option<Vec<u8>>>,
+}
+
+impl Answer {
+    /// Waits up to `limit` for the answer.
+    pub async fn wait(self, limit: Duration) -> Result<Vec<u8>, TransportError> {
+        let Answer {
+            id,
+            group,
+            pending,
+            rx,
+        } = self;
+        let result = match tokio::time::timeout(limit, rx).await {
+            Ok(Ok(Some(answer))) => Ok(answer),
+            Ok(Ok(None)) => Err(TransportError::NoSuchGroup(group)),
+            Ok(Err(_)) => Err(TransportError::Disconnected),
+            Err(_) => Err(TransportError::Timeout),
+        };
+        lock(&pending).remove(&id);
+        result
+    }
+}
+
 /// One member's link as [`Transport::status`] reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerStatus {
@@ -301,26 +330,37 @@ impl Transport {
         body: Vec<u8>,
         limit: Duration,
     ) -> Result<Vec<u8>, TransportError> {
+        let started = tokio::time::Instant::now();
+        match tokio::time::timeout(limit, self.request(to, group, body)).await {
+            Ok(Ok(answer)) => answer.wait(limit.saturating_sub(started.elapsed())).await,
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(TransportError::Timeout),
+        }
+    }
+
+    /// Puts a request to `group` on `to` on the link (waiting while its queue is full)
+    /// and returns the way to its answer. Requests a caller puts on one link one after
+    /// another reach the peer in that order, whenever their answers come.
+    pub async fn request(
+        &self,
+        to: &str,
+        group: GroupId,
+        body: Vec<u8>,
+    ) -> Result<Answer, TransportError> {
         let (out, pending) = self.link_parts(to)?;
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         lock(&pending).insert(id, tx);
-        let exchange = async {
-            out.send(Frame::Request { id, group, body })
-                .await
-                .map_err(|_| TransportError::Unreachable(to.to_string()))?;
-            match rx.await {
-                Ok(Some(answer)) => Ok(answer),
-                Ok(None) => Err(TransportError::NoSuchGroup(group)),
-                Err(_) => Err(TransportError::Disconnected),
-            }
-        };
-        let result = match tokio::time::timeout(limit, exchange).await {
-            Ok(r) => r,
-            Err(_) => Err(TransportError::Timeout),
-        };
-        lock(&pending).remove(&id);
-        result
+        if out.send(Frame::Request { id, group, body }).await.is_err() {
+            lock(&pending).remove(&id);
+            return Err(TransportError::Unreachable(to.to_string()));
+        }
+        Ok(Answer {
+            id,
+            group,
+            pending,
+            rx,
+        })
     }
 
     async fn accept_loop(self, listener: TcpListener) {

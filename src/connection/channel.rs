@@ -1255,7 +1255,7 @@ impl Channel {
             self.publish_reply(mandatory, msg, out);
             return Ok(());
         }
-        let queues = if cc.is_empty() {
+        let mut queues = if cc.is_empty() {
             self.vhost.route(
                 &msg.exchange,
                 &msg.routing_key,
@@ -1268,14 +1268,15 @@ impl Channel {
             self.vhost
                 .route_keys(&msg.exchange, &keys, msg.properties.headers().as_ref())?
         };
-        // A clustered node does not forward messages to queues homed elsewhere yet: refuse
-        // the publish rather than lose it.
-        if self.broker.cluster_link().is_some() && self.vhost.has_remote_queues() {
-            for q in &queues {
-                self.vhost.check_local(q)?;
+        // On a clustered node, queues homed elsewhere get the message from their home.
+        let remote = self.split_remote(&mut queues);
+        if !remote.is_empty() && tx.is_some() {
+            // Transactions over queues of other nodes are not supported yet.
+            if let Some(q) = self.vhost.find_queue(&remote[0].1[0]) {
+                self.vhost.check_local(&q)?;
             }
         }
-        if queues.is_empty() {
+        if queues.is_empty() && remote.is_empty() {
             let stats = &self.link.conn.stats;
             ConnStats::add(
                 if mandatory {
@@ -1286,7 +1287,7 @@ impl Channel {
                 1,
             );
         }
-        if queues.is_empty() && mandatory {
+        if queues.is_empty() && remote.is_empty() && mandatory {
             self.return_unroutable(&msg, out);
         }
         // Persistent copies go to the store before the queues see the message, so that
@@ -1294,12 +1295,15 @@ impl Channel {
         // Queues that refuse it (x-overflow reject-publish) are skipped; the publisher
         // gets a nack. reject-publish-dlx queues dead-letter it themselves.
         let mut refused = false;
-        let mut queues = queues;
         queues.retain(|q| {
             let refuse = q.args.overflow == Overflow::RejectPublish && q.would_reject(msg.size());
             refused |= refuse;
             !refuse
         });
+        if !remote.is_empty() {
+            self.publish_with_remote(msg, queues, remote, refused);
+            return Ok(());
+        }
         let mut ops = Vec::new();
         if let Some(id) = msg.store_id {
             for q in &queues {
@@ -1386,6 +1390,110 @@ impl Channel {
         Ok(())
     }
 
+    /// Takes the queues homed on other nodes out of `queues`: their names by home.
+    fn split_remote(&self, queues: &mut Vec<Arc<Queue>>) -> Vec<(String, Vec<String>)> {
+        let mut remote: Vec<(String, Vec<String>)> = Vec::new();
+        if self.broker.cluster_link().is_none() || !self.vhost.has_remote_queues() {
+            return remote;
+        }
+        queues.retain(|q| {
+            let Some(home) = self.vhost.remote_home(q.name()) else {
+                return true;
+            };
+            match remote.iter_mut().find(|(h, _)| *h == home) {
+                Some((_, names)) => names.push(q.name().to_string()),
+                None => remote.push((home, vec![q.name().to_string()])),
+            }
+            false
+        });
+        remote
+    }
+
+    /// A publish that reaches queues of other nodes (and maybe of this one): the local
+    /// copies are stored and enqueued as usual, the message is forwarded to each home,
+    /// and the publisher's confirm waits for all of them (a nack if a home did not take
+    /// it, or a local queue refused it).
+    fn publish_with_remote(
+        &mut self,
+        msg: Arc<Message>,
+        queues: Vec<Arc<Queue>>,
+        remote: Vec<(String, Vec<String>)>,
+        mut refused: bool,
+    ) {
+        let Some(link) = self.broker.cluster_link() else {
+            return;
+        };
+        let mut ops = Vec::new();
+        if let Some(id) = msg.store_id {
+            for q in &queues {
+                q.persist_ops(&msg, &mut ops);
+            }
+            if !ops.is_empty() {
+                ops.insert(
+                    0,
+                    StoreOp::PutMessage {
+                        msg_id: id,
+                        blob: persist::encode_message(&msg),
+                    },
+                );
+            }
+        }
+        let local = match self.broker.store() {
+            Some(store) if !ops.is_empty() => Some(store.commit(ops)),
+            _ => None,
+        };
+        for q in &queues {
+            if q.enqueue(msg.clone()) == Enqueued::Rejected {
+                if let (Some(qs), Some(id)) = (q.store(), msg.store_id) {
+                    qs.store.submit(vec![StoreOp::Remove {
+                        queue: qs.key.clone(),
+                        offset: id,
+                    }]);
+                }
+                refused = true;
+            }
+        }
+        let blob = persist::encode_message(&msg).to_vec();
+        let mut answers = Vec::with_capacity(remote.len());
+        for (home, names) in remote {
+            let (answered, answer) = tokio::sync::oneshot::channel();
+            link.forwarder.publish(
+                &home,
+                &self.vhost.name,
+                names,
+                msg.store_id.is_some(),
+                blob.clone(),
+                Box::new(move |ok| {
+                    let _ = answered.send(ok);
+                }),
+            );
+            answers.push(answer);
+        }
+        let seq = self.confirms.as_mut().map(|c| {
+            c.last_seq += 1;
+            c.outstanding.insert(c.last_seq);
+            c.last_seq
+        });
+        let tx = self.link.conn.tx.clone();
+        let ch = self.id;
+        tokio::spawn(async move {
+            if let Some(local) = local {
+                local.await;
+            }
+            let mut ok = !refused;
+            for a in answers {
+                ok &= a.await.unwrap_or(false);
+            }
+            if let Some(seq) = seq {
+                let _ = tx.send(if ok {
+                    ConnEvent::Stored(ch, vec![seq])
+                } else {
+                    ConnEvent::Nacked(ch, vec![seq])
+                });
+            }
+        });
+    }
+
     /// basic.return of a mandatory message that reached no queue.
     fn return_unroutable(&self, msg: &Message, out: &mut BytesMut) {
         self.send(
@@ -1426,6 +1534,17 @@ impl Channel {
                 // Not outstanding any more means it was nacked meanwhile.
                 if c.outstanding.remove(seq) {
                     c.ready.push(*seq);
+                }
+            }
+        }
+    }
+
+    /// Publishes that could not be made safe: nacked (unless answered already).
+    pub fn nacked(&mut self, seqs: &[u64]) {
+        if let Some(c) = &mut self.confirms {
+            for seq in seqs {
+                if c.outstanding.remove(seq) {
+                    c.nacks.push(*seq);
                 }
             }
         }

@@ -776,6 +776,11 @@ impl Connection {
                     channel.stored(&seqs);
                 }
             }
+            ConnEvent::Nacked(ch, seqs) => {
+                if let Some(channel) = self.channels.get_mut(&ch) {
+                    channel.nacked(&seqs);
+                }
+            }
             ConnEvent::Close(reason) => self.close_connection(reason),
             ConnEvent::Reply(ch, tag, msg) => {
                 if let Some(channel) = self.channels.get_mut(&ch) {

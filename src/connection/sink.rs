@@ -29,6 +29,9 @@ pub enum ConnEvent {
     Cancelled(u16, Arc<str>),
     /// These publishes (confirm sequence numbers) of this channel are stored.
     Stored(u16, Vec<u64>),
+    /// These publishes of this channel could not be made safe (a queue's home node did
+    /// not take them): nack them.
+    Nacked(u16, Vec<u64>),
     /// This channel's tx.commit is durable.
     TxCommitted(u16),
     /// The broker closes the connection (vhost or user deleted, closed by an operator).
