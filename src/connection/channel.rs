@@ -1474,6 +1474,10 @@ impl Channel {
             c.outstanding.insert(c.last_seq);
             c.last_seq
         });
+        // Flow control: a publisher waits while the homes are far behind.
+        if link.forwarder.is_congested() {
+            self.link.conn.held_by_store.store(true, Ordering::Relaxed);
+        }
         let tx = self.link.conn.tx.clone();
         let ch = self.id;
         tokio::spawn(async move {

@@ -416,7 +416,11 @@ impl Connection {
     fn held_back(&mut self) -> bool {
         let by_store = &self.shared.held_by_store;
         self.store_hold = by_store.load(Ordering::Relaxed)
-            && self.broker.store().is_some_and(|s| s.is_congested());
+            && (self.broker.store().is_some_and(|s| s.is_congested())
+                || self
+                    .broker
+                    .cluster_link()
+                    .is_some_and(|l| l.forwarder.is_congested()));
         if !self.store_hold {
             by_store.store(false, Ordering::Relaxed);
         }

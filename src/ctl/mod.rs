@@ -46,6 +46,16 @@ pub enum CtlCommand {
     /// The cluster as this node sees it: members, which of them it reaches, the
     /// metadata leader, alarms.
     ClusterStatus,
+    /// Removes a node from the cluster (run on any other member).
+    ForgetClusterNode {
+        /// The node's name (name@host).
+        node: String,
+    },
+    /// Makes this node (the one --url names) a member again, through a member.
+    JoinCluster {
+        /// A member's name (name@host).
+        node: String,
+    },
     /// Queues of the vhost, with the columns asked for (default: name messages).
     ListQueues {
         /// Columns, e.g. name messages messages_ready messages_unacknowledged consumers.
@@ -316,6 +326,14 @@ fn execute(api: &Api, vhost: &str, command: CtlCommand) -> Result<String, String
     let v = segment(vhost);
     match command {
         CtlCommand::ClusterStatus => cluster_status(api),
+        CtlCommand::ForgetClusterNode { node } => {
+            api.delete(&format!("/cluster/nodes/{}", segment(&node)), &[])?;
+            Ok(format!("Removing node {node} from the cluster\n"))
+        }
+        CtlCommand::JoinCluster { node } => {
+            api.post("/cluster/join", &serde_json::json!({ "node": node }))?;
+            Ok(format!("Clustering node with {node}\n"))
+        }
         CtlCommand::Status => {
             let o = api.get("/overview")?;
             let alarms = api.get("/health/checks/alarms").unwrap_or(Value::Null);

@@ -59,6 +59,14 @@ pub fn router(http: Http) -> Router {
         .route("/api/nodes", get(overview::nodes))
         .route("/api/nodes/{node}", get(overview::node))
         .route("/api/nodes/{node}/stop", post(overview::stop_node))
+        .route(
+            "/api/cluster/nodes/{node}",
+            axum::routing::delete(overview::forget_cluster_node),
+        )
+        .route(
+            "/api/cluster/join",
+            axum::routing::post(overview::join_cluster),
+        )
         .route("/api/whoami", get(access::whoami))
         .route("/api/aliveness-test/{vhost}", get(overview::aliveness))
         .route("/api/health/checks/alarms", get(overview::alarms))
