@@ -140,12 +140,24 @@ pub struct Channel {
     reply_consumer: Option<direct_reply::ReplyConsumer>,
     /// Exchanges this channel may publish to, checked at access-control generation
     /// `.0`: a publish costs a short scan, not a regex match.
-    write_allowed: (u64, Vec<String>),
+    write_allowed: (u64, Vec<PublishGrant>),
 }
 
 /// Most exchanges remembered in a channel's publish-permission cache (as RabbitMQ's
 /// per-channel permission cache).
 const WRITE_CACHE_SIZE: usize = 12;
+
+/// Most routing keys remembered per topic exchange whose keys a topic permission
+/// restricts.
+const TOPIC_KEY_CACHE_SIZE: usize = 16;
+
+/// An exchange this channel may publish to and, when a topic permission restricts its
+/// routing keys, the rule and the keys it already allowed.
+#[derive(Debug)]
+struct PublishGrant {
+    exchange: String,
+    topic: Option<(Arc<crate::auth::TopicRule>, Vec<String>)>,
+}
 
 /// A string-valued argument (`x-dead-letter-exchange`, `alternate-exchange`).
 fn string_arg<'a>(args: &'a amq_protocol::types::FieldTable, key: &str) -> Option<&'a str> {
@@ -209,23 +221,68 @@ impl Channel {
             .check(&self.user, &self.vhost.name, kind, name, permission)
     }
 
-    /// basic.publish: write permission on the exchange, cached per channel until the
-    /// users or permissions change.
-    fn check_publish(&mut self, exchange: &str) -> Result<()> {
+    /// basic.publish: write permission on the exchange and, on a topic exchange with a
+    /// topic permission, on the routing key; cached per channel (exchanges, and the
+    /// routing keys allowed) until the users or permissions change.
+    fn check_publish(&mut self, exchange: &str, routing_key: &str) -> Result<()> {
         let generation = self.broker.access.generation();
         if self.write_allowed.0 != generation {
             self.write_allowed = (generation, Vec::new());
         }
-        if self.write_allowed.1.iter().any(|x| x == exchange) {
+        let at = match self
+            .write_allowed
+            .1
+            .iter()
+            .position(|g| g.exchange == exchange)
+        {
+            Some(at) => at,
+            None => {
+                self.check(ResourceKind::Exchange, exchange, Permission::Write)?;
+                let topic = self.topic_rule(exchange).map(|rule| (rule, Vec::new()));
+                let cache = &mut self.write_allowed.1;
+                if cache.len() >= WRITE_CACHE_SIZE {
+                    cache.remove(0);
+                }
+                cache.push(PublishGrant {
+                    exchange: exchange.to_string(),
+                    topic,
+                });
+                cache.len() - 1
+            }
+        };
+        let Some((rule, keys)) = &mut self.write_allowed.1[at].topic else {
+            return Ok(());
+        };
+        if keys.iter().any(|k| k == routing_key) {
             return Ok(());
         }
-        self.check(ResourceKind::Exchange, exchange, Permission::Write)?;
-        let cache = &mut self.write_allowed.1;
-        if cache.len() >= WRITE_CACHE_SIZE {
-            cache.remove(0);
+        if !rule.allows(true, routing_key) {
+            return Err(crate::auth::AccessControl::topic_refused(
+                &self.user,
+                &self.vhost.name,
+                exchange,
+                routing_key,
+            ));
         }
-        cache.push(exchange.to_string());
+        if keys.len() >= TOPIC_KEY_CACHE_SIZE {
+            keys.remove(0);
+        }
+        keys.push(routing_key.to_string());
         Ok(())
+    }
+
+    /// This user's topic permission on `exchange` when it is a topic exchange (RabbitMQ
+    /// authorises routing keys on topic exchanges only).
+    fn topic_rule(&self, exchange: &str) -> Option<Arc<crate::auth::TopicRule>> {
+        if exchange.is_empty() {
+            return None;
+        }
+        let rule = self
+            .broker
+            .access
+            .topic_rule(&self.user, &self.vhost.name, exchange)?;
+        let x = self.vhost.exchange(exchange).ok()?;
+        (x.def.kind == ExchangeKind::Topic).then_some(rule)
     }
 
     fn send(&self, out: &mut BytesMut, method: AMQPClass) {
@@ -445,7 +502,12 @@ impl Channel {
                 (!d.nowait).then_some(exchange::AMQPMethod::DeleteOk(exchange::DeleteOk {}))
             }
             exchange::AMQPMethod::Bind(b) => {
-                self.check_bind(ResourceKind::Exchange, s(&b.destination), s(&b.source))?;
+                self.check_bind(
+                    ResourceKind::Exchange,
+                    s(&b.destination),
+                    s(&b.source),
+                    s(&b.routing_key),
+                )?;
                 self.vhost.bind_exchange(
                     s(&b.destination),
                     s(&b.source),
@@ -455,7 +517,12 @@ impl Channel {
                 (!b.nowait).then_some(exchange::AMQPMethod::BindOk(exchange::BindOk {}))
             }
             exchange::AMQPMethod::Unbind(b) => {
-                self.check_bind(ResourceKind::Exchange, s(&b.destination), s(&b.source))?;
+                self.check_bind(
+                    ResourceKind::Exchange,
+                    s(&b.destination),
+                    s(&b.source),
+                    s(&b.routing_key),
+                )?;
                 self.vhost.unbind_exchange(
                     s(&b.destination),
                     s(&b.source),
@@ -479,11 +546,29 @@ impl Channel {
     }
 
     /// Binding and unbinding, as RabbitMQ checks them: write on the destination, read on
-    /// the source (the default exchange is refused by the vhost with its own text).
-    fn check_bind(&self, kind: ResourceKind, destination: &str, source: &str) -> Result<()> {
+    /// the source (the default exchange is refused by the vhost with its own text), and
+    /// read on the binding key when the source is a topic exchange with a topic
+    /// permission.
+    fn check_bind(
+        &self,
+        kind: ResourceKind,
+        destination: &str,
+        source: &str,
+        key: &str,
+    ) -> Result<()> {
         self.check(kind, destination, Permission::Write)?;
         if !source.is_empty() && !destination.is_empty() {
             self.check(ResourceKind::Exchange, source, Permission::Read)?;
+            if let Some(rule) = self.topic_rule(source)
+                && !rule.allows(false, key)
+            {
+                return Err(crate::auth::AccessControl::topic_refused(
+                    &self.user,
+                    &self.vhost.name,
+                    source,
+                    key,
+                ));
+            }
         }
         Ok(())
     }
@@ -543,7 +628,12 @@ impl Channel {
             }
             queue::AMQPMethod::Bind(b) => {
                 let name = self.queue_name(s(&b.queue))?;
-                self.check_bind(ResourceKind::Queue, &name, s(&b.exchange))?;
+                self.check_bind(
+                    ResourceKind::Queue,
+                    &name,
+                    s(&b.exchange),
+                    s(&b.routing_key),
+                )?;
                 self.vhost.bind_queue(
                     &name,
                     s(&b.exchange),
@@ -555,7 +645,12 @@ impl Channel {
             }
             queue::AMQPMethod::Unbind(b) => {
                 let name = self.queue_name(s(&b.queue))?;
-                self.check_bind(ResourceKind::Queue, &name, s(&b.exchange))?;
+                self.check_bind(
+                    ResourceKind::Queue,
+                    &name,
+                    s(&b.exchange),
+                    s(&b.routing_key),
+                )?;
                 self.vhost.unbind_queue(
                     &name,
                     s(&b.exchange),
@@ -1093,7 +1188,7 @@ impl Channel {
         else {
             return Ok(());
         };
-        self.check_publish(method.exchange.as_str())?;
+        self.check_publish(method.exchange.as_str(), method.routing_key.as_str())?;
         ConnStats::add(&self.link.conn.stats.published, 1);
         self.rewrite_reply_to(&mut header)?;
         let (cc, without_bcc) = sender_selected::extra_routing_keys(&header.properties)?;

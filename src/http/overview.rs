@@ -169,6 +169,27 @@ pub async fn node(
     Ok(Json(node_json()))
 }
 
+/// POST /api/nodes/{node}/stop (administrators; Warren's own, for `warren ctl stop`):
+/// asks the node to stop as SIGTERM does. The answer (202) goes out before the
+/// listeners close; the caller then waits for the node to go away.
+pub async fn stop_node(
+    State(http): State<Http>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    caller(&http.broker, &headers)?.require_admin()?;
+    if name != node_name() {
+        return Err(ApiError::not_found());
+    }
+    tracing::info!("stop requested through the management API");
+    http.stop.notify_one();
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"node": name, "stopping": true})),
+    )
+        .into_response())
+}
+
 /// GET /api/health/checks/alarms (and local-alarms): 503 while a resource alarm is on.
 pub async fn alarms(State(http): State<Http>, headers: HeaderMap) -> Result<Response, ApiError> {
     caller(&http.broker, &headers)?;
