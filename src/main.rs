@@ -135,8 +135,11 @@ async fn run_server(config: Config) -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    let signal = signals.next().await;
-    tracing::info!("{signal} received: shutting down");
+    let why = tokio::select! {
+        signal = signals.next() => signal,
+        _ = broker.stop_requested() => "stop request (warren ctl stop)",
+    };
+    tracing::info!("{why} received: shutting down");
     broker.shutdown().await;
     tracing::info!("stopped: connections closed, store committed and closed");
     std::process::ExitCode::SUCCESS

@@ -25,6 +25,7 @@ pub struct Broker {
     tasks: JoinSet<()>,
     state: Arc<BrokerState>,
     cluster: Option<crate::cluster::ClusterNode>,
+    stop: Arc<tokio::sync::Notify>,
 }
 
 /// Restores a clustered node's vhosts from the definitions it last agreed to (its own
@@ -168,8 +169,9 @@ impl Broker {
         if !config.load_definitions.is_empty() {
             load_definitions(&state, &config.load_definitions).await?;
         }
+        let stop = Arc::new(tokio::sync::Notify::new());
         let (management_addrs, management_tls_addrs) =
-            start_management(&config, &state, &addrs, &shutdown, &mut tasks)?;
+            start_management(&config, &state, &addrs, &stop, &shutdown, &mut tasks)?;
         let mut prometheus_addrs = Vec::new();
         for listener in bind_all(&config, config.prometheus_port, "Prometheus metrics")? {
             let local = listener.local_addr()?;
@@ -192,7 +194,14 @@ impl Broker {
             tasks,
             state,
             cluster,
+            stop,
         })
+    }
+
+    /// Completes when an operator asked the node to stop (`warren ctl stop`); the
+    /// process running the node then calls `shutdown`, as on SIGTERM.
+    pub async fn stop_requested(&self) {
+        self.stop.notified().await;
     }
 
     /// The first address the node listens on (tests connect here).
@@ -321,6 +330,7 @@ fn start_management(
     config: &Config,
     state: &Arc<BrokerState>,
     amqp_addrs: &[SocketAddr],
+    stop: &Arc<tokio::sync::Notify>,
     shutdown: &broadcast::Sender<()>,
     tasks: &mut JoinSet<()>,
 ) -> anyhow::Result<(Vec<SocketAddr>, Vec<SocketAddr>)> {
@@ -329,6 +339,7 @@ fn start_management(
         broker: state.clone(),
         amqp_addrs: Arc::new(amqp_addrs.to_vec()),
         rates: rates.clone(),
+        stop: stop.clone(),
     };
     let mut addrs = Vec::new();
     for listener in bind_all(config, config.management_port, "management API")? {

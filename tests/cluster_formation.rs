@@ -78,20 +78,25 @@ async fn a_paused_leader_is_replaced_and_follows_when_it_resumes() {
     );
 }
 
-/// `warren ctl cluster_status` against node `i`'s management API; its stdout.
-fn cluster_status(c: &Cluster, i: usize) -> String {
+/// `warren ctl ARGS` against node `i`'s management API; its stdout (it must succeed).
+fn ctl(c: &Cluster, i: usize, args: &[&str]) -> String {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_warren"))
         .args(["ctl", "--url", &format!("http://{}:15672", c.node(i).ip)])
         .args(["-u", cluster::USER, "--password", cluster::USER])
-        .arg("cluster_status")
+        .args(args)
         .output()
         .expect("warren ctl runs");
     assert!(
         out.status.success(),
-        "warren ctl cluster_status failed: {}",
+        "warren ctl {args:?} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `warren ctl cluster_status` against node `i`.
+fn cluster_status(c: &Cluster, i: usize) -> String {
+    ctl(c, i, &["cluster_status"])
 }
 
 /// The node names listed under `heading` in `cluster_status` output.
@@ -148,4 +153,57 @@ async fn ctl_cluster_status_shows_members_reachability_and_the_leader() {
         vec![c.node(3).name.clone()],
         "{status}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forgotten_node_leaves_the_membership_and_joins_again() {
+    let Some(c) = Cluster::start(3) else {
+        return;
+    };
+    c.wait_agreed_leader(&[1, 2, 3], None, ELECTION).await;
+    let names = c.member_names();
+    ctl(&c, 1, &["forget_cluster_node", &names[2]]);
+    let deadline = std::time::Instant::now() + ELECTION;
+    loop {
+        let s = cluster_status(&c, 2);
+        if section(&s, "Disk Nodes") == names[..2] {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{s}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Two voters left: both are the majority, and they go on without node 3.
+    let ch = c.connect(2).await.create_channel().await.unwrap();
+    ch.queue_declare(
+        "while-forgotten".into(),
+        lapin::options::QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        lapin::types::FieldTable::default(),
+    )
+    .await
+    .unwrap();
+
+    ctl(&c, 3, &["join_cluster", &names[0]]);
+    let s = cluster_status(&c, 1);
+    assert_eq!(section(&s, "Disk Nodes"), names, "{s}");
+    let ch = c.connect(3).await.create_channel().await.unwrap();
+    let deadline = std::time::Instant::now() + ELECTION;
+    while ch
+        .queue_declare(
+            "while-forgotten".into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                durable: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .is_err()
+    {
+        assert!(std::time::Instant::now() < deadline, "node 3 caught up");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

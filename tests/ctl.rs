@@ -293,3 +293,42 @@ async fn definitions_exported_from_one_node_import_into_another() {
         .expect("the queue came along");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn topic_permissions_are_set_listed_and_cleared_as_with_rabbitmqctl() {
+    let t = common::TestBroker::start().await;
+    let b = broker(&t);
+    ok(b, &["add_user", "tp", "pw"]).await;
+    let out = ok(
+        b,
+        &[
+            "set_topic_permissions",
+            "tp",
+            "amq.topic",
+            "^{username}\\.",
+            ".*",
+        ],
+    )
+    .await;
+    assert!(out.starts_with("Setting topic permissions"), "{out}");
+    ok(b, &["set_topic_permissions", "tp", "logs", "^x", "^y"]).await;
+    let list = ok(b, &["list_topic_permissions"]).await;
+    assert_eq!(
+        list,
+        "user\texchange\twrite\tread\ntp\tamq.topic\t^{username}\\.\t.*\ntp\tlogs\t^x\t^y\n"
+    );
+    ok(b, &["clear_topic_permissions", "tp", "logs"]).await;
+    let list = ok(b, &["list_topic_permissions"]).await;
+    assert_eq!(
+        list,
+        "user\texchange\twrite\tread\ntp\tamq.topic\t^{username}\\.\t.*\n"
+    );
+    ok(b, &["clear_topic_permissions", "tp"]).await;
+    assert_eq!(
+        ok(b, &["list_topic_permissions"]).await,
+        "user\texchange\twrite\tread\n"
+    );
+    let (success, _, err) = ctl(b, &["clear_topic_permissions", "tp"]).await;
+    assert!(!success, "nothing left to clear");
+    assert!(err.contains("not found"), "{err}");
+}

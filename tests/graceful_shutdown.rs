@@ -1,5 +1,5 @@
-//! SIGTERM, as `docker stop` and systemd send it, against the real `warren` binary: the
-//! node stops accepting, closes every connection with 320 CONNECTION_FORCED (RabbitMQ's
+//! SIGTERM, as `docker stop` and systemd send it, and `warren ctl stop`, against the real
+//! `warren` binary: the node stops accepting, closes every connection with 320 CONNECTION_FORCED (RabbitMQ's
 //! text), lets the store writer commit what it was given, closes the store cleanly and
 //! exits 0. Every message confirmed before the signal is there after a restart, and the
 //! restart finds a cleanly closed store (no repair).
@@ -72,13 +72,40 @@ fn wait_exit(child: &mut Child, limit: Duration) -> Option<std::process::ExitSta
     None
 }
 
+/// How the test asks the node to stop.
+#[derive(Clone, Copy, PartialEq)]
+enum Stop {
+    /// kill(2) with SIGTERM.
+    Signal,
+    /// `warren ctl stop` through the management API.
+    Ctl,
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_closes_connections_with_320_keeps_confirmed_messages_and_exits_0() {
-    let dir = std::env::temp_dir().join(format!("warren-sigterm-{}", std::process::id()));
+    stops_gracefully(Stop::Signal).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_stop_does_what_sigterm_does() {
+    stops_gracefully(Stop::Ctl).await;
+}
+
+async fn stops_gracefully(how: Stop) {
+    let name = if how == Stop::Signal {
+        "sigterm"
+    } else {
+        "ctl-stop"
+    };
+    let dir = std::env::temp_dir().join(format!("warren-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let data = dir.join("data");
-    let info = [("WARREN_LOG", "info".to_string())];
+    let management = free_port();
+    let info = [
+        ("WARREN_LOG", "info".to_string()),
+        ("WARREN_MANAGEMENT_PORT", management.to_string()),
+    ];
 
     let port = free_port();
     let first_log = dir.join("first.log");
@@ -102,9 +129,23 @@ async fn sigterm_closes_connections_with_320_keeps_confirmed_messages_and_exits_
 
     let publisher = tokio::spawn(publish_until_closed(port));
     tokio::time::sleep(Duration::from_millis(700)).await;
-    let pid = node.0.id() as libc::pid_t;
-    // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0, "send SIGTERM");
+    let ctl = match how {
+        Stop::Signal => {
+            let pid = node.0.id() as libc::pid_t;
+            // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+            assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0, "send SIGTERM");
+            None
+        }
+        // rabbitmqctl stop returns once the node is gone: run it beside the test.
+        Stop::Ctl => Some(
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_warren"))
+                .args(["ctl", "--url", &format!("http://127.0.0.1:{management}")])
+                .arg("stop")
+                .stdin(std::process::Stdio::null())
+                .output(),
+        ),
+    };
+    let ctl = ctl.map(tokio::spawn);
 
     // connection.close 320 with RabbitMQ's text; do not answer yet.
     let close = loop {
@@ -154,8 +195,29 @@ async fn sigterm_closes_connections_with_320_keeps_confirmed_messages_and_exits_
     let status = wait_exit(&mut node.0, Duration::from_secs(10)).expect("exits after SIGTERM");
     let log = std::fs::read_to_string(&first_log).unwrap();
     assert_eq!(status.code(), Some(0), "exit status; log:\n{log}");
-    assert!(log.contains("SIGTERM"), "log names the signal:\n{log}");
+    let reason = match how {
+        Stop::Signal => "SIGTERM",
+        Stop::Ctl => "warren ctl stop",
+    };
+    assert!(log.contains(reason), "log names {reason}:\n{log}");
     assert!(log.contains("stopped"), "log says the node stopped:\n{log}");
+    if let Some(ctl) = ctl {
+        let out = tokio::time::timeout(Duration::from_secs(10), ctl)
+            .await
+            .expect("warren ctl stop returns once the node is gone")
+            .expect("joined")
+            .expect("warren ctl runs");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "warren ctl stop: {stdout} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            stdout.starts_with("Stopping and halting node warren@"),
+            "{stdout}"
+        );
+    }
 
     // Restart: a cleanly closed store needs no repair, and every confirm holds.
     let port = free_port();

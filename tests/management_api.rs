@@ -558,3 +558,105 @@ async fn guest_may_use_the_api_and_amqp_only_from_loopback() {
         "guest over AMQP from a non-loopback address is refused"
     );
 }
+
+#[tokio::test]
+async fn publishes_and_gets_through_the_api_count_in_the_overview_and_metrics_as_rabbitmq() {
+    let t = common::TestBroker::start().await;
+    let b = broker(&t);
+    assert_eq!(
+        put(b, "/api/queues/%2f/counted", json!({})).await.status,
+        201
+    );
+    let publish = |key: &'static str| {
+        json!({"routing_key": key, "payload": "x", "payload_encoding": "string",
+               "properties": {}})
+    };
+    for key in ["counted", "counted", "nowhere"] {
+        let r = post(b, "/api/exchanges/%2f/amq.default/publish", publish(key)).await;
+        assert_eq!(r.status, 200);
+    }
+    let get_one =
+        |ackmode: &'static str| json!({"count": 1, "ackmode": ackmode, "encoding": "auto"});
+    // Taken and requeued, taken again (now redelivered) and dropped.
+    for ackmode in ["ack_requeue_true", "ack_requeue_false"] {
+        let r = post(b, "/api/queues/%2f/counted/get", get_one(ackmode)).await;
+        assert_eq!(r.json().as_array().map(Vec::len), Some(1));
+    }
+    // What the reference RabbitMQ 3.10 shows after the same calls.
+    let s = get(b, "/api/overview").await.json()["message_stats"].clone();
+    let counts: Vec<_> = [
+        "publish",
+        "confirm",
+        "return_unroutable",
+        "drop_unroutable",
+        "get",
+        "get_no_ack",
+        "redeliver",
+        "deliver_get",
+    ]
+    .iter()
+    .map(|k| (k.to_string(), s[k].clone()))
+    .collect();
+    let expected: Vec<_> = [
+        ("publish", 3),
+        ("confirm", 3),
+        ("return_unroutable", 1),
+        ("drop_unroutable", 0),
+        ("get", 1),
+        ("get_no_ack", 1),
+        ("redeliver", 1),
+        ("deliver_get", 2),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), json!(v)))
+    .collect();
+    assert_eq!(counts, expected, "{s}");
+
+    let metrics = b.prometheus_addr().expect("metrics listener");
+    let r = request(metrics, "GET", "/metrics", None, None).await;
+    let text = String::from_utf8_lossy(&r.body);
+    assert!(
+        text.lines()
+            .any(|l| l == "rabbitmq_channel_messages_published_total 3"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn an_md5_password_hash_from_an_old_rabbitmq_definitions_file_loads_and_authenticates() {
+    let t = common::TestBroker::start().await;
+    let b = broker(&t);
+    // Salt 01020304 and MD5(salt ++ "md5pw"), as RabbitMQ before 3.6 stored it; the
+    // reference RabbitMQ 3.10 imports this file and accepts "md5pw".
+    let defs = json!({
+        "users": [{"name": "olduser", "password_hash": "AQIDBI3Ab4iH1xcn+PIEm5vk1JM=",
+                   "hashing_algorithm": "rabbit_password_hashing_md5",
+                   "tags": "administrator", "limits": {}}],
+        "vhosts": [{"name": "/"}],
+        "permissions": [{"user": "olduser", "vhost": "/", "configure": ".*",
+                         "write": ".*", "read": ".*"}],
+    });
+    let r = post(b, "/api/definitions", defs).await;
+    assert!(r.status == 204 || r.status == 201, "{}", r.status);
+    let api = api(b);
+    let me = request(api, "GET", "/api/whoami", Some(("olduser", "md5pw")), None).await;
+    assert_eq!(me.status, 200);
+    assert_eq!(me.json()["name"], "olduser");
+    let wrong = request(api, "GET", "/api/whoami", Some(("olduser", "md5pW")), None).await;
+    assert_eq!(wrong.status, 401);
+    let url = t.url.replace("guest:guest", "olduser:md5pw");
+    let conn = Connection::connect(&url, ConnectionProperties::default())
+        .await
+        .expect("AMQP login with the MD5-hashed password");
+    let _ = conn.close(200, "bye".into()).await;
+    let bad = t.url.replace("guest:guest", "olduser:nope");
+    assert!(
+        Connection::connect(&bad, ConnectionProperties::default())
+            .await
+            .is_err()
+    );
+    // Exported as it came in.
+    let user = get(b, "/api/users/olduser").await.json();
+    assert_eq!(user["hashing_algorithm"], "rabbit_password_hashing_md5");
+    assert_eq!(user["password_hash"], "AQIDBI3Ab4iH1xcn+PIEm5vk1JM=");
+}

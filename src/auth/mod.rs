@@ -12,10 +12,10 @@ pub mod records;
 mod state;
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{OnceLock, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
-pub use records::{PermissionRecord, UserRecord, VHostRecord};
-pub use state::AccessChange;
+pub use records::{PermissionRecord, PolicyRecord, TopicPermissionRecord, UserRecord, VHostRecord};
+pub use state::{AccessChange, TopicRule};
 use state::{AccessState, Persist};
 
 use crate::cluster::meta::MetaCommand;
@@ -263,6 +263,69 @@ impl AccessControl {
             .values()
             .map(|p| p.record.clone())
             .collect()
+    }
+
+    /// Every policy, by vhost and name.
+    pub fn policies(&self) -> Vec<PolicyRecord> {
+        self.read().policies.values().cloned().collect()
+    }
+
+    /// The policies of one vhost.
+    pub fn vhost_policies(&self, vhost: &str) -> Vec<PolicyRecord> {
+        self.read()
+            .policies
+            .values()
+            .filter(|p| p.vhost == vhost)
+            .cloned()
+            .collect()
+    }
+
+    /// Every topic permission, by vhost, user and exchange.
+    pub fn topic_permissions(&self) -> Vec<TopicPermissionRecord> {
+        self.read()
+            .topic_permissions
+            .values()
+            .map(|t| t.record.clone())
+            .collect()
+    }
+
+    /// `user`'s topic permission on `exchange` in `vhost`, if one is set: without one,
+    /// every routing key is allowed, as in RabbitMQ. Channels cache the rule.
+    pub fn topic_rule(&self, user: &str, vhost: &str, exchange: &str) -> Option<Arc<TopicRule>> {
+        self.read()
+            .topic_permissions
+            .get(&(vhost.to_string(), user.to_string(), exchange.to_string()))
+            .cloned()
+    }
+
+    /// RabbitMQ's 403 for a routing or binding key a topic permission refuses.
+    pub fn topic_refused(user: &str, vhost: &str, exchange: &str, key: &str) -> AmqpError {
+        amqp_err!(
+            AccessRefused,
+            "access to topic '{}' in exchange '{}' in vhost '{}' refused for user '{}'",
+            key,
+            exchange,
+            vhost,
+            user
+        )
+    }
+
+    /// Topic authorisation of a key on a topic exchange: `write` for a publish's
+    /// routing key, read for a binding key (queue and exchange binds and unbinds).
+    pub fn check_topic(
+        &self,
+        user: &str,
+        vhost: &str,
+        exchange: &str,
+        key: &str,
+        write: bool,
+    ) -> Result<(), AmqpError> {
+        match self.topic_rule(user, vhost, exchange) {
+            Some(rule) if !rule.allows(write, key) => {
+                Err(Self::topic_refused(user, vhost, exchange, key))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// The user named `user` if `password` is theirs.

@@ -2,16 +2,22 @@
 //! definitions file) loads into Warren unchanged and the other way round.
 //!
 //! RabbitMQ's `rabbit_password_hashing_sha256` (and `_sha512`): four random salt bytes,
-//! then the digest of `salt ++ utf8(password)`, the whole base64-encoded.
+//! then the digest of `salt ++ utf8(password)`, the whole base64-encoded. Hashes made
+//! by RabbitMQ before 3.6 (`rabbit_password_hashing_md5`, same layout with MD5) still
+//! verify, as RabbitMQ keeps accepting them; Warren never makes new ones.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
+use md5::Md5;
 use sha2::{Digest, Sha256, Sha512};
 
 /// RabbitMQ's name of the default (and Warren's only generated) hashing algorithm.
 pub const SHA256: &str = "rabbit_password_hashing_sha256";
 /// RabbitMQ's name of the SHA-512 variant (accepted in imported definitions).
 pub const SHA512: &str = "rabbit_password_hashing_sha512";
+/// RabbitMQ's name of the MD5 variant of releases before 3.6 (accepted in imported
+/// definitions, so users moved from an old cluster keep their passwords).
+pub const MD5: &str = "rabbit_password_hashing_md5";
 
 /// Bytes of salt in front of the digest, as RabbitMQ.
 const SALT_LEN: usize = 4;
@@ -23,13 +29,14 @@ fn digest(algorithm: &str, salt: &[u8], password: &str) -> Option<Vec<u8>> {
     match algorithm {
         SHA256 => Some(Sha256::digest(&data).to_vec()),
         SHA512 => Some(Sha512::digest(&data).to_vec()),
+        MD5 => Some(Md5::digest(&data).to_vec()),
         _ => None,
     }
 }
 
 /// Whether `algorithm` is one Warren can check passwords against.
 pub fn is_supported(algorithm: &str) -> bool {
-    matches!(algorithm, SHA256 | SHA512)
+    matches!(algorithm, SHA256 | SHA512 | MD5)
 }
 
 /// A new salted SHA-256 hash of `password`, base64-encoded as RabbitMQ stores it.
@@ -68,6 +75,7 @@ pub fn is_well_formed(algorithm: &str, stored: &str) -> bool {
     let len = match algorithm {
         SHA256 => 32,
         SHA512 => 64,
+        MD5 => 16,
         _ => return false,
     };
     BASE64
@@ -99,6 +107,18 @@ mod tests {
         assert!(!verify(SHA256, &a, "secret2"));
         assert!(!verify(SHA256, "not base64!", "secret"));
         assert!(!verify(SHA256, "", ""));
-        assert!(!verify("rabbit_password_hashing_md5", &a, "secret"));
+        assert!(!verify(MD5, &a, "secret"));
+    }
+
+    #[test]
+    fn an_md5_hash_from_an_old_rabbitmq_verifies() {
+        // Salt 01020304 and MD5(salt ++ "md5pw"); the reference RabbitMQ 3.10 imports
+        // this user from a definitions file and authenticates "md5pw" against it.
+        let old = "AQIDBI3Ab4iH1xcn+PIEm5vk1JM=";
+        assert!(is_well_formed(MD5, old));
+        assert!(verify(MD5, old, "md5pw"));
+        assert!(!verify(MD5, old, "md5pW"));
+        assert!(!verify(SHA256, old, "md5pw"));
+        assert!(!is_well_formed(SHA256, old));
     }
 }

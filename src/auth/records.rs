@@ -52,6 +52,47 @@ pub struct PermissionRecord {
     pub read: String,
 }
 
+/// What a user may do with routing keys on one topic exchange in a vhost (RabbitMQ's
+/// topic authorisation): two regular expressions over routing and binding keys, in
+/// which `{username}` and `{vhost}` stand for the user's name and the vhost.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicPermissionRecord {
+    /// The user.
+    pub user: String,
+    /// The vhost.
+    pub vhost: String,
+    /// The topic exchange the patterns apply to.
+    pub exchange: String,
+    /// Routing keys the user may publish with.
+    pub write: String,
+    /// Binding keys the user may bind with (consume from the exchange).
+    pub read: String,
+}
+
+/// A policy in RabbitMQ's JSON shape (`apply-to` with its dash): settings applied to
+/// the queues and/or exchanges of a vhost whose names match `pattern`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyRecord {
+    /// The vhost.
+    pub vhost: String,
+    /// The policy's name.
+    pub name: String,
+    /// Regular expression over queue or exchange names.
+    pub pattern: String,
+    /// "queues", "exchanges" or "all".
+    #[serde(rename = "apply-to", default = "apply_to_all")]
+    pub apply_to: String,
+    /// The settings (a JSON object: "max-length": 10, ...).
+    pub definition: serde_json::Value,
+    /// Higher wins when several match.
+    #[serde(default)]
+    pub priority: i64,
+}
+
+fn apply_to_all() -> String {
+    "all".into()
+}
+
 /// Tags come as a list (RabbitMQ 3.9+) or as one comma-separated string (older files).
 fn tags<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
     #[derive(Deserialize)]

@@ -4,11 +4,14 @@
 //! to this node's store alone.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 
-use super::records::{PermissionRecord, UserRecord, VHostRecord};
+use super::records::{
+    PermissionRecord, PolicyRecord, TopicPermissionRecord, UserRecord, VHostRecord,
+};
 use super::{AccessError, password};
 
 /// One change to users, vhosts or permissions.
@@ -26,6 +29,54 @@ pub enum AccessChange {
     SetPermissions(PermissionRecord),
     /// Remove a user's permissions in a vhost: (user, vhost).
     ClearPermissions(String, String),
+    /// Set a user's topic permission on one exchange of a vhost.
+    SetTopicPermission(TopicPermissionRecord),
+    /// Remove a user's topic permissions in a vhost: on one exchange, or on all.
+    ClearTopicPermissions {
+        /// The user.
+        user: String,
+        /// The vhost.
+        vhost: String,
+        /// Only this exchange's (all when `None`).
+        exchange: Option<String>,
+    },
+    /// Create or replace a policy (validated as RabbitMQ validates it).
+    PutPolicy(PolicyRecord),
+    /// Delete a policy: (vhost, name).
+    DeletePolicy(String, String),
+}
+
+/// A topic permission, compiled with `{username}` and `{vhost}` already expanded (they
+/// are fixed for the record), so a check is one regex match and a channel can cache it.
+#[derive(Debug)]
+pub struct TopicRule {
+    /// As set.
+    pub record: TopicPermissionRecord,
+    write: Regex,
+    read: Regex,
+}
+
+impl TopicRule {
+    fn compile(record: TopicPermissionRecord) -> Result<TopicRule, AccessError> {
+        let expand = |p: &str| {
+            p.replace("{username}", &record.user)
+                .replace("{vhost}", &record.vhost)
+        };
+        Ok(TopicRule {
+            write: compile(&expand(&record.write))?,
+            read: compile(&expand(&record.read))?,
+            record,
+        })
+    }
+
+    /// Whether `key` may be published with (`write`) or bound with (`read`).
+    pub fn allows(&self, write: bool, key: &str) -> bool {
+        if write {
+            self.write.is_match(key)
+        } else {
+            self.read.is_match(key)
+        }
+    }
 }
 
 /// A user's permissions in one vhost, compiled.
@@ -72,6 +123,10 @@ pub(super) struct AccessState {
     pub(super) vhosts: BTreeMap<String, VHostRecord>,
     /// Keyed by (vhost, user).
     pub(super) permissions: BTreeMap<(String, String), Permissions>,
+    /// Keyed by (vhost, user, exchange).
+    pub(super) topic_permissions: BTreeMap<(String, String, String), Arc<TopicRule>>,
+    /// Keyed by (vhost, name).
+    pub(super) policies: BTreeMap<(String, String), PolicyRecord>,
 }
 
 /// Store key of a user record.
@@ -82,6 +137,20 @@ pub(super) fn user_key(name: &str) -> String {
 /// Store key of a vhost record.
 pub(super) fn vhost_key(name: &str) -> String {
     format!("v/{name}")
+}
+
+/// Store key of a topic permission record.
+pub(super) fn topic_permission_key(vhost: &str, user: &str, exchange: &str) -> String {
+    format!("t/{vhost}\u{0}{user}\u{0}{exchange}")
+}
+
+fn topic_key_of(r: &TopicPermissionRecord) -> (String, String, String) {
+    (r.vhost.clone(), r.user.clone(), r.exchange.clone())
+}
+
+/// Store key of a policy record.
+pub(super) fn policy_key(vhost: &str, name: &str) -> String {
+    format!("pol/{vhost}\u{0}{name}")
 }
 
 /// Store key of a permission record.
@@ -130,6 +199,33 @@ impl AccessState {
                     let k = (p.record.vhost.clone(), p.record.user.clone());
                     self.permissions.insert(k, p);
                 }),
+            (Some(("t", all)), None) => {
+                let mut parts = all.splitn(3, '\u{0}');
+                match (parts.next(), parts.next(), parts.next()) {
+                    (Some(vhost), Some(user), Some(exchange)) => self
+                        .topic_permissions
+                        .remove(&(vhost.into(), user.into(), exchange.into()))
+                        .map(drop),
+                    _ => None,
+                }
+            }
+            (Some(("t", _)), Some(value)) => serde_json::from_slice::<TopicPermissionRecord>(value)
+                .ok()
+                .and_then(|t| TopicRule::compile(t).ok())
+                .map(|t| {
+                    let k = topic_key_of(&t.record);
+                    self.topic_permissions.insert(k, Arc::new(t));
+                }),
+            (Some(("pol", both)), None) => both.split_once('\u{0}').and_then(|(vhost, name)| {
+                self.policies
+                    .remove(&(vhost.to_string(), name.to_string()))
+                    .map(drop)
+            }),
+            (Some(("pol", _)), Some(value)) => {
+                serde_json::from_slice::<PolicyRecord>(value).ok().map(|p| {
+                    self.policies.insert((p.vhost.clone(), p.name.clone()), p);
+                })
+            }
             _ => None,
         };
         if loaded.is_none() && value.is_some() {
@@ -170,6 +266,13 @@ impl AccessState {
                     }
                     keep
                 });
+                self.topic_permissions.retain(|(vhost, user, x), _| {
+                    let keep = *user != name;
+                    if !keep {
+                        out.push(Persist::Delete(topic_permission_key(vhost, user, x)));
+                    }
+                    keep
+                });
                 Ok(out)
             }
             AccessChange::PutVHost(vhost) => {
@@ -189,6 +292,20 @@ impl AccessState {
                     let keep = *vhost != name;
                     if !keep {
                         out.push(Persist::Delete(permission_key(vhost, user)));
+                    }
+                    keep
+                });
+                self.topic_permissions.retain(|(vhost, user, x), _| {
+                    let keep = *vhost != name;
+                    if !keep {
+                        out.push(Persist::Delete(topic_permission_key(vhost, user, x)));
+                    }
+                    keep
+                });
+                self.policies.retain(|(vhost, policy), _| {
+                    let keep = *vhost != name;
+                    if !keep {
+                        out.push(Persist::Delete(policy_key(vhost, policy)));
                     }
                     keep
                 });
@@ -219,6 +336,65 @@ impl AccessState {
                     )));
                 }
                 Ok(vec![Persist::Delete(permission_key(&vhost, &user))])
+            }
+            AccessChange::PutPolicy(policy) => {
+                if !self.vhosts.contains_key(&policy.vhost) {
+                    return Err(AccessError::NotFound(format!("vhost '{}'", policy.vhost)));
+                }
+                crate::broker::policy::validate(&policy).map_err(AccessError::Invalid)?;
+                let put = Persist::Put(policy_key(&policy.vhost, &policy.name), json(&policy));
+                self.policies
+                    .insert((policy.vhost.clone(), policy.name.clone()), policy);
+                Ok(vec![put])
+            }
+            AccessChange::DeletePolicy(vhost, name) => {
+                if self
+                    .policies
+                    .remove(&(vhost.clone(), name.clone()))
+                    .is_none()
+                {
+                    return Err(AccessError::NotFound(format!(
+                        "policy '{name}' in vhost '{vhost}'"
+                    )));
+                }
+                Ok(vec![Persist::Delete(policy_key(&vhost, &name))])
+            }
+            AccessChange::SetTopicPermission(record) => {
+                if !self.users.contains_key(&record.user) {
+                    return Err(AccessError::NotFound(format!("user '{}'", record.user)));
+                }
+                if !self.vhosts.contains_key(&record.vhost) {
+                    return Err(AccessError::NotFound(format!("vhost '{}'", record.vhost)));
+                }
+                let rule = TopicRule::compile(record)?;
+                let r = &rule.record;
+                let put = Persist::Put(
+                    topic_permission_key(&r.vhost, &r.user, &r.exchange),
+                    json(r),
+                );
+                self.topic_permissions
+                    .insert(topic_key_of(r), Arc::new(rule));
+                Ok(vec![put])
+            }
+            AccessChange::ClearTopicPermissions {
+                user,
+                vhost,
+                exchange,
+            } => {
+                let mut out = Vec::new();
+                self.topic_permissions.retain(|(v, u, x), _| {
+                    let hit = *v == vhost && *u == user && exchange.as_ref().is_none_or(|e| e == x);
+                    if hit {
+                        out.push(Persist::Delete(topic_permission_key(v, u, x)));
+                    }
+                    !hit
+                });
+                if out.is_empty() {
+                    return Err(AccessError::NotFound(format!(
+                        "topic permissions of user '{user}' in vhost '{vhost}'"
+                    )));
+                }
+                Ok(out)
             }
         }
     }

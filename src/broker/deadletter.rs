@@ -12,8 +12,8 @@ use amq_protocol::types::{AMQPValue, FieldArray, FieldTable, LongString};
 
 use super::vhost::VHost;
 use crate::protocol::codec::encode;
+use crate::queue::journal::{Journal, Writes};
 use crate::queue::{DeadLetterRouter, DeathReason, Entry, Message, Queue, now_ms};
-use crate::store::StoreOp;
 
 fn text(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
@@ -160,13 +160,11 @@ impl DeadLetterRouter for VHost {
             return;
         };
         let now = now_ms();
-        let mut ops: Vec<StoreOp> = Vec::new();
-        let mut removals: Vec<StoreOp> = Vec::new();
+        let mut writes = Writes::default();
+        let mut removals = Writes::default();
         let mut deliveries: Vec<(Vec<Arc<Queue>>, Arc<Message>)> = Vec::new();
         for (entry, reason) in dead {
-            if let Some(op) = from.store().and_then(|qs| qs.removal(&entry)) {
-                removals.push(op);
-            }
+            removals.forget(from, &entry);
             let old = &entry.msg;
             // x-dead-letter-routing-key, or every key the message was published with
             // (its CC keys too), as RabbitMQ.
@@ -202,24 +200,14 @@ impl DeadLetterRouter for VHost {
                 store_id: persistent.then(|| self.next_msg_id()),
                 published_ms: now,
             };
-            let first = ops.len();
-            for q in &queues {
-                q.persist_ops(&msg, &mut ops);
-            }
-            if let (Some(id), true) = (msg.store_id, ops.len() > first) {
-                ops.insert(
-                    first,
-                    StoreOp::PutMessage {
-                        msg_id: id,
-                        blob: super::persist::encode_message(&msg),
-                    },
-                );
-            }
+            writes.publish(&queues, &msg);
             deliveries.push((queues, Arc::new(msg)));
         }
-        ops.append(&mut removals);
+        // The new copies and the old ones' removal in one request, so that a crash
+        // keeps one or the other.
+        writes.append(removals);
         if let Some(store) = self.store() {
-            store.submit(ops);
+            Journal::new(store.clone()).append(writes);
         }
         for (queues, msg) in deliveries {
             for q in queues {

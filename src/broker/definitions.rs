@@ -10,7 +10,10 @@ use serde_json::{Value, json};
 use super::exchange::{Destination, ExchangeDef, ExchangeKind};
 use super::json::{json_to_table, table_to_json};
 use super::{BrokerState, VHost};
-use crate::auth::{AccessChange, PermissionRecord, UserRecord, VHostRecord, password};
+use crate::auth::{
+    AccessChange, PermissionRecord, PolicyRecord, TopicPermissionRecord, UserRecord, VHostRecord,
+    password,
+};
 use crate::queue::QueueDef;
 
 /// The connection id the broker itself acts as (never a client's: those start at 1).
@@ -59,15 +62,24 @@ pub fn export(state: &BrokerState, only_vhost: Option<&str>) -> Value {
         .into_iter()
         .filter(|p| wanted(&p.vhost))
         .collect();
+    let policies: Vec<PolicyRecord> = access
+        .policies()
+        .into_iter()
+        .filter(|p| wanted(&p.vhost))
+        .collect();
+    let topic_permissions: Vec<TopicPermissionRecord> = access
+        .topic_permissions()
+        .into_iter()
+        .filter(|t| wanted(&t.vhost))
+        .collect();
     let mut out = json!({
         "rabbit_version": RABBITMQ_VERSION,
         "rabbitmq_version": RABBITMQ_VERSION,
         "product_name": "Warren",
         "product_version": env!("CARGO_PKG_VERSION"),
-        "topic_permissions": [],
         "parameters": [],
         "global_parameters": [],
-        "policies": [],
+        "policies": policies,
         "queues": queues,
         "exchanges": exchanges,
         "bindings": bindings,
@@ -76,6 +88,9 @@ pub fn export(state: &BrokerState, only_vhost: Option<&str>) -> Value {
         out["users"] = json!(users);
         out["vhosts"] = json!(vhosts);
         out["permissions"] = json!(permissions);
+        out["topic_permissions"] = json!(topic_permissions);
+    } else {
+        out["topic_permissions"] = json!([]);
     }
     out
 }
@@ -167,11 +182,27 @@ struct Definitions {
     #[serde(default)]
     permissions: Vec<PermissionRecord>,
     #[serde(default)]
+    topic_permissions: Vec<TopicPermissionRecord>,
+    #[serde(default)]
+    policies: Vec<ImportPolicy>,
+    #[serde(default)]
     exchanges: Vec<ImportExchange>,
     #[serde(default)]
     queues: Vec<ImportQueue>,
     #[serde(default)]
     bindings: Vec<ImportBinding>,
+}
+
+#[derive(Deserialize)]
+struct ImportPolicy {
+    vhost: Option<String>,
+    name: String,
+    pattern: String,
+    #[serde(rename = "apply-to", default)]
+    apply_to: Option<String>,
+    definition: Value,
+    #[serde(default)]
+    priority: i64,
 }
 
 #[derive(Deserialize)]
@@ -305,6 +336,28 @@ pub async fn import(
         state
             .access
             .change(AccessChange::SetPermissions(p))
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    for p in defs.policies {
+        let vhost = into_vhost.or(p.vhost.as_deref()).unwrap_or("/").to_string();
+        let name = p.name.clone();
+        state
+            .set_policy(PolicyRecord {
+                vhost,
+                name: p.name,
+                pattern: p.pattern,
+                apply_to: p.apply_to.unwrap_or_else(|| "all".into()),
+                definition: p.definition,
+                priority: p.priority,
+            })
+            .await
+            .map_err(|e| format!("policy '{name}': {e}"))?;
+    }
+    for t in defs.topic_permissions {
+        state
+            .access
+            .change(AccessChange::SetTopicPermission(t))
             .await
             .map_err(|e| e.to_string())?;
     }

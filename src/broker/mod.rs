@@ -12,6 +12,7 @@ pub mod field_type;
 pub mod json;
 pub mod memory;
 pub mod persist;
+pub mod policy;
 mod recovery;
 pub mod remote;
 pub mod reply_to;
@@ -27,6 +28,7 @@ use crate::auth::{AccessChange, AccessControl, AccessError, VHostRecord};
 use crate::config::Config;
 use crate::connection::sink::{ConnEvent, ConnShared};
 use crate::protocol::{AmqpError, reply::amqp_err};
+use crate::queue::journal::Journal;
 use crate::store::Store;
 pub use exchange::{Binding, Destination, Exchange, ExchangeDef, ExchangeKind};
 pub use vhost::VHost;
@@ -40,6 +42,7 @@ pub struct BrokerState {
     next_id: AtomicU64,
     next_msg_id: Arc<AtomicU64>,
     store: Option<Store>,
+    journal: Option<Journal>,
     /// Memory and disk alarms.
     pub alarms: alarm::ResourceAlarms,
     /// Live direct reply-to consumers (node-wide: a reply may come from any vhost).
@@ -48,7 +51,8 @@ pub struct BrokerState {
     pub access: AccessControl,
     /// Open connections (after connection.open), by id.
     connections: Mutex<HashMap<u64, ConnectionEntry>>,
-    /// Message counters of connections that have ended (see `ConnStats`).
+    /// Message counters of connections that have ended (see `ConnStats`), plus what the
+    /// node did itself on no connection (`count_direct`).
     closed_stats: Mutex<[u64; 10]>,
     /// Connections opened and closed since start (metrics).
     pub connections_opened: AtomicU64,
@@ -123,6 +127,7 @@ impl BrokerState {
             vhosts: RwLock::new(vhosts),
             next_id: AtomicU64::new(1),
             next_msg_id,
+            journal: store.clone().map(Journal::new),
             store,
             alarms,
             access,
@@ -148,6 +153,11 @@ impl BrokerState {
     /// The node's store (None only for brokers started without persistence).
     pub fn store(&self) -> Option<&Store> {
         self.store.as_ref()
+    }
+
+    /// Where publishes and settlements become durable (None without persistence).
+    pub fn journal(&self) -> Option<&Journal> {
+        self.journal.as_ref()
     }
 
     /// An id for a persistent message's stored copy.
@@ -199,6 +209,21 @@ impl BrokerState {
         self.access.change(AccessChange::PutVHost(record)).await?;
         self.ensure_vhost(&name);
         Ok(())
+    }
+
+    /// Stores a policy (validated as RabbitMQ does; the error is RabbitMQ's text).
+    pub async fn set_policy(&self, policy: crate::auth::PolicyRecord) -> Result<(), String> {
+        self.access
+            .change(AccessChange::PutPolicy(policy))
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Deletes a policy.
+    pub async fn clear_policy(&self, vhost: &str, name: &str) -> Result<(), AccessError> {
+        self.access
+            .change(AccessChange::DeletePolicy(vhost.into(), name.into()))
+            .await
     }
 
     /// The vhost `name`, created (empty, with its built-in exchanges) if missing.
@@ -287,6 +312,17 @@ impl BrokerState {
         }
         let mut closed = self.closed_stats.lock().unwrap_or_else(|p| p.into_inner());
         for (total, n) in closed.iter_mut().zip(stats) {
+            *total += n;
+        }
+    }
+
+    /// Counts messages the node handled itself, on no client connection (a publish or
+    /// get through the management API), in the totals (`ConnStats::values` order): in
+    /// RabbitMQ those go through a direct connection's channel, so they show in the
+    /// overview's message_stats and the channel metrics like any client's.
+    pub fn count_direct(&self, stats: [u64; 10]) {
+        let mut totals = self.closed_stats.lock().unwrap_or_else(|p| p.into_inner());
+        for (total, n) in totals.iter_mut().zip(stats) {
             *total += n;
         }
     }

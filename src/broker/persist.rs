@@ -7,11 +7,10 @@
 //! stored bit-exact and reads back. Stores written before this format held JSON, which
 //! cannot carry some of those values; they are still read, and rewritten at recovery.
 
-use amq_protocol::protocol::basic::parse_properties;
 use amq_protocol::types::FieldTable;
 use amq_protocol::types::generation::gen_field_table;
 use amq_protocol::types::parsing::parse_field_table;
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Buf, Bytes};
 use serde::Deserialize;
 
 use super::exchange::{ExchangeDef, ExchangeKind};
@@ -309,62 +308,12 @@ impl StoredDefinition for StoredBinding {
 
 /// Encodes a message for the store.
 pub fn encode_message(m: &Message) -> Bytes {
-    let mut b = BytesMut::with_capacity(
-        16 + m.exchange.len() + m.routing_key.len() + m.raw_properties.len() + m.body.len(),
-    );
-    b.put_u64(m.published_ms);
-    b.put_u8(m.exchange.len() as u8);
-    b.put_slice(m.exchange.as_bytes());
-    b.put_u8(m.routing_key.len() as u8);
-    b.put_slice(m.routing_key.as_bytes());
-    b.put_u32(m.raw_properties.len() as u32);
-    b.put_slice(&m.raw_properties);
-    b.put_slice(&m.body);
-    b.freeze()
+    m.encode()
 }
 
 /// Decodes a stored message (the body stays a slice of the blob).
 pub fn decode_message(blob: &Bytes, store_id: u64) -> Option<Message> {
-    let mut cur = &blob[..];
-    let take_str = |cur: &mut &[u8]| -> Option<String> {
-        if cur.is_empty() {
-            return None;
-        }
-        let n = cur.get_u8() as usize;
-        if cur.len() < n {
-            return None;
-        }
-        // Warren writes only text here; anything else is a damaged blob.
-        let s = std::str::from_utf8(&cur[..n]).ok()?.to_owned();
-        cur.advance(n);
-        Some(s)
-    };
-    if cur.len() < 8 {
-        return None;
-    }
-    let published_ms = cur.get_u64();
-    let exchange = take_str(&mut cur)?;
-    let routing_key = take_str(&mut cur)?;
-    if cur.len() < 4 {
-        return None;
-    }
-    let plen = cur.get_u32() as usize;
-    if cur.len() < plen {
-        return None;
-    }
-    let start = blob.len() - cur.len();
-    let raw_properties = blob.slice(start..start + plen);
-    let body = blob.slice(start + plen..);
-    let (_, properties) = parse_properties(&raw_properties[..]).ok()?;
-    Some(Message {
-        exchange,
-        routing_key,
-        properties,
-        raw_properties,
-        body,
-        store_id: Some(store_id),
-        published_ms,
-    })
+    Message::decode(blob, Some(store_id))
 }
 
 #[cfg(test)]

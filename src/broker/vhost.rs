@@ -13,6 +13,7 @@ use super::exchange::{
 };
 use super::persist::{self, StoredBinding, StoredDefinition, StoredExchange, StoredQueue};
 use crate::protocol::{AmqpError, reply::amqp_err};
+use crate::queue::journal::{Journal, Writes};
 use crate::queue::{DeadLetterRouter, Message, Queue, QueueArgs, QueueDef, QueueStore};
 use crate::store::{Store, StoreOp};
 
@@ -780,23 +781,12 @@ impl VHost {
             }
             targets.push(q);
         }
-        let mut ops = Vec::new();
-        if let Some(id) = msg.store_id {
-            for q in &targets {
-                q.persist_ops(&msg, &mut ops);
-            }
-            if !ops.is_empty() {
-                ops.insert(
-                    0,
-                    StoreOp::PutMessage {
-                        msg_id: id,
-                        blob: persist::encode_message(&msg),
-                    },
-                );
-            }
-        }
+        let mut writes = Writes::default();
+        writes.publish(&targets, &msg);
         let durable = match &self.store {
-            Some(store) if !ops.is_empty() => Some(store.commit(ops)),
+            Some(store) if !writes.is_empty() => {
+                Some(Journal::new(store.clone()).append_wait(writes))
+            }
             _ => None,
         };
         for q in &targets {
@@ -825,34 +815,17 @@ impl VHost {
             !(q.args.overflow == crate::queue::args::Overflow::RejectPublish
                 && q.would_reject(msg.size()))
         });
-        if let (Some(store), Some(id)) = (&self.store, msg.store_id) {
-            let mut ops = Vec::new();
-            for q in &queues {
-                q.persist_ops(&msg, &mut ops);
-            }
-            if !ops.is_empty() {
-                ops.insert(
-                    0,
-                    StoreOp::PutMessage {
-                        msg_id: id,
-                        blob: persist::encode_message(&msg),
-                    },
-                );
-                store.commit(ops).await;
-            }
+        let mut writes = Writes::default();
+        writes.publish(&queues, &msg);
+        if let Some(store) = &self.store
+            && !writes.is_empty()
+        {
+            Journal::new(store.clone()).append_wait(writes).await;
         }
         let mut routed = false;
         for q in &queues {
-            if q.enqueue(msg.clone()) == crate::queue::Enqueued::Rejected {
-                if let (Some(qs), Some(id)) = (q.store(), msg.store_id) {
-                    qs.store.submit(vec![StoreOp::Remove {
-                        queue: qs.key.clone(),
-                        offset: id,
-                    }]);
-                }
-            } else {
-                routed = true;
-            }
+            // A queue that refuses it (lost a race for its last place) removes its copy.
+            routed |= q.enqueue(msg.clone()) != crate::queue::Enqueued::Rejected;
         }
         Ok(routed)
     }

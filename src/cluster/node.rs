@@ -78,12 +78,21 @@ impl ClusterNode {
     pub fn status(&self) -> ClusterStatus {
         ClusterStatus {
             node: self.membership.this_node().name.clone(),
-            members: self
-                .membership
-                .members
-                .iter()
-                .map(|m| m.name.clone())
-                .collect(),
+            members: {
+                // The voters as Raft knows them (a forgotten member is not one); the
+                // configured list until the group has a membership.
+                let mut voters = self.meta.voters();
+                if voters.is_empty() {
+                    voters = self
+                        .membership
+                        .members
+                        .iter()
+                        .map(|m| m.name.clone())
+                        .collect();
+                }
+                voters.sort();
+                voters
+            },
             peers: self.transport.status(),
             metadata_leader: self.meta.leader(),
         }
@@ -107,6 +116,34 @@ impl ClusterNode {
     /// This node's proposer of definition changes (the broker's vhosts submit to it).
     pub fn proposals(&self) -> &Proposals {
         &self.proposals
+    }
+
+    /// `forget_cluster_node`: `name` stops being a member of the metadata group (it must
+    /// be reset before it can join again, as in RabbitMQ).
+    pub async fn forget(&self, name: &str) -> Result<(), String> {
+        let id = self
+            .meta
+            .id_of(name)
+            .ok_or_else(|| format!("{name} is not a cluster node"))?;
+        self.meta
+            .change_members(super::meta::network::MembersChange::Remove(id), None)
+            .await
+    }
+
+    /// `join_cluster`: this node becomes a member again, asking `via` (a member) to add
+    /// it; it catches up as a learner first.
+    pub async fn join(&self, via: &str) -> Result<(), String> {
+        let me = self.membership.this_node().name.clone();
+        let id = self
+            .meta
+            .id_of(&me)
+            .ok_or_else(|| format!("{me} is not in cluster_nodes"))?;
+        if self.meta.id_of(via).is_none() {
+            return Err(format!("{via} is not in cluster_nodes"));
+        }
+        self.meta
+            .change_members(super::meta::network::MembersChange::Add(id, me), Some(via))
+            .await
     }
 
     /// Stops the metadata group and closes every link.

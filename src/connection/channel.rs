@@ -15,7 +15,6 @@ use bytes::{Bytes, BytesMut};
 
 use super::sink::{ChannelLink, ConnEvent, ConnShared, ConnStats};
 use crate::auth::{Permission, ResourceKind};
-use crate::broker::persist;
 use crate::broker::reply_to::PSEUDO_QUEUE;
 use crate::broker::sender_selected;
 use crate::broker::vhost::generated_name;
@@ -24,10 +23,10 @@ use crate::protocol::codec::{ContentHeader, InFrame, encode};
 use crate::protocol::content::{Assembled, ContentAssembly, Progress};
 use crate::protocol::{AmqpError, ReplyCode, reply::amqp_err};
 use crate::queue::args::Overflow;
+use crate::queue::journal::Writes;
 use crate::queue::{
     ConsumerId, ConsumerSpec, Delivery, Enqueued, Message, Offset, Queue, QueueDef,
 };
-use crate::store::StoreOp;
 
 /// Unconfirmed publishes beyond which a confirm-mode publisher counts as not waiting
 /// for its confirms (publishers keep a window of a few hundred or thousand).
@@ -90,10 +89,10 @@ impl Settle {
     }
 }
 
-/// What a tx.commit hands to the store at once, and the enqueues that follow it.
+/// What a tx.commit hands to the journal at once, and the enqueues that follow it.
 #[derive(Debug, Default)]
 struct TxCommit {
-    ops: Vec<StoreOp>,
+    writes: Writes,
     enqueues: Vec<(Vec<Arc<Queue>>, Arc<Message>)>,
 }
 
@@ -141,12 +140,24 @@ pub struct Channel {
     reply_consumer: Option<direct_reply::ReplyConsumer>,
     /// Exchanges this channel may publish to, checked at access-control generation
     /// `.0`: a publish costs a short scan, not a regex match.
-    write_allowed: (u64, Vec<String>),
+    write_allowed: (u64, Vec<PublishGrant>),
 }
 
 /// Most exchanges remembered in a channel's publish-permission cache (as RabbitMQ's
 /// per-channel permission cache).
 const WRITE_CACHE_SIZE: usize = 12;
+
+/// Most routing keys remembered per topic exchange whose keys a topic permission
+/// restricts.
+const TOPIC_KEY_CACHE_SIZE: usize = 16;
+
+/// An exchange this channel may publish to and, when a topic permission restricts its
+/// routing keys, the rule and the keys it already allowed.
+#[derive(Debug)]
+struct PublishGrant {
+    exchange: String,
+    topic: Option<(Arc<crate::auth::TopicRule>, Vec<String>)>,
+}
 
 /// A string-valued argument (`x-dead-letter-exchange`, `alternate-exchange`).
 fn string_arg<'a>(args: &'a amq_protocol::types::FieldTable, key: &str) -> Option<&'a str> {
@@ -210,23 +221,68 @@ impl Channel {
             .check(&self.user, &self.vhost.name, kind, name, permission)
     }
 
-    /// basic.publish: write permission on the exchange, cached per channel until the
-    /// users or permissions change.
-    fn check_publish(&mut self, exchange: &str) -> Result<()> {
+    /// basic.publish: write permission on the exchange and, on a topic exchange with a
+    /// topic permission, on the routing key; cached per channel (exchanges, and the
+    /// routing keys allowed) until the users or permissions change.
+    fn check_publish(&mut self, exchange: &str, routing_key: &str) -> Result<()> {
         let generation = self.broker.access.generation();
         if self.write_allowed.0 != generation {
             self.write_allowed = (generation, Vec::new());
         }
-        if self.write_allowed.1.iter().any(|x| x == exchange) {
+        let at = match self
+            .write_allowed
+            .1
+            .iter()
+            .position(|g| g.exchange == exchange)
+        {
+            Some(at) => at,
+            None => {
+                self.check(ResourceKind::Exchange, exchange, Permission::Write)?;
+                let topic = self.topic_rule(exchange).map(|rule| (rule, Vec::new()));
+                let cache = &mut self.write_allowed.1;
+                if cache.len() >= WRITE_CACHE_SIZE {
+                    cache.remove(0);
+                }
+                cache.push(PublishGrant {
+                    exchange: exchange.to_string(),
+                    topic,
+                });
+                cache.len() - 1
+            }
+        };
+        let Some((rule, keys)) = &mut self.write_allowed.1[at].topic else {
+            return Ok(());
+        };
+        if keys.iter().any(|k| k == routing_key) {
             return Ok(());
         }
-        self.check(ResourceKind::Exchange, exchange, Permission::Write)?;
-        let cache = &mut self.write_allowed.1;
-        if cache.len() >= WRITE_CACHE_SIZE {
-            cache.remove(0);
+        if !rule.allows(true, routing_key) {
+            return Err(crate::auth::AccessControl::topic_refused(
+                &self.user,
+                &self.vhost.name,
+                exchange,
+                routing_key,
+            ));
         }
-        cache.push(exchange.to_string());
+        if keys.len() >= TOPIC_KEY_CACHE_SIZE {
+            keys.remove(0);
+        }
+        keys.push(routing_key.to_string());
         Ok(())
+    }
+
+    /// This user's topic permission on `exchange` when it is a topic exchange (RabbitMQ
+    /// authorises routing keys on topic exchanges only).
+    fn topic_rule(&self, exchange: &str) -> Option<Arc<crate::auth::TopicRule>> {
+        if exchange.is_empty() {
+            return None;
+        }
+        let rule = self
+            .broker
+            .access
+            .topic_rule(&self.user, &self.vhost.name, exchange)?;
+        let x = self.vhost.exchange(exchange).ok()?;
+        (x.def.kind == ExchangeKind::Topic).then_some(rule)
     }
 
     fn send(&self, out: &mut BytesMut, method: AMQPClass) {
@@ -446,7 +502,12 @@ impl Channel {
                 (!d.nowait).then_some(exchange::AMQPMethod::DeleteOk(exchange::DeleteOk {}))
             }
             exchange::AMQPMethod::Bind(b) => {
-                self.check_bind(ResourceKind::Exchange, s(&b.destination), s(&b.source))?;
+                self.check_bind(
+                    ResourceKind::Exchange,
+                    s(&b.destination),
+                    s(&b.source),
+                    s(&b.routing_key),
+                )?;
                 self.vhost.bind_exchange(
                     s(&b.destination),
                     s(&b.source),
@@ -456,7 +517,12 @@ impl Channel {
                 (!b.nowait).then_some(exchange::AMQPMethod::BindOk(exchange::BindOk {}))
             }
             exchange::AMQPMethod::Unbind(b) => {
-                self.check_bind(ResourceKind::Exchange, s(&b.destination), s(&b.source))?;
+                self.check_bind(
+                    ResourceKind::Exchange,
+                    s(&b.destination),
+                    s(&b.source),
+                    s(&b.routing_key),
+                )?;
                 self.vhost.unbind_exchange(
                     s(&b.destination),
                     s(&b.source),
@@ -480,11 +546,29 @@ impl Channel {
     }
 
     /// Binding and unbinding, as RabbitMQ checks them: write on the destination, read on
-    /// the source (the default exchange is refused by the vhost with its own text).
-    fn check_bind(&self, kind: ResourceKind, destination: &str, source: &str) -> Result<()> {
+    /// the source (the default exchange is refused by the vhost with its own text), and
+    /// read on the binding key when the source is a topic exchange with a topic
+    /// permission.
+    fn check_bind(
+        &self,
+        kind: ResourceKind,
+        destination: &str,
+        source: &str,
+        key: &str,
+    ) -> Result<()> {
         self.check(kind, destination, Permission::Write)?;
         if !source.is_empty() && !destination.is_empty() {
             self.check(ResourceKind::Exchange, source, Permission::Read)?;
+            if let Some(rule) = self.topic_rule(source)
+                && !rule.allows(false, key)
+            {
+                return Err(crate::auth::AccessControl::topic_refused(
+                    &self.user,
+                    &self.vhost.name,
+                    source,
+                    key,
+                ));
+            }
         }
         Ok(())
     }
@@ -544,7 +628,12 @@ impl Channel {
             }
             queue::AMQPMethod::Bind(b) => {
                 let name = self.queue_name(s(&b.queue))?;
-                self.check_bind(ResourceKind::Queue, &name, s(&b.exchange))?;
+                self.check_bind(
+                    ResourceKind::Queue,
+                    &name,
+                    s(&b.exchange),
+                    s(&b.routing_key),
+                )?;
                 self.vhost.bind_queue(
                     &name,
                     s(&b.exchange),
@@ -556,7 +645,12 @@ impl Channel {
             }
             queue::AMQPMethod::Unbind(b) => {
                 let name = self.queue_name(s(&b.queue))?;
-                self.check_bind(ResourceKind::Queue, &name, s(&b.exchange))?;
+                self.check_bind(
+                    ResourceKind::Queue,
+                    &name,
+                    s(&b.exchange),
+                    s(&b.routing_key),
+                )?;
                 self.vhost.unbind_queue(
                     &name,
                     s(&b.exchange),
@@ -817,13 +911,7 @@ impl Channel {
     /// Writes a delivery from a queue, or gives it back when its consumer is gone. An
     /// auto-ack delivery's stored copy is settled into `written` (to be submitted once
     /// `out` reached the socket).
-    pub fn deliver(
-        &mut self,
-        d: Delivery,
-        now: Instant,
-        out: &mut BytesMut,
-        written: &mut Vec<StoreOp>,
-    ) {
+    pub fn deliver(&mut self, d: Delivery, now: Instant, out: &mut BytesMut, written: &mut Writes) {
         let live = !self.closing
             && self
                 .consumers
@@ -920,7 +1008,7 @@ impl Channel {
     }
 
     /// Acks, requeues or rejects (dead-letters) deliveries, one call per queue.
-    fn settle(&mut self, taken: Vec<Unacked>, how: Settle, mut ops: Option<&mut Vec<StoreOp>>) {
+    fn settle(&mut self, taken: Vec<Unacked>, how: Settle, mut writes: Option<&mut Writes>) {
         if taken.is_empty() {
             return;
         }
@@ -940,9 +1028,9 @@ impl Channel {
         }
         for (q, offsets) in groups {
             match how {
-                Settle::Requeue => q.requeue(&offsets),
-                Settle::Reject => q.reject(&offsets),
-                Settle::Ack => q.settle(&offsets, ops.as_deref_mut()),
+                Settle::Requeue => q.requeue(offsets),
+                Settle::Reject => q.reject(offsets),
+                Settle::Ack => q.settle(offsets, writes.as_deref_mut()),
             }
         }
     }
@@ -995,19 +1083,19 @@ impl Channel {
                 }
                 for op in settles {
                     if let TxOp::Settle(taken, how) = op {
-                        self.settle(taken.into_values().collect(), how, Some(&mut commit.ops));
+                        self.settle(taken.into_values().collect(), how, Some(&mut commit.writes));
                     }
                 }
-                let store = self.broker.store().cloned();
-                match store {
-                    // A commit with nothing to store still goes through the store when an
-                    // earlier one is in flight: the store answers in order.
-                    Some(store) if !commit.ops.is_empty() || self.tx_commits_in_flight > 0 => {
+                let journal = self.broker.journal().cloned();
+                match journal {
+                    // A commit with nothing to store still goes through the journal when
+                    // an earlier one is in flight: the journal answers in order.
+                    Some(journal) if !commit.writes.is_empty() || self.tx_commits_in_flight > 0 => {
                         self.tx_commits_in_flight += 1;
                         let tx = self.link.conn.tx.clone();
                         let ch = self.id;
-                        store.commit_then(
-                            commit.ops,
+                        journal.append_then(
+                            commit.writes,
                             Box::new(move || {
                                 let _ = tx.send(ConnEvent::TxCommitted(ch));
                             }),
@@ -1100,7 +1188,7 @@ impl Channel {
         else {
             return Ok(());
         };
-        self.check_publish(method.exchange.as_str())?;
+        self.check_publish(method.exchange.as_str(), method.routing_key.as_str())?;
         ConnStats::add(&self.link.conn.stats.published, 1);
         self.rewrite_reply_to(&mut header)?;
         let (cc, without_bcc) = sender_selected::extra_routing_keys(&header.properties)?;
@@ -1209,23 +1297,10 @@ impl Channel {
             self.publish_with_remote(msg, queues, remote, refused);
             return Ok(());
         }
-        let mut ops = Vec::new();
-        if let Some(id) = msg.store_id {
-            for q in &queues {
-                q.persist_ops(&msg, &mut ops);
-            }
-            if !ops.is_empty() {
-                ops.insert(
-                    0,
-                    StoreOp::PutMessage {
-                        msg_id: id,
-                        blob: persist::encode_message(&msg),
-                    },
-                );
-            }
-        }
+        let mut writes = Writes::default();
+        writes.publish(&queues, &msg);
         if let Some(commit) = tx {
-            commit.ops.append(&mut ops);
+            commit.writes.append(writes);
             commit.enqueues.push((queues, msg));
             return Ok(());
         }
@@ -1233,33 +1308,33 @@ impl Channel {
             c.last_seq += 1;
             c.last_seq
         });
-        match (self.broker.store(), seq) {
-            (Some(store), Some(seq)) if !ops.is_empty() => {
+        match (self.broker.journal(), seq) {
+            (Some(journal), Some(seq)) if !writes.is_empty() => {
                 if let Some(c) = &mut self.confirms {
                     c.outstanding.insert(seq);
                     // A publisher in confirm mode that does not wait for its confirms is
                     // held back like one that asks for none (a windowed one never gets here).
-                    if c.outstanding.len() > UNWAITED_CONFIRMS && store.is_congested() {
+                    if c.outstanding.len() > UNWAITED_CONFIRMS && journal.is_congested() {
                         self.link.conn.held_by_store.store(true, Ordering::Relaxed);
                     }
                 }
                 let tx = self.link.conn.tx.clone();
                 let ch = self.id;
-                store.commit_then(
-                    ops,
+                journal.append_then(
+                    writes,
                     Box::new(move || {
                         let _ = tx.send(ConnEvent::Stored(ch, vec![seq]));
                     }),
                 );
             }
-            (Some(store), None) => {
+            (Some(journal), None) => {
                 // Store flow control, for publishers that do not wait for confirms (those
                 // that do are held back by their window): the next publishes wait for the
                 // writer.
-                if !ops.is_empty() && store.is_congested() {
+                if !writes.is_empty() && journal.is_congested() {
                     self.link.conn.held_by_store.store(true, Ordering::Relaxed);
                 }
-                store.submit(ops)
+                journal.append(writes)
             }
             (_, Some(seq)) => {
                 if let Some(c) = &mut self.confirms {
@@ -1274,13 +1349,8 @@ impl Channel {
                 self.link.conn.held_by(q);
             }
             if enqueued == Enqueued::Rejected {
-                // Lost a race with other publishers for the last place: undo its copy.
-                if let (Some(qs), Some(id)) = (q.store(), msg.store_id) {
-                    qs.store.submit(vec![StoreOp::Remove {
-                        queue: qs.key.clone(),
-                        offset: id,
-                    }]);
-                }
+                // Lost a race with other publishers for the last place (the queue
+                // removed its stored copy).
                 // reject-publish and reject-publish-dlx alike: the publisher gets a nack
                 // (the -dlx queue dead-letters the message too).
                 refused = true;
@@ -1328,37 +1398,19 @@ impl Channel {
         let Some(link) = self.broker.cluster_link() else {
             return;
         };
-        let mut ops = Vec::new();
-        if let Some(id) = msg.store_id {
-            for q in &queues {
-                q.persist_ops(&msg, &mut ops);
-            }
-            if !ops.is_empty() {
-                ops.insert(
-                    0,
-                    StoreOp::PutMessage {
-                        msg_id: id,
-                        blob: persist::encode_message(&msg),
-                    },
-                );
-            }
-        }
-        let local = match self.broker.store() {
-            Some(store) if !ops.is_empty() => Some(store.commit(ops)),
+        let mut writes = Writes::default();
+        writes.publish(&queues, &msg);
+        let local = match self.broker.journal() {
+            Some(journal) if !writes.is_empty() => Some(journal.append_wait(writes)),
             _ => None,
         };
         for q in &queues {
+            // A queue that lost a race for its last place removes its copy itself.
             if q.enqueue(msg.clone()) == Enqueued::Rejected {
-                if let (Some(qs), Some(id)) = (q.store(), msg.store_id) {
-                    qs.store.submit(vec![StoreOp::Remove {
-                        queue: qs.key.clone(),
-                        offset: id,
-                    }]);
-                }
                 refused = true;
             }
         }
-        let blob = persist::encode_message(&msg).to_vec();
+        let blob = msg.encode().to_vec();
         let mut answers = Vec::with_capacity(remote.len());
         for (home, names) in remote {
             let (answered, answer) = tokio::sync::oneshot::channel();
@@ -1379,6 +1431,10 @@ impl Channel {
             c.outstanding.insert(c.last_seq);
             c.last_seq
         });
+        // Flow control: a publisher waits while the homes are far behind.
+        if link.forwarder.is_congested() {
+            self.link.conn.held_by_store.store(true, Ordering::Relaxed);
+        }
         let tx = self.link.conn.tx.clone();
         let ch = self.id;
         tokio::spawn(async move {

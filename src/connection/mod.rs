@@ -24,7 +24,7 @@ use tokio::sync::{broadcast, mpsc};
 use crate::broker::{BrokerState, VHost};
 use crate::protocol::codec::{FrameDecoder, InFrame, PROTOCOL_HEADER, encode};
 use crate::protocol::{AmqpError, ReplyCode, reply::amqp_err};
-use crate::store::StoreOp;
+use crate::queue::journal::Writes;
 use channel::Channel;
 use sink::{ConnEvent, ConnShared};
 
@@ -118,7 +118,7 @@ pub struct Connection {
     store_hold: bool,
     /// Removals of stored copies of auto-ack deliveries written into `out`: submitted
     /// once the write succeeded, so that a delivery that never left keeps its copy.
-    written_auto_acks: Vec<StoreOp>,
+    written_auto_acks: Writes,
     /// The node is shutting down (seen while writing).
     shutdown_seen: bool,
     /// An exchange or queue method was handled: its answer waits until the store has
@@ -240,7 +240,7 @@ async fn run<R, W>(
         blocked: false,
         held_since: None,
         store_hold: false,
-        written_auto_acks: Vec::new(),
+        written_auto_acks: Writes::default(),
         shutdown_seen: false,
         definitions_changed: false,
         awaiting_definitions: None,
@@ -416,7 +416,11 @@ impl Connection {
     fn held_back(&mut self) -> bool {
         let by_store = &self.shared.held_by_store;
         self.store_hold = by_store.load(Ordering::Relaxed)
-            && self.broker.store().is_some_and(|s| s.is_congested());
+            && (self.broker.store().is_some_and(|s| s.is_congested())
+                || self
+                    .broker
+                    .cluster_link()
+                    .is_some_and(|l| l.forwarder.is_congested()));
         if !self.store_hold {
             by_store.store(false, Ordering::Relaxed);
         }
@@ -458,9 +462,9 @@ impl Connection {
             self.last_write = Instant::now();
         }
         if !self.written_auto_acks.is_empty()
-            && let Some(store) = self.broker.store()
+            && let Some(journal) = self.broker.journal()
         {
-            store.submit(std::mem::take(&mut self.written_auto_acks));
+            journal.append(std::mem::take(&mut self.written_auto_acks));
         }
         if self.delivered > 0 {
             self.shared
@@ -782,6 +786,7 @@ impl Connection {
                 }
             }
             ConnEvent::Close(reason) => self.close_connection(reason),
+            ConnEvent::CreditBack => {}
             ConnEvent::Reply(ch, tag, msg) => {
                 if let Some(channel) = self.channels.get_mut(&ch) {
                     channel.deliver_reply(&tag, &msg, &mut self.out);

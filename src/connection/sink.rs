@@ -38,6 +38,9 @@ pub enum ConnEvent {
     Close(crate::protocol::AmqpError),
     /// A direct reply-to message for the reply consumer with this tag.
     Reply(u16, Arc<str>, Arc<Message>),
+    /// Channel-wide credit was given back unused: queues waiting for credit may try
+    /// again (the connection kicks them after handling its events).
+    CreditBack,
 }
 
 /// State of a connection that queues may touch.
@@ -169,6 +172,24 @@ impl ConsumerSink for ChannelLink {
                 (limit == 0 || n < limit).then_some(n + 1)
             })
             .is_ok()
+    }
+
+    fn return_credit(&self, no_ack: bool) {
+        if no_ack {
+            return;
+        }
+        self.global_unacked.fetch_sub(1, Ordering::Relaxed);
+        // Another queue may have found the channel full meanwhile and now waits for a
+        // kick: wake the connection, which kicks its waiting queues.
+        let waiting = !self
+            .conn
+            .waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty();
+        if waiting {
+            let _ = self.conn.tx.send(ConnEvent::CreditBack);
+        }
     }
 
     fn deliver(&self, delivery: Delivery) -> Result<(), Delivery> {

@@ -36,9 +36,26 @@ pub struct CtlArgs {
 pub enum CtlCommand {
     /// Node status: versions, listeners, object and message totals, alarms.
     Status,
+    /// Stops the node as SIGTERM does (connections closed with 320 CONNECTION_FORCED,
+    /// the store committed and closed, exit 0) and waits until it has stopped.
+    Stop {
+        /// How long to wait for the node to go away, in seconds.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
     /// The cluster as this node sees it: members, which of them it reaches, the
     /// metadata leader, alarms.
     ClusterStatus,
+    /// Removes a node from the cluster (run on any other member).
+    ForgetClusterNode {
+        /// The node's name (name@host).
+        node: String,
+    },
+    /// Makes this node (the one --url names) a member again, through a member.
+    JoinCluster {
+        /// A member's name (name@host).
+        node: String,
+    },
     /// Queues of the vhost, with the columns asked for (default: name messages).
     ListQueues {
         /// Columns, e.g. name messages messages_ready messages_unacknowledged consumers.
@@ -129,6 +146,50 @@ pub enum CtlCommand {
     },
     /// Permissions in the vhost (-p).
     ListPermissions,
+    /// Sets a user's topic permission on a topic exchange of the vhost (-p): patterns
+    /// over routing keys, `{username}` and `{vhost}` expanded.
+    SetTopicPermissions {
+        /// User name.
+        user: String,
+        /// The topic exchange.
+        exchange: String,
+        /// Routing keys the user may publish with.
+        write: String,
+        /// Binding keys the user may bind with.
+        read: String,
+    },
+    /// Removes a user's topic permissions in the vhost (-p), or only on one exchange.
+    ClearTopicPermissions {
+        /// User name.
+        user: String,
+        /// Only the permission on this exchange.
+        exchange: Option<String>,
+    },
+    /// Topic permissions in the vhost (-p).
+    ListTopicPermissions,
+    /// Sets a policy in the vhost (-p): settings (a JSON object) for the queues and/or
+    /// exchanges whose names match PATTERN.
+    SetPolicy {
+        /// Policy name.
+        name: String,
+        /// Regular expression over queue or exchange names.
+        pattern: String,
+        /// The settings, as JSON, e.g. '{"max-length":1000}'.
+        definition: String,
+        /// Higher wins when several policies match.
+        #[arg(long, default_value_t = 0)]
+        priority: i64,
+        /// queues, exchanges or all.
+        #[arg(long = "apply-to", default_value = "all")]
+        apply_to: String,
+    },
+    /// Deletes a policy of the vhost (-p).
+    ClearPolicy {
+        /// Policy name.
+        name: String,
+    },
+    /// Policies of the vhost (-p).
+    ListPolicies,
     /// Deletes a queue of the vhost.
     DeleteQueue {
         /// Queue name.
@@ -265,6 +326,14 @@ fn execute(api: &Api, vhost: &str, command: CtlCommand) -> Result<String, String
     let v = segment(vhost);
     match command {
         CtlCommand::ClusterStatus => cluster_status(api),
+        CtlCommand::ForgetClusterNode { node } => {
+            api.delete(&format!("/cluster/nodes/{}", segment(&node)), &[])?;
+            Ok(format!("Removing node {node} from the cluster\n"))
+        }
+        CtlCommand::JoinCluster { node } => {
+            api.post("/cluster/join", &serde_json::json!({ "node": node }))?;
+            Ok(format!("Clustering node with {node}\n"))
+        }
         CtlCommand::Status => {
             let o = api.get("/overview")?;
             let alarms = api.get("/health/checks/alarms").unwrap_or(Value::Null);
@@ -449,6 +518,80 @@ fn execute(api: &Api, vhost: &str, command: CtlCommand) -> Result<String, String
                 &[],
             ))
         }
+        CtlCommand::SetTopicPermissions {
+            user,
+            exchange,
+            write,
+            read,
+        } => {
+            api.put(
+                &format!("/topic-permissions/{v}/{}", segment(&user)),
+                &json!({"exchange": exchange, "write": write, "read": read}),
+            )?;
+            Ok(format!(
+                "Setting topic permissions on \"{exchange}\" for user \"{user}\" in vhost \"{vhost}\" ...\n"
+            ))
+        }
+        CtlCommand::ClearTopicPermissions { user, exchange } => {
+            let query = exchange
+                .as_ref()
+                .map(|x| format!("?exchange={}", segment(x)))
+                .unwrap_or_default();
+            api.delete(
+                &format!("/topic-permissions/{v}/{}{query}", segment(&user)),
+                &[],
+            )?;
+            Ok(format!(
+                "Clearing topic permissions for user \"{user}\" in vhost \"{vhost}\" ...\n"
+            ))
+        }
+        CtlCommand::ListTopicPermissions => {
+            let cols: Vec<String> = ["user", "exchange", "write", "read"]
+                .map(String::from)
+                .to_vec();
+            Ok(table(
+                &api.get(&format!("/vhosts/{v}/topic-permissions"))?,
+                &cols,
+                &[],
+            ))
+        }
+        CtlCommand::SetPolicy {
+            name,
+            pattern,
+            definition,
+            priority,
+            apply_to,
+        } => {
+            let definition: Value = serde_json::from_str(&definition)
+                .map_err(|e| format!("the definition is not JSON: {e}"))?;
+            api.put(
+                &format!("/policies/{v}/{}", segment(&name)),
+                &json!({"pattern": pattern, "definition": definition,
+                        "priority": priority, "apply-to": apply_to}),
+            )?;
+            Ok(format!(
+                "Setting policy \"{name}\" for pattern \"{pattern}\" to \"{definition}\" with priority \"{priority}\" for vhost \"{vhost}\" ...\n"
+            ))
+        }
+        CtlCommand::ClearPolicy { name } => {
+            api.delete(&format!("/policies/{v}/{}", segment(&name)), &[])?;
+            Ok(format!(
+                "Clearing policy \"{name}\" on vhost \"{vhost}\" ...\n"
+            ))
+        }
+        CtlCommand::ListPolicies => {
+            let cols: Vec<String> = [
+                "vhost",
+                "name",
+                "pattern",
+                "apply-to",
+                "definition",
+                "priority",
+            ]
+            .map(String::from)
+            .to_vec();
+            Ok(table(&api.get(&format!("/policies/{v}"))?, &cols, &[]))
+        }
         CtlCommand::DeleteQueue {
             name,
             if_unused,
@@ -486,6 +629,26 @@ fn execute(api: &Api, vhost: &str, command: CtlCommand) -> Result<String, String
                 serde_json::from_str(&text).map_err(|e| format!("{path} is not JSON: {e}"))?;
             api.post("/definitions", &defs)?;
             Ok(format!("Imported definitions from \"{path}\"\n"))
+        }
+        CtlCommand::Stop { timeout } => {
+            let node = api.get("/overview")?["node"]
+                .as_str()
+                .map(String::from)
+                .ok_or("the node did not say its name")?;
+            api.post(&format!("/nodes/{}/stop", segment(&node)), &Value::Null)?;
+            // As rabbitmqctl stop: return once the node no longer answers.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(timeout);
+            loop {
+                match api.get("/overview") {
+                    Err(e) if e.starts_with("cannot reach") => break,
+                    _ => {}
+                }
+                if std::time::Instant::now() >= deadline {
+                    return Err(format!("{node} still answers after {timeout} s"));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            Ok(format!("Stopping and halting node {node} ...\n"))
         }
         CtlCommand::CloseConnection { name, reason } => {
             api.delete(

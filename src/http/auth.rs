@@ -22,6 +22,11 @@ impl Caller {
         self.tags.iter().any(|t| t == tag)
     }
 
+    /// Whether the caller's user has this management tag.
+    pub fn has_tag(&self, tag: &str) -> bool {
+        self.has(tag)
+    }
+
     /// Administrators may do anything.
     pub fn is_admin(&self) -> bool {
         self.has("administrator")

@@ -1,7 +1,8 @@
 //! The management HTTP API, RabbitMQ-compatible where tools read it (rabbitmqadmin,
 //! monitoring scripts): axum handlers, each a thin layer over the broker's public
 //! functions, as LavinMQ's http/ controllers. Authentication is HTTP basic against the
-//! node's users; what a caller may see and do follows its tags, as in RabbitMQ.
+//! node's users; what a caller may see and do follows its tags, as in RabbitMQ. The
+//! same listener serves the web UI at `/`.
 
 mod access;
 mod auth;
@@ -9,8 +10,10 @@ mod connections;
 mod error;
 mod filter;
 mod overview;
+mod policies;
 mod resources;
 mod stats;
+mod topic_permissions;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -33,14 +36,37 @@ pub struct Http {
     pub amqp_addrs: Arc<Vec<SocketAddr>>,
     /// Message rates derived from the queues' counters.
     pub rates: Arc<RateSampler>,
+    /// Raised by `warren ctl stop`: the process that runs the node waits on it beside
+    /// SIGTERM and stops the node the same way.
+    pub stop: Arc<tokio::sync::Notify>,
+}
+
+/// The web UI: one page with its script and styles inline (no external assets) that
+/// drives this API from the browser. Like RabbitMQ's, it logs in from
+/// `#/login/<user>/<password>` too.
+const WEB_UI: &str = include_str!("ui.html");
+
+async fn web_ui() -> axum::response::Html<&'static str> {
+    axum::response::Html(WEB_UI)
 }
 
 /// The API's routes.
 pub fn router(http: Http) -> Router {
     Router::new()
+        .route("/", get(web_ui))
+        .route("/index.html", get(web_ui))
         .route("/api/overview", get(overview::overview))
         .route("/api/nodes", get(overview::nodes))
         .route("/api/nodes/{node}", get(overview::node))
+        .route("/api/nodes/{node}/stop", post(overview::stop_node))
+        .route(
+            "/api/cluster/nodes/{node}",
+            axum::routing::delete(overview::forget_cluster_node),
+        )
+        .route(
+            "/api/cluster/join",
+            axum::routing::post(overview::join_cluster),
+        )
         .route("/api/whoami", get(access::whoami))
         .route("/api/aliveness-test/{vhost}", get(overview::aliveness))
         .route("/api/health/checks/alarms", get(overview::alarms))
@@ -72,6 +98,29 @@ pub fn router(http: Http) -> Router {
             get(access::user_permissions),
         )
         .route("/api/permissions", get(access::permissions))
+        .route("/api/policies", get(policies::all))
+        .route("/api/policies/{vhost}", get(policies::of_vhost))
+        .route(
+            "/api/policies/{vhost}/{name}",
+            get(policies::one)
+                .put(policies::put)
+                .delete(policies::delete),
+        )
+        .route("/api/topic-permissions", get(topic_permissions::all))
+        .route(
+            "/api/topic-permissions/{vhost}/{user}",
+            get(topic_permissions::of_user_in_vhost)
+                .put(topic_permissions::put)
+                .delete(topic_permissions::delete),
+        )
+        .route(
+            "/api/vhosts/{vhost}/topic-permissions",
+            get(topic_permissions::of_vhost),
+        )
+        .route(
+            "/api/users/{user}/topic-permissions",
+            get(topic_permissions::of_user),
+        )
         .route(
             "/api/permissions/{vhost}/{user}",
             get(access::permission)

@@ -115,6 +115,47 @@ pub async fn nodes(State(http): State<Http>, headers: HeaderMap) -> Result<Json<
     Ok(Json(Value::Array(list)))
 }
 
+/// DELETE /api/cluster/nodes/{node} (Warren's; `warren ctl forget_cluster_node`): the
+/// node stops being a cluster member.
+pub async fn forget_cluster_node(
+    State(http): State<Http>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    caller(&http.broker, &headers)?.require_admin()?;
+    let link = http
+        .broker
+        .cluster_link()
+        .ok_or_else(|| ApiError::bad_request("this node is not clustered"))?;
+    link.cluster
+        .forget(&name)
+        .await
+        .map_err(ApiError::bad_request)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// POST /api/cluster/join with `{"node": "<member>"}` (Warren's; `warren ctl
+/// join_cluster`): this node becomes a member again through that member.
+pub async fn join_cluster(
+    State(http): State<Http>,
+    headers: HeaderMap,
+    axum::Json(body): axum::Json<Value>,
+) -> Result<Response, ApiError> {
+    caller(&http.broker, &headers)?.require_admin()?;
+    let link = http
+        .broker
+        .cluster_link()
+        .ok_or_else(|| ApiError::bad_request("this node is not clustered"))?;
+    let via = body["node"]
+        .as_str()
+        .ok_or_else(|| ApiError::bad_request("the body names no \"node\""))?;
+    link.cluster
+        .join(via)
+        .await
+        .map_err(ApiError::bad_request)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
 /// GET /api/nodes/{node}.
 pub async fn node(
     State(http): State<Http>,
@@ -126,6 +167,27 @@ pub async fn node(
         return Err(ApiError::not_found());
     }
     Ok(Json(node_json()))
+}
+
+/// POST /api/nodes/{node}/stop (administrators; Warren's own, for `warren ctl stop`):
+/// asks the node to stop as SIGTERM does. The answer (202) goes out before the
+/// listeners close; the caller then waits for the node to go away.
+pub async fn stop_node(
+    State(http): State<Http>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    caller(&http.broker, &headers)?.require_admin()?;
+    if name != node_name() {
+        return Err(ApiError::not_found());
+    }
+    tracing::info!("stop requested through the management API");
+    http.stop.notify_one();
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"node": name, "stopping": true})),
+    )
+        .into_response())
 }
 
 /// GET /api/health/checks/alarms (and local-alarms): 503 while a resource alarm is on.

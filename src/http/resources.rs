@@ -333,6 +333,13 @@ pub async fn publish(
         exchange,
         Permission::Write,
     )?;
+    // As RabbitMQ's direct channel: topic authorisation of the routing key.
+    if !exchange.is_empty() && v.exchange(exchange)?.def.kind == crate::broker::ExchangeKind::Topic
+    {
+        http.broker
+            .access
+            .check_topic(&who.name, &vhost, exchange, routing_key, true)?;
+    }
     let mut props = properties_from_json(&b["properties"]);
     if let Some(mode) = b["delivery_mode"].as_str().and_then(|m| m.parse().ok()) {
         props = props.with_delivery_mode(mode);
@@ -342,6 +349,10 @@ pub async fn publish(
         msg.store_id = Some(http.broker.next_msg_id());
     }
     let routed = v.publish(msg).await?;
+    // As RabbitMQ's API publish (mandatory, confirmed, on its direct channel) counts:
+    // publish and confirm, and return_unroutable when nothing took it.
+    http.broker
+        .count_direct([1, 1, u64::from(!routed), 0, 0, 0, 0, 0, 0, 0]);
     Ok(Json(json!({"routed": routed})))
 }
 
@@ -554,6 +565,17 @@ pub async fn get_messages(
             "payload_encoding": encoding,
         }));
     }
+    // As RabbitMQ's API get (basic.get on its direct channel) counts: get, or
+    // get_no_ack for ack_requeue_false, and redeliver.
+    let n = got.len() as u64;
+    let redelivered = got.iter().filter(|g| g["redelivered"] == true).count() as u64;
+    let (get_ack, get_no_ack) = if ackmode == "ack_requeue_false" {
+        (0, n)
+    } else {
+        (n, 0)
+    };
+    http.broker
+        .count_direct([0, 0, 0, 0, 0, 0, get_ack, get_no_ack, redelivered, 0]);
     match ackmode {
         "ack_requeue_false" => q.settle(&offsets, None),
         "reject_requeue_false" => q.reject(&offsets),

@@ -3,7 +3,8 @@
 //! One `Arc<Message>` is shared by every queue the message was routed to.
 
 use amq_protocol::protocol::BasicProperties;
-use bytes::Bytes;
+use amq_protocol::protocol::basic::parse_properties;
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 /// Milliseconds since the Unix epoch (TTLs and x-death times are wall-clock based, so
 /// that they survive restarts).
@@ -57,6 +58,71 @@ impl Message {
         self.properties.priority().unwrap_or(0)
     }
 
+    /// The message as bytes, for the store and for commands that travel in a log:
+    /// publish time, exchange, routing key, raw properties, body.
+    pub fn encode(&self) -> Bytes {
+        let mut b = BytesMut::with_capacity(
+            16 + self.exchange.len()
+                + self.routing_key.len()
+                + self.raw_properties.len()
+                + self.body.len(),
+        );
+        b.put_u64(self.published_ms);
+        b.put_u8(self.exchange.len() as u8);
+        b.put_slice(self.exchange.as_bytes());
+        b.put_u8(self.routing_key.len() as u8);
+        b.put_slice(self.routing_key.as_bytes());
+        b.put_u32(self.raw_properties.len() as u32);
+        b.put_slice(&self.raw_properties);
+        b.put_slice(&self.body);
+        b.freeze()
+    }
+
+    /// Reads what `encode` wrote (the body stays a slice of the blob); `None` when the
+    /// bytes are damaged.
+    pub fn decode(blob: &Bytes, store_id: Option<u64>) -> Option<Message> {
+        let mut cur = &blob[..];
+        let take_str = |cur: &mut &[u8]| -> Option<String> {
+            if cur.is_empty() {
+                return None;
+            }
+            let n = cur.get_u8() as usize;
+            if cur.len() < n {
+                return None;
+            }
+            // Warren writes only text here; anything else is a damaged blob.
+            let s = std::str::from_utf8(&cur[..n]).ok()?.to_owned();
+            cur.advance(n);
+            Some(s)
+        };
+        if cur.len() < 8 {
+            return None;
+        }
+        let published_ms = cur.get_u64();
+        let exchange = take_str(&mut cur)?;
+        let routing_key = take_str(&mut cur)?;
+        if cur.len() < 4 {
+            return None;
+        }
+        let plen = cur.get_u32() as usize;
+        if cur.len() < plen {
+            return None;
+        }
+        let start = blob.len() - cur.len();
+        let raw_properties = blob.slice(start..start + plen);
+        let body = blob.slice(start + plen..);
+        let (_, properties) = parse_properties(&raw_properties[..]).ok()?;
+        Some(Message {
+            exchange,
+            routing_key,
+            properties,
+            raw_properties,
+            body,
+            store_id,
+            published_ms,
+        })
+    }
+
     /// A bare message, for unit tests of queue logic.
     pub fn for_tests(body: Bytes, published_ms: u64) -> Message {
         Message {
@@ -68,5 +134,42 @@ impl Message {
             store_id: None,
             published_ms,
         }
+    }
+}
+
+/// Two messages are the same when what a client can see of them, their store id and
+/// their publish time are (the parsed properties follow from the raw ones).
+impl PartialEq for Message {
+    fn eq(&self, other: &Message) -> bool {
+        self.store_id == other.store_id
+            && self.published_ms == other.published_ms
+            && self.exchange == other.exchange
+            && self.routing_key == other.routing_key
+            && self.raw_properties == other.raw_properties
+            && self.body == other.body
+    }
+}
+
+/// Serde for a shared message inside a command or an entry: its store id and its
+/// `Message::encode` bytes (a log carries the message, not a pointer to it).
+pub mod codec {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::Message;
+
+    /// Writes the message as (store id, encoded bytes).
+    pub fn serialize<S: Serializer>(msg: &Arc<Message>, s: S) -> Result<S::Ok, S::Error> {
+        (msg.store_id, &msg.encode()[..]).serialize(s)
+    }
+
+    /// Reads what `serialize` wrote.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Arc<Message>, D::Error> {
+        let (store_id, blob) = <(Option<u64>, Vec<u8>)>::deserialize(d)?;
+        Message::decode(&Bytes::from(blob), store_id)
+            .map(Arc::new)
+            .ok_or_else(|| serde::de::Error::custom("damaged message bytes"))
     }
 }

@@ -9,6 +9,7 @@
 //! deadlock.
 
 pub mod args;
+pub mod journal;
 pub mod message;
 pub mod state;
 
@@ -24,7 +25,8 @@ use amq_protocol::types::FieldTable;
 pub use args::QueueArgs;
 pub use message::{Message, now_ms};
 pub use state::{
-    ConsumerId, ConsumerSpec, DeathReason, Effect, Enqueued, Entry, Offset, QueueState,
+    Command, CommandMeta, ConsumerId, ConsumerSpec, DeathReason, Effect, Effects, Enqueued, Entry,
+    Offset, QueueState, Reply,
 };
 
 use crate::protocol::{AmqpError, reply::amqp_err};
@@ -41,7 +43,7 @@ pub struct QueueStore {
 
 impl QueueStore {
     /// The op that removes an entry's stored copy, if it has one.
-    pub fn removal(&self, entry: &Entry) -> Option<StoreOp> {
+    fn removal(&self, entry: &Entry) -> Option<StoreOp> {
         entry.msg.store_id.map(|id| StoreOp::Remove {
             queue: self.key.clone(),
             offset: id,
@@ -69,8 +71,10 @@ pub struct Delivery {
 pub trait ConsumerSink: Send + Sync + std::fmt::Debug {
     /// Whether the channel can take one more delivery now (channel-wide prefetch and
     /// socket backlog). A true answer reserves the channel-wide credit for a delivery
-    /// that follows at once.
+    /// that follows at once, or that `return_credit` gives back.
     fn has_credit(&self, no_ack: bool) -> bool;
+    /// Gives back credit that `has_credit` reserved and no delivery used.
+    fn return_credit(&self, no_ack: bool);
     /// Takes a delivery; gives it back when the channel is gone.
     fn deliver(&self, delivery: Delivery) -> Result<(), Delivery>;
     /// The queue went away: the consumer is cancelled by the broker.
@@ -133,8 +137,13 @@ struct Inner {
     state: QueueState,
     consumers: HashMap<ConsumerId, Registered>,
     had_consumer: bool,
-    deleted: bool,
     last_used_ms: u64,
+    /// Store records of the commands applied under the current lock, handed to the
+    /// store as one request before the lock is released (`flush`).
+    store_ops: Vec<StoreOp>,
+    /// Reused buffers of the delivery path (no allocation per message).
+    effects: Effects,
+    granted: Vec<ConsumerId>,
     /// Publishes left before `enqueue` looks at the consumers again (queue flow control).
     flow_check_in: u32,
     /// Message counters for the management API and metrics, bumped under the lock the
@@ -221,26 +230,41 @@ pub struct QueueCounts {
     pub consumers: u32,
 }
 
-struct SinkCredit<'a> {
-    consumers: &'a HashMap<ConsumerId, Registered>,
-    me: &'a Weak<Queue>,
+/// Dead letters gathered under the lock, handled after it is released.
+type Dead = Vec<(Entry, DeathReason)>;
+
+/// Offsets to settle, reject or requeue: a list the caller gives away moves into the
+/// command as it is; a borrowed one is copied.
+pub trait OffsetList {
+    /// The offsets as an owned list.
+    fn into_vec(self) -> Vec<Offset>;
 }
 
-impl state::Credit for SinkCredit<'_> {
-    fn has_credit(&mut self, consumer: ConsumerId) -> bool {
-        match self.consumers.get(&consumer) {
-            Some(r) if r.sink.has_credit(r.no_ack) => true,
-            Some(r) => {
-                r.sink.wait_for_credit(self.me.clone());
-                false
-            }
-            None => false,
-        }
+impl OffsetList for Vec<Offset> {
+    fn into_vec(self) -> Vec<Offset> {
+        self
     }
 }
 
-/// Dead letters gathered under the lock, handled after it is released.
-type Dead = Vec<(Entry, DeathReason)>;
+impl OffsetList for &[Offset] {
+    fn into_vec(self) -> Vec<Offset> {
+        self.to_vec()
+    }
+}
+
+impl OffsetList for &Vec<Offset> {
+    fn into_vec(self) -> Vec<Offset> {
+        self.clone()
+    }
+}
+
+/// The outcome in an `Enqueue`'s reply.
+fn enqueued(reply: Reply) -> Enqueued {
+    match reply {
+        Reply::Enqueued(e) => e,
+        _ => Enqueued::Rejected,
+    }
+}
 
 impl Queue {
     /// A new, empty queue. `args` must come from `QueueArgs::parse(&def.arguments)`.
@@ -257,8 +281,10 @@ impl Queue {
                 state: QueueState::new(args.clone()),
                 consumers: HashMap::new(),
                 had_consumer: false,
-                deleted: false,
                 last_used_ms: now_ms(),
+                store_ops: Vec::new(),
+                effects: Effects::new(),
+                granted: Vec::new(),
                 flow_check_in: 0,
                 counters: MessageCounters::default(),
             }),
@@ -284,7 +310,7 @@ impl Queue {
     /// Store ops that add a persistent message to this queue (none when transient or
     /// the queue is not durable). They must reach the store before the message is
     /// enqueued in memory, so that an ack can never overtake them.
-    pub fn persist_ops(&self, msg: &Message, ops: &mut Vec<StoreOp>) -> bool {
+    fn persist_ops(&self, msg: &Message, ops: &mut Vec<StoreOp>) -> bool {
         match (&self.store, msg.store_id) {
             (Some(qs), Some(id)) if msg.is_persistent() => {
                 ops.push(StoreOp::Enqueue {
@@ -313,25 +339,27 @@ impl Queue {
         let mut dead = Dead::new();
         let result = {
             let mut inner = self.lock();
-            if inner.deleted {
-                // Routed just before a delete: the delete's purge may already be in the
-                // store ahead of this message's entry, so take the entry out again.
-                if let (Some(qs), Some(id)) = (&self.store, msg.store_id)
-                    && msg.is_persistent()
-                {
-                    qs.store.submit(vec![StoreOp::Remove {
-                        queue: qs.key.clone(),
-                        offset: id,
-                    }]);
-                }
-                return Enqueued::Accepted(0);
+            if inner.state.is_deleted() {
+                // Only its stored copy goes (`Command::Enqueue` on a deleted queue).
+                let reply = self.exec(&mut inner, Command::Enqueue(msg), &mut dead, None);
+                self.flush(&mut inner);
+                return enqueued(reply);
             }
-            let mut effects = Vec::new();
-            let result = inner.state.enqueue(msg, &mut effects);
-            if result != Enqueued::Rejected {
+            let stored = self.store.is_some() && msg.store_id.is_some() && msg.is_persistent();
+            let id = msg.store_id;
+            let result = enqueued(self.exec(&mut inner, Command::Enqueue(msg), &mut dead, None));
+            if result == Enqueued::Rejected {
+                // Lost a race with other publishers for the last place: the copy its
+                // publish stored for this queue goes again.
+                if let (true, Some(qs), Some(offset)) = (stored, &self.store, id) {
+                    inner.store_ops.push(StoreOp::Remove {
+                        queue: qs.key.clone(),
+                        offset,
+                    });
+                }
+            } else {
                 inner.counters.publish += 1;
             }
-            self.apply(&mut inner, effects, &mut dead);
             self.run(&mut inner, &mut dead);
             let congested = self.check_congestion(&mut inner);
             self.congested.store(congested, Ordering::Relaxed);
@@ -354,7 +382,7 @@ impl Queue {
     /// Looks again whether the queue is congested.
     pub fn still_congested(&self) -> bool {
         let inner = self.lock();
-        let congested = !inner.deleted && Self::is_congested(&inner);
+        let congested = !inner.state.is_deleted() && Self::is_congested(&inner);
         self.congested.store(congested, Ordering::Relaxed);
         congested
     }
@@ -385,9 +413,18 @@ impl Queue {
 
     /// Puts back a recovered entry.
     pub fn restore(&self, offset: Offset, msg: Arc<Message>, delivered: bool, delivery_count: u32) {
-        self.lock()
-            .state
-            .restore(offset, msg, delivered, delivery_count);
+        let mut dead = Dead::new();
+        let cmd = Command::Restore {
+            offset,
+            msg,
+            delivered,
+            delivery_count,
+        };
+        let mut inner = self.lock();
+        self.exec(&mut inner, cmd, &mut dead, None);
+        self.flush(&mut inner);
+        drop(inner);
+        self.bury(dead);
     }
 
     /// Retries delivery (credit came back).
@@ -406,12 +443,11 @@ impl Queue {
         let mut dead = Dead::new();
         let expired_queue = {
             let mut inner = self.lock();
-            if inner.deleted {
+            if inner.state.is_deleted() {
                 return false;
             }
-            let mut effects = Vec::new();
-            inner.state.expire(now, &mut effects);
-            self.apply(&mut inner, effects, &mut dead);
+            self.exec_at(&mut inner, now, Command::Expire, &mut dead, None);
+            self.flush(&mut inner);
             self.args.expires.is_some_and(|ttl| {
                 inner.consumers.is_empty() && now.saturating_sub(inner.last_used_ms) >= ttl
             })
@@ -425,21 +461,79 @@ impl Queue {
         self.lock().last_used_ms = now_ms();
     }
 
-    /// Carries out effects other than deliveries (which `run` does).
-    fn apply(&self, inner: &mut Inner, effects: Vec<Effect>, dead: &mut Dead) {
-        // The store records of one delivery run go to the writer as one request.
-        let mut ops = Vec::new();
-        for effect in effects {
+    /// Applies one command to the queue's state at the current time and carries out
+    /// its effects (see `exec_at`).
+    fn exec(
+        &self,
+        inner: &mut Inner,
+        cmd: Command,
+        dead: &mut Dead,
+        removals: Option<&mut Vec<StoreOp>>,
+    ) -> Reply {
+        self.exec_at(inner, now_ms(), cmd, dead, removals)
+    }
+
+    /// Hands the store records gathered under the lock to the store, as one request.
+    fn flush(&self, inner: &mut Inner) {
+        if let Some(qs) = &self.store
+            && !inner.store_ops.is_empty()
+        {
+            qs.store.submit(std::mem::take(&mut inner.store_ops));
+        }
+    }
+
+    /// Applies one command to the queue's state (the only way it changes) and carries
+    /// out its effects: deliveries go to the consumers' channels, dead letters into
+    /// `dead` (routed once the lock is released), and store records into
+    /// `Inner::store_ops` (for `flush`); the removals of acked messages go into
+    /// `removals` instead when the caller gathers them (a transaction).
+    fn exec_at(
+        &self,
+        inner: &mut Inner,
+        time_ms: u64,
+        cmd: Command,
+        dead: &mut Dead,
+        mut removals: Option<&mut Vec<StoreOp>>,
+    ) -> Reply {
+        let meta = CommandMeta {
+            index: inner.state.last_index() + 1,
+            time_ms,
+        };
+        let mut effects = std::mem::take(&mut inner.effects);
+        let reply = inner.state.apply_into(&meta, cmd, &mut effects);
+        let mut ops = std::mem::take(&mut inner.store_ops);
+        for effect in effects.drain(..) {
             match effect {
                 Effect::DeadLetter { entry, reason } => dead.push((entry, reason)),
                 Effect::Deliver { consumer, entry } => {
                     self.hand_over(inner, consumer, entry, &mut ops)
                 }
+                Effect::Forget { entry } => {
+                    let op = self.store.as_ref().and_then(|qs| qs.removal(&entry));
+                    match removals.as_deref_mut() {
+                        Some(removals) => removals.extend(op),
+                        None => ops.extend(op),
+                    }
+                }
+                Effect::ForgetAll => {
+                    if let Some(qs) = &self.store {
+                        ops.push(StoreOp::PurgeQueue {
+                            queue: qs.key.clone(),
+                        });
+                        ops.push(StoreOp::DeleteDefinition {
+                            key: qs.key.clone(),
+                        });
+                    }
+                }
             }
         }
-        if let Some(qs) = &self.store {
-            qs.store.submit(ops);
+        inner.effects = effects;
+        if self.store.is_some() {
+            // (A nested command, a delivery coming back, may have added records too.)
+            ops.append(&mut inner.store_ops);
+            inner.store_ops = ops;
         }
+        reply
     }
 
     fn hand_over(
@@ -450,16 +544,13 @@ impl Queue {
         ops: &mut Vec<StoreOp>,
     ) {
         let Some(me) = self.me.upgrade() else { return };
-        let Inner {
-            state,
-            consumers,
-            counters,
-            ..
-        } = inner;
-        let Some(r) = consumers.get(&consumer) else {
-            state.return_undelivered(entry);
+        let Some(r) = inner.consumers.get(&consumer) else {
+            let mut dead = Dead::new();
+            self.exec(inner, Command::ReturnUndelivered(entry), &mut dead, None);
+            debug_assert!(dead.is_empty(), "a return dead-letters nothing");
             return;
         };
+        let counters = &mut inner.counters;
         // An auto-ack delivery keeps its stored copy until its channel has written it
         // (`settle_written_auto_ack`): it may yet come back unwritten.
         if !r.no_ack {
@@ -479,7 +570,14 @@ impl Queue {
             no_ack: r.no_ack,
         };
         if let Err(back) = r.sink.deliver(delivery) {
-            state.return_undelivered(back.entry);
+            let mut dead = Dead::new();
+            self.exec(
+                inner,
+                Command::ReturnUndelivered(back.entry),
+                &mut dead,
+                None,
+            );
+            debug_assert!(dead.is_empty(), "a return dead-letters nothing");
         }
     }
 
@@ -495,23 +593,61 @@ impl Queue {
         })
     }
 
+    /// Delivers while consumers have credit: each round asks the consumers' channels
+    /// for credit (channel-wide prefetch, socket backlog), in the order the queue would
+    /// serve them and no more than there are ready messages, and hands the grants to the
+    /// state machine as a `Command::Credit`; unused grants are given back.
     fn run(&self, inner: &mut Inner, dead: &mut Dead) {
-        if inner.consumers.is_empty() || inner.state.ready_count() == 0 {
-            return;
+        self.deliver_rounds(inner, dead);
+        self.flush(inner);
+    }
+
+    fn deliver_rounds(&self, inner: &mut Inner, dead: &mut Dead) {
+        loop {
+            if inner.consumers.is_empty() || inner.state.ready_count() == 0 {
+                return;
+            }
+            let mut granted = std::mem::take(&mut inner.granted);
+            granted.clear();
+            {
+                let Inner {
+                    state, consumers, ..
+                } = &*inner;
+                let want = state.ready_count();
+                let mut group = None;
+                for spec in state.credit_candidates() {
+                    if granted.len() >= want || group.is_some_and(|g| g != spec.priority) {
+                        break;
+                    }
+                    let Some(r) = consumers.get(&spec.id) else {
+                        continue;
+                    };
+                    if r.sink.has_credit(r.no_ack) {
+                        granted.push(spec.id);
+                        group = Some(spec.priority);
+                    } else {
+                        r.sink.wait_for_credit(self.me.clone());
+                    }
+                }
+            }
+            if granted.is_empty() {
+                inner.granted = granted;
+                return;
+            }
+            let reply = self.exec(inner, Command::Credit { granted }, dead, None);
+            let Reply::Credited { delivered, unused } = reply else {
+                return;
+            };
+            for id in &unused {
+                if let Some(r) = inner.consumers.get(id) {
+                    r.sink.return_credit(r.no_ack);
+                }
+            }
+            inner.granted = unused;
+            if delivered == 0 {
+                return;
+            }
         }
-        let mut effects = Vec::new();
-        let Inner {
-            state, consumers, ..
-        } = inner;
-        state.deliver(
-            now_ms(),
-            &mut SinkCredit {
-                consumers,
-                me: &self.me,
-            },
-            &mut effects,
-        );
-        self.apply(inner, effects, dead);
     }
 
     /// Dead letters go to the router (with their store removals), or are dropped.
@@ -524,7 +660,12 @@ impl Queue {
             Some(router) if self.args.dead_letter_exchange.is_some() => {
                 router.dead_letter(self, dead)
             }
-            _ => self.forget(dead.iter().map(|(e, _)| e), None),
+            _ => {
+                if let Some(qs) = &self.store {
+                    qs.store
+                        .submit(dead.iter().filter_map(|(e, _)| qs.removal(e)).collect());
+                }
+            }
         }
     }
 
@@ -540,7 +681,7 @@ impl Queue {
         let mut dead = Dead::new();
         {
             let mut inner = self.lock();
-            if inner.deleted {
+            if inner.state.is_deleted() {
                 return Err(amqp_err!(
                     NotFound,
                     "no queue '{}' in vhost '{}'",
@@ -571,7 +712,7 @@ impl Queue {
             );
             inner.had_consumer = true;
             inner.last_used_ms = now_ms();
-            inner.state.add_consumer(spec);
+            self.exec(&mut inner, Command::AddConsumer(spec), &mut dead, None);
             self.run(&mut inner, &mut dead);
         }
         self.bury(dead);
@@ -585,72 +726,80 @@ impl Queue {
         let delete = {
             let mut inner = self.lock();
             inner.consumers.remove(&consumer);
-            inner.state.remove_consumer(consumer);
+            self.exec(
+                &mut inner,
+                Command::RemoveConsumer(consumer),
+                &mut dead,
+                None,
+            );
             inner.last_used_ms = now_ms();
             self.run(&mut inner, &mut dead);
             self.def.auto_delete
                 && inner.had_consumer
                 && inner.consumers.is_empty()
-                && !inner.deleted
+                && !inner.state.is_deleted()
         };
         self.bury(dead);
         delete
     }
 
-    /// Acks delivered messages. The store removals go into `ops` when given (a
+    /// Acks delivered messages. Their removals go into `writes` when given (a
     /// transaction), else straight to the store.
-    pub fn settle(&self, offsets: &[Offset], ops: Option<&mut Vec<StoreOp>>) {
+    pub fn settle(&self, offsets: impl OffsetList, writes: Option<&mut journal::Writes>) {
         let mut dead = Dead::new();
         {
             let mut inner = self.lock();
-            let removed = inner.state.settle(offsets);
-            inner.counters.ack += removed.len() as u64;
-            self.forget(removed.iter(), ops);
+            let ops = writes.map(|w| w.ops());
+            let reply = self.exec(
+                &mut inner,
+                Command::Settle(offsets.into_vec()),
+                &mut dead,
+                ops,
+            );
+            if let Reply::Settled(n) = reply {
+                inner.counters.ack += n as u64;
+            }
             self.run(&mut inner, &mut dead);
         }
         self.bury(dead);
     }
 
     /// basic.reject / nack without requeue: dead-letters (or drops) the messages.
-    pub fn reject(&self, offsets: &[Offset]) {
+    pub fn reject(&self, offsets: impl OffsetList) {
         let mut dead = Dead::new();
         {
             let mut inner = self.lock();
-            let mut effects = Vec::new();
-            inner.state.reject(offsets, &mut effects);
-            self.apply(&mut inner, effects, &mut dead);
+            self.exec(
+                &mut inner,
+                Command::Reject(offsets.into_vec()),
+                &mut dead,
+                None,
+            );
             self.run(&mut inner, &mut dead);
         }
         self.bury(dead);
     }
 
-    /// Removes the stored copies of entries that left the queue.
-    fn forget<'a>(&self, entries: impl Iterator<Item = &'a Entry>, ops: Option<&mut Vec<StoreOp>>) {
-        let Some(qs) = &self.store else { return };
-        let removals = entries.filter_map(|e| qs.removal(e));
-        match ops {
-            Some(ops) => ops.extend(removals),
-            None => qs.store.submit(removals.collect()),
-        }
-    }
-
     /// Returns delivered messages to their place, marked redelivered.
-    pub fn requeue(&self, offsets: &[Offset]) {
+    pub fn requeue(&self, offsets: impl OffsetList) {
         let mut dead = Dead::new();
         {
             let mut inner = self.lock();
-            let mut effects = Vec::new();
-            inner.state.requeue(offsets, &mut effects);
-            self.apply(&mut inner, effects, &mut dead);
+            self.exec(
+                &mut inner,
+                Command::Requeue(offsets.into_vec()),
+                &mut dead,
+                None,
+            );
             self.run(&mut inner, &mut dead);
         }
         self.bury(dead);
     }
 
     /// An auto-ack delivery was written to its consumer's socket: its stored copy goes
-    /// (the op is added to `ops`, which the connection submits after the write).
-    pub fn settle_written_auto_ack(&self, entry: &Entry, ops: &mut Vec<StoreOp>) {
-        ops.extend(self.delivery_record(entry, true));
+    /// (added to `writes`, which the connection hands to the journal after the write).
+    pub fn settle_written_auto_ack(&self, entry: &Entry, writes: &mut journal::Writes) {
+        writes.ops().extend(self.delivery_record(entry, true));
     }
 
     /// A delivery that never reached its client goes back unchanged.
@@ -658,10 +807,15 @@ impl Queue {
         let mut dead = Dead::new();
         {
             let mut inner = self.lock();
-            if inner.deleted {
+            if inner.state.is_deleted() {
                 return;
             }
-            inner.state.return_undelivered(entry);
+            self.exec(
+                &mut inner,
+                Command::ReturnUndelivered(entry),
+                &mut dead,
+                None,
+            );
             self.run(&mut inner, &mut dead);
         }
         self.bury(dead);
@@ -673,10 +827,11 @@ impl Queue {
         let got = {
             let mut inner = self.lock();
             inner.last_used_ms = now_ms();
-            let mut effects = Vec::new();
-            let entry = inner.state.get(now_ms(), no_ack, &mut effects);
-            self.apply(&mut inner, effects, &mut dead);
-            entry.map(|entry| {
+            let got = match self.exec(&mut inner, Command::Get { no_ack }, &mut dead, None) {
+                Reply::Got(got) => got,
+                _ => None,
+            };
+            let got = got.map(|(entry, left)| {
                 let c = &mut inner.counters;
                 if no_ack {
                     c.get_no_ack += 1;
@@ -684,11 +839,11 @@ impl Queue {
                     c.get += 1;
                 }
                 c.redeliver += u64::from(entry.redelivered);
-                if let (Some(qs), Some(op)) = (&self.store, self.delivery_record(&entry, no_ack)) {
-                    qs.store.submit(vec![op]);
-                }
-                (entry, inner.state.ready_count() as u32)
-            })
+                inner.store_ops.extend(self.delivery_record(&entry, no_ack));
+                (entry, left)
+            });
+            self.flush(&mut inner);
+            got
         };
         self.bury(dead);
         got
@@ -696,9 +851,16 @@ impl Queue {
 
     /// queue.purge: drops ready messages, returns how many.
     pub fn purge(&self) -> usize {
-        let removed = self.lock().state.purge();
-        self.forget(removed.iter(), None);
-        removed.len()
+        let mut dead = Dead::new();
+        let mut inner = self.lock();
+        let reply = self.exec(&mut inner, Command::Purge, &mut dead, None);
+        self.flush(&mut inner);
+        drop(inner);
+        self.bury(dead);
+        match reply {
+            Reply::Purged(n) => n,
+            _ => 0,
+        }
     }
 
     /// Counts for declare-ok and friends. Messages already expired at the head are
@@ -707,9 +869,8 @@ impl Queue {
         let mut dead = Dead::new();
         let counts = {
             let mut inner = self.lock();
-            let mut effects = Vec::new();
-            inner.state.expire(now_ms(), &mut effects);
-            self.apply(&mut inner, effects, &mut dead);
+            self.exec(&mut inner, Command::Expire, &mut dead, None);
+            self.flush(&mut inner);
             QueueCounts {
                 messages: inner.state.ready_count() as u32,
                 consumers: inner.consumers.len() as u32,
@@ -774,29 +935,24 @@ impl Queue {
 
     /// Marks the queue deleted and cancels its consumers; returns the message count.
     pub fn mark_deleted(&self) -> u32 {
+        let mut dead = Dead::new();
         let mut inner = self.lock();
-        inner.deleted = true;
-        let count = inner.state.ready_count() as u32;
         for (_, c) in inner.consumers.drain() {
             c.sink.cancelled(c.tag.clone());
         }
-        inner.state.purge();
-        if let Some(qs) = &self.store {
-            qs.store.submit(vec![
-                StoreOp::PurgeQueue {
-                    queue: qs.key.clone(),
-                },
-                StoreOp::DeleteDefinition {
-                    key: qs.key.clone(),
-                },
-            ]);
+        let reply = self.exec(&mut inner, Command::Delete, &mut dead, None);
+        self.flush(&mut inner);
+        drop(inner);
+        self.bury(dead);
+        match reply {
+            Reply::Purged(n) => n as u32,
+            _ => 0,
         }
-        count
     }
 
     /// Whether the queue has been deleted.
     pub fn is_deleted(&self) -> bool {
-        self.lock().deleted
+        self.lock().state.is_deleted()
     }
 }
 
@@ -817,6 +973,7 @@ mod tests {
         fn has_credit(&self, _: bool) -> bool {
             false
         }
+        fn return_credit(&self, _: bool) {}
         fn deliver(&self, delivery: Delivery) -> Result<(), Delivery> {
             Err(delivery)
         }

@@ -1,14 +1,20 @@
-//! The queue as a pure state machine, in the shape of RabbitMQ's `rabbit_fifo`: every
-//! change is a method call on `QueueState` that mutates it and pushes the resulting
-//! side effects (deliveries, dead letters) into an `Effects` list for the caller to carry
-//! out. It never touches sockets, tasks, clocks or the store (time is an input), which is
-//! what will let the same code run under a Raft log for replicated queues.
+//! The queue as a deterministic state machine, in the shape of RabbitMQ's `rabbit_fifo`:
+//! every change of a queue is a `Command` value applied by one function,
+//! `QueueState::apply(meta, command) -> (Reply, Effects)`. The side effects (deliveries,
+//! dead letters, store removals) come back as data for the host (`Queue`) to carry out.
+//! `apply` reads no clock, socket, random number or counter of its own: time and log
+//! index come in `CommandMeta`, ids and consumer credit come in the command. So the same
+//! commands in the same order give the same state anywhere, which is what lets a Raft log
+//! drive a replicated queue with this very code. Commands are serde values for that log.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, DefaultHasher};
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
+
 use super::args::{Overflow, QueueArgs};
-use super::message::Message;
+use super::message::{Message, codec};
 
 /// Position of a message in its queue: increases with every enqueue, so that a requeued
 /// message goes back to its original place.
@@ -18,11 +24,12 @@ pub type Offset = u64;
 pub type ConsumerId = u64;
 
 /// A message in the queue.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Entry {
     /// Its place.
     pub offset: Offset,
     /// The message.
+    #[serde(with = "codec")]
     pub msg: Arc<Message>,
     /// Delivered before (the redelivered flag).
     pub redelivered: bool,
@@ -35,7 +42,7 @@ pub struct Entry {
 }
 
 /// Why a message is dead-lettered (the x-death `reason`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DeathReason {
     /// basic.reject / basic.nack with requeue=false.
     Rejected,
@@ -59,10 +66,11 @@ impl DeathReason {
     }
 }
 
-/// What the state machine asks the caller to do.
-#[derive(Debug)]
+/// What the state machine asks its host to do.
+#[derive(Debug, PartialEq)]
 pub enum Effect {
-    /// Send this entry to this consumer.
+    /// Send this entry to this consumer. A stored message handed to a consumer that
+    /// acks is recorded as delivered (so that a crash brings it back redelivered).
     Deliver {
         /// Receiving consumer.
         consumer: ConsumerId,
@@ -70,20 +78,28 @@ pub enum Effect {
         entry: Entry,
     },
     /// The entry left the queue for this reason: dead-letter it (or drop it when the
-    /// queue has no dead-letter exchange).
+    /// queue has no dead-letter exchange), and remove its stored copy.
     DeadLetter {
         /// The entry.
         entry: Entry,
         /// Why.
         reason: DeathReason,
     },
+    /// The entry left the queue for good (acked, purged, or enqueued into a deleted
+    /// queue): remove its stored copy.
+    Forget {
+        /// The entry.
+        entry: Entry,
+    },
+    /// The queue was deleted: remove every stored entry of it and its definition.
+    ForgetAll,
 }
 
 /// Effects of one command.
 pub type Effects = Vec<Effect>;
 
 /// Outcome of an enqueue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Enqueued {
     /// In the queue at this offset.
     Accepted(Offset),
@@ -92,7 +108,7 @@ pub enum Enqueued {
 }
 
 /// A consumer as the queue sees it: who, how many unacked it may hold.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConsumerSpec {
     /// Identity.
     pub id: ConsumerId,
@@ -104,31 +120,127 @@ pub struct ConsumerSpec {
     pub no_ack: bool,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq)]
 struct ConsumerSlot {
     spec: ConsumerSpec,
     unacked: u32,
 }
 
-/// External limits checked at delivery time (channel-wide prefetch, socket backlog):
-/// the caller answers whether the consumer may take one more message now.
-pub trait Credit {
-    /// May `consumer` be given one more message?
-    fn has_credit(&mut self, consumer: ConsumerId) -> bool;
+impl ConsumerSlot {
+    /// Whether its own prefetch lets it take one more.
+    fn has_room(&self) -> bool {
+        self.spec.prefetch == 0 || self.unacked < self.spec.prefetch
+    }
 }
 
+/// Where and when a command is applied: its index in the queue's log and the time the
+/// log gave it. The only clock the state machine knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct CommandMeta {
+    /// Position of the command in the queue's log (1 for the first).
+    pub index: u64,
+    /// Wall-clock ms at which the command entered the log (TTLs compare with it).
+    pub time_ms: u64,
+}
+
+/// Every change a queue's state can undergo.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Command {
+    /// A publish: append at the tail (or refuse it, or drop the head to make room).
+    Enqueue(#[serde(with = "codec")] Arc<Message>),
+    /// Recovery: put back an entry read from the store, keeping its place, its
+    /// redelivered flag and its delivery count.
+    Restore {
+        /// Its place.
+        offset: Offset,
+        /// The message.
+        #[serde(with = "codec")]
+        msg: Arc<Message>,
+        /// Delivered before the restart.
+        delivered: bool,
+        /// Times it came back before the restart.
+        delivery_count: u32,
+    },
+    /// basic.consume.
+    AddConsumer(ConsumerSpec),
+    /// basic.cancel, or the consumer's channel went away. Its unacked messages stay
+    /// unacked: they belong to its channel, which settles or requeues them.
+    RemoveConsumer(ConsumerId),
+    /// Credit from outside the queue (channel-wide prefetch, socket backlog): each
+    /// consumer named may take one more message now. The queue delivers one round:
+    /// to the highest-priority consumers that are granted and within their own
+    /// prefetch, round-robin, one message each. Unused grants come back in the reply.
+    Credit {
+        /// Consumers granted one message each.
+        granted: Vec<ConsumerId>,
+    },
+    /// basic.ack.
+    Settle(Vec<Offset>),
+    /// basic.reject / basic.nack with requeue=false: the messages are dead-lettered.
+    Reject(Vec<Offset>),
+    /// Requeue (nack, recover, a closed channel): back to their place, redelivered;
+    /// past x-delivery-limit they are dead-lettered instead.
+    Requeue(Vec<Offset>),
+    /// A delivery that never reached its client (its consumer or channel went away
+    /// first) comes back: same place, flag unchanged.
+    ReturnUndelivered(Entry),
+    /// basic.get: takes the head; unless `no_ack` it becomes unacked (no consumer).
+    Get {
+        /// Settled at once.
+        no_ack: bool,
+    },
+    /// Time passed: messages whose TTL ran out by `CommandMeta::time_ms` leave.
+    Expire,
+    /// queue.purge: every ready message goes.
+    Purge,
+    /// queue.delete: the queue is gone; later enqueues are dropped.
+    Delete,
+}
+
+/// The answer to one command.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Reply {
+    /// Nothing to say.
+    Ok,
+    /// Outcome of `Enqueue`.
+    Enqueued(Enqueued),
+    /// `RemoveConsumer`: whether it was there.
+    Removed(bool),
+    /// `Credit`: messages delivered, and the grants left unused (the caller gives that
+    /// credit back).
+    Credited {
+        /// Deliveries made.
+        delivered: usize,
+        /// Consumers granted and not served.
+        unused: Vec<ConsumerId>,
+    },
+    /// `Settle`, `Reject`, `Requeue`: how many of the offsets were unacked here.
+    Settled(usize),
+    /// `Get`: the head and the count of ready messages left, or nothing.
+    Got(Option<(Entry, u32)>),
+    /// `Purge` and `Delete`: ready messages removed.
+    Purged(usize),
+}
+
+/// Delivered, unsettled entries and their consumer (none for basic.get). Hashed with
+/// fixed keys: the state holds no random seed, so replicas are alike bit for bit.
+type Unacked = HashMap<Offset, (Entry, Option<ConsumerId>), BuildHasherDefault<DefaultHasher>>;
+
 /// The state of one queue.
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct QueueState {
     args: QueueArgs,
     /// One FIFO per priority level, highest last.
     ready: Vec<VecDeque<Entry>>,
     ready_count: usize,
     ready_bytes: usize,
-    unacked: HashMap<Offset, (Entry, Option<ConsumerId>)>,
+    unacked: Unacked,
     consumers: Vec<ConsumerSlot>,
     next_consumer: usize,
     next_offset: Offset,
+    deleted: bool,
+    /// Index of the last command applied (commands must come in log order).
+    last_index: u64,
 }
 
 impl Default for QueueState {
@@ -146,11 +258,189 @@ impl QueueState {
             ready: (0..levels).map(|_| VecDeque::new()).collect(),
             ready_count: 0,
             ready_bytes: 0,
-            unacked: HashMap::new(),
+            unacked: Unacked::default(),
             consumers: Vec::new(),
             next_consumer: 0,
             next_offset: 0,
+            deleted: false,
+            last_index: 0,
         }
+    }
+
+    /// Applies one command: the only way the state changes.
+    pub fn apply(&mut self, meta: &CommandMeta, cmd: Command) -> (Reply, Effects) {
+        let mut out = Effects::new();
+        let reply = self.apply_into(meta, cmd, &mut out);
+        (reply, out)
+    }
+
+    /// `apply`, pushing the effects into a buffer the caller reuses (the hot path
+    /// allocates no effect list per message).
+    pub fn apply_into(&mut self, meta: &CommandMeta, cmd: Command, out: &mut Effects) -> Reply {
+        self.last_index = meta.index;
+        let now = meta.time_ms;
+        match cmd {
+            Command::Enqueue(msg) => {
+                if self.deleted {
+                    // Routed just before a delete: the delete's purge may already be in
+                    // the store ahead of this message's entry, so take the entry out again.
+                    let entry = self.new_entry(msg);
+                    out.push(Effect::Forget { entry });
+                    return Reply::Enqueued(Enqueued::Accepted(0));
+                }
+                Reply::Enqueued(self.enqueue(msg, out))
+            }
+            Command::Restore {
+                offset,
+                msg,
+                delivered,
+                delivery_count,
+            } => {
+                self.restore(offset, msg, delivered, delivery_count);
+                Reply::Ok
+            }
+            Command::AddConsumer(spec) => {
+                self.add_consumer(spec);
+                Reply::Ok
+            }
+            Command::RemoveConsumer(id) => Reply::Removed(self.remove_consumer(id)),
+            Command::Credit { mut granted } => {
+                let delivered = self.deliver_round(now, &mut granted, out);
+                Reply::Credited {
+                    delivered,
+                    unused: granted,
+                }
+            }
+            Command::Settle(offsets) => Reply::Settled(self.settle(&offsets, out)),
+            Command::Reject(offsets) => Reply::Settled(self.reject(&offsets, out)),
+            Command::Requeue(offsets) => Reply::Settled(self.requeue(&offsets, out)),
+            Command::ReturnUndelivered(entry) => {
+                self.return_undelivered(entry);
+                Reply::Ok
+            }
+            Command::Get { no_ack } => Reply::Got(self.get(now, no_ack, out).map(|entry| {
+                let left = self.ready_count as u32;
+                (entry, left)
+            })),
+            Command::Expire => {
+                self.expire(now, out);
+                Reply::Ok
+            }
+            Command::Purge => Reply::Purged(self.purge(out)),
+            Command::Delete => {
+                let count = self.ready_count;
+                self.deleted = true;
+                self.consumers.clear();
+                for level in self.ready.iter_mut() {
+                    level.clear();
+                }
+                self.ready_count = 0;
+                self.ready_bytes = 0;
+                out.push(Effect::ForgetAll);
+                Reply::Purged(count)
+            }
+        }
+    }
+
+    /// Checks what must hold after every command: the counters match the ready lists,
+    /// every offset is in one place only (ready or unacked, never twice), ready lists are
+    /// in offset order, consumers hold no more than their unacked messages.
+    #[cfg(test)]
+    pub(super) fn check_invariants(&self) -> Result<(), String> {
+        let mut seen = std::collections::HashSet::new();
+        let mut bytes = 0;
+        let mut count = 0;
+        for level in &self.ready {
+            for pair in level.iter().zip(level.iter().skip(1)) {
+                if pair.0.offset >= pair.1.offset {
+                    return Err(format!("ready out of order at {}", pair.1.offset));
+                }
+            }
+            for e in level {
+                count += 1;
+                bytes += e.msg.size();
+                if e.offset >= self.next_offset {
+                    return Err(format!("offset {} not yet given out", e.offset));
+                }
+                if !seen.insert(e.offset) {
+                    return Err(format!("offset {} ready twice", e.offset));
+                }
+            }
+        }
+        if count != self.ready_count || bytes != self.ready_bytes {
+            return Err(format!(
+                "ready counters {}/{} but lists hold {count}/{bytes}",
+                self.ready_count, self.ready_bytes
+            ));
+        }
+        for offset in self.unacked.keys() {
+            if !seen.insert(*offset) {
+                return Err(format!("offset {offset} both ready and unacked"));
+            }
+        }
+        for slot in &self.consumers {
+            let held = self
+                .unacked
+                .values()
+                .filter(|(_, c)| *c == Some(slot.spec.id))
+                .count();
+            if slot.unacked as usize != held {
+                return Err(format!(
+                    "consumer {} counts {} unacked, holds {held}",
+                    slot.spec.id, slot.unacked
+                ));
+            }
+            if slot.spec.prefetch > 0 && slot.unacked > slot.spec.prefetch {
+                return Err(format!("consumer {} over its prefetch", slot.spec.id));
+            }
+        }
+        if self.deleted && (self.ready_count > 0 || !self.consumers.is_empty()) {
+            return Err("a deleted queue holds messages or consumers".into());
+        }
+        Ok(())
+    }
+
+    /// Whether `Delete` was applied.
+    pub fn is_deleted(&self) -> bool {
+        self.deleted
+    }
+
+    /// Index of the last command applied.
+    pub fn last_index(&self) -> u64 {
+        self.last_index
+    }
+
+    /// The consumers that a `Credit` round could serve now, with their priority, in the
+    /// order the round would serve them (highest priority first, round-robin within):
+    /// the host asks their channels for credit in this order.
+    /// Lazy, so that a host that has its grants stops looking (a queue may have
+    /// hundreds of consumers).
+    pub fn credit_candidates(&self) -> impl Iterator<Item = &ConsumerSpec> + '_ {
+        let n = if self.args.single_active_consumer {
+            self.consumers.len().min(1)
+        } else {
+            self.consumers.len()
+        };
+        let consumers = &self.consumers[..n];
+        (0..n)
+            .filter(move |&i| {
+                i == 0 || consumers[i].spec.priority != consumers[i - 1].spec.priority
+            })
+            .flat_map(move |start| {
+                let width = self.group_end(start).min(n) - start;
+                (0..width).map(move |step| &consumers[start + (self.next_consumer + step) % width])
+            })
+            .filter(|slot| slot.has_room())
+            .map(|slot| &slot.spec)
+    }
+
+    /// End of the priority group that starts at `start`.
+    fn group_end(&self, start: usize) -> usize {
+        let priority = self.consumers[start].spec.priority;
+        self.consumers[start..]
+            .iter()
+            .position(|c| c.spec.priority != priority)
+            .map_or(self.consumers.len(), |p| start + p)
     }
 
     /// The queue's settings.
@@ -206,7 +496,7 @@ impl QueueState {
     }
 
     /// Appends a message at the tail (or refuses it, or drops the head to make room).
-    pub fn enqueue(&mut self, msg: Arc<Message>, out: &mut Effects) -> Enqueued {
+    fn enqueue(&mut self, msg: Arc<Message>, out: &mut Effects) -> Enqueued {
         if self.would_reject(msg.size()) {
             if self.args.overflow == Overflow::RejectPublishDlx {
                 let entry = self.new_entry(msg);
@@ -267,16 +557,10 @@ impl QueueState {
     }
 
     /// Puts back a recovered entry (restart): keeps its flag and count, recomputes expiry.
-    pub fn restore(
-        &mut self,
-        offset: Offset,
-        msg: Arc<Message>,
-        delivered: bool,
-        delivery_count: u32,
-    ) {
-        self.next_offset = self.next_offset.max(offset + 1);
+    fn restore(&mut self, offset: Offset, msg: Arc<Message>, delivered: bool, delivery_count: u32) {
+        let next = self.next_offset;
         let mut entry = self.new_entry(msg);
-        self.next_offset = self.next_offset.max(offset + 1);
+        self.next_offset = next.max(offset + 1);
         entry.offset = offset;
         entry.redelivered = delivered;
         entry.delivery_count = delivery_count;
@@ -284,7 +568,7 @@ impl QueueState {
     }
 
     /// Adds a consumer.
-    pub fn add_consumer(&mut self, spec: ConsumerSpec) {
+    fn add_consumer(&mut self, spec: ConsumerSpec) {
         self.consumers.push(ConsumerSlot { spec, unacked: 0 });
         if !self.args.single_active_consumer {
             // Keep priority groups contiguous, highest first; stable keeps arrival order.
@@ -294,14 +578,14 @@ impl QueueState {
     }
 
     /// Removes a consumer; its unacked messages stay unacked (they belong to its channel).
-    pub fn remove_consumer(&mut self, id: ConsumerId) -> bool {
+    fn remove_consumer(&mut self, id: ConsumerId) -> bool {
         let before = self.consumers.len();
         self.consumers.retain(|c| c.spec.id != id);
         self.consumers.len() != before
     }
 
     /// Removes expired messages from the heads.
-    pub fn expire(&mut self, now_ms: u64, out: &mut Effects) {
+    fn expire(&mut self, now_ms: u64, out: &mut Effects) {
         for level in self.ready.iter_mut() {
             while level
                 .front()
@@ -327,29 +611,68 @@ impl QueueState {
             .min()
     }
 
-    /// Hands ready messages to consumers with credit: round-robin within the highest
-    /// priority that can take one (only the first consumer with single-active-consumer),
-    /// highest message priority first, FIFO within it; expired heads are dropped first.
-    pub fn deliver(&mut self, now_ms: u64, credit: &mut dyn Credit, out: &mut Effects) {
+    /// One delivery round (`Command::Credit`): in the highest-priority group that has a
+    /// granted consumer within its own prefetch (only the first consumer with
+    /// single-active-consumer), one message to each such consumer, round-robin from
+    /// where the last round stopped; highest message priority first, FIFO within it;
+    /// expired heads are dropped first. Served consumers leave `granted`.
+    fn deliver_round(
+        &mut self,
+        now_ms: u64,
+        granted: &mut Vec<ConsumerId>,
+        out: &mut Effects,
+    ) -> usize {
         self.expire(now_ms, out);
-        if self.consumers.is_empty() {
-            return;
-        }
-        while self.ready_count > 0 {
-            let Some(index) = self.pick_consumer(credit) else {
+        let sac = self.args.single_active_consumer;
+        let n = if sac {
+            self.consumers.len().min(1)
+        } else {
+            self.consumers.len()
+        };
+        let eligible = |slot: &ConsumerSlot, granted: &[ConsumerId]| {
+            slot.has_room() && granted.contains(&slot.spec.id)
+        };
+        let Some(first) = self.consumers[..n]
+            .iter()
+            .position(|slot| eligible(slot, granted))
+        else {
+            return 0;
+        };
+        let priority = self.consumers[first].spec.priority;
+        let start = self.consumers[..first]
+            .iter()
+            .rposition(|c| c.spec.priority != priority)
+            .map_or(0, |p| p + 1);
+        let end = if sac { 1 } else { self.group_end(start) };
+        let width = end - start;
+        let mut delivered = 0;
+        for step in 0..width {
+            if self.ready_count == 0 {
                 break;
-            };
+            }
+            let i = start + (self.next_consumer + step) % width;
+            if !eligible(&self.consumers[i], granted) {
+                continue;
+            }
             let Some(entry) = self.pop_head() else { break };
-            let slot = &mut self.consumers[index];
+            let slot = &mut self.consumers[i];
             let consumer = slot.spec.id;
             if !slot.spec.no_ack {
                 slot.unacked += 1;
                 self.unacked
                     .insert(entry.offset, (entry.clone(), Some(consumer)));
             }
+            if let Some(g) = granted.iter().position(|id| *id == consumer) {
+                granted.swap_remove(g);
+            }
+            if !sac {
+                self.next_consumer = (i - start + 1) % width;
+            }
             out.push(Effect::Deliver { consumer, entry });
+            delivered += 1;
             self.expire(now_ms, out);
         }
+        delivered
     }
 
     fn pop_head(&mut self) -> Option<Entry> {
@@ -363,38 +686,8 @@ impl QueueState {
         self.ready_bytes -= entry.msg.size();
         Some(entry)
     }
-
-    fn pick_consumer(&mut self, credit: &mut dyn Credit) -> Option<usize> {
-        let n = self.consumers.len();
-        if self.args.single_active_consumer {
-            let slot = self.consumers.first()?;
-            let own = slot.spec.prefetch == 0 || slot.unacked < slot.spec.prefetch;
-            return (own && credit.has_credit(slot.spec.id)).then_some(0);
-        }
-        let mut start = 0;
-        while start < n {
-            let priority = self.consumers[start].spec.priority;
-            let end = self.consumers[start..]
-                .iter()
-                .position(|c| c.spec.priority != priority)
-                .map_or(n, |p| start + p);
-            let width = end - start;
-            for step in 0..width {
-                let i = start + (self.next_consumer + step) % width;
-                let slot = &self.consumers[i];
-                let own = slot.spec.prefetch == 0 || slot.unacked < slot.spec.prefetch;
-                if own && credit.has_credit(slot.spec.id) {
-                    self.next_consumer = (i - start + 1) % width;
-                    return Some(i);
-                }
-            }
-            start = end;
-        }
-        None
-    }
-
     /// basic.get: takes the head; unless `no_ack`, it becomes unacked (no consumer).
-    pub fn get(&mut self, now_ms: u64, no_ack: bool, out: &mut Effects) -> Option<Entry> {
+    fn get(&mut self, now_ms: u64, no_ack: bool, out: &mut Effects) -> Option<Entry> {
         self.expire(now_ms, out);
         let entry = self.pop_head()?;
         if !no_ack {
@@ -405,34 +698,48 @@ impl QueueState {
         Some(entry)
     }
 
-    /// Settles delivered messages (ack). Returns the entries that were removed.
-    pub fn settle(&mut self, offsets: &[Offset]) -> Vec<Entry> {
-        let mut removed = Vec::with_capacity(offsets.len());
+    /// Settles delivered messages (ack): they leave for good.
+    fn settle(&mut self, offsets: &[Offset], out: &mut Effects) -> usize {
+        let mut settled = 0;
         for offset in offsets {
             if let Some((entry, consumer)) = self.unacked.remove(offset) {
                 self.release_credit(consumer);
-                removed.push(entry);
+                out.push(Effect::Forget { entry });
+                settled += 1;
             }
         }
-        removed
+        settled
     }
 
     /// basic.reject / nack with requeue=false: the messages are dead-lettered.
-    pub fn reject(&mut self, offsets: &[Offset], out: &mut Effects) {
-        for entry in self.settle(offsets) {
-            out.push(Effect::DeadLetter {
-                entry,
-                reason: DeathReason::Rejected,
-            });
+    fn reject(&mut self, offsets: &[Offset], out: &mut Effects) -> usize {
+        let mut settled = 0;
+        for offset in offsets {
+            if let Some((entry, consumer)) = self.unacked.remove(offset) {
+                self.release_credit(consumer);
+                out.push(Effect::DeadLetter {
+                    entry,
+                    reason: DeathReason::Rejected,
+                });
+                settled += 1;
+            }
         }
+        settled
     }
 
     /// Returns delivered messages to their original place, marked redelivered; those
     /// past x-delivery-limit are dead-lettered instead.
-    pub fn requeue(&mut self, offsets: &[Offset], out: &mut Effects) {
+    fn requeue(&mut self, offsets: &[Offset], out: &mut Effects) -> usize {
+        let mut settled = 0;
         for offset in offsets {
             if let Some((mut entry, consumer)) = self.unacked.remove(offset) {
+                settled += 1;
                 self.release_credit(consumer);
+                if self.deleted {
+                    // Nothing goes back into a deleted queue.
+                    out.push(Effect::Forget { entry });
+                    continue;
+                }
                 entry.redelivered = true;
                 entry.delivery_count += 1;
                 if self
@@ -454,24 +761,30 @@ impl QueueState {
         if self.args.overflow == Overflow::DropHead {
             self.enforce_limits(out);
         }
+        settled
     }
 
     /// Puts back a message that was handed out but never reached the client (its
-    /// consumer or channel went away first): same place, flag unchanged.
-    pub fn return_undelivered(&mut self, entry: Entry) {
+    /// consumer or channel went away first): same place, flag unchanged. A deleted
+    /// queue takes nothing back.
+    fn return_undelivered(&mut self, entry: Entry) {
         if let Some((_, consumer)) = self.unacked.remove(&entry.offset) {
             self.release_credit(consumer);
         }
-        self.insert_ready(entry);
+        if !self.deleted {
+            self.insert_ready(entry);
+        }
     }
 
-    /// Drops every ready message (queue.purge); returns them.
-    pub fn purge(&mut self) -> Vec<Entry> {
+    /// Drops every ready message (queue.purge), oldest first; returns how many.
+    fn purge(&mut self, out: &mut Effects) -> usize {
         self.ready_count = 0;
         self.ready_bytes = 0;
         let mut all: Vec<Entry> = self.ready.iter_mut().flat_map(|l| l.drain(..)).collect();
         all.sort_by_key(|e| e.offset);
-        all
+        let count = all.len();
+        out.extend(all.into_iter().map(|entry| Effect::Forget { entry }));
+        count
     }
 
     fn release_credit(&mut self, consumer: Option<ConsumerId>) {
@@ -502,13 +815,6 @@ mod tests {
     use super::*;
     use bytes::Bytes;
 
-    struct Unlimited;
-    impl Credit for Unlimited {
-        fn has_credit(&mut self, _: ConsumerId) -> bool {
-            true
-        }
-    }
-
     fn msg(body: &'static str) -> Arc<Message> {
         Arc::new(Message::for_tests(Bytes::from_static(body.as_bytes()), 0))
     }
@@ -519,6 +825,26 @@ mod tests {
             priority,
             prefetch,
             no_ack: false,
+        }
+    }
+
+    /// Applies a command at time `now`, appending its effects to `out`.
+    fn run(q: &mut QueueState, now: u64, cmd: Command, out: &mut Effects) -> Reply {
+        let meta = CommandMeta {
+            index: q.last_index() + 1,
+            time_ms: now,
+        };
+        q.apply_into(&meta, cmd, out)
+    }
+
+    /// Delivery rounds with every channel granting credit, until nothing moves.
+    fn deliver_all(q: &mut QueueState, now: u64, out: &mut Effects) {
+        loop {
+            let granted = q.credit_candidates().map(|c| c.id).collect();
+            match run(q, now, Command::Credit { granted }, out) {
+                Reply::Credited { delivered, .. } if delivered > 0 => {}
+                _ => return,
+            }
         }
     }
 
@@ -540,17 +866,24 @@ mod tests {
             .collect()
     }
 
+    fn get(q: &mut QueueState, now: u64, no_ack: bool, out: &mut Effects) -> Option<Entry> {
+        match run(q, now, Command::Get { no_ack }, out) {
+            Reply::Got(got) => got.map(|(entry, _)| entry),
+            other => panic!("get answered {other:?}"),
+        }
+    }
+
     #[test]
     fn round_robin_with_prefetch_and_priority() {
         let mut q = QueueState::default();
         let mut out = Vec::new();
         for _ in 0..5 {
-            q.enqueue(msg("m"), &mut out);
+            run(&mut q, 0, Command::Enqueue(msg("m")), &mut out);
         }
-        q.add_consumer(consumer(1, 0, 0));
-        q.add_consumer(consumer(2, 0, 0));
-        q.add_consumer(consumer(3, 5, 2));
-        q.deliver(0, &mut Unlimited, &mut out);
+        for c in [consumer(1, 0, 0), consumer(2, 0, 0), consumer(3, 5, 2)] {
+            run(&mut q, 0, Command::AddConsumer(c), &mut out);
+        }
+        deliver_all(&mut q, 0, &mut out);
         assert_eq!(
             delivered(&out),
             vec![(3, 0), (3, 1), (1, 2), (2, 3), (1, 4)]
@@ -558,18 +891,41 @@ mod tests {
     }
 
     #[test]
+    fn a_round_serves_only_granted_consumers_and_returns_unused_grants() {
+        let mut q = QueueState::default();
+        let mut out = Vec::new();
+        run(&mut q, 0, Command::Enqueue(msg("m")), &mut out);
+        for c in [consumer(1, 0, 0), consumer(2, 0, 0), consumer(3, 0, 0)] {
+            run(&mut q, 0, Command::AddConsumer(c), &mut out);
+        }
+        let granted = vec![2, 3];
+        let reply = run(&mut q, 0, Command::Credit { granted }, &mut out);
+        assert_eq!(
+            reply,
+            Reply::Credited {
+                delivered: 1,
+                unused: vec![3]
+            }
+        );
+        assert_eq!(delivered(&out), vec![(2, 0)]);
+    }
+
+    #[test]
     fn requeue_goes_back_to_original_place_marked_redelivered() {
         let mut q = QueueState::default();
         let mut out = Vec::new();
         for _ in 0..3 {
-            q.enqueue(msg("m"), &mut out);
+            run(&mut q, 0, Command::Enqueue(msg("m")), &mut out);
         }
-        q.add_consumer(consumer(1, 0, 1));
-        q.deliver(0, &mut Unlimited, &mut out);
+        run(&mut q, 0, Command::AddConsumer(consumer(1, 0, 1)), &mut out);
+        deliver_all(&mut q, 0, &mut out);
         assert_eq!(delivered(&out), vec![(1, 0)]);
-        q.requeue(&[0], &mut out);
-        assert!(q.remove_consumer(1));
-        let head = q.get(0, true, &mut out).unwrap();
+        run(&mut q, 0, Command::Requeue(vec![0]), &mut out);
+        assert_eq!(
+            run(&mut q, 0, Command::RemoveConsumer(1), &mut out),
+            Reply::Removed(true)
+        );
+        let head = get(&mut q, 0, true, &mut out).unwrap();
         assert_eq!((head.offset, head.redelivered), (0, true));
         assert_eq!(q.ready_count(), 2);
     }
@@ -582,7 +938,7 @@ mod tests {
         });
         let mut out = Vec::new();
         for _ in 0..3 {
-            q.enqueue(msg("m"), &mut out);
+            run(&mut q, 0, Command::Enqueue(msg("m")), &mut out);
         }
         assert_eq!(dead(&out), vec![(0, DeathReason::MaxLen)]);
         let mut q = QueueState::new(QueueArgs {
@@ -591,10 +947,13 @@ mod tests {
             ..Default::default()
         });
         assert!(matches!(
-            q.enqueue(msg("a"), &mut out),
-            Enqueued::Accepted(_)
+            run(&mut q, 0, Command::Enqueue(msg("a")), &mut out),
+            Reply::Enqueued(Enqueued::Accepted(_))
         ));
-        assert_eq!(q.enqueue(msg("b"), &mut out), Enqueued::Rejected);
+        assert_eq!(
+            run(&mut q, 0, Command::Enqueue(msg("b")), &mut out),
+            Reply::Enqueued(Enqueued::Rejected)
+        );
     }
 
     #[test]
@@ -605,17 +964,17 @@ mod tests {
             ..Default::default()
         });
         let mut out = Vec::new();
-        q.enqueue(msg("a"), &mut out);
-        q.expire(10, &mut out);
+        run(&mut q, 0, Command::Enqueue(msg("a")), &mut out);
+        run(&mut q, 10, Command::Expire, &mut out);
         assert!(dead(&out).is_empty(), "expires only after its TTL");
-        q.expire(12, &mut out);
+        run(&mut q, 12, Command::Expire, &mut out);
         assert_eq!(dead(&out), vec![(0, DeathReason::Expired)]);
         out.clear();
-        q.enqueue(msg("b"), &mut out);
-        q.add_consumer(consumer(1, 0, 0));
+        run(&mut q, 0, Command::Enqueue(msg("b")), &mut out);
+        run(&mut q, 0, Command::AddConsumer(consumer(1, 0, 0)), &mut out);
         for _ in 0..2 {
-            q.deliver(5, &mut Unlimited, &mut out);
-            q.requeue(&[1], &mut out);
+            deliver_all(&mut q, 5, &mut out);
+            run(&mut q, 5, Command::Requeue(vec![1]), &mut out);
         }
         assert_eq!(dead(&out), vec![(1, DeathReason::DeliveryLimit)]);
     }
@@ -630,10 +989,56 @@ mod tests {
         for p in [1u8, 5, 1, 9] {
             let mut m = Message::for_tests(Bytes::from_static(b"x"), 0);
             m.properties = m.properties.with_priority(p);
-            q.enqueue(Arc::new(m), &mut out);
+            run(&mut q, 0, Command::Enqueue(Arc::new(m)), &mut out);
         }
         let order: Vec<Offset> =
-            std::iter::from_fn(|| q.get(0, true, &mut out).map(|e| e.offset)).collect();
+            std::iter::from_fn(|| get(&mut q, 0, true, &mut out).map(|e| e.offset)).collect();
         assert_eq!(order, vec![1, 3, 0, 2]);
+    }
+
+    #[test]
+    fn a_requeue_into_a_deleted_queue_forgets_the_messages() {
+        let mut q = QueueState::default();
+        let mut out = Vec::new();
+        run(&mut q, 0, Command::Enqueue(msg("a")), &mut out);
+        run(&mut q, 0, Command::AddConsumer(consumer(1, 0, 0)), &mut out);
+        deliver_all(&mut q, 0, &mut out);
+        run(&mut q, 0, Command::Delete, &mut out);
+        out.clear();
+        assert_eq!(
+            run(&mut q, 0, Command::Requeue(vec![0]), &mut out),
+            Reply::Settled(1)
+        );
+        assert!(matches!(out.as_slice(), [Effect::Forget { entry }] if entry.offset == 0));
+        assert_eq!((q.ready_count(), q.unacked_count()), (0, 0));
+    }
+
+    #[test]
+    fn restoring_keeps_offsets_dense() {
+        let mut q = QueueState::default();
+        let mut out = Vec::new();
+        let cmd = Command::Restore {
+            offset: 3,
+            msg: msg("a"),
+            delivered: true,
+            delivery_count: 1,
+        };
+        run(&mut q, 0, cmd, &mut out);
+        assert_eq!(
+            run(&mut q, 0, Command::Enqueue(msg("b")), &mut out),
+            Reply::Enqueued(Enqueued::Accepted(4))
+        );
+    }
+
+    #[test]
+    fn a_deleted_queue_forgets_late_enqueues_and_returns() {
+        let mut q = QueueState::default();
+        let mut out = Vec::new();
+        run(&mut q, 0, Command::Enqueue(msg("a")), &mut out);
+        assert_eq!(run(&mut q, 0, Command::Delete, &mut out), Reply::Purged(1));
+        out.clear();
+        run(&mut q, 0, Command::Enqueue(msg("b")), &mut out);
+        assert!(matches!(out.as_slice(), [Effect::Forget { .. }]));
+        assert_eq!(q.ready_count(), 0);
     }
 }

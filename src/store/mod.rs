@@ -443,7 +443,7 @@ impl Store {
     ///
     /// If the store was closed, the future never resolves (an error is logged): a confirm
     /// must never be sent for data that was not stored.
-    pub fn commit(&self, ops: Vec<StoreOp>) -> impl Future<Output = ()> + Send + 'static {
+    pub fn commit(&self, ops: Vec<StoreOp>) -> impl Future<Output = ()> + Send + use<> {
         let (tx, rx) = oneshot::channel();
         self.send_ops(ops, Done::Wake(tx));
         async move {
@@ -467,8 +467,9 @@ impl Store {
     /// for hot paths that should not allocate a future and a task per message. `done` must be
     /// quick and must not block or panic (a send on a channel is the intended use). If the
     /// store was closed, `done` is dropped without being called.
-    pub fn commit_then(&self, ops: Vec<StoreOp>, done: Box<dyn FnOnce() + Send>) {
-        self.send_ops(ops, Done::Call(done));
+    /// Returns the request's number (see `send_ops`).
+    pub fn commit_then(&self, ops: Vec<StoreOp>, done: Box<dyn FnOnce() + Send>) -> u64 {
+        self.send_ops(ops, Done::Call(done))
     }
 
     /// Commits (with fsync) everything submitted so far, stops the writer thread and closes
@@ -523,15 +524,18 @@ impl Store {
     }
 
     /// Queues ops for the writer, counting them (and their payload) as waiting.
-    fn send_ops(&self, ops: Vec<StoreOp>, done: Done) {
+    /// Queues a request for the writer; returns its number (1 for the first request of
+    /// the store, counted over every handle).
+    fn send_ops(&self, ops: Vec<StoreOp>, done: Done) -> u64 {
         let bytes = ops
             .iter()
             .fold(0usize, |sum, op| sum.saturating_add(op.payload_len()));
         let c = &self.inner.counters;
         c.queued_ops.fetch_add(ops.len() as u64, Ordering::Relaxed);
         c.queued_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
-        c.sent.fetch_add(1, Ordering::Relaxed);
+        let number = c.sent.fetch_add(1, Ordering::Relaxed) + 1;
         self.send(Request::Ops { ops, done, bytes });
+        number
     }
 
     fn send(&self, request: Request) {

@@ -275,6 +275,74 @@ impl MetaGroup {
         }
     }
 
+    /// The group's voters as this node knows them, by name.
+    pub fn voters(&self) -> Vec<String> {
+        let metrics = self.raft.metrics().borrow().clone();
+        metrics
+            .membership_config
+            .voter_ids()
+            .filter_map(|id| self.names.get(&id).cloned())
+            .collect()
+    }
+
+    /// This member's id in the group, by name (`None`: not in `cluster_nodes`).
+    pub fn id_of(&self, name: &str) -> Option<NodeId> {
+        self.names
+            .iter()
+            .find(|(_, n)| n.as_str() == name)
+            .map(|(id, _)| *id)
+    }
+
+    /// Asks the leader (or `via`, a member that forwards to it when this node knows no
+    /// leader, as a node joining again does) to change the voters; waits until done, for
+    /// at most [`PROPOSE_LIMIT`] plus the time a returning member needs to catch up.
+    pub async fn change_members(
+        &self,
+        change: network::MembersChange,
+        via: Option<&str>,
+    ) -> Result<(), String> {
+        let deadline = Instant::now() + PROPOSE_LIMIT * 6;
+        let mut target = via.map(str::to_string);
+        loop {
+            let leader = self.raft.metrics().borrow().current_leader;
+            let to = match (leader, &target) {
+                (Some(id), _) if id == self.me => {
+                    return network::change_members(&self.raft, change).await;
+                }
+                (Some(id), None) => self.names.get(&id).cloned(),
+                (_, Some(t)) => Some(t.clone()),
+                (None, None) => None,
+            };
+            if let Some(to) = to {
+                let body = postcard::to_stdvec(&MetaRequest::Members(change.clone()))
+                    .map_err(|e| e.to_string())?;
+                let left = deadline.saturating_duration_since(Instant::now());
+                if let Ok(answer) = self.transport.call(&to, META_GROUP, body, left).await {
+                    match postcard::from_bytes::<MetaResponse>(&answer) {
+                        Ok(MetaResponse::Members(Ok(()))) => return Ok(()),
+                        Ok(MetaResponse::Members(Err(e))) => {
+                            match e.strip_prefix(network::FORWARD_TO) {
+                                Some(leader) if !leader.is_empty() => {
+                                    target = Some(leader.to_string());
+                                    continue;
+                                }
+                                Some(_) => {}
+                                None => return Err(e),
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                // Not the leader (any more): ask whoever this node now knows to lead.
+                target = via.map(str::to_string).filter(|_| leader.is_none());
+            }
+            if Instant::now() >= deadline {
+                return Err(MetaError::Unavailable.to_string());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// Stops the Raft node.
     pub async fn shutdown(&self) {
         let _ = self.raft.shutdown().await;

@@ -17,6 +17,8 @@ use openraft::{AnyError, BasicNode, Raft};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+use openraft::error::ClientWriteError;
+
 use super::storage::META_GROUP;
 use super::{MetaCommand, MetaReply, NodeId, TypeConfig};
 use crate::cluster::transport::{Incoming, Transport, TransportError};
@@ -32,6 +34,18 @@ pub enum MetaRequest {
     Snapshot(InstallSnapshotRequest<TypeConfig>),
     /// A definition change proposed on a node that is not the leader.
     Propose(MetaCommand),
+    /// A change of the group's voters, asked of the leader.
+    Members(MembersChange),
+}
+
+/// A change of the metadata group's voters (`warren ctl join_cluster` /
+/// `forget_cluster_node`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum MembersChange {
+    /// This member (id, name) becomes a voter again.
+    Add(NodeId, String),
+    /// This member stops being part of the group.
+    Remove(NodeId),
 }
 
 /// The answer to a [`MetaRequest`].
@@ -46,7 +60,48 @@ pub enum MetaResponse {
     /// To [`MetaRequest::Propose`]: the committed reply and the entry's log index, or why
     /// not.
     Propose(Result<(MetaReply, u64), String>),
+    /// To [`MetaRequest::Members`]: done, or why not.
+    Members(Result<(), String>),
 }
+
+/// Carries out a change of voters on this node, which must be the leader: a member added
+/// back is first brought up to date as a learner.
+pub async fn change_members(raft: &Raft<TypeConfig>, change: MembersChange) -> Result<(), String> {
+    use openraft::ChangeMembers;
+    use std::collections::BTreeSet;
+    let result = match change {
+        MembersChange::Add(id, name) => {
+            match raft
+                .add_learner(id, openraft::BasicNode { addr: name }, true)
+                .await
+            {
+                Ok(_) => {
+                    raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+                        .await
+                }
+                Err(e) => Err(e),
+            }
+        }
+        MembersChange::Remove(id) => {
+            raft.change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
+                .await
+        }
+    };
+    match result {
+        Ok(_) => Ok(()),
+        Err(openraft::error::RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+            Err(format!(
+                "{FORWARD_TO}{}",
+                f.leader_node.map(|n| n.addr).unwrap_or_default()
+            ))
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// How a member that is not the leader answers a [`MetaRequest::Members`]: this, then
+/// the leader's name (empty when it knows none).
+pub const FORWARD_TO: &str = "not the leader; ask ";
 
 /// Builds one [`MetaClient`] per peer for openraft.
 #[derive(Debug, Clone)]
@@ -177,6 +232,9 @@ pub async fn serve(raft: Raft<TypeConfig>, mut inbox: mpsc::Receiver<Incoming>) 
                 MetaRequest::Vote(rpc) => MetaResponse::Vote(raft.vote(rpc).await),
                 MetaRequest::Snapshot(rpc) => {
                     MetaResponse::Snapshot(raft.install_snapshot(rpc).await)
+                }
+                MetaRequest::Members(change) => {
+                    MetaResponse::Members(change_members(&raft, change).await)
                 }
                 MetaRequest::Propose(command) => MetaResponse::Propose(
                     raft.client_write(command)
