@@ -118,6 +118,7 @@ impl Broker {
             }
             Some(m) => Some(start_clustered(&state, m, recovered, cluster_store, meta_log).await?),
         };
+        state.refresh_policies();
         let (shutdown, _) = broadcast::channel(1);
         let mut tasks = JoinSet::new();
         let mut addrs = Vec::new();

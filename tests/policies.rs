@@ -204,3 +204,117 @@ async fn policies_survive_a_restart_and_travel_in_definitions() {
         json!([policy])
     );
 }
+
+/// Publishes `n` persistent messages to `queue` through the default exchange, confirmed.
+async fn fill(ch: &lapin::Channel, queue: &str, n: usize) {
+    for i in 0..n {
+        ch.basic_publish(
+            "".into(),
+            queue.into(),
+            lapin::options::BasicPublishOptions::default(),
+            format!("m{i}").as_bytes(),
+            lapin::BasicProperties::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
+}
+
+/// Ready messages of `queue` (a passive declare).
+async fn depth(ch: &lapin::Channel, queue: &str) -> u32 {
+    let passive = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    ch.queue_declare(queue.into(), passive, lapin::types::FieldTable::default())
+        .await
+        .unwrap()
+        .message_count()
+}
+
+#[tokio::test]
+async fn a_policy_in_force_limits_existing_and_new_queues_and_clearing_it_lifts_the_limit() {
+    let t = common::TestBroker::start().await;
+    let b = t.broker.as_ref().expect("broker");
+    let conn = t.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let plain = lapin::options::QueueDeclareOptions::default();
+    let none = lapin::types::FieldTable::default;
+    ch.queue_declare("lim.old".into(), plain, none())
+        .await
+        .unwrap();
+    fill(&ch, "lim.old", 5).await;
+
+    // max-length 2 (drop-head): the existing queue drops from its head at once.
+    let body = json!({"pattern": "^lim\\.", "definition": {"max-length": 2},
+                      "apply-to": "queues"});
+    assert_eq!(
+        api(b, "PUT", "/api/policies/%2f/lim", Some(body))
+            .await
+            .status,
+        201
+    );
+    assert_eq!(
+        depth(&ch, "lim.old").await,
+        2,
+        "trimmed to the policy's limit"
+    );
+    fill(&ch, "lim.old", 3).await;
+    assert_eq!(depth(&ch, "lim.old").await, 2);
+    // A queue declared afterwards has it too; one that does not match does not.
+    ch.queue_declare("lim.new".into(), plain, none())
+        .await
+        .unwrap();
+    fill(&ch, "lim.new", 4).await;
+    assert_eq!(depth(&ch, "lim.new").await, 2);
+    ch.queue_declare("other".into(), plain, none())
+        .await
+        .unwrap();
+    fill(&ch, "other", 4).await;
+    assert_eq!(depth(&ch, "other").await, 4, "the pattern does not match");
+
+    // The queue's own x-max-length wins when lower; the policy's when the policy's is.
+    let mut one = lapin::types::FieldTable::default();
+    one.insert("x-max-length".into(), lapin::types::AMQPValue::LongInt(1));
+    ch.queue_declare("lim.own".into(), plain, one)
+        .await
+        .unwrap();
+    fill(&ch, "lim.own", 3).await;
+    assert_eq!(depth(&ch, "lim.own").await, 1, "the lower of the two");
+
+    // reject-publish through the policy: the publisher gets nacks.
+    let body = json!({"pattern": "^lim\\.", "definition": {"max-length": 2,
+                      "overflow": "reject-publish"}, "apply-to": "queues"});
+    assert_eq!(
+        api(b, "PUT", "/api/policies/%2f/lim", Some(body))
+            .await
+            .status,
+        204
+    );
+    let confirm = ch
+        .basic_publish(
+            "".into(),
+            "lim.new".into(),
+            lapin::options::BasicPublishOptions::default(),
+            b"refused",
+            lapin::BasicProperties::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(confirm.is_nack(), "reject-publish from the policy nacks");
+
+    // Cleared: the limit is gone.
+    assert_eq!(
+        api(b, "DELETE", "/api/policies/%2f/lim", None).await.status,
+        204
+    );
+    fill(&ch, "lim.new", 3).await;
+    assert_eq!(depth(&ch, "lim.new").await, 5);
+}

@@ -156,7 +156,8 @@ fn is_cycle(props: &BasicProperties, target: &str) -> bool {
 
 impl DeadLetterRouter for VHost {
     fn dead_letter(&self, from: &Queue, dead: Vec<(Entry, DeathReason)>) {
-        let Some(dlx) = from.args.dead_letter_exchange.as_deref() else {
+        let args = from.args();
+        let Some(dlx) = args.dead_letter_exchange.as_deref() else {
             return;
         };
         let now = now_ms();
@@ -168,7 +169,7 @@ impl DeadLetterRouter for VHost {
             let old = &entry.msg;
             // x-dead-letter-routing-key, or every key the message was published with
             // (its CC keys too), as RabbitMQ.
-            let keys = match &from.args.dead_letter_routing_key {
+            let keys = match &args.dead_letter_routing_key {
                 Some(key) => vec![key.clone()],
                 None => published_keys(old),
             };

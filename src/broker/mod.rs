@@ -60,6 +60,8 @@ pub struct BrokerState {
     pub connections_closed: AtomicU64,
     /// Set once on a clustered node: how its vhosts reach the metadata group.
     cluster: Arc<OnceLock<cluster_defs::ClusterLink>>,
+    /// The access-control generation the vhosts' policies were last taken from.
+    policy_generation: AtomicU64,
 }
 
 impl ConnectionEntry {
@@ -137,6 +139,7 @@ impl BrokerState {
             connections_closed: AtomicU64::new(0),
             direct_reply_to: Default::default(),
             cluster,
+            policy_generation: AtomicU64::new(u64::MAX),
         })
     }
 
@@ -185,6 +188,9 @@ impl BrokerState {
             .collect();
         let now = crate::queue::now_ms();
         self.alarms.check();
+        if self.access.generation() != self.policy_generation.load(Ordering::Relaxed) {
+            self.refresh_policies();
+        }
         for v in vhosts {
             v.tick(now);
         }
@@ -211,19 +217,38 @@ impl BrokerState {
         Ok(())
     }
 
-    /// Stores a policy (validated as RabbitMQ does; the error is RabbitMQ's text).
+    /// Stores a policy (validated as RabbitMQ does; the error is RabbitMQ's text) and
+    /// applies it.
     pub async fn set_policy(&self, policy: crate::auth::PolicyRecord) -> Result<(), String> {
         self.access
             .change(AccessChange::PutPolicy(policy))
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        self.refresh_policies();
+        Ok(())
     }
 
-    /// Deletes a policy.
+    /// Deletes a policy; the queues it applied to get their declared settings back.
     pub async fn clear_policy(&self, vhost: &str, name: &str) -> Result<(), AccessError> {
         self.access
             .change(AccessChange::DeletePolicy(vhost.into(), name.into()))
-            .await
+            .await?;
+        self.refresh_policies();
+        Ok(())
+    }
+
+    /// Gives every vhost its current policies (each applies the one in force to its
+    /// queues when they changed). Called after a policy change, at start, and from the
+    /// ticker when access control changed some other way (definitions import, a
+    /// cluster peer).
+    pub fn refresh_policies(&self) {
+        let generation = self.access.generation();
+        self.policy_generation.store(generation, Ordering::Relaxed);
+        let all = self.access.policies();
+        for v in self.vhost_list() {
+            let mine = all.iter().filter(|p| p.vhost == v.name).cloned().collect();
+            v.set_policies(mine);
+        }
     }
 
     /// The vhost `name`, created (empty, with its built-in exchanges) if missing.

@@ -47,6 +47,8 @@ pub struct VHost {
     cluster: Arc<OnceLock<ClusterLink>>,
     /// Durable queues homed on another node, by name: their home.
     homes: RwLock<HashMap<String, String>>,
+    /// The vhost's policies (the one in force for a queue changes its settings).
+    policies: RwLock<Vec<crate::auth::PolicyRecord>>,
 }
 
 fn lock_read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -121,6 +123,7 @@ impl VHost {
             me: me.clone(),
             cluster,
             homes: RwLock::default(),
+            policies: RwLock::default(),
         })
     }
 
@@ -476,7 +479,32 @@ impl VHost {
         Ok((q, true))
     }
 
+    /// A queue's settings: its declared ones with the policy in force applied.
+    fn effective_args(&self, def: &QueueDef, declared: QueueArgs) -> QueueArgs {
+        let policies = lock_read(&self.policies);
+        match super::policy::in_force(&policies, true, &def.name) {
+            Some(p) => declared.with_policy(&def.arguments, &p.definition),
+            None => declared,
+        }
+    }
+
+    /// Replaces the vhost's policies and applies the one now in force to every queue.
+    pub fn set_policies(&self, policies: Vec<crate::auth::PolicyRecord>) {
+        {
+            let mut current = lock_write(&self.policies);
+            if *current == policies {
+                return;
+            }
+            *current = policies;
+        }
+        for q in self.queues() {
+            let declared = QueueArgs::parse(&q.def.arguments).unwrap_or_default();
+            q.set_args(self.effective_args(&q.def, declared));
+        }
+    }
+
     fn new_queue(&self, def: QueueDef, args: QueueArgs) -> Arc<Queue> {
+        let args = self.effective_args(&def, args);
         let store = self.store.as_ref().map(|store| QueueStore {
             store: store.clone(),
             key: persist::queue_key(&self.name, &def.name),
@@ -773,7 +801,7 @@ impl VHost {
             if self.remote_home(name).is_some() {
                 continue;
             }
-            if q.args.overflow == crate::queue::args::Overflow::RejectPublish
+            if q.args().overflow == crate::queue::args::Overflow::RejectPublish
                 && q.would_reject(msg.size())
             {
                 refused = true;
@@ -812,7 +840,7 @@ impl VHost {
             msg.properties.headers().as_ref(),
         )?;
         queues.retain(|q| {
-            !(q.args.overflow == crate::queue::args::Overflow::RejectPublish
+            !(q.args().overflow == crate::queue::args::Overflow::RejectPublish
                 && q.would_reject(msg.size()))
         });
         let mut writes = Writes::default();

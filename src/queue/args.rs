@@ -3,9 +3,10 @@
 //! can answer 406 PRECONDITION_FAILED. Unknown arguments are ignored, as in RabbitMQ.
 
 use amq_protocol::types::{AMQPValue, FieldTable};
+use serde::{Deserialize, Serialize};
 
 /// What happens when a length limit is reached.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum Overflow {
     /// Drop (dead-letter) the oldest messages.
     #[default]
@@ -17,7 +18,7 @@ pub enum Overflow {
 }
 
 /// A queue's typed settings.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct QueueArgs {
     /// x-message-ttl (ms).
     pub message_ttl: Option<u64>,
@@ -195,5 +196,83 @@ mod tests {
         let e = QueueArgs::parse(&table(&[("x-overflow", AMQPValue::LongString("x".into()))]))
             .unwrap_err();
         assert_eq!(e.0, "x-overflow");
+    }
+}
+
+impl QueueArgs {
+    /// These settings (parsed from `declared`, the queue's own arguments) with a policy's
+    /// `definition` applied as RabbitMQ applies one: for the limits and TTLs (message-ttl,
+    /// expires, max-length, max-length-bytes, delivery-limit) the lower value wins; for
+    /// overflow and dead-lettering the queue's own argument wins, the policy fills in.
+    pub fn with_policy(&self, declared: &FieldTable, definition: &serde_json::Value) -> QueueArgs {
+        let mut args = self.clone();
+        let number = |key: &str| definition.get(key).and_then(serde_json::Value::as_u64);
+        let text = |key: &str| {
+            definition
+                .get(key)
+                .and_then(serde_json::Value::as_str)
+                .map(str::to_string)
+        };
+        let lower = |a: Option<u64>, b: Option<u64>| match (a, b) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let declares = |key: &str| declared.inner().iter().any(|(k, _)| k.as_str() == key);
+        args.message_ttl = lower(args.message_ttl, number("message-ttl"));
+        args.expires = lower(args.expires, number("expires"));
+        args.max_length = lower(args.max_length, number("max-length"));
+        args.max_length_bytes = lower(args.max_length_bytes, number("max-length-bytes"));
+        args.delivery_limit = lower(args.delivery_limit, number("delivery-limit"));
+        if !declares("x-overflow") {
+            match text("overflow").as_deref() {
+                Some("reject-publish") => args.overflow = Overflow::RejectPublish,
+                Some("reject-publish-dlx") => args.overflow = Overflow::RejectPublishDlx,
+                Some("drop-head") => args.overflow = Overflow::DropHead,
+                _ => {}
+            }
+        }
+        if !declares("x-dead-letter-exchange")
+            && let Some(x) = text("dead-letter-exchange")
+        {
+            args.dead_letter_exchange = Some(x);
+        }
+        if !declares("x-dead-letter-routing-key")
+            && let Some(k) = text("dead-letter-routing-key")
+        {
+            args.dead_letter_routing_key = Some(k);
+        }
+        args
+    }
+}
+
+#[cfg(test)]
+mod policy_tests {
+    use super::*;
+    use amq_protocol::types::ShortString;
+
+    #[test]
+    fn a_policy_lowers_limits_and_fills_in_what_the_queue_did_not_declare() {
+        let mut declared = FieldTable::default();
+        declared.insert(ShortString::from("x-max-length"), AMQPValue::LongInt(10));
+        declared.insert(
+            ShortString::from("x-dead-letter-exchange"),
+            AMQPValue::LongString("mine".into()),
+        );
+        let base = QueueArgs::parse(&declared).unwrap();
+        let policy = serde_json::json!({
+            "max-length": 5, "message-ttl": 1000, "dead-letter-exchange": "policy",
+            "overflow": "reject-publish"
+        });
+        let args = base.with_policy(&declared, &policy);
+        assert_eq!(args.max_length, Some(5), "the lower limit");
+        assert_eq!(args.message_ttl, Some(1000), "filled in");
+        assert_eq!(
+            args.dead_letter_exchange.as_deref(),
+            Some("mine"),
+            "the queue's wins"
+        );
+        assert_eq!(args.overflow, Overflow::RejectPublish);
+        let looser = serde_json::json!({"max-length": 50});
+        assert_eq!(base.with_policy(&declared, &looser).max_length, Some(10));
     }
 }

@@ -209,8 +209,8 @@ pub struct QueueDef {
 pub struct Queue {
     /// Its declaration.
     pub def: QueueDef,
-    /// Its settings, parsed from the arguments.
-    pub args: QueueArgs,
+    /// Its settings: parsed from the arguments, with the policy in force applied.
+    args: std::sync::RwLock<Arc<QueueArgs>>,
     /// Vhost it lives in.
     pub vhost: String,
     inner: Mutex<Inner>,
@@ -289,12 +289,33 @@ impl Queue {
                 counters: MessageCounters::default(),
             }),
             congested: AtomicBool::new(false),
-            args,
+            args: std::sync::RwLock::new(Arc::new(args)),
             def,
             vhost: vhost.to_string(),
             me: me.clone(),
             router,
         })
+    }
+
+    /// Its settings now (the declared arguments with the policy in force applied).
+    pub fn args(&self) -> Arc<QueueArgs> {
+        self.args.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// A policy changed its settings: they apply from now on (a drop-head queue over a
+    /// lowered limit drops from the head at once).
+    pub fn set_args(&self, args: QueueArgs) {
+        if *self.args() == args {
+            return;
+        }
+        *self.args.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(args.clone());
+        let mut dead = Dead::new();
+        {
+            let mut inner = self.lock();
+            self.exec(&mut inner, Command::SetArgs(args), &mut dead, None);
+            self.flush(&mut inner);
+        }
+        self.bury(dead);
     }
 
     /// The queue's name.
@@ -448,7 +469,7 @@ impl Queue {
             }
             self.exec_at(&mut inner, now, Command::Expire, &mut dead, None);
             self.flush(&mut inner);
-            self.args.expires.is_some_and(|ttl| {
+            self.args().expires.is_some_and(|ttl| {
                 inner.consumers.is_empty() && now.saturating_sub(inner.last_used_ms) >= ttl
             })
         };
@@ -657,7 +678,7 @@ impl Queue {
         }
         let router = self.router.as_ref().and_then(|r| r.upgrade());
         match router {
-            Some(router) if self.args.dead_letter_exchange.is_some() => {
+            Some(router) if self.args().dead_letter_exchange.is_some() => {
                 router.dead_letter(self, dead)
             }
             _ => {

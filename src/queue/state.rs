@@ -174,6 +174,9 @@ pub enum Command {
         /// Consumers granted one message each.
         granted: Vec<ConsumerId>,
     },
+    /// A policy changed the queue's settings: limits apply at once (a drop-head queue now
+    /// over its limit drops from the head), TTLs to messages enqueued from now on.
+    SetArgs(QueueArgs),
     /// basic.ack.
     Settle(Vec<Offset>),
     /// basic.reject / basic.nack with requeue=false: the messages are dead-lettered.
@@ -327,6 +330,18 @@ impl QueueState {
                 Reply::Ok
             }
             Command::Purge => Reply::Purged(self.purge(out)),
+            Command::SetArgs(args) => {
+                // x-max-priority is fixed at declare (policies cannot set it).
+                let max_priority = self.args.max_priority;
+                self.args = QueueArgs {
+                    max_priority,
+                    ..args
+                };
+                if self.args.overflow == Overflow::DropHead {
+                    self.enforce_limits(out);
+                }
+                Reply::Ok
+            }
             Command::Delete => {
                 let count = self.ready_count;
                 self.deleted = true;
