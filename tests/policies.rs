@@ -318,3 +318,79 @@ async fn a_policy_in_force_limits_existing_and_new_queues_and_clearing_it_lifts_
     fill(&ch, "lim.new", 3).await;
     assert_eq!(depth(&ch, "lim.new").await, 5);
 }
+
+#[tokio::test]
+async fn a_policy_gives_exchanges_an_alternate_exchange_unless_they_name_one() {
+    let t = common::TestBroker::start().await;
+    let b = t.broker.as_ref().expect("broker");
+    let conn = t.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let none = lapin::types::FieldTable::default;
+    ch.exchange_declare(
+        "ae.in".into(),
+        lapin::ExchangeKind::Direct,
+        lapin::options::ExchangeDeclareOptions::default(),
+        none(),
+    )
+    .await
+    .unwrap();
+    ch.queue_declare(
+        "unrouted".into(),
+        lapin::options::QueueDeclareOptions::default(),
+        none(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        "unrouted".into(),
+        "amq.fanout".into(),
+        "".into(),
+        lapin::options::QueueBindOptions::default(),
+        none(),
+    )
+    .await
+    .unwrap();
+    let body = json!({"pattern": "^ae\\.", "definition": {"alternate-exchange": "amq.fanout"},
+                      "apply-to": "exchanges"});
+    assert_eq!(
+        api(b, "PUT", "/api/policies/%2f/ae", Some(body))
+            .await
+            .status,
+        201
+    );
+    ch.basic_publish(
+        "ae.in".into(),
+        "nowhere".into(),
+        lapin::options::BasicPublishOptions::default(),
+        b"caught",
+        lapin::BasicProperties::default(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    assert_eq!(
+        depth(&ch, "unrouted").await,
+        1,
+        "the policy's alternate exchange took it"
+    );
+    assert_eq!(
+        api(b, "DELETE", "/api/policies/%2f/ae", None).await.status,
+        204
+    );
+    ch.basic_publish(
+        "ae.in".into(),
+        "nowhere".into(),
+        lapin::options::BasicPublishOptions::default(),
+        b"dropped",
+        lapin::BasicProperties::default(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    assert_eq!(depth(&ch, "unrouted").await, 1, "no alternate once cleared");
+}

@@ -216,6 +216,8 @@ pub struct Exchange {
     /// Its declaration.
     pub def: ExchangeDef,
     bindings: RwLock<Bindings>,
+    /// The alternate exchange a policy names (the `alternate-exchange` argument wins).
+    policy_alternate: RwLock<Option<String>>,
 }
 
 fn args_equal(a: &FieldTable, b: &FieldTable) -> bool {
@@ -228,16 +230,32 @@ impl Exchange {
         Arc::new(Exchange {
             def,
             bindings: RwLock::default(),
+            policy_alternate: RwLock::default(),
         })
     }
 
-    /// The alternate exchange named by the `alternate-exchange` argument.
-    pub fn alternate(&self) -> Option<&str> {
+    /// The alternate exchange: named by the `alternate-exchange` argument, or else by
+    /// the policy in force (RabbitMQ's precedence).
+    pub fn alternate(&self) -> Option<String> {
         match self.def.arguments.inner().get("alternate-exchange") {
-            Some(AMQPValue::LongString(s)) => std::str::from_utf8(s.as_bytes()).ok(),
-            Some(AMQPValue::ShortString(s)) => Some(s.as_str()),
-            _ => None,
+            Some(AMQPValue::LongString(s)) => {
+                std::str::from_utf8(s.as_bytes()).ok().map(String::from)
+            }
+            Some(AMQPValue::ShortString(s)) => Some(s.as_str().to_string()),
+            _ => self
+                .policy_alternate
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
         }
+    }
+
+    /// Sets the alternate exchange the policy in force names (`None`: none).
+    pub fn set_policy_alternate(&self, alternate: Option<String>) {
+        *self
+            .policy_alternate
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = alternate;
     }
 
     /// Adds a binding; false when an identical one exists (binding is idempotent).

@@ -172,6 +172,7 @@ impl VHost {
             ));
         }
         let x = Exchange::new(def);
+        self.apply_exchange_policy(&x);
         exchanges.insert(x.def.name.clone(), x.clone());
         if x.def.durable {
             self.persist(vec![StoreOp::PutDefinition {
@@ -501,6 +502,19 @@ impl VHost {
             let declared = QueueArgs::parse(&q.def.arguments).unwrap_or_default();
             q.set_args(self.effective_args(&q.def, declared));
         }
+        for x in self.exchanges() {
+            self.apply_exchange_policy(&x);
+        }
+    }
+
+    /// Gives `x` the alternate exchange named by the policy in force for it, if any.
+    fn apply_exchange_policy(&self, x: &Exchange) {
+        let policies = lock_read(&self.policies);
+        let alternate = super::policy::in_force(&policies, false, &x.def.name)
+            .and_then(|p| p.definition.get("alternate-exchange"))
+            .and_then(serde_json::Value::as_str)
+            .map(String::from);
+        x.set_policy_alternate(alternate);
     }
 
     fn new_queue(&self, def: QueueDef, args: QueueArgs) -> Arc<Queue> {
@@ -926,7 +940,7 @@ impl VHost {
                 x.route(key, headers, &mut dests);
             }
             if dests.is_empty()
-                && let Some(ae) = x.alternate().and_then(|n| exchanges.get(n))
+                && let Some(ae) = x.alternate().and_then(|n| exchanges.get(n.as_str()))
             {
                 pending.push(ae);
             }
@@ -993,7 +1007,11 @@ impl VHost {
     pub fn restore_exchange(&self, def: ExchangeDef) {
         lock_write(&self.exchanges)
             .entry(def.name.clone())
-            .or_insert_with(|| Exchange::new(def));
+            .or_insert_with(|| {
+                let x = Exchange::new(def);
+                self.apply_exchange_policy(&x);
+                x
+            });
     }
 
     /// Re-creates a durable queue read back from the store.
@@ -1078,6 +1096,7 @@ impl VHost {
             return;
         }
         let x = Exchange::new(def);
+        self.apply_exchange_policy(&x);
         if let Some(old) = exchanges.insert(x.def.name.clone(), x.clone()) {
             for b in old.bindings() {
                 x.bind(b);
