@@ -815,7 +815,7 @@ impl VHost {
             if self.remote_home(name).is_some() {
                 continue;
             }
-            if q.args().overflow == crate::queue::args::Overflow::RejectPublish
+            if q.overflow() == crate::queue::args::Overflow::RejectPublish
                 && q.would_reject(msg.size())
             {
                 refused = true;
@@ -854,7 +854,7 @@ impl VHost {
             msg.properties.headers().as_ref(),
         )?;
         queues.retain(|q| {
-            !(q.args().overflow == crate::queue::args::Overflow::RejectPublish
+            !(q.overflow() == crate::queue::args::Overflow::RejectPublish
                 && q.would_reject(msg.size()))
         });
         let mut writes = Writes::default();

@@ -1289,7 +1289,7 @@ impl Channel {
         // gets a nack. reject-publish-dlx queues dead-letter it themselves.
         let mut refused = false;
         queues.retain(|q| {
-            let refuse = q.args().overflow == Overflow::RejectPublish && q.would_reject(msg.size());
+            let refuse = q.overflow() == Overflow::RejectPublish && q.would_reject(msg.size());
             refused |= refuse;
             !refuse
         });
@@ -1566,7 +1566,7 @@ impl Channel {
 /// The properties a delivery carries: the publisher's bytes unchanged, except that
 /// queues with x-delivery-limit add `x-delivery-count` to redelivered messages.
 fn delivery_properties(q: &Queue, entry: &crate::queue::Entry) -> Bytes {
-    if q.args().delivery_limit.is_none() || entry.delivery_count == 0 {
+    if q.delivery_limit().is_none() || entry.delivery_count == 0 {
         return entry.msg.raw_properties.clone();
     }
     let mut props = entry.msg.properties.clone();

@@ -302,6 +302,19 @@ impl Queue {
         self.args.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// Its overflow mode now (read on every publish: no allocation, no reference count).
+    pub fn overflow(&self) -> args::Overflow {
+        self.args.read().unwrap_or_else(|p| p.into_inner()).overflow
+    }
+
+    /// Its delivery limit now.
+    pub fn delivery_limit(&self) -> Option<u64> {
+        self.args
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .delivery_limit
+    }
+
     /// A policy changed its settings: they apply from now on (a drop-head queue over a
     /// lowered limit drops from the head at once).
     pub fn set_args(&self, args: QueueArgs) {
