@@ -125,6 +125,15 @@ impl ClusterNode {
             .meta
             .id_of(name)
             .ok_or_else(|| format!("{name} is not a cluster node"))?;
+        // A leader removing itself trips openraft 0.9 (its leader state is torn down
+        // while it appends the change). RabbitMQ asks for the node to be stopped first;
+        // once it is, another member leads and the removal is ordinary.
+        if self.meta.leader().as_deref() == Some(name) {
+            return Err(format!(
+                "{name} is the metadata leader: stop it (another member then leads) before \
+                 forgetting it"
+            ));
+        }
         self.meta
             .change_members(super::meta::network::MembersChange::Remove(id), None)
             .await
