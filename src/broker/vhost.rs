@@ -815,9 +815,7 @@ impl VHost {
             if self.remote_home(name).is_some() {
                 continue;
             }
-            if q.overflow() == crate::queue::args::Overflow::RejectPublish
-                && q.would_reject(msg.size())
-            {
+            if q.refuses(msg.size()) {
                 refused = true;
                 continue;
             }
@@ -853,10 +851,7 @@ impl VHost {
             &msg.routing_key,
             msg.properties.headers().as_ref(),
         )?;
-        queues.retain(|q| {
-            !(q.overflow() == crate::queue::args::Overflow::RejectPublish
-                && q.would_reject(msg.size()))
-        });
+        queues.retain(|q| !q.refuses(msg.size()));
         let mut writes = Writes::default();
         writes.publish(&queues, &msg);
         if let Some(store) = &self.store

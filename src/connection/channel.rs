@@ -22,7 +22,6 @@ use crate::broker::{BrokerState, ExchangeDef, ExchangeKind, VHost};
 use crate::protocol::codec::{ContentHeader, InFrame, encode};
 use crate::protocol::content::{Assembled, ContentAssembly, Progress};
 use crate::protocol::{AmqpError, ReplyCode, reply::amqp_err};
-use crate::queue::args::Overflow;
 use crate::queue::journal::Writes;
 use crate::queue::{
     ConsumerId, ConsumerSpec, Delivery, Enqueued, Message, Offset, Queue, QueueDef,
@@ -1289,7 +1288,7 @@ impl Channel {
         // gets a nack. reject-publish-dlx queues dead-letter it themselves.
         let mut refused = false;
         queues.retain(|q| {
-            let refuse = q.overflow() == Overflow::RejectPublish && q.would_reject(msg.size());
+            let refuse = q.refuses(msg.size());
             refused |= refuse;
             !refuse
         });

@@ -115,6 +115,13 @@ pub async fn nodes(State(http): State<Http>, headers: HeaderMap) -> Result<Json<
     Ok(Json(Value::Array(list)))
 }
 
+/// This node's cluster side, or 400 on a single node.
+fn clustered(http: &Http) -> Result<&crate::broker::cluster_defs::ClusterLink, ApiError> {
+    http.broker
+        .cluster_link()
+        .ok_or_else(|| ApiError::bad_request("this node is not clustered"))
+}
+
 /// DELETE /api/cluster/nodes/{node} (Warren's; `warren ctl forget_cluster_node`): the
 /// node stops being a cluster member.
 pub async fn forget_cluster_node(
@@ -123,10 +130,7 @@ pub async fn forget_cluster_node(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     caller(&http.broker, &headers)?.require_admin()?;
-    let link = http
-        .broker
-        .cluster_link()
-        .ok_or_else(|| ApiError::bad_request("this node is not clustered"))?;
+    let link = clustered(&http)?;
     link.cluster
         .forget(&name)
         .await
@@ -142,10 +146,7 @@ pub async fn join_cluster(
     axum::Json(body): axum::Json<Value>,
 ) -> Result<Response, ApiError> {
     caller(&http.broker, &headers)?.require_admin()?;
-    let link = http
-        .broker
-        .cluster_link()
-        .ok_or_else(|| ApiError::bad_request("this node is not clustered"))?;
+    let link = clustered(&http)?;
     let via = body["node"]
         .as_str()
         .ok_or_else(|| ApiError::bad_request("the body names no \"node\""))?;

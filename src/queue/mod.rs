@@ -368,6 +368,13 @@ impl Queue {
         self.lock().state.would_reject(size)
     }
 
+    /// Whether a publisher must be refused a message of this size before it is stored
+    /// (x-overflow reject-publish and full; a reject-publish-dlx queue takes it and
+    /// dead-letters it itself).
+    pub fn refuses(&self, size: usize) -> bool {
+        self.overflow() == args::Overflow::RejectPublish && self.would_reject(size)
+    }
+
     /// Appends a message and delivers what it can.
     pub fn enqueue(&self, msg: Arc<Message>) -> Enqueued {
         let mut dead = Dead::new();
