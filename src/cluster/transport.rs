@@ -192,6 +192,8 @@ struct Inner {
     groups: Mutex<HashMap<GroupId, mpsc::Sender<Incoming>>>,
     next_id: AtomicU64,
     stop: CancellationToken,
+    /// The member whose link just went down, for every link that ends.
+    losses: tokio::sync::broadcast::Sender<String>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -237,6 +239,7 @@ impl Transport {
                 groups: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(1),
                 stop: CancellationToken::new(),
+                losses: tokio::sync::broadcast::channel(256).0,
             }),
         };
         tokio::spawn(transport.clone().accept_loop(listener));
@@ -285,6 +288,13 @@ impl Transport {
             .collect();
         all.sort_by(|a, b| a.name.cmp(&b.name));
         all
+    }
+
+    /// Tells of every link that goes down (the member's name), whoever ended it: what
+    /// was sent on it may be lost, and state held for that member (consumers proxied to
+    /// it, its deliveries) must be let go. A link that comes back is a new one.
+    pub fn link_losses(&self) -> tokio::sync::broadcast::Receiver<String> {
+        self.inner.losses.subscribe()
     }
 
     /// Whether the link to `peer` is up.
@@ -654,6 +664,7 @@ impl Transport {
         }
         // Waiters on this link get Disconnected now rather than at their timeout.
         lock(&pending).clear();
+        let _ = self.inner.losses.send(peer_name.clone());
         tracing::info!(
             up_ms = started.elapsed().as_millis() as u64,
             "cluster: link to {peer_name} down: {why}"
