@@ -47,6 +47,31 @@ impl ReplyCode {
         self as u16
     }
 
+    /// The code of a number another node sent (None for a number Warren never sends).
+    pub fn from_code(code: u16) -> Option<ReplyCode> {
+        use ReplyCode::*;
+        [
+            Success,
+            NoRoute,
+            ConnectionForced,
+            AccessRefused,
+            NotFound,
+            ResourceLocked,
+            PreconditionFailed,
+            FrameError,
+            SyntaxError,
+            CommandInvalid,
+            ChannelError,
+            UnexpectedFrame,
+            ResourceError,
+            NotAllowed,
+            NotImplemented,
+            InternalError,
+        ]
+        .into_iter()
+        .find(|c| c.code() == code)
+    }
+
     /// The symbolic name RabbitMQ puts in front of reply texts.
     pub fn name(self) -> &'static str {
         match self {
