@@ -62,11 +62,13 @@ async fn start_clustered(
         .transport()
         .register(crate::broker::remote::QUEUE_GROUP);
     tokio::spawn(crate::broker::remote::serve(Arc::downgrade(state), inbox));
+    let proxies = crate::broker::remote_consume::start(state, cluster.transport());
     state.join_cluster(ClusterLink {
         proposals: cluster.proposals().clone(),
         node,
         cluster: cluster.clone(),
         forwarder: crate::broker::remote::Forwarder::new(cluster.transport().clone()),
+        proxies,
     });
     Ok(cluster)
 }

@@ -35,6 +35,8 @@ pub struct ClusterLink {
     pub cluster: crate::cluster::ClusterNode,
     /// Publishes to queues homed on other nodes go through here.
     pub forwarder: super::remote::Forwarder,
+    /// Consuming, getting and purging queues hosted on other nodes go through here.
+    pub proxies: super::remote_consume::ProxyClient,
 }
 
 impl ClusterLink {

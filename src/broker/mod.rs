@@ -15,6 +15,7 @@ pub mod persist;
 pub mod policy;
 mod recovery;
 pub mod remote;
+pub mod remote_consume;
 pub mod reply_to;
 pub mod sender_selected;
 pub mod vhost;

@@ -1048,28 +1048,21 @@ impl VHost {
 /// and do nothing when the vhost already matches (the node that proposed a change made
 /// it in advance).
 impl VHost {
-    /// The node a durable queue is homed on, when that is another node.
+    /// The node that hosts a queue now, when that is another node: the one lookup
+    /// publishes (forwarded), consumers, gets, purges and counts (proxied, see
+    /// `broker::remote_consume`) go by. Today a durable queue's home.
     pub fn remote_home(&self, queue: &str) -> Option<String> {
         lock_read(&self.homes).get(queue).cloned()
     }
 
-    /// A queue that connection `conn` may consume from, get from or purge here: as
-    /// [`VHost::queue`], and 406 while it is homed on another node (its messages are
-    /// there; Warren does not proxy them yet).
-    pub fn local_queue(&self, name: &str, conn: u64) -> Result<Arc<Queue>, AmqpError> {
-        let q = self.queue(name, conn)?;
-        self.check_local(&q)?;
-        Ok(q)
-    }
-
-    /// 406 when `q` is homed on another node (see [`VHost::local_queue`]).
+    /// 406 when `q` is homed on another node: a transaction cannot publish to it yet.
     pub fn check_local(&self, q: &Queue) -> Result<(), AmqpError> {
         match self.remote_home(q.name()) {
             None => Ok(()),
             Some(home) => Err(amqp_err!(
                 PreconditionFailed,
-                "queue '{}' in vhost '{}' is homed on node '{}'; using its messages through \
-                 another node is not supported yet: connect to '{}'",
+                "queue '{}' in vhost '{}' is homed on node '{}'; transactions that publish \
+                 to it through another node are not supported yet: connect to '{}'",
                 q.name(),
                 self.name,
                 home,

@@ -3,6 +3,9 @@
 //! transactions. Each AMQP class's methods become calls on the vhost and its queues.
 
 mod direct_reply;
+mod remote_queue;
+
+pub use remote_queue::RemoteCall;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -15,6 +18,7 @@ use bytes::{Bytes, BytesMut};
 
 use super::sink::{ChannelLink, ConnEvent, ConnShared, ConnStats};
 use crate::auth::{Permission, ResourceKind};
+use crate::broker::remote_consume::RemoteHold;
 use crate::broker::reply_to::PSEUDO_QUEUE;
 use crate::broker::sender_selected;
 use crate::broker::vhost::generated_name;
@@ -46,6 +50,8 @@ pub enum Outcome {
 struct Consumer {
     id: ConsumerId,
     queue: Arc<Queue>,
+    /// Set when the queue is hosted on another node: the proxy consuming there.
+    remote: Option<Arc<RemoteHold>>,
 }
 
 #[derive(Debug)]
@@ -56,6 +62,15 @@ struct Unacked {
     counted: bool,
     /// When it was handed out (for consumer_timeout).
     at: Instant,
+    /// Set when the queue is hosted on another node: the proxy that holds it there.
+    remote: Option<Arc<RemoteHold>>,
+}
+
+impl Unacked {
+    /// Its host's link was lost: the host put it back, and its tag is unknown now.
+    fn is_lost(&self) -> bool {
+        self.remote.as_ref().is_some_and(|h| h.is_lost())
+    }
 }
 
 /// Work a transactional channel holds back until tx.commit.
@@ -79,6 +94,16 @@ enum Settle {
 }
 
 impl Settle {
+    /// The same settlement, for a queue's host on another node.
+    fn remote(self) -> crate::broker::remote_consume::SettleHow {
+        use crate::broker::remote_consume::SettleHow;
+        match self {
+            Settle::Ack => SettleHow::Ack,
+            Settle::Requeue => SettleHow::Requeue,
+            Settle::Reject => SettleHow::Reject,
+        }
+    }
+
     fn discard(requeue: bool) -> Settle {
         if requeue {
             Settle::Requeue
@@ -140,6 +165,9 @@ pub struct Channel {
     /// Exchanges this channel may publish to, checked at access-control generation
     /// `.0`: a publish costs a short scan, not a regex match.
     write_allowed: (u64, Vec<PublishGrant>),
+    /// A method waiting for the answer of the node that hosts its queue (the connection
+    /// reads nothing more meanwhile).
+    remote_call: Option<remote_queue::RemoteCall>,
 }
 
 /// Most exchanges remembered in a channel's publish-permission cache (as RabbitMQ's
@@ -210,6 +238,7 @@ impl Channel {
             frame_max,
             write_allowed: (u64::MAX, Vec::new()),
             reply_consumer: None,
+            remote_call: None,
         }
     }
 
@@ -328,6 +357,17 @@ impl Channel {
                 Err(amqp_err!(UnexpectedFrame, "type 8, all octets = <<>>")),
             ),
         };
+        self.finish(class_method, result, out)
+    }
+
+    /// A method's outcome: an error closes the channel (or, for a connection error,
+    /// the connection), naming the method.
+    fn finish(
+        &mut self,
+        class_method: (u16, u16),
+        result: Result<Outcome>,
+        out: &mut BytesMut,
+    ) -> Outcome {
         match result {
             Ok(outcome) => outcome,
             Err(mut e) => {
@@ -614,8 +654,13 @@ impl Channel {
                     let (q, _created) =
                         self.vhost
                             .declare_queue(def, d.passive, server_named, self.conn_id)?;
-                    let counts = q.counts();
                     self.last_queue = Some(q.name().to_string());
+                    if d.passive
+                        && let Some(host) = self.vhost.remote_home(q.name())
+                    {
+                        return self.declare_remote(&host, q.name(), d.nowait);
+                    }
+                    let counts = q.counts();
                     (!d.nowait).then(|| {
                         queue::AMQPMethod::DeclareOk(queue::DeclareOk {
                             queue: q.name().into(),
@@ -662,7 +707,10 @@ impl Channel {
             queue::AMQPMethod::Purge(p) => {
                 let name = self.queue_name(s(&p.queue))?;
                 self.check(ResourceKind::Queue, &name, Permission::Read)?;
-                let q = self.vhost.local_queue(&name, self.conn_id)?;
+                let q = self.vhost.queue(&name, self.conn_id)?;
+                if let Some(host) = self.vhost.remote_home(q.name()) {
+                    return self.purge_remote(&host, q.name(), p.nowait);
+                }
                 let purged = q.purge();
                 (!p.nowait).then_some(queue::AMQPMethod::PurgeOk(queue::PurgeOk {
                     message_count: purged as u32,
@@ -728,6 +776,8 @@ impl Channel {
                 let tag: Arc<str> = Arc::from(s(&c.consumer_tag));
                 if self.is_reply_consumer(&tag) {
                     self.cancel_reply_consumer();
+                } else if self.cancel_remote(&tag, c.nowait) {
+                    return Ok(());
                 } else {
                     self.cancel_consumer(&tag);
                 }
@@ -776,7 +826,7 @@ impl Channel {
         } else {
             let name = self.queue_name(s(&c.queue))?;
             self.check(ResourceKind::Queue, &name, Permission::Read)?;
-            Some(self.vhost.local_queue(&name, self.conn_id)?)
+            Some(self.vhost.queue(&name, self.conn_id)?)
         };
         let tag: Arc<str> = if c.consumer_tag.as_str().is_empty() {
             Arc::from(generated_name("amq.ctag-"))
@@ -804,6 +854,9 @@ impl Channel {
             })? as i32,
         };
         let id = self.broker.next_id();
+        if let Some(host) = self.vhost.remote_home(q.name()) {
+            return self.consume_remote(&host, q, &c, tag, id, priority);
+        }
         let spec = ConsumerSpec {
             id,
             priority,
@@ -815,6 +868,7 @@ impl Channel {
             Consumer {
                 id,
                 queue: q.clone(),
+                remote: None,
             },
         );
         if let Err(e) = q.consume(spec, tag.clone(), c.exclusive, self.link.clone()) {
@@ -835,15 +889,24 @@ impl Channel {
     }
 
     fn cancel_consumer(&mut self, tag: &Arc<str>) {
-        if let Some(c) = self.consumers.remove(tag)
-            && c.queue.cancel(c.id)
-        {
-            self.vhost.remove_queue(&c.queue);
+        let Some(c) = self.consumers.remove(tag) else {
+            return;
+        };
+        match &c.remote {
+            Some(hold) => hold.cancel(),
+            None => {
+                if c.queue.cancel(c.id) {
+                    self.vhost.remove_queue(&c.queue);
+                }
+            }
         }
     }
 
     /// The broker cancelled a consumer (its queue was deleted).
     pub fn server_cancel(&mut self, tag: &Arc<str>, notify: bool, out: &mut BytesMut) {
+        // A consumer of a queue on another node is cancelled when the link to that node
+        // is lost: what the channel got from there is unknown from now on.
+        self.unacked.retain(|_, u| !u.is_lost());
         if self.consumers.remove(tag).is_some() && notify && !self.closing {
             self.send(
                 out,
@@ -858,8 +921,26 @@ impl Channel {
     fn get(&mut self, g: basic::Get, out: &mut BytesMut) -> Result<()> {
         let name = self.queue_name(s(&g.queue))?;
         self.check(ResourceKind::Queue, &name, Permission::Read)?;
-        let q = self.vhost.local_queue(&name, self.conn_id)?;
-        match q.get(g.no_ack) {
+        let q = self.vhost.queue(&name, self.conn_id)?;
+        if let Some(host) = self.vhost.remote_home(q.name()) {
+            return self.get_remote(&host, q, g.no_ack);
+        }
+        let got = q.get(g.no_ack);
+        self.write_got(q, got, g.no_ack, None, out);
+        Ok(())
+    }
+
+    /// basic.get's answer: get-ok with the message, or get-empty. `remote` is the
+    /// proxy that holds the message when its queue is hosted on another node.
+    fn write_got(
+        &mut self,
+        q: Arc<Queue>,
+        got: Option<(crate::queue::Entry, u32)>,
+        no_ack: bool,
+        remote: Option<Arc<RemoteHold>>,
+        out: &mut BytesMut,
+    ) {
+        match got {
             None => self.send(
                 out,
                 AMQPClass::Basic(basic::AMQPMethod::GetEmpty(basic::GetEmpty {})),
@@ -867,7 +948,7 @@ impl Channel {
             Some((entry, left)) => {
                 let stats = &self.link.conn.stats;
                 ConnStats::add(
-                    if g.no_ack {
+                    if no_ack {
                         &stats.get_no_ack
                     } else {
                         &stats.get_ack
@@ -879,7 +960,7 @@ impl Channel {
                 }
                 let tag = self.next_tag;
                 self.next_tag += 1;
-                if !g.no_ack {
+                if !no_ack {
                     self.unacked.insert(
                         tag,
                         Unacked {
@@ -887,6 +968,7 @@ impl Channel {
                             offset: entry.offset,
                             counted: false,
                             at: Instant::now(),
+                            remote,
                         },
                     );
                 }
@@ -904,7 +986,6 @@ impl Channel {
                 encode::content(out, self.id, &props, &entry.msg.body, self.frame_max);
             }
         }
-        Ok(())
     }
 
     /// Writes a delivery from a queue, or gives it back when its consumer is gone. An
@@ -923,32 +1004,7 @@ impl Channel {
             d.queue.return_undelivered(d.entry);
             return;
         }
-        let tag = self.next_tag;
-        self.next_tag += 1;
-        let msg = &d.entry.msg;
-        encode::deliver(
-            out,
-            self.id,
-            &d.consumer_tag,
-            tag,
-            d.entry.redelivered,
-            &msg.exchange,
-            &msg.routing_key,
-        );
-        let props = delivery_properties(&d.queue, &d.entry);
-        encode::content(out, self.id, &props, &msg.body, self.frame_max);
-        let stats = &self.link.conn.stats;
-        ConnStats::add(
-            if d.no_ack {
-                &stats.delivered_no_ack
-            } else {
-                &stats.delivered_ack
-            },
-            1,
-        );
-        if d.entry.redelivered {
-            ConnStats::add(&stats.redelivered, 1);
-        }
+        let tag = self.write_delivery(&d.consumer_tag, &d.queue, &d.entry, d.no_ack, out);
         if d.no_ack {
             d.queue.settle_written_auto_ack(&d.entry, written);
         } else {
@@ -959,9 +1015,49 @@ impl Channel {
                     offset: d.entry.offset,
                     counted: true,
                     at: now,
+                    remote: None,
                 },
             );
         }
+    }
+
+    /// Writes basic.deliver and the message under the channel's next delivery tag,
+    /// which it returns.
+    fn write_delivery(
+        &mut self,
+        consumer_tag: &str,
+        queue: &Queue,
+        entry: &crate::queue::Entry,
+        no_ack: bool,
+        out: &mut BytesMut,
+    ) -> u64 {
+        let tag = self.next_tag;
+        self.next_tag += 1;
+        let msg = &entry.msg;
+        encode::deliver(
+            out,
+            self.id,
+            consumer_tag,
+            tag,
+            entry.redelivered,
+            &msg.exchange,
+            &msg.routing_key,
+        );
+        let props = delivery_properties(queue, entry);
+        encode::content(out, self.id, &props, &msg.body, self.frame_max);
+        let stats = &self.link.conn.stats;
+        ConnStats::add(
+            if no_ack {
+                &stats.delivered_no_ack
+            } else {
+                &stats.delivered_ack
+            },
+            1,
+        );
+        if entry.redelivered {
+            ConnStats::add(&stats.redelivered, 1);
+        }
+        tag
     }
 
     /// Removes the unacked deliveries named by (tag, multiple); 406 on an unknown tag.
@@ -969,18 +1065,23 @@ impl Channel {
         let unknown = || amqp_err!(PreconditionFailed, "unknown delivery tag {}", tag);
         if multiple {
             // As RabbitMQ: the tag itself must be outstanding, even when earlier ones are.
-            if tag != 0 && !self.unacked.contains_key(&tag) {
+            if tag != 0 && self.unacked.get(&tag).is_none_or(|u| u.is_lost()) {
                 return Err(unknown());
             }
             let upto = if tag == 0 { u64::MAX } else { tag };
             let keep = self.unacked.split_off(&upto.saturating_add(1));
-            let taken = std::mem::replace(&mut self.unacked, keep);
+            let mut taken = std::mem::replace(&mut self.unacked, keep);
             if taken.is_empty() && tag != 0 {
                 return Err(unknown());
             }
+            taken.retain(|_, u| !u.is_lost());
             Ok(taken)
         } else {
-            let u = self.unacked.remove(&tag).ok_or_else(unknown)?;
+            let u = self
+                .unacked
+                .remove(&tag)
+                .filter(|u| !u.is_lost())
+                .ok_or_else(unknown)?;
             Ok(BTreeMap::from([(tag, u)]))
         }
     }
@@ -1019,7 +1120,15 @@ impl Channel {
             .global_unacked
             .fetch_sub(counted, Ordering::Relaxed);
         let mut groups: Vec<(Arc<Queue>, Vec<Offset>)> = Vec::new();
+        let mut remote: Vec<(Arc<RemoteHold>, Vec<Offset>)> = Vec::new();
         for u in taken {
+            if let Some(hold) = u.remote {
+                match remote.iter_mut().find(|(h, _)| Arc::ptr_eq(h, &hold)) {
+                    Some((_, offsets)) => offsets.push(u.offset),
+                    None => remote.push((hold, vec![u.offset])),
+                }
+                continue;
+            }
             match groups.iter_mut().find(|(q, _)| Arc::ptr_eq(q, &u.queue)) {
                 Some((_, offsets)) => offsets.push(u.offset),
                 None => groups.push((u.queue, vec![u.offset])),
@@ -1031,6 +1140,11 @@ impl Channel {
                 Settle::Reject => q.reject(offsets),
                 Settle::Ack => q.settle(offsets, writes.as_deref_mut()),
             }
+        }
+        // Queues hosted on another node settle there (in a transaction: at commit,
+        // without waiting for the host).
+        for (hold, offsets) in remote {
+            hold.settle(offsets, how.remote());
         }
     }
 

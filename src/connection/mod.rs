@@ -127,6 +127,9 @@ pub struct Connection {
     /// On a clustered node: the answer to a definition method, held until the metadata
     /// group has committed what the method proposed (input after it waits too).
     awaiting_definitions: Option<AwaitedDefinitions>,
+    /// A channel's method waiting for the node that hosts its queue (input after it
+    /// waits too).
+    awaiting_remote: Option<(u16, channel::RemoteCall)>,
 }
 
 /// Runs a plain TCP connection until it closes.
@@ -244,6 +247,7 @@ async fn run<R, W>(
         shutdown_seen: false,
         definitions_changed: false,
         awaiting_definitions: None,
+        awaiting_remote: None,
     };
 
     let mut buf = BytesMut::with_capacity(64 * 1024);
@@ -280,6 +284,13 @@ async fn run<R, W>(
         let alarms = *alarm.borrow_and_update();
         let throttled = conn.published && alarms.any();
         conn.set_blocked(throttled.then(|| alarms.reason()));
+        if let Some((ch, mut call)) = conn.awaiting_remote.take() {
+            let answer = (&mut call.answer).await;
+            conn.remote_answered(ch, call, answer);
+            // What the client sent after the method is read now.
+            conn.handle_input(&mut buf);
+            continue;
+        }
         if let Some(awaited) = conn.awaiting_definitions.take() {
             conn.settle_definitions(awaited).await;
             // What the client sent after the method is read now.
@@ -536,7 +547,7 @@ impl Connection {
             if matches!(self.phase, Phase::Closed) {
                 return;
             }
-            if self.awaiting_definitions.is_some() {
+            if self.awaiting_definitions.is_some() || self.awaiting_remote.is_some() {
                 return;
             }
             match self.decoder.decode_frame(buf) {
@@ -720,6 +731,9 @@ impl Connection {
             ));
         };
         let outcome = channel.handle_frame(frame, &mut self.out);
+        if let Some(call) = channel.take_remote_call() {
+            self.awaiting_remote = Some((ch, call));
+        }
         if let (Some(before), Some(store)) = (sent_before, self.broker.store()) {
             self.definitions_changed |= store.sent_requests() != before;
         }
@@ -736,6 +750,11 @@ impl Connection {
                 });
             }
         }
+        self.channel_outcome(ch, outcome)
+    }
+
+    /// A channel's method's outcome for the connection.
+    fn channel_outcome(&mut self, ch: u16, outcome: channel::Outcome) -> Result<(), AmqpError> {
         match outcome {
             channel::Outcome::Continue => Ok(()),
             channel::Outcome::Closed => {
@@ -751,8 +770,32 @@ impl Connection {
         }
     }
 
+    /// A channel's method got its answer from the node that hosts its queue.
+    fn remote_answered(
+        &mut self,
+        ch: u16,
+        call: channel::RemoteCall,
+        answer: Result<crate::broker::remote_consume::Answer, AmqpError>,
+    ) {
+        let Some(channel) = self.channels.get_mut(&ch) else {
+            return;
+        };
+        let outcome = channel.remote_answered(call, answer, &mut self.out);
+        if let Err(e) = self.channel_outcome(ch, outcome) {
+            self.close_connection(e);
+        }
+    }
+
     fn handle_event(&mut self, event: ConnEvent, now: Instant) {
         match event {
+            ConnEvent::RemoteDeliver(ch, d) => {
+                self.delivered += 1;
+                self.delivered_bytes += d.entry.msg.size();
+                match self.channels.get_mut(&ch) {
+                    Some(channel) => channel.deliver_remote(d, now, &mut self.out),
+                    None => d.give_back(),
+                }
+            }
             ConnEvent::Deliver(ch, d) => {
                 self.delivered += 1;
                 self.delivered_bytes += d.entry.msg.size();
@@ -869,8 +912,10 @@ impl Connection {
     fn cleanup(&mut self, rx: &mut mpsc::UnboundedReceiver<ConnEvent>) {
         self.close_channels();
         while let Ok(event) = rx.try_recv() {
-            if let ConnEvent::Deliver(_, d) = event {
-                d.queue.return_undelivered(d.entry);
+            match event {
+                ConnEvent::Deliver(_, d) => d.queue.return_undelivered(d.entry),
+                ConnEvent::RemoteDeliver(_, d) => d.give_back(),
+                _ => {}
             }
         }
         self.broker

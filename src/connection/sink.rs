@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use tokio::sync::mpsc::UnboundedSender;
 
+use crate::broker::remote_consume::RemoteDelivery;
 use crate::broker::reply_to::ReplySink;
 use crate::queue::{ConsumerSink, Delivery, Message, Queue};
 
@@ -25,6 +26,8 @@ pub const BEHIND_PENDING_DELIVERIES: usize = 256;
 pub enum ConnEvent {
     /// A message for a consumer on this channel.
     Deliver(u16, Delivery),
+    /// A message for a consumer on this channel from a queue hosted on another node.
+    RemoteDeliver(u16, RemoteDelivery),
     /// The consumer with this tag was cancelled by the broker (queue deleted).
     Cancelled(u16, Arc<str>),
     /// These publishes (confirm sequence numbers) of this channel are stored.
