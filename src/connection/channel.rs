@@ -1260,7 +1260,8 @@ impl Channel {
             self.vhost
                 .route_keys(&msg.exchange, &keys, msg.properties.headers().as_ref())?
         };
-        // On a clustered node, queues homed elsewhere get the message from their home.
+        // On a clustered node, queues homed elsewhere get the message from their home, and
+        // replicated queues through their log.
         let remote = self.split_remote(&mut queues);
         if !remote.is_empty() && tx.is_some() {
             // Transactions over queues of other nodes are not supported yet.
@@ -1268,7 +1269,17 @@ impl Channel {
                 self.vhost.check_local(&q)?;
             }
         }
-        if queues.is_empty() && remote.is_empty() {
+        let replicated = split_replicated(&mut queues);
+        if let (Some(q), Some(_)) = (replicated.first(), &tx) {
+            return Err(amqp_err!(
+                PreconditionFailed,
+                "queue '{}' in vhost '{}' is a quorum queue: transactions over it are not \
+                 supported yet",
+                q.name(),
+                self.vhost.name
+            ));
+        }
+        if queues.is_empty() && remote.is_empty() && replicated.is_empty() {
             let stats = &self.link.conn.stats;
             ConnStats::add(
                 if mandatory {
@@ -1279,7 +1290,7 @@ impl Channel {
                 1,
             );
         }
-        if queues.is_empty() && remote.is_empty() && mandatory {
+        if queues.is_empty() && remote.is_empty() && replicated.is_empty() && mandatory {
             self.return_unroutable(&msg, out);
         }
         // Persistent copies go to the store before the queues see the message, so that
@@ -1292,8 +1303,8 @@ impl Channel {
             refused |= refuse;
             !refuse
         });
-        if !remote.is_empty() {
-            self.publish_with_remote(msg, queues, remote, refused);
+        if !remote.is_empty() || !replicated.is_empty() {
+            self.publish_with_remote(msg, queues, remote, replicated, refused);
             return Ok(());
         }
         let mut writes = Writes::default();
@@ -1365,6 +1376,7 @@ impl Channel {
     }
 
     /// Takes the queues homed on other nodes out of `queues`: their names by home.
+    /// (Replicated queues led elsewhere count as homed on their leader.)
     fn split_remote(&self, queues: &mut Vec<Arc<Queue>>) -> Vec<(String, Vec<String>)> {
         let mut remote: Vec<(String, Vec<String>)> = Vec::new();
         if self.broker.cluster_link().is_none() || !self.vhost.has_remote_queues() {
@@ -1383,20 +1395,30 @@ impl Channel {
         remote
     }
 
-    /// A publish that reaches queues of other nodes (and maybe of this one): the local
-    /// copies are stored and enqueued as usual, the message is forwarded to each home,
-    /// and the publisher's confirm waits for all of them (a nack if a home did not take
-    /// it, or a local queue refused it).
+    /// A publish that reaches queues of other nodes or replicated queues (and maybe
+    /// local ones): the local copies are stored and enqueued as usual, the message is
+    /// forwarded to each home and proposed to each replicated queue's log, and the
+    /// publisher's confirm waits for all of them (a nack if a home did not take it, a log
+    /// did not commit it, or a local queue refused it).
     fn publish_with_remote(
         &mut self,
         msg: Arc<Message>,
         queues: Vec<Arc<Queue>>,
         remote: Vec<(String, Vec<String>)>,
+        replicated: Vec<Arc<Queue>>,
         mut refused: bool,
     ) {
         let Some(link) = self.broker.cluster_link() else {
             return;
         };
+        let mut answers = Vec::with_capacity(remote.len() + replicated.len());
+        for q in &replicated {
+            let (ack, committed) = tokio::sync::oneshot::channel();
+            if q.enqueue_tracked(msg.clone(), Some(ack)) == Enqueued::Rejected {
+                refused = true;
+            }
+            answers.push(committed);
+        }
         let mut writes = Writes::default();
         writes.publish(&queues, &msg);
         let local = match self.broker.journal() {
@@ -1410,7 +1432,6 @@ impl Channel {
             }
         }
         let blob = msg.encode().to_vec();
-        let mut answers = Vec::with_capacity(remote.len());
         for (home, names) in remote {
             let (answered, answer) = tokio::sync::oneshot::channel();
             link.forwarder.publish(
@@ -1576,4 +1597,17 @@ fn delivery_properties(q: &Queue, entry: &crate::queue::Entry) -> Bytes {
     );
     props = props.with_headers(headers);
     encode::properties(&props)
+}
+
+/// Takes the replicated queues (led by this node, or not yet known to be led elsewhere)
+/// out of `queues`: their publishes go through their logs.
+fn split_replicated(queues: &mut Vec<Arc<Queue>>) -> Vec<Arc<Queue>> {
+    if !queues.iter().any(|q| q.is_replicated()) {
+        return Vec::new();
+    }
+    let (replicated, rest) = std::mem::take(queues)
+        .into_iter()
+        .partition(|q| q.is_replicated());
+    *queues = rest;
+    replicated
 }
