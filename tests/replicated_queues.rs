@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use cluster::Cluster;
 use futures_lite::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
-    QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions,
+    ConfirmSelectOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel};
@@ -66,7 +66,7 @@ async fn publish(ch: &Channel, body: &str) -> bool {
 }
 
 /// The node (of `nodes`) that serves the queue's consumers now: the leader of its group.
-async fn leader(c: &Cluster, nodes: &[usize]) -> usize {
+async fn leader(c: &Cluster, nodes: &[usize], queue: &str) -> usize {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         for &i in nodes {
@@ -78,7 +78,7 @@ async fn leader(c: &Cluster, nodes: &[usize]) -> usize {
             };
             let consumed = ch
                 .basic_consume(
-                    QUEUE.into(),
+                    queue.into(),
                     "probe".into(),
                     BasicConsumeOptions::default(),
                     FieldTable::default(),
@@ -147,7 +147,7 @@ async fn confirmed_messages_survive_the_loss_of_the_queue_leader() {
     }
 
     // A consumer takes some without acking, then the leader dies.
-    let first = leader(&c, &[1, 2, 3]).await;
+    let first = leader(&c, &[1, 2, 3], QUEUE).await;
     let conn = c.connect(first).await;
     let held = conn.create_channel().await.unwrap();
     let mut consumer = held
@@ -184,7 +184,7 @@ async fn confirmed_messages_survive_the_loss_of_the_queue_leader() {
         }
     }
 
-    let second = leader(&c, &rest).await;
+    let second = leader(&c, &rest, QUEUE).await;
     let (got, redelivered) = drain(&c, second).await;
     let got_set: BTreeSet<String> = got.iter().cloned().collect();
     let lost: Vec<&String> = confirmed.difference(&got_set).collect();
@@ -197,11 +197,51 @@ async fn confirmed_messages_survive_the_loss_of_the_queue_leader() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn quorum_queues_refuse_what_rabbitmq_refuses() {
+async fn quorum_queues_take_transactions_and_refuse_what_rabbitmq_refuses() {
     let Some(c) = Cluster::start(3) else {
         return;
     };
     c.wait_agreed_leader(&[1, 2, 3], None, ELECTION).await;
+
+    // A transaction's publishes reach the queue at commit, and only then.
+    let ch = c.connect(1).await.create_channel().await.unwrap();
+    let (options, args) = quorum();
+    ch.queue_declare("tx".into(), options, args).await.unwrap();
+    let node = leader(&c, &[1, 2, 3], "tx").await;
+    let ch = c.connect(node).await.create_channel().await.unwrap();
+    ch.tx_select().await.unwrap();
+    for body in ["a", "b", "c"] {
+        ch.basic_publish(
+            "".into(),
+            "tx".into(),
+            BasicPublishOptions::default(),
+            body.as_bytes(),
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap();
+    }
+    ch.tx_commit().await.unwrap();
+    ch.basic_publish(
+        "".into(),
+        "tx".into(),
+        BasicPublishOptions::default(),
+        b"rolled back",
+        BasicProperties::default(),
+    )
+    .await
+    .unwrap();
+    ch.tx_rollback().await.unwrap();
+    let mut got = Vec::new();
+    while let Some(m) = ch
+        .basic_get("tx".into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+    {
+        got.push(String::from_utf8_lossy(&m.delivery.data).into_owned());
+    }
+    assert_eq!(got, ["a", "b", "c"], "committed publishes only, in order");
+
     let conn = c.connect(2).await;
     for (flag, options) in [
         ("non-durable", QueueDeclareOptions::default()),

@@ -1086,6 +1086,37 @@ impl Channel {
                     }
                 }
                 let journal = self.broker.journal().cloned();
+                if commit
+                    .enqueues
+                    .iter()
+                    .any(|(qs, _)| qs.iter().any(|q| q.is_replicated()))
+                {
+                    // Replicated queues take the publishes through their logs: commit-ok
+                    // waits for the store and for every log to have committed them.
+                    self.tx_commits_in_flight += 1;
+                    let stored = journal.map(|j| j.append_wait(commit.writes));
+                    let committed = enqueue_tx_publishes(commit.enqueues);
+                    let tx = self.link.conn.tx.clone();
+                    let ch = self.id;
+                    tokio::spawn(async move {
+                        if let Some(stored) = stored {
+                            stored.await;
+                        }
+                        let mut all = true;
+                        for c in committed {
+                            all &= c.await.unwrap_or(false);
+                        }
+                        let _ = tx.send(if all {
+                            ConnEvent::TxCommitted(ch)
+                        } else {
+                            ConnEvent::Close(amqp_err!(
+                                InternalError,
+                                "a quorum queue did not commit the transaction's messages"
+                            ))
+                        });
+                    });
+                    return Ok(());
+                }
                 match journal {
                     // A commit with nothing to store still goes through the journal when
                     // an earlier one is in flight: the journal answers in order.
@@ -1099,19 +1130,11 @@ impl Channel {
                                 let _ = tx.send(ConnEvent::TxCommitted(ch));
                             }),
                         );
-                        for (queues, msg) in commit.enqueues {
-                            for q in queues {
-                                q.enqueue(msg.clone());
-                            }
-                        }
+                        enqueue_tx_publishes(commit.enqueues);
                         return Ok(());
                     }
                     _ => {
-                        for (queues, msg) in commit.enqueues {
-                            for q in queues {
-                                q.enqueue(msg.clone());
-                            }
-                        }
+                        enqueue_tx_publishes(commit.enqueues);
                     }
                 }
                 tx::AMQPMethod::CommitOk(tx::CommitOk {})
@@ -1269,16 +1292,12 @@ impl Channel {
                 self.vhost.check_local(&q)?;
             }
         }
-        let replicated = split_replicated(&mut queues);
-        if let (Some(q), Some(_)) = (replicated.first(), &tx) {
-            return Err(amqp_err!(
-                PreconditionFailed,
-                "queue '{}' in vhost '{}' is a quorum queue: transactions over it are not \
-                 supported yet",
-                q.name(),
-                self.vhost.name
-            ));
-        }
+        // (A transaction's publishes to replicated queues are proposed at commit.)
+        let replicated = if tx.is_none() {
+            split_replicated(&mut queues)
+        } else {
+            Vec::new()
+        };
         if queues.is_empty() && remote.is_empty() && replicated.is_empty() {
             let stats = &self.link.conn.stats;
             ConnStats::add(
@@ -1610,4 +1629,24 @@ fn split_replicated(queues: &mut Vec<Arc<Queue>>) -> Vec<Arc<Queue>> {
         .partition(|q| q.is_replicated());
     *queues = rest;
     replicated
+}
+
+/// A committed transaction's publishes enter their queues; the answers of the replicated
+/// queues' logs (whether each committed its copy).
+fn enqueue_tx_publishes(
+    enqueues: Vec<(Vec<Arc<Queue>>, Arc<Message>)>,
+) -> Vec<tokio::sync::oneshot::Receiver<bool>> {
+    let mut committed = Vec::new();
+    for (queues, msg) in enqueues {
+        for q in queues {
+            if q.is_replicated() {
+                let (ack, answer) = tokio::sync::oneshot::channel();
+                q.enqueue_tracked(msg.clone(), Some(ack));
+                committed.push(answer);
+            } else {
+                q.enqueue(msg.clone());
+            }
+        }
+    }
+    committed
 }
