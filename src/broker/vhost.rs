@@ -1114,6 +1114,13 @@ impl VHost {
         };
     }
 
+    /// Tells every node that this one now leads replicated queue `queue`.
+    pub fn announce_replica_leader(&self, queue: &str) {
+        if let Some(link) = self.cluster.get() {
+            link.announce_leader(&self.name, queue);
+        }
+    }
+
     /// The node a durable queue is homed on, when that is another node.
     pub fn remote_home(&self, queue: &str) -> Option<String> {
         lock_read(&self.homes).get(queue).cloned()
