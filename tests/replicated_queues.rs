@@ -277,3 +277,53 @@ async fn quorum_queues_take_transactions_and_refuse_what_rabbitmq_refuses() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_outside_the_queues_group_follows_its_leader() {
+    let Some(mut c) = Cluster::start(4) else {
+        return;
+    };
+    c.wait_agreed_leader(&[1, 2, 3, 4], None, ELECTION).await;
+    // Declared on node 1 with 3 replicas: nodes 1, 2 and 3; node 4 holds none.
+    let ch = c.connect(1).await.create_channel().await.unwrap();
+    let (options, mut args) = quorum();
+    args.insert("x-quorum-initial-group-size".into(), AMQPValue::LongInt(3));
+    ch.queue_declare(QUEUE.into(), options, args).await.unwrap();
+    let first = leader(&c, &[1, 2, 3], QUEUE).await;
+
+    let mut confirmed = BTreeSet::new();
+    let outside = confirming_channel(&c, 4).await.expect("node 4 up");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while confirmed.len() < 50 {
+        let body = format!("before:{}", confirmed.len());
+        if publish(&outside, &body).await {
+            confirmed.insert(body);
+        } else {
+            assert!(Instant::now() < deadline, "node 4 never confirmed");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    // The leader dies: node 4 learns the new one and its publishes are confirmed again.
+    c.kill(first);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut after = 0;
+    while after < 50 {
+        let body = format!("after:{after}");
+        if publish(&outside, &body).await {
+            confirmed.insert(body);
+            after += 1;
+        } else {
+            assert!(
+                Instant::now() < deadline,
+                "node 4 never confirmed after the kill"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let rest: Vec<usize> = [1, 2, 3].into_iter().filter(|i| *i != first).collect();
+    let second = leader(&c, &rest, QUEUE).await;
+    let (got, _) = drain(&c, second).await;
+    let got: BTreeSet<String> = got.into_iter().collect();
+    let lost: Vec<&String> = confirmed.difference(&got).collect();
+    assert!(lost.is_empty(), "confirmed messages lost: {lost:?}");
+}

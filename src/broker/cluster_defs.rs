@@ -91,6 +91,22 @@ impl ClusterLink {
     }
 }
 
+/// Key prefix of a replicated queue's leader in the metadata group (as RabbitMQ keeps a
+/// quorum queue's leader in its queue record): every node, member of the queue's group or
+/// not, routes the queue's publishes to the leader it names.
+const LEADER_PREFIX: &str = "l/";
+
+impl ClusterLink {
+    /// Announces that this node now leads replicated queue `queue` of `vhost`.
+    pub fn announce_leader(&self, vhost: &str, queue: &str) {
+        let key = format!("{LEADER_PREFIX}{vhost}\u{0}{queue}");
+        let Ok(value) = postcard::to_stdvec(&(vhost, queue, &self.node)) else {
+            return;
+        };
+        self.proposals.submit(vec![MetaCommand::Put { key, value }]);
+    }
+}
+
 /// A queue's value in the metadata group.
 fn homed_queue(home: &str, stored: &[u8]) -> Vec<u8> {
     let mut v = Vec::with_capacity(3 + home.len() + stored.len());
@@ -163,7 +179,7 @@ fn split_homed(value: &[u8]) -> Option<(&str, &[u8])> {
 pub fn agreed_definitions(defs: &Definitions) -> Vec<(String, Vec<u8>)> {
     let mut out = Vec::with_capacity(defs.len());
     for (key, value) in defs {
-        if key.starts_with(CLUSTER_PREFIX) {
+        if key.starts_with(CLUSTER_PREFIX) || key.starts_with(LEADER_PREFIX) {
             continue;
         } else if key.starts_with("q/") {
             let Some((_, stored)) = split_queue(value) else {
@@ -223,6 +239,18 @@ impl DefinitionsMirror {
                     vhost.mirror_queue(stored.def(), home);
                 }
                 Placement::Replicated(spec) => self.put_replicated(broker, &vhost, stored, &spec),
+            }
+        } else if key.starts_with(LEADER_PREFIX) {
+            let Ok((vhost, queue, leader)) =
+                postcard::from_bytes::<(String, String, String)>(value)
+            else {
+                return tracing::error!("cluster: agreed queue leader {key:?} cannot be read");
+            };
+            if let Some(vhost) = broker.vhost(&vhost)
+                && vhost.find_queue(&queue).is_some_and(|q| q.is_replicated())
+            {
+                let home = (leader != self.node).then_some(leader);
+                vhost.set_replica_home(&queue, home);
             }
         } else if key.starts_with("b/") {
             let Some(b) = StoredBinding::decode(value) else {
@@ -352,7 +380,13 @@ impl DefinitionsObserver for DefinitionsMirror {
             }
         }
         let mut agreed: Vec<(&String, &Vec<u8>)> = definitions.iter().collect();
-        agreed.sort_by_key(|(k, _)| (!k.starts_with(CLUSTER_PREFIX), k.starts_with("b/")));
+        // (Queue leaders after their queues.)
+        agreed.sort_by_key(|(k, _)| {
+            (
+                !k.starts_with(CLUSTER_PREFIX),
+                k.starts_with("b/") || k.starts_with(LEADER_PREFIX),
+            )
+        });
         for (key, value) in agreed {
             self.put(&broker, key, value);
         }

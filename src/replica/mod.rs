@@ -11,8 +11,9 @@
 //! - Every member applies the log to its [`machine::ReplicaMachine`]: the committed
 //!   messages. A node that becomes leader rebuilds the live queue from it (messages
 //!   handed out before come back redelivered); a leader that loses its place cancels its
-//!   consumers (basic.cancel) and forgets the live queue. Other nodes route the queue's
-//!   publishes to the leader they know (`VHost::set_replica_home`).
+//!   consumers (basic.cancel) and forgets the live queue. A new leader announces itself
+//!   in the metadata group (as RabbitMQ records a quorum queue's leader), and every node
+//!   routes the queue's publishes to the leader it knows (`VHost::set_replica_home`).
 //! - A queue's log is snapshotted (its live messages only) every
 //!   [`SNAPSHOT_EVERY`] entries and truncated, so disk use follows the backlog.
 
@@ -437,6 +438,7 @@ impl Leadership {
                     Ok(_) => {
                         self.machine.host(queue.clone());
                         vhost.set_replica_home(queue.name(), None);
+                        vhost.announce_replica_leader(queue.name());
                         tracing::info!(
                             queue = queue.name(),
                             "replicated queue: this node leads it now"
