@@ -376,6 +376,35 @@ async fn consuming_getting_and_purging_through_another_node_use_the_home() {
         .await
         .unwrap();
     assert_eq!((ok.message_count(), ok.consumer_count()), (0, 0));
+
+    // A channel-wide prefetch (basic.qos global) holds through node 3 too.
+    for b in ["q0", "q1", "q2"] {
+        assert!(publish(&ch2, "tasks", b.as_bytes()).await);
+    }
+    let gch = conn3.create_channel().await.unwrap();
+    gch.basic_qos(2, BasicQosOptions { global: true })
+        .await
+        .unwrap();
+    let mut global = gch
+        .basic_consume(
+            "tasks".into(),
+            "g3".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let q0 = next(&mut global).await;
+    assert_eq!(body(&q0), "q0");
+    assert_eq!(body(&next(&mut global).await), "q1");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(700), global.next())
+            .await
+            .is_err(),
+        "no third delivery while two are unacknowledged (global prefetch 2)"
+    );
+    q0.ack(BasicAckOptions::default()).await.unwrap();
+    assert_eq!(body(&next(&mut global).await), "q2", "the ack freed one");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

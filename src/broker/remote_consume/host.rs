@@ -367,14 +367,20 @@ impl std::fmt::Debug for Outgoing {
 }
 
 impl RemoteSink {
-    /// Settlements freed `n` of the channel-wide credit.
+    /// Settlements freed `n` of the channel-wide credit (the queue is kicked: its lock
+    /// must not be held).
     fn settled(&self, n: u32) {
+        self.free(n);
+        self.kick();
+    }
+
+    /// Gives back `n` of the channel-wide credit.
+    fn free(&self, n: u32) {
         let _ = self
             .unacked
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
                 Some(u.saturating_sub(n))
             });
-        self.kick();
     }
 
     /// Tells a queue that waits for credit to try again.
@@ -403,8 +409,9 @@ impl ConsumerSink for RemoteSink {
     }
 
     fn return_credit(&self, no_ack: bool) {
+        // Called by the queue under its lock: no kick from here.
         if !no_ack && self.global_prefetch != 0 {
-            self.settled(1);
+            self.free(1);
         }
     }
 
