@@ -237,8 +237,8 @@ impl ProxyClient {
             no_ack: c.no_ack,
             exclusive: c.exclusive,
         };
-        let answer = self.request(host, &c.vhost, c.queue.name(), request);
-        // Routed first: deliveries may come before the answer.
+        let (vhost, queue) = (c.vhost, c.queue.name().to_string());
+        // Routed before it is asked for: deliveries may come before the answer.
         lock(&self.inner.routes).insert(
             hold.proxy,
             Route {
@@ -250,6 +250,7 @@ impl ProxyClient {
                 hold: hold.clone(),
             },
         );
+        let answer = self.request(host, &vhost, &queue, request);
         (hold, answer)
     }
 
