@@ -283,6 +283,7 @@ impl DefinitionsMirror {
             return;
         };
         q.mark_replicated();
+        q.set_members(spec.members.clone());
         if member {
             link.replicas.ensure(spec, vhost, &q);
         }
