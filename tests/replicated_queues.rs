@@ -350,3 +350,58 @@ async fn a_node_outside_the_queues_group_follows_its_leader() {
     let lost: Vec<&String> = confirmed.difference(&got).collect();
     assert!(lost.is_empty(), "confirmed messages lost: {lost:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_that_attached_at_declare_gets_every_pipelined_publish() {
+    let Some(c) = Cluster::start(3) else {
+        return;
+    };
+    c.wait_agreed_leader(&[1, 2, 3], None, ELECTION).await;
+    // As a benchmark client does: declare, consume at once on the declaring node (its
+    // group is still electing), then publish with many confirms outstanding.
+    let conn = c.connect(1).await;
+    let ch = conn.create_channel().await.unwrap();
+    let (options, args) = quorum();
+    ch.queue_declare(QUEUE.into(), options, args).await.unwrap();
+    let mut consumer = ch
+        .basic_consume(
+            QUEUE.into(),
+            "early".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let publisher = confirming_channel(&c, 1).await.expect("node 1 up");
+    let body = vec![b'x'; 1024];
+    let mut confirms = Vec::new();
+    for _ in 0..2000 {
+        confirms.push(
+            publisher
+                .basic_publish(
+                    "".into(),
+                    QUEUE.into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    BasicProperties::default().with_delivery_mode(2),
+                )
+                .await
+                .unwrap(),
+        );
+    }
+    let mut acked = 0;
+    for confirm in confirms {
+        acked += usize::from(confirm.await.unwrap().is_ack());
+    }
+    assert!(acked > 0, "some publishes confirmed");
+    let mut got = 0;
+    while got < acked {
+        match tokio::time::timeout(Duration::from_secs(10), consumer.next()).await {
+            Ok(Some(Ok(_))) => got += 1,
+            other => panic!("{got} of {acked} confirmed messages delivered: {other:?}"),
+        }
+    }
+}

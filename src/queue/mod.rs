@@ -397,7 +397,8 @@ impl Queue {
         let mut dead = Dead::new();
         {
             let mut inner = self.lock();
-            inner.state = QueueState::new((*self.args()).clone());
+            // Consumers that attached while the group elected this node stay.
+            inner.state = inner.state.without_messages();
             inner.store_ops.clear();
             for (key, msg, delivered) in messages {
                 let cmd = Command::Restore {

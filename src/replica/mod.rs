@@ -75,8 +75,9 @@ impl ReplicaSpec {
 /// A durable change of a replicated queue, as its log carries it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ReplicaRecord {
-    /// A message published to the queue (the store's encoding of it).
-    Enqueue(Vec<u8>),
+    /// A message published to the queue (the store's encoding of it; as bytes, not a
+    /// sequence of numbers, so that encoding a large body is one copy).
+    Enqueue(#[serde(with = "serde_bytes")] Vec<u8>),
     /// The message with this key was handed to a consumer.
     Delivered(u64),
     /// The message with this key left (acked, dropped, expired, dead-lettered, purged).
@@ -96,6 +97,19 @@ openraft::declare_raft_types!(
         SnapshotData = Cursor<Vec<u8>>,
         AsyncRuntime = openraft::TokioRuntime,
 );
+
+/// Bytes of records one log entry gathers at most (more wait for the next entry).
+pub const ENTRY_BYTES: usize = 256 << 10;
+
+impl ReplicaRecord {
+    /// Approximate encoded size.
+    fn size(&self) -> usize {
+        match self {
+            ReplicaRecord::Enqueue(blob) => blob.len() + 8,
+            _ => 12,
+        }
+    }
+}
 
 /// Called with whether a proposed record was committed.
 type Ack = oneshot::Sender<bool>;
@@ -308,6 +322,9 @@ impl GroupStart {
             election_timeout_min: 1500,
             election_timeout_max: 3000,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(SNAPSHOT_EVERY),
+            // Entries are up to ENTRY_BYTES: this bounds one AppendEntries well under the
+            // link's frame limit.
+            max_payload_entries: 32,
             max_in_snapshot_log_to_keep: 0,
             ..Default::default()
         }
@@ -378,11 +395,13 @@ async fn propose(
             _ = stop.cancelled() => None,
         };
         let Some(first) = first else { return };
+        let mut bytes = first.0.size();
         let mut records = vec![first.0];
         let mut acks: Vec<Ack> = first.1.into_iter().collect();
-        while records.len() < RECORDS_PER_ENTRY {
+        while records.len() < RECORDS_PER_ENTRY && bytes < ENTRY_BYTES {
             match rx.try_recv() {
                 Ok((record, ack)) => {
+                    bytes += record.size();
                     records.push(record);
                     acks.extend(ack);
                 }
@@ -453,7 +472,8 @@ impl Leadership {
                 }
                 continue;
             }
-            if !leads && acted_on != Some(leader) {
+            // (A node that names itself leader before it is one waits until it is.)
+            if !leads && leader != Some(self.me) && acted_on != Some(leader) {
                 if hosting {
                     if let Some(host) = self.machine.unhost() {
                         host.step_down();
