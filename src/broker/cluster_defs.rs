@@ -95,10 +95,11 @@ impl ClusterLink {
 const LEADER_PREFIX: &str = "l/";
 
 impl ClusterLink {
-    /// Announces that this node now leads replicated queue `queue` of `vhost`.
-    pub fn announce_leader(&self, vhost: &str, queue: &str) {
+    /// Announces that this node leads replicated queue `queue` of `vhost` since Raft term
+    /// `term` of its group.
+    pub fn announce_leader(&self, vhost: &str, queue: &str, term: u64) {
         let key = format!("{LEADER_PREFIX}{vhost}\u{0}{queue}");
-        let Ok(value) = postcard::to_stdvec(&(vhost, queue, &self.node)) else {
+        let Ok(value) = postcard::to_stdvec(&(vhost, queue, &self.node, term)) else {
             return;
         };
         self.proposals.submit(vec![MetaCommand::Put { key, value }]);

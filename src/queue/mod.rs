@@ -226,6 +226,8 @@ pub struct Queue {
     replicated: AtomicBool,
     /// A replicated queue's members (node names), for listings.
     members: std::sync::RwLock<Vec<String>>,
+    /// The Raft term of the newest leader this node heard of for a replicated queue.
+    leader_term: std::sync::atomic::AtomicU64,
 }
 
 /// Counts reported by declare-ok, purge-ok, delete-ok and get-ok.
@@ -304,7 +306,15 @@ impl Queue {
             replica: std::sync::OnceLock::new(),
             replicated: AtomicBool::new(false),
             members: std::sync::RwLock::default(),
+            leader_term: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// Notes news of a replicated queue's leader elected in Raft term `term`: true when
+    /// it is not older than what this node knows (an announcement that lost a race with
+    /// a newer election is ignored).
+    pub fn note_leader(&self, term: u64) -> bool {
+        self.leader_term.fetch_max(term, Ordering::Relaxed) <= term
     }
 
     /// Records a replicated queue's members (from its agreed definition).

@@ -445,9 +445,9 @@ impl Leadership {
         // leader only).
         let mut acted_on: Option<Option<NodeId>> = None;
         loop {
-            let (leader, state) = {
+            let (leader, state, term) = {
                 let m = metrics.borrow_and_update();
-                (m.current_leader, m.state)
+                (m.current_leader, m.state, m.current_term)
             };
             let (Some(queue), Some(vhost)) = (self.queue.upgrade(), self.vhost.upgrade()) else {
                 return;
@@ -459,8 +459,9 @@ impl Leadership {
                 match self.raft.ensure_linearizable().await {
                     Ok(_) => {
                         self.machine.host(queue.clone());
+                        queue.note_leader(term);
                         vhost.set_replica_home(queue.name(), None);
-                        vhost.announce_replica_leader(queue.name());
+                        vhost.announce_replica_leader(queue.name(), term);
                         tracing::info!(
                             queue = queue.name(),
                             "replicated queue: this node leads it now"
@@ -481,6 +482,7 @@ impl Leadership {
                     hosting = false;
                 }
                 if let Some(name) = leader.and_then(|id| self.names.get(&id)) {
+                    queue.note_leader(term);
                     vhost.set_replica_home(queue.name(), Some(name.clone()));
                     // Consumers that attached here while no leader was known are
                     // cancelled: they attach again where the queue is served.
