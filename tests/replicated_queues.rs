@@ -278,6 +278,18 @@ async fn quorum_queues_take_transactions_and_refuse_what_rabbitmq_refuses() {
     }
 }
 
+/// `warren ctl ARGS` against node `i`: its output.
+fn ctl(c: &Cluster, i: usize, args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_warren"))
+        .args(["ctl", "--url", &format!("http://{}:15672", c.node(i).ip)])
+        .args(["-u", cluster::USER, "--password", cluster::USER])
+        .args(args)
+        .output()
+        .expect("warren ctl runs");
+    assert!(out.status.success(), "warren ctl {args:?} failed");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_outside_the_queues_group_follows_its_leader() {
     let Some(mut c) = Cluster::start(4) else {
@@ -322,8 +334,75 @@ async fn a_node_outside_the_queues_group_follows_its_leader() {
     }
     let rest: Vec<usize> = [1, 2, 3].into_iter().filter(|i| *i != first).collect();
     let second = leader(&c, &rest, QUEUE).await;
+    // `warren ctl list_queues` through node 4 names the new leader and the members, as
+    // `rabbitmqctl list_queues name type leader members` does.
+    let listed = ctl(&c, 4, &["list_queues", "name", "type", "leader", "members"]);
+    let row = listed
+        .lines()
+        .find(|l| l.starts_with(QUEUE))
+        .unwrap_or_else(|| panic!("{QUEUE} listed: {listed}"));
+    assert!(row.contains("quorum"), "{row}");
+    assert!(row.contains(&c.node(second).name), "the new leader: {row}");
+    for i in 1..=3 {
+        assert!(row.contains(&c.node(i).name), "member {i}: {row}");
+    }
     let (got, _) = drain(&c, second).await;
     let got: BTreeSet<String> = got.into_iter().collect();
     let lost: Vec<&String> = confirmed.difference(&got).collect();
     assert!(lost.is_empty(), "confirmed messages lost: {lost:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_that_attached_at_declare_gets_every_pipelined_publish() {
+    let Some(c) = Cluster::start(3) else {
+        return;
+    };
+    c.wait_agreed_leader(&[1, 2, 3], None, ELECTION).await;
+    // As a benchmark client does: declare, consume at once on the declaring node (its
+    // group is still electing), then publish with many confirms outstanding.
+    let conn = c.connect(1).await;
+    let ch = conn.create_channel().await.unwrap();
+    let (options, args) = quorum();
+    ch.queue_declare(QUEUE.into(), options, args).await.unwrap();
+    let mut consumer = ch
+        .basic_consume(
+            QUEUE.into(),
+            "early".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let publisher = confirming_channel(&c, 1).await.expect("node 1 up");
+    let body = vec![b'x'; 1024];
+    let mut confirms = Vec::new();
+    for _ in 0..2000 {
+        confirms.push(
+            publisher
+                .basic_publish(
+                    "".into(),
+                    QUEUE.into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    BasicProperties::default().with_delivery_mode(2),
+                )
+                .await
+                .unwrap(),
+        );
+    }
+    let mut acked = 0;
+    for confirm in confirms {
+        acked += usize::from(confirm.await.unwrap().is_ack());
+    }
+    assert!(acked > 0, "some publishes confirmed");
+    let mut got = 0;
+    while got < acked {
+        match tokio::time::timeout(Duration::from_secs(10), consumer.next()).await {
+            Ok(Some(Ok(_))) => got += 1,
+            other => panic!("{got} of {acked} confirmed messages delivered: {other:?}"),
+        }
+    }
 }

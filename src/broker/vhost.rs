@@ -1125,10 +1125,10 @@ impl VHost {
         };
     }
 
-    /// Tells every node that this one now leads replicated queue `queue`.
-    pub fn announce_replica_leader(&self, queue: &str) {
+    /// Tells every node that this one leads replicated queue `queue` since `term`.
+    pub fn announce_replica_leader(&self, queue: &str, term: u64) {
         if let Some(link) = self.cluster.get() {
-            link.announce_leader(&self.name, queue);
+            link.announce_leader(&self.name, queue, term);
         }
     }
 

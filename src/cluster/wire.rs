@@ -56,6 +56,7 @@ pub enum Frame {
         /// The group it is for.
         group: GroupId,
         /// The group's own encoding.
+        #[serde(with = "serde_bytes")]
         body: Vec<u8>,
     },
     /// A message to a group that expects an answer ([`Frame::Reply`] with the same id).
@@ -65,6 +66,7 @@ pub enum Frame {
         /// The group it is for.
         group: GroupId,
         /// The group's own encoding.
+        #[serde(with = "serde_bytes")]
         body: Vec<u8>,
     },
     /// The answer to [`Frame::Request`] `id`; `None` when no such group runs on the node.
@@ -72,6 +74,7 @@ pub enum Frame {
         /// The request's id.
         id: u64,
         /// The group's answer.
+        #[serde(with = "serde_bytes")]
         body: Option<Vec<u8>>,
     },
 }

@@ -224,6 +224,10 @@ pub struct Queue {
     /// Declared replicated (`x-queue-type: quorum` on a clustered node): its messages go
     /// only through its log, even before the log is attached.
     replicated: AtomicBool,
+    /// A replicated queue's members (node names), for listings.
+    members: std::sync::RwLock<Vec<String>>,
+    /// The Raft term of the newest leader this node heard of for a replicated queue.
+    leader_term: std::sync::atomic::AtomicU64,
 }
 
 /// Counts reported by declare-ok, purge-ok, delete-ok and get-ok.
@@ -301,7 +305,29 @@ impl Queue {
             router,
             replica: std::sync::OnceLock::new(),
             replicated: AtomicBool::new(false),
+            members: std::sync::RwLock::default(),
+            leader_term: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// Notes news of a replicated queue's leader elected in Raft term `term`: true when
+    /// it is not older than what this node knows (an announcement that lost a race with
+    /// a newer election is ignored).
+    pub fn note_leader(&self, term: u64) -> bool {
+        self.leader_term.fetch_max(term, Ordering::Relaxed) <= term
+    }
+
+    /// Records a replicated queue's members (from its agreed definition).
+    pub fn set_members(&self, members: Vec<String>) {
+        *self.members.write().unwrap_or_else(|p| p.into_inner()) = members;
+    }
+
+    /// A replicated queue's members (empty for any other queue).
+    pub fn members(&self) -> Vec<String> {
+        self.members
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Makes this a replicated queue (before any message reaches it): publishes go to
@@ -381,7 +407,8 @@ impl Queue {
         let mut dead = Dead::new();
         {
             let mut inner = self.lock();
-            inner.state = QueueState::new((*self.args()).clone());
+            // Consumers that attached while the group elected this node stay.
+            inner.state = inner.state.without_messages();
             inner.store_ops.clear();
             for (key, msg, delivered) in messages {
                 let cmd = Command::Restore {

@@ -415,6 +415,21 @@ impl QueueState {
         Ok(())
     }
 
+    /// The same queue emptied of every message, its consumers kept (with nothing
+    /// unacked): a replicated queue's host starts from this when its node takes the lead.
+    pub fn without_messages(&self) -> QueueState {
+        let mut fresh = QueueState::new(self.args.clone());
+        fresh.consumers = self
+            .consumers
+            .iter()
+            .map(|c| ConsumerSlot {
+                spec: c.spec.clone(),
+                unacked: 0,
+            })
+            .collect();
+        fresh
+    }
+
     /// Whether `Delete` was applied.
     pub fn is_deleted(&self) -> bool {
         self.deleted

@@ -75,8 +75,9 @@ impl ReplicaSpec {
 /// A durable change of a replicated queue, as its log carries it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ReplicaRecord {
-    /// A message published to the queue (the store's encoding of it).
-    Enqueue(Vec<u8>),
+    /// A message published to the queue (the store's encoding of it; as bytes, not a
+    /// sequence of numbers, so that encoding a large body is one copy).
+    Enqueue(#[serde(with = "serde_bytes")] Vec<u8>),
     /// The message with this key was handed to a consumer.
     Delivered(u64),
     /// The message with this key left (acked, dropped, expired, dead-lettered, purged).
@@ -96,6 +97,19 @@ openraft::declare_raft_types!(
         SnapshotData = Cursor<Vec<u8>>,
         AsyncRuntime = openraft::TokioRuntime,
 );
+
+/// Bytes of records one log entry gathers at most (more wait for the next entry).
+pub const ENTRY_BYTES: usize = 256 << 10;
+
+impl ReplicaRecord {
+    /// Approximate encoded size.
+    fn size(&self) -> usize {
+        match self {
+            ReplicaRecord::Enqueue(blob) => blob.len() + 8,
+            _ => 12,
+        }
+    }
+}
 
 /// Called with whether a proposed record was committed.
 type Ack = oneshot::Sender<bool>;
@@ -308,6 +322,9 @@ impl GroupStart {
             election_timeout_min: 1500,
             election_timeout_max: 3000,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(SNAPSHOT_EVERY),
+            // Entries are up to ENTRY_BYTES: this bounds one AppendEntries well under the
+            // link's frame limit.
+            max_payload_entries: 32,
             max_in_snapshot_log_to_keep: 0,
             ..Default::default()
         }
@@ -378,11 +395,13 @@ async fn propose(
             _ = stop.cancelled() => None,
         };
         let Some(first) = first else { return };
+        let mut bytes = first.0.size();
         let mut records = vec![first.0];
         let mut acks: Vec<Ack> = first.1.into_iter().collect();
-        while records.len() < RECORDS_PER_ENTRY {
+        while records.len() < RECORDS_PER_ENTRY && bytes < ENTRY_BYTES {
             match rx.try_recv() {
                 Ok((record, ack)) => {
+                    bytes += record.size();
                     records.push(record);
                     acks.extend(ack);
                 }
@@ -422,10 +441,13 @@ impl Leadership {
     async fn follow(self) {
         let mut metrics = self.raft.metrics();
         let mut hosting = false;
+        // The leader acted on last (metrics change on every append: act on changes of
+        // leader only).
+        let mut acted_on: Option<Option<NodeId>> = None;
         loop {
-            let (leader, state) = {
+            let (leader, state, term) = {
                 let m = metrics.borrow_and_update();
-                (m.current_leader, m.state)
+                (m.current_leader, m.state, m.current_term)
             };
             let (Some(queue), Some(vhost)) = (self.queue.upgrade(), self.vhost.upgrade()) else {
                 return;
@@ -437,19 +459,22 @@ impl Leadership {
                 match self.raft.ensure_linearizable().await {
                     Ok(_) => {
                         self.machine.host(queue.clone());
+                        queue.note_leader(term);
                         vhost.set_replica_home(queue.name(), None);
-                        vhost.announce_replica_leader(queue.name());
+                        vhost.announce_replica_leader(queue.name(), term);
                         tracing::info!(
                             queue = queue.name(),
                             "replicated queue: this node leads it now"
                         );
                         hosting = true;
+                        acted_on = Some(leader);
                     }
                     Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
                 }
                 continue;
             }
-            if !leads {
+            // (A node that names itself leader before it is one waits until it is.)
+            if !leads && leader != Some(self.me) && acted_on != Some(leader) {
                 if hosting {
                     if let Some(host) = self.machine.unhost() {
                         host.step_down();
@@ -457,7 +482,12 @@ impl Leadership {
                     hosting = false;
                 }
                 if let Some(name) = leader.and_then(|id| self.names.get(&id)) {
+                    queue.note_leader(term);
                     vhost.set_replica_home(queue.name(), Some(name.clone()));
+                    // Consumers that attached here while no leader was known are
+                    // cancelled: they attach again where the queue is served.
+                    queue.step_down();
+                    acted_on = Some(leader);
                 }
             }
             drop((queue, vhost));
