@@ -371,6 +371,9 @@ pub(super) struct LiveIndex {
     current: ChunkId,
     /// Heads rewritten in the current commit.
     rewritten: usize,
+    /// The queue key looked up last: the ops of a commit mostly name the same few queues,
+    /// each with one shared key, so a pointer comparison usually spares hashing the name.
+    last: Option<(std::sync::Arc<str>, QueueId)>,
 }
 
 impl LiveIndex {
@@ -389,6 +392,30 @@ impl LiveIndex {
     /// The queue's number, if it was ever used.
     pub(super) fn known_queue(&self, name: &str) -> Option<QueueId> {
         self.ids.get(name).copied()
+    }
+
+    /// [`LiveIndex::queue_id`] for a shared key, remembering the last one.
+    pub(super) fn queue_id_of(&mut self, key: &std::sync::Arc<str>) -> QueueId {
+        if let Some((last, id)) = &self.last
+            && std::sync::Arc::ptr_eq(last, key)
+        {
+            return *id;
+        }
+        let id = self.queue_id(key);
+        self.last = Some((key.clone(), id));
+        id
+    }
+
+    /// [`LiveIndex::known_queue`] for a shared key, remembering the last one.
+    pub(super) fn known_queue_of(&mut self, key: &std::sync::Arc<str>) -> Option<QueueId> {
+        if let Some((last, id)) = &self.last
+            && std::sync::Arc::ptr_eq(last, key)
+        {
+            return Some(*id);
+        }
+        let id = self.known_queue(key)?;
+        self.last = Some((key.clone(), id));
+        Some(id)
     }
 
     /// The key of queue `queue`.

@@ -123,8 +123,9 @@ pub enum StoreOp {
     /// Add a queue entry referencing a stored message (takes one reference to it). Replacing
     /// an existing `(queue, offset)` releases the reference the old entry held.
     Enqueue {
-        /// Queue key (the broker's choice, e.g. the definition key of the queue).
-        queue: String,
+        /// Queue key (the broker's choice, e.g. the definition key of the queue), shared
+        /// by the queue's records.
+        queue: Arc<str>,
         /// Position in the queue; recovery returns entries in ascending offset order.
         offset: u64,
         /// A message stored by an earlier (or the same) batch's [`StoreOp::PutMessage`].
@@ -136,7 +137,7 @@ pub enum StoreOp {
     /// Enqueue the new entry before Removing the old one. Absent entries are ignored.
     Remove {
         /// Queue key.
-        queue: String,
+        queue: Arc<str>,
         /// Offset given to [`StoreOp::Enqueue`].
         offset: u64,
     },
@@ -144,7 +145,7 @@ pub enum StoreOp {
     /// `delivered: true` (AMQP `redelivered`). Absent entries are ignored.
     MarkDelivered {
         /// Queue key.
-        queue: String,
+        queue: Arc<str>,
         /// Offset given to [`StoreOp::Enqueue`].
         offset: u64,
     },
@@ -152,7 +153,7 @@ pub enum StoreOp {
     /// The queue's definition is separate: delete it with [`StoreOp::DeleteDefinition`].
     PurgeQueue {
         /// Queue key.
-        queue: String,
+        queue: Arc<str>,
     },
     /// Append (or overwrite) entry `index` of Raft group `group`'s log.
     RaftAppend {

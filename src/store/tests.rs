@@ -638,7 +638,7 @@ fn million_messages_write_and_recover() {
                     blob: body.clone(),
                 },
                 StoreOp::Enqueue {
-                    queue: format!("q/%2f/bench-{}", i % 4),
+                    queue: format!("q/%2f/bench-{}", i % 4).into(),
                     offset: i / 4,
                     msg_id: i,
                 },
@@ -682,7 +682,7 @@ fn million_messages_write_and_recover() {
                 chunk
                     .iter()
                     .map(|e| StoreOp::Remove {
-                        queue: queue.clone(),
+                        queue: queue.as_str().into(),
                         offset: e.offset,
                     })
                     .collect(),

@@ -307,34 +307,34 @@ fn apply(
                 offset,
                 msg_id,
             } => {
-                let q = log.queue_id(queue);
+                let q = log.queue_id_of(queue);
                 if log.enqueue(q, *offset, *msg_id) {
                     out.enqueue(q, log.name(q), *offset, *msg_id, 0);
                 } else {
                     tracing::error!(
                         msg_id,
-                        queue = queue.as_str(),
+                        queue = &**queue,
                         offset,
                         "store: Enqueue of a message that is not stored; entry not written"
                     );
                 }
             }
             StoreOp::Remove { queue, offset } => {
-                if let Some(q) = log.known_queue(queue)
+                if let Some(q) = log.known_queue_of(queue)
                     && log.remove(q, *offset)
                 {
                     out.remove(q, log.name(q), *offset);
                 }
             }
             StoreOp::MarkDelivered { queue, offset } => {
-                if let Some(q) = log.known_queue(queue)
+                if let Some(q) = log.known_queue_of(queue)
                     && log.delivered(q, *offset)
                 {
                     out.delivered(q, log.name(q), *offset);
                 }
             }
             StoreOp::PurgeQueue { queue } => {
-                if let Some(q) = log.known_queue(queue)
+                if let Some(q) = log.known_queue_of(queue)
                     && log.purge(q)
                 {
                     out.purge(q, log.name(q));
