@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod perf;
 pub mod protocol;
 pub mod queue;
+pub mod replica;
 pub mod server;
 pub mod store;
 pub mod tls;

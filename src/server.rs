@@ -41,6 +41,9 @@ async fn start_clustered(
     use crate::broker::cluster_defs::{ClusterLink, DefinitionsMirror, agreed_definitions};
     use crate::cluster::meta::storage::{DefinitionsObserver, StateMachine};
     let node = membership.this_node().name.clone();
+    let names: Vec<String> = membership.members.iter().map(|m| m.name.clone()).collect();
+    // What is left of the recovered Raft groups are replicated queues' logs.
+    let queue_logs = std::mem::take(&mut recovered.raft);
     let agreed = StateMachine::recover(store.clone(), &meta_log)?.definitions();
     // Agreed users, vhosts and permissions first: the vhosts must exist to be restored.
     for (key, value) in &agreed {
@@ -55,8 +58,10 @@ async fn start_clustered(
     state.recover(recovered);
     let mirror = DefinitionsMirror::new(state, &node);
     mirror.reset(&agreed);
+    let observer: Arc<dyn DefinitionsObserver> = mirror.clone();
     let cluster =
-        crate::cluster::ClusterNode::start(membership, store, meta_log, Some(mirror)).await?;
+        crate::cluster::ClusterNode::start(membership, store.clone(), meta_log, Some(observer))
+            .await?;
     state.access.join_cluster(cluster.proposals().clone());
     let inbox = cluster
         .transport()
@@ -64,10 +69,18 @@ async fn start_clustered(
     tokio::spawn(crate::broker::remote::serve(Arc::downgrade(state), inbox));
     state.join_cluster(ClusterLink {
         proposals: cluster.proposals().clone(),
-        node,
+        node: node.clone(),
         cluster: cluster.clone(),
         forwarder: crate::broker::remote::Forwarder::new(cluster.transport().clone()),
+        replicas: crate::replica::Replicas::new(
+            cluster.transport().clone(),
+            store,
+            &node,
+            &names,
+            queue_logs,
+        ),
     });
+    mirror.start_replicas(&cluster.meta().machine().definitions());
     Ok(cluster)
 }
 

@@ -34,6 +34,31 @@ async fn no_confirmed_message_is_lost_under_every_kind_of_fault() {
     assert!(report.passed(), "{}", report.summary());
 }
 
+/// The same faults on quorum queues (3 replicas): not one confirmed message lost, and the
+/// killed leaders of the queues are replaced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_confirmed_message_of_a_quorum_queue_is_lost_under_every_kind_of_fault() {
+    let Some(mut c) = Cluster::start(3) else {
+        return;
+    };
+    let settings = Settings::short(QueueType::Quorum);
+    let report = fault_checker::run(&mut c, &settings).await;
+    eprintln!("{}", report.summary());
+    for kind in FaultKind::ALL {
+        assert!(
+            report.faults.iter().any(|f| f.record.kind == kind),
+            "{kind:?} injected"
+        );
+    }
+    assert!(
+        report.confirmed > 100,
+        "the producers got confirms: {}",
+        report.confirmed
+    );
+    assert!(report.delivered_live > 0 && report.delivered_drain > 0);
+    assert!(report.passed(), "{}", report.summary());
+}
+
 /// The checker can fail: transient messages are confirmed but die with their node's
 /// process, so kill -9 loses confirmed messages, and the checker must say so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,13 +16,26 @@ use std::sync::{Arc, Weak};
 use super::BrokerState;
 use super::persist::{StoredBinding, StoredDefinition, StoredExchange, StoredQueue};
 use crate::auth::CLUSTER_PREFIX;
+use crate::broker::vhost::is_quorum;
 use crate::cluster::meta::MetaCommand;
 use crate::cluster::meta::proposals::Proposals;
 use crate::cluster::meta::storage::{DefinitionChange, Definitions, DefinitionsObserver};
+use crate::replica::{DEFAULT_GROUP_SIZE, ReplicaSpec, Replicas};
 use crate::store::StoreOp;
 
 /// First byte of a queue's value in the metadata group: home node, then the stored queue.
 const HOMED_QUEUE: u8 = 0xC1;
+/// First byte of a replicated queue's value: its group and members, then the stored queue.
+const REPLICATED_QUEUE: u8 = 0xC2;
+
+/// Where an agreed queue keeps its messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Placement {
+    /// On one node (a classic queue).
+    Home(String),
+    /// In a Raft group over these members (a quorum queue).
+    Replicated(ReplicaSpec),
+}
 
 /// A vhost's way into the metadata group.
 #[derive(Debug, Clone)]
@@ -35,6 +48,8 @@ pub struct ClusterLink {
     pub cluster: crate::cluster::ClusterNode,
     /// Publishes to queues homed on other nodes go through here.
     pub forwarder: super::remote::Forwarder,
+    /// This node's members of replicated queues' groups.
+    pub replicas: Replicas,
 }
 
 impl ClusterLink {
@@ -46,10 +61,16 @@ impl ClusterLink {
         for op in ops {
             match op {
                 StoreOp::PutDefinition { key, value } if key.starts_with("q/") => {
-                    commands.push(MetaCommand::PutIfAbsent {
-                        key,
-                        value: homed_queue(&self.node, &value),
-                    });
+                    let value = match StoredQueue::decode(&value).map(|q| q.value.def()) {
+                        Some(def) if is_quorum(&def) => {
+                            let members = self.cluster.status().members;
+                            let size = group_size(&def).unwrap_or(DEFAULT_GROUP_SIZE);
+                            let spec = ReplicaSpec::choose(&self.node, &members, size);
+                            replicated_queue(&spec, &value)
+                        }
+                        _ => homed_queue(&self.node, &value),
+                    };
+                    commands.push(MetaCommand::PutIfAbsent { key, value });
                 }
                 StoreOp::PutDefinition { key, value } if key.starts_with("x/") => {
                     commands.push(MetaCommand::PutIfAbsent { key, value });
@@ -68,6 +89,22 @@ impl ClusterLink {
     }
 }
 
+/// Key prefix of a replicated queue's leader in the metadata group (as RabbitMQ keeps a
+/// quorum queue's leader in its queue record): every node, member of the queue's group or
+/// not, routes the queue's publishes to the leader it names.
+const LEADER_PREFIX: &str = "l/";
+
+impl ClusterLink {
+    /// Announces that this node now leads replicated queue `queue` of `vhost`.
+    pub fn announce_leader(&self, vhost: &str, queue: &str) {
+        let key = format!("{LEADER_PREFIX}{vhost}\u{0}{queue}");
+        let Ok(value) = postcard::to_stdvec(&(vhost, queue, &self.node)) else {
+            return;
+        };
+        self.proposals.submit(vec![MetaCommand::Put { key, value }]);
+    }
+}
+
 /// A queue's value in the metadata group.
 fn homed_queue(home: &str, stored: &[u8]) -> Vec<u8> {
     let mut v = Vec::with_capacity(3 + home.len() + stored.len());
@@ -78,14 +115,61 @@ fn homed_queue(home: &str, stored: &[u8]) -> Vec<u8> {
     v
 }
 
-/// The home node and the stored queue of a queue's value.
-fn split_homed(value: &[u8]) -> Option<(&str, &[u8])> {
-    let (&HOMED_QUEUE, rest) = value.split_first()? else {
-        return None;
+/// A replicated queue's value in the metadata group.
+fn replicated_queue(spec: &ReplicaSpec, stored: &[u8]) -> Vec<u8> {
+    let encoded = postcard::to_stdvec(spec).unwrap_or_default();
+    let mut v = Vec::with_capacity(5 + encoded.len() + stored.len());
+    v.push(REPLICATED_QUEUE);
+    v.extend_from_slice(&(encoded.len() as u32).to_be_bytes());
+    v.extend_from_slice(&encoded);
+    v.extend_from_slice(stored);
+    v
+}
+
+/// `x-quorum-initial-group-size`, when declared (a positive integer).
+fn group_size(def: &crate::queue::QueueDef) -> Option<usize> {
+    use amq_protocol::types::AMQPValue as V;
+    let n = match def.arguments.inner().get("x-quorum-initial-group-size")? {
+        V::ShortShortInt(n) => i64::from(*n),
+        V::ShortShortUInt(n) => i64::from(*n),
+        V::ShortInt(n) => i64::from(*n),
+        V::ShortUInt(n) => i64::from(*n),
+        V::LongInt(n) => i64::from(*n),
+        V::LongUInt(n) => i64::from(*n),
+        V::LongLongInt(n) => *n,
+        _ => return None,
     };
-    let len = u16::from_be_bytes([*rest.first()?, *rest.get(1)?]) as usize;
-    let home = std::str::from_utf8(rest.get(2..2 + len)?).ok()?;
-    Some((home, rest.get(2 + len..)?))
+    usize::try_from(n).ok().filter(|n| *n > 0)
+}
+
+/// Where a queue's value says it lives, and its stored queue.
+fn split_queue(value: &[u8]) -> Option<(Placement, &[u8])> {
+    let (&first, rest) = value.split_first()?;
+    match first {
+        HOMED_QUEUE => {
+            let len = u16::from_be_bytes([*rest.first()?, *rest.get(1)?]) as usize;
+            let home = std::str::from_utf8(rest.get(2..2 + len)?).ok()?;
+            Some((Placement::Home(home.to_string()), rest.get(2 + len..)?))
+        }
+        REPLICATED_QUEUE => {
+            let len = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+            let spec: ReplicaSpec = postcard::from_bytes(rest.get(4..4 + len)?).ok()?;
+            Some((Placement::Replicated(spec), rest.get(4 + len..)?))
+        }
+        _ => None,
+    }
+}
+
+/// The home node and the stored queue of a classic queue's value.
+#[cfg(test)]
+fn split_homed(value: &[u8]) -> Option<(&str, &[u8])> {
+    match split_queue(value)? {
+        (Placement::Home(_), stored) => {
+            let len = u16::from_be_bytes([value[1], value[2]]) as usize;
+            Some((std::str::from_utf8(&value[3..3 + len]).ok()?, stored))
+        }
+        _ => None,
+    }
 }
 
 /// The agreed definitions as the store's recovery reads them (queue values without their
@@ -93,10 +177,10 @@ fn split_homed(value: &[u8]) -> Option<(&str, &[u8])> {
 pub fn agreed_definitions(defs: &Definitions) -> Vec<(String, Vec<u8>)> {
     let mut out = Vec::with_capacity(defs.len());
     for (key, value) in defs {
-        if key.starts_with(CLUSTER_PREFIX) {
+        if key.starts_with(CLUSTER_PREFIX) || key.starts_with(LEADER_PREFIX) {
             continue;
         } else if key.starts_with("q/") {
-            let Some((_, stored)) = split_homed(value) else {
+            let Some((_, stored)) = split_queue(value) else {
                 tracing::error!("cluster: agreed queue {key:?} cannot be read");
                 continue;
             };
@@ -138,15 +222,33 @@ impl DefinitionsMirror {
                 vhost.mirror_exchange(def);
             }
         } else if key.starts_with("q/") {
-            let Some(q) = split_homed(value).and_then(|(home, stored)| {
-                StoredQueue::decode(stored).map(|q| (home.to_string(), q.value))
+            let Some(q) = split_queue(value).and_then(|(placement, stored)| {
+                StoredQueue::decode(stored).map(|q| (placement, q.value))
             }) else {
                 return tracing::error!("cluster: agreed queue {key:?} cannot be read");
             };
-            let (home, stored) = q;
-            if let Some(vhost) = broker.vhost(&stored.vhost) {
-                let home = (home != self.node).then_some(home);
-                vhost.mirror_queue(stored.def(), home);
+            let (placement, stored) = q;
+            let Some(vhost) = broker.vhost(&stored.vhost) else {
+                return;
+            };
+            match placement {
+                Placement::Home(home) => {
+                    let home = (home != self.node).then_some(home);
+                    vhost.mirror_queue(stored.def(), home);
+                }
+                Placement::Replicated(spec) => self.put_replicated(broker, &vhost, stored, &spec),
+            }
+        } else if key.starts_with(LEADER_PREFIX) {
+            let Ok((vhost, queue, leader)) =
+                postcard::from_bytes::<(String, String, String)>(value)
+            else {
+                return tracing::error!("cluster: agreed queue leader {key:?} cannot be read");
+            };
+            if let Some(vhost) = broker.vhost(&vhost)
+                && vhost.find_queue(&queue).is_some_and(|q| q.is_replicated())
+            {
+                let home = (leader != self.node).then_some(leader);
+                vhost.set_replica_home(&queue, home);
             }
         } else if key.starts_with("b/") {
             let Some(b) = StoredBinding::decode(value) else {
@@ -154,6 +256,53 @@ impl DefinitionsMirror {
             };
             if let Some(vhost) = broker.vhost(&b.value.vhost) {
                 vhost.restore_binding(b.value);
+            }
+        }
+    }
+
+    /// An agreed replicated queue: its placeholder here (publishes routed on this node
+    /// go to its leader), and this node's member of its group when it is one.
+    fn put_replicated(
+        &self,
+        broker: &BrokerState,
+        vhost: &Arc<crate::broker::vhost::VHost>,
+        stored: StoredQueue,
+        spec: &ReplicaSpec,
+    ) {
+        let member = spec.members.contains(&self.node);
+        let def = stored.def();
+        // The leader it knows stays; a new queue starts with its first member as leader
+        // (a member starts local: its group tells it who leads).
+        let home = match vhost.find_queue(&def.name) {
+            Some(_) => vhost.remote_home(&def.name),
+            None if member => None,
+            None => spec.members.first().cloned(),
+        };
+        vhost.mirror_queue(def, home);
+        let (Some(link), Some(q)) = (broker.cluster_link(), vhost.find_queue(&stored.name)) else {
+            return;
+        };
+        q.mark_replicated();
+        if member {
+            link.replicas.ensure(spec, vhost, &q);
+        }
+    }
+
+    /// Starts this node's members of the agreed replicated queues' groups (at start, once
+    /// the node's links run; changes after that start them as they are applied).
+    pub fn start_replicas(&self, definitions: &Definitions) {
+        let Some(broker) = self.broker.upgrade() else {
+            return;
+        };
+        for (key, value) in definitions.range("q/".to_string()..) {
+            if !key.starts_with("q/") {
+                break;
+            }
+            if let Some((Placement::Replicated(spec), stored)) = split_queue(value)
+                && let Some(q) = StoredQueue::decode(stored)
+                && let Some(vhost) = broker.vhost(&q.value.vhost)
+            {
+                self.put_replicated(&broker, &vhost, q.value, &spec);
             }
         }
     }
@@ -171,10 +320,16 @@ impl DefinitionsMirror {
                 vhost.mirror_exchange_gone(&d.value.name);
             }
         } else if key.starts_with("q/") {
-            if let Some(q) = split_homed(old).and_then(|(_, s)| StoredQueue::decode(s))
+            let Some((placement, stored)) = split_queue(old) else {
+                return;
+            };
+            if let Some(q) = StoredQueue::decode(stored)
                 && let Some(vhost) = broker.vhost(&q.value.vhost)
             {
                 vhost.mirror_queue_gone(&q.value.name);
+            }
+            if let (Placement::Replicated(spec), Some(link)) = (placement, broker.cluster_link()) {
+                link.replicas.drop_group(spec.group);
             }
         } else if key.starts_with("b/")
             && let Some(b) = StoredBinding::decode(old)
@@ -223,7 +378,13 @@ impl DefinitionsObserver for DefinitionsMirror {
             }
         }
         let mut agreed: Vec<(&String, &Vec<u8>)> = definitions.iter().collect();
-        agreed.sort_by_key(|(k, _)| (!k.starts_with(CLUSTER_PREFIX), k.starts_with("b/")));
+        // (Queue leaders after their queues.)
+        agreed.sort_by_key(|(k, _)| {
+            (
+                !k.starts_with(CLUSTER_PREFIX),
+                k.starts_with("b/") || k.starts_with(LEADER_PREFIX),
+            )
+        });
         for (key, value) in agreed {
             self.put(&broker, key, value);
         }

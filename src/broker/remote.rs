@@ -186,8 +186,11 @@ pub async fn serve(broker: Weak<BrokerState>, mut inbox: mpsc::Receiver<Incoming
         tokio::spawn(async move {
             let answer = match answer {
                 Ok((false, durable)) => {
-                    durable.await;
-                    QueueAnswer::Stored
+                    if durable.await {
+                        QueueAnswer::Stored
+                    } else {
+                        QueueAnswer::Refused("a replicated queue did not commit it".into())
+                    }
                 }
                 Ok((true, durable)) => {
                     durable.await;
@@ -204,7 +207,7 @@ pub async fn serve(broker: Weak<BrokerState>, mut inbox: mpsc::Receiver<Incoming
 }
 
 /// Whether a queue refused a forwarded message, and when its copies are durable.
-type Accepted = (bool, std::pin::Pin<Box<dyn Future<Output = ()> + Send>>);
+type Accepted = (bool, std::pin::Pin<Box<dyn Future<Output = bool> + Send>>);
 
 /// A forwarded message, enqueued now into those of `queues` that are homed here.
 fn accept_publish(

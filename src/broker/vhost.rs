@@ -73,6 +73,36 @@ fn value_text(v: Option<&AMQPValue>) -> String {
     }
 }
 
+/// Whether a declaration asks for a quorum queue (`x-queue-type: quorum`).
+pub fn is_quorum(def: &QueueDef) -> bool {
+    match def.arguments.inner().get("x-queue-type") {
+        Some(AMQPValue::LongString(s)) => s.as_bytes() == b"quorum",
+        Some(AMQPValue::ShortString(s)) => s.as_str() == "quorum",
+        _ => false,
+    }
+}
+
+/// A quorum queue is durable, not exclusive and not auto-delete: 406 naming the property
+/// otherwise, as RabbitMQ.
+fn check_quorum_properties(def: &QueueDef, vhost: &str) -> Result<(), AmqpError> {
+    let refused = if !def.durable {
+        "non-durable"
+    } else if def.exclusive_owner.is_some() {
+        "exclusive-owner"
+    } else if def.auto_delete {
+        "auto-delete"
+    } else {
+        return Ok(());
+    };
+    Err(amqp_err!(
+        PreconditionFailed,
+        "invalid property '{}' for queue '{}' in vhost '{}'",
+        refused,
+        def.name,
+        vhost
+    ))
+}
+
 /// A random server-generated name suffix, as RabbitMQ's `amq.gen-` names (22 url-safe
 /// base64 characters).
 pub fn generated_name(prefix: &str) -> String {
@@ -455,6 +485,9 @@ impl VHost {
                 why
             )
         })?;
+        if is_quorum(&def) {
+            check_quorum_properties(&def, &self.name)?;
+        }
         let mut queues = lock_write(&self.queues);
         if let Some(q) = queues.get(&def.name) {
             let q = q.clone();
@@ -524,7 +557,12 @@ impl VHost {
             key: persist::queue_key(&self.name, &def.name).into(),
         });
         let router: Weak<dyn DeadLetterRouter> = self.me.clone();
-        Queue::new(&self.name, def, args, store, Some(router))
+        let replicated = self.cluster.get().is_some() && is_quorum(&def);
+        let q = Queue::new(&self.name, def, args, store, Some(router));
+        if replicated {
+            q.mark_replicated();
+        }
+        q
     }
 
     /// The node's store, if persistence is on.
@@ -797,22 +835,32 @@ impl VHost {
     }
 
     /// A message another node routed to `queues` of this vhost (those homed here take
-    /// it; others are skipped): its persistent copies go to the store, it is enqueued
-    /// now, and the future is ready once the copies are durable. Also says whether a
-    /// queue refused it (x-overflow reject-publish): the publisher then gets a nack.
+    /// it): its persistent copies go to the store, it is enqueued now (a replicated
+    /// queue proposes it to its log), and the future is ready once the copies are
+    /// durable and the replicated queues committed it. Also says whether a queue refused
+    /// it (x-overflow reject-publish, or not hosted here any more, as a replicated
+    /// queue whose leader moved): the publisher then gets a nack.
     pub fn enqueue_forwarded(
         &self,
         queues: &[String],
         msg: Message,
-    ) -> (bool, impl Future<Output = ()> + Send + 'static) {
+    ) -> (bool, impl Future<Output = bool> + Send + 'static) {
         let msg = Arc::new(msg);
         let mut refused = false;
         let mut targets: Vec<Arc<Queue>> = Vec::new();
+        let mut replicated = Vec::new();
         for name in queues {
             let Some(q) = self.find_queue(name) else {
                 continue;
             };
             if self.remote_home(name).is_some() {
+                refused = true;
+                continue;
+            }
+            if q.is_replicated() {
+                let (ack, committed) = tokio::sync::oneshot::channel();
+                q.enqueue_tracked(msg.clone(), Some(ack));
+                replicated.push(committed);
                 continue;
             }
             if q.refuses(msg.size()) {
@@ -834,10 +882,18 @@ impl VHost {
                 refused = true;
             }
         }
+        let committed = async move {
+            let mut all = true;
+            for r in replicated {
+                all &= r.await.unwrap_or(false);
+            }
+            all
+        };
         (refused, async move {
             if let Some(d) = durable {
                 d.await;
             }
+            committed.await
         })
     }
 
@@ -1048,6 +1104,23 @@ impl VHost {
 /// and do nothing when the vhost already matches (the node that proposed a change made
 /// it in advance).
 impl VHost {
+    /// Where a replicated queue's messages are now: `None` on the node leading its group,
+    /// else the leader this node knows.
+    pub fn set_replica_home(&self, queue: &str, leader: Option<String>) {
+        let mut homes = lock_write(&self.homes);
+        match leader {
+            Some(l) => homes.insert(queue.to_string(), l),
+            None => homes.remove(queue),
+        };
+    }
+
+    /// Tells every node that this one now leads replicated queue `queue`.
+    pub fn announce_replica_leader(&self, queue: &str) {
+        if let Some(link) = self.cluster.get() {
+            link.announce_leader(&self.name, queue);
+        }
+    }
+
     /// The node a durable queue is homed on, when that is another node.
     pub fn remote_home(&self, queue: &str) -> Option<String> {
         lock_read(&self.homes).get(queue).cloned()

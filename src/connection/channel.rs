@@ -1086,6 +1086,37 @@ impl Channel {
                     }
                 }
                 let journal = self.broker.journal().cloned();
+                if commit
+                    .enqueues
+                    .iter()
+                    .any(|(qs, _)| qs.iter().any(|q| q.is_replicated()))
+                {
+                    // Replicated queues take the publishes through their logs: commit-ok
+                    // waits for the store and for every log to have committed them.
+                    self.tx_commits_in_flight += 1;
+                    let stored = journal.map(|j| j.append_wait(commit.writes));
+                    let committed = enqueue_tx_publishes(commit.enqueues);
+                    let tx = self.link.conn.tx.clone();
+                    let ch = self.id;
+                    tokio::spawn(async move {
+                        if let Some(stored) = stored {
+                            stored.await;
+                        }
+                        let mut all = true;
+                        for c in committed {
+                            all &= c.await.unwrap_or(false);
+                        }
+                        let _ = tx.send(if all {
+                            ConnEvent::TxCommitted(ch)
+                        } else {
+                            ConnEvent::Close(amqp_err!(
+                                InternalError,
+                                "a quorum queue did not commit the transaction's messages"
+                            ))
+                        });
+                    });
+                    return Ok(());
+                }
                 match journal {
                     // A commit with nothing to store still goes through the journal when
                     // an earlier one is in flight: the journal answers in order.
@@ -1099,19 +1130,11 @@ impl Channel {
                                 let _ = tx.send(ConnEvent::TxCommitted(ch));
                             }),
                         );
-                        for (queues, msg) in commit.enqueues {
-                            for q in queues {
-                                q.enqueue(msg.clone());
-                            }
-                        }
+                        enqueue_tx_publishes(commit.enqueues);
                         return Ok(());
                     }
                     _ => {
-                        for (queues, msg) in commit.enqueues {
-                            for q in queues {
-                                q.enqueue(msg.clone());
-                            }
-                        }
+                        enqueue_tx_publishes(commit.enqueues);
                     }
                 }
                 tx::AMQPMethod::CommitOk(tx::CommitOk {})
@@ -1260,7 +1283,8 @@ impl Channel {
             self.vhost
                 .route_keys(&msg.exchange, &keys, msg.properties.headers().as_ref())?
         };
-        // On a clustered node, queues homed elsewhere get the message from their home.
+        // On a clustered node, queues homed elsewhere get the message from their home, and
+        // replicated queues through their log.
         let remote = self.split_remote(&mut queues);
         if !remote.is_empty() && tx.is_some() {
             // Transactions over queues of other nodes are not supported yet.
@@ -1268,7 +1292,13 @@ impl Channel {
                 self.vhost.check_local(&q)?;
             }
         }
-        if queues.is_empty() && remote.is_empty() {
+        // (A transaction's publishes to replicated queues are proposed at commit.)
+        let replicated = if tx.is_none() {
+            split_replicated(&mut queues)
+        } else {
+            Vec::new()
+        };
+        if queues.is_empty() && remote.is_empty() && replicated.is_empty() {
             let stats = &self.link.conn.stats;
             ConnStats::add(
                 if mandatory {
@@ -1279,7 +1309,7 @@ impl Channel {
                 1,
             );
         }
-        if queues.is_empty() && remote.is_empty() && mandatory {
+        if queues.is_empty() && remote.is_empty() && replicated.is_empty() && mandatory {
             self.return_unroutable(&msg, out);
         }
         // Persistent copies go to the store before the queues see the message, so that
@@ -1292,8 +1322,8 @@ impl Channel {
             refused |= refuse;
             !refuse
         });
-        if !remote.is_empty() {
-            self.publish_with_remote(msg, queues, remote, refused);
+        if !remote.is_empty() || !replicated.is_empty() {
+            self.publish_with_remote(msg, queues, remote, replicated, refused);
             return Ok(());
         }
         let mut writes = Writes::default();
@@ -1365,6 +1395,7 @@ impl Channel {
     }
 
     /// Takes the queues homed on other nodes out of `queues`: their names by home.
+    /// (Replicated queues led elsewhere count as homed on their leader.)
     fn split_remote(&self, queues: &mut Vec<Arc<Queue>>) -> Vec<(String, Vec<String>)> {
         let mut remote: Vec<(String, Vec<String>)> = Vec::new();
         if self.broker.cluster_link().is_none() || !self.vhost.has_remote_queues() {
@@ -1383,20 +1414,30 @@ impl Channel {
         remote
     }
 
-    /// A publish that reaches queues of other nodes (and maybe of this one): the local
-    /// copies are stored and enqueued as usual, the message is forwarded to each home,
-    /// and the publisher's confirm waits for all of them (a nack if a home did not take
-    /// it, or a local queue refused it).
+    /// A publish that reaches queues of other nodes or replicated queues (and maybe
+    /// local ones): the local copies are stored and enqueued as usual, the message is
+    /// forwarded to each home and proposed to each replicated queue's log, and the
+    /// publisher's confirm waits for all of them (a nack if a home did not take it, a log
+    /// did not commit it, or a local queue refused it).
     fn publish_with_remote(
         &mut self,
         msg: Arc<Message>,
         queues: Vec<Arc<Queue>>,
         remote: Vec<(String, Vec<String>)>,
+        replicated: Vec<Arc<Queue>>,
         mut refused: bool,
     ) {
         let Some(link) = self.broker.cluster_link() else {
             return;
         };
+        let mut answers = Vec::with_capacity(remote.len() + replicated.len());
+        for q in &replicated {
+            let (ack, committed) = tokio::sync::oneshot::channel();
+            if q.enqueue_tracked(msg.clone(), Some(ack)) == Enqueued::Rejected {
+                refused = true;
+            }
+            answers.push(committed);
+        }
         let mut writes = Writes::default();
         writes.publish(&queues, &msg);
         let local = match self.broker.journal() {
@@ -1410,7 +1451,6 @@ impl Channel {
             }
         }
         let blob = msg.encode().to_vec();
-        let mut answers = Vec::with_capacity(remote.len());
         for (home, names) in remote {
             let (answered, answer) = tokio::sync::oneshot::channel();
             link.forwarder.publish(
@@ -1576,4 +1616,37 @@ fn delivery_properties(q: &Queue, entry: &crate::queue::Entry) -> Bytes {
     );
     props = props.with_headers(headers);
     encode::properties(&props)
+}
+
+/// Takes the replicated queues (led by this node, or not yet known to be led elsewhere)
+/// out of `queues`: their publishes go through their logs.
+fn split_replicated(queues: &mut Vec<Arc<Queue>>) -> Vec<Arc<Queue>> {
+    if !queues.iter().any(|q| q.is_replicated()) {
+        return Vec::new();
+    }
+    let (replicated, rest) = std::mem::take(queues)
+        .into_iter()
+        .partition(|q| q.is_replicated());
+    *queues = rest;
+    replicated
+}
+
+/// A committed transaction's publishes enter their queues; the answers of the replicated
+/// queues' logs (whether each committed its copy).
+fn enqueue_tx_publishes(
+    enqueues: Vec<(Vec<Arc<Queue>>, Arc<Message>)>,
+) -> Vec<tokio::sync::oneshot::Receiver<bool>> {
+    let mut committed = Vec::new();
+    for (queues, msg) in enqueues {
+        for q in queues {
+            if q.is_replicated() {
+                let (ack, answer) = tokio::sync::oneshot::channel();
+                q.enqueue_tracked(msg.clone(), Some(ack));
+                committed.push(answer);
+            } else {
+                q.enqueue(msg.clone());
+            }
+        }
+    }
+    committed
 }

@@ -52,7 +52,11 @@ impl Writes {
     /// The stored copy of `entry` in `queue` goes (it moved elsewhere or left).
     pub fn forget(&mut self, queue: &Queue, entry: &Entry) {
         if let Some(qs) = queue.store() {
-            self.ops.extend(qs.removal(entry));
+            match queue.replica() {
+                // A replicated queue's removal is a record of its own log.
+                Some(log) => log.submit_ops(qs.removal(entry).into_iter().collect()),
+                None => self.ops.extend(qs.removal(entry)),
+            }
         }
     }
 

@@ -220,6 +220,11 @@ pub struct Queue {
     me: Weak<Queue>,
     store: Option<QueueStore>,
     router: Option<Weak<dyn DeadLetterRouter>>,
+    /// A replicated queue's log (set once its group runs on this node).
+    replica: std::sync::OnceLock<crate::replica::ReplicaLog>,
+    /// Declared replicated (`x-queue-type: quorum` on a clustered node): its messages go
+    /// only through its log, even before the log is attached.
+    replicated: AtomicBool,
 }
 
 /// Counts reported by declare-ok, purge-ok, delete-ok and get-ok.
@@ -295,7 +300,113 @@ impl Queue {
             vhost: vhost.to_string(),
             me: me.clone(),
             router,
+            replica: std::sync::OnceLock::new(),
+            replicated: AtomicBool::new(false),
         })
+    }
+
+    /// Makes this a replicated queue (before any message reaches it): publishes go to
+    /// its log once [`Queue::attach_replica`] gives it one, and are refused until then.
+    pub fn mark_replicated(&self) {
+        self.replicated.store(true, Ordering::Relaxed);
+    }
+
+    /// Gives a replicated queue its log.
+    pub fn attach_replica(&self, log: crate::replica::ReplicaLog) {
+        self.mark_replicated();
+        let _ = self.replica.set(log);
+    }
+
+    /// Whether the queue is replicated (its durable changes go to its Raft log).
+    pub fn is_replicated(&self) -> bool {
+        self.replicated.load(Ordering::Relaxed)
+    }
+
+    /// A replicated queue's log, once attached.
+    pub fn replica(&self) -> Option<&crate::replica::ReplicaLog> {
+        self.replica.get()
+    }
+
+    /// Hands store records of this queue's own messages to where they are kept: the
+    /// node's store, or a replicated queue's log.
+    fn submit_ops(&self, ops: Vec<StoreOp>) {
+        if ops.is_empty() {
+            return;
+        }
+        if self.is_replicated() {
+            if let Some(log) = self.replica() {
+                log.submit_ops(ops);
+            }
+        } else if let Some(qs) = &self.store {
+            qs.store.submit(ops);
+        }
+    }
+
+    /// A publish to this queue. A replicated queue proposes it to its log and takes it
+    /// once committed (`ack` hears whether it was); any other queue takes it now (and
+    /// `ack` is not used: its durability is the caller's store request).
+    pub fn enqueue_tracked(
+        &self,
+        msg: Arc<Message>,
+        ack: Option<tokio::sync::oneshot::Sender<bool>>,
+    ) -> Enqueued {
+        if !self.is_replicated() {
+            return self.enqueue_now(msg);
+        }
+        match self.replica() {
+            Some(log) => {
+                log.propose(
+                    crate::replica::ReplicaRecord::Enqueue(msg.encode().to_vec()),
+                    ack,
+                );
+                Enqueued::Accepted(0)
+            }
+            None => {
+                if let Some(ack) = ack {
+                    let _ = ack.send(false);
+                }
+                Enqueued::Rejected
+            }
+        }
+    }
+
+    /// A replicated queue's message, committed by its log: enters the live queue (on the
+    /// node leading its group).
+    pub fn enqueue_committed(&self, msg: Arc<Message>) {
+        self.enqueue_now(msg);
+    }
+
+    /// A replicated queue's host on the node that now leads its group: the committed
+    /// messages `(key, message, times handed out)`, in log order, replace what it held.
+    pub fn take_over(&self, messages: Vec<(u64, Arc<Message>, u32)>) {
+        let mut dead = Dead::new();
+        {
+            let mut inner = self.lock();
+            inner.state = QueueState::new((*self.args()).clone());
+            inner.store_ops.clear();
+            for (key, msg, delivered) in messages {
+                let cmd = Command::Restore {
+                    offset: key,
+                    msg,
+                    delivered: delivered > 0,
+                    delivery_count: delivered.saturating_sub(1),
+                };
+                self.exec(&mut inner, cmd, &mut dead, None);
+            }
+            self.run(&mut inner, &mut dead);
+        }
+        self.bury(dead);
+    }
+
+    /// A replicated queue's host on a node that no longer leads its group: its consumers
+    /// are cancelled and its messages forgotten here (they stay in the log).
+    pub fn step_down(&self) {
+        let mut inner = self.lock();
+        for (_, c) in inner.consumers.drain() {
+            c.sink.cancelled(c.tag.clone());
+        }
+        inner.state = QueueState::new((*self.args()).clone());
+        inner.store_ops.clear();
     }
 
     /// Its settings now (the declared arguments with the policy in force applied).
@@ -346,6 +457,9 @@ impl Queue {
     /// the queue is not durable). They must reach the store before the message is
     /// enqueued in memory, so that an ack can never overtake them.
     fn persist_ops(&self, msg: &Message, ops: &mut Vec<StoreOp>) -> bool {
+        if self.is_replicated() {
+            return false;
+        }
         match (&self.store, msg.store_id) {
             (Some(qs), Some(id)) if msg.is_persistent() => {
                 ops.push(StoreOp::Enqueue {
@@ -376,8 +490,13 @@ impl Queue {
         self.overflow() == args::Overflow::RejectPublish && self.would_reject(size)
     }
 
-    /// Appends a message and delivers what it can.
+    /// Appends a message and delivers what it can (a replicated queue: once its log
+    /// committed it; see [`Queue::enqueue_tracked`]).
     pub fn enqueue(&self, msg: Arc<Message>) -> Enqueued {
+        self.enqueue_tracked(msg, None)
+    }
+
+    fn enqueue_now(&self, msg: Arc<Message>) -> Enqueued {
         let mut dead = Dead::new();
         let result = {
             let mut inner = self.lock();
@@ -517,10 +636,8 @@ impl Queue {
 
     /// Hands the store records gathered under the lock to the store, as one request.
     fn flush(&self, inner: &mut Inner) {
-        if let Some(qs) = &self.store
-            && !inner.store_ops.is_empty()
-        {
-            qs.store.submit(std::mem::take(&mut inner.store_ops));
+        if !inner.store_ops.is_empty() {
+            self.submit_ops(std::mem::take(&mut inner.store_ops));
         }
     }
 
@@ -553,8 +670,9 @@ impl Queue {
                 Effect::Forget { entry } => {
                     let op = self.store.as_ref().and_then(|qs| qs.removal(&entry));
                     match removals.as_deref_mut() {
-                        Some(removals) => removals.extend(op),
-                        None => ops.extend(op),
+                        // A replicated queue's removals go to its log, not a store request.
+                        Some(removals) if !self.is_replicated() => removals.extend(op),
+                        _ => ops.extend(op),
                     }
                 }
                 Effect::ForgetAll => {
@@ -704,8 +822,7 @@ impl Queue {
             }
             _ => {
                 if let Some(qs) = &self.store {
-                    qs.store
-                        .submit(dead.iter().filter_map(|(e, _)| qs.removal(e)).collect());
+                    self.submit_ops(dead.iter().filter_map(|(e, _)| qs.removal(e)).collect());
                 }
             }
         }

@@ -178,6 +178,11 @@ pub enum StoreOp {
         /// Last index removed.
         index: u64,
     },
+    /// Delete every entry and value of `group` (a replicated queue was deleted).
+    RaftDropGroup {
+        /// The group.
+        group: u64,
+    },
     /// Store a durable value of `group` (its vote, committed index, snapshot).
     RaftPutState {
         /// The group.

@@ -365,6 +365,19 @@ fn apply(
                 };
                 table.retain_in((*group, 0)..=(*group, *index), |_, _| false)?;
             }
+            StoreOp::RaftDropGroup { group } => {
+                let log = match &mut raft_log {
+                    Some(t) => t,
+                    None => raft_log.insert(txn.open_table(RAFT_LOG)?),
+                };
+                log.retain_in((*group, 0)..=(*group, u64::MAX), |_, _| false)?;
+                let state = match &mut raft_state {
+                    Some(t) => t,
+                    None => raft_state.insert(txn.open_table(RAFT_STATE)?),
+                };
+                let next = group.saturating_add(1);
+                state.retain_in((*group, "")..(next, ""), |_, _| false)?;
+            }
             StoreOp::RaftPutState { group, key, value } => {
                 let state = match &mut raft_state {
                     Some(t) => t,

@@ -595,10 +595,9 @@ async fn inject(
 }
 
 /// The node to kill as "the leader", and how it was found: a classic queue's home (taken in
-/// turn); for quorum queues the leader of the live queue homed on the aimed node as
-/// RabbitMQ's `rabbitmqctl` reports it, or on Warren the metadata leader its nodes logged
-/// (until replicated queues say where their leaders are); else the aimed node, where the
-/// queues of this turn were declared.
+/// turn); for quorum queues the leader of the live queue declared on the aimed node, as
+/// RabbitMQ's `rabbitmqctl` reports it or as Warren's nodes logged taking its lead; else
+/// the aimed node, where the queues of this turn were declared.
 fn leader(cluster: &Cluster, settings: &Settings, aimed: usize) -> (usize, &'static str) {
     if settings.queue_type == QueueType::Classic {
         return (aimed, "home");
@@ -630,11 +629,20 @@ fn leader(cluster: &Cluster, settings: &Settings, aimed: usize) -> (usize, &'sta
             }
         }
         Backend::Warren => {
-            if let Some(leader) = (1..=cluster.len())
-                .find_map(|i| cluster.logged_leader(i))
-                .and_then(|l| index_of(&l))
-            {
-                return (leader, "meta leader");
+            // The node that most recently logged taking the lead of this turn's queue.
+            let queue = format!("queue=faults-n{aimed}-live");
+            let latest = (1..=cluster.len())
+                .filter_map(|i| {
+                    let log = cluster.log(i);
+                    let line = log
+                        .lines()
+                        .rev()
+                        .find(|l| l.contains("this node leads it now") && l.contains(&queue))?;
+                    Some((line.split_whitespace().next()?.to_string(), i))
+                })
+                .max();
+            if let Some((_, leader)) = latest {
+                return (leader, "queue leader");
             }
         }
     }

@@ -150,7 +150,7 @@ impl MetaGroup {
         }
         .validate()
         .context("metadata group settings")?;
-        let log = LogStore::recover(store.clone(), &recovered)?;
+        let log = LogStore::recover(store.clone(), META_GROUP, &recovered)?;
         let machine = StateMachine::recover(store, &recovered)?;
         if let Some(o) = observer {
             machine.observe(o);

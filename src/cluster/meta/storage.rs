@@ -2,9 +2,8 @@
 //! node's redb file through the store's one writer (so their fsyncs are shared with every
 //! other write of the node).
 //!
-//! - Log: every entry is a `raft_log` row of group [`META_GROUP`]; the vote, the committed
-//!   id and the last purged id are `raft_state` values. An append is reported flushed only
-//!   once its group commit is durable.
+//! - Log: the node's generic Raft log ([`crate::cluster::raft_log`]) for group
+//!   [`META_GROUP`].
 //! - State machine: the definitions, a map from a broker key to its encoded value (the
 //!   broker owns both encodings, as it does for a single node's store). It is rebuilt at
 //!   start from the last snapshot (a `raft_state` value) plus the committed log after it.
@@ -17,14 +16,12 @@ use std::collections::BTreeMap;
 use std::collections::btree_map::Entry as MapEntry;
 use std::fmt::Debug;
 use std::io::Cursor;
-use std::ops::RangeBounds;
 use std::sync::{Arc, Mutex};
 
-use bytes::Bytes;
-use openraft::storage::{LogFlushed, RaftLogStorage, RaftStateMachine};
+use openraft::storage::RaftStateMachine;
 use openraft::{
-    AnyError, Entry, EntryPayload, LogId, LogState, RaftLogReader, RaftSnapshotBuilder, Snapshot,
-    SnapshotMeta, StorageError, StorageIOError, StoredMembership, Vote,
+    AnyError, Entry, EntryPayload, LogId, RaftSnapshotBuilder, Snapshot, SnapshotMeta,
+    StorageError, StorageIOError, StoredMembership,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -36,190 +33,12 @@ use crate::store::{RecoveredRaftGroup, Store, StoreOp};
 /// The metadata group's id on the wire and in the store.
 pub const META_GROUP: GroupId = 0;
 
-const VOTE: &str = "vote";
-const COMMITTED: &str = "committed";
-const PURGED: &str = "purged";
-const SNAPSHOT: &str = "snapshot";
+use crate::cluster::raft_log::{COMMITTED, SNAPSHOT, decode, encode, lock};
 
 type Membership = StoredMembership<NodeId, openraft::BasicNode>;
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn encode<T: Serialize>(value: &T) -> Result<Bytes, StorageError<NodeId>> {
-    postcard::to_stdvec(value)
-        .map(Bytes::from)
-        .map_err(|e| StorageError::IO {
-            source: StorageIOError::write_logs(AnyError::error(e)),
-        })
-}
-
-fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8], what: &str) -> anyhow::Result<T> {
-    postcard::from_bytes(bytes).map_err(|e| anyhow::anyhow!("unreadable stored {what}: {e}"))
-}
-
-/// The log as kept in memory (the metadata log is small; reads never touch the disk).
-#[derive(Debug, Default)]
-struct LogData {
-    entries: BTreeMap<u64, Entry<TypeConfig>>,
-    vote: Option<Vote<NodeId>>,
-    committed: Option<LogId<NodeId>>,
-    purged: Option<LogId<NodeId>>,
-}
-
-/// The metadata group's log: memory for reads, the store writer for durability.
-#[derive(Debug, Clone)]
-pub struct LogStore {
-    store: Store,
-    data: Arc<Mutex<LogData>>,
-}
-
-impl LogStore {
-    /// The log as the store read it back at start.
-    pub fn recover(store: Store, recovered: &RecoveredRaftGroup) -> anyhow::Result<LogStore> {
-        let mut data = LogData::default();
-        for (index, bytes) in &recovered.log {
-            let entry: Entry<TypeConfig> = decode(bytes, "metadata log entry")?;
-            data.entries.insert(*index, entry);
-        }
-        if let Some(v) = recovered.state.get(VOTE) {
-            data.vote = Some(decode(v, "vote")?);
-        }
-        if let Some(v) = recovered.state.get(COMMITTED) {
-            data.committed = decode(v, "committed log id")?;
-        }
-        if let Some(v) = recovered.state.get(PURGED) {
-            data.purged = decode(v, "purged log id")?;
-        }
-        Ok(LogStore {
-            store,
-            data: Arc::new(Mutex::new(data)),
-        })
-    }
-}
-
-impl RaftLogReader<TypeConfig> for LogStore {
-    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
-        &mut self,
-        range: RB,
-    ) -> Result<Vec<Entry<TypeConfig>>, StorageError<NodeId>> {
-        let data = lock(&self.data);
-        Ok(data.entries.range(range).map(|(_, e)| e.clone()).collect())
-    }
-}
-
-impl RaftLogStorage<TypeConfig> for LogStore {
-    type LogReader = LogStore;
-
-    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError<NodeId>> {
-        let data = lock(&self.data);
-        let last = data.entries.values().next_back().map(|e| e.log_id);
-        Ok(LogState {
-            last_purged_log_id: data.purged,
-            last_log_id: last.or(data.purged),
-        })
-    }
-
-    async fn get_log_reader(&mut self) -> Self::LogReader {
-        self.clone()
-    }
-
-    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError<NodeId>> {
-        let value = encode(vote)?;
-        lock(&self.data).vote = Some(*vote);
-        // A vote must be durable before it is acted on.
-        self.store
-            .commit(vec![StoreOp::RaftPutState {
-                group: META_GROUP,
-                key: VOTE.into(),
-                value,
-            }])
-            .await;
-        Ok(())
-    }
-
-    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError<NodeId>> {
-        Ok(lock(&self.data).vote)
-    }
-
-    async fn save_committed(
-        &mut self,
-        committed: Option<LogId<NodeId>>,
-    ) -> Result<(), StorageError<NodeId>> {
-        let value = encode(&committed)?;
-        lock(&self.data).committed = committed;
-        // Not awaited: a lost committed id is learnt again from the leader.
-        self.store.submit(vec![StoreOp::RaftPutState {
-            group: META_GROUP,
-            key: COMMITTED.into(),
-            value,
-        }]);
-        Ok(())
-    }
-
-    async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, StorageError<NodeId>> {
-        Ok(lock(&self.data).committed)
-    }
-
-    async fn append<I>(
-        &mut self,
-        entries: I,
-        callback: LogFlushed<TypeConfig>,
-    ) -> Result<(), StorageError<NodeId>>
-    where
-        I: IntoIterator<Item = Entry<TypeConfig>> + Send,
-        I::IntoIter: Send,
-    {
-        let mut ops = Vec::new();
-        {
-            let mut data = lock(&self.data);
-            for entry in entries {
-                ops.push(StoreOp::RaftAppend {
-                    group: META_GROUP,
-                    index: entry.log_id.index,
-                    entry: encode(&entry)?,
-                });
-                data.entries.insert(entry.log_id.index, entry);
-            }
-        }
-        self.store
-            .commit_then(ops, Box::new(move || callback.log_io_completed(Ok(()))));
-        Ok(())
-    }
-
-    async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
-        lock(&self.data).entries.split_off(&log_id.index);
-        self.store
-            .commit(vec![StoreOp::RaftTruncateFrom {
-                group: META_GROUP,
-                index: log_id.index,
-            }])
-            .await;
-        Ok(())
-    }
-
-    async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
-        let value = encode(&Some(log_id))?;
-        {
-            let mut data = lock(&self.data);
-            data.entries = data.entries.split_off(&(log_id.index + 1));
-            data.purged = Some(log_id);
-        }
-        self.store.submit(vec![
-            StoreOp::RaftPutState {
-                group: META_GROUP,
-                key: PURGED.into(),
-                value,
-            },
-            StoreOp::RaftPurgeUpTo {
-                group: META_GROUP,
-                index: log_id.index,
-            },
-        ]);
-        Ok(())
-    }
-}
+/// The metadata group's log: the node's generic Raft log for group [`META_GROUP`].
+pub type LogStore = crate::cluster::raft_log::RaftLog<TypeConfig>;
 
 /// The definitions every node agrees on: broker key -> broker-encoded value.
 pub type Definitions = BTreeMap<String, Vec<u8>>;

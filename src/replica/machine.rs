@@ -1,0 +1,290 @@
+//! A replicated queue's state machine: the queue's committed messages, as every member
+//! of its group applies the log. The leader's queue host (`crate::queue::Queue`) is the
+//! live queue (consumers, deliveries, unacked messages); what the log carries are the
+//! changes that must survive the leader: a message enqueued, delivered (so that it comes
+//! back redelivered), removed (acked, dropped, dead-lettered), or the queue purged on
+//! delete. A new leader rebuilds its host from this machine.
+//!
+//! Kept in memory and rebuilt at start from the last snapshot (a `raft_state` value of
+//! the group) plus the committed log after it; snapshots keep only the live messages, so
+//! the log is truncated as messages are settled.
+
+// openraft's trait methods return its (large) StorageError.
+#![allow(clippy::result_large_err)]
+
+use std::collections::BTreeMap;
+use std::io::Cursor;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use openraft::storage::RaftStateMachine;
+use openraft::{
+    AnyError, Entry, EntryPayload, LogId, RaftSnapshotBuilder, Snapshot, SnapshotMeta,
+    StorageError, StorageIOError, StoredMembership,
+};
+use serde::{Deserialize, Serialize};
+
+use super::{QueueTypes, ReplicaRecord};
+use crate::cluster::meta::NodeId;
+use crate::cluster::raft_log::{COMMITTED, SNAPSHOT, decode, encode, lock};
+use crate::cluster::wire::GroupId;
+use crate::queue::{Message, Queue};
+use crate::store::{RecoveredRaftGroup, Store, StoreOp};
+
+type Membership = StoredMembership<NodeId, openraft::BasicNode>;
+
+/// Records of one log entry get keys `index << RECORD_BITS | position`: increasing in
+/// log order, unique in the group.
+pub const RECORD_BITS: u32 = 16;
+/// Most records one log entry may carry.
+pub const RECORDS_PER_ENTRY: usize = 1 << RECORD_BITS;
+
+/// A committed message: its store encoding and how often it was handed out.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Held {
+    blob: Vec<u8>,
+    delivered: u32,
+}
+
+/// A snapshot as stored and sent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta<NodeId, openraft::BasicNode>,
+    messages: BTreeMap<u64, Held>,
+}
+
+#[derive(Debug, Default)]
+struct MachineData {
+    messages: BTreeMap<u64, Held>,
+    last_applied: Option<LogId<NodeId>>,
+    membership: Membership,
+    snapshot: Option<StoredSnapshot>,
+    snapshots_built: u64,
+    /// The live queue, while this node leads the group.
+    host: Option<Arc<Queue>>,
+}
+
+/// The state machine of one replicated queue's group (clones share it).
+#[derive(Debug, Clone)]
+pub struct ReplicaMachine {
+    store: Store,
+    group: GroupId,
+    data: Arc<Mutex<MachineData>>,
+}
+
+impl ReplicaMachine {
+    /// The machine as of the group's last stored snapshot plus the entries after it this
+    /// node knew to be committed.
+    pub fn recover(
+        store: Store,
+        group: GroupId,
+        recovered: &RecoveredRaftGroup,
+    ) -> anyhow::Result<ReplicaMachine> {
+        let mut data = MachineData::default();
+        if let Some(bytes) = recovered.state.get(SNAPSHOT) {
+            let snap: StoredSnapshot = decode(bytes, "queue snapshot")?;
+            data.messages = snap.messages.clone();
+            data.last_applied = snap.meta.last_log_id;
+            data.membership = snap.meta.last_membership.clone();
+            data.snapshot = Some(snap);
+        }
+        let committed: Option<LogId<NodeId>> = match recovered.state.get(COMMITTED) {
+            Some(v) => decode(v, "committed log id")?,
+            None => None,
+        };
+        let from = data.last_applied.map_or(0, |l| l.index + 1);
+        let to = committed.map_or(0, |l| l.index);
+        for (index, bytes) in &recovered.log {
+            if (from..=to).contains(index) {
+                let entry: Entry<QueueTypes> = decode(bytes, "queue log entry")?;
+                apply_entry(&mut data, entry);
+            }
+        }
+        Ok(ReplicaMachine {
+            store,
+            group,
+            data: Arc::new(Mutex::new(data)),
+        })
+    }
+
+    /// This node now leads the group: `host` becomes the live queue, holding every
+    /// committed message (those handed out before come back redelivered). The caller has
+    /// made sure every entry committed before this node's term is applied.
+    pub fn host(&self, host: Arc<Queue>) {
+        let mut data = lock(&self.data);
+        let mut restored = Vec::with_capacity(data.messages.len());
+        for (key, held) in &data.messages {
+            match crate::broker::persist::decode_message(&Bytes::from(held.blob.clone()), *key) {
+                Some(msg) => restored.push((*key, Arc::new(msg), held.delivered)),
+                None => tracing::error!(key, "replicated queue: unreadable message skipped"),
+            }
+        }
+        host.take_over(restored);
+        data.host = Some(host);
+    }
+
+    /// This node no longer leads the group: its host stops serving.
+    pub fn unhost(&self) -> Option<Arc<Queue>> {
+        lock(&self.data).host.take()
+    }
+
+    /// Committed messages held now.
+    pub fn len(&self) -> usize {
+        lock(&self.data).messages.len()
+    }
+
+    /// Whether no message is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn persist_snapshot(&self, snap: &StoredSnapshot) -> Result<(), StorageError<NodeId>> {
+        let value = encode(snap)?;
+        self.store.submit(vec![StoreOp::RaftPutState {
+            group: self.group,
+            key: SNAPSHOT.into(),
+            value,
+        }]);
+        Ok(())
+    }
+}
+
+/// Applies one entry; a message enqueued while a host is attached is handed to it.
+fn apply_entry(data: &mut MachineData, entry: Entry<QueueTypes>) {
+    data.last_applied = Some(entry.log_id);
+    match entry.payload {
+        EntryPayload::Blank => {}
+        EntryPayload::Membership(m) => {
+            data.membership = StoredMembership::new(Some(entry.log_id), m);
+        }
+        EntryPayload::Normal(records) => {
+            let base = entry.log_id.index << RECORD_BITS;
+            for (position, record) in records.into_iter().enumerate() {
+                apply_record(data, base | position as u64, record);
+            }
+        }
+    }
+}
+
+fn apply_record(data: &mut MachineData, key: u64, record: ReplicaRecord) {
+    match record {
+        ReplicaRecord::Enqueue(blob) => {
+            if let Some(host) = &data.host {
+                let bytes = Bytes::from(blob.clone());
+                match crate::broker::persist::decode_message(&bytes, key) {
+                    Some(msg) => host.enqueue_committed(Arc::new(Message {
+                        store_id: Some(key),
+                        ..msg
+                    })),
+                    None => tracing::error!(key, "replicated queue: unreadable message"),
+                }
+            }
+            data.messages.insert(key, Held { blob, delivered: 0 });
+        }
+        ReplicaRecord::Delivered(key) => {
+            if let Some(held) = data.messages.get_mut(&key) {
+                held.delivered = held.delivered.saturating_add(1);
+            }
+        }
+        ReplicaRecord::Remove(key) => {
+            data.messages.remove(&key);
+        }
+        ReplicaRecord::Purge => data.messages.clear(),
+    }
+}
+
+impl RaftSnapshotBuilder<QueueTypes> for ReplicaMachine {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<QueueTypes>, StorageError<NodeId>> {
+        let snap = {
+            let mut data = lock(&self.data);
+            data.snapshots_built += 1;
+            let index = data.last_applied.map_or(0, |l| l.index);
+            let snap = StoredSnapshot {
+                meta: SnapshotMeta {
+                    last_log_id: data.last_applied,
+                    last_membership: data.membership.clone(),
+                    snapshot_id: format!("{index}-{}", data.snapshots_built),
+                },
+                messages: data.messages.clone(),
+            };
+            data.snapshot = Some(snap.clone());
+            snap
+        };
+        self.persist_snapshot(&snap)?;
+        Ok(Snapshot {
+            meta: snap.meta.clone(),
+            snapshot: Box::new(Cursor::new(encode(&snap.messages)?.to_vec())),
+        })
+    }
+}
+
+impl RaftStateMachine<QueueTypes> for ReplicaMachine {
+    type SnapshotBuilder = ReplicaMachine;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId<NodeId>>, Membership), StorageError<NodeId>> {
+        let data = lock(&self.data);
+        Ok((data.last_applied, data.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<()>, StorageError<NodeId>>
+    where
+        I: IntoIterator<Item = Entry<QueueTypes>> + Send,
+        I::IntoIter: Send,
+    {
+        let mut replies = Vec::new();
+        let mut data = lock(&self.data);
+        for entry in entries {
+            apply_entry(&mut data, entry);
+            replies.push(());
+        }
+        Ok(replies)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(
+        &mut self,
+    ) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError<NodeId>> {
+        let messages: BTreeMap<u64, Held> =
+            postcard::from_bytes(snapshot.get_ref()).map_err(|e| StorageError::IO {
+                source: StorageIOError::read_snapshot(Some(meta.signature()), AnyError::error(e)),
+            })?;
+        let snap = StoredSnapshot {
+            meta: meta.clone(),
+            messages: messages.clone(),
+        };
+        {
+            let mut data = lock(&self.data);
+            data.messages = messages;
+            data.last_applied = meta.last_log_id;
+            data.membership = meta.last_membership.clone();
+            data.snapshot = Some(snap.clone());
+        }
+        self.persist_snapshot(&snap)
+    }
+
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<Snapshot<QueueTypes>>, StorageError<NodeId>> {
+        let snap = lock(&self.data).snapshot.clone();
+        match snap {
+            None => Ok(None),
+            Some(s) => Ok(Some(Snapshot {
+                meta: s.meta.clone(),
+                snapshot: Box::new(Cursor::new(encode(&s.messages)?.to_vec())),
+            })),
+        }
+    }
+}

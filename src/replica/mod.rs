@@ -1,0 +1,469 @@
+//! Replicated queues (`x-queue-type: quorum`): one Raft group per queue, on the members
+//! its declaration named, sharing the node's store writer (one fsync makes the appends
+//! of every group durable) and the node's one link per peer.
+//!
+//! - The leader of a queue's group hosts the live queue: the same `Queue` as a classic
+//!   queue's (consumers, deliveries, acks), whose durable changes go to the group's log
+//!   instead of the node's store: a publish is proposed as [`ReplicaRecord::Enqueue`] and
+//!   enters the queue only once committed on a majority (so consumers see only committed
+//!   messages, and the publisher's confirm means "in the log of a majority, fsynced
+//!   there"); deliveries, acks and removals follow as records.
+//! - Every member applies the log to its [`machine::ReplicaMachine`]: the committed
+//!   messages. A node that becomes leader rebuilds the live queue from it (messages
+//!   handed out before come back redelivered); a leader that loses its place cancels its
+//!   consumers (basic.cancel) and forgets the live queue. A new leader announces itself
+//!   in the metadata group (as RabbitMQ records a quorum queue's leader), and every node
+//!   routes the queue's publishes to the leader it knows (`VHost::set_replica_home`).
+//! - A queue's log is snapshotted (its live messages only) every
+//!   [`SNAPSHOT_EVERY`] entries and truncated, so disk use follows the backlog.
+
+pub mod machine;
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Cursor;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use openraft::{BasicNode, Config, Raft, ServerState, SnapshotPolicy};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+use self::machine::{RECORDS_PER_ENTRY, ReplicaMachine};
+use crate::broker::vhost::VHost;
+use crate::cluster::Transport;
+use crate::cluster::meta::NodeId;
+use crate::cluster::raft_log::{RaftLog, lock};
+use crate::cluster::raft_net::{self, GroupNetwork};
+use crate::cluster::wire::GroupId;
+use crate::queue::Queue;
+use crate::store::{RecoveredRaftGroup, Store, StoreOp};
+
+/// A snapshot is taken after this many log entries.
+pub const SNAPSHOT_EVERY: u64 = 4096;
+
+/// Replicas of a quorum queue when `x-quorum-initial-group-size` is not given (RabbitMQ's
+/// default), or the cluster size when that is smaller.
+pub const DEFAULT_GROUP_SIZE: usize = 3;
+
+/// Where a replicated queue lives: its group's id and its members, by node name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaSpec {
+    /// The group's id on the wire and in the store.
+    pub group: GroupId,
+    /// The nodes holding a replica.
+    pub members: Vec<String>,
+}
+
+impl ReplicaSpec {
+    /// A new group for a queue declared on `me`: `size` members, `me` first, then the
+    /// members after it in name order (so that queues spread over the cluster).
+    pub fn choose(me: &str, cluster: &[String], size: usize) -> ReplicaSpec {
+        let mut sorted: Vec<&String> = cluster.iter().collect();
+        sorted.sort();
+        let start = sorted.iter().position(|n| *n == me).unwrap_or(0);
+        let members = (0..sorted.len().min(size.max(1)))
+            .map(|i| sorted[(start + i) % sorted.len()].clone())
+            .collect();
+        // The top bit keeps queue groups clear of the node's fixed groups (0, 1, ...).
+        ReplicaSpec {
+            group: rand::random::<u64>() | (1 << 63),
+            members,
+        }
+    }
+}
+
+/// A durable change of a replicated queue, as its log carries it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ReplicaRecord {
+    /// A message published to the queue (the store's encoding of it).
+    Enqueue(Vec<u8>),
+    /// The message with this key was handed to a consumer.
+    Delivered(u64),
+    /// The message with this key left (acked, dropped, expired, dead-lettered, purged).
+    Remove(u64),
+    /// Every message left (the queue was deleted).
+    Purge,
+}
+
+openraft::declare_raft_types!(
+    /// openraft's types for a replicated queue's group.
+    pub QueueTypes:
+        D = Vec<ReplicaRecord>,
+        R = (),
+        NodeId = NodeId,
+        Node = BasicNode,
+        Entry = openraft::Entry<QueueTypes>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+/// Called with whether a proposed record was committed.
+type Ack = oneshot::Sender<bool>;
+
+/// A replicated queue's way into its log (cheap to clone): records are proposed in the
+/// order they are handed over.
+#[derive(Debug, Clone)]
+pub struct ReplicaLog {
+    tx: mpsc::UnboundedSender<(ReplicaRecord, Option<Ack>)>,
+}
+
+impl ReplicaLog {
+    /// Proposes `record`; `ack` hears whether it was committed (false: this node does not
+    /// lead the group, or lost its place before the record was committed).
+    pub fn propose(&self, record: ReplicaRecord, ack: Option<Ack>) {
+        if let Err(mpsc::error::SendError((_, Some(ack)))) = self.tx.send((record, ack)) {
+            let _ = ack.send(false);
+        }
+    }
+
+    /// Proposes the changes a queue host recorded as store ops for its own messages
+    /// (deliveries, removals, the purge of a deleted queue); others are not the log's.
+    pub fn submit_ops(&self, ops: Vec<StoreOp>) {
+        for op in ops {
+            let record = match op {
+                StoreOp::Remove { offset, .. } => ReplicaRecord::Remove(offset),
+                StoreOp::MarkDelivered { offset, .. } => ReplicaRecord::Delivered(offset),
+                StoreOp::PurgeQueue { .. } => ReplicaRecord::Purge,
+                _ => continue,
+            };
+            self.propose(record, None);
+        }
+    }
+}
+
+struct RunningGroup {
+    raft: Option<Raft<QueueTypes>>,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+/// The replicated queue groups of this node.
+#[derive(Clone)]
+pub struct Replicas {
+    inner: Arc<ReplicasInner>,
+}
+
+struct ReplicasInner {
+    transport: Transport,
+    store: Store,
+    me: String,
+    ids: BTreeMap<String, NodeId>,
+    recovered: Mutex<HashMap<GroupId, RecoveredRaftGroup>>,
+    groups: Mutex<HashMap<GroupId, Arc<Mutex<RunningGroup>>>>,
+}
+
+impl std::fmt::Debug for Replicas {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replicas")
+            .field("me", &self.inner.me)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Replicas {
+    /// The groups of node `me` of a cluster whose members are `names` (sorted; a
+    /// member's Raft id is its position plus one, as in the metadata group), from what
+    /// the store recovered.
+    pub fn new(
+        transport: Transport,
+        store: Store,
+        me: &str,
+        names: &[String],
+        recovered: HashMap<GroupId, RecoveredRaftGroup>,
+    ) -> Replicas {
+        let ids = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.clone(), i as NodeId + 1))
+            .collect();
+        Replicas {
+            inner: Arc::new(ReplicasInner {
+                transport,
+                store,
+                me: me.to_string(),
+                ids,
+                recovered: Mutex::new(recovered),
+                groups: Mutex::default(),
+            }),
+        }
+    }
+
+    /// This node's name.
+    pub fn me(&self) -> &str {
+        &self.inner.me
+    }
+
+    /// Starts this node's member of `spec`'s group (once) for `queue` of `vhost`, and
+    /// gives the queue its log.
+    pub fn ensure(&self, spec: &ReplicaSpec, vhost: &Arc<VHost>, queue: &Arc<Queue>) {
+        let Some(&me) = self.inner.ids.get(&self.inner.me) else {
+            return;
+        };
+        let mut groups = lock(&self.inner.groups);
+        if groups.contains_key(&spec.group) {
+            return;
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        queue.attach_replica(ReplicaLog { tx });
+        let running = Arc::new(Mutex::new(RunningGroup {
+            raft: None,
+            stop: tokio_util::sync::CancellationToken::new(),
+        }));
+        groups.insert(spec.group, running.clone());
+        drop(groups);
+        let recovered = lock(&self.inner.recovered)
+            .remove(&spec.group)
+            .unwrap_or_default();
+        let members: BTreeMap<NodeId, BasicNode> = spec
+            .members
+            .iter()
+            .filter_map(|n| {
+                let id = self.inner.ids.get(n)?;
+                Some((*id, BasicNode { addr: n.clone() }))
+            })
+            .collect();
+        let names: BTreeMap<NodeId, String> = self
+            .inner
+            .ids
+            .iter()
+            .map(|(n, id)| (*id, n.clone()))
+            .collect();
+        let start = GroupStart {
+            transport: self.inner.transport.clone(),
+            store: self.inner.store.clone(),
+            group: spec.group,
+            me,
+            members,
+            names,
+            recovered,
+            queue: Arc::downgrade(queue),
+            vhost: Arc::downgrade(vhost),
+            running,
+            declared_first: spec.members.first() == Some(&self.inner.me),
+        };
+        tokio::spawn(async move {
+            if let Err(e) = start.run(rx).await {
+                tracing::error!("replicated queue: cannot start its group: {e:#}");
+            }
+        });
+    }
+
+    /// Stops this node's member of `group` and removes its log and state from the store
+    /// (the queue was deleted).
+    pub fn drop_group(&self, group: GroupId) {
+        let running = lock(&self.inner.groups).remove(&group);
+        let Some(running) = running else {
+            return;
+        };
+        let (raft, stop) = {
+            let r = lock(&running);
+            (r.raft.clone(), r.stop.clone())
+        };
+        stop.cancel();
+        let store = self.inner.store.clone();
+        tokio::spawn(async move {
+            if let Some(raft) = raft {
+                let _ = raft.shutdown().await;
+            }
+            store.submit(vec![StoreOp::RaftDropGroup { group }]);
+        });
+    }
+
+    /// Stops every group (the node shuts down).
+    pub async fn shutdown(&self) {
+        let all: Vec<_> = lock(&self.inner.groups).values().cloned().collect();
+        for running in all {
+            let raft = lock(&running).raft.clone();
+            lock(&running).stop.cancel();
+            if let Some(raft) = raft {
+                let _ = raft.shutdown().await;
+            }
+        }
+    }
+}
+
+/// What a group's start needs.
+struct GroupStart {
+    transport: Transport,
+    store: Store,
+    group: GroupId,
+    me: NodeId,
+    members: BTreeMap<NodeId, BasicNode>,
+    names: BTreeMap<NodeId, String>,
+    recovered: RecoveredRaftGroup,
+    queue: Weak<Queue>,
+    vhost: Weak<VHost>,
+    running: Arc<Mutex<RunningGroup>>,
+    /// This node is the first member of the spec (the node that declared the queue).
+    declared_first: bool,
+}
+
+impl GroupStart {
+    async fn run(
+        self,
+        proposals: mpsc::UnboundedReceiver<(ReplicaRecord, Option<Ack>)>,
+    ) -> anyhow::Result<()> {
+        let config = Config {
+            cluster_name: format!("warren-queue-{:x}", self.group),
+            heartbeat_interval: 250,
+            election_timeout_min: 1500,
+            election_timeout_max: 3000,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(SNAPSHOT_EVERY),
+            max_in_snapshot_log_to_keep: 0,
+            ..Default::default()
+        }
+        .validate()?;
+        let log = RaftLog::<QueueTypes>::recover(self.store.clone(), self.group, &self.recovered)?;
+        let machine = ReplicaMachine::recover(self.store.clone(), self.group, &self.recovered)?;
+        let inbox = self.transport.register(self.group);
+        let network = GroupNetwork {
+            transport: self.transport.clone(),
+            group: self.group,
+        };
+        let raft = Raft::new(self.me, Arc::new(config), network, log, machine.clone()).await?;
+        let stop = {
+            let mut r = lock(&self.running);
+            r.raft = Some(raft.clone());
+            r.stop.clone()
+        };
+        if stop.is_cancelled() {
+            let _ = raft.shutdown().await;
+            return Ok(());
+        }
+        if !raft.is_initialized().await? {
+            // Every member does this with the same members; openraft refuses it harmlessly
+            // once a log exists.
+            if let Err(e) = raft.initialize(self.members.clone()).await {
+                tracing::debug!("replicated queue: group already initialised: {e}");
+            }
+            // The declaring node (listed first) stands at once instead of after an
+            // election timeout, so that a new queue takes publishes within a round trip.
+            if self.declared_first
+                && let Err(e) = raft.trigger().elect().await
+            {
+                tracing::debug!("replicated queue: cannot stand for election: {e}");
+            }
+        }
+        tokio::spawn(raft_net::serve(raft.clone(), inbox));
+        tokio::spawn(propose(raft.clone(), proposals, stop.clone()));
+        let leadership = Leadership {
+            raft,
+            machine,
+            me: self.me,
+            names: self.names,
+            queue: self.queue,
+            vhost: self.vhost,
+        };
+        tokio::select! {
+            _ = leadership.follow() => {}
+            _ = stop.cancelled() => {}
+        }
+        Ok(())
+    }
+}
+
+/// Proposes records in the order they came, as many per log entry as are waiting.
+async fn propose(
+    raft: Raft<QueueTypes>,
+    mut rx: mpsc::UnboundedReceiver<(ReplicaRecord, Option<Ack>)>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    // Publishes made while the group's first election runs wait for it.
+    let _ = raft
+        .wait(Some(Duration::from_secs(5)))
+        .metrics(|m| m.current_leader.is_some(), "a leader is known")
+        .await;
+    loop {
+        let first = tokio::select! {
+            p = rx.recv() => p,
+            _ = stop.cancelled() => None,
+        };
+        let Some(first) = first else { return };
+        let mut records = vec![first.0];
+        let mut acks: Vec<Ack> = first.1.into_iter().collect();
+        while records.len() < RECORDS_PER_ENTRY {
+            match rx.try_recv() {
+                Ok((record, ack)) => {
+                    records.push(record);
+                    acks.extend(ack);
+                }
+                Err(_) => break,
+            }
+        }
+        match raft.client_write_ff(records).await {
+            Ok(answer) => {
+                tokio::spawn(async move {
+                    let ok = matches!(answer.await, Ok(Ok(_)));
+                    for ack in acks {
+                        let _ = ack.send(ok);
+                    }
+                });
+            }
+            Err(_) => {
+                for ack in acks {
+                    let _ = ack.send(false);
+                }
+            }
+        }
+    }
+}
+
+/// Follows who leads the group: hosts the live queue while this node does, and tells the
+/// vhost where the queue's publishes go otherwise.
+struct Leadership {
+    raft: Raft<QueueTypes>,
+    machine: ReplicaMachine,
+    me: NodeId,
+    names: BTreeMap<NodeId, String>,
+    queue: Weak<Queue>,
+    vhost: Weak<VHost>,
+}
+
+impl Leadership {
+    async fn follow(self) {
+        let mut metrics = self.raft.metrics();
+        let mut hosting = false;
+        loop {
+            let (leader, state) = {
+                let m = metrics.borrow_and_update();
+                (m.current_leader, m.state)
+            };
+            let (Some(queue), Some(vhost)) = (self.queue.upgrade(), self.vhost.upgrade()) else {
+                return;
+            };
+            let leads = leader == Some(self.me) && state == ServerState::Leader;
+            if leads && !hosting {
+                // Entries of earlier terms count as committed once this term's first
+                // entry is: wait for them to be applied before building the queue.
+                match self.raft.ensure_linearizable().await {
+                    Ok(_) => {
+                        self.machine.host(queue.clone());
+                        vhost.set_replica_home(queue.name(), None);
+                        vhost.announce_replica_leader(queue.name());
+                        tracing::info!(
+                            queue = queue.name(),
+                            "replicated queue: this node leads it now"
+                        );
+                        hosting = true;
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+                continue;
+            }
+            if !leads {
+                if hosting {
+                    if let Some(host) = self.machine.unhost() {
+                        host.step_down();
+                    }
+                    hosting = false;
+                }
+                if let Some(name) = leader.and_then(|id| self.names.get(&id)) {
+                    vhost.set_replica_home(queue.name(), Some(name.clone()));
+                }
+            }
+            drop((queue, vhost));
+            if metrics.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+}

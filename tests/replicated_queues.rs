@@ -1,0 +1,328 @@
+//! Replicated (quorum) queues on real `warren` processes in network namespaces: a
+//! publisher's confirm means a majority of the queue's replicas have the message, so
+//! killing the node that leads the queue loses no confirmed message; a new leader takes
+//! over and serves them (those handed out before come back redelivered).
+
+mod cluster;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use cluster::Cluster;
+use futures_lite::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions,
+    ConfirmSelectOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel};
+
+const ELECTION: Duration = Duration::from_secs(20);
+const QUEUE: &str = "replicated";
+
+fn quorum() -> (QueueDeclareOptions, FieldTable) {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    (
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args,
+    )
+}
+
+async fn confirming_channel(c: &Cluster, i: usize) -> Option<Channel> {
+    let conn = c.try_connect(i, Duration::from_secs(5)).await?;
+    let ch = conn.create_channel().await.ok()?;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .ok()?;
+    Some(ch)
+}
+
+/// Publishes `body` to the queue; whether it was confirmed (a nack or a lost channel is
+/// not).
+async fn publish(ch: &Channel, body: &str) -> bool {
+    let Ok(confirm) = ch
+        .basic_publish(
+            "".into(),
+            QUEUE.into(),
+            BasicPublishOptions::default(),
+            body.as_bytes(),
+            BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+    else {
+        return false;
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(30), confirm).await,
+        Ok(Ok(c)) if c.is_ack()
+    )
+}
+
+/// The node (of `nodes`) that serves the queue's consumers now: the leader of its group.
+async fn leader(c: &Cluster, nodes: &[usize], queue: &str) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        for &i in nodes {
+            let Some(conn) = c.try_connect(i, Duration::from_secs(2)).await else {
+                continue;
+            };
+            let Ok(ch) = conn.create_channel().await else {
+                continue;
+            };
+            let consumed = ch
+                .basic_consume(
+                    queue.into(),
+                    "probe".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await;
+            let _ = conn.close(200, "probe done".into()).await;
+            if consumed.is_ok() {
+                return i;
+            }
+        }
+        assert!(Instant::now() < deadline, "no node leads the queue");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Consumes (and acks) through node `i` until nothing arrives for a while: the bodies,
+/// and how many came flagged redelivered.
+async fn drain(c: &Cluster, i: usize) -> (Vec<String>, usize) {
+    let ch = c.connect(i).await.create_channel().await.unwrap();
+    let mut consumer = ch
+        .basic_consume(
+            QUEUE.into(),
+            "drain".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut bodies = Vec::new();
+    let mut redelivered = 0;
+    while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(3), consumer.next()).await
+    {
+        bodies.push(String::from_utf8_lossy(&d.data).into_owned());
+        redelivered += usize::from(d.redelivered);
+        d.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    (bodies, redelivered)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confirmed_messages_survive_the_loss_of_the_queue_leader() {
+    let Some(mut c) = Cluster::start(3) else {
+        return;
+    };
+    c.wait_agreed_leader(&[1, 2, 3], None, ELECTION).await;
+    let ch = c.connect(1).await.create_channel().await.unwrap();
+    let (options, args) = quorum();
+    ch.queue_declare(QUEUE.into(), options, args).await.unwrap();
+
+    // Publish through every node (the others forward to the leader).
+    let mut confirmed = BTreeSet::new();
+    for node in [1, 2, 3] {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let ch = confirming_channel(&c, node).await.expect("node up");
+        let mut n = 0;
+        while n < 100 {
+            let body = format!("{node}:{n}");
+            if publish(&ch, &body).await {
+                confirmed.insert(body);
+                n += 1;
+            } else {
+                assert!(Instant::now() < deadline, "node {node} never confirmed");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+
+    // A consumer takes some without acking, then the leader dies.
+    let first = leader(&c, &[1, 2, 3], QUEUE).await;
+    let conn = c.connect(first).await;
+    let held = conn.create_channel().await.unwrap();
+    let mut consumer = held
+        .basic_consume(
+            QUEUE.into(),
+            "holder".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    for _ in 0..10 {
+        let d = tokio::time::timeout(Duration::from_secs(10), consumer.next()).await;
+        assert!(matches!(d, Ok(Some(Ok(_)))), "a delivery from the leader");
+    }
+    c.kill(first);
+
+    // The survivors elect a new leader and keep confirming.
+    let rest: Vec<usize> = [1, 2, 3].into_iter().filter(|i| *i != first).collect();
+    let ch = confirming_channel(&c, rest[0]).await.expect("survivor up");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut after = 0;
+    while after < 20 {
+        let body = format!("after:{after}");
+        if publish(&ch, &body).await {
+            confirmed.insert(body);
+            after += 1;
+        } else {
+            assert!(
+                Instant::now() < deadline,
+                "no confirm after the leader died"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    let second = leader(&c, &rest, QUEUE).await;
+    let (got, redelivered) = drain(&c, second).await;
+    let got_set: BTreeSet<String> = got.iter().cloned().collect();
+    let lost: Vec<&String> = confirmed.difference(&got_set).collect();
+    assert!(lost.is_empty(), "confirmed messages lost: {lost:?}");
+    assert_eq!(got.len(), got_set.len(), "no duplicates on one drain");
+    assert!(
+        redelivered >= 1,
+        "messages handed out by the old leader come back redelivered"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quorum_queues_take_transactions_and_refuse_what_rabbitmq_refuses() {
+    let Some(c) = Cluster::start(3) else {
+        return;
+    };
+    c.wait_agreed_leader(&[1, 2, 3], None, ELECTION).await;
+
+    // A transaction's publishes reach the queue at commit, and only then.
+    let ch = c.connect(1).await.create_channel().await.unwrap();
+    let (options, args) = quorum();
+    ch.queue_declare("tx".into(), options, args).await.unwrap();
+    let node = leader(&c, &[1, 2, 3], "tx").await;
+    let ch = c.connect(node).await.create_channel().await.unwrap();
+    ch.tx_select().await.unwrap();
+    for body in ["a", "b", "c"] {
+        ch.basic_publish(
+            "".into(),
+            "tx".into(),
+            BasicPublishOptions::default(),
+            body.as_bytes(),
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap();
+    }
+    ch.tx_commit().await.unwrap();
+    ch.basic_publish(
+        "".into(),
+        "tx".into(),
+        BasicPublishOptions::default(),
+        b"rolled back",
+        BasicProperties::default(),
+    )
+    .await
+    .unwrap();
+    ch.tx_rollback().await.unwrap();
+    let mut got = Vec::new();
+    while let Some(m) = ch
+        .basic_get("tx".into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+    {
+        got.push(String::from_utf8_lossy(&m.delivery.data).into_owned());
+    }
+    assert_eq!(got, ["a", "b", "c"], "committed publishes only, in order");
+
+    let conn = c.connect(2).await;
+    for (flag, options) in [
+        ("non-durable", QueueDeclareOptions::default()),
+        (
+            "exclusive-owner",
+            QueueDeclareOptions {
+                durable: true,
+                exclusive: true,
+                ..Default::default()
+            },
+        ),
+        (
+            "auto-delete",
+            QueueDeclareOptions {
+                durable: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+        ),
+    ] {
+        let ch = conn.create_channel().await.unwrap();
+        let (_, args) = quorum();
+        let err = ch
+            .queue_declare("bad".into(), options, args)
+            .await
+            .expect_err("refused");
+        let text = err.to_string();
+        assert!(
+            text.contains("PRECONDITION_FAILED")
+                && text.contains(&format!("invalid property '{flag}' for queue 'bad'")),
+            "{flag}: {text}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_outside_the_queues_group_follows_its_leader() {
+    let Some(mut c) = Cluster::start(4) else {
+        return;
+    };
+    c.wait_agreed_leader(&[1, 2, 3, 4], None, ELECTION).await;
+    // Declared on node 1 with 3 replicas: nodes 1, 2 and 3; node 4 holds none.
+    let ch = c.connect(1).await.create_channel().await.unwrap();
+    let (options, mut args) = quorum();
+    args.insert("x-quorum-initial-group-size".into(), AMQPValue::LongInt(3));
+    ch.queue_declare(QUEUE.into(), options, args).await.unwrap();
+    let first = leader(&c, &[1, 2, 3], QUEUE).await;
+
+    let mut confirmed = BTreeSet::new();
+    let outside = confirming_channel(&c, 4).await.expect("node 4 up");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while confirmed.len() < 50 {
+        let body = format!("before:{}", confirmed.len());
+        if publish(&outside, &body).await {
+            confirmed.insert(body);
+        } else {
+            assert!(Instant::now() < deadline, "node 4 never confirmed");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    // The leader dies: node 4 learns the new one and its publishes are confirmed again.
+    c.kill(first);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut after = 0;
+    while after < 50 {
+        let body = format!("after:{after}");
+        if publish(&outside, &body).await {
+            confirmed.insert(body);
+            after += 1;
+        } else {
+            assert!(
+                Instant::now() < deadline,
+                "node 4 never confirmed after the kill"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let rest: Vec<usize> = [1, 2, 3].into_iter().filter(|i| *i != first).collect();
+    let second = leader(&c, &rest, QUEUE).await;
+    let (got, _) = drain(&c, second).await;
+    let got: BTreeSet<String> = got.into_iter().collect();
+    let lost: Vec<&String> = confirmed.difference(&got).collect();
+    assert!(lost.is_empty(), "confirmed messages lost: {lost:?}");
+}
