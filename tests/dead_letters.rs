@@ -438,6 +438,43 @@ async fn delivery_limit_dead_letters_a_poison_message_and_counts_deliveries() {
 }
 
 #[tokio::test]
+async fn a_quorum_queue_has_rabbitmqs_default_delivery_limit_of_20() {
+    let b = common::TestBroker::start().await;
+    let conn = b.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(
+        "qq".into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args(&[("x-queue-type", text("quorum"))]),
+    )
+    .await
+    .unwrap();
+    publish(&ch, "qq", b"poison", BasicProperties::default()).await;
+    // Delivered once, then returned 20 times: the 21st return drops it.
+    for n in 0..=20 {
+        let m = ch
+            .basic_get("qq".into(), BasicGetOptions::default())
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("delivery {} of the message", n + 1));
+        m.delivery
+            .nack(BasicNackOptions {
+                requeue: true,
+                multiple: false,
+            })
+            .await
+            .unwrap();
+    }
+    assert!(
+        get(&ch, "qq").await.is_none(),
+        "dropped past the default delivery limit"
+    );
+}
+
+#[tokio::test]
 async fn priority_queue_delivers_highest_first_fifo_within_a_priority() {
     let b = common::TestBroker::start().await;
     let conn = b.connect().await;

@@ -277,6 +277,18 @@ async fn quorum_queues_take_transactions_and_refuse_what_rabbitmq_refuses() {
     }
 }
 
+/// `warren ctl ARGS` against node `i`: its output.
+fn ctl(c: &Cluster, i: usize, args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_warren"))
+        .args(["ctl", "--url", &format!("http://{}:15672", c.node(i).ip)])
+        .args(["-u", cluster::USER, "--password", cluster::USER])
+        .args(args)
+        .output()
+        .expect("warren ctl runs");
+    assert!(out.status.success(), "warren ctl {args:?} failed");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_outside_the_queues_group_follows_its_leader() {
     let Some(mut c) = Cluster::start(4) else {
@@ -321,6 +333,18 @@ async fn a_node_outside_the_queues_group_follows_its_leader() {
     }
     let rest: Vec<usize> = [1, 2, 3].into_iter().filter(|i| *i != first).collect();
     let second = leader(&c, &rest, QUEUE).await;
+    // `warren ctl list_queues` through node 4 names the new leader and the members, as
+    // `rabbitmqctl list_queues name type leader members` does.
+    let listed = ctl(&c, 4, &["list_queues", "name", "type", "leader", "members"]);
+    let row = listed
+        .lines()
+        .find(|l| l.starts_with(QUEUE))
+        .unwrap_or_else(|| panic!("{QUEUE} listed: {listed}"));
+    assert!(row.contains("quorum"), "{row}");
+    assert!(row.contains(&c.node(second).name), "the new leader: {row}");
+    for i in 1..=3 {
+        assert!(row.contains(&c.node(i).name), "member {i}: {row}");
+    }
     let (got, _) = drain(&c, second).await;
     let got: BTreeSet<String> = got.into_iter().collect();
     let lost: Vec<&String> = confirmed.difference(&got).collect();

@@ -271,18 +271,19 @@ impl DefinitionsMirror {
     ) {
         let member = spec.members.contains(&self.node);
         let def = stored.def();
-        // The leader it knows stays; a new queue starts with its first member as leader
-        // (a member starts local: its group tells it who leads).
+        // The leader it knows stays; a new queue starts with its first member (the node
+        // that declared it, which stands first) as leader, until its group says.
+        let first = spec.members.first().filter(|f| **f != self.node).cloned();
         let home = match vhost.find_queue(&def.name) {
             Some(_) => vhost.remote_home(&def.name),
-            None if member => None,
-            None => spec.members.first().cloned(),
+            None => first,
         };
         vhost.mirror_queue(def, home);
         let (Some(link), Some(q)) = (broker.cluster_link(), vhost.find_queue(&stored.name)) else {
             return;
         };
         q.mark_replicated();
+        q.set_members(spec.members.clone());
         if member {
             link.replicas.ensure(spec, vhost, &q);
         }

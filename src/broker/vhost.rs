@@ -73,6 +73,11 @@ fn value_text(v: Option<&AMQPValue>) -> String {
     }
 }
 
+/// Deliveries of one message a quorum queue allows when neither its arguments nor a
+/// policy set `delivery-limit` (RabbitMQ 4's default); past it the message is dropped or
+/// dead-lettered.
+pub const QUORUM_DELIVERY_LIMIT: u64 = 20;
+
 /// Whether a declaration asks for a quorum queue (`x-queue-type: quorum`).
 pub fn is_quorum(def: &QueueDef) -> bool {
     match def.arguments.inner().get("x-queue-type") {
@@ -514,12 +519,18 @@ impl VHost {
     }
 
     /// A queue's settings: its declared ones with the policy in force applied.
+    /// A quorum queue without a delivery limit of its own or from a policy has RabbitMQ
+    /// 4's default one.
     fn effective_args(&self, def: &QueueDef, declared: QueueArgs) -> QueueArgs {
         let policies = lock_read(&self.policies);
-        match super::policy::in_force(&policies, true, &def.name) {
+        let mut args = match super::policy::in_force(&policies, true, &def.name) {
             Some(p) => declared.with_policy(&def.arguments, &p.definition),
             None => declared,
+        };
+        if args.delivery_limit.is_none() && is_quorum(def) {
+            args.delivery_limit = Some(QUORUM_DELIVERY_LIMIT);
         }
+        args
     }
 
     /// Replaces the vhost's policies and applies the one now in force to every queue.

@@ -358,7 +358,7 @@ pub async fn publish(
 
 fn queue_json(http: &Http, vhost: &str, q: &Queue) -> Value {
     let s = q.snapshot();
-    json!({
+    let mut v = json!({
         "name": q.name(),
         "vhost": vhost,
         "node": node_name(),
@@ -377,7 +377,21 @@ fn queue_json(http: &Http, vhost: &str, q: &Queue) -> Value {
         "message_bytes_ready": s.ready_bytes,
         "memory": s.memory,
         "message_stats": http.rates.queue_stats(vhost, q.name(), &s.counters),
-    })
+    });
+    if q.is_replicated() {
+        // As RabbitMQ lists a quorum queue: its leader (also its "node") and members.
+        let leader = http
+            .broker
+            .vhost(vhost)
+            .and_then(|v| v.remote_home(q.name()))
+            .or_else(|| http.broker.cluster_link().map(|l| l.node.clone()))
+            .unwrap_or_else(node_name);
+        v["type"] = json!("quorum");
+        v["node"] = json!(leader);
+        v["leader"] = json!(leader);
+        v["members"] = json!(q.members());
+    }
+    v
 }
 
 fn list_queues(

@@ -225,6 +225,8 @@ pub struct Queue {
     /// Declared replicated (`x-queue-type: quorum` on a clustered node): its messages go
     /// only through its log, even before the log is attached.
     replicated: AtomicBool,
+    /// A replicated queue's members (node names), for listings.
+    members: std::sync::RwLock<Vec<String>>,
 }
 
 /// Counts reported by declare-ok, purge-ok, delete-ok and get-ok.
@@ -302,7 +304,21 @@ impl Queue {
             router,
             replica: std::sync::OnceLock::new(),
             replicated: AtomicBool::new(false),
+            members: std::sync::RwLock::default(),
         })
+    }
+
+    /// Records a replicated queue's members (from its agreed definition).
+    pub fn set_members(&self, members: Vec<String>) {
+        *self.members.write().unwrap_or_else(|p| p.into_inner()) = members;
+    }
+
+    /// A replicated queue's members (empty for any other queue).
+    pub fn members(&self) -> Vec<String> {
+        self.members
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Makes this a replicated queue (before any message reaches it): publishes go to

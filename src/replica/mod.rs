@@ -422,6 +422,9 @@ impl Leadership {
     async fn follow(self) {
         let mut metrics = self.raft.metrics();
         let mut hosting = false;
+        // The leader acted on last (metrics change on every append: act on changes of
+        // leader only).
+        let mut acted_on: Option<Option<NodeId>> = None;
         loop {
             let (leader, state) = {
                 let m = metrics.borrow_and_update();
@@ -444,12 +447,13 @@ impl Leadership {
                             "replicated queue: this node leads it now"
                         );
                         hosting = true;
+                        acted_on = Some(leader);
                     }
                     Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
                 }
                 continue;
             }
-            if !leads {
+            if !leads && acted_on != Some(leader) {
                 if hosting {
                     if let Some(host) = self.machine.unhost() {
                         host.step_down();
@@ -458,6 +462,10 @@ impl Leadership {
                 }
                 if let Some(name) = leader.and_then(|id| self.names.get(&id)) {
                     vhost.set_replica_home(queue.name(), Some(name.clone()));
+                    // Consumers that attached here while no leader was known are
+                    // cancelled: they attach again where the queue is served.
+                    queue.step_down();
+                    acted_on = Some(leader);
                 }
             }
             drop((queue, vhost));
