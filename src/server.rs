@@ -63,10 +63,6 @@ async fn start_clustered(
         crate::cluster::ClusterNode::start(membership, store.clone(), meta_log, Some(observer))
             .await?;
     state.access.join_cluster(cluster.proposals().clone());
-    let inbox = cluster
-        .transport()
-        .register(crate::broker::remote::QUEUE_GROUP);
-    tokio::spawn(crate::broker::remote::serve(Arc::downgrade(state), inbox));
     let proxies = crate::broker::remote_consume::start(state, cluster.transport());
     state.join_cluster(ClusterLink {
         proposals: cluster.proposals().clone(),
@@ -83,6 +79,11 @@ async fn start_clustered(
         ),
     });
     mirror.start_replicas(&cluster.meta().machine().definitions());
+    // Other nodes' queue traffic is served once every replicated queue here is set up.
+    let inbox = cluster
+        .transport()
+        .register(crate::broker::remote::QUEUE_GROUP);
+    tokio::spawn(crate::broker::remote::serve(Arc::downgrade(state), inbox));
     Ok(cluster)
 }
 

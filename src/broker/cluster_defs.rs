@@ -282,12 +282,16 @@ impl DefinitionsMirror {
             None => first,
         };
         vhost.mirror_queue(def, home);
-        let (Some(link), Some(q)) = (broker.cluster_link(), vhost.find_queue(&stored.name)) else {
+        let Some(q) = vhost.find_queue(&stored.name) else {
             return;
         };
+        // Replicated from the start, before its group runs here: until then nothing
+        // takes its messages outside its log (they are refused, and nacked).
         q.mark_replicated();
         q.set_members(spec.members.clone());
-        if member {
+        if let Some(link) = broker.cluster_link()
+            && member
+        {
             link.replicas.ensure(spec, vhost, &q);
         }
     }

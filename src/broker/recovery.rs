@@ -122,7 +122,7 @@ impl BrokerState {
                         "removing {} stored messages of queue {key:?}, which no longer exists",
                         entries.len()
                     );
-                    rewrites.push(StoreOp::PurgeQueue { queue: key });
+                    rewrites.push(StoreOp::PurgeQueue { queue: key.into() });
                 }
                 continue;
             };

@@ -511,7 +511,7 @@ impl VHost {
         drop(queues);
         if let Some(qs) = q.store() {
             self.persist(vec![StoreOp::PutDefinition {
-                key: qs.key.clone(),
+                key: qs.key.to_string(),
                 value: StoredQueue::new(&self.name, &q.def).encode(),
             }]);
         }
@@ -565,7 +565,7 @@ impl VHost {
         let args = self.effective_args(&def, args);
         let store = self.store.as_ref().map(|store| QueueStore {
             store: store.clone(),
-            key: persist::queue_key(&self.name, &def.name),
+            key: persist::queue_key(&self.name, &def.name).into(),
         });
         let router: Weak<dyn DeadLetterRouter> = self.me.clone();
         let replicated = self.cluster.get().is_some() && is_quorum(&def);

@@ -37,8 +37,9 @@ use crate::store::{Store, StoreOp};
 pub struct QueueStore {
     /// The node's store.
     pub store: Store,
-    /// The queue's key (its entries live under it).
-    pub key: String,
+    /// The queue's key (its entries live under it), shared by every store record of the
+    /// queue rather than copied into each.
+    pub key: Arc<str>,
 }
 
 impl QueueStore {
@@ -707,7 +708,7 @@ impl Queue {
                             queue: qs.key.clone(),
                         });
                         ops.push(StoreOp::DeleteDefinition {
-                            key: qs.key.clone(),
+                            key: qs.key.to_string(),
                         });
                     }
                 }

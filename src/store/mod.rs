@@ -3,7 +3,9 @@
 //!
 //! The store knows nothing of AMQP: definitions are opaque blobs under string keys that the
 //! broker chooses, messages are opaque blobs under `u64` ids that the broker allocates, and a
-//! queue is a string key with entries `(offset -> msg id)`.
+//! queue is a string key with entries `(offset -> msg id)`. Messages and entries are
+//! written as an append-only log, one chunk per group commit, truncated at its head as
+//! messages are settled (see `log.rs` for the layout and why it is safe).
 //!
 //! Writes go through exactly one writer thread (redb is synchronous and allows one write
 //! transaction at a time), which does **group commit**: it blocks for the first pending
@@ -16,6 +18,7 @@
 //! "not stored".
 
 pub mod histogram;
+mod log;
 mod recovery;
 mod schema;
 mod writer;
@@ -108,8 +111,8 @@ pub enum StoreOp {
     },
     /// Store a message blob once, however many queues will hold it. Follow it with one
     /// [`StoreOp::Enqueue`] per queue (in the same batch, normally): the blob lives as long as
-    /// some entry references it. A blob that no entry ever references is deleted at the next
-    /// [`Store::open`].
+    /// some entry references it. A blob that no entry ever references is never recovered,
+    /// and its bytes go when the log is truncated past them.
     PutMessage {
         /// Broker-allocated id, unique for the life of the database (start from
         /// [`Recovered::next_msg_id`]).
@@ -120,20 +123,21 @@ pub enum StoreOp {
     /// Add a queue entry referencing a stored message (takes one reference to it). Replacing
     /// an existing `(queue, offset)` releases the reference the old entry held.
     Enqueue {
-        /// Queue key (the broker's choice, e.g. the definition key of the queue).
-        queue: String,
+        /// Queue key (the broker's choice, e.g. the definition key of the queue), shared
+        /// by the queue's records.
+        queue: Arc<str>,
         /// Position in the queue; recovery returns entries in ascending offset order.
         offset: u64,
         /// A message stored by an earlier (or the same) batch's [`StoreOp::PutMessage`].
         msg_id: u64,
     },
     /// Remove a queue entry (ack, expiry, drop...). Releases its reference; a blob with no
-    /// references left is deleted at the end of the batch, so moving a message between
+    /// references left is forgotten at the end of the batch, so moving a message between
     /// queues within one batch (Remove, then Enqueue elsewhere) is safe. Across batches,
     /// Enqueue the new entry before Removing the old one. Absent entries are ignored.
     Remove {
         /// Queue key.
-        queue: String,
+        queue: Arc<str>,
         /// Offset given to [`StoreOp::Enqueue`].
         offset: u64,
     },
@@ -141,7 +145,7 @@ pub enum StoreOp {
     /// `delivered: true` (AMQP `redelivered`). Absent entries are ignored.
     MarkDelivered {
         /// Queue key.
-        queue: String,
+        queue: Arc<str>,
         /// Offset given to [`StoreOp::Enqueue`].
         offset: u64,
     },
@@ -149,7 +153,7 @@ pub enum StoreOp {
     /// The queue's definition is separate: delete it with [`StoreOp::DeleteDefinition`].
     PurgeQueue {
         /// Queue key.
-        queue: String,
+        queue: Arc<str>,
     },
     /// Append (or overwrite) entry `index` of Raft group `group`'s log.
     RaftAppend {
@@ -381,10 +385,10 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
-    /// Opens (creating if needed) `<dir>/warren.redb`, reads everything back, deletes what no
-    /// longer belongs (blobs no entry references, entries whose blob is missing), and starts
-    /// the writer thread. `interval` is the fsync period for [`FlushMode::Interval`] and is
-    /// ignored for [`FlushMode::Sync`].
+    /// Opens (creating if needed, converting a version 1 layout) `<dir>/warren.redb`, reads
+    /// everything back, truncates what no longer belongs (dead head chunks of the message
+    /// log, entries whose blob is missing), and starts the writer thread. `interval` is the
+    /// fsync period for [`FlushMode::Interval`] and is ignored for [`FlushMode::Sync`].
     ///
     /// Blocking, for seconds on a big store (about 3 s for a million 1 KiB messages, plus
     /// about 2 s of redb repair after an unclean shutdown): call it before serving, or in
@@ -409,23 +413,24 @@ impl Store {
             .create(&path)
             .with_context(|| format!("opening {}", path.display()))?;
         recovery::init_schema(&db).with_context(|| format!("initialising {}", path.display()))?;
-        let loaded = recovery::load(&db).with_context(|| format!("reading {}", path.display()))?;
-        recovery::clean_up(&db, &loaded)
+        let mut loaded =
+            recovery::load(&db).with_context(|| format!("reading {}", path.display()))?;
+        recovery::clean_up(&db, &mut loaded)
             .with_context(|| format!("cleaning up {}", path.display()))?;
         let recovered = loaded.recovered;
         tracing::info!(
             path = %path.display(),
             definitions = recovered.definitions.len(),
             queues = recovered.queues.len(),
-            messages = loaded.refcounts.len(),
+            messages = loaded.index.live_messages(),
+            chunks = loaded.index.chunk_count(),
             elapsed_ms = started.elapsed().as_millis() as u64,
             "store: recovered"
         );
 
         let counters = Arc::new(Counters::default());
         let (tx, rx) = mpsc::channel();
-        let writer =
-            writer::Writer::new(db, rx, flush, interval, loaded.refcounts, counters.clone());
+        let writer = writer::Writer::new(db, rx, flush, interval, loaded.index, counters.clone());
         let thread = std::thread::Builder::new()
             .name("warren-store".into())
             .spawn(move || writer.run())

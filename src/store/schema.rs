@@ -8,15 +8,17 @@
 //! | `meta`          | `&str`              | `u64` (schema version)     |
 //! | `definitions`   | `&str` (broker key) | `&[u8]` (broker blob)      |
 //! | `access`        | `&str` (auth key)   | `&[u8]` (auth blob)        |
-//! | `messages`      | `u64` msg id        | `&[u8]` (message blob)     |
-//! | `queue_entries` | `(&str, u64)`       | `(u64, u32)`               |
+//! | `message_log`   | `u64` chunk number  | `&[u8]` (records, see log) |
 //! | `raft_log`      | `(u64, u64)`        | `&[u8]` (Raft entry)       |
 //! | `raft_state`    | `(u64, &str)`       | `&[u8]` (vote, snapshot..) |
 //!
-//! A queue entry's key is (queue key, offset) so that one queue's entries are contiguous and
-//! in offset order; its value is (msg id, delivery count). Message reference counts are not
-//! stored: they are the number of entries naming a msg id, counted at recovery and kept in
-//! the writer's memory, which saves one B-tree update per enqueue and per ack.
+//! Persistent messages and queue entries live in `message_log`: one row (a chunk) per group
+//! commit holding that commit's records, truncated at its head as messages are settled
+//! (the layout and its invariants are described in `log.rs`). Reference counts and where
+//! each live record is are not stored: recovery recomputes them from the chunks.
+//!
+//! Version 1 kept one `messages` row per message and one `queue_entries` row per entry;
+//! opening such a database converts it (see `recovery::migrate_v1`).
 //!
 //! Raft groups (cluster mode only) keep their logs in `raft_log`, keyed by (group id, log
 //! index), and their small durable values (vote, committed index, snapshot) in
@@ -27,7 +29,7 @@ use redb::TableDefinition;
 
 /// Version of this layout, stored under [`META_SCHEMA_VERSION`]; bump it (and migrate) on any
 /// incompatible change.
-pub(crate) const SCHEMA_VERSION: u64 = 1;
+pub(crate) const SCHEMA_VERSION: u64 = 2;
 
 /// Key of the schema version in [`META`].
 pub(crate) const META_SCHEMA_VERSION: &str = "schema_version";
@@ -43,11 +45,14 @@ pub(crate) const DEFINITIONS: TableDefinition<&str, &[u8]> = TableDefinition::ne
 /// replicated metadata group) without touching the exchanges' and queues' records.
 pub(crate) const ACCESS: TableDefinition<&str, &[u8]> = TableDefinition::new("access");
 
-/// Every persistent message blob, stored once however many queues hold it.
-pub(crate) const MESSAGES: TableDefinition<u64, &[u8]> = TableDefinition::new("messages");
+/// The message log: chunk number -> the records of one group commit.
+pub(crate) const MESSAGE_LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("message_log");
 
-/// Per-queue index: (queue key, offset) -> (msg id, delivery count).
-pub(crate) const ENTRIES: TableDefinition<(&str, u64), (u64, u32)> =
+/// Version 1: every persistent message blob, by msg id (read only to migrate).
+pub(crate) const V1_MESSAGES: TableDefinition<u64, &[u8]> = TableDefinition::new("messages");
+
+/// Version 1: (queue key, offset) -> (msg id, delivery count) (read only to migrate).
+pub(crate) const V1_ENTRIES: TableDefinition<(&str, u64), (u64, u32)> =
     TableDefinition::new("queue_entries");
 
 /// Every Raft group's log: (group id, index) -> encoded entry.

@@ -1,5 +1,6 @@
-//! Unit tests of the store: what is written comes back, references are counted, group
-//! commit batches, and the flush modes keep their promises.
+//! Unit tests of the store: what is written comes back, references are counted, the
+//! message log is truncated as messages are settled, group commit batches, and the flush
+//! modes keep their promises.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -8,7 +9,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use redb::{Database, ReadableDatabase, ReadableTable, TableHandle};
 
-use super::schema::{ENTRIES, MESSAGES};
+use super::log::{self, ChunkReader, ChunkWriter, Record};
+use super::schema::MESSAGE_LOG;
 use super::*;
 
 /// A fresh directory under the system temp dir, removed on drop.
@@ -47,24 +49,37 @@ fn reopen(store: Store, dir: &TempDir) -> Recovered {
     recovered
 }
 
-/// The msg ids in the messages table, read directly (the store must be closed).
-fn stored_message_ids(dir: &TempDir) -> Vec<u64> {
+/// Every chunk of the message log `(number, bytes)`, read directly (the store must be
+/// closed).
+fn stored_chunks(dir: &TempDir) -> Vec<(u64, Vec<u8>)> {
     let db = Database::open(dir.path().join(DB_FILE_NAME)).expect("open db");
     let txn = db.begin_read().expect("read txn");
-    let table = txn.open_table(MESSAGES).expect("messages table");
+    let table = txn.open_table(MESSAGE_LOG).expect("message log");
     table
         .iter()
         .expect("iter")
-        .map(|row| row.expect("row").0.value())
+        .map(|row| {
+            let (k, v) = row.expect("row");
+            (k.value(), v.value().to_vec())
+        })
         .collect()
 }
 
-/// The number of rows in the queue index, read directly (the store must be closed).
-fn stored_entry_count(dir: &TempDir) -> usize {
-    let db = Database::open(dir.path().join(DB_FILE_NAME)).expect("open db");
-    let txn = db.begin_read().expect("read txn");
-    let table = txn.open_table(ENTRIES).expect("entries table");
-    table.iter().expect("iter").count()
+/// The msg ids whose blob is on disk (in some chunk), sorted, read directly (the store
+/// must be closed).
+fn stored_message_ids(dir: &TempDir) -> Vec<u64> {
+    let mut ids = Vec::new();
+    for (number, bytes) in stored_chunks(dir) {
+        let mut reader = ChunkReader::new(number, &bytes).expect("chunk format");
+        while let Some(record) = reader.next_record().expect("record") {
+            if let Record::Put { msg_id, .. } = record {
+                ids.push(msg_id);
+            }
+        }
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    ids
 }
 
 fn put(msg_id: u64, body: &'static [u8]) -> StoreOp {
@@ -207,7 +222,7 @@ async fn put_enqueue_remove_in_one_batch_leaves_nothing() {
     let recovered = reopen(store, &dir);
     assert!(recovered.queues.is_empty());
     assert_eq!(stored_message_ids(&dir), Vec::<u64>::new());
-    assert_eq!(stored_entry_count(&dir), 0);
+    assert!(stored_chunks(&dir).is_empty(), "nothing live: no chunk");
 }
 
 #[tokio::test]
@@ -300,18 +315,51 @@ async fn purge_queue_removes_entries_and_unreferenced_blobs() {
     assert_eq!(offsets(&recovered, "a"), vec![]);
     assert_eq!(offsets(&recovered, "b"), vec![(0, 2)]);
     assert_eq!(offsets(&recovered, "ab"), vec![(0, 3)]);
-    assert_eq!(stored_message_ids(&dir), vec![2, 3]);
+    // Message 1 is dead; its chunk stays while 2 and 3 live in it.
+    assert_eq!(stored_message_ids(&dir), vec![1, 2, 3]);
+
+    let (store, _) = open(&dir);
+    store
+        .commit(vec![
+            StoreOp::PurgeQueue { queue: "b".into() },
+            StoreOp::PurgeQueue { queue: "ab".into() },
+        ])
+        .await;
+    let recovered = reopen(store, &dir);
+    assert!(recovered.queues.is_empty());
+    assert!(
+        stored_chunks(&dir).is_empty(),
+        "every chunk settled: none left"
+    );
 }
 
 #[tokio::test]
-async fn unreferenced_messages_are_deleted_at_open() {
+async fn unreferenced_messages_are_not_recovered_and_go_with_their_chunk() {
     let dir = TempDir::new("orphan");
     let (store, _) = open(&dir);
     store.commit(vec![put(1, b"never enqueued")]).await;
     store.close();
-    assert_eq!(stored_message_ids(&dir), vec![1]);
-    let (store, recovered) = open(&dir);
-    store.close();
+    assert_eq!(
+        stored_message_ids(&dir),
+        Vec::<u64>::new(),
+        "alone: not written"
+    );
+
+    let (store, _) = open(&dir);
+    store
+        .commit(vec![
+            put(2, b"never enqueued"),
+            put(3, b"kept"),
+            enqueue("q", 0, 3),
+        ])
+        .await;
+    let recovered = reopen(store, &dir);
+    assert_eq!(offsets(&recovered, "q"), vec![(0, 3)]);
+    assert_eq!(stored_message_ids(&dir), vec![2, 3]);
+
+    let (store, _) = open(&dir);
+    store.commit(vec![remove("q", 0)]).await;
+    let recovered = reopen(store, &dir);
     assert!(recovered.queues.is_empty());
     assert_eq!(stored_message_ids(&dir), Vec::<u64>::new());
 }
@@ -323,7 +371,7 @@ async fn enqueue_of_an_unknown_message_is_not_written() {
     store.commit(vec![enqueue("q", 0, 42)]).await;
     let recovered = reopen(store, &dir);
     assert!(recovered.queues.is_empty());
-    assert_eq!(stored_entry_count(&dir), 0);
+    assert!(stored_chunks(&dir).is_empty());
 }
 
 #[tokio::test]
@@ -336,19 +384,30 @@ async fn entries_without_their_message_are_dropped_at_open() {
     store.close();
     {
         // Damage the database behind the store's back: an entry naming no message.
+        let mut chunk = ChunkWriter::default();
+        chunk.enqueue(0, "q", 1, 77, 0);
         let db = Database::open(dir.path().join(DB_FILE_NAME)).expect("open db");
         let txn = db.begin_write().expect("write txn");
-        txn.open_table(ENTRIES)
-            .expect("entries")
-            .insert(("q", 1), (77u64, 0u32))
+        txn.open_table(MESSAGE_LOG)
+            .expect("message log")
+            .insert(1000, chunk.bytes())
             .expect("insert");
         txn.commit().expect("commit");
     }
-    assert_eq!(stored_entry_count(&dir), 2);
+    let replayed = log::replay(chunks_as_bytes(&dir)).expect("replay");
+    assert_eq!(replayed.dangling, vec![("q".to_string(), 1)]);
     let (store, recovered) = open(&dir);
     store.close();
     assert_eq!(offsets(&recovered, "q"), vec![(0, 1)]);
-    assert_eq!(stored_entry_count(&dir), 1);
+    let replayed = log::replay(chunks_as_bytes(&dir)).expect("replay");
+    assert!(replayed.dangling.is_empty(), "settled at the first open");
+}
+
+fn chunks_as_bytes(dir: &TempDir) -> Vec<(u64, Bytes)> {
+    stored_chunks(dir)
+        .into_iter()
+        .map(|(n, b)| (n, Bytes::from(b)))
+        .collect()
 }
 
 #[tokio::test]
@@ -579,7 +638,7 @@ fn million_messages_write_and_recover() {
                     blob: body.clone(),
                 },
                 StoreOp::Enqueue {
-                    queue: format!("q/%2f/bench-{}", i % 4),
+                    queue: format!("q/%2f/bench-{}", i % 4).into(),
                     offset: i / 4,
                     msg_id: i,
                 },
@@ -623,7 +682,7 @@ fn million_messages_write_and_recover() {
                 chunk
                     .iter()
                     .map(|e| StoreOp::Remove {
-                        queue: queue.clone(),
+                        queue: queue.as_str().into(),
                         offset: e.offset,
                     })
                     .collect(),
@@ -800,9 +859,160 @@ async fn a_single_node_never_creates_the_raft_tables() {
         .expect("list tables")
         .map(|t| t.name().to_string())
         .collect();
-    assert!(names.iter().any(|n| n == "queue_entries"), "{names:?}");
+    assert!(names.iter().any(|n| n == "message_log"), "{names:?}");
     assert!(
         !names.iter().any(|n| n.starts_with("raft")),
         "no Raft table without a cluster: {names:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_settlement_behind_a_live_head_chunk_keeps_its_message_settled() {
+    let dir = TempDir::new("behind-head");
+    let (store, _) = open(&dir);
+    store
+        .commit(vec![
+            put(1, b"a"),
+            enqueue("q", 1, 1),
+            put(2, b"b"),
+            enqueue("q", 2, 2),
+        ])
+        .await;
+    store
+        .commit(vec![put(3, b"c"), enqueue("q", 3, 3), remove("q", 1)])
+        .await;
+    // Chunk 2 is now dead, but chunk 1 before it lives (message 2): chunk 2 must stay,
+    // or its settlement of message 1 would be lost.
+    store.commit(vec![remove("q", 3)]).await;
+    let recovered = reopen(store, &dir);
+    assert_eq!(offsets(&recovered, "q"), vec![(2, 2)]);
+    assert_eq!(stored_message_ids(&dir), vec![1, 2, 3]);
+
+    let (store, _) = open(&dir);
+    store.commit(vec![remove("q", 2)]).await;
+    let recovered = reopen(store, &dir);
+    assert!(recovered.queues.is_empty());
+    assert!(stored_chunks(&dir).is_empty());
+}
+
+#[tokio::test]
+async fn a_long_lived_message_at_the_head_is_rewritten_so_the_log_follows_the_backlog() {
+    let dir = TempDir::new("rewrite-head");
+    let (store, _) = open(&dir);
+    store
+        .commit(vec![put(0, b"pinned"), enqueue("q", 0, 0)])
+        .await;
+    let delivered = || StoreOp::MarkDelivered {
+        queue: "q".into(),
+        offset: 0,
+    };
+    store.commit(vec![delivered(), delivered()]).await;
+    // 96 MiB flow past the pinned message, each settled in the next commit.
+    let body = Bytes::from(vec![7u8; 1 << 20]);
+    let written: u64 = 96;
+    for i in 1..=written {
+        store
+            .commit(vec![
+                StoreOp::PutMessage {
+                    msg_id: i,
+                    blob: body.clone(),
+                },
+                enqueue("q", i, i),
+            ])
+            .await;
+        store.commit(vec![remove("q", i)]).await;
+    }
+    store.close();
+    drop(store);
+    let on_disk: usize = stored_chunks(&dir).iter().map(|(_, b)| b.len()).sum();
+    assert!(
+        (on_disk as u64) < (written << 20) * 3 / 4,
+        "{on_disk} bytes of log for one live message after {written} MiB"
+    );
+    assert!(stored_message_ids(&dir).contains(&0));
+    let recovered = reopen(open(&dir).0, &dir);
+    let q = &recovered.queues["q"];
+    assert_eq!(q.len(), 1);
+    assert_eq!(q[0].blob, Bytes::from_static(b"pinned"));
+    assert_eq!(
+        q[0].delivery_count, 2,
+        "the rewrite keeps the delivery count"
+    );
+
+    let (store, _) = open(&dir);
+    store.commit(vec![remove("q", 0)]).await;
+    let recovered = reopen(store, &dir);
+    assert!(
+        recovered.queues.is_empty(),
+        "the rewritten entry is settled"
+    );
+    assert!(stored_chunks(&dir).is_empty());
+}
+
+#[tokio::test]
+async fn a_version_1_database_is_converted_to_the_message_log() {
+    use super::schema::{DEFINITIONS, META, META_SCHEMA_VERSION, V1_ENTRIES, V1_MESSAGES};
+    let dir = TempDir::new("v1");
+    std::fs::create_dir_all(dir.path()).expect("mkdir");
+    {
+        let db = Database::create(dir.path().join(DB_FILE_NAME)).expect("create db");
+        let txn = db.begin_write().expect("write txn");
+        {
+            txn.open_table(META)
+                .expect("meta")
+                .insert(META_SCHEMA_VERSION, 1u64)
+                .expect("version");
+            txn.open_table(DEFINITIONS)
+                .expect("definitions")
+                .insert("q/%2f/a", &b"queue a"[..])
+                .expect("definition");
+            let mut messages = txn.open_table(V1_MESSAGES).expect("messages");
+            for (id, blob) in [(1u64, &b"one"[..]), (2, b"two"), (3, b"orphan")] {
+                messages.insert(id, blob).expect("message");
+            }
+            let mut entries = txn.open_table(V1_ENTRIES).expect("entries");
+            entries.insert(("a", 10), (1u64, 0u32)).expect("entry");
+            entries.insert(("a", 11), (2u64, 3u32)).expect("entry");
+            entries.insert(("b", 5), (1u64, 0u32)).expect("entry");
+            // Dangling: its message is missing.
+            entries.insert(("b", 6), (99u64, 0u32)).expect("entry");
+        }
+        txn.commit().expect("commit");
+    }
+    for _ in 0..2 {
+        let (store, recovered) = open(&dir);
+        store.close();
+        assert_eq!(
+            recovered.definitions,
+            vec![("q/%2f/a".to_string(), b"queue a".to_vec())]
+        );
+        assert_eq!(offsets(&recovered, "a"), vec![(10, 1), (11, 2)]);
+        assert_eq!(offsets(&recovered, "b"), vec![(5, 1)]);
+        let a = &recovered.queues["a"];
+        assert_eq!(a[1].blob, Bytes::from_static(b"two"));
+        assert_eq!(a[1].delivery_count, 3);
+        assert!(a[1].delivered);
+        assert_eq!(recovered.queues["b"][0].blob, Bytes::from_static(b"one"));
+    }
+    let db = Database::open(dir.path().join(DB_FILE_NAME)).expect("open db");
+    let txn = db.begin_read().expect("read txn");
+    let names: Vec<String> = txn
+        .list_tables()
+        .expect("list tables")
+        .map(|t| t.name().to_string())
+        .collect();
+    assert!(
+        !names
+            .iter()
+            .any(|n| n == "messages" || n == "queue_entries"),
+        "{names:?}"
+    );
+    assert_eq!(
+        txn.open_table(META)
+            .expect("meta")
+            .get(META_SCHEMA_VERSION)
+            .expect("get")
+            .map(|v| v.value()),
+        Some(super::schema::SCHEMA_VERSION)
     );
 }

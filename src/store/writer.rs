@@ -1,7 +1,5 @@
 //! The single writer thread: group commit, the flush policy, and applying ops.
 
-use std::collections::HashMap;
-use std::collections::hash_map::Entry;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -10,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use redb::{Database, Durability, ReadableTable, WriteTransaction};
 
-use super::schema::{ACCESS, DEFINITIONS, ENTRIES, MESSAGES, RAFT_LOG, RAFT_STATE};
+use super::log::{ChunkWriter, LiveIndex, Truncation};
+use super::schema::{ACCESS, DEFINITIONS, MESSAGE_LOG, RAFT_LOG, RAFT_STATE};
 use super::{Counters, Done, FlushMode, Request, StoreOp, fatal_store_failure};
 
 /// At most this many requests go into one transaction, so that a flood of publishes cannot
@@ -22,8 +21,8 @@ pub(super) const MAX_BATCH_REQUESTS: usize = 16 * 1024;
 /// so that its dirty pages fit redb's write buffer (half of the cache, see `CACHE_SIZE_BYTES`).
 const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
 
-/// Hasher for `u64` msg ids (multiplicative, as FxHash): the refcount map is touched on every
-/// enqueue and ack, and SipHash's DoS resistance buys nothing for broker-allocated ids.
+/// Hasher for `u64` msg ids and offsets (multiplicative, as FxHash): the log's maps are
+/// touched on every enqueue and ack, and SipHash's DoS resistance buys nothing for broker-allocated ids.
 #[derive(Default, Clone, Copy)]
 pub(super) struct IdHasher(u64);
 
@@ -32,6 +31,10 @@ impl Hasher for IdHasher {
         for &b in bytes {
             self.write_u64(u64::from(b));
         }
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.write_u64(u64::from(n));
     }
 
     fn write_u64(&mut self, n: u64) {
@@ -45,9 +48,6 @@ impl Hasher for IdHasher {
 
 /// Builds [`IdHasher`]s.
 pub(super) type IdBuildHasher = BuildHasherDefault<IdHasher>;
-
-/// msg id -> number of queue entries referencing it, for every stored message.
-pub(super) type RefCounts = HashMap<u64, u32, IdBuildHasher>;
 
 /// Why a batch stopped filling.
 enum Control {
@@ -65,11 +65,10 @@ pub(super) struct Writer {
     rx: Receiver<Request>,
     flush: FlushMode,
     interval: Duration,
-    /// Reference count of every stored message (entries naming it).
-    refcounts: RefCounts,
-    /// Messages whose count reached zero during the current batch; deleted at its end if
-    /// still unreferenced.
-    released: Vec<u64>,
+    /// The message log's live state.
+    log: LiveIndex,
+    /// The chunk being built (its buffer is reused between batches).
+    chunk: ChunkWriter,
     /// The current group commit (reused between batches).
     batch: Vec<(Vec<StoreOp>, Done)>,
     /// Payload bytes of the current group commit.
@@ -92,13 +91,13 @@ impl Drop for ExitOnPanic {
 }
 
 impl Writer {
-    /// A writer over `db`, whose stored messages have the reference counts `refcounts`.
+    /// A writer over `db`, whose message log holds `log`.
     pub(super) fn new(
         db: Database,
         rx: Receiver<Request>,
         flush: FlushMode,
         interval: Duration,
-        refcounts: RefCounts,
+        log: LiveIndex,
         counters: Arc<Counters>,
     ) -> Writer {
         Writer {
@@ -106,8 +105,8 @@ impl Writer {
             rx,
             flush,
             interval,
-            refcounts,
-            released: Vec::new(),
+            log,
+            chunk: ChunkWriter::default(),
             batch: Vec::new(),
             batch_bytes: 0,
             counters,
@@ -204,7 +203,7 @@ impl Writer {
         if !durable && let Err(err) = txn.set_durability(Durability::None) {
             fatal_store_failure("setting the durability of a transaction", &err);
         }
-        if let Err(err) = apply(&txn, &self.batch, &mut self.refcounts, &mut self.released) {
+        if let Err(err) = apply(&txn, &self.batch, &mut self.log, &mut self.chunk) {
             fatal_store_failure("writing a batch", &err);
         }
         if let Err(err) = txn.commit() {
@@ -266,20 +265,24 @@ impl Writer {
     }
 }
 
-/// Applies every op of `batch`, in order, inside `txn`, with the tables opened once.
+/// Applies every op of `batch`, in order, inside `txn`, with the tables opened once: the
+/// message and entry ops become the records of one new chunk of the message log (see
+/// [`super::log`]), and the log's dead or worth-rewriting head chunks go.
 fn apply(
     txn: &WriteTransaction,
     batch: &[(Vec<StoreOp>, Done)],
-    refcounts: &mut RefCounts,
-    released: &mut Vec<u64>,
-) -> Result<(), redb::Error> {
+    log: &mut LiveIndex,
+    out: &mut ChunkWriter,
+) -> anyhow::Result<()> {
     let mut definitions = txn.open_table(DEFINITIONS)?;
     let mut access = txn.open_table(ACCESS)?;
-    let mut messages = txn.open_table(MESSAGES)?;
-    let mut entries = txn.open_table(ENTRIES)?;
+    let mut chunks = txn.open_table(MESSAGE_LOG)?;
     // Raft tables are opened only by batches that touch them: a single node never does.
     let mut raft_log = None;
     let mut raft_state = None;
+    let current = log.next_chunk();
+    log.begin(current);
+    out.clear();
 
     for op in batch.iter().flat_map(|(ops, _)| ops) {
         match op {
@@ -296,80 +299,71 @@ fn apply(
                 access.remove(key.as_str())?;
             }
             StoreOp::PutMessage { msg_id, blob } => {
-                messages.insert(*msg_id, blob.as_ref())?;
-                refcounts.entry(*msg_id).or_insert(0);
+                out.put(*msg_id, blob);
+                log.put(*msg_id, blob.len());
             }
             StoreOp::Enqueue {
                 queue,
                 offset,
                 msg_id,
             } => {
-                let Some(count) = refcounts.get_mut(msg_id) else {
+                let q = log.queue_id_of(queue);
+                if log.enqueue(q, *offset, *msg_id) {
+                    out.enqueue(q, log.name(q), *offset, *msg_id, 0);
+                } else {
                     tracing::error!(
                         msg_id,
-                        queue = queue.as_str(),
+                        queue = &**queue,
                         offset,
                         "store: Enqueue of a message that is not stored; entry not written"
                     );
-                    continue;
-                };
-                *count = count.saturating_add(1);
-                let replaced = entries
-                    .insert((queue.as_str(), *offset), (*msg_id, 0u32))?
-                    .map(|old| old.value().0);
-                if let Some(old_id) = replaced {
-                    release(refcounts, released, old_id);
                 }
             }
             StoreOp::Remove { queue, offset } => {
-                let removed = entries
-                    .remove((queue.as_str(), *offset))?
-                    .map(|old| old.value().0);
-                if let Some(old_id) = removed {
-                    release(refcounts, released, old_id);
+                if let Some(q) = log.known_queue_of(queue)
+                    && log.remove(q, *offset)
+                {
+                    out.remove(q, log.name(q), *offset);
                 }
             }
             StoreOp::MarkDelivered { queue, offset } => {
-                let key = (queue.as_str(), *offset);
-                let current = entries.get(key)?.map(|row| row.value());
-                if let Some((msg_id, count)) = current {
-                    entries.insert(key, (msg_id, count.saturating_add(1)))?;
+                if let Some(q) = log.known_queue_of(queue)
+                    && log.delivered(q, *offset)
+                {
+                    out.delivered(q, log.name(q), *offset);
                 }
             }
             StoreOp::PurgeQueue { queue } => {
-                let first = (queue.as_str(), 0u64);
-                let last = (queue.as_str(), u64::MAX);
-                let mut extracted = entries.extract_from_if(first..=last, |_, _| true)?;
-                for row in &mut extracted {
-                    let (_, value) = row?;
-                    release(refcounts, released, value.value().0);
+                if let Some(q) = log.known_queue_of(queue)
+                    && log.purge(q)
+                {
+                    out.purge(q, log.name(q));
                 }
-                extracted.close()?;
             }
             StoreOp::RaftAppend {
                 group,
                 index,
                 entry,
             } => {
-                let log = match &mut raft_log {
+                let table = match &mut raft_log {
                     Some(t) => t,
                     None => raft_log.insert(txn.open_table(RAFT_LOG)?),
                 };
-                log.insert((*group, *index), entry.as_ref())?;
+                table.insert((*group, *index), entry.as_ref())?;
             }
             StoreOp::RaftTruncateFrom { group, index } => {
-                let log = match &mut raft_log {
+                let table = match &mut raft_log {
                     Some(t) => t,
                     None => raft_log.insert(txn.open_table(RAFT_LOG)?),
                 };
-                log.retain_in((*group, *index)..=(*group, u64::MAX), |_, _| false)?;
+                table.retain_in((*group, *index)..=(*group, u64::MAX), |_, _| false)?;
             }
             StoreOp::RaftPurgeUpTo { group, index } => {
-                let log = match &mut raft_log {
+                let table = match &mut raft_log {
                     Some(t) => t,
                     None => raft_log.insert(txn.open_table(RAFT_LOG)?),
                 };
-                log.retain_in((*group, 0)..=(*group, *index), |_, _| false)?;
+                table.retain_in((*group, 0)..=(*group, *index), |_, _| false)?;
             }
             StoreOp::RaftDropGroup { group } => {
                 let log = match &mut raft_log {
@@ -393,34 +387,32 @@ fn apply(
             }
         }
     }
-
-    // Deleting in id order touches each leaf of the messages tree once, however the
-    // entries were interleaved across queues (a purge of a big queue releases every 4th id,
-    // say, when 4 queues shared the publishes).
-    released.sort_unstable();
-    for msg_id in released.drain(..) {
-        if let Entry::Occupied(count) = refcounts.entry(msg_id)
-            && *count.get() == 0
-        {
-            count.remove();
-            messages.remove(msg_id)?;
-        }
-    }
-    Ok(())
+    log.end_ops();
+    truncate_and_write(&mut chunks, log, out)
 }
 
-/// Drops one reference to `msg_id`, noting it for deletion when none is left.
-fn release(refcounts: &mut RefCounts, released: &mut Vec<u64>, msg_id: u64) {
-    match refcounts.get_mut(&msg_id) {
-        Some(count) => {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
-                released.push(msg_id);
+/// Deletes or rewrites the log's head chunks as [`LiveIndex::next_truncation`] decides,
+/// then stores the current chunk if it must be.
+pub(super) fn truncate_and_write(
+    chunks: &mut redb::Table<'_, u64, &'static [u8]>,
+    log: &mut LiveIndex,
+    out: &mut ChunkWriter,
+) -> anyhow::Result<()> {
+    while let Some(truncation) = log.next_truncation() {
+        let head = match truncation {
+            Truncation::Delete(head) => head,
+            Truncation::Rewrite(head) => {
+                if let Some(bytes) = chunks.get(head)? {
+                    log.rewrite(head, bytes.value(), out)?;
+                }
+                head
             }
-        }
-        None => tracing::error!(
-            msg_id,
-            "store: a queue entry referenced a message without a reference count"
-        ),
+        };
+        chunks.remove(head)?;
+        log.deleted(head);
     }
+    if log.finish(out.bytes().len(), !out.is_empty()) {
+        chunks.insert(log.current(), out.bytes())?;
+    }
+    Ok(())
 }

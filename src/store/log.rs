@@ -1,0 +1,834 @@
+//! The message log: how persistent messages and queue entries are laid out in redb.
+//!
+//! # Design
+//!
+//! Every durable queue's history is an append-only log of records: a message stored
+//! (`Put`), an entry added to a queue (`Enqueue`), an entry settled (`Remove`), a delivery
+//! recorded (`Delivered`), a queue emptied (`Purge`). Settlements make older records dead;
+//! the log is truncated at its head once the records there are dead. A replicated queue's
+//! Raft log is the same shape (commands appended by index, truncated up to the index its
+//! snapshot covers), which is why its `raft_log` rows use the same writer and group commit.
+//!
+//! Physically, the records of all queues of a group commit go into **one chunk**, a single
+//! redb row of the `message_log` table keyed by a chunk number that only grows. One
+//! publish of a 1 KiB message therefore costs a few dozen bytes appended to a buffer, not
+//! a B-tree insert per message and per entry; an ack appends a 13-byte record, not a
+//! B-tree delete. Redb stays the store: it gives the chunks crash-safe commits, and the
+//! definitions, access records and Raft rows beside them share the same transaction.
+//!
+//! Chunk format: one format byte, then records, each a tag byte and little-endian fields.
+//! Queues are named inside each chunk (`Name` maps a chunk-local number to the queue key
+//! the first time the chunk uses it), so that a chunk can be read alone, whatever chunks
+//! before it have been deleted.
+//!
+//! # Truncation
+//!
+//! The writer keeps, in memory, where each live entry and each live message was last
+//! written ([`LiveIndex`]) and how many live records each chunk holds. Only the **head**
+//! (oldest) chunk is ever deleted: a chunk's `Remove` records may settle entries of older
+//! chunks, so deleting a chunk out of order could bring settled messages back. Deleting the
+//! head is always safe once its records are dead, because nothing older is left for its
+//! settlements to act on. A head kept alive by a few long-lived messages (a consumer that
+//! holds one unacked message while millions flow past) would pin every chunk behind it, so
+//! when the log is larger than [`COMPACT_FLOOR_BYTES`] and more than twice the live
+//! message bytes, the head's live records are written again into the current chunk and the
+//! head is deleted, in the same transaction. Disk use thus follows the backlog, not the
+//! history.
+//!
+//! # Recovery
+//!
+//! [`replay`] reads the chunks in order. Messages are found first (a message's `Put` may
+//! have been moved into a chunk after the one holding one of its entries), then the entry
+//! records are applied in order; an entry whose message is in no chunk is dangling and is
+//! dropped. Reference counts and the live records of each chunk are computed from the
+//! result, which is exactly the writer's in-memory state before the crash.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use bytes::Bytes;
+
+use super::writer::IdBuildHasher;
+
+/// Number of a chunk (its row key); chunks are written in increasing order.
+pub(super) type ChunkId = u64;
+
+/// A queue's number in one writer's (or one replay's) memory.
+pub(super) type QueueId = u32;
+
+/// The chunk format this code writes and reads.
+const FORMAT: u8 = 1;
+
+const TAG_NAME: u8 = 1;
+const TAG_PUT: u8 = 2;
+const TAG_ENQUEUE: u8 = 3;
+const TAG_REMOVE: u8 = 4;
+const TAG_DELIVERED: u8 = 5;
+const TAG_PURGE: u8 = 6;
+
+/// Below this many bytes of log, the head is never rewritten to truncate it: a small log
+/// of mostly settled chunks costs less than copying its live messages.
+pub(super) const COMPACT_FLOOR_BYTES: u64 = 64 << 20;
+
+/// At most this many heads are rewritten per group commit, so that compaction adds a
+/// bounded amount of work (a chunk is at most one group commit's payload) to a commit.
+const COMPACT_HEADS_PER_COMMIT: usize = 1;
+
+/// A chunk that cannot be read: recovery refuses to guess.
+#[derive(Debug)]
+pub(super) struct DamagedChunk {
+    chunk: ChunkId,
+    at: usize,
+    what: &'static str,
+}
+
+impl std::fmt::Display for DamagedChunk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "message log chunk {} is damaged at byte {}: {}",
+            self.chunk, self.at, self.what
+        )
+    }
+}
+
+impl std::error::Error for DamagedChunk {}
+
+/// One record, as read from a chunk. Queue numbers are chunk-local (see `Name`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Record<'a> {
+    /// Chunk-local queue number `local` stands for the queue key `name`.
+    Name { local: u32, name: &'a str },
+    /// Message `msg_id`, its blob at `chunk[pos..pos + len]`.
+    Put { msg_id: u64, pos: usize, len: usize },
+    /// Entry (`local`, `offset`) holds `msg_id` and was delivered `delivery_count` times.
+    Enqueue {
+        local: u32,
+        offset: u64,
+        msg_id: u64,
+        delivery_count: u32,
+    },
+    /// Entry (`local`, `offset`) is settled.
+    Remove { local: u32, offset: u64 },
+    /// Entry (`local`, `offset`) was delivered once more.
+    Delivered { local: u32, offset: u64 },
+    /// Every entry of queue `local` so far is settled.
+    Purge { local: u32 },
+}
+
+/// Reads the records of one chunk in order.
+pub(super) struct ChunkReader<'a> {
+    chunk: ChunkId,
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> ChunkReader<'a> {
+    /// A reader over chunk `chunk`'s bytes; fails when the format is not this code's.
+    pub(super) fn new(chunk: ChunkId, buf: &'a [u8]) -> Result<ChunkReader<'a>, DamagedChunk> {
+        match buf.first() {
+            Some(&FORMAT) => Ok(ChunkReader { chunk, buf, pos: 1 }),
+            _ => Err(DamagedChunk {
+                chunk,
+                at: 0,
+                what: "unknown chunk format",
+            }),
+        }
+    }
+
+    fn damaged(&self, what: &'static str) -> DamagedChunk {
+        DamagedChunk {
+            chunk: self.chunk,
+            at: self.pos,
+            what,
+        }
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DamagedChunk> {
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&end| end <= self.buf.len())
+            .ok_or_else(|| self.damaged("record cut short"))?;
+        let bytes = &self.buf[self.pos..end];
+        self.pos = end;
+        Ok(bytes)
+    }
+
+    fn u32(&mut self) -> Result<u32, DamagedChunk> {
+        let mut b = [0u8; 4];
+        b.copy_from_slice(self.take(4)?);
+        Ok(u32::from_le_bytes(b))
+    }
+
+    fn u64(&mut self) -> Result<u64, DamagedChunk> {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(self.take(8)?);
+        Ok(u64::from_le_bytes(b))
+    }
+
+    /// The next record, `None` at the end of the chunk.
+    pub(super) fn next_record(&mut self) -> Result<Option<Record<'a>>, DamagedChunk> {
+        let Some(&tag) = self.buf.get(self.pos) else {
+            return Ok(None);
+        };
+        self.pos += 1;
+        let record = match tag {
+            TAG_NAME => {
+                let local = self.u32()?;
+                let len = self.u32()? as usize;
+                let name = std::str::from_utf8(self.take(len)?)
+                    .map_err(|_| self.damaged("queue name is not UTF-8"))?;
+                Record::Name { local, name }
+            }
+            TAG_PUT => {
+                let msg_id = self.u64()?;
+                let len = self.u32()? as usize;
+                let pos = self.pos;
+                self.take(len)?;
+                Record::Put { msg_id, pos, len }
+            }
+            TAG_ENQUEUE => Record::Enqueue {
+                local: self.u32()?,
+                offset: self.u64()?,
+                msg_id: self.u64()?,
+                delivery_count: self.u32()?,
+            },
+            TAG_REMOVE => Record::Remove {
+                local: self.u32()?,
+                offset: self.u64()?,
+            },
+            TAG_DELIVERED => Record::Delivered {
+                local: self.u32()?,
+                offset: self.u64()?,
+            },
+            TAG_PURGE => Record::Purge { local: self.u32()? },
+            _ => return Err(self.damaged("unknown record tag")),
+        };
+        Ok(Some(record))
+    }
+}
+
+/// Builds one chunk. Queue numbers written are the writer's [`QueueId`]s; each is named
+/// in the chunk before its first use.
+#[derive(Debug)]
+pub(super) struct ChunkWriter {
+    buf: Vec<u8>,
+    named: HashSet<QueueId, IdBuildHasher>,
+    /// Records written since the last `clear`.
+    records: usize,
+}
+
+impl Default for ChunkWriter {
+    fn default() -> ChunkWriter {
+        ChunkWriter {
+            buf: vec![FORMAT],
+            named: HashSet::default(),
+            records: 0,
+        }
+    }
+}
+
+impl ChunkWriter {
+    /// Starts over with an empty chunk, keeping the buffer's memory.
+    pub(super) fn clear(&mut self) {
+        self.buf.clear();
+        self.buf.push(FORMAT);
+        self.named.clear();
+        self.records = 0;
+    }
+
+    /// Whether no record was written since the last `clear`.
+    pub(super) fn is_empty(&self) -> bool {
+        self.records == 0
+    }
+
+    /// The chunk's bytes.
+    pub(super) fn bytes(&self) -> &[u8] {
+        &self.buf
+    }
+
+    fn u32(&mut self, v: u32) {
+        self.buf.extend_from_slice(&v.to_le_bytes());
+    }
+
+    fn u64(&mut self, v: u64) {
+        self.buf.extend_from_slice(&v.to_le_bytes());
+    }
+
+    fn queue(&mut self, queue: QueueId, name: &str) {
+        if self.named.insert(queue) {
+            self.buf.push(TAG_NAME);
+            self.u32(queue);
+            self.u32(name.len() as u32);
+            self.buf.extend_from_slice(name.as_bytes());
+        }
+        self.records += 1;
+    }
+
+    /// Appends a `Put`; returns where the blob starts in the chunk.
+    pub(super) fn put(&mut self, msg_id: u64, blob: &[u8]) -> usize {
+        self.buf.push(TAG_PUT);
+        self.u64(msg_id);
+        self.u32(blob.len() as u32);
+        let pos = self.buf.len();
+        self.buf.extend_from_slice(blob);
+        self.records += 1;
+        pos
+    }
+
+    /// Appends an `Enqueue`.
+    pub(super) fn enqueue(
+        &mut self,
+        queue: QueueId,
+        name: &str,
+        offset: u64,
+        msg_id: u64,
+        delivery_count: u32,
+    ) {
+        self.queue(queue, name);
+        self.buf.push(TAG_ENQUEUE);
+        self.u32(queue);
+        self.u64(offset);
+        self.u64(msg_id);
+        self.u32(delivery_count);
+    }
+
+    /// Appends a `Remove`.
+    pub(super) fn remove(&mut self, queue: QueueId, name: &str, offset: u64) {
+        self.queue(queue, name);
+        self.buf.push(TAG_REMOVE);
+        self.u32(queue);
+        self.u64(offset);
+    }
+
+    /// Appends a `Delivered`.
+    pub(super) fn delivered(&mut self, queue: QueueId, name: &str, offset: u64) {
+        self.queue(queue, name);
+        self.buf.push(TAG_DELIVERED);
+        self.u32(queue);
+        self.u64(offset);
+    }
+
+    /// Appends a `Purge`.
+    pub(super) fn purge(&mut self, queue: QueueId, name: &str) {
+        self.queue(queue, name);
+        self.buf.push(TAG_PURGE);
+        self.u32(queue);
+    }
+}
+
+/// Where a live entry was last written, and what it holds.
+#[derive(Debug, Clone, Copy)]
+struct LiveEntry {
+    msg_id: u64,
+    chunk: ChunkId,
+    delivery_count: u32,
+}
+
+/// A stored message: the chunk holding its blob, and how many live entries name it.
+#[derive(Debug, Clone, Copy)]
+struct LiveMsg {
+    chunk: ChunkId,
+    refs: u32,
+    len: u32,
+}
+
+/// What the log knows of one stored chunk.
+#[derive(Debug, Clone, Copy, Default)]
+struct ChunkInfo {
+    /// Its size in bytes.
+    bytes: u64,
+    /// Live entries whose last `Enqueue` is here, plus referenced messages whose `Put` is.
+    live: u64,
+}
+
+/// One chunk's deletion or rewrite, decided by [`LiveIndex::next_truncation`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Truncation {
+    /// The head holds nothing live: delete it.
+    Delete(ChunkId),
+    /// The head holds live records, and the log is worth shrinking: write them again
+    /// (read the chunk, hand it to [`LiveIndex::rewrite`]), then delete it.
+    Rewrite(ChunkId),
+}
+
+/// The live state of the log: every live entry and message and where it was last
+/// written, and what each chunk still holds. The writer's memory of the store.
+#[derive(Debug, Default)]
+pub(super) struct LiveIndex {
+    names: Vec<String>,
+    ids: HashMap<String, QueueId>,
+    queues: Vec<HashMap<u64, LiveEntry, IdBuildHasher>>,
+    msgs: HashMap<u64, LiveMsg, IdBuildHasher>,
+    chunks: BTreeMap<ChunkId, ChunkInfo>,
+    /// Sum of the sizes of the stored chunks.
+    log_bytes: u64,
+    /// Sum of the blob sizes of referenced messages.
+    live_bytes: u64,
+    /// Messages whose reference count fell to zero in the current commit.
+    released: Vec<u64>,
+    /// The chunk the current commit writes.
+    current: ChunkId,
+    /// Heads rewritten in the current commit.
+    rewritten: usize,
+    /// The queue key looked up last: the ops of a commit mostly name the same few queues,
+    /// each with one shared key, so a pointer comparison usually spares hashing the name.
+    last: Option<(std::sync::Arc<str>, QueueId)>,
+}
+
+impl LiveIndex {
+    /// The queue's number, allocated on first use.
+    pub(super) fn queue_id(&mut self, name: &str) -> QueueId {
+        if let Some(&id) = self.ids.get(name) {
+            return id;
+        }
+        let id = self.names.len() as QueueId;
+        self.names.push(name.to_owned());
+        self.ids.insert(name.to_owned(), id);
+        self.queues.push(HashMap::default());
+        id
+    }
+
+    /// The queue's number, if it was ever used.
+    pub(super) fn known_queue(&self, name: &str) -> Option<QueueId> {
+        self.ids.get(name).copied()
+    }
+
+    /// [`LiveIndex::queue_id`] for a shared key, remembering the last one.
+    pub(super) fn queue_id_of(&mut self, key: &std::sync::Arc<str>) -> QueueId {
+        if let Some((last, id)) = &self.last
+            && std::sync::Arc::ptr_eq(last, key)
+        {
+            return *id;
+        }
+        let id = self.queue_id(key);
+        self.last = Some((key.clone(), id));
+        id
+    }
+
+    /// [`LiveIndex::known_queue`] for a shared key, remembering the last one.
+    pub(super) fn known_queue_of(&mut self, key: &std::sync::Arc<str>) -> Option<QueueId> {
+        if let Some((last, id)) = &self.last
+            && std::sync::Arc::ptr_eq(last, key)
+        {
+            return Some(*id);
+        }
+        let id = self.known_queue(key)?;
+        self.last = Some((key.clone(), id));
+        Some(id)
+    }
+
+    /// The key of queue `queue`.
+    pub(super) fn name(&self, queue: QueueId) -> &str {
+        &self.names[queue as usize]
+    }
+
+    /// Number of messages with at least one live entry.
+    pub(super) fn live_messages(&self) -> usize {
+        self.msgs.len()
+    }
+
+    /// Number of stored chunks.
+    pub(super) fn chunk_count(&self) -> usize {
+        self.chunks.len()
+    }
+
+    /// Starts a commit that writes chunk `chunk` (greater than every stored chunk).
+    pub(super) fn begin(&mut self, chunk: ChunkId) {
+        self.current = chunk;
+        self.rewritten = 0;
+        self.chunks.insert(chunk, ChunkInfo::default());
+    }
+
+    /// The chunk the current commit writes.
+    pub(super) fn current(&self) -> ChunkId {
+        self.current
+    }
+
+    /// Number for the chunk after every stored one.
+    pub(super) fn next_chunk(&self) -> ChunkId {
+        self.chunks
+            .last_key_value()
+            .map_or(1, |(&last, _)| last.saturating_add(1))
+    }
+
+    fn live_add(&mut self, chunk: ChunkId) {
+        if let Some(info) = self.chunks.get_mut(&chunk) {
+            info.live += 1;
+        }
+    }
+
+    fn live_sub(&mut self, chunk: ChunkId) {
+        if let Some(info) = self.chunks.get_mut(&chunk) {
+            info.live = info.live.saturating_sub(1);
+        }
+    }
+
+    /// A message stored in the current chunk.
+    pub(super) fn put(&mut self, msg_id: u64, len: usize) {
+        let current = self.current;
+        let len = len as u32;
+        match self.msgs.get_mut(&msg_id) {
+            Some(msg) => {
+                let (old, refs) = (msg.chunk, msg.refs);
+                let old_len = msg.len;
+                msg.chunk = current;
+                msg.len = len;
+                if refs > 0 {
+                    self.live_bytes = self.live_bytes - u64::from(old_len) + u64::from(len);
+                    self.live_sub(old);
+                    self.live_add(current);
+                }
+            }
+            None => {
+                self.msgs.insert(
+                    msg_id,
+                    LiveMsg {
+                        chunk: current,
+                        refs: 0,
+                        len,
+                    },
+                );
+                // Deleted at the end of the commit unless an entry names it by then.
+                self.released.push(msg_id);
+            }
+        }
+    }
+
+    fn take_ref(&mut self, msg_id: u64) -> bool {
+        let Some(msg) = self.msgs.get_mut(&msg_id) else {
+            return false;
+        };
+        msg.refs = msg.refs.saturating_add(1);
+        if msg.refs == 1 {
+            let (chunk, len) = (msg.chunk, msg.len);
+            self.live_bytes += u64::from(len);
+            self.live_add(chunk);
+        }
+        true
+    }
+
+    fn release(&mut self, msg_id: u64) {
+        let Some(msg) = self.msgs.get_mut(&msg_id) else {
+            tracing::error!(
+                msg_id,
+                "store: an entry named a message the log does not hold"
+            );
+            return;
+        };
+        msg.refs = msg.refs.saturating_sub(1);
+        if msg.refs == 0 {
+            let (chunk, len) = (msg.chunk, msg.len);
+            self.live_bytes = self.live_bytes.saturating_sub(u64::from(len));
+            self.live_sub(chunk);
+            self.released.push(msg_id);
+        }
+    }
+
+    /// An entry added in the current chunk; false (nothing changes) when its message is
+    /// not stored.
+    pub(super) fn enqueue(&mut self, queue: QueueId, offset: u64, msg_id: u64) -> bool {
+        if !self.take_ref(msg_id) {
+            return false;
+        }
+        let entry = LiveEntry {
+            msg_id,
+            chunk: self.current,
+            delivery_count: 0,
+        };
+        let replaced = self.queues[queue as usize].insert(offset, entry);
+        self.live_add(self.current);
+        if let Some(old) = replaced {
+            self.live_sub(old.chunk);
+            self.release(old.msg_id);
+        }
+        true
+    }
+
+    /// An entry settled; false when it is not live.
+    pub(super) fn remove(&mut self, queue: QueueId, offset: u64) -> bool {
+        let Some(old) = self.queues[queue as usize].remove(&offset) else {
+            return false;
+        };
+        self.live_sub(old.chunk);
+        self.release(old.msg_id);
+        true
+    }
+
+    /// An entry delivered once more; false when it is not live.
+    pub(super) fn delivered(&mut self, queue: QueueId, offset: u64) -> bool {
+        match self.queues[queue as usize].get_mut(&offset) {
+            Some(entry) => {
+                entry.delivery_count = entry.delivery_count.saturating_add(1);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Every entry of a queue settled; false when it had none.
+    pub(super) fn purge(&mut self, queue: QueueId) -> bool {
+        let entries = std::mem::take(&mut self.queues[queue as usize]);
+        if entries.is_empty() {
+            return false;
+        }
+        for entry in entries.values() {
+            self.live_sub(entry.chunk);
+            self.release(entry.msg_id);
+        }
+        true
+    }
+
+    /// Forgets the messages no entry names any more (their records die with their chunk).
+    pub(super) fn end_ops(&mut self) {
+        for msg_id in std::mem::take(&mut self.released) {
+            if self.msgs.get(&msg_id).is_some_and(|m| m.refs == 0) {
+                self.msgs.remove(&msg_id);
+            }
+        }
+    }
+
+    /// What to truncate next in this commit, if anything: dead heads always, and while
+    /// the log is more than twice its live bytes (and above the floor), a live head.
+    pub(super) fn next_truncation(&self) -> Option<Truncation> {
+        let (&head, info) = self.chunks.first_key_value()?;
+        if head == self.current {
+            return None;
+        }
+        if info.live == 0 {
+            return Some(Truncation::Delete(head));
+        }
+        let worth_it = self.log_bytes > COMPACT_FLOOR_BYTES
+            && self.log_bytes > self.live_bytes.saturating_mul(2)
+            && self.rewritten < COMPACT_HEADS_PER_COMMIT;
+        worth_it.then_some(Truncation::Rewrite(head))
+    }
+
+    /// The head `chunk` (with bytes `bytes`) is rewritten: its live records go into `out`
+    /// (the current chunk) and move there. Call [`LiveIndex::deleted`] next.
+    pub(super) fn rewrite(
+        &mut self,
+        chunk: ChunkId,
+        bytes: &[u8],
+        out: &mut ChunkWriter,
+    ) -> Result<(), DamagedChunk> {
+        let current = self.current;
+        let mut reader = ChunkReader::new(chunk, bytes)?;
+        let mut local: HashMap<u32, QueueId> = HashMap::new();
+        while let Some(record) = reader.next_record()? {
+            match record {
+                Record::Name { local: l, name } => {
+                    if let Some(&id) = self.ids.get(name) {
+                        local.insert(l, id);
+                    }
+                }
+                Record::Put { msg_id, pos, len } => {
+                    let Some(msg) = self.msgs.get_mut(&msg_id) else {
+                        continue;
+                    };
+                    if msg.chunk != chunk || msg.refs == 0 {
+                        continue;
+                    }
+                    msg.chunk = current;
+                    out.put(msg_id, &bytes[pos..pos + len]);
+                    self.live_sub(chunk);
+                    self.live_add(current);
+                }
+                Record::Enqueue {
+                    local: l, offset, ..
+                } => {
+                    let Some(&queue) = local.get(&l) else {
+                        continue;
+                    };
+                    let Some(entry) = self.queues[queue as usize].get_mut(&offset) else {
+                        continue;
+                    };
+                    if entry.chunk != chunk {
+                        continue;
+                    }
+                    entry.chunk = current;
+                    let (msg_id, count) = (entry.msg_id, entry.delivery_count);
+                    out.enqueue(queue, &self.names[queue as usize], offset, msg_id, count);
+                    self.live_sub(chunk);
+                    self.live_add(current);
+                }
+                Record::Remove { .. } | Record::Delivered { .. } | Record::Purge { .. } => {}
+            }
+        }
+        self.rewritten += 1;
+        Ok(())
+    }
+
+    /// The head `chunk` was deleted.
+    pub(super) fn deleted(&mut self, chunk: ChunkId) {
+        if let Some(info) = self.chunks.remove(&chunk) {
+            self.log_bytes = self.log_bytes.saturating_sub(info.bytes);
+            if info.live > 0 {
+                tracing::error!(
+                    chunk,
+                    live = info.live,
+                    "store: a message log chunk was deleted with live records"
+                );
+            }
+        }
+    }
+
+    /// Ends the commit: whether the current chunk must be stored (`bytes` long). It need
+    /// not when it holds nothing live and no older chunk is left for its settlements to
+    /// act on.
+    pub(super) fn finish(&mut self, bytes: usize, written: bool) -> bool {
+        let current = self.current;
+        let alone = self.chunks.len() == 1;
+        let live = self.chunks.get(&current).map_or(0, |info| info.live);
+        if !written || (alone && live == 0) {
+            self.chunks.remove(&current);
+            return false;
+        }
+        if let Some(info) = self.chunks.get_mut(&current) {
+            info.bytes = bytes as u64;
+        }
+        self.log_bytes += bytes as u64;
+        true
+    }
+}
+
+/// What [`replay`] found.
+#[derive(Debug, Default)]
+pub(super) struct Replayed {
+    /// The writer's state.
+    pub(super) index: LiveIndex,
+    /// Live entries per queue key, in offset order, with their blobs.
+    pub(super) queues: HashMap<String, Vec<super::RecoveredEntry>>,
+    /// Greater than every msg id in the log (0 when the log is empty).
+    pub(super) next_msg_id: u64,
+    /// Entries whose message is in no chunk: (queue key, offset).
+    pub(super) dangling: Vec<(String, u64)>,
+    /// Stored messages no entry names.
+    pub(super) orphans: usize,
+}
+
+/// Rebuilds the live state from every chunk `(number, bytes)`, in increasing order.
+pub(super) fn replay(chunks: Vec<(ChunkId, Bytes)>) -> Result<Replayed, DamagedChunk> {
+    // Pass 1: where every message is (its last Put wins: a rewrite moves it forward).
+    let mut blobs: HashMap<u64, (usize, usize, usize), IdBuildHasher> = HashMap::default();
+    let mut next_msg_id = 0u64;
+    for (slot, (chunk, bytes)) in chunks.iter().enumerate() {
+        let mut reader = ChunkReader::new(*chunk, bytes)?;
+        while let Some(record) = reader.next_record()? {
+            if let Record::Put { msg_id, pos, len } = record {
+                blobs.insert(msg_id, (slot, pos, len));
+                next_msg_id = next_msg_id.max(msg_id.saturating_add(1));
+            }
+        }
+    }
+
+    // Pass 2: the entry records, in order.
+    let mut index = LiveIndex::default();
+    let mut dangling = Vec::new();
+    for (chunk, bytes) in &chunks {
+        index.chunks.insert(
+            *chunk,
+            ChunkInfo {
+                bytes: bytes.len() as u64,
+                live: 0,
+            },
+        );
+        index.log_bytes += bytes.len() as u64;
+        let mut reader = ChunkReader::new(*chunk, bytes)?;
+        let mut local: HashMap<u32, QueueId> = HashMap::new();
+        let resolve = |local: &HashMap<u32, QueueId>, l: u32, reader: &ChunkReader<'_>| {
+            local
+                .get(&l)
+                .copied()
+                .ok_or_else(|| reader.damaged("record names an unnamed queue"))
+        };
+        while let Some(record) = reader.next_record()? {
+            match record {
+                Record::Name { local: l, name } => {
+                    let id = index.queue_id(name);
+                    local.insert(l, id);
+                }
+                Record::Put { .. } => {}
+                Record::Enqueue {
+                    local: l,
+                    offset,
+                    msg_id,
+                    delivery_count,
+                } => {
+                    let queue = resolve(&local, l, &reader)?;
+                    let entry = LiveEntry {
+                        msg_id,
+                        chunk: *chunk,
+                        delivery_count,
+                    };
+                    index.queues[queue as usize].insert(offset, entry);
+                }
+                Record::Remove { local: l, offset } => {
+                    let queue = resolve(&local, l, &reader)?;
+                    index.queues[queue as usize].remove(&offset);
+                }
+                Record::Delivered { local: l, offset } => {
+                    let queue = resolve(&local, l, &reader)?;
+                    if let Some(entry) = index.queues[queue as usize].get_mut(&offset) {
+                        entry.delivery_count = entry.delivery_count.saturating_add(1);
+                    }
+                }
+                Record::Purge { local: l } => {
+                    let queue = resolve(&local, l, &reader)?;
+                    index.queues[queue as usize].clear();
+                }
+            }
+        }
+    }
+
+    // The result: entries with their messages, reference counts, live records per chunk.
+    let mut queues = HashMap::new();
+    for (queue, entries) in index.queues.iter_mut().enumerate() {
+        let name = &index.names[queue];
+        let mut list: Vec<super::RecoveredEntry> = Vec::with_capacity(entries.len());
+        entries.retain(|&offset, entry| {
+            let Some(&(slot, pos, len)) = blobs.get(&entry.msg_id) else {
+                dangling.push((name.clone(), offset));
+                return false;
+            };
+            // A slice of the chunk: no copy, and the chunk's memory goes with its last
+            // message (the log's truncation bounds what dead messages it holds).
+            let blob = chunks[slot].1.slice(pos..pos + len);
+            if let Some(info) = index.chunks.get_mut(&entry.chunk) {
+                info.live += 1;
+            }
+            let msg = index.msgs.entry(entry.msg_id).or_insert(LiveMsg {
+                chunk: chunks[slot].0,
+                refs: 0,
+                len: len as u32,
+            });
+            msg.refs += 1;
+            list.push(super::RecoveredEntry {
+                offset,
+                msg_id: entry.msg_id,
+                blob,
+                delivered: entry.delivery_count > 0,
+                delivery_count: entry.delivery_count,
+            });
+            true
+        });
+        if !list.is_empty() {
+            list.sort_unstable_by_key(|e| e.offset);
+            queues.insert(name.clone(), list);
+        }
+    }
+    let orphans = blobs.len() - index.msgs.len();
+    for msg in index.msgs.values() {
+        index.live_bytes += u64::from(msg.len);
+        if let Some(info) = index.chunks.get_mut(&msg.chunk) {
+            info.live += 1;
+        }
+    }
+    Ok(Replayed {
+        index,
+        queues,
+        next_msg_id,
+        dangling,
+        orphans,
+    })
+}
