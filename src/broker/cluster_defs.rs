@@ -97,6 +97,15 @@ impl ClusterLink {
 const LEADER_PREFIX: &str = "l/";
 
 impl ClusterLink {
+    /// The leader (and its term) the metadata group names for replicated queue `queue`.
+    pub fn announced_leader(&self, vhost: &str, queue: &str) -> Option<(String, u64)> {
+        let key = format!("{LEADER_PREFIX}{vhost}\u{0}{queue}");
+        let value = self.cluster.meta().machine().get(&key)?;
+        let (_, _, leader, term) =
+            postcard::from_bytes::<(String, String, String, u64)>(&value).ok()?;
+        Some((leader, term))
+    }
+
     /// Announces that this node leads replicated queue `queue` of `vhost` since Raft term
     /// `term` of its group.
     pub fn announce_leader(&self, vhost: &str, queue: &str, term: u64) {

@@ -1115,6 +1115,14 @@ impl VHost {
 /// and do nothing when the vhost already matches (the node that proposed a change made
 /// it in advance).
 impl VHost {
+    /// Whether the metadata group names this node leader of replicated queue `queue`
+    /// since `term` (true on a node that is not clustered).
+    pub fn replica_leader_announced(&self, queue: &str, term: u64) -> bool {
+        self.cluster.get().is_none_or(|link| {
+            link.announced_leader(&self.name, queue) == Some((link.node.clone(), term))
+        })
+    }
+
     /// Where a replicated queue's messages are now: `None` on the node leading its group,
     /// else the leader this node knows.
     pub fn set_replica_home(&self, queue: &str, leader: Option<String>) {

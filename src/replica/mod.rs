@@ -456,8 +456,12 @@ impl Leadership {
             if leads && !hosting {
                 // Entries of earlier terms count as committed once this term's first
                 // entry is: wait for them to be applied before building the queue.
-                match self.raft.ensure_linearizable().await {
-                    Ok(_) => {
+                // (Bounded: a check that cannot finish is asked again.)
+                let confirmed =
+                    tokio::time::timeout(Duration::from_secs(5), self.raft.ensure_linearizable())
+                        .await;
+                match confirmed {
+                    Ok(Ok(_)) => {
                         self.machine.host(queue.clone());
                         queue.note_leader(term);
                         vhost.set_replica_home(queue.name(), None);
@@ -469,7 +473,7 @@ impl Leadership {
                         hosting = true;
                         acted_on = Some(leader);
                     }
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                    _ => tokio::time::sleep(Duration::from_millis(100)).await,
                 }
                 continue;
             }
@@ -490,10 +494,19 @@ impl Leadership {
                     acted_on = Some(leader);
                 }
             }
+            // A leader whose announcement did not make it into the metadata group (no
+            // majority there at the time) announces again.
+            if hosting && !vhost.replica_leader_announced(queue.name(), term) {
+                vhost.announce_replica_leader(queue.name(), term);
+            }
             drop((queue, vhost));
-            if metrics.changed().await.is_err() {
+            // (A timeout only means: look again.)
+            if let Ok(Err(_)) = tokio::time::timeout(REANNOUNCE_EVERY, metrics.changed()).await {
                 return;
             }
         }
     }
 }
+
+/// How often a leader looks whether the metadata group knows it leads.
+const REANNOUNCE_EVERY: Duration = Duration::from_secs(10);
