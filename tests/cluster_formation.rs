@@ -78,25 +78,9 @@ async fn a_paused_leader_is_replaced_and_follows_when_it_resumes() {
     );
 }
 
-/// `warren ctl ARGS` against node `i`'s management API; its stdout (it must succeed).
-fn ctl(c: &Cluster, i: usize, args: &[&str]) -> String {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_warren"))
-        .args(["ctl", "--url", &format!("http://{}:15672", c.node(i).ip)])
-        .args(["-u", cluster::USER, "--password", cluster::USER])
-        .args(args)
-        .output()
-        .expect("warren ctl runs");
-    assert!(
-        out.status.success(),
-        "warren ctl {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// `warren ctl cluster_status` against node `i`.
 fn cluster_status(c: &Cluster, i: usize) -> String {
-    ctl(c, i, &["cluster_status"])
+    c.ctl(i, &["cluster_status"])
 }
 
 /// The node names listed under `heading` in `cluster_status` output.
@@ -184,7 +168,7 @@ async fn a_forgotten_node_leaves_the_membership_and_joins_again() {
         .filter(|i| *i != gone)
         .map(|i| names[i - 1].clone())
         .collect();
-    ctl(&c, asker, &["forget_cluster_node", &names[gone - 1]]);
+    c.ctl(asker, &["forget_cluster_node", &names[gone - 1]]);
     let deadline = std::time::Instant::now() + ELECTION;
     loop {
         let s = cluster_status(&c, asker);
@@ -207,7 +191,7 @@ async fn a_forgotten_node_leaves_the_membership_and_joins_again() {
     .await
     .unwrap();
 
-    ctl(&c, gone, &["join_cluster", &names[asker - 1]]);
+    c.ctl(gone, &["join_cluster", &names[asker - 1]]);
     let s = cluster_status(&c, asker);
     assert_eq!(section(&s, "Disk Nodes"), names, "{s}");
     let ch = c.connect(gone).await.create_channel().await.unwrap();

@@ -278,18 +278,6 @@ async fn quorum_queues_take_transactions_and_refuse_what_rabbitmq_refuses() {
     }
 }
 
-/// `warren ctl ARGS` against node `i`: its output.
-fn ctl(c: &Cluster, i: usize, args: &[&str]) -> String {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_warren"))
-        .args(["ctl", "--url", &format!("http://{}:15672", c.node(i).ip)])
-        .args(["-u", cluster::USER, "--password", cluster::USER])
-        .args(args)
-        .output()
-        .expect("warren ctl runs");
-    assert!(out.status.success(), "warren ctl {args:?} failed");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_outside_the_queues_group_follows_its_leader() {
     let Some(mut c) = Cluster::start(4) else {
@@ -336,7 +324,7 @@ async fn a_node_outside_the_queues_group_follows_its_leader() {
     let second = leader(&c, &rest, QUEUE).await;
     // `warren ctl list_queues` through node 4 names the new leader and the members, as
     // `rabbitmqctl list_queues name type leader members` does.
-    let listed = ctl(&c, 4, &["list_queues", "name", "type", "leader", "members"]);
+    let listed = c.ctl(4, &["list_queues", "name", "type", "leader", "members"]);
     let row = listed
         .lines()
         .find(|l| l.starts_with(QUEUE))

@@ -539,6 +539,23 @@ impl Cluster {
         lines[lines.len().saturating_sub(40)..].join("\n")
     }
 
+    /// `warren ctl ARGS` against node `i`'s management API: its output (a failure fails
+    /// the test, with what the command printed).
+    pub fn ctl(&self, i: usize, args: &[&str]) -> String {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_warren"))
+            .args(["ctl", "--url", &format!("http://{}:15672", self.node(i).ip)])
+            .args(["-u", USER, "--password", USER])
+            .args(args)
+            .output()
+            .expect("warren ctl runs");
+        assert!(
+            out.status.success(),
+            "warren ctl {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// The whole log of node `i`.
     pub fn log(&self, i: usize) -> String {
         std::fs::read_to_string(&self.nodes[i - 1].log).unwrap_or_default()
