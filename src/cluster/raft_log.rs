@@ -76,6 +76,25 @@ pub fn recovered_committed(
     }
 }
 
+/// The entries a group's state machine replays at start: those after `applied` (what its
+/// snapshot covers) up to the committed id the group stored, in log order.
+pub fn committed_entries<C: LogTypes>(
+    recovered: &RecoveredRaftGroup,
+    applied: Option<LogId<NodeId>>,
+) -> anyhow::Result<Vec<Entry<C>>>
+where
+    Entry<C>: DeserializeOwned,
+{
+    let from = applied.map_or(0, |l| l.index + 1);
+    let to = recovered_committed(recovered)?.map_or(0, |l| l.index);
+    recovered
+        .log
+        .iter()
+        .filter(|(index, _)| (from..=to).contains(index))
+        .map(|(_, bytes)| decode(bytes, "log entry"))
+        .collect()
+}
+
 struct LogData<C: LogTypes> {
     entries: BTreeMap<u64, Entry<C>>,
     vote: Option<Vote<NodeId>>,

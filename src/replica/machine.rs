@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{QueueTypes, ReplicaRecord};
 use crate::cluster::meta::NodeId;
-use crate::cluster::raft_log::{COMMITTED, SNAPSHOT, decode, encode, lock};
+use crate::cluster::raft_log::{SNAPSHOT, committed_entries, decode, encode, lock};
 use crate::cluster::wire::GroupId;
 use crate::queue::{Message, Queue};
 use crate::store::{RecoveredRaftGroup, Store, StoreOp};
@@ -88,17 +88,8 @@ impl ReplicaMachine {
             data.membership = snap.meta.last_membership.clone();
             data.snapshot = Some(snap);
         }
-        let committed: Option<LogId<NodeId>> = match recovered.state.get(COMMITTED) {
-            Some(v) => decode(v, "committed log id")?,
-            None => None,
-        };
-        let from = data.last_applied.map_or(0, |l| l.index + 1);
-        let to = committed.map_or(0, |l| l.index);
-        for (index, bytes) in &recovered.log {
-            if (from..=to).contains(index) {
-                let entry: Entry<QueueTypes> = decode(bytes, "queue log entry")?;
-                apply_entry(&mut data, entry);
-            }
+        for entry in committed_entries::<QueueTypes>(recovered, data.last_applied)? {
+            apply_entry(&mut data, entry);
         }
         Ok(ReplicaMachine {
             store,

@@ -33,7 +33,7 @@ use crate::store::{RecoveredRaftGroup, Store, StoreOp};
 /// The metadata group's id on the wire and in the store.
 pub const META_GROUP: GroupId = 0;
 
-use crate::cluster::raft_log::{COMMITTED, SNAPSHOT, decode, encode, lock};
+use crate::cluster::raft_log::{SNAPSHOT, committed_entries, decode, encode, lock};
 
 type Membership = StoredMembership<NodeId, openraft::BasicNode>;
 
@@ -113,18 +113,9 @@ impl StateMachine {
             data.membership = snap.meta.last_membership.clone();
             data.snapshot = Some(snap);
         }
-        let committed: Option<LogId<NodeId>> = match recovered.state.get(COMMITTED) {
-            Some(v) => decode(v, "committed log id")?,
-            None => None,
-        };
-        let from = data.last_applied.map_or(0, |l| l.index + 1);
-        let to = committed.map_or(0, |l| l.index);
         let mut ignored = Vec::new();
-        for (index, bytes) in &recovered.log {
-            if (from..=to).contains(index) {
-                let entry: Entry<TypeConfig> = decode(bytes, "metadata log entry")?;
-                apply_entry(&mut data, entry, &mut ignored);
-            }
+        for entry in committed_entries::<TypeConfig>(recovered, data.last_applied)? {
+            apply_entry(&mut data, entry, &mut ignored);
         }
         let index = data.last_applied.map_or(0, |l| l.index);
         Ok(StateMachine {
