@@ -394,3 +394,155 @@ async fn a_consumer_that_attached_at_declare_gets_every_pipelined_publish() {
         }
     }
 }
+
+/// The members `warren ctl list_queues` names for `queue` (through node `i`), and its
+/// type: "" members for a queue kept on one node.
+fn listed_members(c: &Cluster, i: usize, queue: &str) -> (String, String) {
+    let listed = c.ctl(i, &["list_queues", "name", "type", "members"]);
+    let row = listed
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(queue))
+        .unwrap_or_else(|| panic!("{queue} listed: {listed}"));
+    let mut cells = row.split('\t');
+    let (_, kind, members) = (cells.next(), cells.next(), cells.next());
+    (
+        kind.unwrap_or_default().trim().to_string(),
+        members.unwrap_or_default().trim().to_string(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn classic_queues_matched_by_a_mirroring_policy_are_replicated() {
+    let Some(mut c) = Cluster::start(3) else {
+        return;
+    };
+    c.wait_agreed_leader(&[1, 2, 3], None, ELECTION).await;
+    // RabbitMQ's classic mirroring policies, as users set them with rabbitmqctl.
+    c.ctl(
+        1,
+        &[
+            "set_policy",
+            "ha-all",
+            "^replicated$|^excl$",
+            r#"{"ha-mode":"all"}"#,
+            "--apply-to",
+            "queues",
+        ],
+    );
+    c.ctl(
+        1,
+        &[
+            "set_policy",
+            "ha-two",
+            "^two$",
+            r#"{"ha-mode":"exactly","ha-params":2,"ha-sync-mode":"automatic"}"#,
+        ],
+    );
+    let pinned = format!(
+        r#"{{"ha-mode":"nodes","ha-params":["{}","{}"]}}"#,
+        c.node(2).name,
+        c.node(3).name
+    );
+    c.ctl(1, &["set_policy", "ha-nodes", "^pinned$", &pinned]);
+    // A bad mirroring setting gets RabbitMQ's text.
+    let refused = c.ctl_output(1, &["set_policy", "bad", ".*", r#"{"ha-mode":"exactly"}"#]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr)
+            .contains("ha-mode=\"exactly\" takes an integer, none given"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+
+    // Policies reach every node through the metadata group before the declarations.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let conn = c.connect(1).await;
+    let ch = conn.create_channel().await.unwrap();
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    for q in [QUEUE, "two", "pinned", "single"] {
+        ch.queue_declare(q.into(), durable, FieldTable::default())
+            .await
+            .unwrap();
+    }
+    let exclusive = QueueDeclareOptions {
+        exclusive: true,
+        ..durable
+    };
+    ch.queue_declare("excl".into(), exclusive, FieldTable::default())
+        .await
+        .unwrap();
+
+    let names: Vec<String> = (1..=3).map(|i| c.node(i).name.clone()).collect();
+    let (kind, members) = listed_members(&c, 2, QUEUE);
+    assert_eq!(kind, "classic", "a mirrored queue stays a classic queue");
+    for n in &names {
+        assert!(
+            members.contains(n.as_str()),
+            "ha-mode all: {n} in {members}"
+        );
+    }
+    let (_, members) = listed_members(&c, 2, "two");
+    assert_eq!(
+        names
+            .iter()
+            .filter(|n| members.contains(n.as_str()))
+            .count(),
+        2,
+        "ha-mode exactly 2: {members}"
+    );
+    let (_, members) = listed_members(&c, 2, "pinned");
+    assert!(
+        !members.contains(names[0].as_str()),
+        "ha-mode nodes: {members}"
+    );
+    assert!(members.contains(names[1].as_str()) && members.contains(names[2].as_str()));
+    for q in ["single", "excl"] {
+        let (_, members) = listed_members(&c, 1, q);
+        assert!(
+            !names.iter().any(|n| members.contains(n.as_str())),
+            "{q} is kept on one node: {members}"
+        );
+    }
+    drop(conn);
+
+    // The mirrored queue keeps every confirmed message when its leader dies.
+    let mut confirmed = BTreeSet::new();
+    let ch = confirming_channel(&c, 3).await.expect("node 3 up");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while confirmed.len() < 100 {
+        let body = format!("m{}", confirmed.len());
+        if publish(&ch, &body).await {
+            confirmed.insert(body);
+        } else {
+            assert!(Instant::now() < deadline, "never confirmed");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let first = leader(&c, &[1, 2, 3], QUEUE).await;
+    c.kill(first);
+    let rest: Vec<usize> = [1, 2, 3].into_iter().filter(|i| *i != first).collect();
+    let ch = confirming_channel(&c, rest[0]).await.expect("survivor up");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut after = 0;
+    while after < 20 {
+        let body = format!("after:{after}");
+        if publish(&ch, &body).await {
+            confirmed.insert(body);
+            after += 1;
+        } else {
+            assert!(
+                Instant::now() < deadline,
+                "no confirm after the leader died"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let second = leader(&c, &rest, QUEUE).await;
+    let (got, _) = drain(&c, second).await;
+    let got: BTreeSet<String> = got.into_iter().collect();
+    let lost: Vec<&String> = confirmed.difference(&got).collect();
+    assert!(lost.is_empty(), "confirmed messages lost: {lost:?}");
+}

@@ -16,11 +16,11 @@ use std::sync::{Arc, Weak};
 use super::BrokerState;
 use super::persist::{StoredBinding, StoredDefinition, StoredExchange, StoredQueue};
 use crate::auth::CLUSTER_PREFIX;
-use crate::broker::vhost::is_quorum;
 use crate::cluster::meta::MetaCommand;
 use crate::cluster::meta::proposals::Proposals;
 use crate::cluster::meta::storage::{DefinitionChange, Definitions, DefinitionsObserver};
-use crate::replica::{DEFAULT_GROUP_SIZE, ReplicaSpec, Replicas};
+use crate::queue::QueueDef;
+use crate::replica::{ReplicaSpec, Replicas, Replication};
 use crate::store::StoreOp;
 
 /// First byte of a queue's value in the metadata group: home node, then the stored queue.
@@ -57,20 +57,27 @@ pub struct ClusterLink {
 impl ClusterLink {
     /// Proposes the definition changes among `ops`; returns the others (queue entries,
     /// purges) for the node's own store.
-    pub fn propose(&self, ops: Vec<StoreOp>) -> Vec<StoreOp> {
+    /// A new queue is replicated as `replication` says for its declaration (None: kept
+    /// on this node).
+    pub fn propose(
+        &self,
+        ops: Vec<StoreOp>,
+        replication: impl Fn(&QueueDef) -> Option<Replication>,
+    ) -> Vec<StoreOp> {
         let mut commands = Vec::new();
         let mut rest = Vec::new();
         for op in ops {
             match op {
                 StoreOp::PutDefinition { key, value } if key.starts_with("q/") => {
-                    let value = match StoredQueue::decode(&value).map(|q| q.value.def()) {
-                        Some(def) if is_quorum(&def) => {
+                    let wanted =
+                        StoredQueue::decode(&value).and_then(|q| replication(&q.value.def()));
+                    let value = match wanted {
+                        Some(replication) => {
                             let members = self.cluster.status().members;
-                            let size = group_size(&def).unwrap_or(DEFAULT_GROUP_SIZE);
-                            let spec = ReplicaSpec::choose(&self.node, &members, size);
+                            let spec = ReplicaSpec::choose(&self.node, &members, &replication);
                             replicated_queue(&spec, &value)
                         }
-                        _ => homed_queue(&self.node, &value),
+                        None => homed_queue(&self.node, &value),
                     };
                     commands.push(MetaCommand::PutIfAbsent { key, value });
                 }
@@ -139,7 +146,7 @@ fn replicated_queue(spec: &ReplicaSpec, stored: &[u8]) -> Vec<u8> {
 }
 
 /// `x-quorum-initial-group-size`, when declared (a positive integer).
-fn group_size(def: &crate::queue::QueueDef) -> Option<usize> {
+pub fn initial_group_size(def: &QueueDef) -> Option<usize> {
     use amq_protocol::types::AMQPValue as V;
     let n = match def.arguments.inner().get("x-quorum-initial-group-size")? {
         V::ShortShortInt(n) => i64::from(*n),

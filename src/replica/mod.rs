@@ -54,16 +54,47 @@ pub struct ReplicaSpec {
     pub members: Vec<String>,
 }
 
+/// How many replicas a new replicated queue gets, and where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Replication {
+    /// This many members (`x-quorum-initial-group-size`, an `ha-mode: exactly` or `all`
+    /// policy), or the cluster size when that is smaller.
+    Count(usize),
+    /// The named nodes that are cluster members (an `ha-mode: nodes` policy); only the
+    /// declaring node when none is.
+    Nodes(Vec<String>),
+}
+
 impl ReplicaSpec {
-    /// A new group for a queue declared on `me`: `size` members, `me` first, then the
-    /// members after it in name order (so that queues spread over the cluster).
-    pub fn choose(me: &str, cluster: &[String], size: usize) -> ReplicaSpec {
-        let mut sorted: Vec<&String> = cluster.iter().collect();
-        sorted.sort();
-        let start = sorted.iter().position(|n| *n == me).unwrap_or(0);
-        let members = (0..sorted.len().min(size.max(1)))
-            .map(|i| sorted[(start + i) % sorted.len()].clone())
-            .collect();
+    /// A new group for a queue declared on `me`. For a count: `me` first, then the
+    /// members after it in name order (so that queues spread over the cluster). For named
+    /// nodes: those in the cluster, `me` first when named (the first member stands first).
+    pub fn choose(me: &str, cluster: &[String], replication: &Replication) -> ReplicaSpec {
+        let members = match replication {
+            Replication::Count(size) => {
+                let mut sorted: Vec<&String> = cluster.iter().collect();
+                sorted.sort();
+                let start = sorted.iter().position(|n| *n == me).unwrap_or(0);
+                (0..sorted.len().min((*size).max(1)))
+                    .map(|i| sorted[(start + i) % sorted.len()].clone())
+                    .collect()
+            }
+            Replication::Nodes(named) => {
+                let mut members: Vec<String> = Vec::new();
+                if named.iter().any(|n| n == me) {
+                    members.push(me.to_string());
+                }
+                for n in named {
+                    if cluster.contains(n) && !members.contains(n) {
+                        members.push(n.clone());
+                    }
+                }
+                if members.is_empty() {
+                    members.push(me.to_string());
+                }
+                members
+            }
+        };
         // The top bit keeps queue groups clear of the node's fixed groups (0, 1, ...).
         ReplicaSpec {
             group: rand::random::<u64>() | (1 << 63),
