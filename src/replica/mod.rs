@@ -130,7 +130,18 @@ openraft::declare_raft_types!(
 );
 
 /// Bytes of records one log entry gathers at most (more wait for the next entry).
-pub const ENTRY_BYTES: usize = 256 << 10;
+pub const ENTRY_BYTES: usize = 128 << 10;
+
+/// Log entries one AppendEntries carries at most. openraft keeps one request in flight per
+/// follower, so this bounds a group's rate to this many entries per round trip (follower
+/// fsync included): entries are often small (a few publishes each), so it must be large.
+/// With [`ENTRY_BYTES`] it also bounds a request (32 MiB) under the link's frame limit.
+const ENTRIES_PER_APPEND: u64 = 256;
+/// Entries of a group that may await their commit at once (see `propose`).
+const ENTRIES_AWAITING_COMMIT: usize = 4;
+
+const _: () =
+    assert!(ENTRY_BYTES * ENTRIES_PER_APPEND as usize <= crate::cluster::wire::MAX_FRAME_BYTES / 2);
 
 impl ReplicaRecord {
     /// Approximate encoded size.
@@ -353,9 +364,7 @@ impl GroupStart {
             election_timeout_min: 1500,
             election_timeout_max: 3000,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(SNAPSHOT_EVERY),
-            // Entries are up to ENTRY_BYTES: this bounds one AppendEntries well under the
-            // link's frame limit.
-            max_payload_entries: 32,
+            max_payload_entries: ENTRIES_PER_APPEND,
             max_in_snapshot_log_to_keep: 0,
             ..Default::default()
         }
@@ -420,12 +429,21 @@ async fn propose(
         .wait(Some(Duration::from_secs(5)))
         .metrics(|m| m.current_leader.is_some(), "a leader is known")
         .await;
+    // A few entries at most await their commit at once: while they do, the records that
+    // come pile up in the channel and the next entry takes them all, so that under load
+    // entries carry hundreds of records (each entry costs the Raft core, the logs and
+    // the followers a fixed amount) while a lone publish still goes out at once.
+    let uncommitted = Arc::new(tokio::sync::Semaphore::new(ENTRIES_AWAITING_COMMIT));
     loop {
         let first = tokio::select! {
             p = rx.recv() => p,
             _ = stop.cancelled() => None,
         };
         let Some(first) = first else { return };
+        let permit = tokio::select! {
+            p = uncommitted.clone().acquire_owned() => p.ok(),
+            _ = stop.cancelled() => None,
+        };
         let mut bytes = first.0.size();
         let mut records = vec![first.0];
         let mut acks: Vec<Ack> = first.1.into_iter().collect();
@@ -443,6 +461,7 @@ async fn propose(
             Ok(answer) => {
                 tokio::spawn(async move {
                     let ok = matches!(answer.await, Ok(Ok(_)));
+                    drop(permit);
                     for ack in acks {
                         let _ = ack.send(ok);
                     }
