@@ -546,3 +546,102 @@ async fn classic_queues_matched_by_a_mirroring_policy_are_replicated() {
     let lost: Vec<&String> = confirmed.difference(&got).collect();
     assert!(lost.is_empty(), "confirmed messages lost: {lost:?}");
 }
+
+/// Waits (up to a minute) until `needle` appears in node `i`'s log at least `times` times.
+async fn wait_logged(c: &Cluster, nodes: &[usize], needle: &str, times: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let seen: usize = nodes
+            .iter()
+            .map(|&i| c.log(i).matches(needle).count())
+            .sum();
+        if seen >= times {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{needle:?} logged {seen} of {times} times"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warren_ctl_adds_and_removes_a_replicated_queues_members() {
+    let Some(mut c) = Cluster::start(4) else {
+        return;
+    };
+    c.wait_agreed_leader(&[1, 2, 3, 4], None, ELECTION).await;
+    let ch = c.connect(1).await.create_channel().await.unwrap();
+    let (options, mut args) = quorum();
+    args.insert("x-quorum-initial-group-size".into(), AMQPValue::LongInt(3));
+    ch.queue_declare(QUEUE.into(), options, args).await.unwrap();
+    let names: Vec<String> = (1..=4).map(|i| c.node(i).name.clone()).collect();
+    let (_, members) = listed_members(&c, 4, QUEUE);
+    assert!(
+        !members.contains(names[3].as_str()),
+        "declared on nodes 1-3: {members}"
+    );
+
+    let mut confirmed = BTreeSet::new();
+    let ch = confirming_channel(&c, 1).await.expect("node 1 up");
+    for n in 0..100 {
+        let body = format!("before:{n}");
+        assert!(publish(&ch, &body).await, "confirmed");
+        confirmed.insert(body);
+    }
+
+    // Node 4 joins the queue's group: it copies the log and becomes a voter.
+    c.ctl(2, &["add_member", QUEUE, &names[3]]);
+    let (_, members) = listed_members(&c, 3, QUEUE);
+    assert!(
+        members.contains(names[3].as_str()),
+        "node 4 listed: {members}"
+    );
+    wait_logged(&c, &[1, 2, 3], "replicated queue: members changed", 1).await;
+    // Node 1 leaves it (maybe its leader: it then hands over to another member).
+    c.ctl(3, &["delete_member", QUEUE, &names[0]]);
+    wait_logged(&c, &[1], "this node no longer holds a replica", 1).await;
+    let (_, members) = listed_members(&c, 1, QUEUE);
+    assert!(
+        !members.contains(names[0].as_str()),
+        "node 1 gone: {members}"
+    );
+    // What cannot be done is refused with a reason.
+    let refused = c.ctl_output(1, &["delete_member", QUEUE, &names[0]]);
+    assert!(!refused.status.success(), "node 1 is no member any more");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("holds no replica"));
+    let refused = c.ctl_output(1, &["add_member", QUEUE, "n9@10.0.0.9"]);
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("is not a cluster member"));
+
+    // Of the members 2, 3 and 4, node 2 dies: 3 and 4 are a majority, so node 4 must
+    // have every confirmed message for the queue to go on.
+    c.kill(2);
+    let ch = confirming_channel(&c, 3).await.expect("node 3 up");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut after = 0;
+    while after < 20 {
+        let body = format!("after:{after}");
+        if publish(&ch, &body).await {
+            confirmed.insert(body);
+            after += 1;
+        } else {
+            assert!(Instant::now() < deadline, "no confirm from members 3 and 4");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let second = leader(&c, &[3, 4], QUEUE).await;
+    let (got, _) = drain(&c, second).await;
+    let got: BTreeSet<String> = got.into_iter().collect();
+    let lost: Vec<&String> = confirmed.difference(&got).collect();
+    assert!(lost.is_empty(), "confirmed messages lost: {lost:?}");
+
+    // `grow` puts node 1 back (as rabbitmq-queues grow NODE all).
+    let report = c.ctl(3, &["grow", &names[0], "all"]);
+    assert!(report.contains(QUEUE) && report.contains("ok"), "{report}");
+    let (_, members) = listed_members(&c, 4, QUEUE);
+    assert!(
+        members.contains(names[0].as_str()),
+        "node 1 back: {members}"
+    );
+}
