@@ -97,6 +97,9 @@ where
 
 struct LogData<C: LogTypes> {
     entries: BTreeMap<u64, Entry<C>>,
+    /// The encoded size of each entry in `entries`, and their sum.
+    sizes: BTreeMap<u64, usize>,
+    bytes: usize,
     vote: Option<Vote<NodeId>>,
     committed: Option<LogId<NodeId>>,
     purged: Option<LogId<NodeId>>,
@@ -138,12 +141,16 @@ where
         recovered: &RecoveredRaftGroup,
     ) -> anyhow::Result<RaftLog<C>> {
         let mut entries = BTreeMap::new();
+        let mut sizes = BTreeMap::new();
         for (index, bytes) in &recovered.log {
             let entry: Entry<C> = decode(bytes, "log entry")?;
             entries.insert(*index, entry);
+            sizes.insert(*index, bytes.len());
         }
         let mut data = LogData {
             entries,
+            bytes: sizes.values().sum(),
+            sizes,
             vote: None,
             committed: recovered_committed(recovered)?,
             purged: None,
@@ -159,6 +166,31 @@ where
             group,
             data: Arc::new(Mutex::new(data)),
         })
+    }
+}
+
+impl<C: LogTypes> RaftLog<C> {
+    /// Bytes of the entries held (appended and not yet purged): what a snapshot would
+    /// let go of, in memory and on disk.
+    pub fn bytes(&self) -> usize {
+        lock(&self.data).bytes
+    }
+}
+
+impl<C: LogTypes> LogData<C> {
+    /// Drops the entries from `index` on, or with `keep_after` those up to and including
+    /// `index`.
+    fn split(&mut self, index: u64, keep_after: bool) {
+        if keep_after {
+            self.entries = self.entries.split_off(&(index + 1));
+            let kept = self.sizes.split_off(&(index + 1));
+            self.bytes -= self.sizes.values().sum::<usize>();
+            self.sizes = kept;
+        } else {
+            self.entries.split_off(&index);
+            let dropped = self.sizes.split_off(&index);
+            self.bytes -= dropped.values().sum::<usize>();
+        }
     }
 }
 
@@ -244,12 +276,18 @@ where
         {
             let mut data = lock(&self.data);
             for entry in entries {
+                let encoded = encode(&entry)?;
+                let index = entry.log_id.index;
+                if let Some(old) = data.sizes.insert(index, encoded.len()) {
+                    data.bytes -= old;
+                }
+                data.bytes += encoded.len();
                 ops.push(StoreOp::RaftAppend {
                     group: self.group,
-                    index: entry.log_id.index,
-                    entry: encode(&entry)?,
+                    index,
+                    entry: encoded,
                 });
-                data.entries.insert(entry.log_id.index, entry);
+                data.entries.insert(index, entry);
             }
         }
         self.store
@@ -258,7 +296,7 @@ where
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
-        lock(&self.data).entries.split_off(&log_id.index);
+        lock(&self.data).split(log_id.index, false);
         self.store
             .commit(vec![StoreOp::RaftTruncateFrom {
                 group: self.group,
@@ -272,7 +310,7 @@ where
         let value = encode(&Some(log_id))?;
         {
             let mut data = lock(&self.data);
-            data.entries = data.entries.split_off(&(log_id.index + 1));
+            data.split(log_id.index, true);
             data.purged = Some(log_id);
         }
         self.store.submit(vec![

@@ -56,6 +56,8 @@ struct StoredSnapshot {
 #[derive(Debug, Default)]
 struct MachineData {
     messages: BTreeMap<u64, Held>,
+    /// Bytes of the held messages' encodings.
+    live_bytes: usize,
     last_applied: Option<LogId<NodeId>>,
     membership: Membership,
     snapshot: Option<StoredSnapshot>,
@@ -84,6 +86,7 @@ impl ReplicaMachine {
         if let Some(bytes) = recovered.state.get(SNAPSHOT) {
             let snap: StoredSnapshot = decode(bytes, "queue snapshot")?;
             data.messages = snap.messages.clone();
+            data.live_bytes = live_bytes(&data.messages);
             data.last_applied = snap.meta.last_log_id;
             data.membership = snap.meta.last_membership.clone();
             data.snapshot = Some(snap);
@@ -119,6 +122,11 @@ impl ReplicaMachine {
         lock(&self.data).host.take()
     }
 
+    /// Bytes of the committed messages held now (what a snapshot would hold).
+    pub fn live_bytes(&self) -> usize {
+        lock(&self.data).live_bytes
+    }
+
     /// Committed messages held now.
     pub fn len(&self) -> usize {
         lock(&self.data).messages.len()
@@ -141,6 +149,10 @@ impl ReplicaMachine {
 }
 
 /// Applies one entry; a message enqueued while a host is attached is handed to it.
+fn live_bytes(messages: &BTreeMap<u64, Held>) -> usize {
+    messages.values().map(|h| h.blob.len()).sum()
+}
+
 fn apply_entry(data: &mut MachineData, entry: Entry<QueueTypes>) {
     data.last_applied = Some(entry.log_id);
     match entry.payload {
@@ -170,7 +182,10 @@ fn apply_record(data: &mut MachineData, key: u64, record: ReplicaRecord) {
                     None => tracing::error!(key, "replicated queue: unreadable message"),
                 }
             }
-            data.messages.insert(key, Held { blob, delivered: 0 });
+            data.live_bytes += blob.len();
+            if let Some(old) = data.messages.insert(key, Held { blob, delivered: 0 }) {
+                data.live_bytes -= old.blob.len();
+            }
         }
         ReplicaRecord::Delivered(key) => {
             if let Some(held) = data.messages.get_mut(&key) {
@@ -178,9 +193,14 @@ fn apply_record(data: &mut MachineData, key: u64, record: ReplicaRecord) {
             }
         }
         ReplicaRecord::Remove(key) => {
-            data.messages.remove(&key);
+            if let Some(old) = data.messages.remove(&key) {
+                data.live_bytes -= old.blob.len();
+            }
         }
-        ReplicaRecord::Purge => data.messages.clear(),
+        ReplicaRecord::Purge => {
+            data.messages.clear();
+            data.live_bytes = 0;
+        }
     }
 }
 
@@ -258,6 +278,7 @@ impl RaftStateMachine<QueueTypes> for ReplicaMachine {
         };
         {
             let mut data = lock(&self.data);
+            data.live_bytes = live_bytes(&messages);
             data.messages = messages;
             data.last_applied = meta.last_log_id;
             data.membership = meta.last_membership.clone();

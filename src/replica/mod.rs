@@ -41,6 +41,12 @@ use crate::store::{RecoveredRaftGroup, Store, StoreOp};
 /// A snapshot is taken after this many log entries.
 pub const SNAPSHOT_EVERY: u64 = 4096;
 
+/// A log holding more than this (and more than twice the live messages) is snapshotted.
+const LOG_BYTES_BEFORE_SNAPSHOT: usize = 16 << 20;
+
+/// Entries a log gains at least between two snapshots taken for its size.
+const MIN_ENTRIES_PER_SNAPSHOT: u64 = 16;
+
 /// Replicas of a quorum queue when `x-quorum-initial-group-size` is not given (RabbitMQ's
 /// default), or the cluster size when that is smaller.
 pub const DEFAULT_GROUP_SIZE: usize = 3;
@@ -434,6 +440,7 @@ impl GroupStart {
         }
         .validate()?;
         let log = RaftLog::<QueueTypes>::recover(self.store.clone(), self.group, &self.recovered)?;
+        let log_size = log.clone();
         let machine = ReplicaMachine::recover(self.store.clone(), self.group, &self.recovered)?;
         let inbox = self.transport.register(self.group);
         let network = GroupNetwork {
@@ -475,6 +482,7 @@ impl GroupStart {
             vhost: self.vhost,
             members_changed: self.members_changed,
             reconciling: Arc::default(),
+            log: log_size,
         };
         tokio::select! {
             _ = leadership.follow() => {}
@@ -554,9 +562,32 @@ struct Leadership {
     members_changed: Arc<tokio::sync::Notify>,
     /// A membership change of this leader runs.
     reconciling: Arc<std::sync::atomic::AtomicBool>,
+    log: RaftLog<QueueTypes>,
 }
 
 impl Leadership {
+    /// Snapshots the group once its log holds more than [`LOG_BYTES_BEFORE_SNAPSHOT`]
+    /// and twice its live messages (besides every [`SNAPSHOT_EVERY`] entries): with
+    /// entries of hundreds of records, a count alone would let the log (kept in memory
+    /// for replication as well as on disk) grow to gigabytes while consumers keep the
+    /// queue short; a snapshot costs as much as the backlog, hence the factor.
+    fn snapshot_when_large(&self) {
+        let m = self.raft.metrics().borrow().clone();
+        let (applied, snapshot) = (
+            m.last_applied.map_or(0, |l| l.index),
+            m.snapshot.map_or(0, |l| l.index),
+        );
+        let bytes = self.log.bytes();
+        if applied.saturating_sub(snapshot) >= MIN_ENTRIES_PER_SNAPSHOT
+            && bytes > LOG_BYTES_BEFORE_SNAPSHOT.max(2 * self.machine.live_bytes())
+        {
+            let raft = self.raft.clone();
+            tokio::spawn(async move {
+                let _ = raft.trigger().snapshot().await;
+            });
+        }
+    }
+
     /// While this node leads: makes the group's voters the queue's wanted members (new
     /// ones join as learners first and become voters once caught up; a leader that is
     /// itself removed steps down once the change is committed). One change at a time;
@@ -692,6 +723,7 @@ impl Leadership {
             if hosting {
                 self.reconcile(&queue);
             }
+            self.snapshot_when_large();
             drop((queue, vhost));
             // (A timeout only means: look again.)
             let changed = tokio::time::timeout(REANNOUNCE_EVERY, async {
