@@ -404,7 +404,10 @@ impl Queue {
 
     /// A replicated queue's host on the node that now leads its group: the committed
     /// messages `(key, message, times handed out)`, in log order, replace what it held.
-    pub fn take_over(&self, messages: Vec<(u64, Arc<Message>, u32)>) {
+    /// With `possibly_delivered` (an earlier leader served the queue) every message
+    /// comes flagged redelivered: that leader may have handed one out just before it
+    /// fell, before its hand-out record was committed.
+    pub fn take_over(&self, messages: Vec<(u64, Arc<Message>, u32)>, possibly_delivered: bool) {
         let mut dead = Dead::new();
         {
             let mut inner = self.lock();
@@ -415,7 +418,7 @@ impl Queue {
                 let cmd = Command::Restore {
                     offset: key,
                     msg,
-                    delivered: delivered > 0,
+                    delivered: delivered > 0 || possibly_delivered,
                     delivery_count: delivered.saturating_sub(1),
                 };
                 self.exec(&mut inner, cmd, &mut dead, None);

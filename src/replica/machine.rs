@@ -102,9 +102,10 @@ impl ReplicaMachine {
     }
 
     /// This node now leads the group: `host` becomes the live queue, holding every
-    /// committed message (those handed out before come back redelivered). The caller has
-    /// made sure every entry committed before this node's term is applied.
-    pub fn host(&self, host: Arc<Queue>) {
+    /// committed message (those handed out before come back redelivered; every one when
+    /// `after_another_leader`, see [`Queue::take_over`]). The caller has made sure every
+    /// entry committed before this node's term is applied.
+    pub fn host(&self, host: Arc<Queue>, after_another_leader: bool) {
         let mut data = lock(&self.data);
         let mut restored = Vec::with_capacity(data.messages.len());
         for (key, held) in &data.messages {
@@ -113,7 +114,7 @@ impl ReplicaMachine {
                 None => tracing::error!(key, "replicated queue: unreadable message skipped"),
             }
         }
-        host.take_over(restored);
+        host.take_over(restored, after_another_leader);
         data.host = Some(host);
     }
 

@@ -683,7 +683,8 @@ impl Leadership {
                         .await;
                 match confirmed {
                     Ok(Ok(_)) => {
-                        self.machine.host(queue.clone());
+                        // (The group's first term has no earlier leader.)
+                        self.machine.host(queue.clone(), term > 1);
                         queue.note_leader(term);
                         vhost.set_replica_home(queue.name(), None);
                         vhost.announce_replica_leader(queue.name(), term);
