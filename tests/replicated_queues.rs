@@ -583,12 +583,18 @@ async fn warren_ctl_adds_and_removes_a_replicated_queues_members() {
         "declared on nodes 1-3: {members}"
     );
 
+    // (The group may still be electing its first leader: nacks are tried again.)
     let mut confirmed = BTreeSet::new();
     let ch = confirming_channel(&c, 1).await.expect("node 1 up");
-    for n in 0..100 {
-        let body = format!("before:{n}");
-        assert!(publish(&ch, &body).await, "confirmed");
-        confirmed.insert(body);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while confirmed.len() < 100 {
+        let body = format!("before:{}", confirmed.len());
+        if publish(&ch, &body).await {
+            confirmed.insert(body);
+        } else {
+            assert!(Instant::now() < deadline, "never confirmed");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     // Node 4 joins the queue's group: it copies the log and becomes a voter.

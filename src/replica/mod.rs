@@ -465,10 +465,8 @@ impl GroupStart {
             }
             // The declaring node (listed first) stands at once instead of after an
             // election timeout, so that a new queue takes publishes within a round trip.
-            if self.declared_first
-                && let Err(e) = raft.trigger().elect().await
-            {
-                tracing::debug!("replicated queue: cannot stand for election: {e}");
+            if self.declared_first {
+                tokio::spawn(stand_first(raft.clone()));
             }
         }
         tokio::spawn(raft_net::serve(raft.clone(), inbox));
@@ -491,6 +489,33 @@ impl GroupStart {
         Ok(())
     }
 }
+
+/// The declaring node stands for election at once instead of after an election timeout,
+/// so that a new queue takes publishes within a round trip, and again every
+/// [`STAND_AGAIN_AFTER`] while no leader is known (its first call may reach members whose
+/// group has not started yet): publishes routed to it meanwhile would otherwise be nacked
+/// when another member's timeout made that one the leader.
+async fn stand_first(raft: Raft<QueueTypes>) {
+    for _ in 0..STAND_ATTEMPTS {
+        if let Err(e) = raft.trigger().elect().await {
+            tracing::debug!("replicated queue: cannot stand for election: {e}");
+            return;
+        }
+        let known = raft
+            .wait(Some(STAND_AGAIN_AFTER))
+            .metrics(|m| m.current_leader.is_some(), "a leader is known")
+            .await;
+        if known.is_ok() {
+            return;
+        }
+    }
+}
+
+/// How long the declaring node waits for its election before it stands again (well under
+/// the other members' election timeouts).
+const STAND_AGAIN_AFTER: Duration = Duration::from_millis(300);
+/// How often it stands at most.
+const STAND_ATTEMPTS: usize = 5;
 
 /// Proposes records in the order they came, as many per log entry as are waiting.
 async fn propose(
