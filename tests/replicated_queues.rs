@@ -522,6 +522,16 @@ async fn classic_queues_matched_by_a_mirroring_policy_are_replicated() {
         }
     }
     let first = leader(&c, &[1, 2, 3], QUEUE).await;
+    // Every node lists the leader's figures (as RabbitMQ lists a queue's leader's).
+    for i in [1, 2, 3] {
+        let listed = c.ctl(i, &["list_queues", "name", "messages", "messages_ready"]);
+        let row = listed.lines().find(|l| l.split('\t').next() == Some(QUEUE));
+        assert_eq!(
+            row,
+            Some(format!("{QUEUE}\t100\t100").as_str()),
+            "through node {i}"
+        );
+    }
     c.kill(first);
     let rest: Vec<usize> = [1, 2, 3].into_iter().filter(|i| *i != first).collect();
     let ch = confirming_channel(&c, rest[0]).await.expect("survivor up");

@@ -402,7 +402,7 @@ fn queue_json(http: &Http, vhost: &str, q: &Queue) -> Value {
     v
 }
 
-fn list_queues(
+async fn list_queues(
     http: &Http,
     who: &Caller,
     vhost: Option<&str>,
@@ -414,7 +414,53 @@ fn list_queues(
         qs.sort_by(|a, b| a.name().cmp(b.name()));
         list.extend(qs.iter().map(|q| queue_json(http, &v.name, q)));
     }
+    with_host_figures(http, &mut list).await;
     Ok(Json(filter::apply(list, query)))
+}
+
+/// A queue hosted on another node (a classic queue's home, a replicated queue's
+/// leader) has no messages here: its figures are asked of its host (all at once), as
+/// RabbitMQ lists a queue's figures from its leader. A host that does not answer leaves
+/// this node's (empty) figures.
+async fn with_host_figures(http: &Http, list: &mut [Value]) {
+    use crate::broker::remote_consume::Answer;
+    let Some(link) = http.broker.cluster_link() else {
+        return;
+    };
+    let mut asked = Vec::new();
+    for (i, v) in list.iter().enumerate() {
+        let (Some(vhost), Some(name)) = (v["vhost"].as_str(), v["name"].as_str()) else {
+            continue;
+        };
+        if let Some(host) = http.broker.vhost(vhost).and_then(|vh| vh.remote_home(name)) {
+            asked.push((i, link.proxies.stats(&host, vhost, name)));
+        }
+    }
+    let (places, answers): (Vec<usize>, Vec<_>) = asked.into_iter().unzip();
+    let answers = futures_util::future::join_all(
+        answers
+            .into_iter()
+            .map(|a| tokio::time::timeout(std::time::Duration::from_secs(5), a)),
+    )
+    .await;
+    for (i, answer) in places.into_iter().zip(answers) {
+        if let Ok(Ok(Answer::Stats {
+            ready,
+            unacked,
+            ready_bytes,
+            consumers,
+            memory,
+        })) = answer
+        {
+            let v = &mut list[i];
+            v["messages"] = json!(ready + unacked);
+            v["messages_ready"] = json!(ready);
+            v["messages_unacknowledged"] = json!(unacked);
+            v["message_bytes_ready"] = json!(ready_bytes);
+            v["consumers"] = json!(consumers);
+            v["memory"] = json!(memory);
+        }
+    }
 }
 
 /// GET /api/queues.
@@ -424,7 +470,7 @@ pub async fn queues(
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     let who = caller(&http.broker, &headers)?;
-    list_queues(&http, &who, None, &query)
+    list_queues(&http, &who, None, &query).await
 }
 
 /// GET /api/queues/{vhost}.
@@ -435,7 +481,7 @@ pub async fn queues_in(
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     let who = caller(&http.broker, &headers)?;
-    list_queues(&http, &who, Some(&vhost), &query)
+    list_queues(&http, &who, Some(&vhost), &query).await
 }
 
 fn find_queue(v: &VHost, name: &str) -> Result<Arc<Queue>, ApiError> {
@@ -451,7 +497,10 @@ pub async fn queue(
     let who = caller(&http.broker, &headers)?;
     let v = vhost_for(&http, &who, &vhost)?;
     let q = find_queue(&v, &name)?;
-    Ok(Json(queue_json(&http, &v.name, &q)))
+    let mut one = [queue_json(&http, &v.name, &q)];
+    with_host_figures(&http, &mut one).await;
+    let [json] = one;
+    Ok(Json(json))
 }
 
 /// PUT /api/queues/{vhost}/{name}: `durable` (default true), `auto_delete`, `arguments`.

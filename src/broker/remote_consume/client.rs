@@ -299,6 +299,15 @@ impl ProxyClient {
         self.request(host, vhost, queue, request)
     }
 
+    /// The queue's figures on `host`, for the management API.
+    pub fn stats(&self, host: &str, vhost: &str, queue: &str) -> RemoteAnswer {
+        let request = ToHost::Stats {
+            vhost: vhost.to_string(),
+            queue: queue.to_string(),
+        };
+        self.request(host, vhost, queue, request)
+    }
+
     fn note(&self, host: &str, note: ToHost) {
         if let Some(body) = encode(&Note::Host(note)) {
             let _ = self.outgoing(host).send(Outgoing::Note(body));

@@ -135,6 +135,16 @@ impl ProxyHost {
             ToHost::Purge { vhost, queue } => self
                 .hosted(&vhost, &queue)
                 .map(|(_, q)| Answer::Purged(q.purge() as u32)),
+            ToHost::Stats { vhost, queue } => self.hosted(&vhost, &queue).map(|(_, q)| {
+                let s = q.snapshot();
+                Answer::Stats {
+                    ready: s.ready,
+                    unacked: s.unacked,
+                    ready_bytes: s.ready_bytes,
+                    consumers: s.consumers,
+                    memory: s.memory,
+                }
+            }),
             ToHost::Counts { vhost, queue } => self.hosted(&vhost, &queue).map(|(_, q)| {
                 let counts = q.counts();
                 Answer::Counts {

@@ -76,6 +76,9 @@ enum ToHost {
     Purge { vhost: String, queue: String },
     /// The counts of queue.declare-ok.
     Counts { vhost: String, queue: String },
+    /// The figures the management API lists for the queue (a node that does not host
+    /// it lists its host's, as RabbitMQ lists a queue's leader's).
+    Stats { vhost: String, queue: String },
     /// One-way: the client settled these deliveries of proxy `proxy`.
     Settle {
         proxy: u64,
@@ -120,6 +123,19 @@ pub enum Answer {
         messages: u32,
         /// Consumers.
         consumers: u32,
+    },
+    /// A queue's figures for the management API.
+    Stats {
+        /// Messages ready for delivery.
+        ready: u64,
+        /// Messages delivered and not yet acknowledged.
+        unacked: u64,
+        /// Body bytes of the ready messages.
+        ready_bytes: u64,
+        /// Consumers.
+        consumers: u64,
+        /// Estimated memory of the messages.
+        memory: u64,
     },
     /// Refused with this AMQP error (code, text), as the host's own channel would.
     Refused(u16, String),
