@@ -11,7 +11,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::Framed;
 use warren::cluster::transport::Incoming;
 use warren::cluster::wire::{Frame, WireCodec};
-use warren::cluster::{Transport, TransportConfig, TransportError};
+use warren::cluster::{PeerAddr, Transport, TransportConfig, TransportError};
 
 async fn listeners(n: usize) -> Vec<(TcpListener, SocketAddr)> {
     let mut all = Vec::new();
@@ -295,6 +295,34 @@ async fn a_group_that_does_not_read_holds_its_senders_back() {
         assert_eq!(m.body[..8], (i as u64).to_be_bytes(), "in order");
     }
     sender.await.unwrap();
+    t1.shutdown();
+    t2.shutdown();
+}
+
+#[tokio::test]
+async fn a_peer_named_by_host_name_is_looked_up_when_dialed() {
+    // Node 1 (which dials: its name sorts first) knows node 2 only as localhost:PORT, a
+    // name to look up, as a container's peer is known by its service name.
+    let ls = listeners(2).await;
+    let addrs: Vec<SocketAddr> = ls.iter().map(|(_, a)| *a).collect();
+    let n = names(2);
+    let mut it = ls.into_iter();
+    let by_name = PeerAddr {
+        host: "localhost".into(),
+        port: addrs[1].port(),
+    };
+    let t1 = Transport::start(
+        TransportConfig::new(n[0].clone(), vec![(n[1].clone(), by_name)], b"s".to_vec()),
+        it.next().unwrap().0,
+    );
+    let t2 = Transport::start(
+        TransportConfig::new(n[1].clone(), vec![(n[0].clone(), addrs[0])], b"s".to_vec()),
+        it.next().unwrap().0,
+    );
+    let mut inbox = t2.register(7);
+    wait_connected(&t1, &n[1]).await;
+    t1.send(&n[1], 7, b"by name".to_vec()).await.unwrap();
+    assert_eq!(recv(&mut inbox).await.body, b"by name");
     t1.shutdown();
     t2.shutdown();
 }

@@ -21,4 +21,4 @@ pub mod wire;
 
 pub use membership::{Member, Membership};
 pub use node::{ClusterNode, ClusterStatus};
-pub use transport::{PeerStatus, Transport, TransportConfig, TransportError};
+pub use transport::{PeerAddr, PeerStatus, Transport, TransportConfig, TransportError};

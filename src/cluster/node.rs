@@ -10,7 +10,7 @@ use super::membership::Membership;
 use super::meta::MetaGroup;
 use super::meta::proposals::Proposals;
 use super::meta::storage::DefinitionsObserver;
-use super::transport::{PeerStatus, Transport, TransportConfig};
+use super::transport::{PeerAddr, PeerStatus, Transport, TransportConfig};
 
 /// The running cluster side of a node (clones share it).
 #[derive(Debug, Clone)]
@@ -54,10 +54,15 @@ impl ClusterNode {
         let listen = listener.local_addr()?;
         let mut peers = Vec::new();
         for peer in membership.peers() {
-            let addr = peer
-                .address(membership.port)
-                .with_context(|| format!("the address of cluster node '{}'", peer.name))?;
-            peers.push((peer.name.clone(), addr));
+            // (Looked up on every dial: see PeerAddr.)
+            let host = peer.host.trim_start_matches('[').trim_end_matches(']');
+            peers.push((
+                peer.name.clone(),
+                PeerAddr {
+                    host: host.to_string(),
+                    port: membership.port,
+                },
+            ));
         }
         tracing::info!("listening for cluster peers on {listen} as {}", me.name);
         let config = TransportConfig::new(me.name.clone(), peers, membership.secret.clone());

@@ -74,7 +74,7 @@ pub struct TransportConfig {
     /// This node's name.
     pub me: String,
     /// Every other member and its inter-node address.
-    pub peers: Vec<(String, SocketAddr)>,
+    pub peers: Vec<(String, PeerAddr)>,
     /// The secret every member proves.
     pub secret: Vec<u8>,
     /// Frames a link queues for sending before senders wait.
@@ -83,12 +83,43 @@ pub struct TransportConfig {
     pub inbox_capacity: usize,
 }
 
+/// A member's inter-node address as configured: a host (name or IP address) and a port.
+/// A host name is looked up on every dial, not once at start, so that a member whose
+/// address changes (a container or pod started again) or that has no DNS record yet is
+/// reached once it has one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerAddr {
+    /// Host name or IP address (IPv6 without brackets).
+    pub host: String,
+    /// Port.
+    pub port: u16,
+}
+
+impl From<SocketAddr> for PeerAddr {
+    fn from(a: SocketAddr) -> PeerAddr {
+        PeerAddr {
+            host: a.ip().to_string(),
+            port: a.port(),
+        }
+    }
+}
+
+impl std::fmt::Display for PeerAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
 impl TransportConfig {
     /// A configuration with the default queue sizes.
-    pub fn new(me: String, peers: Vec<(String, SocketAddr)>, secret: Vec<u8>) -> Self {
+    pub fn new<A: Into<PeerAddr>>(me: String, peers: Vec<(String, A)>, secret: Vec<u8>) -> Self {
         TransportConfig {
             me,
-            peers,
+            peers: peers.into_iter().map(|(n, a)| (n, a.into())).collect(),
             secret,
             outgoing_capacity: 1024,
             inbox_capacity: 1024,
@@ -181,7 +212,7 @@ struct Link {
 }
 
 struct Peer {
-    addr: SocketAddr,
+    addr: PeerAddr,
     link: Mutex<Option<Link>>,
     last_error: Mutex<Option<String>>,
 }
@@ -225,7 +256,7 @@ impl Transport {
                 (
                     name.clone(),
                     Peer {
-                        addr: *addr,
+                        addr: addr.clone(),
                         link: Mutex::new(None),
                         last_error: Mutex::new(None),
                     },
@@ -512,7 +543,7 @@ impl Transport {
     }
 
     async fn dial_loop(self, peer: String) {
-        let Some(addr) = self.inner.peers.get(&peer).map(|p| p.addr) else {
+        let Some(addr) = self.inner.peers.get(&peer).map(|p| p.addr.clone()) else {
             return;
         };
         let mut backoff = BACKOFF_FIRST;
@@ -522,7 +553,7 @@ impl Transport {
                 return;
             }
             let attempt = async {
-                let stream = TcpStream::connect(addr)
+                let stream = TcpStream::connect((addr.host.as_str(), addr.port))
                     .await
                     .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
                 let _ = stream.set_nodelay(true);
