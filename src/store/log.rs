@@ -208,6 +208,26 @@ impl<'a> ChunkReader<'a> {
     }
 }
 
+/// The blobs of `wanted` messages found in chunk `chunk` (whose bytes are `bytes`):
+/// `(msg id, position, length)` of each `Put` whose id `wanted` accepts. Only record
+/// headers are read; the blobs are skipped.
+pub(super) fn find_puts(
+    chunk: ChunkId,
+    bytes: &[u8],
+    mut wanted: impl FnMut(u64) -> bool,
+) -> Result<Vec<(u64, usize, usize)>, DamagedChunk> {
+    let mut reader = ChunkReader::new(chunk, bytes)?;
+    let mut found = Vec::new();
+    while let Some(record) = reader.next_record()? {
+        if let Record::Put { msg_id, pos, len } = record
+            && wanted(msg_id)
+        {
+            found.push((msg_id, pos, len));
+        }
+    }
+    Ok(found)
+}
+
 /// Builds one chunk. Queue numbers written are the writer's [`QueueId`]s; each is named
 /// in the chunk before its first use.
 #[derive(Debug)]
@@ -426,6 +446,15 @@ impl LiveIndex {
     /// Number of messages with at least one live entry.
     pub(super) fn live_messages(&self) -> usize {
         self.msgs.len()
+    }
+
+    /// The chunk holding the blob of stored message `msg_id` (wherever compaction moved
+    /// it), if the message is still referenced.
+    pub(super) fn locate(&self, msg_id: u64) -> Option<ChunkId> {
+        self.msgs
+            .get(&msg_id)
+            .filter(|m| m.refs > 0)
+            .map(|m| m.chunk)
     }
 
     /// Number of stored chunks.

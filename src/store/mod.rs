@@ -339,6 +339,27 @@ enum Done {
     Call(Box<dyn FnOnce() + Send>),
 }
 
+/// The answer to [`Store::read_messages`]: for each id asked, in order, its blob, or
+/// `None` when no live entry references it (settled, purged, or never stored).
+pub type ReadAnswer = Result<Vec<Option<Bytes>>, ReadFailed>;
+
+/// Reading from the database failed (an I/O error): the blobs are still there as far as
+/// anyone knows; ask again later.
+#[derive(Debug, Clone)]
+pub struct ReadFailed(pub String);
+
+impl std::fmt::Display for ReadFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "reading stored messages failed: {}", self.0)
+    }
+}
+
+/// Blobs asked for by [`Store::read_messages`], and who hears the answer.
+struct ReadRequest {
+    ids: Vec<u64>,
+    done: Box<dyn FnOnce(ReadAnswer) + Send>,
+}
+
 /// A message to the writer thread.
 enum Request {
     /// Ops to apply in the next group commit, and their payload bytes.
@@ -347,6 +368,8 @@ enum Request {
         done: Done,
         bytes: usize,
     },
+    /// Blobs of stored messages, answered once what was queued before it is committed.
+    Read(ReadRequest),
     /// Commit what is queued before this, fsync, and stop.
     Close,
     /// Test hook: the writer blocks until the sender side is dropped or sends, so that a test
@@ -480,6 +503,17 @@ impl Store {
     /// Returns the request's number (see `send_ops`).
     pub fn commit_then(&self, ops: Vec<StoreOp>, done: Box<dyn FnOnce() + Send>) -> u64 {
         self.send_ops(ops, Done::Call(done))
+    }
+
+    /// Reads the blobs of stored messages `ids` back (a queue's bodies that it keeps on
+    /// disk only), and calls `done` with them, in the order asked, on the writer thread
+    /// (it must be quick: a send on a channel). The writer looks each message up where
+    /// the log holds it now (head compaction moves messages to newer chunks), after
+    /// committing whatever was submitted before this call, so a message whose
+    /// [`StoreOp::PutMessage`] was handed over earlier is found. Blobs are copies: they
+    /// hold no chunk's memory. If the store is closed, `done` is dropped without a call.
+    pub fn read_messages(&self, ids: Vec<u64>, done: Box<dyn FnOnce(ReadAnswer) + Send>) {
+        self.send(Request::Read(ReadRequest { ids, done }));
     }
 
     /// Commits (with fsync) everything submitted so far, stops the writer thread and closes
