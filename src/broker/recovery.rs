@@ -130,11 +130,7 @@ impl BrokerState {
                 let msg = match messages.get(&e.msg_id) {
                     Some(m) => m.clone(),
                     None => match persist::decode_message(&e.blob, e.msg_id) {
-                        Some(m) => {
-                            let m = Arc::new(m);
-                            messages.insert(e.msg_id, m.clone());
-                            m
-                        }
+                        Some(m) => Arc::new(m),
                         None => {
                             tracing::error!(
                                 "stored message {} of queue {key:?} cannot be read; it stays in \
@@ -145,12 +141,19 @@ impl BrokerState {
                         }
                     },
                 };
-                queue.restore(
+                let id = e.msg_id;
+                let kept = msg.clone();
+                let paged = queue.restore(
                     offset as u64,
                     msg,
                     e.delivered,
                     e.delivery_count.saturating_sub(1),
                 );
+                // Shared with the other queues that hold it, unless this one keeps it on
+                // disk only (a backlog past the body window is not all held here).
+                if !paged {
+                    messages.insert(id, kept);
+                }
                 count += 1;
             }
         }
