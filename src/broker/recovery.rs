@@ -127,6 +127,28 @@ impl BrokerState {
                 continue;
             };
             for (offset, e) in entries.into_iter().enumerate() {
+                if e.blob.len() < e.len {
+                    // Only its head was read back: its body stays in the store.
+                    let restored = persist::decode_message(&e.blob, e.msg_id).is_some_and(|head| {
+                        queue.restore_paged(
+                            offset as u64,
+                            head,
+                            e.len - e.blob.len(),
+                            e.delivered,
+                            e.delivery_count.saturating_sub(1),
+                        )
+                    });
+                    if restored {
+                        count += 1;
+                    } else {
+                        tracing::error!(
+                            "stored message {} of queue {key:?} cannot be read; it stays in \
+                             the store",
+                            e.msg_id
+                        );
+                    }
+                    continue;
+                }
                 let msg = match messages.get(&e.msg_id) {
                     Some(m) => m.clone(),
                     None => match persist::decode_message(&e.blob, e.msg_id) {

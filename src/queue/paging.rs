@@ -55,6 +55,43 @@ impl Queue {
         }
     }
 
+    /// Puts back a recovered entry whose body stayed in the store (`head`: the message
+    /// without it; `size`: the body's length). A queue that does not page (never the case
+    /// for entries of the message log, which only classic queues write) reads the body
+    /// now. False when the entry could not be restored.
+    pub fn restore_paged(
+        &self,
+        offset: Offset,
+        head: Message,
+        size: usize,
+        delivered: bool,
+        delivery_count: u32,
+    ) -> bool {
+        if self.body_window().is_some() {
+            let mut inner = self.lock();
+            return inner
+                .state
+                .restore_paged(offset, &head, size, delivered, delivery_count);
+        }
+        let Some(id) = head.store_id else {
+            return false;
+        };
+        let msg = match self.read_now(vec![id]) {
+            Some(Ok(mut blobs)) => blobs
+                .pop()
+                .flatten()
+                .and_then(|b| Message::decode(&b, Some(id))),
+            _ => None,
+        };
+        match msg {
+            Some(msg) => {
+                self.restore(offset, Arc::new(msg), delivered, delivery_count);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Asks the store for the next paged bodies when the loaded window runs low (or the
     /// next message to deliver is paged) and no read is on its way. Needs a runtime to
     /// put them back on; without one (unit tests) nothing is read.
@@ -75,7 +112,12 @@ impl Queue {
         let (Some(qs), Some(me)) = (&self.store, self.me.upgrade()) else {
             return;
         };
-        let budget = window.saturating_sub(state.loaded_bytes());
+        // A paged head behind a full window (loaded messages of lower priority) still
+        // gets a batch worth a read.
+        let mut budget = window.saturating_sub(state.loaded_bytes());
+        if state.head_is_paged() {
+            budget = budget.max(window / 4);
+        }
         let wanted = state.paged_ahead(budget, MAX_READ_MESSAGES);
         let ids = wanted.iter().map(|&(_, id)| id).collect();
         inner.pager.reading = true;

@@ -1013,6 +1013,40 @@ impl QueueState {
         true
     }
 
+    /// Host paging: a recovered entry whose body stayed in the store; `head` is the
+    /// message without its body (its properties give its priority and TTL), `size` its
+    /// body's length. Keeps its place, flag and count, as `Command::Restore`.
+    pub fn restore_paged(
+        &mut self,
+        offset: Offset,
+        head: &Message,
+        size: usize,
+        delivered: bool,
+        delivery_count: u32,
+    ) -> bool {
+        let Some(store_id) = head.store_id else {
+            return false;
+        };
+        let priority = match self.args.max_priority {
+            Some(max) => head.priority().min(max),
+            None => 0,
+        };
+        self.next_offset = self.next_offset.max(offset + 1);
+        let entry = Queued {
+            offset,
+            slot: Slot::Paged {
+                store_id,
+                size: size as u32,
+            },
+            redelivered: delivered,
+            delivery_count,
+            expires_at: self.expiry_of(head),
+            priority,
+        };
+        self.insert_ready(entry);
+        true
+    }
+
     /// Host paging: the paged messages that come next in delivery order (highest
     /// priority first, oldest first), `(offset, store id)`, until `budget` body bytes
     /// (at least one message, at most `max`).

@@ -232,6 +232,19 @@ pub struct RecoveredRaftGroup {
     pub state: HashMap<String, Vec<u8>>,
 }
 
+/// How much of each stored message [`Store::open_trimmed`] reads back: a queue's first
+/// messages whole, the others only their head (what the broker needs to route, order
+/// and expire a message, without its body), so that opening a store with a backlog far
+/// larger than memory does not hold every body.
+#[derive(Debug, Clone, Copy)]
+pub struct BlobTrim {
+    /// Per queue, in offset order, messages come back whole until their blobs total at
+    /// least this many bytes.
+    pub whole_per_queue: usize,
+    /// Length of a blob's head (the broker's format), `None` to keep the blob whole.
+    pub head_len: fn(&[u8]) -> Option<usize>,
+}
+
 /// One queue entry read back by [`Store::open`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RecoveredEntry {
@@ -239,8 +252,11 @@ pub struct RecoveredEntry {
     pub offset: u64,
     /// The message's id; the same for every queue holding the same message.
     pub msg_id: u64,
-    /// The message blob. Entries of one message share one allocation.
+    /// The message blob, or only its head when shorter than `len` (see [`BlobTrim`]).
+    /// Entries of one message share one allocation.
     pub blob: Bytes,
+    /// The whole blob's length.
+    pub len: usize,
     /// True when [`StoreOp::MarkDelivered`] was recorded for the entry (AMQP `redelivered`).
     pub delivered: bool,
     /// How many times [`StoreOp::MarkDelivered`] was recorded (for `x-delivery-count`).
@@ -421,6 +437,18 @@ impl Store {
         flush: FlushMode,
         interval: Duration,
     ) -> anyhow::Result<(Store, Recovered)> {
+        Store::open_trimmed(dir, flush, interval, None)
+    }
+
+    /// [`Store::open`], reading back only what `trim` asks of each message (every blob
+    /// is still read from disk, since a chunk is one row: what is saved is the memory of
+    /// holding them).
+    pub fn open_trimmed(
+        dir: &Path,
+        flush: FlushMode,
+        interval: Duration,
+        trim: Option<BlobTrim>,
+    ) -> anyhow::Result<(Store, Recovered)> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating data directory {}", dir.display()))?;
         let path = dir.join(DB_FILE_NAME);
@@ -437,7 +465,7 @@ impl Store {
             .with_context(|| format!("opening {}", path.display()))?;
         recovery::init_schema(&db).with_context(|| format!("initialising {}", path.display()))?;
         let mut loaded =
-            recovery::load(&db).with_context(|| format!("reading {}", path.display()))?;
+            recovery::load(&db, trim).with_context(|| format!("reading {}", path.display()))?;
         recovery::clean_up(&db, &mut loaded)
             .with_context(|| format!("cleaning up {}", path.display()))?;
         let recovered = loaded.recovered;

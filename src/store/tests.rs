@@ -1083,3 +1083,57 @@ async fn a_message_moved_by_head_compaction_is_read_from_its_new_chunk() {
     let first = stored_chunks(&dir).first().map(|(n, _)| *n);
     assert_ne!(first, Some(1), "the head chunk was rewritten");
 }
+
+#[tokio::test]
+async fn a_trimmed_open_reads_back_a_queues_first_messages_whole_and_only_heads_after() {
+    let dir = TempDir::new("trimmed");
+    let (store, _) = open(&dir);
+    let mut ops = Vec::new();
+    for i in 0..10u64 {
+        ops.push(StoreOp::PutMessage {
+            msg_id: i,
+            blob: Bytes::from(format!("h{i}:body-of-{i}")),
+        });
+        ops.push(enqueue("q", i, i));
+    }
+    store.commit(ops).await;
+    store.close();
+    drop(store);
+    // The "head" of these blobs is what comes before ':'.
+    let trim = BlobTrim {
+        whole_per_queue: 30,
+        head_len: |b| b.iter().position(|&c| c == b':'),
+    };
+    let (store, recovered) = Store::open_trimmed(
+        dir.path(),
+        FlushMode::Sync,
+        Duration::from_millis(100),
+        Some(trim),
+    )
+    .expect("open");
+    let q = &recovered.queues["q"];
+    assert_eq!(q.len(), 10);
+    for e in q {
+        let whole = format!("h{}:body-of-{}", e.msg_id, e.msg_id);
+        assert_eq!(e.len, whole.len());
+        if e.msg_id < 3 {
+            assert_eq!(
+                e.blob,
+                Bytes::from(whole),
+                "within the first 30 bytes: whole"
+            );
+        } else {
+            assert_eq!(
+                e.blob,
+                Bytes::from(format!("h{}", e.msg_id)),
+                "past them: the head"
+            );
+        }
+    }
+    // The bodies are still there to be read.
+    assert_eq!(
+        read(&store, vec![7]).await,
+        vec![Some(Bytes::from_static(b"h7:body-of-7"))]
+    );
+    store.close();
+}
