@@ -394,3 +394,254 @@ async fn a_consumer_that_attached_at_declare_gets_every_pipelined_publish() {
         }
     }
 }
+
+/// The members `warren ctl list_queues` names for `queue` (through node `i`), and its
+/// type: "" members for a queue kept on one node.
+fn listed_members(c: &Cluster, i: usize, queue: &str) -> (String, String) {
+    let listed = c.ctl(i, &["list_queues", "name", "type", "members"]);
+    let row = listed
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(queue))
+        .unwrap_or_else(|| panic!("{queue} listed: {listed}"));
+    let mut cells = row.split('\t');
+    let (_, kind, members) = (cells.next(), cells.next(), cells.next());
+    (
+        kind.unwrap_or_default().trim().to_string(),
+        members.unwrap_or_default().trim().to_string(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn classic_queues_matched_by_a_mirroring_policy_are_replicated() {
+    let Some(mut c) = Cluster::start(3) else {
+        return;
+    };
+    c.wait_agreed_leader(&[1, 2, 3], None, ELECTION).await;
+    // RabbitMQ's classic mirroring policies, as users set them with rabbitmqctl.
+    c.ctl(
+        1,
+        &[
+            "set_policy",
+            "ha-all",
+            "^replicated$|^excl$",
+            r#"{"ha-mode":"all"}"#,
+            "--apply-to",
+            "queues",
+        ],
+    );
+    c.ctl(
+        1,
+        &[
+            "set_policy",
+            "ha-two",
+            "^two$",
+            r#"{"ha-mode":"exactly","ha-params":2,"ha-sync-mode":"automatic"}"#,
+        ],
+    );
+    let pinned = format!(
+        r#"{{"ha-mode":"nodes","ha-params":["{}","{}"]}}"#,
+        c.node(2).name,
+        c.node(3).name
+    );
+    c.ctl(1, &["set_policy", "ha-nodes", "^pinned$", &pinned]);
+    // A bad mirroring setting gets RabbitMQ's text.
+    let refused = c.ctl_output(1, &["set_policy", "bad", ".*", r#"{"ha-mode":"exactly"}"#]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr)
+            .contains("ha-mode=\"exactly\" takes an integer, none given"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+
+    // Policies reach every node through the metadata group before the declarations.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let conn = c.connect(1).await;
+    let ch = conn.create_channel().await.unwrap();
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    for q in [QUEUE, "two", "pinned", "single"] {
+        ch.queue_declare(q.into(), durable, FieldTable::default())
+            .await
+            .unwrap();
+    }
+    let exclusive = QueueDeclareOptions {
+        exclusive: true,
+        ..durable
+    };
+    ch.queue_declare("excl".into(), exclusive, FieldTable::default())
+        .await
+        .unwrap();
+
+    let names: Vec<String> = (1..=3).map(|i| c.node(i).name.clone()).collect();
+    let (kind, members) = listed_members(&c, 2, QUEUE);
+    assert_eq!(kind, "classic", "a mirrored queue stays a classic queue");
+    for n in &names {
+        assert!(
+            members.contains(n.as_str()),
+            "ha-mode all: {n} in {members}"
+        );
+    }
+    let (_, members) = listed_members(&c, 2, "two");
+    assert_eq!(
+        names
+            .iter()
+            .filter(|n| members.contains(n.as_str()))
+            .count(),
+        2,
+        "ha-mode exactly 2: {members}"
+    );
+    let (_, members) = listed_members(&c, 2, "pinned");
+    assert!(
+        !members.contains(names[0].as_str()),
+        "ha-mode nodes: {members}"
+    );
+    assert!(members.contains(names[1].as_str()) && members.contains(names[2].as_str()));
+    for q in ["single", "excl"] {
+        let (_, members) = listed_members(&c, 1, q);
+        assert!(
+            !names.iter().any(|n| members.contains(n.as_str())),
+            "{q} is kept on one node: {members}"
+        );
+    }
+    drop(conn);
+
+    // The mirrored queue keeps every confirmed message when its leader dies.
+    let mut confirmed = BTreeSet::new();
+    let ch = confirming_channel(&c, 3).await.expect("node 3 up");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while confirmed.len() < 100 {
+        let body = format!("m{}", confirmed.len());
+        if publish(&ch, &body).await {
+            confirmed.insert(body);
+        } else {
+            assert!(Instant::now() < deadline, "never confirmed");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let first = leader(&c, &[1, 2, 3], QUEUE).await;
+    c.kill(first);
+    let rest: Vec<usize> = [1, 2, 3].into_iter().filter(|i| *i != first).collect();
+    let ch = confirming_channel(&c, rest[0]).await.expect("survivor up");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut after = 0;
+    while after < 20 {
+        let body = format!("after:{after}");
+        if publish(&ch, &body).await {
+            confirmed.insert(body);
+            after += 1;
+        } else {
+            assert!(
+                Instant::now() < deadline,
+                "no confirm after the leader died"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let second = leader(&c, &rest, QUEUE).await;
+    let (got, _) = drain(&c, second).await;
+    let got: BTreeSet<String> = got.into_iter().collect();
+    let lost: Vec<&String> = confirmed.difference(&got).collect();
+    assert!(lost.is_empty(), "confirmed messages lost: {lost:?}");
+}
+
+/// Waits (up to a minute) until `needle` appears in node `i`'s log at least `times` times.
+async fn wait_logged(c: &Cluster, nodes: &[usize], needle: &str, times: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let seen: usize = nodes
+            .iter()
+            .map(|&i| c.log(i).matches(needle).count())
+            .sum();
+        if seen >= times {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{needle:?} logged {seen} of {times} times"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warren_ctl_adds_and_removes_a_replicated_queues_members() {
+    let Some(mut c) = Cluster::start(4) else {
+        return;
+    };
+    c.wait_agreed_leader(&[1, 2, 3, 4], None, ELECTION).await;
+    let ch = c.connect(1).await.create_channel().await.unwrap();
+    let (options, mut args) = quorum();
+    args.insert("x-quorum-initial-group-size".into(), AMQPValue::LongInt(3));
+    ch.queue_declare(QUEUE.into(), options, args).await.unwrap();
+    let names: Vec<String> = (1..=4).map(|i| c.node(i).name.clone()).collect();
+    let (_, members) = listed_members(&c, 4, QUEUE);
+    assert!(
+        !members.contains(names[3].as_str()),
+        "declared on nodes 1-3: {members}"
+    );
+
+    let mut confirmed = BTreeSet::new();
+    let ch = confirming_channel(&c, 1).await.expect("node 1 up");
+    for n in 0..100 {
+        let body = format!("before:{n}");
+        assert!(publish(&ch, &body).await, "confirmed");
+        confirmed.insert(body);
+    }
+
+    // Node 4 joins the queue's group: it copies the log and becomes a voter.
+    c.ctl(2, &["add_member", QUEUE, &names[3]]);
+    let (_, members) = listed_members(&c, 3, QUEUE);
+    assert!(
+        members.contains(names[3].as_str()),
+        "node 4 listed: {members}"
+    );
+    wait_logged(&c, &[1, 2, 3], "replicated queue: members changed", 1).await;
+    // Node 1 leaves it (maybe its leader: it then hands over to another member).
+    c.ctl(3, &["delete_member", QUEUE, &names[0]]);
+    wait_logged(&c, &[1], "this node no longer holds a replica", 1).await;
+    let (_, members) = listed_members(&c, 1, QUEUE);
+    assert!(
+        !members.contains(names[0].as_str()),
+        "node 1 gone: {members}"
+    );
+    // What cannot be done is refused with a reason.
+    let refused = c.ctl_output(1, &["delete_member", QUEUE, &names[0]]);
+    assert!(!refused.status.success(), "node 1 is no member any more");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("holds no replica"));
+    let refused = c.ctl_output(1, &["add_member", QUEUE, "n9@10.0.0.9"]);
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("is not a cluster member"));
+
+    // Of the members 2, 3 and 4, node 2 dies: 3 and 4 are a majority, so node 4 must
+    // have every confirmed message for the queue to go on.
+    c.kill(2);
+    let ch = confirming_channel(&c, 3).await.expect("node 3 up");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut after = 0;
+    while after < 20 {
+        let body = format!("after:{after}");
+        if publish(&ch, &body).await {
+            confirmed.insert(body);
+            after += 1;
+        } else {
+            assert!(Instant::now() < deadline, "no confirm from members 3 and 4");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let second = leader(&c, &[3, 4], QUEUE).await;
+    let (got, _) = drain(&c, second).await;
+    let got: BTreeSet<String> = got.into_iter().collect();
+    let lost: Vec<&String> = confirmed.difference(&got).collect();
+    assert!(lost.is_empty(), "confirmed messages lost: {lost:?}");
+
+    // `grow` puts node 1 back (as rabbitmq-queues grow NODE all).
+    let report = c.ctl(3, &["grow", &names[0], "all"]);
+    assert!(report.contains(QUEUE) && report.contains("ok"), "{report}");
+    let (_, members) = listed_members(&c, 4, QUEUE);
+    assert!(
+        members.contains(names[0].as_str()),
+        "node 1 back: {members}"
+    );
+}

@@ -16,17 +16,27 @@ use std::sync::{Arc, Weak};
 use super::BrokerState;
 use super::persist::{StoredBinding, StoredDefinition, StoredExchange, StoredQueue};
 use crate::auth::CLUSTER_PREFIX;
-use crate::broker::vhost::is_quorum;
 use crate::cluster::meta::MetaCommand;
 use crate::cluster::meta::proposals::Proposals;
 use crate::cluster::meta::storage::{DefinitionChange, Definitions, DefinitionsObserver};
-use crate::replica::{DEFAULT_GROUP_SIZE, ReplicaSpec, Replicas};
+use crate::queue::QueueDef;
+use crate::replica::{ReplicaSpec, Replicas, Replication};
 use crate::store::StoreOp;
 
 /// First byte of a queue's value in the metadata group: home node, then the stored queue.
 const HOMED_QUEUE: u8 = 0xC1;
-/// First byte of a replicated queue's value: its group and members, then the stored queue.
-const REPLICATED_QUEUE: u8 = 0xC2;
+/// First byte of a replicated queue's value as first written: its group and members (no
+/// initial members: they were the members), then the stored queue. Read, no longer written.
+const REPLICATED_QUEUE_V1: u8 = 0xC2;
+/// First byte of a replicated queue's value: its [`ReplicaSpec`], then the stored queue.
+const REPLICATED_QUEUE: u8 = 0xC3;
+
+/// A replicated queue's spec as [`REPLICATED_QUEUE_V1`] values carry it.
+#[derive(serde::Deserialize)]
+struct SpecV1 {
+    group: crate::cluster::wire::GroupId,
+    members: Vec<String>,
+}
 
 /// Where an agreed queue keeps its messages.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,20 +67,27 @@ pub struct ClusterLink {
 impl ClusterLink {
     /// Proposes the definition changes among `ops`; returns the others (queue entries,
     /// purges) for the node's own store.
-    pub fn propose(&self, ops: Vec<StoreOp>) -> Vec<StoreOp> {
+    /// A new queue is replicated as `replication` says for its declaration (None: kept
+    /// on this node).
+    pub fn propose(
+        &self,
+        ops: Vec<StoreOp>,
+        replication: impl Fn(&QueueDef) -> Option<Replication>,
+    ) -> Vec<StoreOp> {
         let mut commands = Vec::new();
         let mut rest = Vec::new();
         for op in ops {
             match op {
                 StoreOp::PutDefinition { key, value } if key.starts_with("q/") => {
-                    let value = match StoredQueue::decode(&value).map(|q| q.value.def()) {
-                        Some(def) if is_quorum(&def) => {
+                    let wanted =
+                        StoredQueue::decode(&value).and_then(|q| replication(&q.value.def()));
+                    let value = match wanted {
+                        Some(replication) => {
                             let members = self.cluster.status().members;
-                            let size = group_size(&def).unwrap_or(DEFAULT_GROUP_SIZE);
-                            let spec = ReplicaSpec::choose(&self.node, &members, size);
+                            let spec = ReplicaSpec::choose(&self.node, &members, &replication);
                             replicated_queue(&spec, &value)
                         }
-                        _ => homed_queue(&self.node, &value),
+                        None => homed_queue(&self.node, &value),
                     };
                     commands.push(MetaCommand::PutIfAbsent { key, value });
                 }
@@ -117,6 +134,110 @@ impl ClusterLink {
     }
 }
 
+/// Why a replicated queue's members were not changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MembersError {
+    /// No such queue.
+    NotFound,
+    /// The change is refused (the text says why).
+    Refused(String),
+    /// The metadata group did not commit the change.
+    NotCommitted,
+}
+
+impl ClusterLink {
+    /// Adds `node` to the members of replicated queue `queue` of `vhost` (as
+    /// `rabbitmq-queues add_member`); answered once the metadata group has committed the
+    /// new members. The queue's leader then adds the node to the group: it joins as a
+    /// learner, copies the log or a snapshot, and becomes a voter once caught up.
+    pub async fn add_member(
+        &self,
+        vhost: &str,
+        queue: &str,
+        node: &str,
+    ) -> Result<(), MembersError> {
+        if !self.cluster.status().members.iter().any(|m| m == node) {
+            return Err(MembersError::Refused(format!(
+                "{node} is not a cluster member"
+            )));
+        }
+        self.change_members(vhost, queue, |members| {
+            if members.iter().any(|m| m == node) {
+                return Err(format!("{node} already holds a replica of '{queue}'"));
+            }
+            Ok(members.iter().cloned().chain([node.to_string()]).collect())
+        })
+        .await
+    }
+
+    /// Removes `node` from the members of replicated queue `queue` of `vhost` (as
+    /// `rabbitmq-queues delete_member`); the last member cannot go.
+    pub async fn delete_member(
+        &self,
+        vhost: &str,
+        queue: &str,
+        node: &str,
+    ) -> Result<(), MembersError> {
+        self.change_members(vhost, queue, |members| {
+            if !members.iter().any(|m| m == node) {
+                return Err(format!("{node} holds no replica of '{queue}'"));
+            }
+            if members.len() == 1 {
+                return Err(format!("{node} holds the last replica of '{queue}'"));
+            }
+            Ok(members.iter().filter(|m| *m != node).cloned().collect())
+        })
+        .await
+    }
+
+    /// The replicated queues of the cluster: (vhost, queue, members).
+    pub fn replicated_queues(&self) -> Vec<(String, String, Vec<String>)> {
+        let mut out = Vec::new();
+        for (_, value) in self.cluster.meta().machine().with_prefix("q/") {
+            if let Some((Placement::Replicated(spec), stored)) = split_queue(&value)
+                && let Some(q) = StoredQueue::decode(stored)
+            {
+                out.push((q.value.vhost, q.value.name, spec.members));
+            }
+        }
+        out
+    }
+
+    /// Changes a replicated queue's wanted members with `change` (given the current
+    /// ones; an error text refuses), through the metadata group.
+    async fn change_members(
+        &self,
+        vhost: &str,
+        queue: &str,
+        change: impl FnOnce(&[String]) -> Result<Vec<String>, String>,
+    ) -> Result<(), MembersError> {
+        let key = super::persist::queue_key(vhost, queue);
+        let value = self
+            .cluster
+            .meta()
+            .machine()
+            .get(&key)
+            .ok_or(MembersError::NotFound)?;
+        let Some((placement, stored)) = split_queue(&value) else {
+            return Err(MembersError::NotFound);
+        };
+        let Placement::Replicated(mut spec) = placement else {
+            return Err(MembersError::Refused(format!(
+                "'{queue}' in vhost '{vhost}' is not a replicated queue"
+            )));
+        };
+        spec.members = change(&spec.members).map_err(MembersError::Refused)?;
+        let ticket = self.proposals.submit(vec![MetaCommand::Put {
+            key,
+            value: replicated_queue(&spec, stored),
+        }]);
+        self.proposals
+            .wait(ticket.saturating_sub(1), ticket)
+            .await
+            .map_err(|_| MembersError::NotCommitted)
+    }
+}
+
 /// A queue's value in the metadata group.
 fn homed_queue(home: &str, stored: &[u8]) -> Vec<u8> {
     let mut v = Vec::with_capacity(3 + home.len() + stored.len());
@@ -139,7 +260,7 @@ fn replicated_queue(spec: &ReplicaSpec, stored: &[u8]) -> Vec<u8> {
 }
 
 /// `x-quorum-initial-group-size`, when declared (a positive integer).
-fn group_size(def: &crate::queue::QueueDef) -> Option<usize> {
+pub fn initial_group_size(def: &QueueDef) -> Option<usize> {
     use amq_protocol::types::AMQPValue as V;
     let n = match def.arguments.inner().get("x-quorum-initial-group-size")? {
         V::ShortShortInt(n) => i64::from(*n),
@@ -163,9 +284,19 @@ fn split_queue(value: &[u8]) -> Option<(Placement, &[u8])> {
             let home = std::str::from_utf8(rest.get(2..2 + len)?).ok()?;
             Some((Placement::Home(home.to_string()), rest.get(2 + len..)?))
         }
-        REPLICATED_QUEUE => {
+        REPLICATED_QUEUE | REPLICATED_QUEUE_V1 => {
             let len = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?) as usize;
-            let spec: ReplicaSpec = postcard::from_bytes(rest.get(4..4 + len)?).ok()?;
+            let encoded = rest.get(4..4 + len)?;
+            let spec: ReplicaSpec = if first == REPLICATED_QUEUE {
+                postcard::from_bytes(encoded).ok()?
+            } else {
+                let v1: SpecV1 = postcard::from_bytes(encoded).ok()?;
+                ReplicaSpec {
+                    group: v1.group,
+                    initial: v1.members.clone(),
+                    members: v1.members,
+                }
+            };
             Some((Placement::Replicated(spec), rest.get(4 + len..)?))
         }
         _ => None,
@@ -298,10 +429,12 @@ impl DefinitionsMirror {
         // takes its messages outside its log (they are refused, and nacked).
         q.mark_replicated();
         q.set_members(spec.members.clone());
-        if let Some(link) = broker.cluster_link()
-            && member
-        {
-            link.replicas.ensure(spec, vhost, &q);
+        if let Some(link) = broker.cluster_link() {
+            if member {
+                link.replicas.ensure(spec, vhost, &q);
+            } else {
+                link.replicas.leave(spec.group);
+            }
         }
     }
 

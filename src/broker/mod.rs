@@ -11,6 +11,7 @@ pub mod exchange;
 pub mod field_type;
 pub mod json;
 pub mod memory;
+pub mod mirroring;
 pub mod persist;
 pub mod policy;
 mod recovery;

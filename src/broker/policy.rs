@@ -12,8 +12,9 @@ use crate::auth::PolicyRecord;
 pub const APPLY_TO: [&str; 3] = ["queues", "exchanges", "all"];
 
 /// Settings RabbitMQ 3.10 recognises in a policy definition. Warren applies those its
-/// queues and exchanges support (see `applied_keys`) and keeps the others (ha-*,
-/// queue-mode, federation, ...) so that definitions from RabbitMQ load unchanged.
+/// queues and exchanges support (see `applied_keys`; the ha-* keys decide where a new
+/// classic queue is replicated, see `mirroring`) and keeps the others (queue-mode,
+/// federation, ...) so that definitions from RabbitMQ load unchanged.
 const KNOWN_KEYS: &[&str] = &[
     "alternate-exchange",
     "dead-letter-exchange",
@@ -97,6 +98,7 @@ pub fn validate(p: &PolicyRecord) -> Result<(), String> {
             unknown.join(",")
         )));
     }
+    super::mirroring::validate(definition).map_err(failed)?;
     for (key, value) in definition {
         let what = match key.as_str() {
             "message-ttl" if !non_negative(value) => "message-ttl",

@@ -11,10 +11,12 @@ use super::cluster_defs::ClusterLink;
 use super::exchange::{
     Binding, Destination, Exchange, ExchangeDef, ExchangeKind, validate_binding_args,
 };
+use super::mirroring::Mirroring;
 use super::persist::{self, StoredBinding, StoredDefinition, StoredExchange, StoredQueue};
 use crate::protocol::{AmqpError, reply::amqp_err};
 use crate::queue::journal::{Journal, Writes};
 use crate::queue::{DeadLetterRouter, Message, Queue, QueueArgs, QueueDef, QueueStore};
+use crate::replica::{DEFAULT_GROUP_SIZE, Replication};
 use crate::store::{Store, StoreOp};
 
 /// Queue arguments whose values must match on redeclare (as RabbitMQ checks them).
@@ -85,6 +87,16 @@ pub fn is_quorum(def: &QueueDef) -> bool {
     match def.arguments.inner().get("x-queue-type") {
         Some(AMQPValue::LongString(s)) => s.as_bytes() == b"quorum",
         Some(AMQPValue::ShortString(s)) => s.as_str() == "quorum",
+        _ => false,
+    }
+}
+
+/// Whether a declaration is of a classic queue (no `x-queue-type`, or `classic`).
+fn is_classic(def: &QueueDef) -> bool {
+    match def.arguments.inner().get("x-queue-type") {
+        None => true,
+        Some(AMQPValue::LongString(s)) => s.as_bytes() == b"classic",
+        Some(AMQPValue::ShortString(s)) => s.as_str() == "classic",
         _ => false,
     }
 }
@@ -537,6 +549,27 @@ impl VHost {
         args
     }
 
+    /// How a queue declared as `def` is replicated on a cluster: a quorum queue on
+    /// `x-quorum-initial-group-size` nodes (default 3); a durable, non-exclusive classic
+    /// queue as the mirroring policy in force for it says (RabbitMQ never mirrors
+    /// exclusive queues); None for a queue kept on one node.
+    pub fn replication(&self, def: &QueueDef) -> Option<Replication> {
+        if is_quorum(def) {
+            let size = super::cluster_defs::initial_group_size(def);
+            return Some(Replication::Count(size.unwrap_or(DEFAULT_GROUP_SIZE)));
+        }
+        if !def.durable || def.exclusive_owner.is_some() || !is_classic(def) {
+            return None;
+        }
+        let policies = lock_read(&self.policies);
+        let policy = super::policy::in_force(&policies, true, &def.name)?;
+        Some(match super::mirroring::of_definition(&policy.definition)? {
+            Mirroring::All => Replication::Count(usize::MAX),
+            Mirroring::Exactly(n) => Replication::Count(n),
+            Mirroring::Nodes(names) => Replication::Nodes(names),
+        })
+    }
+
     /// Replaces the vhost's policies and applies the one now in force to every queue.
     pub fn set_policies(&self, policies: Vec<crate::auth::PolicyRecord>) {
         {
@@ -573,7 +606,7 @@ impl VHost {
             body_window: self.body_window,
         });
         let router: Weak<dyn DeadLetterRouter> = self.me.clone();
-        let replicated = self.cluster.get().is_some() && is_quorum(&def);
+        let replicated = self.cluster.get().is_some() && self.replication(&def).is_some();
         let q = Queue::new(&self.name, def, args, store, Some(router));
         if replicated {
             q.mark_replicated();
@@ -613,7 +646,11 @@ impl VHost {
             return;
         }
         let ops = match self.cluster.get() {
-            Some(link) => link.propose(ops),
+            // (Decided on the live queue's declaration: a stored one has no owner.)
+            Some(link) => link.propose(ops, |def| match self.find_queue(&def.name) {
+                Some(q) => self.replication(&q.def),
+                None => self.replication(def),
+            }),
             None => ops,
         };
         if let Some(store) = &self.store

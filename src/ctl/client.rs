@@ -100,6 +100,17 @@ impl Api {
         self.finish(r, path)
     }
 
+    /// DELETE with a JSON body (as RabbitMQ's replica removal takes its node).
+    pub fn delete_json(&self, path: &str, body: &Value) -> Result<Value, String> {
+        let r = self
+            .agent
+            .delete(self.url(path))
+            .header("Authorization", &self.auth)
+            .force_send_body()
+            .send_json(body);
+        self.finish(r, path)
+    }
+
     /// DELETE, with extra headers.
     pub fn delete(&self, path: &str, headers: &[(&str, &str)]) -> Result<Value, String> {
         let mut req = self

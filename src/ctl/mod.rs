@@ -56,6 +56,41 @@ pub enum CtlCommand {
         /// A member's name (name@host).
         node: String,
     },
+    /// Adds a replica of a replicated queue of the vhost (-p) on a node, as
+    /// `rabbitmq-queues add_member`: it copies the queue's log and then votes.
+    AddMember {
+        /// The queue.
+        queue: String,
+        /// The node (name@host).
+        node: String,
+    },
+    /// Removes a node's replica of a replicated queue of the vhost (-p), as
+    /// `rabbitmq-queues delete_member`.
+    DeleteMember {
+        /// The queue.
+        queue: String,
+        /// The node (name@host).
+        node: String,
+    },
+    /// Adds a replica on a node to every replicated queue that lacks one, as
+    /// `rabbitmq-queues grow` (`even`: only to queues with an even number of replicas).
+    Grow {
+        /// The node (name@host).
+        node: String,
+        /// all or even.
+        strategy: String,
+        /// Only queues whose name matches.
+        #[arg(long = "queue-pattern", default_value = ".*")]
+        queue_pattern: String,
+        /// Only queues of vhosts whose name matches.
+        #[arg(long = "vhost-pattern", default_value = ".*")]
+        vhost_pattern: String,
+    },
+    /// Removes a node's replica from every replicated queue, as `rabbitmq-queues shrink`.
+    Shrink {
+        /// The node (name@host).
+        node: String,
+    },
     /// Queues of the vhost, with the columns asked for (default: name messages).
     ListQueues {
         /// Columns, e.g. name messages messages_ready messages_unacknowledged consumers.
@@ -329,6 +364,52 @@ fn execute(api: &Api, vhost: &str, command: CtlCommand) -> Result<String, String
         CtlCommand::ForgetClusterNode { node } => {
             api.delete(&format!("/cluster/nodes/{}", segment(&node)), &[])?;
             Ok(format!("Removing node {node} from the cluster\n"))
+        }
+        CtlCommand::AddMember { queue, node } => {
+            let path = format!("/queues/quorum/{v}/{}/replicas/add", segment(&queue));
+            api.post(&path, &serde_json::json!({ "node": node }))?;
+            Ok(format!(
+                "Adding a replica for queue {queue} on node {node}...\n"
+            ))
+        }
+        CtlCommand::DeleteMember { queue, node } => {
+            let path = format!("/queues/quorum/{v}/{}/replicas/delete", segment(&queue));
+            api.delete_json(&path, &serde_json::json!({ "node": node }))?;
+            Ok(format!(
+                "Removing a replica of queue {queue} on node {node}...\n"
+            ))
+        }
+        CtlCommand::Grow {
+            node,
+            strategy,
+            queue_pattern,
+            vhost_pattern,
+        } => {
+            let body = serde_json::json!({
+                "strategy": strategy,
+                "queue_pattern": queue_pattern,
+                "vhost_pattern": vhost_pattern,
+            });
+            let report = api.post(
+                &format!("/queues/quorum/replicas/on/{}/grow", segment(&node)),
+                &body,
+            )?;
+            let columns: Vec<String> = ["vhost", "name", "size", "result"].map(String::from).into();
+            Ok(format!(
+                "Growing queues onto {node}...\n{}",
+                table(&report, &columns, &[])
+            ))
+        }
+        CtlCommand::Shrink { node } => {
+            let report = api.delete(
+                &format!("/queues/quorum/replicas/on/{}/shrink", segment(&node)),
+                &[],
+            )?;
+            let columns: Vec<String> = ["vhost", "name", "size", "result"].map(String::from).into();
+            Ok(format!(
+                "Shrinking queues on {node}...\n{}",
+                table(&report, &columns, &[])
+            ))
         }
         CtlCommand::JoinCluster { node } => {
             api.post("/cluster/join", &serde_json::json!({ "node": node }))?;

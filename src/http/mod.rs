@@ -11,6 +11,7 @@ mod error;
 mod filter;
 mod overview;
 mod policies;
+mod replicas;
 mod resources;
 mod stats;
 mod topic_permissions;
@@ -138,6 +139,22 @@ pub fn router(http: Http) -> Router {
         .route(
             "/api/exchanges/{vhost}/{name}/publish",
             post(resources::publish),
+        )
+        .route(
+            "/api/queues/quorum/{vhost}/{name}/replicas/add",
+            post(replicas::add),
+        )
+        .route(
+            "/api/queues/quorum/{vhost}/{name}/replicas/delete",
+            delete(replicas::delete),
+        )
+        .route(
+            "/api/queues/quorum/replicas/on/{node}/grow",
+            post(replicas::grow),
+        )
+        .route(
+            "/api/queues/quorum/replicas/on/{node}/shrink",
+            delete(replicas::shrink),
         )
         .route("/api/queues", get(resources::queues))
         .route("/api/queues/{vhost}", get(resources::queues_in))

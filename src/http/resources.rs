@@ -384,17 +384,25 @@ fn queue_json(http: &Http, vhost: &str, q: &Queue) -> Value {
         "message_stats": http.rates.queue_stats(vhost, q.name(), &s.counters),
     });
     if q.is_replicated() {
-        // As RabbitMQ lists a quorum queue: its leader (also its "node") and members.
+        // As RabbitMQ lists a replicated queue: its leader (also its "node") and members.
         let leader = http
             .broker
             .vhost(vhost)
             .and_then(|v| v.remote_home(q.name()))
             .or_else(|| http.broker.cluster_link().map(|l| l.node.clone()))
             .unwrap_or_else(node_name);
-        v["type"] = json!("quorum");
+        let members = q.members();
+        if crate::broker::vhost::is_quorum(&q.def) {
+            v["type"] = json!("quorum");
+        } else {
+            // A classic queue replicated by a mirroring policy, as RabbitMQ lists a
+            // mirrored queue: its mirrors beside the leader (its "master").
+            let mirrors: Vec<&String> = members.iter().filter(|m| **m != leader).collect();
+            v["slave_nodes"] = json!(mirrors);
+        }
         v["node"] = json!(leader);
         v["leader"] = json!(leader);
-        v["members"] = json!(q.members());
+        v["members"] = json!(members);
     }
     v
 }

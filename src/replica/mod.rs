@@ -50,23 +50,67 @@ pub const DEFAULT_GROUP_SIZE: usize = 3;
 pub struct ReplicaSpec {
     /// The group's id on the wire and in the store.
     pub group: GroupId,
-    /// The nodes holding a replica.
+    /// The nodes that should hold a replica (`warren ctl add_member` and friends change
+    /// them; the group's leader then changes the group's membership to match).
     pub members: Vec<String>,
+    /// The members the group was declared with. Only they may initialise the group, and
+    /// only while the members are still these: a node added later (or added again after
+    /// its removal) must learn the group from its leader, never found a group of its own.
+    pub initial: Vec<String>,
 }
 
 impl ReplicaSpec {
-    /// A new group for a queue declared on `me`: `size` members, `me` first, then the
-    /// members after it in name order (so that queues spread over the cluster).
-    pub fn choose(me: &str, cluster: &[String], size: usize) -> ReplicaSpec {
-        let mut sorted: Vec<&String> = cluster.iter().collect();
-        sorted.sort();
-        let start = sorted.iter().position(|n| *n == me).unwrap_or(0);
-        let members = (0..sorted.len().min(size.max(1)))
-            .map(|i| sorted[(start + i) % sorted.len()].clone())
-            .collect();
+    /// Whether node `me` may initialise the group's log.
+    fn may_initialize(&self, me: &str) -> bool {
+        self.members == self.initial && self.initial.iter().any(|m| m == me)
+    }
+}
+
+/// How many replicas a new replicated queue gets, and where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Replication {
+    /// This many members (`x-quorum-initial-group-size`, an `ha-mode: exactly` or `all`
+    /// policy), or the cluster size when that is smaller.
+    Count(usize),
+    /// The named nodes that are cluster members (an `ha-mode: nodes` policy); only the
+    /// declaring node when none is.
+    Nodes(Vec<String>),
+}
+
+impl ReplicaSpec {
+    /// A new group for a queue declared on `me`. For a count: `me` first, then the
+    /// members after it in name order (so that queues spread over the cluster). For named
+    /// nodes: those in the cluster, `me` first when named (the first member stands first).
+    pub fn choose(me: &str, cluster: &[String], replication: &Replication) -> ReplicaSpec {
+        let members = match replication {
+            Replication::Count(size) => {
+                let mut sorted: Vec<&String> = cluster.iter().collect();
+                sorted.sort();
+                let start = sorted.iter().position(|n| *n == me).unwrap_or(0);
+                (0..sorted.len().min((*size).max(1)))
+                    .map(|i| sorted[(start + i) % sorted.len()].clone())
+                    .collect()
+            }
+            Replication::Nodes(named) => {
+                let mut members: Vec<String> = Vec::new();
+                if named.iter().any(|n| n == me) {
+                    members.push(me.to_string());
+                }
+                for n in named {
+                    if cluster.contains(n) && !members.contains(n) {
+                        members.push(n.clone());
+                    }
+                }
+                if members.is_empty() {
+                    members.push(me.to_string());
+                }
+                members
+            }
+        };
         // The top bit keeps queue groups clear of the node's fixed groups (0, 1, ...).
         ReplicaSpec {
             group: rand::random::<u64>() | (1 << 63),
+            initial: members.clone(),
             members,
         }
     }
@@ -99,7 +143,18 @@ openraft::declare_raft_types!(
 );
 
 /// Bytes of records one log entry gathers at most (more wait for the next entry).
-pub const ENTRY_BYTES: usize = 256 << 10;
+pub const ENTRY_BYTES: usize = 128 << 10;
+
+/// Log entries one AppendEntries carries at most. openraft keeps one request in flight per
+/// follower, so this bounds a group's rate to this many entries per round trip (follower
+/// fsync included): entries are often small (a few publishes each), so it must be large.
+/// With [`ENTRY_BYTES`] it also bounds a request (32 MiB) under the link's frame limit.
+const ENTRIES_PER_APPEND: u64 = 256;
+/// Entries of a group that may await their commit at once (see `propose`).
+const ENTRIES_AWAITING_COMMIT: usize = 4;
+
+const _: () =
+    assert!(ENTRY_BYTES * ENTRIES_PER_APPEND as usize <= crate::cluster::wire::MAX_FRAME_BYTES / 2);
 
 impl ReplicaRecord {
     /// Approximate encoded size.
@@ -148,6 +203,8 @@ impl ReplicaLog {
 struct RunningGroup {
     raft: Option<Raft<QueueTypes>>,
     stop: tokio_util::sync::CancellationToken,
+    /// Woken when the queue's wanted members change (its leader then changes the group).
+    members_changed: Arc<tokio::sync::Notify>,
 }
 
 /// The replicated queue groups of this node.
@@ -213,14 +270,17 @@ impl Replicas {
             return;
         };
         let mut groups = lock(&self.inner.groups);
-        if groups.contains_key(&spec.group) {
+        if let Some(running) = groups.get(&spec.group) {
+            lock(running).members_changed.notify_one();
             return;
         }
         let (tx, rx) = mpsc::unbounded_channel();
         queue.attach_replica(ReplicaLog { tx });
+        let members_changed = Arc::new(tokio::sync::Notify::new());
         let running = Arc::new(Mutex::new(RunningGroup {
             raft: None,
             stop: tokio_util::sync::CancellationToken::new(),
+            members_changed: members_changed.clone(),
         }));
         groups.insert(spec.group, running.clone());
         drop(groups);
@@ -228,7 +288,7 @@ impl Replicas {
             .remove(&spec.group)
             .unwrap_or_default();
         let members: BTreeMap<NodeId, BasicNode> = spec
-            .members
+            .initial
             .iter()
             .filter_map(|n| {
                 let id = self.inner.ids.get(n)?;
@@ -252,7 +312,9 @@ impl Replicas {
             queue: Arc::downgrade(queue),
             vhost: Arc::downgrade(vhost),
             running,
-            declared_first: spec.members.first() == Some(&self.inner.me),
+            may_initialize: spec.may_initialize(&self.inner.me),
+            declared_first: spec.initial.first() == Some(&self.inner.me),
+            members_changed,
         };
         tokio::spawn(async move {
             if let Err(e) = start.run(rx).await {
@@ -282,6 +344,47 @@ impl Replicas {
         });
     }
 
+    /// This node is no longer a wanted member of `group`: once the group's leader has
+    /// taken it out of the group (or after a while without a leader that does), its
+    /// member stops and its log and state are removed.
+    pub fn leave(&self, group: GroupId) {
+        let running = lock(&self.inner.groups).get(&group).cloned();
+        let Some(running) = running else {
+            return;
+        };
+        let Some(&me) = self.inner.ids.get(&self.inner.me) else {
+            return;
+        };
+        let (raft, changed) = {
+            let r = lock(&running);
+            (r.raft.clone(), r.members_changed.clone())
+        };
+        // (This node's leader, if it leads, takes itself out.)
+        changed.notify_one();
+        let replicas = self.clone();
+        tokio::spawn(async move {
+            if let Some(raft) = raft {
+                let _ = raft
+                    .wait(Some(MEMBERSHIP_CHANGE_TIMEOUT))
+                    // (Applied, not only appended: a leader that takes itself out must
+                    // stay until the membership without it is committed.)
+                    .metrics(
+                        |m| {
+                            m.membership_config.membership().get_node(&me).is_none()
+                                && m.membership_config.log_id() <= &m.last_applied
+                        },
+                        "taken out of the group",
+                    )
+                    .await;
+            }
+            tracing::info!(
+                group,
+                "replicated queue: this node no longer holds a replica"
+            );
+            replicas.drop_group(group);
+        });
+    }
+
     /// Stops every group (the node shuts down).
     pub async fn shutdown(&self) {
         let all: Vec<_> = lock(&self.inner.groups).values().cloned().collect();
@@ -307,8 +410,11 @@ struct GroupStart {
     queue: Weak<Queue>,
     vhost: Weak<VHost>,
     running: Arc<Mutex<RunningGroup>>,
+    /// This node may initialise the group (see [`ReplicaSpec::may_initialize`]).
+    may_initialize: bool,
     /// This node is the first member of the spec (the node that declared the queue).
     declared_first: bool,
+    members_changed: Arc<tokio::sync::Notify>,
 }
 
 impl GroupStart {
@@ -322,9 +428,7 @@ impl GroupStart {
             election_timeout_min: 1500,
             election_timeout_max: 3000,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(SNAPSHOT_EVERY),
-            // Entries are up to ENTRY_BYTES: this bounds one AppendEntries well under the
-            // link's frame limit.
-            max_payload_entries: 32,
+            max_payload_entries: ENTRIES_PER_APPEND,
             max_in_snapshot_log_to_keep: 0,
             ..Default::default()
         }
@@ -346,7 +450,7 @@ impl GroupStart {
             let _ = raft.shutdown().await;
             return Ok(());
         }
-        if !raft.is_initialized().await? {
+        if self.may_initialize && !raft.is_initialized().await? {
             // Every member does this with the same members; openraft refuses it harmlessly
             // once a log exists.
             if let Err(e) = raft.initialize(self.members.clone()).await {
@@ -369,6 +473,8 @@ impl GroupStart {
             names: self.names,
             queue: self.queue,
             vhost: self.vhost,
+            members_changed: self.members_changed,
+            reconciling: Arc::default(),
         };
         tokio::select! {
             _ = leadership.follow() => {}
@@ -389,12 +495,21 @@ async fn propose(
         .wait(Some(Duration::from_secs(5)))
         .metrics(|m| m.current_leader.is_some(), "a leader is known")
         .await;
+    // A few entries at most await their commit at once: while they do, the records that
+    // come pile up in the channel and the next entry takes them all, so that under load
+    // entries carry hundreds of records (each entry costs the Raft core, the logs and
+    // the followers a fixed amount) while a lone publish still goes out at once.
+    let uncommitted = Arc::new(tokio::sync::Semaphore::new(ENTRIES_AWAITING_COMMIT));
     loop {
         let first = tokio::select! {
             p = rx.recv() => p,
             _ = stop.cancelled() => None,
         };
         let Some(first) = first else { return };
+        let permit = tokio::select! {
+            p = uncommitted.clone().acquire_owned() => p.ok(),
+            _ = stop.cancelled() => None,
+        };
         let mut bytes = first.0.size();
         let mut records = vec![first.0];
         let mut acks: Vec<Ack> = first.1.into_iter().collect();
@@ -412,6 +527,7 @@ async fn propose(
             Ok(answer) => {
                 tokio::spawn(async move {
                     let ok = matches!(answer.await, Ok(Ok(_)));
+                    drop(permit);
                     for ack in acks {
                         let _ = ack.send(ok);
                     }
@@ -435,9 +551,83 @@ struct Leadership {
     names: BTreeMap<NodeId, String>,
     queue: Weak<Queue>,
     vhost: Weak<VHost>,
+    members_changed: Arc<tokio::sync::Notify>,
+    /// A membership change of this leader runs.
+    reconciling: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Leadership {
+    /// While this node leads: makes the group's voters the queue's wanted members (new
+    /// ones join as learners first and become voters once caught up; a leader that is
+    /// itself removed steps down once the change is committed). One change at a time;
+    /// a change that fails is tried again on the next look.
+    fn reconcile(&self, queue: &Queue) {
+        use std::sync::atomic::Ordering;
+        let wanted: BTreeMap<NodeId, String> = queue
+            .members()
+            .into_iter()
+            .filter_map(|n| Some((*self.ids().get(&n)?, n)))
+            .collect();
+        let voters: std::collections::BTreeSet<NodeId> = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect();
+        if wanted.is_empty()
+            || wanted.keys().copied().eq(voters.iter().copied())
+            || self.reconciling.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let raft = self.raft.clone();
+        let reconciling = self.reconciling.clone();
+        let name = queue.name().to_string();
+        tokio::spawn(async move {
+            for (id, node) in &wanted {
+                if voters.contains(id) {
+                    continue;
+                }
+                let added = tokio::time::timeout(
+                    MEMBERSHIP_CHANGE_TIMEOUT,
+                    raft.add_learner(*id, BasicNode { addr: node.clone() }, true),
+                )
+                .await;
+                if !matches!(added, Ok(Ok(_))) {
+                    tracing::warn!(
+                        queue = name,
+                        node,
+                        "replicated queue: cannot add a member yet"
+                    );
+                    reconciling.store(false, Ordering::Release);
+                    return;
+                }
+            }
+            let ids: std::collections::BTreeSet<NodeId> = wanted.keys().copied().collect();
+            match tokio::time::timeout(
+                MEMBERSHIP_CHANGE_TIMEOUT,
+                raft.change_membership(ids, false),
+            )
+            .await
+            {
+                Ok(Ok(_)) => tracing::info!(
+                    queue = name,
+                    members = ?wanted.values().collect::<Vec<_>>(),
+                    "replicated queue: members changed"
+                ),
+                _ => tracing::warn!(queue = name, "replicated queue: members not changed yet"),
+            }
+            reconciling.store(false, Ordering::Release);
+        });
+    }
+
+    /// Node ids by name.
+    fn ids(&self) -> BTreeMap<String, NodeId> {
+        self.names.iter().map(|(id, n)| (n.clone(), *id)).collect()
+    }
+
     async fn follow(self) {
         let mut metrics = self.raft.metrics();
         let mut hosting = false;
@@ -499,14 +689,27 @@ impl Leadership {
             if hosting && !vhost.replica_leader_announced(queue.name(), term) {
                 vhost.announce_replica_leader(queue.name(), term);
             }
+            if hosting {
+                self.reconcile(&queue);
+            }
             drop((queue, vhost));
             // (A timeout only means: look again.)
-            if let Ok(Err(_)) = tokio::time::timeout(REANNOUNCE_EVERY, metrics.changed()).await {
+            let changed = tokio::time::timeout(REANNOUNCE_EVERY, async {
+                tokio::select! {
+                    changed = metrics.changed() => changed.is_ok(),
+                    _ = self.members_changed.notified() => true,
+                }
+            });
+            if let Ok(false) = changed.await {
                 return;
             }
         }
     }
 }
+
+/// How long a leader waits for a new member to catch up, or a membership change to be
+/// committed, before it tries again.
+const MEMBERSHIP_CHANGE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How often a leader looks whether the metadata group knows it leads.
 const REANNOUNCE_EVERY: Duration = Duration::from_secs(10);

@@ -542,18 +542,23 @@ impl Cluster {
     /// `warren ctl ARGS` against node `i`'s management API: its output (a failure fails
     /// the test, with what the command printed).
     pub fn ctl(&self, i: usize, args: &[&str]) -> String {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_warren"))
-            .args(["ctl", "--url", &format!("http://{}:15672", self.node(i).ip)])
-            .args(["-u", USER, "--password", USER])
-            .args(args)
-            .output()
-            .expect("warren ctl runs");
+        let out = self.ctl_output(i, args);
         assert!(
             out.status.success(),
             "warren ctl {args:?} failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `warren ctl ARGS` against node `i`'s management API, whether it fails or not.
+    pub fn ctl_output(&self, i: usize, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(env!("CARGO_BIN_EXE_warren"))
+            .args(["ctl", "--url", &format!("http://{}:15672", self.node(i).ip)])
+            .args(["-u", USER, "--password", USER])
+            .args(args)
+            .output()
+            .expect("warren ctl runs")
     }
 
     /// The whole log of node `i`.
