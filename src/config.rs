@@ -65,6 +65,9 @@ pub struct Config {
     pub connection_max: usize,
     /// Fraction of RAM above which publishers are blocked.
     pub memory_high_watermark: f64,
+    /// Body bytes of ready persistent messages a durable queue keeps in memory at its
+    /// head; the rest stay in the store until they come near the head.
+    pub queue_body_window: u64,
     /// Free bytes on the data directory's file system below which publishers are
     /// blocked (0: never).
     pub disk_free_limit: u64,

@@ -115,9 +115,16 @@ impl Broker {
         // Opening reads the whole store back (seconds for millions of messages): keep it off
         // the async workers.
         let (dir, flush) = (config.data_dir.clone(), config.flush);
-        let (store, mut recovered) =
-            tokio::task::spawn_blocking(move || crate::store::Store::open(&dir, flush, interval))
-                .await??;
+        let window = config.queue_body_window as usize;
+        let (store, mut recovered) = tokio::task::spawn_blocking(move || {
+            // Bodies past each queue's window stay on disk (see `queue::paging`).
+            let trim = crate::store::BlobTrim {
+                whole_per_queue: window,
+                head_len: crate::queue::Message::head_len,
+            };
+            crate::store::Store::open_trimmed(&dir, flush, interval, Some(trim))
+        })
+        .await??;
         let meta_log = recovered
             .raft
             .remove(&crate::cluster::meta::storage::META_GROUP)

@@ -120,7 +120,13 @@ impl BrokerState {
             config.disk_free_limit,
         );
         for v in access.vhosts() {
-            let vhost = VHost::new(&v.name, store.clone(), next_msg_id.clone(), cluster.clone());
+            let vhost = VHost::new(
+                &v.name,
+                store.clone(),
+                config.queue_body_window as usize,
+                next_msg_id.clone(),
+                cluster.clone(),
+            );
             vhosts.insert(v.name, vhost);
         }
         // Measure before any client is served: a node that starts on a full disk must
@@ -263,6 +269,7 @@ impl BrokerState {
                 VHost::new(
                     name,
                     self.store.clone(),
+                    self.config.queue_body_window as usize,
                     self.next_msg_id.clone(),
                     self.cluster.clone(),
                 )

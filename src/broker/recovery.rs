@@ -127,14 +127,32 @@ impl BrokerState {
                 continue;
             };
             for (offset, e) in entries.into_iter().enumerate() {
+                if e.blob.len() < e.len {
+                    // Only its head was read back: its body stays in the store.
+                    let restored = persist::decode_message(&e.blob, e.msg_id).is_some_and(|head| {
+                        queue.restore_paged(
+                            offset as u64,
+                            head,
+                            e.len - e.blob.len(),
+                            e.delivered,
+                            e.delivery_count.saturating_sub(1),
+                        )
+                    });
+                    if restored {
+                        count += 1;
+                    } else {
+                        tracing::error!(
+                            "stored message {} of queue {key:?} cannot be read; it stays in \
+                             the store",
+                            e.msg_id
+                        );
+                    }
+                    continue;
+                }
                 let msg = match messages.get(&e.msg_id) {
                     Some(m) => m.clone(),
                     None => match persist::decode_message(&e.blob, e.msg_id) {
-                        Some(m) => {
-                            let m = Arc::new(m);
-                            messages.insert(e.msg_id, m.clone());
-                            m
-                        }
+                        Some(m) => Arc::new(m),
                         None => {
                             tracing::error!(
                                 "stored message {} of queue {key:?} cannot be read; it stays in \
@@ -145,12 +163,19 @@ impl BrokerState {
                         }
                     },
                 };
-                queue.restore(
+                let id = e.msg_id;
+                let kept = msg.clone();
+                let paged = queue.restore(
                     offset as u64,
                     msg,
                     e.delivered,
                     e.delivery_count.saturating_sub(1),
                 );
+                // Shared with the other queues that hold it, unless this one keeps it on
+                // disk only (a backlog past the body window is not all held here).
+                if !paged {
+                    messages.insert(id, kept);
+                }
                 count += 1;
             }
         }

@@ -43,6 +43,8 @@ pub struct VHost {
     exchanges: RwLock<HashMap<String, Arc<Exchange>>>,
     queues: RwLock<HashMap<String, Arc<Queue>>>,
     store: Option<Store>,
+    /// `queue_body_window` of the config, for the durable queues it creates.
+    body_window: usize,
     msg_ids: Arc<AtomicU64>,
     me: Weak<VHost>,
     /// Set on a clustered node: durable definitions go to the metadata group.
@@ -139,6 +141,7 @@ impl VHost {
     pub fn new(
         name: &str,
         store: Option<Store>,
+        body_window: usize,
         msg_ids: Arc<AtomicU64>,
         cluster: Arc<OnceLock<ClusterLink>>,
     ) -> Arc<VHost> {
@@ -166,6 +169,7 @@ impl VHost {
             exchanges: RwLock::new(exchanges),
             queues: RwLock::default(),
             store,
+            body_window,
             msg_ids,
             me: me.clone(),
             cluster,
@@ -599,6 +603,7 @@ impl VHost {
         let store = self.store.as_ref().map(|store| QueueStore {
             store: store.clone(),
             key: persist::queue_key(&self.name, &def.name).into(),
+            body_window: self.body_window,
         });
         let router: Weak<dyn DeadLetterRouter> = self.me.clone();
         let replicated = self.cluster.get().is_some() && self.replication(&def).is_some();

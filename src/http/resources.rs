@@ -375,6 +375,11 @@ fn queue_json(http: &Http, vhost: &str, q: &Queue) -> Value {
         "messages_ready": s.ready,
         "messages_unacknowledged": s.unacked,
         "message_bytes_ready": s.ready_bytes,
+        // As RabbitMQ's fields of the same names (for ready messages): bodies in memory,
+        // and messages (and their bytes) whose body is in the store only.
+        "message_bytes_ram": s.ready_bytes_in_memory,
+        "messages_paged_out": s.ready_paged,
+        "message_bytes_paged_out": s.ready_bytes.saturating_sub(s.ready_bytes_in_memory),
         "memory": s.memory,
         "message_stats": http.rates.queue_stats(vhost, q.name(), &s.counters),
     });

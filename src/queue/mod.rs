@@ -11,6 +11,7 @@
 pub mod args;
 pub mod journal;
 pub mod message;
+mod paging;
 pub mod state;
 
 #[cfg(test)]
@@ -26,7 +27,7 @@ pub use args::QueueArgs;
 pub use message::{Message, now_ms};
 pub use state::{
     Command, CommandMeta, ConsumerId, ConsumerSpec, DeathReason, Effect, Effects, Enqueued, Entry,
-    Offset, QueueState, Reply,
+    Offset, QueueState, Queued, Reply, Slot,
 };
 
 use crate::protocol::{AmqpError, reply::amqp_err};
@@ -40,12 +41,20 @@ pub struct QueueStore {
     /// The queue's key (its entries live under it), shared by every store record of the
     /// queue rather than copied into each.
     pub key: Arc<str>,
+    /// Body bytes of ready persistent messages the queue keeps in memory, at its head;
+    /// the others stay in the store only until they come near the head (see `paging`).
+    pub body_window: usize,
 }
 
 impl QueueStore {
     /// The op that removes an entry's stored copy, if it has one.
     fn removal(&self, entry: &Entry) -> Option<StoreOp> {
-        entry.msg.store_id.map(|id| StoreOp::Remove {
+        self.removal_of(entry.msg.store_id)
+    }
+
+    /// The op that removes the stored copy `store_id`, if there is one.
+    fn removal_of(&self, store_id: Option<u64>) -> Option<StoreOp> {
+        store_id.map(|id| StoreOp::Remove {
             queue: self.key.clone(),
             offset: id,
         })
@@ -150,6 +159,8 @@ struct Inner {
     /// Message counters for the management API and metrics, bumped under the lock the
     /// operation holds anyway.
     counters: MessageCounters,
+    /// Which bodies are on their way back from the store.
+    pager: paging::Pager,
 }
 
 /// Totals of what went through a queue since it was created (or recovered), as
@@ -181,6 +192,10 @@ pub struct QueueSnapshot {
     pub unacked: u64,
     /// Body bytes of the ready messages.
     pub ready_bytes: u64,
+    /// Of those, the bytes of bodies in memory (the rest are in the store only).
+    pub ready_bytes_in_memory: u64,
+    /// Ready messages whose body is in the store only.
+    pub ready_paged: u64,
     /// Consumers.
     pub consumers: u64,
     /// Estimate of the memory the queue's messages take: bodies and properties of the
@@ -241,7 +256,7 @@ pub struct QueueCounts {
 }
 
 /// Dead letters gathered under the lock, handled after it is released.
-type Dead = Vec<(Entry, DeathReason)>;
+type Dead = Vec<(Queued, DeathReason)>;
 
 /// Offsets to settle, reject or requeue: a list the caller gives away moves into the
 /// command as it is; a borrowed one is copied.
@@ -297,6 +312,7 @@ impl Queue {
                 granted: Vec::new(),
                 flow_check_in: 0,
                 counters: MessageCounters::default(),
+                pager: paging::Pager::default(),
             }),
             congested: AtomicBool::new(false),
             args: std::sync::RwLock::new(Arc::new(args)),
@@ -539,6 +555,9 @@ impl Queue {
             let stored = self.store.is_some() && msg.store_id.is_some() && msg.is_persistent();
             let id = msg.store_id;
             let result = enqueued(self.exec(&mut inner, Command::Enqueue(msg), &mut dead, None));
+            if let (true, Enqueued::Accepted(offset)) = (stored, result) {
+                self.page_out_if_over(&mut inner, offset);
+            }
             if result == Enqueued::Rejected {
                 // Lost a race with other publishers for the last place: the copy its
                 // publish stored for this queue goes again.
@@ -602,9 +621,17 @@ impl Queue {
         Self::is_congested(inner)
     }
 
-    /// Puts back a recovered entry.
-    pub fn restore(&self, offset: Offset, msg: Arc<Message>, delivered: bool, delivery_count: u32) {
+    /// Puts back a recovered entry. True when the queue kept only its stored copy
+    /// (past the body window): the caller should not keep the message either.
+    pub fn restore(
+        &self,
+        offset: Offset,
+        msg: Arc<Message>,
+        delivered: bool,
+        delivery_count: u32,
+    ) -> bool {
         let mut dead = Dead::new();
+        let stored = msg.store_id.is_some();
         let cmd = Command::Restore {
             offset,
             msg,
@@ -613,9 +640,11 @@ impl Queue {
         };
         let mut inner = self.lock();
         self.exec(&mut inner, cmd, &mut dead, None);
+        let paged = stored && self.page_out_if_over(&mut inner, offset);
         self.flush(&mut inner);
         drop(inner);
         self.bury(dead);
+        paged
     }
 
     /// Retries delivery (credit came back).
@@ -638,6 +667,8 @@ impl Queue {
                 return false;
             }
             self.exec_at(&mut inner, now, Command::Expire, &mut dead, None);
+            // A read that failed is tried again here.
+            self.prefetch(&mut inner);
             self.flush(&mut inner);
             self.args().expires.is_some_and(|ttl| {
                 inner.consumers.is_empty() && now.saturating_sub(inner.last_used_ms) >= ttl
@@ -698,7 +729,8 @@ impl Queue {
                     self.hand_over(inner, consumer, entry, &mut ops)
                 }
                 Effect::Forget { entry } => {
-                    let op = self.store.as_ref().and_then(|qs| qs.removal(&entry));
+                    let op =
+                        (self.store.as_ref()).and_then(|qs| qs.removal_of(entry.slot.store_id()));
                     match removals.as_deref_mut() {
                         // A replicated queue's removals go to its log, not a store request.
                         Some(removals) if !self.is_replicated() => removals.extend(op),
@@ -789,6 +821,7 @@ impl Queue {
     /// state machine as a `Command::Credit`; unused grants are given back.
     fn run(&self, inner: &mut Inner, dead: &mut Dead) {
         self.deliver_rounds(inner, dead);
+        self.prefetch(inner);
         self.flush(inner);
     }
 
@@ -848,11 +881,14 @@ impl Queue {
         let router = self.router.as_ref().and_then(|r| r.upgrade());
         match router {
             Some(router) if self.args().dead_letter_exchange.is_some() => {
-                router.dead_letter(self, dead)
+                router.dead_letter(self, self.load_dead(dead))
             }
             _ => {
                 if let Some(qs) = &self.store {
-                    self.submit_ops(dead.iter().filter_map(|(e, _)| qs.removal(e)).collect());
+                    let removals = dead
+                        .iter()
+                        .filter_map(|(e, _)| qs.removal_of(e.slot.store_id()));
+                    self.submit_ops(removals.collect());
                 }
             }
         }
@@ -1010,14 +1046,34 @@ impl Queue {
         self.bury(dead);
     }
 
-    /// basic.get: the head and the count of messages left.
+    /// basic.get: the head and the count of messages left. When the head's body is in
+    /// the store only, it is read first (the caller waits for that read).
     pub fn get(&self, no_ack: bool) -> Option<(Entry, u32)> {
+        // Each read loads the head (or the message is gone); a few tries cover heads
+        // that change between the read and the next look.
+        for _ in 0..8 {
+            match self.try_get(no_ack) {
+                Ok(got) => return got,
+                Err(()) => self.load_head_now(),
+            }
+        }
+        None
+    }
+
+    /// `get`, unless the head's body is in the store only (`Err`, nothing taken).
+    fn try_get(&self, no_ack: bool) -> Result<Option<(Entry, u32)>, ()> {
         let mut dead = Dead::new();
         let got = {
             let mut inner = self.lock();
             inner.last_used_ms = now_ms();
             let got = match self.exec(&mut inner, Command::Get { no_ack }, &mut dead, None) {
                 Reply::Got(got) => got,
+                Reply::HeadNotLoaded => {
+                    self.flush(&mut inner);
+                    drop(inner);
+                    self.bury(dead);
+                    return Err(());
+                }
                 _ => None,
             };
             let got = got.map(|(entry, left)| {
@@ -1031,11 +1087,12 @@ impl Queue {
                 inner.store_ops.extend(self.delivery_record(&entry, no_ack));
                 (entry, left)
             });
+            self.prefetch(&mut inner);
             self.flush(&mut inner);
             got
         };
         self.bury(dead);
-        got
+        Ok(got)
     }
 
     /// queue.purge: drops ready messages, returns how many.
@@ -1093,8 +1150,10 @@ impl Queue {
             ready: ready as u64,
             unacked: unacked as u64,
             ready_bytes: inner.state.ready_bytes() as u64,
+            ready_bytes_in_memory: inner.state.loaded_bytes() as u64,
+            ready_paged: inner.state.paged_count() as u64,
             consumers: inner.consumers.len() as u64,
-            memory: (inner.state.ready_bytes() + (ready + unacked) * per_entry) as u64,
+            memory: (inner.state.loaded_bytes() + (ready + unacked) * per_entry) as u64,
             counters: inner.counters,
         }
     }

@@ -41,6 +41,94 @@ pub struct Entry {
     pub priority: u8,
 }
 
+/// Where a ready message's content is. A classic queue's host keeps the bodies of a
+/// window at the head in memory and leaves the others in the store (`Paged`), reading
+/// them back ahead of the consumers; a replicated queue's host never pages.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Slot {
+    /// In memory.
+    Loaded(Arc<Message>),
+    /// Only in the store, under this message id; `size` is its body's length.
+    Paged {
+        /// The stored copy's id.
+        store_id: u64,
+        /// Body bytes (what length limits count).
+        size: u32,
+    },
+}
+
+impl Slot {
+    /// Body bytes, loaded or not.
+    pub fn size(&self) -> usize {
+        match self {
+            Slot::Loaded(msg) => msg.size(),
+            Slot::Paged { size, .. } => *size as usize,
+        }
+    }
+
+    /// The stored copy's id, if the message has one.
+    pub fn store_id(&self) -> Option<u64> {
+        match self {
+            Slot::Loaded(msg) => msg.store_id,
+            Slot::Paged { store_id, .. } => Some(*store_id),
+        }
+    }
+
+    /// Whether the content is only in the store.
+    pub fn is_paged(&self) -> bool {
+        matches!(self, Slot::Paged { .. })
+    }
+}
+
+/// A message waiting in the queue (ready), or leaving it without being handed to a
+/// consumer (`Effect::Forget`, `Effect::DeadLetter`): an `Entry` whose content may be in
+/// the store only. Handed to consumers only once loaded (`Queued::into_entry`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Queued {
+    /// Its place.
+    pub offset: Offset,
+    /// Its content.
+    pub slot: Slot,
+    /// Delivered before (the redelivered flag).
+    pub redelivered: bool,
+    /// Times it came back unsettled.
+    pub delivery_count: u32,
+    /// Wall-clock ms after which it is dropped.
+    pub expires_at: Option<u64>,
+    /// Priority level.
+    pub priority: u8,
+}
+
+impl Queued {
+    /// The entry, when its content is loaded; itself back when it is not.
+    pub fn into_entry(self) -> Result<Entry, Queued> {
+        match self.slot {
+            Slot::Loaded(msg) => Ok(Entry {
+                offset: self.offset,
+                msg,
+                redelivered: self.redelivered,
+                delivery_count: self.delivery_count,
+                expires_at: self.expires_at,
+                priority: self.priority,
+            }),
+            Slot::Paged { .. } => Err(self),
+        }
+    }
+}
+
+impl From<Entry> for Queued {
+    fn from(e: Entry) -> Queued {
+        Queued {
+            offset: e.offset,
+            slot: Slot::Loaded(e.msg),
+            redelivered: e.redelivered,
+            delivery_count: e.delivery_count,
+            expires_at: e.expires_at,
+            priority: e.priority,
+        }
+    }
+}
+
 /// Why a message is dead-lettered (the x-death `reason`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DeathReason {
@@ -78,10 +166,11 @@ pub enum Effect {
         entry: Entry,
     },
     /// The entry left the queue for this reason: dead-letter it (or drop it when the
-    /// queue has no dead-letter exchange), and remove its stored copy.
+    /// queue has no dead-letter exchange), and remove its stored copy. Its content may
+    /// be in the store only (a head dropped by a length limit before it was loaded).
     DeadLetter {
         /// The entry.
-        entry: Entry,
+        entry: Queued,
         /// Why.
         reason: DeathReason,
     },
@@ -89,7 +178,7 @@ pub enum Effect {
     /// queue): remove its stored copy.
     Forget {
         /// The entry.
-        entry: Entry,
+        entry: Queued,
     },
     /// The queue was deleted: remove every stored entry of it and its definition.
     ForgetAll,
@@ -223,6 +312,9 @@ pub enum Reply {
     Got(Option<(Entry, u32)>),
     /// `Purge` and `Delete`: ready messages removed.
     Purged(usize),
+    /// `Get`: the head's content is in the store only; nothing was taken (the host
+    /// loads it and asks again).
+    HeadNotLoaded,
 }
 
 /// Delivered, unsettled entries and their consumer (none for basic.get). Hashed with
@@ -234,9 +326,13 @@ type Unacked = HashMap<Offset, (Entry, Option<ConsumerId>), BuildHasherDefault<D
 pub struct QueueState {
     args: QueueArgs,
     /// One FIFO per priority level, highest last.
-    ready: Vec<VecDeque<Entry>>,
+    ready: Vec<VecDeque<Queued>>,
     ready_count: usize,
     ready_bytes: usize,
+    /// Of the ready messages, those whose content is in memory: their body bytes, and
+    /// how many are in the store only (`Slot::Paged`).
+    loaded_bytes: usize,
+    paged_count: usize,
     unacked: Unacked,
     consumers: Vec<ConsumerSlot>,
     next_consumer: usize,
@@ -261,6 +357,8 @@ impl QueueState {
             ready: (0..levels).map(|_| VecDeque::new()).collect(),
             ready_count: 0,
             ready_bytes: 0,
+            loaded_bytes: 0,
+            paged_count: 0,
             unacked: Unacked::default(),
             consumers: Vec::new(),
             next_consumer: 0,
@@ -287,7 +385,7 @@ impl QueueState {
                 if self.deleted {
                     // Routed just before a delete: the delete's purge may already be in
                     // the store ahead of this message's entry, so take the entry out again.
-                    let entry = self.new_entry(msg);
+                    let entry = self.new_entry(msg).into();
                     out.push(Effect::Forget { entry });
                     return Reply::Enqueued(Enqueued::Accepted(0));
                 }
@@ -321,10 +419,10 @@ impl QueueState {
                 self.return_undelivered(entry);
                 Reply::Ok
             }
-            Command::Get { no_ack } => Reply::Got(self.get(now, no_ack, out).map(|entry| {
-                let left = self.ready_count as u32;
-                (entry, left)
-            })),
+            Command::Get { no_ack } => match self.get(now, no_ack, out) {
+                Ok(got) => Reply::Got(got.map(|entry| (entry, self.ready_count as u32))),
+                Err(()) => Reply::HeadNotLoaded,
+            },
             Command::Expire => {
                 self.expire(now, out);
                 Reply::Ok
@@ -351,6 +449,8 @@ impl QueueState {
                 }
                 self.ready_count = 0;
                 self.ready_bytes = 0;
+                self.loaded_bytes = 0;
+                self.paged_count = 0;
                 out.push(Effect::ForgetAll);
                 Reply::Purged(count)
             }
@@ -365,6 +465,7 @@ impl QueueState {
         let mut seen = std::collections::HashSet::new();
         let mut bytes = 0;
         let mut count = 0;
+        let (mut loaded, mut paged) = (0, 0);
         for level in &self.ready {
             for pair in level.iter().zip(level.iter().skip(1)) {
                 if pair.0.offset >= pair.1.offset {
@@ -373,7 +474,11 @@ impl QueueState {
             }
             for e in level {
                 count += 1;
-                bytes += e.msg.size();
+                bytes += e.slot.size();
+                match &e.slot {
+                    Slot::Loaded(msg) => loaded += msg.size(),
+                    Slot::Paged { .. } => paged += 1,
+                }
                 if e.offset >= self.next_offset {
                     return Err(format!("offset {} not yet given out", e.offset));
                 }
@@ -381,6 +486,12 @@ impl QueueState {
                     return Err(format!("offset {} ready twice", e.offset));
                 }
             }
+        }
+        if loaded != self.loaded_bytes || paged != self.paged_count {
+            return Err(format!(
+                "loaded counters {}/{} but lists hold {loaded}/{paged}",
+                self.loaded_bytes, self.paged_count
+            ));
         }
         if count != self.ready_count || bytes != self.ready_bytes {
             return Err(format!(
@@ -529,7 +640,7 @@ impl QueueState {
     fn enqueue(&mut self, msg: Arc<Message>, out: &mut Effects) -> Enqueued {
         if self.would_reject(msg.size()) {
             if self.args.overflow == Overflow::RejectPublishDlx {
-                let entry = self.new_entry(msg);
+                let entry = self.new_entry(msg).into();
                 out.push(Effect::DeadLetter {
                     entry,
                     reason: DeathReason::MaxLen,
@@ -539,7 +650,7 @@ impl QueueState {
         }
         let entry = self.new_entry(msg);
         let offset = entry.offset;
-        self.insert_ready(entry);
+        self.insert_ready(entry.into());
         self.enforce_limits(out);
         Enqueued::Accepted(offset)
     }
@@ -594,7 +705,7 @@ impl QueueState {
         entry.offset = offset;
         entry.redelivered = delivered;
         entry.delivery_count = delivery_count;
-        self.insert_ready(entry);
+        self.insert_ready(entry.into());
     }
 
     /// Adds a consumer.
@@ -614,22 +725,35 @@ impl QueueState {
         self.consumers.len() != before
     }
 
-    /// Removes expired messages from the heads.
+    /// Removes expired messages from the heads. A head whose content is in the store
+    /// only waits for it when the queue dead-letters (x-death needs the message): the
+    /// host loads heads first.
     fn expire(&mut self, now_ms: u64, out: &mut Effects) {
-        for level in self.ready.iter_mut() {
-            while level
-                .front()
-                .is_some_and(|e| e.expires_at.is_some_and(|t| t < now_ms))
-            {
-                if let Some(entry) = level.pop_front() {
-                    self.ready_count -= 1;
-                    self.ready_bytes -= entry.msg.size();
+        let needs_body = self.args.dead_letter_exchange.is_some();
+        for l in 0..self.ready.len() {
+            while let Some(head) = self.ready[l].front() {
+                let due = head.expires_at.is_some_and(|t| t < now_ms);
+                if !due || (needs_body && head.slot.is_paged()) {
+                    break;
+                }
+                if let Some(entry) = self.ready[l].pop_front() {
+                    self.count_out(&entry);
                     out.push(Effect::DeadLetter {
                         entry,
                         reason: DeathReason::Expired,
                     });
                 }
             }
+        }
+    }
+
+    /// Takes a message that leaves the ready lists out of the counters.
+    fn count_out(&mut self, entry: &Queued) {
+        self.ready_count -= 1;
+        self.ready_bytes -= entry.slot.size();
+        match &entry.slot {
+            Slot::Loaded(msg) => self.loaded_bytes -= msg.size(),
+            Slot::Paged { .. } => self.paged_count -= 1,
         }
     }
 
@@ -684,7 +808,13 @@ impl QueueState {
             if !eligible(&self.consumers[i], granted) {
                 continue;
             }
-            let Some(entry) = self.pop_head() else { break };
+            if self.head().is_none_or(|h| h.slot.is_paged()) {
+                // Its content is on its way from the store: the host delivers again then.
+                break;
+            }
+            let Some(Ok(entry)) = self.pop_head().map(Queued::into_entry) else {
+                break;
+            };
             let slot = &mut self.consumers[i];
             let consumer = slot.spec.id;
             if !slot.spec.no_ack {
@@ -705,27 +835,40 @@ impl QueueState {
         delivered
     }
 
-    fn pop_head(&mut self) -> Option<Entry> {
+    /// The next message to deliver: the oldest of the highest priority.
+    fn head(&self) -> Option<&Queued> {
+        self.ready.iter().rev().find_map(|l| l.front())
+    }
+
+    fn pop_head(&mut self) -> Option<Queued> {
         let entry = self
             .ready
             .iter_mut()
             .rev()
             .find(|l| !l.is_empty())?
             .pop_front()?;
-        self.ready_count -= 1;
-        self.ready_bytes -= entry.msg.size();
+        self.count_out(&entry);
         Some(entry)
     }
+
     /// basic.get: takes the head; unless `no_ack`, it becomes unacked (no consumer).
-    fn get(&mut self, now_ms: u64, no_ack: bool, out: &mut Effects) -> Option<Entry> {
+    /// `Err` when the head's content is in the store only (nothing taken).
+    fn get(&mut self, now_ms: u64, no_ack: bool, out: &mut Effects) -> Result<Option<Entry>, ()> {
         self.expire(now_ms, out);
-        let entry = self.pop_head()?;
+        match self.head() {
+            None => return Ok(None),
+            Some(head) if head.slot.is_paged() => return Err(()),
+            Some(_) => {}
+        }
+        let Some(Ok(entry)) = self.pop_head().map(Queued::into_entry) else {
+            return Ok(None);
+        };
         if !no_ack {
             self.unacked.insert(entry.offset, (entry.clone(), None));
         }
         // Messages already expired at the new head do not count in get-ok.
         self.expire(now_ms, out);
-        Some(entry)
+        Ok(Some(entry))
     }
 
     /// Settles delivered messages (ack): they leave for good.
@@ -734,7 +877,9 @@ impl QueueState {
         for offset in offsets {
             if let Some((entry, consumer)) = self.unacked.remove(offset) {
                 self.release_credit(consumer);
-                out.push(Effect::Forget { entry });
+                out.push(Effect::Forget {
+                    entry: entry.into(),
+                });
                 settled += 1;
             }
         }
@@ -748,7 +893,7 @@ impl QueueState {
             if let Some((entry, consumer)) = self.unacked.remove(offset) {
                 self.release_credit(consumer);
                 out.push(Effect::DeadLetter {
-                    entry,
+                    entry: entry.into(),
                     reason: DeathReason::Rejected,
                 });
                 settled += 1;
@@ -767,7 +912,9 @@ impl QueueState {
                 self.release_credit(consumer);
                 if self.deleted {
                     // Nothing goes back into a deleted queue.
-                    out.push(Effect::Forget { entry });
+                    out.push(Effect::Forget {
+                        entry: entry.into(),
+                    });
                     continue;
                 }
                 entry.redelivered = true;
@@ -778,11 +925,11 @@ impl QueueState {
                     .is_some_and(|limit| entry.delivery_count as u64 > limit)
                 {
                     out.push(Effect::DeadLetter {
-                        entry,
+                        entry: entry.into(),
                         reason: DeathReason::DeliveryLimit,
                     });
                 } else {
-                    self.insert_ready(entry);
+                    self.insert_ready(entry.into());
                 }
             }
         }
@@ -802,7 +949,7 @@ impl QueueState {
             self.release_credit(consumer);
         }
         if !self.deleted {
-            self.insert_ready(entry);
+            self.insert_ready(entry.into());
         }
     }
 
@@ -810,11 +957,149 @@ impl QueueState {
     fn purge(&mut self, out: &mut Effects) -> usize {
         self.ready_count = 0;
         self.ready_bytes = 0;
-        let mut all: Vec<Entry> = self.ready.iter_mut().flat_map(|l| l.drain(..)).collect();
+        self.loaded_bytes = 0;
+        self.paged_count = 0;
+        let mut all: Vec<Queued> = self.ready.iter_mut().flat_map(|l| l.drain(..)).collect();
         all.sort_by_key(|e| e.offset);
         let count = all.len();
         out.extend(all.into_iter().map(|entry| Effect::Forget { entry }));
         count
+    }
+
+    /// Body bytes of the ready messages whose content is in memory.
+    pub fn loaded_bytes(&self) -> usize {
+        self.loaded_bytes
+    }
+
+    /// Ready messages whose content is in the store only.
+    pub fn paged_count(&self) -> usize {
+        self.paged_count
+    }
+
+    /// Whether the next message to deliver has its content in the store only.
+    pub fn head_is_paged(&self) -> bool {
+        self.head().is_some_and(|h| h.slot.is_paged())
+    }
+
+    /// The ready message at `offset`, wherever its priority put it.
+    fn find_ready_mut(&mut self, offset: Offset) -> Option<&mut Queued> {
+        self.ready.iter_mut().find_map(|level| {
+            let pos = level.partition_point(|e| e.offset < offset);
+            level.get_mut(pos).filter(|e| e.offset == offset)
+        })
+    }
+
+    /// Host paging (not a command: only a classic queue's host pages, and what is in
+    /// memory is no part of the queue's replicated state): the ready message at `offset`
+    /// keeps only its stored copy's id and size. False (nothing changes) when it is not
+    /// ready, has no stored copy, or is already paged.
+    pub fn page_out(&mut self, offset: Offset) -> bool {
+        let Some(entry) = self.find_ready_mut(offset) else {
+            return false;
+        };
+        let Slot::Loaded(msg) = &entry.slot else {
+            return false;
+        };
+        let Some(store_id) = msg.store_id else {
+            return false;
+        };
+        let size = msg.size();
+        entry.slot = Slot::Paged {
+            store_id,
+            size: size as u32,
+        };
+        self.loaded_bytes -= size;
+        self.paged_count += 1;
+        true
+    }
+
+    /// Host paging: a recovered entry whose body stayed in the store; `head` is the
+    /// message without its body (its properties give its priority and TTL), `size` its
+    /// body's length. Keeps its place, flag and count, as `Command::Restore`.
+    pub fn restore_paged(
+        &mut self,
+        offset: Offset,
+        head: &Message,
+        size: usize,
+        delivered: bool,
+        delivery_count: u32,
+    ) -> bool {
+        let Some(store_id) = head.store_id else {
+            return false;
+        };
+        let priority = match self.args.max_priority {
+            Some(max) => head.priority().min(max),
+            None => 0,
+        };
+        self.next_offset = self.next_offset.max(offset + 1);
+        let entry = Queued {
+            offset,
+            slot: Slot::Paged {
+                store_id,
+                size: size as u32,
+            },
+            redelivered: delivered,
+            delivery_count,
+            expires_at: self.expiry_of(head),
+            priority,
+        };
+        self.insert_ready(entry);
+        true
+    }
+
+    /// Host paging: the paged messages that come next in delivery order (highest
+    /// priority first, oldest first), `(offset, store id)`, until `budget` body bytes
+    /// (at least one message, at most `max`).
+    pub fn paged_ahead(&self, budget: usize, max: usize) -> Vec<(Offset, u64)> {
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        for level in self.ready.iter().rev() {
+            for e in level {
+                if let Slot::Paged { store_id, size } = e.slot {
+                    if !out.is_empty() && (bytes >= budget || out.len() >= max) {
+                        return out;
+                    }
+                    out.push((e.offset, store_id));
+                    bytes += size as usize;
+                }
+            }
+        }
+        out
+    }
+
+    /// Host paging: the content of the paged message at `offset` is back from the store.
+    /// False when it is no longer ready there (it left meanwhile) or is loaded already.
+    pub fn page_in(&mut self, offset: Offset, msg: Arc<Message>) -> bool {
+        let Some(entry) = self.find_ready_mut(offset) else {
+            return false;
+        };
+        if !entry.slot.is_paged() || entry.slot.store_id() != msg.store_id {
+            return false;
+        }
+        let size = entry.slot.size();
+        entry.slot = Slot::Loaded(msg);
+        // The length counted while paged was the stored body's; they are the same bytes.
+        self.loaded_bytes += size;
+        self.paged_count -= 1;
+        true
+    }
+
+    /// Host paging: the paged message at `offset` whose content the store no longer has
+    /// leaves the ready list (it cannot be delivered; the host reports it).
+    pub fn drop_unreadable(&mut self, offset: Offset) -> Option<Queued> {
+        for l in 0..self.ready.len() {
+            let level = &mut self.ready[l];
+            let pos = level.partition_point(|e| e.offset < offset);
+            if level
+                .get(pos)
+                .is_some_and(|e| e.offset == offset && e.slot.is_paged())
+            {
+                let entry = level.remove(pos)?;
+                self.count_out(&entry);
+                return Some(entry);
+            }
+        }
+        None
     }
 
     fn release_credit(&mut self, consumer: Option<ConsumerId>) {
@@ -825,9 +1110,13 @@ impl QueueState {
         }
     }
 
-    fn insert_ready(&mut self, entry: Entry) {
+    fn insert_ready(&mut self, entry: Queued) {
         self.ready_count += 1;
-        self.ready_bytes += entry.msg.size();
+        self.ready_bytes += entry.slot.size();
+        match &entry.slot {
+            Slot::Loaded(msg) => self.loaded_bytes += msg.size(),
+            Slot::Paged { .. } => self.paged_count += 1,
+        }
         let top = self.ready.len() - 1;
         let level = &mut self.ready[(entry.priority as usize).min(top)];
         // New messages go to the tail; requeued ones usually near the head.

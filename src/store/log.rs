@@ -37,15 +37,16 @@
 //!
 //! # Recovery
 //!
-//! [`replay`] reads the chunks in order. Messages are found first (a message's `Put` may
-//! have been moved into a chunk after the one holding one of its entries), then the entry
-//! records are applied in order; an entry whose message is in no chunk is dangling and is
-//! dropped. Reference counts and the live records of each chunk are computed from the
-//! result, which is exactly the writer's in-memory state before the crash.
+//! [`Replay`] reads the chunks in order, one at a time: where each message's last `Put` is
+//! (a rewrite may have moved it into a chunk after the one holding one of its entries),
+//! and the entry records applied in order; messages and entries are matched at the end,
+//! and an entry whose message is in no chunk is dangling and is dropped. Reference counts
+//! and the live records of each chunk are computed from the result, which is exactly the
+//! writer's in-memory state before the crash. No chunk is kept: recovery reads the log a
+//! second time for the blobs of live messages (`recovery::load`), copying each whole or
+//! only its head, so a backlog's bodies need not fit in memory at start-up.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-
-use bytes::Bytes;
 
 use super::writer::IdBuildHasher;
 
@@ -206,6 +207,26 @@ impl<'a> ChunkReader<'a> {
         };
         Ok(Some(record))
     }
+}
+
+/// The blobs of `wanted` messages found in chunk `chunk` (whose bytes are `bytes`):
+/// `(msg id, position, length)` of each `Put` whose id `wanted` accepts. Only record
+/// headers are read; the blobs are skipped.
+pub(super) fn find_puts(
+    chunk: ChunkId,
+    bytes: &[u8],
+    mut wanted: impl FnMut(u64) -> bool,
+) -> Result<Vec<(u64, usize, usize)>, DamagedChunk> {
+    let mut reader = ChunkReader::new(chunk, bytes)?;
+    let mut found = Vec::new();
+    while let Some(record) = reader.next_record()? {
+        if let Record::Put { msg_id, pos, len } = record
+            && wanted(msg_id)
+        {
+            found.push((msg_id, pos, len));
+        }
+    }
+    Ok(found)
 }
 
 /// Builds one chunk. Queue numbers written are the writer's [`QueueId`]s; each is named
@@ -426,6 +447,15 @@ impl LiveIndex {
     /// Number of messages with at least one live entry.
     pub(super) fn live_messages(&self) -> usize {
         self.msgs.len()
+    }
+
+    /// The chunk holding the blob of stored message `msg_id` (wherever compaction moved
+    /// it), if the message is still referenced.
+    pub(super) fn locate(&self, msg_id: u64) -> Option<ChunkId> {
+        self.msgs
+            .get(&msg_id)
+            .filter(|m| m.refs > 0)
+            .map(|m| m.chunk)
     }
 
     /// Number of stored chunks.
@@ -692,13 +722,26 @@ impl LiveIndex {
     }
 }
 
-/// What [`replay`] found.
+/// A live entry found by [`Replay`], its message not yet read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct FoundEntry {
+    /// Its offset in its queue.
+    pub(super) offset: u64,
+    /// Its message.
+    pub(super) msg_id: u64,
+    /// Deliveries recorded.
+    pub(super) delivery_count: u32,
+}
+
+/// What [`Replay::finish`] found.
 #[derive(Debug, Default)]
 pub(super) struct Replayed {
     /// The writer's state.
     pub(super) index: LiveIndex,
-    /// Live entries per queue key, in offset order, with their blobs.
-    pub(super) queues: HashMap<String, Vec<super::RecoveredEntry>>,
+    /// Live entries per queue key, in offset order, whose message is stored.
+    pub(super) queues: HashMap<String, Vec<FoundEntry>>,
+    /// Where each referenced message's blob is: (chunk, length).
+    pub(super) blobs: HashMap<u64, (ChunkId, usize), IdBuildHasher>,
     /// Greater than every msg id in the log (0 when the log is empty).
     pub(super) next_msg_id: u64,
     /// Entries whose message is in no chunk: (queue key, offset).
@@ -707,34 +750,34 @@ pub(super) struct Replayed {
     pub(super) orphans: usize,
 }
 
-/// Rebuilds the live state from every chunk `(number, bytes)`, in increasing order.
-pub(super) fn replay(chunks: Vec<(ChunkId, Bytes)>) -> Result<Replayed, DamagedChunk> {
-    // Pass 1: where every message is (its last Put wins: a rewrite moves it forward).
-    let mut blobs: HashMap<u64, (usize, usize, usize), IdBuildHasher> = HashMap::default();
-    let mut next_msg_id = 0u64;
-    for (slot, (chunk, bytes)) in chunks.iter().enumerate() {
-        let mut reader = ChunkReader::new(*chunk, bytes)?;
-        while let Some(record) = reader.next_record()? {
-            if let Record::Put { msg_id, pos, len } = record {
-                blobs.insert(msg_id, (slot, pos, len));
-                next_msg_id = next_msg_id.max(msg_id.saturating_add(1));
-            }
-        }
-    }
+/// Rebuilds the live state from the chunks, read one at a time in increasing order
+/// ([`Replay::scan`]), without keeping them: where every message's last `Put` is (a
+/// rewrite moves it forward), and the entry records applied in order. Messages are
+/// matched with entries at the end ([`Replay::finish`]): an entry whose message is in no
+/// chunk is dangling and is dropped. Reference counts and the live records of each chunk
+/// are computed from the result, which is exactly the writer's in-memory state before
+/// the crash.
+#[derive(Debug, Default)]
+pub(super) struct Replay {
+    index: LiveIndex,
+    /// Every message's last `Put`: (chunk, blob length).
+    puts: HashMap<u64, (ChunkId, usize), IdBuildHasher>,
+    next_msg_id: u64,
+}
 
-    // Pass 2: the entry records, in order.
-    let mut index = LiveIndex::default();
-    let mut dangling = Vec::new();
-    for (chunk, bytes) in &chunks {
+impl Replay {
+    /// Takes in the next chunk's records.
+    pub(super) fn scan(&mut self, chunk: ChunkId, bytes: &[u8]) -> Result<(), DamagedChunk> {
+        let index = &mut self.index;
         index.chunks.insert(
-            *chunk,
+            chunk,
             ChunkInfo {
                 bytes: bytes.len() as u64,
                 live: 0,
             },
         );
         index.log_bytes += bytes.len() as u64;
-        let mut reader = ChunkReader::new(*chunk, bytes)?;
+        let mut reader = ChunkReader::new(chunk, bytes)?;
         let mut local: HashMap<u32, QueueId> = HashMap::new();
         let resolve = |local: &HashMap<u32, QueueId>, l: u32, reader: &ChunkReader<'_>| {
             local
@@ -748,7 +791,10 @@ pub(super) fn replay(chunks: Vec<(ChunkId, Bytes)>) -> Result<Replayed, DamagedC
                     let id = index.queue_id(name);
                     local.insert(l, id);
                 }
-                Record::Put { .. } => {}
+                Record::Put { msg_id, len, .. } => {
+                    self.puts.insert(msg_id, (chunk, len));
+                    self.next_msg_id = self.next_msg_id.max(msg_id.saturating_add(1));
+                }
                 Record::Enqueue {
                     local: l,
                     offset,
@@ -758,7 +804,7 @@ pub(super) fn replay(chunks: Vec<(ChunkId, Bytes)>) -> Result<Replayed, DamagedC
                     let queue = resolve(&local, l, &reader)?;
                     let entry = LiveEntry {
                         msg_id,
-                        chunk: *chunk,
+                        chunk,
                         delivery_count,
                     };
                     index.queues[queue as usize].insert(offset, entry);
@@ -779,56 +825,74 @@ pub(super) fn replay(chunks: Vec<(ChunkId, Bytes)>) -> Result<Replayed, DamagedC
                 }
             }
         }
+        Ok(())
     }
 
-    // The result: entries with their messages, reference counts, live records per chunk.
-    let mut queues = HashMap::new();
-    for (queue, entries) in index.queues.iter_mut().enumerate() {
-        let name = &index.names[queue];
-        let mut list: Vec<super::RecoveredEntry> = Vec::with_capacity(entries.len());
-        entries.retain(|&offset, entry| {
-            let Some(&(slot, pos, len)) = blobs.get(&entry.msg_id) else {
-                dangling.push((name.clone(), offset));
-                return false;
-            };
-            // A slice of the chunk: no copy, and the chunk's memory goes with its last
-            // message (the log's truncation bounds what dead messages it holds).
-            let blob = chunks[slot].1.slice(pos..pos + len);
-            if let Some(info) = index.chunks.get_mut(&entry.chunk) {
+    /// The result: live entries with where their messages are, reference counts, live
+    /// records per chunk.
+    pub(super) fn finish(self) -> Replayed {
+        let Replay {
+            mut index,
+            puts,
+            next_msg_id,
+        } = self;
+        let mut dangling = Vec::new();
+        let mut queues = HashMap::new();
+        let mut blobs: HashMap<u64, (ChunkId, usize), IdBuildHasher> = HashMap::default();
+        for (queue, entries) in index.queues.iter_mut().enumerate() {
+            let name = &index.names[queue];
+            let mut list: Vec<FoundEntry> = Vec::with_capacity(entries.len());
+            entries.retain(|&offset, entry| {
+                let Some(&(chunk, len)) = puts.get(&entry.msg_id) else {
+                    dangling.push((name.clone(), offset));
+                    return false;
+                };
+                if let Some(info) = index.chunks.get_mut(&entry.chunk) {
+                    info.live += 1;
+                }
+                let msg = index.msgs.entry(entry.msg_id).or_insert(LiveMsg {
+                    chunk,
+                    refs: 0,
+                    len: len as u32,
+                });
+                msg.refs += 1;
+                blobs.insert(entry.msg_id, (chunk, len));
+                list.push(FoundEntry {
+                    offset,
+                    msg_id: entry.msg_id,
+                    delivery_count: entry.delivery_count,
+                });
+                true
+            });
+            if !list.is_empty() {
+                list.sort_unstable_by_key(|e| e.offset);
+                queues.insert(name.clone(), list);
+            }
+        }
+        let orphans = puts.len() - index.msgs.len();
+        for msg in index.msgs.values() {
+            index.live_bytes += u64::from(msg.len);
+            if let Some(info) = index.chunks.get_mut(&msg.chunk) {
                 info.live += 1;
             }
-            let msg = index.msgs.entry(entry.msg_id).or_insert(LiveMsg {
-                chunk: chunks[slot].0,
-                refs: 0,
-                len: len as u32,
-            });
-            msg.refs += 1;
-            list.push(super::RecoveredEntry {
-                offset,
-                msg_id: entry.msg_id,
-                blob,
-                delivered: entry.delivery_count > 0,
-                delivery_count: entry.delivery_count,
-            });
-            true
-        });
-        if !list.is_empty() {
-            list.sort_unstable_by_key(|e| e.offset);
-            queues.insert(name.clone(), list);
+        }
+        Replayed {
+            index,
+            queues,
+            blobs,
+            next_msg_id,
+            dangling,
+            orphans,
         }
     }
-    let orphans = blobs.len() - index.msgs.len();
-    for msg in index.msgs.values() {
-        index.live_bytes += u64::from(msg.len);
-        if let Some(info) = index.chunks.get_mut(&msg.chunk) {
-            info.live += 1;
-        }
+}
+
+/// [`Replay`] over chunks held in memory `(number, bytes)`, in increasing order.
+#[cfg(test)]
+pub(super) fn replay(chunks: Vec<(ChunkId, bytes::Bytes)>) -> Result<Replayed, DamagedChunk> {
+    let mut replay = Replay::default();
+    for (chunk, bytes) in &chunks {
+        replay.scan(*chunk, bytes)?;
     }
-    Ok(Replayed {
-        index,
-        queues,
-        next_msg_id,
-        dangling,
-        orphans,
-    })
+    Ok(replay.finish())
 }

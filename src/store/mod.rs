@@ -232,6 +232,19 @@ pub struct RecoveredRaftGroup {
     pub state: HashMap<String, Vec<u8>>,
 }
 
+/// How much of each stored message [`Store::open_trimmed`] reads back: a queue's first
+/// messages whole, the others only their head (what the broker needs to route, order
+/// and expire a message, without its body), so that opening a store with a backlog far
+/// larger than memory does not hold every body.
+#[derive(Debug, Clone, Copy)]
+pub struct BlobTrim {
+    /// Per queue, in offset order, messages come back whole until their blobs total at
+    /// least this many bytes.
+    pub whole_per_queue: usize,
+    /// Length of a blob's head (the broker's format), `None` to keep the blob whole.
+    pub head_len: fn(&[u8]) -> Option<usize>,
+}
+
 /// One queue entry read back by [`Store::open`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RecoveredEntry {
@@ -239,8 +252,11 @@ pub struct RecoveredEntry {
     pub offset: u64,
     /// The message's id; the same for every queue holding the same message.
     pub msg_id: u64,
-    /// The message blob. Entries of one message share one allocation.
+    /// The message blob, or only its head when shorter than `len` (see [`BlobTrim`]).
+    /// Entries of one message share one allocation.
     pub blob: Bytes,
+    /// The whole blob's length.
+    pub len: usize,
     /// True when [`StoreOp::MarkDelivered`] was recorded for the entry (AMQP `redelivered`).
     pub delivered: bool,
     /// How many times [`StoreOp::MarkDelivered`] was recorded (for `x-delivery-count`).
@@ -339,6 +355,27 @@ enum Done {
     Call(Box<dyn FnOnce() + Send>),
 }
 
+/// The answer to [`Store::read_messages`]: for each id asked, in order, its blob, or
+/// `None` when no live entry references it (settled, purged, or never stored).
+pub type ReadAnswer = Result<Vec<Option<Bytes>>, ReadFailed>;
+
+/// Reading from the database failed (an I/O error): the blobs are still there as far as
+/// anyone knows; ask again later.
+#[derive(Debug, Clone)]
+pub struct ReadFailed(pub String);
+
+impl std::fmt::Display for ReadFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "reading stored messages failed: {}", self.0)
+    }
+}
+
+/// Blobs asked for by [`Store::read_messages`], and who hears the answer.
+struct ReadRequest {
+    ids: Vec<u64>,
+    done: Box<dyn FnOnce(ReadAnswer) + Send>,
+}
+
 /// A message to the writer thread.
 enum Request {
     /// Ops to apply in the next group commit, and their payload bytes.
@@ -347,6 +384,8 @@ enum Request {
         done: Done,
         bytes: usize,
     },
+    /// Blobs of stored messages, answered once what was queued before it is committed.
+    Read(ReadRequest),
     /// Commit what is queued before this, fsync, and stop.
     Close,
     /// Test hook: the writer blocks until the sender side is dropped or sends, so that a test
@@ -398,6 +437,18 @@ impl Store {
         flush: FlushMode,
         interval: Duration,
     ) -> anyhow::Result<(Store, Recovered)> {
+        Store::open_trimmed(dir, flush, interval, None)
+    }
+
+    /// [`Store::open`], reading back only what `trim` asks of each message (every blob
+    /// is still read from disk, since a chunk is one row: what is saved is the memory of
+    /// holding them).
+    pub fn open_trimmed(
+        dir: &Path,
+        flush: FlushMode,
+        interval: Duration,
+        trim: Option<BlobTrim>,
+    ) -> anyhow::Result<(Store, Recovered)> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating data directory {}", dir.display()))?;
         let path = dir.join(DB_FILE_NAME);
@@ -414,7 +465,7 @@ impl Store {
             .with_context(|| format!("opening {}", path.display()))?;
         recovery::init_schema(&db).with_context(|| format!("initialising {}", path.display()))?;
         let mut loaded =
-            recovery::load(&db).with_context(|| format!("reading {}", path.display()))?;
+            recovery::load(&db, trim).with_context(|| format!("reading {}", path.display()))?;
         recovery::clean_up(&db, &mut loaded)
             .with_context(|| format!("cleaning up {}", path.display()))?;
         let recovered = loaded.recovered;
@@ -480,6 +531,17 @@ impl Store {
     /// Returns the request's number (see `send_ops`).
     pub fn commit_then(&self, ops: Vec<StoreOp>, done: Box<dyn FnOnce() + Send>) -> u64 {
         self.send_ops(ops, Done::Call(done))
+    }
+
+    /// Reads the blobs of stored messages `ids` back (a queue's bodies that it keeps on
+    /// disk only), and calls `done` with them, in the order asked, on the writer thread
+    /// (it must be quick: a send on a channel). The writer looks each message up where
+    /// the log holds it now (head compaction moves messages to newer chunks), after
+    /// committing whatever was submitted before this call, so a message whose
+    /// [`StoreOp::PutMessage`] was handed over earlier is found. Blobs are copies: they
+    /// hold no chunk's memory. If the store is closed, `done` is dropped without a call.
+    pub fn read_messages(&self, ids: Vec<u64>, done: Box<dyn FnOnce(ReadAnswer) + Send>) {
+        self.send(Request::Read(ReadRequest { ids, done }));
     }
 
     /// Commits (with fsync) everything submitted so far, stops the writer thread and closes

@@ -13,7 +13,7 @@ use super::schema::{
     ACCESS, DEFINITIONS, MESSAGE_LOG, META, META_SCHEMA_VERSION, RAFT_LOG, RAFT_STATE,
     SCHEMA_VERSION, V1_ENTRIES, V1_MESSAGES,
 };
-use super::{Recovered, RecoveredRaftGroup};
+use super::{BlobTrim, Recovered, RecoveredEntry, RecoveredRaftGroup};
 
 /// What [`load`] read: the broker's part, and the writer's part.
 pub(super) struct Loaded {
@@ -129,22 +129,22 @@ fn migrate_v1(txn: &WriteTransaction) -> anyhow::Result<()> {
 }
 
 /// Reads every definition and access record, and replays the message log into queue
-/// entries (see [`log::replay`]). A blob shares the memory of the chunk it was read with.
-pub(super) fn load(db: &Database) -> anyhow::Result<Loaded> {
+/// entries (see [`log::Replay`]), reading the chunks one at a time: once for the records,
+/// once more for the blobs of live messages, which are copied (whole, or only their head
+/// as `trim` says), so that no chunk stays in memory.
+pub(super) fn load(db: &Database, trim: Option<BlobTrim>) -> anyhow::Result<Loaded> {
     let txn = db.begin_read()?;
 
     let definitions = read_blobs(&txn, DEFINITIONS)?;
     let access = read_blobs(&txn, ACCESS)?;
 
-    let mut chunks = Vec::new();
-    {
-        let table = txn.open_table(MESSAGE_LOG)?;
-        for row in table.iter()? {
-            let (key, value) = row?;
-            chunks.push((key.value(), Bytes::copy_from_slice(value.value())));
-        }
+    let table = txn.open_table(MESSAGE_LOG)?;
+    let mut replay = log::Replay::default();
+    for row in table.iter()? {
+        let (key, value) = row?;
+        replay.scan(key.value(), value.value())?;
     }
-    let replayed = log::replay(chunks)?;
+    let replayed = replay.finish();
     if !replayed.dangling.is_empty() {
         tracing::warn!(
             entries = replayed.dangling.len(),
@@ -158,13 +158,73 @@ pub(super) fn load(db: &Database) -> anyhow::Result<Loaded> {
         );
     }
 
+    // Which messages come back whole: with a trim, those within the first
+    // `whole_per_queue` blob bytes of some queue; the rest only their head.
+    let whole: Option<HashSet<u64>> = trim.map(|trim| {
+        let mut whole = HashSet::new();
+        for entries in replayed.queues.values() {
+            let mut bytes = 0usize;
+            for e in entries {
+                if bytes >= trim.whole_per_queue {
+                    break;
+                }
+                bytes += replayed.blobs.get(&e.msg_id).map_or(0, |&(_, len)| len);
+                whole.insert(e.msg_id);
+            }
+        }
+        whole
+    });
+    let mut blobs: HashMap<u64, Bytes> = HashMap::with_capacity(replayed.blobs.len());
+    if !replayed.blobs.is_empty() {
+        for row in table.iter()? {
+            let (key, value) = row?;
+            let (chunk, bytes) = (key.value(), value.value());
+            let here = |id: u64| replayed.blobs.get(&id).is_some_and(|&(c, _)| c == chunk);
+            for (msg_id, pos, len) in log::find_puts(chunk, bytes, here)? {
+                let blob = &bytes[pos..pos + len];
+                let keep = match (&whole, trim) {
+                    (Some(whole), Some(trim)) if !whole.contains(&msg_id) => {
+                        (trim.head_len)(blob).unwrap_or(len).min(len)
+                    }
+                    _ => len,
+                };
+                blobs.insert(msg_id, Bytes::copy_from_slice(&blob[..keep]));
+            }
+        }
+    }
+    drop(table);
+
+    let mut queues = HashMap::with_capacity(replayed.queues.len());
+    for (name, entries) in replayed.queues {
+        let list = entries
+            .into_iter()
+            .filter_map(|e| {
+                let blob = blobs.get(&e.msg_id)?.clone();
+                let len = replayed
+                    .blobs
+                    .get(&e.msg_id)
+                    .map_or(blob.len(), |&(_, l)| l);
+                Some(RecoveredEntry {
+                    offset: e.offset,
+                    msg_id: e.msg_id,
+                    blob,
+                    len,
+                    delivered: e.delivery_count > 0,
+                    delivery_count: e.delivery_count,
+                })
+            })
+            .collect();
+        queues.insert(name, list);
+    }
+    drop(blobs);
+
     let raft = read_raft(&txn)?;
 
     Ok(Loaded {
         recovered: Recovered {
             definitions,
             access,
-            queues: replayed.queues,
+            queues,
             next_msg_id: replayed.next_msg_id,
             raft,
         },

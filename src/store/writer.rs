@@ -6,11 +6,16 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
-use redb::{Database, Durability, ReadableTable, WriteTransaction};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, WriteTransaction};
 
-use super::log::{ChunkWriter, LiveIndex, Truncation};
+use bytes::Bytes;
+
+use super::log::{ChunkId, ChunkWriter, LiveIndex, Truncation, find_puts};
 use super::schema::{ACCESS, DEFINITIONS, MESSAGE_LOG, RAFT_LOG, RAFT_STATE};
-use super::{Counters, Done, FlushMode, Request, StoreOp, fatal_store_failure};
+use super::{
+    Counters, Done, FlushMode, ReadAnswer, ReadFailed, ReadRequest, Request, StoreOp,
+    fatal_store_failure,
+};
 
 /// At most this many requests go into one transaction, so that a flood of publishes cannot
 /// make one commit (and the latency of its first waiter) unbounded. The rest go into the
@@ -76,6 +81,11 @@ pub(super) struct Writer {
     counters: Arc<Counters>,
     /// When the oldest non-durable commit not yet covered by an fsync was made.
     unsynced_since: Option<Instant>,
+    /// Reads that arrived with the current batch, answered once it is committed.
+    reads: Vec<ReadRequest>,
+    /// The chunk read last: a queue drains its backlog in order, so the next read
+    /// usually wants the same chunk (chunks never change once written).
+    read_cache: Option<(ChunkId, Bytes)>,
 }
 
 /// Turns a panic of the writer thread into the fatal exit: its waiters would otherwise hang
@@ -111,6 +121,8 @@ impl Writer {
             batch_bytes: 0,
             counters,
             unsynced_since: None,
+            reads: Vec::new(),
+            read_cache: None,
         }
     }
 
@@ -126,6 +138,10 @@ impl Writer {
             let durable = matches!(control, Control::Close) || self.flush == FlushMode::Sync;
             if !self.batch.is_empty() {
                 self.commit_batch(durable);
+            }
+            for read in std::mem::take(&mut self.reads) {
+                let answer = self.read(&read.ids);
+                (read.done)(answer);
             }
             match control {
                 Control::Continue => {}
@@ -186,6 +202,7 @@ impl Writer {
                         return Control::Continue;
                     }
                 }
+                Request::Read(read) => self.reads.push(read),
                 Request::Close => return Control::Close,
                 Request::Pause(rx) => return Control::Pause(rx),
             }
@@ -245,6 +262,49 @@ impl Writer {
                 Done::Call(callback) => callback(),
             }
         }
+    }
+
+    /// The blobs of messages `ids`, where the log holds them now (see
+    /// [`super::Store::read_messages`]). Each chunk needed is read once.
+    fn read(&mut self, ids: &[u64]) -> ReadAnswer {
+        let mut answer: Vec<Option<Bytes>> = vec![None; ids.len()];
+        let mut by_chunk: std::collections::BTreeMap<ChunkId, Vec<usize>> = Default::default();
+        for (i, id) in ids.iter().enumerate() {
+            if let Some(chunk) = self.log.locate(*id) {
+                by_chunk.entry(chunk).or_default().push(i);
+            }
+        }
+        if by_chunk.is_empty() {
+            return Ok(answer);
+        }
+        let failed = |e: &dyn std::fmt::Display| ReadFailed(e.to_string());
+        let txn = self.db.begin_read().map_err(|e| failed(&e))?;
+        let table = txn.open_table(MESSAGE_LOG).map_err(|e| failed(&e))?;
+        for (chunk, slots) in by_chunk {
+            let bytes = match &self.read_cache {
+                Some((cached, bytes)) if *cached == chunk => bytes.clone(),
+                _ => {
+                    let Some(row) = table.get(chunk).map_err(|e| failed(&e))? else {
+                        tracing::error!(chunk, "store: a live message's chunk is missing");
+                        continue;
+                    };
+                    let bytes = Bytes::copy_from_slice(row.value());
+                    self.read_cache = Some((chunk, bytes.clone()));
+                    bytes
+                }
+            };
+            let wanted: std::collections::HashMap<u64, usize> =
+                slots.iter().map(|&i| (ids[i], i)).collect();
+            let found =
+                find_puts(chunk, &bytes, |id| wanted.contains_key(&id)).map_err(|e| failed(&e))?;
+            for (msg_id, pos, len) in found {
+                if let Some(&i) = wanted.get(&msg_id) {
+                    // A copy: the answer must not keep the whole chunk in memory.
+                    answer[i] = Some(Bytes::copy_from_slice(&bytes[pos..pos + len]));
+                }
+            }
+        }
+        Ok(answer)
     }
 
     /// Makes every earlier non-durable commit durable: an empty transaction committed with
