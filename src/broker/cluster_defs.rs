@@ -134,6 +134,15 @@ impl ClusterLink {
     }
 }
 
+impl ClusterLink {
+    /// Waits until this node has applied everything the metadata group committed before
+    /// now (an empty proposal's round trip).
+    pub async fn caught_up(&self) -> Result<(), crate::cluster::meta::MetaError> {
+        let ticket = self.proposals.submit(Vec::new());
+        self.proposals.wait(ticket.saturating_sub(1), ticket).await
+    }
+}
+
 /// Why a replicated queue's members were not changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MembersError {

@@ -52,6 +52,15 @@ impl ApiError {
         }
     }
 
+    /// 503 with a reason: the node cannot do it now (no metadata majority).
+    pub fn unavailable(reason: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            error: "service_unavailable",
+            reason: reason.into(),
+        }
+    }
+
     /// 500 for something that should not fail.
     pub fn internal(reason: impl Into<String>) -> ApiError {
         ApiError {

@@ -201,9 +201,42 @@ pub fn router(http: Http) -> Router {
         .fallback(|| async { ApiError::not_found() })
         .layer(axum::middleware::from_fn_with_state(
             http.clone(),
+            caught_up_for_writes,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            http.clone(),
             auth::loopback_guard,
         ))
         .with_state(http)
+}
+
+/// On a clustered node, a change (any method but GET and HEAD) waits until this node has
+/// applied every definition change committed before it: a user, vhost or queue that
+/// another node has just answered for is then found here too (read-your-writes across
+/// nodes, as a change made through node 1 and then used through node 3 expects). A
+/// node that cannot reach a metadata majority answers 503 instead. Membership and node
+/// commands (`/api/cluster/...`, `/api/nodes/...`) do not wait.
+async fn caught_up_for_writes(
+    axum::extract::State(http): axum::extract::State<Http>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let reads = matches!(
+        *request.method(),
+        axum::http::Method::GET | axum::http::Method::HEAD
+    );
+    // (Membership and node commands are what mends a cluster without a majority.)
+    let path = request.uri().path();
+    let mends = path.starts_with("/api/cluster/") || path.starts_with("/api/nodes/");
+    if !reads
+        && !mends
+        && let Some(link) = http.broker.cluster_link()
+        && link.caught_up().await.is_err()
+    {
+        return ApiError::unavailable("the metadata store operation timed out").into_response();
+    }
+    next.run(request).await
 }
 
 /// The client's address, as the loopback rule needs it (for plain and TLS listeners).
