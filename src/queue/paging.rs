@@ -181,7 +181,15 @@ impl Queue {
                 let _ = tx.send(answer);
             }),
         );
-        rx.recv().ok()
+        // (On a multi-threaded runtime the worker lets its other tasks move elsewhere
+        // while it waits for the disk.)
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if multi_thread {
+            tokio::task::block_in_place(|| rx.recv().ok())
+        } else {
+            rx.recv().ok()
+        }
     }
 
     /// basic.get found the head paged: loads the next few messages at once.
