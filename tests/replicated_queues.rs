@@ -65,6 +65,28 @@ async fn publish(ch: &Channel, body: &str) -> bool {
     )
 }
 
+/// Publishes `PREFIX:0` .. `PREFIX:{n-1}` through `ch`, each again until it is confirmed
+/// (a group that is electing, or a node that routed to a deposed leader, nacks); their
+/// bodies. Fails after a minute without all of them.
+async fn publish_confirmed(ch: &Channel, prefix: &str, n: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut done = Vec::with_capacity(n);
+    while done.len() < n {
+        let body = format!("{prefix}:{}", done.len());
+        if publish(ch, &body).await {
+            done.push(body);
+        } else {
+            assert!(
+                Instant::now() < deadline,
+                "{prefix}: {} of {n} confirmed",
+                done.len()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    done
+}
+
 /// The node (of `nodes`) that leads the queue's group now: the one that most recently
 /// logged taking its lead (a consume cannot tell: consumers work through any node).
 async fn leader(c: &Cluster, nodes: &[usize], queue: &str) -> usize {
@@ -126,19 +148,8 @@ async fn confirmed_messages_survive_the_loss_of_the_queue_leader() {
     // Publish through every node (the others forward to the leader).
     let mut confirmed = BTreeSet::new();
     for node in [1, 2, 3] {
-        let deadline = Instant::now() + Duration::from_secs(30);
         let ch = confirming_channel(&c, node).await.expect("node up");
-        let mut n = 0;
-        while n < 100 {
-            let body = format!("{node}:{n}");
-            if publish(&ch, &body).await {
-                confirmed.insert(body);
-                n += 1;
-            } else {
-                assert!(Instant::now() < deadline, "node {node} never confirmed");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
+        confirmed.extend(publish_confirmed(&ch, &format!("node{node}"), 100).await);
     }
 
     // A consumer takes some without acking, then the leader dies.
@@ -169,21 +180,7 @@ async fn confirmed_messages_survive_the_loss_of_the_queue_leader() {
     // The survivors elect a new leader and keep confirming.
     let rest: Vec<usize> = [1, 2, 3].into_iter().filter(|i| *i != first).collect();
     let ch = confirming_channel(&c, rest[0]).await.expect("survivor up");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut after = 0;
-    while after < 20 {
-        let body = format!("after:{after}");
-        if publish(&ch, &body).await {
-            confirmed.insert(body);
-            after += 1;
-        } else {
-            assert!(
-                Instant::now() < deadline,
-                "no confirm after the leader died"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
+    confirmed.extend(publish_confirmed(&ch, "after", 20).await);
 
     let second = leader(&c, &rest, QUEUE).await;
     let (got, redelivered) = drain(&c, second).await;
@@ -293,33 +290,10 @@ async fn a_node_outside_the_queues_group_follows_its_leader() {
 
     let mut confirmed = BTreeSet::new();
     let outside = confirming_channel(&c, 4).await.expect("node 4 up");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while confirmed.len() < 50 {
-        let body = format!("before:{}", confirmed.len());
-        if publish(&outside, &body).await {
-            confirmed.insert(body);
-        } else {
-            assert!(Instant::now() < deadline, "node 4 never confirmed");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
+    confirmed.extend(publish_confirmed(&outside, "before", 50).await);
     // The leader dies: node 4 learns the new one and its publishes are confirmed again.
     c.kill(first);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut after = 0;
-    while after < 50 {
-        let body = format!("after:{after}");
-        if publish(&outside, &body).await {
-            confirmed.insert(body);
-            after += 1;
-        } else {
-            assert!(
-                Instant::now() < deadline,
-                "node 4 never confirmed after the kill"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
+    confirmed.extend(publish_confirmed(&outside, "after", 50).await);
     let rest: Vec<usize> = [1, 2, 3].into_iter().filter(|i| *i != first).collect();
     let second = leader(&c, &rest, QUEUE).await;
     // `warren ctl list_queues` through node 4 names the new leader and the members, as
@@ -511,16 +485,7 @@ async fn classic_queues_matched_by_a_mirroring_policy_are_replicated() {
     // The mirrored queue keeps every confirmed message when its leader dies.
     let mut confirmed = BTreeSet::new();
     let ch = confirming_channel(&c, 3).await.expect("node 3 up");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while confirmed.len() < 100 {
-        let body = format!("m{}", confirmed.len());
-        if publish(&ch, &body).await {
-            confirmed.insert(body);
-        } else {
-            assert!(Instant::now() < deadline, "never confirmed");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
+    confirmed.extend(publish_confirmed(&ch, "m", 100).await);
     let first = leader(&c, &[1, 2, 3], QUEUE).await;
     // Every node lists the leader's figures (as RabbitMQ lists a queue's leader's).
     for i in [1, 2, 3] {
@@ -535,21 +500,7 @@ async fn classic_queues_matched_by_a_mirroring_policy_are_replicated() {
     c.kill(first);
     let rest: Vec<usize> = [1, 2, 3].into_iter().filter(|i| *i != first).collect();
     let ch = confirming_channel(&c, rest[0]).await.expect("survivor up");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut after = 0;
-    while after < 20 {
-        let body = format!("after:{after}");
-        if publish(&ch, &body).await {
-            confirmed.insert(body);
-            after += 1;
-        } else {
-            assert!(
-                Instant::now() < deadline,
-                "no confirm after the leader died"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
+    confirmed.extend(publish_confirmed(&ch, "after", 20).await);
     let second = leader(&c, &rest, QUEUE).await;
     let (got, _) = drain(&c, second).await;
     let got: BTreeSet<String> = got.into_iter().collect();
@@ -596,16 +547,7 @@ async fn warren_ctl_adds_and_removes_a_replicated_queues_members() {
     // (The group may still be electing its first leader: nacks are tried again.)
     let mut confirmed = BTreeSet::new();
     let ch = confirming_channel(&c, 1).await.expect("node 1 up");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while confirmed.len() < 100 {
-        let body = format!("before:{}", confirmed.len());
-        if publish(&ch, &body).await {
-            confirmed.insert(body);
-        } else {
-            assert!(Instant::now() < deadline, "never confirmed");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
+    confirmed.extend(publish_confirmed(&ch, "before", 100).await);
 
     // Node 4 joins the queue's group: it copies the log and becomes a voter.
     c.ctl(2, &["add_member", QUEUE, &names[3]]);
@@ -634,18 +576,7 @@ async fn warren_ctl_adds_and_removes_a_replicated_queues_members() {
     // have every confirmed message for the queue to go on.
     c.kill(2);
     let ch = confirming_channel(&c, 3).await.expect("node 3 up");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut after = 0;
-    while after < 20 {
-        let body = format!("after:{after}");
-        if publish(&ch, &body).await {
-            confirmed.insert(body);
-            after += 1;
-        } else {
-            assert!(Instant::now() < deadline, "no confirm from members 3 and 4");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
+    confirmed.extend(publish_confirmed(&ch, "after", 20).await);
     let second = leader(&c, &[3, 4], QUEUE).await;
     let (got, _) = drain(&c, second).await;
     let got: BTreeSet<String> = got.into_iter().collect();
