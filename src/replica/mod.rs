@@ -457,19 +457,15 @@ impl GroupStart {
             let _ = raft.shutdown().await;
             return Ok(());
         }
-        if self.may_initialize && !raft.is_initialized().await? {
-            // Every member does this with the same members; openraft refuses it harmlessly
-            // once a log exists.
-            if let Err(e) = raft.initialize(self.members.clone()).await {
-                tracing::debug!("replicated queue: group already initialised: {e}");
-            }
-            // The declaring node (listed first) stands at once instead of after an
-            // election timeout, so that a new queue takes publishes within a round trip.
-            if self.declared_first {
-                tokio::spawn(stand_first(raft.clone()));
-            }
-        }
+        // (Served first: a member that waits to be initialised by another must hear it.)
         tokio::spawn(raft_net::serve(raft.clone(), inbox));
+        if self.may_initialize && !raft.is_initialized().await? {
+            tokio::spawn(initialize(
+                raft.clone(),
+                self.members.clone(),
+                self.declared_first,
+            ));
+        }
         tokio::spawn(propose(raft.clone(), proposals, stop.clone()));
         let leadership = Leadership {
             raft,
@@ -490,22 +486,62 @@ impl GroupStart {
     }
 }
 
-/// The declaring node stands for election at once instead of after an election timeout,
-/// so that a new queue takes publishes within a round trip, and again every
+/// Initialises a new group's log with its members. openraft starts an election on every
+/// member that initialises, so members initialising together split their votes and the
+/// queue has no leader (and nacks) until election timeouts and leader leases have passed:
+/// the declaring node initialises and stands at once; the other members wait for it to
+/// reach them ([`FIRST_MEMBER_GRACE`]) and initialise themselves only when it does not
+/// (it died right after the declaration), so the group forms without it.
+async fn initialize(raft: Raft<QueueTypes>, members: BTreeMap<NodeId, BasicNode>, first: bool) {
+    if !first {
+        let reached = raft
+            .wait(Some(FIRST_MEMBER_GRACE))
+            .metrics(
+                |m| {
+                    m.membership_config
+                        .membership()
+                        .voter_ids()
+                        .next()
+                        .is_some()
+                },
+                "the declaring node reached this member",
+            )
+            .await;
+        if reached.is_ok() {
+            return;
+        }
+    }
+    // (openraft refuses harmlessly once a log exists.)
+    if let Err(e) = raft.initialize(members).await {
+        tracing::debug!("replicated queue: group already initialised: {e}");
+    }
+    if first {
+        stand_first(raft).await;
+    }
+}
+
+/// How long a member of a new group waits for the declaring node before it initialises
+/// the group itself.
+const FIRST_MEMBER_GRACE: Duration = Duration::from_secs(5);
+
+/// The declaring node stands for election at once (initialising does that) instead of
+/// after an election timeout, so that a new queue takes publishes within a round trip,
+/// and again every
 /// [`STAND_AGAIN_AFTER`] while no leader is known (its first call may reach members whose
 /// group has not started yet): publishes routed to it meanwhile would otherwise be nacked
 /// when another member's timeout made that one the leader.
 async fn stand_first(raft: Raft<QueueTypes>) {
+    // (Initialising stood for the first time.)
     for _ in 0..STAND_ATTEMPTS {
-        if let Err(e) = raft.trigger().elect().await {
-            tracing::debug!("replicated queue: cannot stand for election: {e}");
-            return;
-        }
         let known = raft
             .wait(Some(STAND_AGAIN_AFTER))
             .metrics(|m| m.current_leader.is_some(), "a leader is known")
             .await;
         if known.is_ok() {
+            return;
+        }
+        if let Err(e) = raft.trigger().elect().await {
+            tracing::debug!("replicated queue: cannot stand for election: {e}");
             return;
         }
     }
