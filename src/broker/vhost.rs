@@ -84,21 +84,22 @@ pub const QUORUM_DELIVERY_LIMIT: u64 = 20;
 
 /// Whether a declaration asks for a quorum queue (`x-queue-type: quorum`).
 pub fn is_quorum(def: &QueueDef) -> bool {
-    match def.arguments.inner().get("x-queue-type") {
-        Some(AMQPValue::LongString(s)) => s.as_bytes() == b"quorum",
-        Some(AMQPValue::ShortString(s)) => s.as_str() == "quorum",
-        _ => false,
+    declared_type(def) == Some(b"quorum".as_slice())
+}
+
+/// The declaration's `x-queue-type`, if it gives one as a string.
+fn declared_type(def: &QueueDef) -> Option<&[u8]> {
+    match def.arguments.inner().get("x-queue-type")? {
+        AMQPValue::LongString(s) => Some(s.as_bytes()),
+        AMQPValue::ShortString(s) => Some(s.as_str().as_bytes()),
+        _ => None,
     }
 }
 
 /// Whether a declaration is of a classic queue (no `x-queue-type`, or `classic`).
 fn is_classic(def: &QueueDef) -> bool {
-    match def.arguments.inner().get("x-queue-type") {
-        None => true,
-        Some(AMQPValue::LongString(s)) => s.as_bytes() == b"classic",
-        Some(AMQPValue::ShortString(s)) => s.as_str() == "classic",
-        _ => false,
-    }
+    def.arguments.inner().get("x-queue-type").is_none()
+        || declared_type(def) == Some(b"classic".as_slice())
 }
 
 /// A quorum queue is durable, not exclusive and not auto-delete: 406 naming the property

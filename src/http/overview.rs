@@ -116,7 +116,9 @@ pub async fn nodes(State(http): State<Http>, headers: HeaderMap) -> Result<Json<
 }
 
 /// This node's cluster side, or 400 on a single node.
-fn clustered(http: &Http) -> Result<&crate::broker::cluster_defs::ClusterLink, ApiError> {
+pub(super) fn clustered(
+    http: &Http,
+) -> Result<&crate::broker::cluster_defs::ClusterLink, ApiError> {
     http.broker
         .cluster_link()
         .ok_or_else(|| ApiError::bad_request("this node is not clustered"))

@@ -11,14 +11,9 @@ use regex::Regex;
 use serde_json::{Value, json};
 
 use super::auth::caller;
+use super::overview::clustered;
 use super::{ApiError, Http};
-use crate::broker::cluster_defs::{ClusterLink, MembersError};
-
-fn clustered(http: &Http) -> Result<&ClusterLink, ApiError> {
-    http.broker
-        .cluster_link()
-        .ok_or_else(|| ApiError::bad_request("this node is not clustered"))
-}
+use crate::broker::cluster_defs::MembersError;
 
 fn answer(result: Result<(), MembersError>) -> Result<Response, ApiError> {
     match result {
