@@ -62,8 +62,9 @@ pub struct BrokerState {
     pub connections_closed: AtomicU64,
     /// Set once on a clustered node: how its vhosts reach the metadata group.
     cluster: Arc<OnceLock<cluster_defs::ClusterLink>>,
-    /// The access-control generation the vhosts' policies were last taken from.
-    policy_generation: AtomicU64,
+    /// The access-control generation the vhosts' policies were last taken from; held
+    /// through a refresh, so refreshes run one at a time.
+    policy_generation: Mutex<u64>,
 }
 
 impl ConnectionEntry {
@@ -147,7 +148,7 @@ impl BrokerState {
             connections_closed: AtomicU64::new(0),
             direct_reply_to: Default::default(),
             cluster,
-            policy_generation: AtomicU64::new(u64::MAX),
+            policy_generation: Mutex::new(u64::MAX),
         })
     }
 
@@ -196,9 +197,7 @@ impl BrokerState {
             .collect();
         let now = crate::queue::now_ms();
         self.alarms.check();
-        if self.access.generation() != self.policy_generation.load(Ordering::Relaxed) {
-            self.refresh_policies();
-        }
+        self.refresh_policies();
         for v in vhosts {
             v.tick(now);
         }
@@ -249,9 +248,21 @@ impl BrokerState {
     /// queues when they changed). Called after a policy change, at start, and from the
     /// ticker when access control changed some other way (definitions import, a
     /// cluster peer).
+    ///
+    /// Refreshes run one at a time and a refresh returns only once the policies it saw are
+    /// applied: a policy change is answered after its own call, and a ticker refresh
+    /// that began first must neither cut that call short nor apply older policies after
+    /// it.
     pub fn refresh_policies(&self) {
+        let mut applied = self
+            .policy_generation
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let generation = self.access.generation();
-        self.policy_generation.store(generation, Ordering::Relaxed);
+        if *applied == generation {
+            return;
+        }
+        *applied = generation;
         let all = self.access.policies();
         for v in self.vhost_list() {
             let mine = all.iter().filter(|p| p.vhost == v.name).cloned().collect();
