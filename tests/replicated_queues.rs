@@ -592,3 +592,78 @@ async fn warren_ctl_adds_and_removes_a_replicated_queues_members() {
         "node 1 back: {members}"
     );
 }
+
+/// Packets per second the whole cluster sends over `window` (no client connected).
+async fn cluster_packet_rate(c: &Cluster, window: Duration) -> f64 {
+    let count = |c: &Cluster| (1..=c.len()).map(|i| c.packets_sent(i)).sum::<u64>();
+    let before = count(c);
+    tokio::time::sleep(window).await;
+    (count(c) - before) as f64 / window.as_secs_f64()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_replicated_queues_send_nothing_between_nodes() {
+    let Some(c) = Cluster::start(3) else {
+        return;
+    };
+    const QUEUES: usize = 40;
+    const WINDOW: Duration = Duration::from_secs(6);
+    // The cluster's own chatter: link pings and the metadata group.
+    c.wait_agreed_leader(&[1, 2, 3], None, ELECTION).await;
+    let baseline = cluster_packet_rate(&c, WINDOW).await;
+    {
+        let conn = c.connect(1).await;
+        let ch = conn.create_channel().await.unwrap();
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        let (options, args) = quorum();
+        for q in 0..QUEUES {
+            let name = format!("idle-{q}");
+            ch.queue_declare(name.as_str().into(), options, args.clone())
+                .await
+                .unwrap();
+            // (Each group commits an entry: a leader exists and has replicated.)
+            let deadline = Instant::now() + ELECTION;
+            loop {
+                let confirm = ch
+                    .basic_publish(
+                        "".into(),
+                        name.as_str().into(),
+                        BasicPublishOptions::default(),
+                        b"kept",
+                        BasicProperties::default().with_delivery_mode(2),
+                    )
+                    .await
+                    .unwrap()
+                    .await
+                    .unwrap();
+                if confirm.is_ack() {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "{name}: never confirmed");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        conn.close(200, "done".into()).await.unwrap();
+    }
+    // Settled: the last commits have reached every follower.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle = cluster_packet_rate(&c, WINDOW).await;
+    // Per-group heartbeats (4 a second to each of 2 followers, and their answers) would
+    // add some 16 packets a second per queue; allow well under one.
+    assert!(
+        idle - baseline < QUEUES as f64 * 0.5,
+        "{QUEUES} idle replicated queues: {idle:.0} packets/s against {baseline:.0} without them"
+    );
+    // And they still work: every message is there.
+    let ch = c.connect(2).await.create_channel().await.unwrap();
+    for q in 0..QUEUES {
+        let name = format!("idle-{q}");
+        let got = ch
+            .basic_get(name.as_str().into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap();
+        assert!(got.is_some(), "{name} lost its message");
+    }
+}

@@ -180,6 +180,14 @@ where
     }
 }
 
+/// Asks member `peer` of `group` to send a heartbeat if it leads the group: a member
+/// that knows no leader learns it (and is caught up) without standing for election.
+/// One-way and harmless to repeat; a member that does not lead ignores it.
+pub async fn nudge(transport: &Transport, peer: &str, group: GroupId) {
+    // (An empty one-way message: every Raft request is a non-empty request.)
+    let _ = transport.send(peer, group, Vec::new()).await;
+}
+
 /// Serves one group's requests from peers until the inbox closes.
 pub async fn serve<C>(raft: Raft<C>, mut inbox: mpsc::Receiver<Incoming>)
 where
@@ -189,6 +197,10 @@ where
 {
     while let Some(message) = inbox.recv().await {
         let Some(reply) = message.reply else {
+            if message.body.is_empty() {
+                // A nudge (see [`nudge`]); ignored unless this member leads.
+                let _ = raft.trigger().heartbeat().await;
+            }
             continue;
         };
         let request: RaftRequest<C> = match postcard::from_bytes(&message.body) {

@@ -14,9 +14,13 @@
 //!   consumers (basic.cancel) and forgets the live queue. A new leader announces itself
 //!   in the metadata group (as RabbitMQ records a quorum queue's leader), and every node
 //!   routes the queue's publishes to the leader it knows (`VHost::set_replica_home`).
+//! - Groups send nothing while idle: openraft's heartbeats and election timers are off,
+//!   and the node's links (their pings, and the link losses and gains they report)
+//!   decide when a member stands for election or a leader heartbeats ([`elections`]).
 //! - A queue's log is snapshotted (its live messages only) every
 //!   [`SNAPSHOT_EVERY`] entries and truncated, so disk use follows the backlog.
 
+pub mod elections;
 pub mod machine;
 
 use std::collections::{BTreeMap, HashMap};
@@ -433,6 +437,10 @@ impl GroupStart {
             heartbeat_interval: 250,
             election_timeout_min: 1500,
             election_timeout_max: 3000,
+            // An idle group sends nothing: elections are driven by the node's links
+            // (see [`elections`]), and a heartbeat goes out only when one is asked for.
+            enable_heartbeat: false,
+            enable_elect: false,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(SNAPSHOT_EVERY),
             max_payload_entries: ENTRIES_PER_APPEND,
             max_in_snapshot_log_to_keep: 0,
@@ -468,6 +476,15 @@ impl GroupStart {
         }
         tokio::spawn(propose(raft.clone(), proposals, stop.clone()));
         let leadership = Leadership {
+            elections: elections::Elections::new(
+                raft.clone(),
+                self.transport.clone(),
+                self.group,
+                self.me,
+                self.names.clone(),
+            ),
+            losses: self.transport.link_losses(),
+            gains: self.transport.link_gains(),
             raft,
             machine,
             me: self.me,
@@ -624,6 +641,11 @@ struct Leadership {
     /// A membership change of this leader runs.
     reconciling: Arc<std::sync::atomic::AtomicBool>,
     log: RaftLog<QueueTypes>,
+    /// Nudges and stands for election when the leader cannot be reached.
+    elections: elections::Elections<QueueTypes>,
+    /// The node's links that go down, and come up (the failure detector).
+    losses: tokio::sync::broadcast::Receiver<String>,
+    gains: tokio::sync::broadcast::Receiver<String>,
 }
 
 impl Leadership {
@@ -720,7 +742,7 @@ impl Leadership {
         self.names.iter().map(|(id, n)| (n.clone(), *id)).collect()
     }
 
-    async fn follow(self) {
+    async fn follow(mut self) {
         let mut metrics = self.raft.metrics();
         let mut hosting = false;
         // The leader acted on last (metrics change on every append: act on changes of
@@ -787,11 +809,25 @@ impl Leadership {
             }
             self.snapshot_when_large();
             drop((queue, vhost));
+            let look_again =
+                self.elections
+                    .look(&metrics.borrow())
+                    .map_or(REANNOUNCE_EVERY, |at| {
+                        at.saturating_duration_since(std::time::Instant::now())
+                            .min(REANNOUNCE_EVERY)
+                    });
             // (A timeout only means: look again.)
-            let changed = tokio::time::timeout(REANNOUNCE_EVERY, async {
+            let changed = tokio::time::timeout(look_again, async {
                 tokio::select! {
                     changed = metrics.changed() => changed.is_ok(),
                     _ = self.members_changed.notified() => true,
+                    _ = self.losses.recv() => true,
+                    gained = self.gains.recv() => {
+                        if let Ok(peer) = gained {
+                            self.elections.link_gained(&peer, &self.raft.metrics().borrow());
+                        }
+                        true
+                    }
                 }
             });
             if let Ok(false) = changed.await {
