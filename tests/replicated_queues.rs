@@ -667,3 +667,54 @@ async fn idle_replicated_queues_send_nothing_between_nodes() {
         assert!(got.is_some(), "{name} lost its message");
     }
 }
+
+/// The timestamp that starts the last line of node `i`'s log containing `needle`.
+fn logged_at(c: &Cluster, i: usize, needle: &str) -> Option<String> {
+    let log = c.log(i);
+    let line = log.lines().rev().find(|l| l.contains(needle))?;
+    Some(line.split_whitespace().next()?.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_stops_hands_its_leaderships_over_first() {
+    let Some(mut c) = Cluster::start(3) else {
+        return;
+    };
+    c.wait_agreed_leader(&[1, 2, 3], None, ELECTION).await;
+    let ch = c.connect(1).await.create_channel().await.unwrap();
+    let (options, args) = quorum();
+    ch.queue_declare(QUEUE.into(), options, args).await.unwrap();
+    let first = leader(&c, &[1, 2, 3], QUEUE).await;
+    let other = if first == 1 { 2 } else { 1 };
+    let through = confirming_channel(&c, other).await.expect("node up");
+    let mut confirmed: BTreeSet<String> = publish_confirmed(&through, "before", 200)
+        .await
+        .into_iter()
+        .collect();
+
+    c.stop(first);
+    let handed = c.log(first);
+    assert!(
+        handed
+            .lines()
+            .any(|l| l.contains("leaderships handed over") && l.contains("handed_over=1")),
+        "node {first} handed its queue over:\n{}",
+        c.log_tail(first)
+    );
+    // Another member led the queue before the stopping node was gone.
+    let rest: Vec<usize> = [1, 2, 3].into_iter().filter(|i| *i != first).collect();
+    let second = leader(&c, &rest, QUEUE).await;
+    let took = logged_at(&c, second, "this node leads it now").expect("new leader logged");
+    let stopped = logged_at(&c, first, "stopped: connections closed").expect("stop logged");
+    assert!(
+        took < stopped,
+        "node {second} took over at {took}, node {first} stopped at {stopped}"
+    );
+
+    let through = confirming_channel(&c, other).await.expect("node up");
+    confirmed.extend(publish_confirmed(&through, "after", 20).await);
+    let (got, _) = drain(&c, second).await;
+    let got: BTreeSet<String> = got.into_iter().collect();
+    let lost: Vec<&String> = confirmed.difference(&got).collect();
+    assert!(lost.is_empty(), "confirmed messages lost: {lost:?}");
+}

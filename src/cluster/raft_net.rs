@@ -180,12 +180,22 @@ where
     }
 }
 
+/// One-way signals between the members of a queue group (Raft's own traffic is always
+/// a request with an answer), each one byte.
+const NUDGE: u8 = 0;
+const STAND: u8 = 1;
+
 /// Asks member `peer` of `group` to send a heartbeat if it leads the group: a member
 /// that knows no leader learns it (and is caught up) without standing for election.
-/// One-way and harmless to repeat; a member that does not lead ignores it.
+/// Harmless to repeat; a member that does not lead ignores it.
 pub async fn nudge(transport: &Transport, peer: &str, group: GroupId) {
-    // (An empty one-way message: every Raft request is a non-empty request.)
-    let _ = transport.send(peer, group, Vec::new()).await;
+    let _ = transport.send(peer, group, vec![NUDGE]).await;
+}
+
+/// Asks member `peer` of `group` to stand for election now (its leader hands the
+/// leadership over to it). A leader, or a member that is not a voter, ignores it.
+pub async fn ask_to_stand(transport: &Transport, peer: &str, group: GroupId) {
+    let _ = transport.send(peer, group, vec![STAND]).await;
 }
 
 /// Serves one group's requests from peers until the inbox closes.
@@ -197,9 +207,15 @@ where
 {
     while let Some(message) = inbox.recv().await {
         let Some(reply) = message.reply else {
-            if message.body.is_empty() {
-                // A nudge (see [`nudge`]); ignored unless this member leads.
-                let _ = raft.trigger().heartbeat().await;
+            match message.body.as_slice() {
+                // (openraft ignores a heartbeat asked of a member that does not lead.)
+                [NUDGE] => {
+                    let _ = raft.trigger().heartbeat().await;
+                }
+                [STAND] => {
+                    let _ = raft.trigger().elect().await;
+                }
+                _ => {}
             }
             continue;
         };

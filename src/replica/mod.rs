@@ -21,6 +21,7 @@
 //!   [`SNAPSHOT_EVERY`] entries and truncated, so disk use follows the backlog.
 
 pub mod elections;
+pub mod handover;
 pub mod machine;
 
 use std::collections::{BTreeMap, HashMap};
@@ -215,6 +216,9 @@ struct RunningGroup {
     stop: tokio_util::sync::CancellationToken,
     /// Woken when the queue's wanted members change (its leader then changes the group).
     members_changed: Arc<tokio::sync::Notify>,
+    /// The proposal gate: a permit per entry that may await its commit (a hand-over
+    /// holds them all).
+    gate: Arc<tokio::sync::Semaphore>,
 }
 
 /// The replicated queue groups of this node.
@@ -287,10 +291,12 @@ impl Replicas {
         let (tx, rx) = mpsc::unbounded_channel();
         queue.attach_replica(ReplicaLog { tx });
         let members_changed = Arc::new(tokio::sync::Notify::new());
+        let gate = Arc::new(tokio::sync::Semaphore::new(ENTRIES_AWAITING_COMMIT));
         let running = Arc::new(Mutex::new(RunningGroup {
             raft: None,
             stop: tokio_util::sync::CancellationToken::new(),
             members_changed: members_changed.clone(),
+            gate: gate.clone(),
         }));
         groups.insert(spec.group, running.clone());
         drop(groups);
@@ -325,6 +331,7 @@ impl Replicas {
             may_initialize: spec.may_initialize(&self.inner.me),
             declared_first: spec.initial.first() == Some(&self.inner.me),
             members_changed,
+            gate,
         };
         tokio::spawn(async move {
             if let Err(e) = start.run(rx).await {
@@ -395,6 +402,55 @@ impl Replicas {
         });
     }
 
+    /// Hands over the leadership of every queue this node leads (it is about to stop),
+    /// all at once; returns once they moved or [`handover::HANDOVER_LIMIT`] passed.
+    pub async fn hand_over_all(&self) {
+        let Some(&me) = self.inner.ids.get(&self.inner.me) else {
+            return;
+        };
+        let names: BTreeMap<NodeId, String> = self
+            .inner
+            .ids
+            .iter()
+            .map(|(n, id)| (*id, n.clone()))
+            .collect();
+        let groups: Vec<(GroupId, Raft<QueueTypes>, Arc<tokio::sync::Semaphore>)> =
+            lock(&self.inner.groups)
+                .iter()
+                .filter_map(|(group, running)| {
+                    let r = lock(running);
+                    Some((*group, r.raft.clone()?, r.gate.clone()))
+                })
+                .filter(|(_, raft, _)| raft.metrics().borrow().current_leader == Some(me))
+                .collect();
+        if groups.is_empty() {
+            return;
+        }
+        let handovers = groups.iter().map(|(group, raft, gate)| {
+            let names = &names;
+            async move {
+                let moved = handover::Handover {
+                    raft,
+                    transport: &self.inner.transport,
+                    group: *group,
+                    me,
+                    names,
+                    gate,
+                    permits: ENTRIES_AWAITING_COMMIT as u32,
+                }
+                .run()
+                .await;
+                moved.is_some()
+            }
+        });
+        let moved = futures_util::future::join_all(handovers).await;
+        tracing::info!(
+            queues = moved.len(),
+            handed_over = moved.iter().filter(|m| **m).count(),
+            "replicated queues: leaderships handed over before stopping"
+        );
+    }
+
     /// Stops every group (the node shuts down).
     pub async fn shutdown(&self) {
         let all: Vec<_> = lock(&self.inner.groups).values().cloned().collect();
@@ -425,6 +481,7 @@ struct GroupStart {
     /// This node is the first member of the spec (the node that declared the queue).
     declared_first: bool,
     members_changed: Arc<tokio::sync::Notify>,
+    gate: Arc<tokio::sync::Semaphore>,
 }
 
 impl GroupStart {
@@ -435,8 +492,11 @@ impl GroupStart {
         let config = Config {
             cluster_name: format!("warren-queue-{:x}", self.group),
             heartbeat_interval: 250,
-            election_timeout_min: 1500,
-            election_timeout_max: 3000,
+            // (No election timer runs: these bound the vote requests and set the leader
+            // lease, during which a follower that heard from its leader refuses other
+            // candidates; a hand-over waits it out.)
+            election_timeout_min: 1000,
+            election_timeout_max: 1500,
             // An idle group sends nothing: elections are driven by the node's links
             // (see [`elections`]), and a heartbeat goes out only when one is asked for.
             enable_heartbeat: false,
@@ -474,7 +534,12 @@ impl GroupStart {
                 self.declared_first,
             ));
         }
-        tokio::spawn(propose(raft.clone(), proposals, stop.clone()));
+        tokio::spawn(propose(
+            raft.clone(),
+            proposals,
+            self.gate.clone(),
+            stop.clone(),
+        ));
         let leadership = Leadership {
             elections: elections::Elections::new(
                 raft.clone(),
@@ -574,6 +639,7 @@ const STAND_ATTEMPTS: usize = 5;
 async fn propose(
     raft: Raft<QueueTypes>,
     mut rx: mpsc::UnboundedReceiver<(ReplicaRecord, Option<Ack>)>,
+    uncommitted: Arc<tokio::sync::Semaphore>,
     stop: tokio_util::sync::CancellationToken,
 ) {
     // Publishes made while the group's first election runs wait for it.
@@ -585,7 +651,7 @@ async fn propose(
     // come pile up in the channel and the next entry takes them all, so that under load
     // entries carry hundreds of records (each entry costs the Raft core, the logs and
     // the followers a fixed amount) while a lone publish still goes out at once.
-    let uncommitted = Arc::new(tokio::sync::Semaphore::new(ENTRIES_AWAITING_COMMIT));
+    // (`uncommitted` holds ENTRIES_AWAITING_COMMIT permits.)
     loop {
         let first = tokio::select! {
             p = rx.recv() => p,
