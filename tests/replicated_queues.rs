@@ -718,3 +718,75 @@ async fn a_node_that_stops_hands_its_leaderships_over_first() {
     let lost: Vec<&String> = confirmed.difference(&got).collect();
     assert!(lost.is_empty(), "confirmed messages lost: {lost:?}");
 }
+
+/// How many of the `rebal-*` queues each node leads, as `warren ctl list_queues name
+/// leader` through node `via` shows them.
+fn listed_leaders(c: &Cluster, via: usize) -> Vec<usize> {
+    let listed = c.ctl(via, &["list_queues", "name", "leader"]);
+    (1..=c.len())
+        .map(|i| {
+            listed
+                .lines()
+                .filter(|l| l.starts_with("rebal-") && l.contains(&c.node(i).name))
+                .count()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warren_ctl_rebalance_spreads_leaders_over_the_nodes() {
+    let Some(c) = Cluster::start(3) else {
+        return;
+    };
+    c.wait_agreed_leader(&[1, 2, 3], None, ELECTION).await;
+    let ch = confirming_channel(&c, 1).await.expect("node up");
+    let (options, args) = quorum();
+    for q in 0..6 {
+        let name = format!("rebal-{q}");
+        ch.queue_declare(name.as_str().into(), options, args.clone())
+            .await
+            .unwrap();
+        let confirm = ch
+            .basic_publish(
+                "".into(),
+                name.as_str().into(),
+                BasicPublishOptions::default(),
+                name.as_bytes(),
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(confirm.is_ack(), "{name} confirmed");
+    }
+    // Declared on node 1, every queue is led there.
+    let deadline = Instant::now() + ELECTION;
+    while listed_leaders(&c, 1) != [6, 0, 0] {
+        assert!(Instant::now() < deadline, "{:?}", listed_leaders(&c, 1));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    // Through node 2: the leaders on node 1 are moved by node 1 on node 2's request.
+    let report = c.ctl(2, &["rebalance", "quorum"]);
+    for i in 1..=3 {
+        let row = report
+            .lines()
+            .find(|l| l.contains(&c.node(i).name))
+            .unwrap_or_else(|| panic!("node {i} in the report: {report}"));
+        assert!(row.trim_end().ends_with('2'), "node {i} leads 2: {report}");
+    }
+    assert_eq!(listed_leaders(&c, 3), [2, 2, 2]);
+
+    // Every queue still serves its message, through any node.
+    let ch = c.connect(3).await.create_channel().await.unwrap();
+    for q in 0..6 {
+        let name = format!("rebal-{q}");
+        let got = ch
+            .basic_get(name.as_str().into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("{name} lost its message"));
+        assert_eq!(got.data, name.as_bytes());
+    }
+}

@@ -44,10 +44,13 @@ pub struct Handover<'a> {
     pub gate: &'a Semaphore,
     /// The gate's permits.
     pub permits: u32,
+    /// The member to hand over to, if it is a reachable voter (else the most caught-up).
+    pub prefer: Option<NodeId>,
 }
 
 impl Handover<'_> {
-    /// Hands the leadership to the most caught-up reachable voter. Returns who leads now
+    /// Hands the leadership to the preferred member or else the most caught-up reachable
+    /// voter. Returns who leads now
     /// when it moved; `None` when this member did not lead or nobody could take over in
     /// time (the group then goes on as it was).
     pub async fn run(&self) -> Option<NodeId> {
@@ -93,8 +96,8 @@ impl Handover<'_> {
         None
     }
 
-    /// The voter (not this one, link up) that has the most of the log, and the index of
-    /// this leader's last entry.
+    /// The preferred voter, or else the voter that has the most of the log (not this one,
+    /// link up), and the index of this leader's last entry.
     fn choose(&self) -> Option<(NodeId, u64)> {
         let m = self.raft.metrics().borrow().clone();
         if m.current_leader != Some(self.me) {
@@ -102,7 +105,8 @@ impl Handover<'_> {
         }
         let last = m.last_log_index?;
         let replication = m.replication?;
-        m.membership_config
+        let candidates: Vec<NodeId> = m
+            .membership_config
             .membership()
             .voter_ids()
             .filter(|id| *id != self.me)
@@ -111,6 +115,12 @@ impl Handover<'_> {
                     .get(id)
                     .is_some_and(|n| self.transport.is_connected(n))
             })
+            .collect();
+        if let Some(prefer) = self.prefer {
+            return candidates.contains(&prefer).then_some((prefer, last));
+        }
+        candidates
+            .into_iter()
             .max_by_key(|id| {
                 replication
                     .get(id)

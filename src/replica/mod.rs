@@ -405,8 +405,40 @@ impl Replicas {
     /// Hands over the leadership of every queue this node leads (it is about to stop),
     /// all at once; returns once they moved or [`handover::HANDOVER_LIMIT`] passed.
     pub async fn hand_over_all(&self) {
-        let Some(&me) = self.inner.ids.get(&self.inner.me) else {
+        let led: Vec<GroupId> = lock(&self.inner.groups)
+            .iter()
+            .filter(|(_, running)| {
+                lock(running).raft.as_ref().is_some_and(|raft| {
+                    let leader = raft.metrics().borrow().current_leader;
+                    leader.is_some() && leader == self.inner.ids.get(&self.inner.me).copied()
+                })
+            })
+            .map(|(group, _)| *group)
+            .collect();
+        if led.is_empty() {
             return;
+        }
+        let moved =
+            futures_util::future::join_all(led.iter().map(|g| self.hand_over(*g, None))).await;
+        tracing::info!(
+            queues = moved.len(),
+            handed_over = moved.iter().filter(|m| m.is_some()).count(),
+            "replicated queues: leaderships handed over before stopping"
+        );
+    }
+
+    /// Hands the leadership of `group` (led by this node) to member `to`, or to its most
+    /// caught-up member; the node that leads it then, if it moved.
+    pub async fn hand_over(&self, group: GroupId, to: Option<&str>) -> Option<String> {
+        let me = *self.inner.ids.get(&self.inner.me)?;
+        let (raft, gate) = {
+            let running = lock(&self.inner.groups).get(&group)?.clone();
+            let r = lock(&running);
+            (r.raft.clone()?, r.gate.clone())
+        };
+        let prefer = match to {
+            Some(name) => Some(*self.inner.ids.get(name)?),
+            None => None,
         };
         let names: BTreeMap<NodeId, String> = self
             .inner
@@ -414,41 +446,19 @@ impl Replicas {
             .iter()
             .map(|(n, id)| (*id, n.clone()))
             .collect();
-        let groups: Vec<(GroupId, Raft<QueueTypes>, Arc<tokio::sync::Semaphore>)> =
-            lock(&self.inner.groups)
-                .iter()
-                .filter_map(|(group, running)| {
-                    let r = lock(running);
-                    Some((*group, r.raft.clone()?, r.gate.clone()))
-                })
-                .filter(|(_, raft, _)| raft.metrics().borrow().current_leader == Some(me))
-                .collect();
-        if groups.is_empty() {
-            return;
+        let leader = handover::Handover {
+            raft: &raft,
+            transport: &self.inner.transport,
+            group,
+            me,
+            names: &names,
+            gate: &gate,
+            permits: ENTRIES_AWAITING_COMMIT as u32,
+            prefer,
         }
-        let handovers = groups.iter().map(|(group, raft, gate)| {
-            let names = &names;
-            async move {
-                let moved = handover::Handover {
-                    raft,
-                    transport: &self.inner.transport,
-                    group: *group,
-                    me,
-                    names,
-                    gate,
-                    permits: ENTRIES_AWAITING_COMMIT as u32,
-                }
-                .run()
-                .await;
-                moved.is_some()
-            }
-        });
-        let moved = futures_util::future::join_all(handovers).await;
-        tracing::info!(
-            queues = moved.len(),
-            handed_over = moved.iter().filter(|m| **m).count(),
-            "replicated queues: leaderships handed over before stopping"
-        );
+        .run()
+        .await?;
+        names.get(&leader).cloned()
     }
 
     /// Stops every group (the node shuts down).
