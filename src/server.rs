@@ -468,6 +468,12 @@ async fn accept_loop(
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    if state.is_drained() {
+                        // (RabbitMQ suspends its listeners while drained.)
+                        tracing::debug!(%peer, "maintenance mode: connection refused");
+                        drop(stream);
+                        continue;
+                    }
                     let Some(slot) = ConnectionSlot::take(&open, state.config.connection_max) else {
                         tracing::warn!(%peer, limit = state.config.connection_max, "connection limit reached; closing the new connection");
                         drop(stream);

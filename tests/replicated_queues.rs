@@ -790,3 +790,58 @@ async fn warren_ctl_rebalance_spreads_leaders_over_the_nodes() {
         assert_eq!(got.data, name.as_bytes());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_node_serves_no_clients_and_leads_no_queue_until_revived() {
+    let Some(mut c) = Cluster::start(3) else {
+        return;
+    };
+    c.wait_agreed_leader(&[1, 2, 3], None, ELECTION).await;
+    let ch = confirming_channel(&c, 1).await.expect("node up");
+    let (options, args) = quorum();
+    ch.queue_declare(QUEUE.into(), options, args).await.unwrap();
+    let mut confirmed: BTreeSet<String> = publish_confirmed(&ch, "before", 50)
+        .await
+        .into_iter()
+        .collect();
+    assert_eq!(leader(&c, &[1, 2, 3], QUEUE).await, 1);
+    let client = c.connect(1).await;
+
+    let out = c.ctl(1, &["drain"]);
+    assert!(out.contains("maintenance mode"), "{out}");
+    // Its clients are closed, as RabbitMQ closes them, and new ones refused.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while client.status().connected() {
+        assert!(Instant::now() < deadline, "the client was not closed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        c.try_connect(1, Duration::from_secs(2)).await.is_none(),
+        "a drained node refuses clients"
+    );
+    // The queue is led elsewhere, and stays so when that leader dies: the drained node
+    // votes but does not stand.
+    let second = leader(&c, &[2, 3], QUEUE).await;
+    let third = if second == 2 { 3 } else { 2 };
+    c.kill(second);
+    let ch = confirming_channel(&c, third).await.expect("node up");
+    confirmed.extend(publish_confirmed(&ch, "after", 20).await);
+    assert_eq!(leader(&c, &[1, third], QUEUE).await, third);
+    assert_eq!(
+        c.log(1).matches("this node leads it now").count(),
+        1,
+        "the drained node led the queue again:\n{}",
+        c.log_tail(1)
+    );
+
+    let out = c.ctl(1, &["revive"]);
+    assert!(out.contains("out of maintenance mode"), "{out}");
+    assert!(
+        c.try_connect(1, Duration::from_secs(5)).await.is_some(),
+        "a revived node takes clients"
+    );
+    let (got, _) = drain(&c, third).await;
+    let got: BTreeSet<String> = got.into_iter().collect();
+    let lost: Vec<&String> = confirmed.difference(&got).collect();
+    assert!(lost.is_empty(), "confirmed messages lost: {lost:?}");
+}

@@ -10,6 +10,7 @@ pub mod disk;
 pub mod exchange;
 pub mod field_type;
 pub mod json;
+mod maintenance;
 pub mod memory;
 pub mod mirroring;
 pub mod persist;
@@ -63,6 +64,8 @@ pub struct BrokerState {
     pub connections_closed: AtomicU64,
     /// Set once on a clustered node: how its vhosts reach the metadata group.
     cluster: Arc<OnceLock<cluster_defs::ClusterLink>>,
+    /// In maintenance mode (see `maintenance`).
+    drained: std::sync::atomic::AtomicBool,
     /// The access-control generation the vhosts' policies were last taken from; held
     /// through a refresh, so refreshes run one at a time.
     policy_generation: Mutex<u64>,
@@ -150,6 +153,7 @@ impl BrokerState {
             direct_reply_to: Default::default(),
             cluster,
             policy_generation: Mutex::new(u64::MAX),
+            drained: std::sync::atomic::AtomicBool::new(false),
         })
     }
 

@@ -198,9 +198,13 @@ pub async fn ask_to_stand(transport: &Transport, peer: &str, group: GroupId) {
     let _ = transport.send(peer, group, vec![STAND]).await;
 }
 
-/// Serves one group's requests from peers until the inbox closes.
-pub async fn serve<C>(raft: Raft<C>, mut inbox: mpsc::Receiver<Incoming>)
-where
+/// Serves one group's requests from peers until the inbox closes. A request to stand
+/// is ignored while `may_lead` is cleared (the node is drained).
+pub async fn serve<C>(
+    raft: Raft<C>,
+    mut inbox: mpsc::Receiver<Incoming>,
+    may_lead: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) where
     C: RaftTypeConfig<NodeId = NodeId, Node = BasicNode>,
     AppendEntriesRequest<C>: Serialize + DeserializeOwned,
     InstallSnapshotRequest<C>: Serialize + DeserializeOwned,
@@ -212,7 +216,7 @@ where
                 [NUDGE] => {
                     let _ = raft.trigger().heartbeat().await;
                 }
-                [STAND] => {
+                [STAND] if may_lead.load(std::sync::atomic::Ordering::Acquire) => {
                     let _ = raft.trigger().elect().await;
                 }
                 _ => {}

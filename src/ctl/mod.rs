@@ -43,6 +43,11 @@ pub enum CtlCommand {
         #[arg(long, default_value_t = 60)]
         timeout: u64,
     },
+    /// Puts the node into maintenance mode, as `rabbitmq-upgrade drain`: client
+    /// connections closed and refused, replicated queues' leaderships handed over.
+    Drain,
+    /// Takes the node out of maintenance mode, as `rabbitmq-upgrade revive`.
+    Revive,
     /// The cluster as this node sees it: members, which of them it reaches, the
     /// metadata leader, alarms.
     ClusterStatus,
@@ -765,6 +770,18 @@ fn execute(api: &Api, vhost: &str, command: CtlCommand) -> Result<String, String
                 std::thread::sleep(std::time::Duration::from_millis(100));
             }
             Ok(format!("Stopping and halting node {node} ...\n"))
+        }
+        CtlCommand::Drain | CtlCommand::Revive => {
+            let node = api.get("/overview")?["node"]
+                .as_str()
+                .map(String::from)
+                .ok_or("the node did not say its name")?;
+            let (action, doing) = match command {
+                CtlCommand::Drain => ("drain", "Will put node {node} into maintenance mode"),
+                _ => ("revive", "Will take node {node} out of maintenance mode"),
+            };
+            api.post(&format!("/nodes/{}/{action}", segment(&node)), &Value::Null)?;
+            Ok(format!("{}\n", doing.replace("{node}", &node)))
         }
         CtlCommand::CloseConnection { name, reason } => {
             api.delete(

@@ -60,6 +60,7 @@ pub fn router(http: Http) -> Router {
         .route("/api/nodes", get(overview::nodes))
         .route("/api/nodes/{node}", get(overview::node))
         .route("/api/nodes/{node}/stop", post(overview::stop_node))
+        .route("/api/nodes/{node}/{action}", post(overview::maintenance))
         .route(
             "/api/cluster/nodes/{node}",
             axum::routing::delete(overview::forget_cluster_node),

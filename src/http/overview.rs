@@ -193,6 +193,26 @@ pub async fn stop_node(
         .into_response())
 }
 
+/// POST /api/nodes/{node}/drain and /revive (administrators; Warren's own, for `warren
+/// ctl drain` and `revive`, which RabbitMQ offers as `rabbitmq-upgrade`): puts the node
+/// into maintenance mode and back.
+pub async fn maintenance(
+    State(http): State<Http>,
+    Path((name, action)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    caller(&http.broker, &headers)?.require_admin()?;
+    if name != node_name() {
+        return Err(ApiError::not_found());
+    }
+    match action.as_str() {
+        "drain" => http.broker.drain().await,
+        "revive" => http.broker.revive(),
+        _ => return Err(ApiError::not_found()),
+    }
+    Ok(Json(json!({"node": name, "being_drained": http.broker.is_drained()})).into_response())
+}
+
 /// GET /api/health/checks/alarms (and local-alarms): 503 while a resource alarm is on.
 pub async fn alarms(State(http): State<Http>, headers: HeaderMap) -> Result<Response, ApiError> {
     caller(&http.broker, &headers)?;

@@ -19,6 +19,8 @@
 //! candidate whose log is as complete as the voter's.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use openraft::{Raft, RaftMetrics, RaftTypeConfig};
@@ -53,6 +55,8 @@ pub struct Elections<C: RaftTypeConfig<NodeId = NodeId>> {
     names: BTreeMap<NodeId, String>,
     /// When this member stands unless a reachable leader is known by then.
     stand_at: Option<Instant>,
+    /// Cleared while the node is drained: it does not stand then.
+    may_lead: Arc<AtomicBool>,
 }
 
 impl<C: RaftTypeConfig<NodeId = NodeId>> Elections<C> {
@@ -63,6 +67,7 @@ impl<C: RaftTypeConfig<NodeId = NodeId>> Elections<C> {
         group: GroupId,
         me: NodeId,
         names: BTreeMap<NodeId, String>,
+        may_lead: Arc<AtomicBool>,
     ) -> Self {
         Elections {
             raft,
@@ -71,6 +76,7 @@ impl<C: RaftTypeConfig<NodeId = NodeId>> Elections<C> {
             me,
             names,
             stand_at: None,
+            may_lead,
         }
     }
 
@@ -103,7 +109,8 @@ impl<C: RaftTypeConfig<NodeId = NodeId>> Elections<C> {
             .membership_config
             .membership()
             .voter_ids()
-            .any(|v| v == self.me);
+            .any(|v| v == self.me)
+            && self.may_lead.load(Ordering::Acquire);
         let now = Instant::now();
         match self.stand_at {
             None => {

@@ -234,6 +234,8 @@ struct ReplicasInner {
     ids: BTreeMap<String, NodeId>,
     recovered: Mutex<HashMap<GroupId, RecoveredRaftGroup>>,
     groups: Mutex<HashMap<GroupId, Arc<Mutex<RunningGroup>>>>,
+    /// Cleared while the node is drained: it then never stands for election.
+    may_lead: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for Replicas {
@@ -268,6 +270,7 @@ impl Replicas {
                 ids,
                 recovered: Mutex::new(recovered),
                 groups: Mutex::default(),
+                may_lead: Arc::new(std::sync::atomic::AtomicBool::new(true)),
             }),
         }
     }
@@ -332,6 +335,7 @@ impl Replicas {
             declared_first: spec.initial.first() == Some(&self.inner.me),
             members_changed,
             gate,
+            may_lead: self.inner.may_lead.clone(),
         };
         tokio::spawn(async move {
             if let Err(e) = start.run(rx).await {
@@ -400,6 +404,14 @@ impl Replicas {
             );
             replicas.drop_group(group);
         });
+    }
+
+    /// Drains (`false`) or revives (`true`) this node: a drained node never stands for
+    /// election, so it leads no queue once it handed its leaderships over.
+    pub fn allow_leadership(&self, allowed: bool) {
+        self.inner
+            .may_lead
+            .store(allowed, std::sync::atomic::Ordering::Release);
     }
 
     /// Hands over the leadership of every queue this node leads (it is about to stop),
@@ -492,6 +504,7 @@ struct GroupStart {
     declared_first: bool,
     members_changed: Arc<tokio::sync::Notify>,
     gate: Arc<tokio::sync::Semaphore>,
+    may_lead: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl GroupStart {
@@ -536,7 +549,7 @@ impl GroupStart {
             return Ok(());
         }
         // (Served first: a member that waits to be initialised by another must hear it.)
-        tokio::spawn(raft_net::serve(raft.clone(), inbox));
+        tokio::spawn(raft_net::serve(raft.clone(), inbox, self.may_lead.clone()));
         if self.may_initialize && !raft.is_initialized().await? {
             tokio::spawn(initialize(
                 raft.clone(),
@@ -557,6 +570,7 @@ impl GroupStart {
                 self.group,
                 self.me,
                 self.names.clone(),
+                self.may_lead.clone(),
             ),
             losses: self.transport.link_losses(),
             gains: self.transport.link_gains(),
