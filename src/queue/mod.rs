@@ -397,10 +397,7 @@ impl Queue {
         }
         match self.replica() {
             Some(log) => {
-                log.propose(
-                    crate::replica::ReplicaRecord::Enqueue(msg.encode().to_vec()),
-                    ack,
-                );
+                log.propose(crate::replica::ReplicaRecord::Enqueue(msg.encode()), ack);
                 Enqueued::Accepted(0)
             }
             None => {

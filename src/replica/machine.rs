@@ -42,7 +42,8 @@ pub const RECORDS_PER_ENTRY: usize = 1 << RECORD_BITS;
 /// A committed message: its store encoding and how often it was handed out.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Held {
-    blob: Vec<u8>,
+    /// (Encoded as a byte string, as the `Vec<u8>` it once was.)
+    blob: Bytes,
     delivered: u32,
 }
 
@@ -109,7 +110,7 @@ impl ReplicaMachine {
         let mut data = lock(&self.data);
         let mut restored = Vec::with_capacity(data.messages.len());
         for (key, held) in &data.messages {
-            match crate::broker::persist::decode_message(&Bytes::from(held.blob.clone()), *key) {
+            match crate::broker::persist::decode_message(&held.blob, *key) {
                 Some(msg) => restored.push((*key, Arc::new(msg), held.delivered)),
                 None => tracing::error!(key, "replicated queue: unreadable message skipped"),
             }
@@ -174,8 +175,7 @@ fn apply_record(data: &mut MachineData, key: u64, record: ReplicaRecord) {
     match record {
         ReplicaRecord::Enqueue(blob) => {
             if let Some(host) = &data.host {
-                let bytes = Bytes::from(blob.clone());
-                match crate::broker::persist::decode_message(&bytes, key) {
+                match crate::broker::persist::decode_message(&blob, key) {
                     Some(msg) => host.enqueue_committed(Arc::new(Message {
                         store_id: Some(key),
                         ..msg

@@ -130,9 +130,10 @@ impl ReplicaSpec {
 /// A durable change of a replicated queue, as its log carries it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ReplicaRecord {
-    /// A message published to the queue (the store's encoding of it; as bytes, not a
-    /// sequence of numbers, so that encoding a large body is one copy).
-    Enqueue(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// A message published to the queue (the store's encoding of it). Shared, not
+    /// copied, by the log held in memory, the state machine and the live queue (whose
+    /// message body is a slice of it), so a replica holds each body once.
+    Enqueue(bytes::Bytes),
     /// The message with this key was handed to a consumer.
     Delivered(u64),
     /// The message with this key left (acked, dropped, expired, dead-lettered, purged).
