@@ -237,6 +237,9 @@ pub struct Queue {
     router: Option<Weak<dyn DeadLetterRouter>>,
     /// A replicated queue's log (set once its group runs on this node).
     replica: std::sync::OnceLock<crate::replica::ReplicaLog>,
+    /// A replicated queue's publishes proposed under reject-publish limits and not yet
+    /// committed: (messages, body bytes).
+    proposed: Arc<Mutex<(usize, usize)>>,
     /// Declared replicated (`x-queue-type: quorum` on a clustered node): its messages go
     /// only through its log, even before the log is attached.
     replicated: AtomicBool,
@@ -315,6 +318,7 @@ impl Queue {
                 pager: paging::Pager::default(),
             }),
             congested: AtomicBool::new(false),
+            proposed: Arc::default(),
             args: std::sync::RwLock::new(Arc::new(args)),
             def,
             vhost: vhost.to_string(),
@@ -397,6 +401,10 @@ impl Queue {
         }
         match self.replica() {
             Some(log) => {
+                let ack = match self.admit_replicated(&msg, ack) {
+                    Ok(ack) => ack,
+                    Err(()) => return Enqueued::Rejected,
+                };
                 log.propose(crate::replica::ReplicaRecord::Enqueue(msg.encode()), ack);
                 Enqueued::Accepted(0)
             }
@@ -409,10 +417,55 @@ impl Queue {
         }
     }
 
+    /// A replicated queue's publish against reject-publish limits, before it is
+    /// proposed: every member appends what its log commits, so the limit is checked
+    /// here, on the leader, counting the publishes proposed and not yet committed.
+    /// `Err` (the publisher's `ack` told): refused. Otherwise the acknowledgement to
+    /// pass to the log: with limits, one that also takes the publish off the count.
+    fn admit_replicated(
+        &self,
+        msg: &Message,
+        ack: Option<tokio::sync::oneshot::Sender<bool>>,
+    ) -> Result<Option<tokio::sync::oneshot::Sender<bool>>, ()> {
+        let size = msg.size();
+        let in_flight = &self.proposed;
+        {
+            let inner = self.lock();
+            if !inner.state.rejects_when_full() {
+                return Ok(ack);
+            }
+            let (count, bytes) = *lock_in_flight(in_flight);
+            if inner.state.would_reject_beside(size, count, bytes) {
+                if let Some(ack) = ack {
+                    let _ = ack.send(false);
+                }
+                return Err(());
+            }
+            let mut f = lock_in_flight(in_flight);
+            f.0 += 1;
+            f.1 += size;
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let in_flight = in_flight.clone();
+        tokio::spawn(async move {
+            let committed = rx.await.unwrap_or(false);
+            {
+                let mut f = lock_in_flight(&in_flight);
+                f.0 = f.0.saturating_sub(1);
+                f.1 = f.1.saturating_sub(size);
+            }
+            if let Some(ack) = ack {
+                let _ = ack.send(committed);
+            }
+        });
+        Ok(Some(tx))
+    }
+
     /// A replicated queue's message, committed by its log: enters the live queue (on the
-    /// node leading its group).
+    /// node leading its group), whatever its limits say now (see
+    /// [`Queue::admit_replicated`]).
     pub fn enqueue_committed(&self, msg: Arc<Message>) {
-        self.enqueue_now(msg);
+        self.enqueue_with(Command::EnqueueCommitted(msg));
     }
 
     /// A replicated queue's host on the node that now leads its group: the committed
@@ -540,18 +593,27 @@ impl Queue {
     }
 
     fn enqueue_now(&self, msg: Arc<Message>) -> Enqueued {
+        self.enqueue_with(Command::Enqueue(msg))
+    }
+
+    /// Runs `Command::Enqueue` or `Command::EnqueueCommitted`.
+    fn enqueue_with(&self, cmd: Command) -> Enqueued {
+        let msg = match &cmd {
+            Command::Enqueue(m) | Command::EnqueueCommitted(m) => m.clone(),
+            _ => return Enqueued::Rejected,
+        };
         let mut dead = Dead::new();
         let result = {
             let mut inner = self.lock();
             if inner.state.is_deleted() {
                 // Only its stored copy goes (`Command::Enqueue` on a deleted queue).
-                let reply = self.exec(&mut inner, Command::Enqueue(msg), &mut dead, None);
+                let reply = self.exec(&mut inner, cmd, &mut dead, None);
                 self.flush(&mut inner);
                 return enqueued(reply);
             }
             let stored = self.store.is_some() && msg.store_id.is_some() && msg.is_persistent();
             let id = msg.store_id;
-            let result = enqueued(self.exec(&mut inner, Command::Enqueue(msg), &mut dead, None));
+            let result = enqueued(self.exec(&mut inner, cmd, &mut dead, None));
             if let (true, Enqueued::Accepted(offset)) = (stored, result) {
                 self.page_out_if_over(&mut inner, offset);
             }
@@ -1199,6 +1261,10 @@ impl Queue {
     pub fn is_deleted(&self) -> bool {
         self.lock().state.is_deleted()
     }
+}
+
+fn lock_in_flight(m: &Mutex<(usize, usize)>) -> std::sync::MutexGuard<'_, (usize, usize)> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]

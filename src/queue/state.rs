@@ -237,6 +237,10 @@ pub struct CommandMeta {
 pub enum Command {
     /// A publish: append at the tail (or refuse it, or drop the head to make room).
     Enqueue(#[serde(with = "codec")] Arc<Message>),
+    /// A replicated queue's publish that its log committed: the leader admitted it
+    /// against reject-publish limits before proposing it, and every member holds it, so
+    /// it is appended whatever the limit says now (drop-head still makes room).
+    EnqueueCommitted(#[serde(with = "codec")] Arc<Message>),
     /// Recovery: put back an entry read from the store, keeping its place, its
     /// redelivered flag and its delivery count.
     Restore {
@@ -390,6 +394,18 @@ impl QueueState {
                     return Reply::Enqueued(Enqueued::Accepted(0));
                 }
                 Reply::Enqueued(self.enqueue(msg, out))
+            }
+            Command::EnqueueCommitted(msg) => {
+                if self.deleted {
+                    let entry = self.new_entry(msg).into();
+                    out.push(Effect::Forget { entry });
+                    return Reply::Enqueued(Enqueued::Accepted(0));
+                }
+                let entry = self.new_entry(msg);
+                let offset = entry.offset;
+                self.insert_ready(entry.into());
+                self.enforce_limits(out);
+                Reply::Enqueued(Enqueued::Accepted(offset))
             }
             Command::Restore {
                 offset,
@@ -622,18 +638,31 @@ impl QueueState {
 
     /// Whether a new message of this size would be refused (reject-publish overflow).
     pub fn would_reject(&self, size: usize) -> bool {
+        self.would_reject_beside(size, 0, 0)
+    }
+
+    /// [`QueueState::would_reject`] with `count` messages of `bytes` on their way in
+    /// besides (a replicated queue's publishes proposed and not yet committed).
+    pub fn would_reject_beside(&self, size: usize, count: usize, bytes: usize) -> bool {
         if self.args.overflow == Overflow::DropHead {
             return false;
         }
         let full_len = self
             .args
             .max_length
-            .is_some_and(|max| self.ready_count as u64 >= max);
+            .is_some_and(|max| (self.ready_count + count) as u64 >= max);
         let full_bytes = self
             .args
             .max_length_bytes
-            .is_some_and(|max| (self.ready_bytes + size) as u64 > max);
+            .is_some_and(|max| (self.ready_bytes + bytes + size) as u64 > max);
         full_len || full_bytes
+    }
+
+    /// Whether reject-publish limits apply (a replicated queue then admits publishes
+    /// against them before proposing).
+    pub fn rejects_when_full(&self) -> bool {
+        self.args.overflow != Overflow::DropHead
+            && (self.args.max_length.is_some() || self.args.max_length_bytes.is_some())
     }
 
     /// Appends a message at the tail (or refuses it, or drops the head to make room).
