@@ -89,13 +89,29 @@ async fn confirming(c: &Cluster, i: usize) -> Channel {
     ch
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn length_limits_and_ttls_hold_on_quorum_queues() {
-    let Some(c) = Cluster::start(3) else {
-        return;
-    };
+/// A 3-node cluster with its metadata leader agreed, and a confirming channel on node 1.
+async fn three_nodes() -> Option<(Cluster, Channel)> {
+    let c = Cluster::start(3)?;
     c.wait_agreed_leader(&[1, 2, 3], None, ELECTION).await;
     let ch = confirming(&c, 1).await;
+    Some((c, ch))
+}
+
+/// basic.nack with requeue.
+async fn requeue(m: &lapin::message::BasicGetMessage) {
+    m.nack(BasicNackOptions {
+        requeue: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn length_limits_and_ttls_hold_on_quorum_queues() {
+    let Some((c, ch)) = three_nodes().await else {
+        return;
+    };
 
     // reject-publish: the third publish is nacked, the two first stay.
     declare(
@@ -150,11 +166,9 @@ async fn length_limits_and_ttls_hold_on_quorum_queues() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_delivery_limit_counts_returns_across_a_change_of_leader() {
-    let Some(mut c) = Cluster::start(3) else {
+    let Some((mut c, ch)) = three_nodes().await else {
         return;
     };
-    c.wait_agreed_leader(&[1, 2, 3], None, ELECTION).await;
-    let ch = confirming(&c, 1).await;
     // (No dead-letter exchange: past the limit the message is dropped. Dead-lettering
     // from a quorum queue is tests/replicated_dead_letters' matter.)
     declare(&ch, "poison", &[("x-delivery-limit", int(2))]).await;
@@ -167,13 +181,7 @@ async fn the_delivery_limit_counts_returns_across_a_change_of_leader() {
         .await
         .unwrap()
         .expect("the message");
-    first
-        .nack(BasicNackOptions {
-            requeue: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    requeue(&first).await;
     let second = consumer_ch
         .basic_get("poison".into(), BasicGetOptions::default())
         .await
@@ -188,13 +196,7 @@ async fn the_delivery_limit_counts_returns_across_a_change_of_leader() {
     };
     assert!(second.delivery.redelivered);
     assert_eq!(count(&second), Some(AMQPValue::LongLongInt(1)));
-    second
-        .nack(BasicNackOptions {
-            requeue: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    requeue(&second).await;
 
     // (A publish confirmed now is later in the log than the hand-outs: its commit
     // covers theirs.)
@@ -239,13 +241,7 @@ async fn the_delivery_limit_counts_returns_across_a_change_of_leader() {
     let mut returned = third;
     let mut deliveries = 3;
     loop {
-        returned
-            .nack(BasicNackOptions {
-                requeue: true,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        requeue(&returned).await;
         let next = ch
             .basic_get("poison".into(), BasicGetOptions::default())
             .await
@@ -260,17 +256,18 @@ async fn the_delivery_limit_counts_returns_across_a_change_of_leader() {
         assert!(deliveries <= 4, "delivered {deliveries} times with limit 2");
     }
     // Past the limit the message left the queue: the marker is what came next.
-    assert_eq!(depth(&ch, "poison").await, 0, "only the marker was left, and it is held");
-
+    assert_eq!(
+        depth(&ch, "poison").await,
+        0,
+        "only the marker was left, and it is held"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_single_active_consumer_gets_everything_until_it_goes() {
-    let Some(c) = Cluster::start(3) else {
+    let Some((c, ch)) = three_nodes().await else {
         return;
     };
-    c.wait_agreed_leader(&[1, 2, 3], None, ELECTION).await;
-    let ch = confirming(&c, 1).await;
     declare(
         &ch,
         "sac",

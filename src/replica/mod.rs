@@ -276,6 +276,15 @@ impl Replicas {
         }
     }
 
+    /// Node names by id.
+    fn names(&self) -> BTreeMap<NodeId, String> {
+        self.inner
+            .ids
+            .iter()
+            .map(|(n, id)| (*id, n.clone()))
+            .collect()
+    }
+
     /// This node's name.
     pub fn me(&self) -> &str {
         &self.inner.me
@@ -315,12 +324,7 @@ impl Replicas {
                 Some((*id, BasicNode { addr: n.clone() }))
             })
             .collect();
-        let names: BTreeMap<NodeId, String> = self
-            .inner
-            .ids
-            .iter()
-            .map(|(n, id)| (*id, n.clone()))
-            .collect();
+        let names = self.names();
         let start = GroupStart {
             transport: self.inner.transport.clone(),
             store: self.inner.store.clone(),
@@ -453,12 +457,7 @@ impl Replicas {
             Some(name) => Some(*self.inner.ids.get(name)?),
             None => None,
         };
-        let names: BTreeMap<NodeId, String> = self
-            .inner
-            .ids
-            .iter()
-            .map(|(n, id)| (*id, n.clone()))
-            .collect();
+        let names = self.names();
         let leader = handover::Handover {
             raft: &raft,
             transport: &self.inner.transport,
