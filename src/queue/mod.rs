@@ -657,8 +657,9 @@ impl Queue {
         self.bury(dead);
     }
 
-    /// Timer work: expires messages at the head; returns true when the queue has been
-    /// unused for longer than x-expires and should be deleted.
+    /// Timer work: expires messages at the head, gives back the memory of a drained
+    /// backlog; returns true when the queue has been unused for longer than x-expires
+    /// and should be deleted.
     pub fn tick(&self, now: u64) -> bool {
         let mut dead = Dead::new();
         let expired_queue = {
@@ -667,6 +668,7 @@ impl Queue {
                 return false;
             }
             self.exec_at(&mut inner, now, Command::Expire, &mut dead, None);
+            inner.state.trim_memory();
             // A read that failed is tried again here.
             self.prefetch(&mut inner);
             self.flush(&mut inner);

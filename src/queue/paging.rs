@@ -3,7 +3,7 @@
 //! ahead of its consumers.
 //!
 //! The state machine holds every ready message as a `Queued` whose content is either
-//! loaded or `Slot::Paged` (its stored copy's id and size, about 48 bytes in all); it
+//! loaded or `Slot::Paged` (its stored copy's id and size, 40 bytes in all); it
 //! delivers only loaded heads. This host side decides what is in memory:
 //! - a persistent message enqueued (or recovered) while the queue's ready bodies pass
 //!   the window (`QueueStore::body_window`) keeps only its stored copy: its body is

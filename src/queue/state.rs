@@ -83,32 +83,56 @@ impl Slot {
 /// A message waiting in the queue (ready), or leaving it without being handed to a
 /// consumer (`Effect::Forget`, `Effect::DeadLetter`): an `Entry` whose content may be in
 /// the store only. Handed to consumers only once loaded (`Queued::into_entry`).
+///
+/// A backlog holds one of these per message, most of them paged, so it is kept to 40
+/// bytes: the expiry is a plain `u64` (`NEVER` for none) rather than an `Option`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Queued {
     /// Its place.
     pub offset: Offset,
     /// Its content.
     pub slot: Slot,
-    /// Delivered before (the redelivered flag).
-    pub redelivered: bool,
+    /// Wall-clock ms after which it is dropped; `Queued::NEVER` when it never is.
+    expires: u64,
     /// Times it came back unsettled.
     pub delivery_count: u32,
-    /// Wall-clock ms after which it is dropped.
-    pub expires_at: Option<u64>,
+    /// Delivered before (the redelivered flag).
+    pub redelivered: bool,
     /// Priority level.
     pub priority: u8,
 }
 
 impl Queued {
+    /// The `expires` of a message without a TTL.
+    const NEVER: u64 = u64::MAX;
+
+    /// A ready message at `offset`, not yet delivered.
+    fn new(offset: Offset, slot: Slot, expires_at: Option<u64>, priority: u8) -> Queued {
+        Queued {
+            offset,
+            slot,
+            expires: expires_at.unwrap_or(Queued::NEVER),
+            delivery_count: 0,
+            redelivered: false,
+            priority,
+        }
+    }
+
+    /// Wall-clock ms after which it is dropped (message or queue TTL).
+    pub fn expires_at(&self) -> Option<u64> {
+        (self.expires != Queued::NEVER).then_some(self.expires)
+    }
+
     /// The entry, when its content is loaded; itself back when it is not.
     pub fn into_entry(self) -> Result<Entry, Queued> {
+        let expires_at = self.expires_at();
         match self.slot {
             Slot::Loaded(msg) => Ok(Entry {
                 offset: self.offset,
                 msg,
                 redelivered: self.redelivered,
                 delivery_count: self.delivery_count,
-                expires_at: self.expires_at,
+                expires_at,
                 priority: self.priority,
             }),
             Slot::Paged { .. } => Err(self),
@@ -121,9 +145,9 @@ impl From<Entry> for Queued {
         Queued {
             offset: e.offset,
             slot: Slot::Loaded(e.msg),
-            redelivered: e.redelivered,
+            expires: e.expires_at.unwrap_or(Queued::NEVER),
             delivery_count: e.delivery_count,
-            expires_at: e.expires_at,
+            redelivered: e.redelivered,
             priority: e.priority,
         }
     }
@@ -732,7 +756,7 @@ impl QueueState {
         let needs_body = self.args.dead_letter_exchange.is_some();
         for l in 0..self.ready.len() {
             while let Some(head) = self.ready[l].front() {
-                let due = head.expires_at.is_some_and(|t| t < now_ms);
+                let due = head.expires_at().is_some_and(|t| t < now_ms);
                 if !due || (needs_body && head.slot.is_paged()) {
                     break;
                 }
@@ -761,7 +785,7 @@ impl QueueState {
     pub fn next_expiry(&self) -> Option<u64> {
         self.ready
             .iter()
-            .filter_map(|l| l.front().and_then(|e| e.expires_at))
+            .filter_map(|l| l.front().and_then(Queued::expires_at))
             .min()
     }
 
@@ -966,6 +990,14 @@ impl QueueState {
         count
     }
 
+    /// Gives back the memory of ready lists that a drain or purge left mostly empty
+    /// (the host calls it from its timer; it changes nothing a command can see).
+    pub fn trim_memory(&mut self) {
+        for level in &mut self.ready {
+            crate::growth::shrink_if_sparse(level);
+        }
+    }
+
     /// Body bytes of the ready messages whose content is in memory.
     pub fn loaded_bytes(&self) -> usize {
         self.loaded_bytes
@@ -1032,17 +1064,13 @@ impl QueueState {
             None => 0,
         };
         self.next_offset = self.next_offset.max(offset + 1);
-        let entry = Queued {
-            offset,
-            slot: Slot::Paged {
-                store_id,
-                size: size as u32,
-            },
-            redelivered: delivered,
-            delivery_count,
-            expires_at: self.expiry_of(head),
-            priority,
+        let slot = Slot::Paged {
+            store_id,
+            size: size as u32,
         };
+        let mut entry = Queued::new(offset, slot, self.expiry_of(head), priority);
+        entry.redelivered = delivered;
+        entry.delivery_count = delivery_count;
         self.insert_ready(entry);
         true
     }
@@ -1119,6 +1147,7 @@ impl QueueState {
         }
         let top = self.ready.len() - 1;
         let level = &mut self.ready[(entry.priority as usize).min(top)];
+        crate::growth::reserve_one(level);
         // New messages go to the tail; requeued ones usually near the head.
         if level.back().is_none_or(|last| last.offset < entry.offset) {
             level.push_back(entry);

@@ -17,6 +17,7 @@
 //! cannot go on: [`fatal_store_failure`] logs and exits the process. No caller is ever told
 //! "not stored".
 
+mod dense;
 pub mod histogram;
 mod log;
 mod recovery;
