@@ -54,6 +54,10 @@ pub enum Slot {
         store_id: u64,
         /// Body bytes (what length limits count).
         size: u32,
+        /// The copy is the queue's scratch copy of a message that must not survive a
+        /// restart (a transient message, or any message of a non-durable queue), parked
+        /// there while memory runs short; not the message's own stored copy.
+        spooled: bool,
     },
 }
 
@@ -66,11 +70,37 @@ impl Slot {
         }
     }
 
-    /// The stored copy's id, if the message has one.
+    /// The id of the message's own stored copy (what its queue entry in the store
+    /// names), if it has one; a scratch copy is not one (see `Slot::spool_id`).
     pub fn store_id(&self) -> Option<u64> {
         match self {
             Slot::Loaded(msg) => msg.store_id,
+            Slot::Paged {
+                store_id,
+                spooled: false,
+                ..
+            } => Some(*store_id),
+            Slot::Paged { spooled: true, .. } => None,
+        }
+    }
+
+    /// The id of the copy a paged message's content is read from (its own or scratch).
+    pub fn paged_id(&self) -> Option<u64> {
+        match self {
             Slot::Paged { store_id, .. } => Some(*store_id),
+            Slot::Loaded(_) => None,
+        }
+    }
+
+    /// The id of the scratch copy of a message parked on disk while memory ran short.
+    pub fn spool_id(&self) -> Option<u64> {
+        match self {
+            Slot::Paged {
+                store_id,
+                spooled: true,
+                ..
+            } => Some(*store_id),
+            _ => None,
         }
     }
 
@@ -1039,10 +1069,51 @@ impl QueueState {
         entry.slot = Slot::Paged {
             store_id,
             size: size as u32,
+            spooled: false,
         };
         self.loaded_bytes -= size;
         self.paged_count += 1;
         true
+    }
+
+    /// Host paging: the ready message at `offset` keeps only the scratch copy `spool_id`
+    /// that its host is writing; its message, to write, when it was loaded. None
+    /// (nothing changes) when it is not ready or not loaded.
+    pub fn spool_out(&mut self, offset: Offset, spool_id: u64) -> Option<Arc<Message>> {
+        let entry = self.find_ready_mut(offset)?;
+        let Slot::Loaded(msg) = &entry.slot else {
+            return None;
+        };
+        let msg = msg.clone();
+        let size = msg.size();
+        entry.slot = Slot::Paged {
+            store_id: spool_id,
+            size: size as u32,
+            spooled: true,
+        };
+        self.loaded_bytes -= size;
+        self.paged_count += 1;
+        Some(msg)
+    }
+
+    /// Host paging: the loaded ready messages that come last in delivery order (lowest
+    /// priority first, newest first), until `bytes` body bytes (at most `max`), with
+    /// whether each is persistent with a stored copy's id.
+    pub fn loaded_tail(&self, bytes: usize, max: usize) -> Vec<(Offset, bool)> {
+        let mut out = Vec::new();
+        let mut sum = 0usize;
+        for level in &self.ready {
+            for e in level.iter().rev() {
+                if sum >= bytes || out.len() >= max {
+                    return out;
+                }
+                if let Slot::Loaded(msg) = &e.slot {
+                    out.push((e.offset, msg.is_persistent() && msg.store_id.is_some()));
+                    sum += msg.size();
+                }
+            }
+        }
+        out
     }
 
     /// Host paging: a recovered entry whose body stayed in the store; `head` is the
@@ -1067,6 +1138,7 @@ impl QueueState {
         let slot = Slot::Paged {
             store_id,
             size: size as u32,
+            spooled: false,
         };
         let mut entry = Queued::new(offset, slot, self.expiry_of(head), priority);
         entry.redelivered = delivered;
@@ -1076,18 +1148,23 @@ impl QueueState {
     }
 
     /// Host paging: the paged messages that come next in delivery order (highest
-    /// priority first, oldest first), `(offset, store id)`, until `budget` body bytes
-    /// (at least one message, at most `max`).
-    pub fn paged_ahead(&self, budget: usize, max: usize) -> Vec<(Offset, u64)> {
+    /// priority first, oldest first), `(offset, stored copy's id, spooled)`, until
+    /// `budget` body bytes (at least one message, at most `max`).
+    pub fn paged_ahead(&self, budget: usize, max: usize) -> Vec<(Offset, u64, bool)> {
         let mut out = Vec::new();
         let mut bytes = 0usize;
         for level in self.ready.iter().rev() {
             for e in level {
-                if let Slot::Paged { store_id, size } = e.slot {
+                if let Slot::Paged {
+                    store_id,
+                    size,
+                    spooled,
+                } = e.slot
+                {
                     if !out.is_empty() && (bytes >= budget || out.len() >= max) {
                         return out;
                     }
-                    out.push((e.offset, store_id));
+                    out.push((e.offset, store_id, spooled));
                     bytes += size as usize;
                 }
             }
@@ -1095,14 +1172,16 @@ impl QueueState {
         out
     }
 
-    /// Host paging: the content of the paged message at `offset` is back from the store.
-    /// False when it is no longer ready there (it left meanwhile) or is loaded already.
-    pub fn page_in(&mut self, offset: Offset, msg: Arc<Message>) -> bool {
+    /// Host paging: the content of the paged message at `offset`, read from its stored
+    /// copy `copy_id`, is back. False when it is no longer ready there (it left
+    /// meanwhile) or is loaded already.
+    pub fn page_in(&mut self, offset: Offset, copy_id: u64, msg: Arc<Message>) -> bool {
         let Some(entry) = self.find_ready_mut(offset) else {
             return false;
         };
-        if !entry.slot.is_paged() || entry.slot.store_id() != msg.store_id {
-            return false;
+        match entry.slot {
+            Slot::Paged { store_id, .. } if store_id == copy_id => {}
+            _ => return false,
         }
         let size = entry.slot.size();
         entry.slot = Slot::Loaded(msg);
@@ -1161,6 +1240,12 @@ impl QueueState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_queued_message_costs_forty_bytes() {
+        // One per message of a backlog, most of them paged (see `paging`).
+        assert!(std::mem::size_of::<Queued>() <= 40);
+    }
     use bytes::Bytes;
 
     fn msg(body: &'static str) -> Arc<Message> {

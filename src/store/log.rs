@@ -779,6 +779,8 @@ pub(super) struct Replayed {
     pub(super) dangling: Vec<(String, u64)>,
     /// Stored messages no entry names.
     pub(super) orphans: usize,
+    /// Scratch queues (`SCRATCH_PREFIX`) that hold entries: not recovered, to be purged.
+    pub(super) scratch: Vec<String>,
 }
 
 /// Rebuilds the live state from the chunks, read one at a time in increasing order
@@ -870,9 +872,14 @@ impl Replay {
         let mut dangling = Vec::new();
         let mut queues = HashMap::new();
         let mut blobs: HashMap<u64, (ChunkId, usize), IdBuildHasher> = HashMap::default();
+        let mut scratch = Vec::new();
         for (queue, entries) in index.queues.iter_mut().enumerate() {
             let name = &index.names[queue];
-            let mut list: Vec<FoundEntry> = Vec::with_capacity(entries.len());
+            let is_scratch = name.starts_with(super::SCRATCH_PREFIX);
+            if is_scratch && !entries.is_empty() {
+                scratch.push(name.clone());
+            }
+            let mut list: Vec<FoundEntry> = Vec::new();
             entries.retain(|offset, entry| {
                 let Some(&(chunk, len)) = puts.get(&entry.msg_id) else {
                     dangling.push((name.clone(), offset));
@@ -891,6 +898,10 @@ impl Replay {
                         };
                         index.msgs.insert(entry.msg_id, msg);
                     }
+                }
+                if is_scratch {
+                    // Live until the purge that opening the store writes.
+                    return true;
                 }
                 blobs.insert(entry.msg_id, (chunk, len));
                 list.push(FoundEntry {
@@ -919,6 +930,7 @@ impl Replay {
             next_msg_id,
             dangling,
             orphans,
+            scratch,
         }
     }
 }
