@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod config;
 pub mod connection;
 pub mod ctl;
+pub mod growth;
 pub mod healthcheck;
 pub mod http;
 pub mod metrics;

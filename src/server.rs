@@ -276,6 +276,12 @@ impl Broker {
         self.state.alarms.set_memory(on);
     }
 
+    /// Sets by hand whether memory runs short, as if memory use had crossed half the
+    /// watermark: queues then page transient messages too (tests).
+    pub fn set_memory_short(&self, on: bool) {
+        self.state.alarms.set_memory_short(on);
+    }
+
     /// Counters of the store's writer (tests; later the metrics endpoint).
     pub fn store_stats(&self) -> Option<crate::store::StoreStats> {
         self.state.store().map(|s| s.stats())

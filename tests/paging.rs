@@ -449,3 +449,242 @@ async fn a_recovered_backlog_stays_on_disk_and_comes_back_in_order() {
     b.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+// Transient messages while memory runs short: their bodies past the window go to disk
+// too (the broker's "memory runs short" flag is set by hand, as if its memory had
+// passed half the watermark), come back in order, and never survive a restart.
+
+fn transient() -> BasicProperties {
+    BasicProperties::default()
+}
+
+/// Live messages in the node's store.
+fn stored_messages(b: &Broker) -> u64 {
+    b.store_stats().expect("a store").live_messages
+}
+
+#[tokio::test]
+async fn a_transient_backlog_pages_to_disk_while_memory_runs_short() {
+    let dir = data_dir("transient");
+    let b = Broker::start(config(&dir)).await.expect("starts");
+    b.set_memory_short(true);
+    let conn = connect(&b).await;
+    let ch = confirming_channel(&conn).await;
+    // A non-durable queue: no stored copy of anything.
+    ch.queue_declare(
+        "scratch".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("declared");
+    publish(&ch, "scratch", 0..COUNT, |i| {
+        // Persistent ones too: a non-durable queue keeps no copy of them.
+        if i % 2 == 0 {
+            transient()
+        } else {
+            persistent()
+        }
+    })
+    .await;
+    let paged = check_bounded(&b, "scratch").await;
+    assert!(
+        paged >= u64::from(COUNT) * 9 / 10,
+        "most of the backlog is on disk only: {paged} paged of {COUNT}"
+    );
+    within(async {
+        while stored_messages(&b) < paged {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let seen = drain(&b, &ch, "scratch", COUNT).await;
+    assert_eq!(in_order(&seen), (0..COUNT).collect::<Vec<_>>());
+    // Their scratch copies went as they came back.
+    within(async {
+        while stored_messages(&b) > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    drop(conn);
+    b.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_transient_backlog_loaded_before_memory_ran_short_goes_to_disk_from_its_tail() {
+    let dir = data_dir("transient-shed");
+    let b = Broker::start(config(&dir)).await.expect("starts");
+    let conn = connect(&b).await;
+    let ch = confirming_channel(&conn).await;
+    let mut args = FieldTable::default();
+    args.insert("x-max-priority".into(), AMQPValue::ShortShortUInt(3));
+    declare(&ch, "shed", args).await;
+    let priority = |i: u32| (i % 4) as u8;
+    publish(&ch, "shed", 0..COUNT, |i| {
+        transient().with_priority(priority(i))
+    })
+    .await;
+    let q = listing(&b, "shed").await;
+    assert_eq!(q["messages_paged_out"], 0, "memory is plentiful: {q}");
+    b.set_memory_short(true);
+    within(async {
+        loop {
+            let q = listing(&b, "shed").await;
+            if q["message_bytes_ram"].as_u64() <= Some(WINDOW) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(check_bounded(&b, "shed").await >= u64::from(COUNT) * 9 / 10);
+    let seen = drain(&b, &ch, "shed", COUNT).await;
+    let mut want: Vec<u32> = (0..COUNT).collect();
+    want.sort_by_key(|&i| (std::cmp::Reverse(priority(i)), i));
+    assert_eq!(in_order(&seen), want);
+    drop(conn);
+    b.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn paged_transient_messages_requeue_at_their_place_and_expire_to_the_dead_letter_queue() {
+    let dir = data_dir("transient-rq-ttl");
+    let b = Broker::start(config(&dir)).await.expect("starts");
+    b.set_memory_short(true);
+    let conn = connect(&b).await;
+    let ch = confirming_channel(&conn).await;
+    declare(&ch, "tdlq", FieldTable::default()).await;
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString("".into()),
+    );
+    args.insert(
+        "x-dead-letter-routing-key".into(),
+        AMQPValue::LongString("tdlq".into()),
+    );
+    declare(&ch, "trq", args).await;
+    // Messages 0..COUNT/2 expire after 300 ms, the others never.
+    let half = COUNT / 2;
+    publish(&ch, "trq", 0..COUNT, |i| {
+        if i < half {
+            transient().with_expiration("300".into())
+        } else {
+            transient()
+        }
+    })
+    .await;
+    assert!(check_bounded(&b, "trq").await > 0);
+    // The first half expires, in order, to the dead-letter queue, bodies whole.
+    within(async {
+        loop {
+            let q = listing(&b, "tdlq").await;
+            if q["messages"] == half {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    let mut numbers = Vec::new();
+    for _ in 0..half {
+        let got = ch
+            .basic_get("tdlq".into(), BasicGetOptions { no_ack: true })
+            .await
+            .expect("get")
+            .expect("a dead letter");
+        assert_eq!(got.delivery.data.len(), BODY);
+        numbers.push(number(&got.delivery.data));
+    }
+    assert_eq!(numbers, (0..half).collect::<Vec<_>>());
+    // A consumer takes 100 of the rest, acks the odd ones, and goes away: the even ones
+    // come back at their place, ahead of the paged rest.
+    {
+        let taker = conn.create_channel().await.expect("channel");
+        taker
+            .basic_qos(100, BasicQosOptions::default())
+            .await
+            .expect("qos");
+        let mut consumer = taker
+            .basic_consume(
+                "trq".into(),
+                "taker".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume");
+        let mut taken = Vec::new();
+        for _ in 0..100 {
+            let d = within(consumer.next()).await.expect("one").expect("ok");
+            taken.push(d);
+        }
+        taker
+            .basic_cancel("taker".into(), BasicCancelOptions::default())
+            .await
+            .expect("cancelled");
+        for d in taken.into_iter().filter(|d| number(&d.data) % 2 == 1) {
+            d.ack(BasicAckOptions::default()).await.expect("acked");
+        }
+        taker.close(200, "bye".into()).await.expect("closed");
+    }
+    let seen = drain(&b, &ch, "trq", half - 50).await;
+    let want: Vec<(u32, bool)> = (half..half + 100)
+        .filter(|i| i % 2 == 0)
+        .map(|i| (i, true))
+        .chain((half + 100..COUNT).map(|i| (i, false)))
+        .collect();
+    assert_eq!(seen, want);
+    drop(conn);
+    b.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn transient_messages_paged_to_disk_do_not_survive_a_restart() {
+    let dir = data_dir("transient-restart");
+    {
+        let b = Broker::start(config(&dir)).await.expect("starts");
+        b.set_memory_short(true);
+        let conn = connect(&b).await;
+        let ch = confirming_channel(&conn).await;
+        declare(&ch, "mixed", FieldTable::default()).await;
+        publish(&ch, "mixed", 0..COUNT, |i| {
+            if i % 2 == 0 {
+                persistent()
+            } else {
+                transient()
+            }
+        })
+        .await;
+        let paged = check_bounded(&b, "mixed").await;
+        assert!(paged >= u64::from(COUNT) * 9 / 10, "{paged} paged");
+        // Every persistent message, and the transient ones past the window, are stored.
+        within(async {
+            while stored_messages(&b) < paged {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        drop(conn);
+        b.shutdown().await;
+    }
+    let b = Broker::start(config(&dir)).await.expect("restarts");
+    let q = listing(&b, "mixed").await;
+    assert_eq!(q["messages"], COUNT / 2, "only the persistent half: {q}");
+    // The scratch copies are gone from the store too.
+    assert_eq!(stored_messages(&b), u64::from(COUNT / 2));
+    let conn = connect(&b).await;
+    let ch = conn.create_channel().await.expect("channel");
+    let seen = drain(&b, &ch, "mixed", COUNT / 2).await;
+    assert_eq!(
+        in_order(&seen),
+        (0..COUNT).filter(|i| i % 2 == 0).collect::<Vec<_>>()
+    );
+    drop(conn);
+    b.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -100,6 +100,16 @@ impl ResourceAlarms {
         self.state.send_modify(|a| a.memory = on);
     }
 
+    /// The flag that is true while memory runs short (see `MemoryMonitor::short_flag`).
+    pub fn memory_short(&self) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+        self.memory.short_flag()
+    }
+
+    /// Sets "memory runs short" by hand (tests); it stands until the measurement changes.
+    pub fn set_memory_short(&self, on: bool) {
+        self.memory.set_short(on);
+    }
+
     /// The memory alarm's threshold in bytes (u64::MAX: none).
     pub fn memory_limit_bytes(&self) -> u64 {
         self.memory.limit_bytes()

@@ -15,6 +15,9 @@ use super::alarm::Every;
 const RELEASE_INTERVAL: Duration = Duration::from_secs(1);
 /// Resident memory the allocator holds unused beyond which it is given back.
 const RELEASE_UNUSED_BYTES: u64 = 64 << 20;
+/// Memory runs short (queues page transient messages to disk too) above this fraction
+/// of the alarm's threshold: RabbitMQ's `vm_memory_high_watermark_paging_ratio`.
+const PAGING_RATIO: f64 = 0.5;
 
 /// The allocator's view of the heap (glibc; elsewhere the allocator returns memory
 /// itself, or we cannot ask).
@@ -52,6 +55,10 @@ pub struct MemoryMonitor {
     measured_over: std::sync::atomic::AtomicBool,
     /// When the allocator may be asked about its unused memory.
     releases: Every,
+    /// The last measured "memory runs short", and what queues read (it follows changes
+    /// of the measurement; a manual setting stands until the measurement changes).
+    measured_short: std::sync::atomic::AtomicBool,
+    short: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn meminfo_total() -> Option<u64> {
@@ -94,12 +101,26 @@ impl MemoryMonitor {
             limit_bytes,
             measured_over: Default::default(),
             releases: Every::new(RELEASE_INTERVAL),
+            measured_short: Default::default(),
+            short: Default::default(),
         }
     }
 
     /// The resident memory above which the alarm goes on (u64::MAX: never).
     pub fn limit_bytes(&self) -> u64 {
         self.limit_bytes
+    }
+
+    /// True while memory runs short (resident memory above half the alarm's threshold):
+    /// queues then keep the bodies of transient messages past their window on disk.
+    /// Shared with every queue, which reads it on enqueue and on its timer.
+    pub fn short_flag(&self) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+        self.short.clone()
+    }
+
+    /// Sets "memory runs short" by hand (tests); it stands until the measurement changes.
+    pub fn set_short(&self, on: bool) {
+        self.short.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Re-reads memory use; returns the new alarm state when it changed.
@@ -116,6 +137,20 @@ impl MemoryMonitor {
                 released = before.saturating_sub(used),
                 took_us = started.elapsed().as_micros() as u64,
                 "gave unused memory back to the system"
+            );
+        }
+        let short = used as f64 > self.limit_bytes as f64 * PAGING_RATIO;
+        let was_short = self
+            .measured_short
+            .swap(short, std::sync::atomic::Ordering::Relaxed);
+        if short != was_short {
+            self.set_short(short);
+            tracing::info!(
+                used,
+                limit = self.limit_bytes,
+                short,
+                "memory: transient messages past their queue's window {} disk",
+                if short { "go to" } else { "no longer go to" }
             );
         }
         let over = used > self.limit_bytes;

@@ -113,6 +113,14 @@ pub struct ConnectionEntry {
     pub shared: Arc<ConnShared>,
 }
 
+/// The paging settings of the node's queues.
+fn paging(config: &Config, alarms: &alarm::ResourceAlarms) -> crate::queue::Paging {
+    crate::queue::Paging {
+        body_window: config.queue_body_window as usize,
+        memory_short: alarms.memory_short(),
+    }
+}
+
 impl BrokerState {
     /// A broker with the vhosts `access` knows, each with its built-in exchanges.
     pub fn new(config: Config, store: Option<Store>, access: AccessControl) -> Arc<BrokerState> {
@@ -128,7 +136,7 @@ impl BrokerState {
             let vhost = VHost::new(
                 &v.name,
                 store.clone(),
-                config.queue_body_window as usize,
+                paging(&config, &alarms),
                 next_msg_id.clone(),
                 cluster.clone(),
             );
@@ -285,7 +293,7 @@ impl BrokerState {
                 VHost::new(
                     name,
                     self.store.clone(),
-                    self.config.queue_body_window as usize,
+                    paging(&self.config, &self.alarms),
                     self.next_msg_id.clone(),
                     self.cluster.clone(),
                 )

@@ -15,7 +15,7 @@ use super::mirroring::Mirroring;
 use super::persist::{self, StoredBinding, StoredDefinition, StoredExchange, StoredQueue};
 use crate::protocol::{AmqpError, reply::amqp_err};
 use crate::queue::journal::{Journal, Writes};
-use crate::queue::{DeadLetterRouter, Message, Queue, QueueArgs, QueueDef, QueueStore};
+use crate::queue::{DeadLetterRouter, Message, Queue, QueueArgs, QueueDef, QueueStore, Spool};
 use crate::replica::{DEFAULT_GROUP_SIZE, Replication};
 use crate::store::{Store, StoreOp};
 
@@ -43,8 +43,8 @@ pub struct VHost {
     exchanges: RwLock<HashMap<String, Arc<Exchange>>>,
     queues: RwLock<HashMap<String, Arc<Queue>>>,
     store: Option<Store>,
-    /// `queue_body_window` of the config, for the durable queues it creates.
-    body_window: usize,
+    /// The node's body window and memory pressure, for the queues it creates.
+    paging: crate::queue::Paging,
     msg_ids: Arc<AtomicU64>,
     me: Weak<VHost>,
     /// Set on a clustered node: durable definitions go to the metadata group.
@@ -142,7 +142,7 @@ impl VHost {
     pub fn new(
         name: &str,
         store: Option<Store>,
-        body_window: usize,
+        paging: crate::queue::Paging,
         msg_ids: Arc<AtomicU64>,
         cluster: Arc<OnceLock<ClusterLink>>,
     ) -> Arc<VHost> {
@@ -170,7 +170,7 @@ impl VHost {
             exchanges: RwLock::new(exchanges),
             queues: RwLock::default(),
             store,
-            body_window,
+            paging,
             msg_ids,
             me: me.clone(),
             cluster,
@@ -604,13 +604,30 @@ impl VHost {
         let store = self.store.as_ref().map(|store| QueueStore {
             store: store.clone(),
             key: persist::queue_key(&self.name, &def.name).into(),
-            body_window: self.body_window,
+            body_window: self.paging.body_window,
+        });
+        // Its transient messages' scratch key: a fresh one for every incarnation of
+        // the name, so that a queue declared again never meets the old one's records.
+        let spool = self.store.as_ref().map(|store| Spool {
+            store: store.clone(),
+            key: format!(
+                "{}{}/{}/{}",
+                crate::store::SCRATCH_PREFIX,
+                self.name,
+                def.name,
+                self.next_msg_id()
+            )
+            .into(),
+            ids: self.msg_ids.clone(),
+            paging: self.paging.clone(),
         });
         let router: Weak<dyn DeadLetterRouter> = self.me.clone();
         let replicated = self.cluster.get().is_some() && self.replication(&def).is_some();
         let q = Queue::new(&self.name, def, args, store, Some(router));
         if replicated {
             q.mark_replicated();
+        } else if let Some(spool) = spool {
+            q.attach_spool(spool);
         }
         q
     }

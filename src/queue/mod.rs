@@ -25,6 +25,7 @@ use amq_protocol::types::FieldTable;
 
 pub use args::QueueArgs;
 pub use message::{Message, now_ms};
+pub use paging::{Paging, Spool};
 pub use state::{
     Command, CommandMeta, ConsumerId, ConsumerSpec, DeathReason, Effect, Effects, Enqueued, Entry,
     Offset, QueueState, Queued, Reply, Slot,
@@ -247,6 +248,8 @@ pub struct Queue {
     members: std::sync::RwLock<Vec<String>>,
     /// The Raft term of the newest leader this node heard of for a replicated queue.
     leader_term: std::sync::atomic::AtomicU64,
+    /// Where it parks transient bodies while memory runs short (see `paging`).
+    spool: std::sync::OnceLock<Spool>,
 }
 
 /// Counts reported by declare-ok, purge-ok, delete-ok and get-ok.
@@ -328,7 +331,14 @@ impl Queue {
             replicated: AtomicBool::new(false),
             members: std::sync::RwLock::default(),
             leader_term: std::sync::atomic::AtomicU64::new(0),
+            spool: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Gives the queue a place to park the bodies of messages that must not survive a
+    /// restart while memory runs short (set once, at creation).
+    pub fn attach_spool(&self, spool: Spool) {
+        let _ = self.spool.set(spool);
     }
 
     /// Notes news of a replicated queue's leader elected in Raft term `term`: true when
@@ -614,8 +624,10 @@ impl Queue {
             let stored = self.store.is_some() && msg.store_id.is_some() && msg.is_persistent();
             let id = msg.store_id;
             let result = enqueued(self.exec(&mut inner, cmd, &mut dead, None));
-            if let (true, Enqueued::Accepted(offset)) = (stored, result) {
-                self.page_out_if_over(&mut inner, offset);
+            if let Enqueued::Accepted(offset) = result
+                && !(stored && self.page_out_if_over(&mut inner, offset))
+            {
+                self.spool_if_short(&mut inner, offset);
             }
             if result == Enqueued::Rejected {
                 // Lost a race with other publishers for the last place: the copy its
@@ -716,8 +728,9 @@ impl Queue {
         self.bury(dead);
     }
 
-    /// Timer work: expires messages at the head; returns true when the queue has been
-    /// unused for longer than x-expires and should be deleted.
+    /// Timer work: expires messages at the head, gives back the memory of a drained
+    /// backlog; returns true when the queue has been unused for longer than x-expires
+    /// and should be deleted.
     pub fn tick(&self, now: u64) -> bool {
         let mut dead = Dead::new();
         let expired_queue = {
@@ -726,6 +739,8 @@ impl Queue {
                 return false;
             }
             self.exec_at(&mut inner, now, Command::Expire, &mut dead, None);
+            self.shed_if_short(&mut inner);
+            inner.state.trim_memory();
             // A read that failed is tried again here.
             self.prefetch(&mut inner);
             self.flush(&mut inner);
@@ -759,6 +774,7 @@ impl Queue {
         if !inner.store_ops.is_empty() {
             self.submit_ops(std::mem::take(&mut inner.store_ops));
         }
+        self.flush_spool(inner);
     }
 
     /// Applies one command to the queue's state (the only way it changes) and carries
@@ -788,6 +804,7 @@ impl Queue {
                     self.hand_over(inner, consumer, entry, &mut ops)
                 }
                 Effect::Forget { entry } => {
+                    self.unspool(inner, &entry.slot);
                     let op =
                         (self.store.as_ref()).and_then(|qs| qs.removal_of(entry.slot.store_id()));
                     match removals.as_deref_mut() {
@@ -797,6 +814,7 @@ impl Queue {
                     }
                 }
                 Effect::ForgetAll => {
+                    self.unspool_all(inner);
                     if let Some(qs) = &self.store {
                         ops.push(StoreOp::PurgeQueue {
                             queue: qs.key.clone(),
@@ -943,6 +961,7 @@ impl Queue {
                 router.dead_letter(self, self.load_dead(dead))
             }
             _ => {
+                self.unspool_dropped(&dead);
                 if let Some(qs) = &self.store {
                     let removals = dead
                         .iter()

@@ -242,7 +242,7 @@ impl Model {
                 match reason {
                     DeathReason::Expired => {
                         prop_assert!(
-                            entry.expires_at.is_some_and(|t| t < now),
+                            entry.expires_at().is_some_and(|t| t < now),
                             "expired only when due"
                         );
                         prop_assert!(self.ready.remove(&entry.offset));

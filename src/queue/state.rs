@@ -54,6 +54,10 @@ pub enum Slot {
         store_id: u64,
         /// Body bytes (what length limits count).
         size: u32,
+        /// The copy is the queue's scratch copy of a message that must not survive a
+        /// restart (a transient message, or any message of a non-durable queue), parked
+        /// there while memory runs short; not the message's own stored copy.
+        spooled: bool,
     },
 }
 
@@ -66,11 +70,37 @@ impl Slot {
         }
     }
 
-    /// The stored copy's id, if the message has one.
+    /// The id of the message's own stored copy (what its queue entry in the store
+    /// names), if it has one; a scratch copy is not one (see `Slot::spool_id`).
     pub fn store_id(&self) -> Option<u64> {
         match self {
             Slot::Loaded(msg) => msg.store_id,
+            Slot::Paged {
+                store_id,
+                spooled: false,
+                ..
+            } => Some(*store_id),
+            Slot::Paged { spooled: true, .. } => None,
+        }
+    }
+
+    /// The id of the copy a paged message's content is read from (its own or scratch).
+    pub fn paged_id(&self) -> Option<u64> {
+        match self {
             Slot::Paged { store_id, .. } => Some(*store_id),
+            Slot::Loaded(_) => None,
+        }
+    }
+
+    /// The id of the scratch copy of a message parked on disk while memory ran short.
+    pub fn spool_id(&self) -> Option<u64> {
+        match self {
+            Slot::Paged {
+                store_id,
+                spooled: true,
+                ..
+            } => Some(*store_id),
+            _ => None,
         }
     }
 
@@ -83,32 +113,56 @@ impl Slot {
 /// A message waiting in the queue (ready), or leaving it without being handed to a
 /// consumer (`Effect::Forget`, `Effect::DeadLetter`): an `Entry` whose content may be in
 /// the store only. Handed to consumers only once loaded (`Queued::into_entry`).
+///
+/// A backlog holds one of these per message, most of them paged, so it is kept to 40
+/// bytes: the expiry is a plain `u64` (`NEVER` for none) rather than an `Option`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Queued {
     /// Its place.
     pub offset: Offset,
     /// Its content.
     pub slot: Slot,
-    /// Delivered before (the redelivered flag).
-    pub redelivered: bool,
+    /// Wall-clock ms after which it is dropped; `Queued::NEVER` when it never is.
+    expires: u64,
     /// Times it came back unsettled.
     pub delivery_count: u32,
-    /// Wall-clock ms after which it is dropped.
-    pub expires_at: Option<u64>,
+    /// Delivered before (the redelivered flag).
+    pub redelivered: bool,
     /// Priority level.
     pub priority: u8,
 }
 
 impl Queued {
+    /// The `expires` of a message without a TTL.
+    const NEVER: u64 = u64::MAX;
+
+    /// A ready message at `offset`, not yet delivered.
+    fn new(offset: Offset, slot: Slot, expires_at: Option<u64>, priority: u8) -> Queued {
+        Queued {
+            offset,
+            slot,
+            expires: expires_at.unwrap_or(Queued::NEVER),
+            delivery_count: 0,
+            redelivered: false,
+            priority,
+        }
+    }
+
+    /// Wall-clock ms after which it is dropped (message or queue TTL).
+    pub fn expires_at(&self) -> Option<u64> {
+        (self.expires != Queued::NEVER).then_some(self.expires)
+    }
+
     /// The entry, when its content is loaded; itself back when it is not.
     pub fn into_entry(self) -> Result<Entry, Queued> {
+        let expires_at = self.expires_at();
         match self.slot {
             Slot::Loaded(msg) => Ok(Entry {
                 offset: self.offset,
                 msg,
                 redelivered: self.redelivered,
                 delivery_count: self.delivery_count,
-                expires_at: self.expires_at,
+                expires_at,
                 priority: self.priority,
             }),
             Slot::Paged { .. } => Err(self),
@@ -121,9 +175,9 @@ impl From<Entry> for Queued {
         Queued {
             offset: e.offset,
             slot: Slot::Loaded(e.msg),
-            redelivered: e.redelivered,
+            expires: e.expires_at.unwrap_or(Queued::NEVER),
             delivery_count: e.delivery_count,
-            expires_at: e.expires_at,
+            redelivered: e.redelivered,
             priority: e.priority,
         }
     }
@@ -761,7 +815,7 @@ impl QueueState {
         let needs_body = self.args.dead_letter_exchange.is_some();
         for l in 0..self.ready.len() {
             while let Some(head) = self.ready[l].front() {
-                let due = head.expires_at.is_some_and(|t| t < now_ms);
+                let due = head.expires_at().is_some_and(|t| t < now_ms);
                 if !due || (needs_body && head.slot.is_paged()) {
                     break;
                 }
@@ -790,7 +844,7 @@ impl QueueState {
     pub fn next_expiry(&self) -> Option<u64> {
         self.ready
             .iter()
-            .filter_map(|l| l.front().and_then(|e| e.expires_at))
+            .filter_map(|l| l.front().and_then(Queued::expires_at))
             .min()
     }
 
@@ -995,6 +1049,14 @@ impl QueueState {
         count
     }
 
+    /// Gives back the memory of ready lists that a drain or purge left mostly empty
+    /// (the host calls it from its timer; it changes nothing a command can see).
+    pub fn trim_memory(&mut self) {
+        for level in &mut self.ready {
+            crate::growth::shrink_if_sparse(level);
+        }
+    }
+
     /// Body bytes of the ready messages whose content is in memory.
     pub fn loaded_bytes(&self) -> usize {
         self.loaded_bytes
@@ -1036,10 +1098,51 @@ impl QueueState {
         entry.slot = Slot::Paged {
             store_id,
             size: size as u32,
+            spooled: false,
         };
         self.loaded_bytes -= size;
         self.paged_count += 1;
         true
+    }
+
+    /// Host paging: the ready message at `offset` keeps only the scratch copy `spool_id`
+    /// that its host is writing; its message, to write, when it was loaded. None
+    /// (nothing changes) when it is not ready or not loaded.
+    pub fn spool_out(&mut self, offset: Offset, spool_id: u64) -> Option<Arc<Message>> {
+        let entry = self.find_ready_mut(offset)?;
+        let Slot::Loaded(msg) = &entry.slot else {
+            return None;
+        };
+        let msg = msg.clone();
+        let size = msg.size();
+        entry.slot = Slot::Paged {
+            store_id: spool_id,
+            size: size as u32,
+            spooled: true,
+        };
+        self.loaded_bytes -= size;
+        self.paged_count += 1;
+        Some(msg)
+    }
+
+    /// Host paging: the loaded ready messages that come last in delivery order (lowest
+    /// priority first, newest first), until `bytes` body bytes (at most `max`), with
+    /// whether each is persistent with a stored copy's id.
+    pub fn loaded_tail(&self, bytes: usize, max: usize) -> Vec<(Offset, bool)> {
+        let mut out = Vec::new();
+        let mut sum = 0usize;
+        for level in &self.ready {
+            for e in level.iter().rev() {
+                if sum >= bytes || out.len() >= max {
+                    return out;
+                }
+                if let Slot::Loaded(msg) = &e.slot {
+                    out.push((e.offset, msg.is_persistent() && msg.store_id.is_some()));
+                    sum += msg.size();
+                }
+            }
+        }
+        out
     }
 
     /// Host paging: a recovered entry whose body stayed in the store; `head` is the
@@ -1061,34 +1164,36 @@ impl QueueState {
             None => 0,
         };
         self.next_offset = self.next_offset.max(offset + 1);
-        let entry = Queued {
-            offset,
-            slot: Slot::Paged {
-                store_id,
-                size: size as u32,
-            },
-            redelivered: delivered,
-            delivery_count,
-            expires_at: self.expiry_of(head),
-            priority,
+        let slot = Slot::Paged {
+            store_id,
+            size: size as u32,
+            spooled: false,
         };
+        let mut entry = Queued::new(offset, slot, self.expiry_of(head), priority);
+        entry.redelivered = delivered;
+        entry.delivery_count = delivery_count;
         self.insert_ready(entry);
         true
     }
 
     /// Host paging: the paged messages that come next in delivery order (highest
-    /// priority first, oldest first), `(offset, store id)`, until `budget` body bytes
-    /// (at least one message, at most `max`).
-    pub fn paged_ahead(&self, budget: usize, max: usize) -> Vec<(Offset, u64)> {
+    /// priority first, oldest first), `(offset, stored copy's id, spooled)`, until
+    /// `budget` body bytes (at least one message, at most `max`).
+    pub fn paged_ahead(&self, budget: usize, max: usize) -> Vec<(Offset, u64, bool)> {
         let mut out = Vec::new();
         let mut bytes = 0usize;
         for level in self.ready.iter().rev() {
             for e in level {
-                if let Slot::Paged { store_id, size } = e.slot {
+                if let Slot::Paged {
+                    store_id,
+                    size,
+                    spooled,
+                } = e.slot
+                {
                     if !out.is_empty() && (bytes >= budget || out.len() >= max) {
                         return out;
                     }
-                    out.push((e.offset, store_id));
+                    out.push((e.offset, store_id, spooled));
                     bytes += size as usize;
                 }
             }
@@ -1096,14 +1201,16 @@ impl QueueState {
         out
     }
 
-    /// Host paging: the content of the paged message at `offset` is back from the store.
-    /// False when it is no longer ready there (it left meanwhile) or is loaded already.
-    pub fn page_in(&mut self, offset: Offset, msg: Arc<Message>) -> bool {
+    /// Host paging: the content of the paged message at `offset`, read from its stored
+    /// copy `copy_id`, is back. False when it is no longer ready there (it left
+    /// meanwhile) or is loaded already.
+    pub fn page_in(&mut self, offset: Offset, copy_id: u64, msg: Arc<Message>) -> bool {
         let Some(entry) = self.find_ready_mut(offset) else {
             return false;
         };
-        if !entry.slot.is_paged() || entry.slot.store_id() != msg.store_id {
-            return false;
+        match entry.slot {
+            Slot::Paged { store_id, .. } if store_id == copy_id => {}
+            _ => return false,
         }
         let size = entry.slot.size();
         entry.slot = Slot::Loaded(msg);
@@ -1148,6 +1255,7 @@ impl QueueState {
         }
         let top = self.ready.len() - 1;
         let level = &mut self.ready[(entry.priority as usize).min(top)];
+        crate::growth::reserve_one(level);
         // New messages go to the tail; requeued ones usually near the head.
         if level.back().is_none_or(|last| last.offset < entry.offset) {
             level.push_back(entry);
@@ -1161,6 +1269,12 @@ impl QueueState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_queued_message_costs_forty_bytes() {
+        // One per message of a backlog, most of them paged (see `paging`).
+        assert!(std::mem::size_of::<Queued>() <= 40);
+    }
     use bytes::Bytes;
 
     fn msg(body: &'static str) -> Arc<Message> {

@@ -48,6 +48,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+use super::dense::{DenseMap, DenseValue};
 use super::writer::IdBuildHasher;
 
 /// Number of a chunk (its row key); chunks are written in increasing order.
@@ -338,20 +339,48 @@ impl ChunkWriter {
     }
 }
 
-/// Where a live entry was last written, and what it holds.
+/// Where a live entry was last written, and what it holds (24 bytes: the writer keeps
+/// one per live entry of every backlog).
 #[derive(Debug, Clone, Copy)]
 struct LiveEntry {
     msg_id: u64,
+    /// Never 0 (chunk numbers start at 1): 0 marks a vacant slot of a [`DenseMap`].
     chunk: ChunkId,
     delivery_count: u32,
 }
 
-/// A stored message: the chunk holding its blob, and how many live entries name it.
+impl DenseValue for LiveEntry {
+    const VACANT: LiveEntry = LiveEntry {
+        msg_id: 0,
+        chunk: 0,
+        delivery_count: 0,
+    };
+
+    fn is_vacant(&self) -> bool {
+        self.chunk == 0
+    }
+}
+
+/// A stored message: the chunk holding its blob, and how many live entries name it
+/// (16 bytes, one per live message).
 #[derive(Debug, Clone, Copy)]
 struct LiveMsg {
+    /// Never 0, as [`LiveEntry::chunk`].
     chunk: ChunkId,
     refs: u32,
     len: u32,
+}
+
+impl DenseValue for LiveMsg {
+    const VACANT: LiveMsg = LiveMsg {
+        chunk: 0,
+        refs: 0,
+        len: 0,
+    };
+
+    fn is_vacant(&self) -> bool {
+        self.chunk == 0
+    }
 }
 
 /// What the log knows of one stored chunk.
@@ -379,8 +408,10 @@ pub(super) enum Truncation {
 pub(super) struct LiveIndex {
     names: Vec<String>,
     ids: HashMap<String, QueueId>,
-    queues: Vec<HashMap<u64, LiveEntry, IdBuildHasher>>,
-    msgs: HashMap<u64, LiveMsg, IdBuildHasher>,
+    /// Per queue, its live entries by offset.
+    queues: Vec<DenseMap<LiveEntry>>,
+    /// Live messages by id.
+    msgs: DenseMap<LiveMsg>,
     chunks: BTreeMap<ChunkId, ChunkInfo>,
     /// Sum of the sizes of the stored chunks.
     log_bytes: u64,
@@ -406,7 +437,7 @@ impl LiveIndex {
         let id = self.names.len() as QueueId;
         self.names.push(name.to_owned());
         self.ids.insert(name.to_owned(), id);
-        self.queues.push(HashMap::default());
+        self.queues.push(DenseMap::default());
         id
     }
 
@@ -453,7 +484,7 @@ impl LiveIndex {
     /// it), if the message is still referenced.
     pub(super) fn locate(&self, msg_id: u64) -> Option<ChunkId> {
         self.msgs
-            .get(&msg_id)
+            .get(msg_id)
             .filter(|m| m.refs > 0)
             .map(|m| m.chunk)
     }
@@ -498,7 +529,7 @@ impl LiveIndex {
     pub(super) fn put(&mut self, msg_id: u64, len: usize) {
         let current = self.current;
         let len = len as u32;
-        match self.msgs.get_mut(&msg_id) {
+        match self.msgs.get_mut(msg_id) {
             Some(msg) => {
                 let (old, refs) = (msg.chunk, msg.refs);
                 let old_len = msg.len;
@@ -526,7 +557,7 @@ impl LiveIndex {
     }
 
     fn take_ref(&mut self, msg_id: u64) -> bool {
-        let Some(msg) = self.msgs.get_mut(&msg_id) else {
+        let Some(msg) = self.msgs.get_mut(msg_id) else {
             return false;
         };
         msg.refs = msg.refs.saturating_add(1);
@@ -539,7 +570,7 @@ impl LiveIndex {
     }
 
     fn release(&mut self, msg_id: u64) {
-        let Some(msg) = self.msgs.get_mut(&msg_id) else {
+        let Some(msg) = self.msgs.get_mut(msg_id) else {
             tracing::error!(
                 msg_id,
                 "store: an entry named a message the log does not hold"
@@ -577,7 +608,7 @@ impl LiveIndex {
 
     /// An entry settled; false when it is not live.
     pub(super) fn remove(&mut self, queue: QueueId, offset: u64) -> bool {
-        let Some(old) = self.queues[queue as usize].remove(&offset) else {
+        let Some(old) = self.queues[queue as usize].remove(offset) else {
             return false;
         };
         self.live_sub(old.chunk);
@@ -587,7 +618,7 @@ impl LiveIndex {
 
     /// An entry delivered once more; false when it is not live.
     pub(super) fn delivered(&mut self, queue: QueueId, offset: u64) -> bool {
-        match self.queues[queue as usize].get_mut(&offset) {
+        match self.queues[queue as usize].get_mut(offset) {
             Some(entry) => {
                 entry.delivery_count = entry.delivery_count.saturating_add(1);
                 true
@@ -602,7 +633,7 @@ impl LiveIndex {
         if entries.is_empty() {
             return false;
         }
-        for entry in entries.values() {
+        for (_, entry) in entries.iter() {
             self.live_sub(entry.chunk);
             self.release(entry.msg_id);
         }
@@ -612,8 +643,8 @@ impl LiveIndex {
     /// Forgets the messages no entry names any more (their records die with their chunk).
     pub(super) fn end_ops(&mut self) {
         for msg_id in std::mem::take(&mut self.released) {
-            if self.msgs.get(&msg_id).is_some_and(|m| m.refs == 0) {
-                self.msgs.remove(&msg_id);
+            if self.msgs.get(msg_id).is_some_and(|m| m.refs == 0) {
+                self.msgs.remove(msg_id);
             }
         }
     }
@@ -653,7 +684,7 @@ impl LiveIndex {
                     }
                 }
                 Record::Put { msg_id, pos, len } => {
-                    let Some(msg) = self.msgs.get_mut(&msg_id) else {
+                    let Some(msg) = self.msgs.get_mut(msg_id) else {
                         continue;
                     };
                     if msg.chunk != chunk || msg.refs == 0 {
@@ -670,7 +701,7 @@ impl LiveIndex {
                     let Some(&queue) = local.get(&l) else {
                         continue;
                     };
-                    let Some(entry) = self.queues[queue as usize].get_mut(&offset) else {
+                    let Some(entry) = self.queues[queue as usize].get_mut(offset) else {
                         continue;
                     };
                     if entry.chunk != chunk {
@@ -748,6 +779,8 @@ pub(super) struct Replayed {
     pub(super) dangling: Vec<(String, u64)>,
     /// Stored messages no entry names.
     pub(super) orphans: usize,
+    /// Scratch queues (`SCRATCH_PREFIX`) that hold entries: not recovered, to be purged.
+    pub(super) scratch: Vec<String>,
 }
 
 /// Rebuilds the live state from the chunks, read one at a time in increasing order
@@ -811,11 +844,11 @@ impl Replay {
                 }
                 Record::Remove { local: l, offset } => {
                     let queue = resolve(&local, l, &reader)?;
-                    index.queues[queue as usize].remove(&offset);
+                    index.queues[queue as usize].remove(offset);
                 }
                 Record::Delivered { local: l, offset } => {
                     let queue = resolve(&local, l, &reader)?;
-                    if let Some(entry) = index.queues[queue as usize].get_mut(&offset) {
+                    if let Some(entry) = index.queues[queue as usize].get_mut(offset) {
                         entry.delivery_count = entry.delivery_count.saturating_add(1);
                     }
                 }
@@ -839,10 +872,15 @@ impl Replay {
         let mut dangling = Vec::new();
         let mut queues = HashMap::new();
         let mut blobs: HashMap<u64, (ChunkId, usize), IdBuildHasher> = HashMap::default();
+        let mut scratch = Vec::new();
         for (queue, entries) in index.queues.iter_mut().enumerate() {
             let name = &index.names[queue];
-            let mut list: Vec<FoundEntry> = Vec::with_capacity(entries.len());
-            entries.retain(|&offset, entry| {
+            let is_scratch = name.starts_with(super::SCRATCH_PREFIX);
+            if is_scratch && !entries.is_empty() {
+                scratch.push(name.clone());
+            }
+            let mut list: Vec<FoundEntry> = Vec::new();
+            entries.retain(|offset, entry| {
                 let Some(&(chunk, len)) = puts.get(&entry.msg_id) else {
                     dangling.push((name.clone(), offset));
                     return false;
@@ -850,12 +888,21 @@ impl Replay {
                 if let Some(info) = index.chunks.get_mut(&entry.chunk) {
                     info.live += 1;
                 }
-                let msg = index.msgs.entry(entry.msg_id).or_insert(LiveMsg {
-                    chunk,
-                    refs: 0,
-                    len: len as u32,
-                });
-                msg.refs += 1;
+                match index.msgs.get_mut(entry.msg_id) {
+                    Some(msg) => msg.refs += 1,
+                    None => {
+                        let msg = LiveMsg {
+                            chunk,
+                            refs: 1,
+                            len: len as u32,
+                        };
+                        index.msgs.insert(entry.msg_id, msg);
+                    }
+                }
+                if is_scratch {
+                    // Live until the purge that opening the store writes.
+                    return true;
+                }
                 blobs.insert(entry.msg_id, (chunk, len));
                 list.push(FoundEntry {
                     offset,
@@ -870,7 +917,7 @@ impl Replay {
             }
         }
         let orphans = puts.len() - index.msgs.len();
-        for msg in index.msgs.values() {
+        for (_, msg) in index.msgs.iter() {
             index.live_bytes += u64::from(msg.len);
             if let Some(info) = index.chunks.get_mut(&msg.chunk) {
                 info.live += 1;
@@ -883,6 +930,7 @@ impl Replay {
             next_msg_id,
             dangling,
             orphans,
+            scratch,
         }
     }
 }

@@ -17,6 +17,7 @@
 //! cannot go on: [`fatal_store_failure`] logs and exits the process. No caller is ever told
 //! "not stored".
 
+mod dense;
 pub mod histogram;
 mod log;
 mod recovery;
@@ -46,6 +47,11 @@ pub use crate::config::FlushMode;
 
 /// File name of the database inside the data directory.
 pub const DB_FILE_NAME: &str = "warren.redb";
+
+/// Queue keys that start with this are scratch space: their entries (bodies parked on
+/// disk while memory runs short, of messages that must not survive a restart) are
+/// purged when the store opens and never recovered.
+pub const SCRATCH_PREFIX: &str = "~scratch/";
 
 /// Exit status used when the store cannot go on (`EX_SOFTWARE` from sysexits.h).
 pub const FATAL_EXIT_CODE: i32 = 70;
@@ -278,6 +284,8 @@ pub struct StoreStats {
     pub queued_ops: u64,
     /// Payload bytes waiting for the writer now.
     pub queued_bytes: u64,
+    /// Stored messages some queue entry names, after the last commit.
+    pub live_messages: u64,
 }
 
 /// Upper bounds (seconds) of the commit latency histogram.
@@ -310,6 +318,8 @@ struct Counters {
     queued_ops: AtomicU64,
     /// Payload bytes sent to the writer and not yet committed.
     queued_bytes: AtomicU64,
+    /// Messages live in the log after the last commit.
+    live_messages: AtomicU64,
     /// Requests ever sent to the writer.
     sent: AtomicU64,
     commit_seconds: histogram::Histogram,
@@ -325,6 +335,7 @@ impl Default for Counters {
             ops: AtomicU64::new(0),
             queued_ops: AtomicU64::new(0),
             queued_bytes: AtomicU64::new(0),
+            live_messages: AtomicU64::new(0),
             sent: AtomicU64::new(0),
             commit_seconds: histogram::Histogram::new(&COMMIT_SECONDS_BOUNDS),
             batch_requests: histogram::Histogram::new(&BATCH_REQUESTS_BOUNDS),
@@ -341,6 +352,7 @@ impl Counters {
             ops: self.ops.load(Ordering::Relaxed),
             queued_ops: self.queued_ops.load(Ordering::Relaxed),
             queued_bytes: self.queued_bytes.load(Ordering::Relaxed),
+            live_messages: self.live_messages.load(Ordering::Relaxed),
         }
     }
 }

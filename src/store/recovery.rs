@@ -23,6 +23,8 @@ pub(super) struct Loaded {
     pub(super) index: LiveIndex,
     /// Entries whose message is missing: dropped from `recovered`, settled by [`clean_up`].
     pub(super) dangling: Vec<(String, u64)>,
+    /// Scratch queues holding entries: not in `recovered`, purged by [`clean_up`].
+    pub(super) scratch: Vec<String>,
 }
 
 /// Every `(key, value)` of a string-keyed blob table, in key order.
@@ -230,11 +232,12 @@ pub(super) fn load(db: &Database, trim: Option<BlobTrim>) -> anyhow::Result<Load
         },
         index: replayed.index,
         dangling: replayed.dangling,
+        scratch: replayed.scratch,
     })
 }
 
-/// Settles the dangling entries [`load`] found and deletes the dead head chunks, in one
-/// durable commit (nothing is written when there is nothing to do).
+/// Settles the dangling entries [`load`] found, purges the scratch queues, and deletes
+/// the dead head chunks, in one durable commit (nothing is written when there is nothing to do).
 pub(super) fn clean_up(db: &Database, loaded: &mut Loaded) -> anyhow::Result<()> {
     let index = &mut loaded.index;
     let current = index.next_chunk();
@@ -243,6 +246,19 @@ pub(super) fn clean_up(db: &Database, loaded: &mut Loaded) -> anyhow::Result<()>
     for (queue, offset) in &loaded.dangling {
         let q = index.queue_id(queue);
         out.remove(q, queue, *offset);
+    }
+    for queue in &loaded.scratch {
+        let q = index.queue_id(queue);
+        if index.purge(q) {
+            out.purge(q, queue);
+        }
+    }
+    index.end_ops();
+    if !loaded.scratch.is_empty() {
+        tracing::info!(
+            queues = loaded.scratch.len(),
+            "store: transient messages parked on disk before the restart are discarded"
+        );
     }
     if out.is_empty() && index.next_truncation().is_none() {
         index.finish(0, false);

@@ -110,6 +110,9 @@ impl Writer {
         log: LiveIndex,
         counters: Arc<Counters>,
     ) -> Writer {
+        counters
+            .live_messages
+            .store(log.live_messages() as u64, Ordering::Relaxed);
         Writer {
             db,
             rx,
@@ -245,6 +248,9 @@ impl Writer {
             .requests
             .fetch_add(self.batch.len() as u64, Ordering::Relaxed);
         counters.ops.fetch_add(ops as u64, Ordering::Relaxed);
+        counters
+            .live_messages
+            .store(self.log.live_messages() as u64, Ordering::Relaxed);
         if durable {
             counters.durable_commits.fetch_add(1, Ordering::Relaxed);
             self.unsynced_since = None;
