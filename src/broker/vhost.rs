@@ -1206,6 +1206,11 @@ impl VHost {
         };
     }
 
+    /// The node's cluster side, when clustered.
+    pub(super) fn cluster_link(&self) -> Option<&ClusterLink> {
+        self.cluster.get()
+    }
+
     /// Tells every node that this one leads replicated queue `queue` since `term`.
     pub fn announce_replica_leader(&self, queue: &str, term: u64) {
         if let Some(link) = self.cluster.get() {

@@ -136,6 +136,8 @@ pub enum Answer {
         consumers: u64,
         /// Estimated memory of the messages.
         memory: u64,
+        /// Dead letters held for their targets, and their body bytes.
+        dead_letters: (u64, u64),
     },
     /// Refused with this AMQP error (code, text), as the host's own channel would.
     Refused(u16, String),
