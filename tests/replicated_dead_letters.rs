@@ -181,14 +181,21 @@ async fn wait_figures(c: &Cluster, i: usize, n: &Names, want: (u64, u64)) {
     }
 }
 
-/// Declares the target queue through node `i` and binds it to the dead-letter exchange.
+/// Declares the target queue (a classic one, homed on node `i`) through node `i` and
+/// binds it to the dead-letter exchange.
 async fn declare_target(c: &Cluster, i: usize, n: &Names) -> Channel {
+    declare_bound(c, i, n, &n.target, FieldTable::default()).await
+}
+
+/// Declares queue `name` with `args` through node `i` and binds it to the dead-letter
+/// exchange.
+async fn declare_bound(c: &Cluster, i: usize, n: &Names, name: &str, args: FieldTable) -> Channel {
     let ch = c.connect(i).await.create_channel().await.unwrap();
-    ch.queue_declare(n.target.as_str().into(), durable(), FieldTable::default())
+    ch.queue_declare(name.into(), durable(), args)
         .await
         .unwrap();
     ch.queue_bind(
-        n.target.as_str().into(),
+        name.into(),
         n.dlx.as_str().into(),
         "".into(),
         QueueBindOptions::default(),
@@ -202,10 +209,16 @@ async fn declare_target(c: &Cluster, i: usize, n: &Names) -> Channel {
 /// Consumes (and acks) the target through `ch` until nothing arrives for `quiet`, then
 /// cancels: the bodies (with repeats).
 async fn drain_target(ch: &Channel, n: &Names, quiet: Duration) -> Vec<String> {
+    drain(ch, &n.target, quiet).await
+}
+
+/// Consumes (and acks) queue `name` through `ch` until nothing arrives for `quiet`,
+/// then cancels: the bodies (with repeats).
+async fn drain(ch: &Channel, name: &str, quiet: Duration) -> Vec<String> {
     let tag = tag("drain");
     let mut consumer = ch
         .basic_consume(
-            n.target.as_str().into(),
+            name.into(),
             tag.as_str().into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
@@ -270,11 +283,30 @@ async fn dead_letters_without_a_target_wait_in_the_source_until_one_is_bound() {
         wait_figures(&c, i, &n, (0, 20)).await;
     }
 
-    // Once a queue is bound, they arrive (published again), and leave the source.
-    let ch = declare_target(&c, 2, &n).await;
+    // Once queues are bound, they arrive (published again) in each, and leave the
+    // source: a classic queue homed on a node that does not lead the source (reached
+    // through the forwarder) and a quorum queue.
+    let leader = source_leader(&c, &[1, 2, 3], &n).await;
+    let elsewhere = if leader == 1 { 2 } else { 1 };
+    let quorum_target = format!("{}-quorum", n.target);
+    let mut quorum = FieldTable::default();
+    quorum.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    declare_bound(&c, leader, &n, &quorum_target, quorum).await;
+    let ch = declare_target(&c, elsewhere, &n).await;
     let got = drain_target(&ch, &n, Duration::from_secs(8)).await;
     let got_set: BTreeSet<String> = got.iter().cloned().collect();
-    assert_eq!(got_set, sent, "every dead letter arrives");
+    assert_eq!(
+        got_set, sent,
+        "every dead letter arrives in the classic target"
+    );
+    let got: BTreeSet<String> = drain(&ch, &quorum_target, Duration::from_secs(5))
+        .await
+        .into_iter()
+        .collect();
+    assert_eq!(got, sent, "every dead letter arrives in the quorum target");
     wait_figures(&c, 1, &n, (0, 0)).await;
 
     // A new dead letter goes at once, with its history, as an at-most-once one does.
@@ -364,4 +396,46 @@ async fn at_most_once_and_drop_head_still_drop_dead_letters_with_nowhere_to_go()
             .collect();
         assert_eq!(got, sent, "{case}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_can_ask_for_at_least_once() {
+    let Some(c) = Cluster::start(3) else {
+        return;
+    };
+    c.wait_agreed_leader(&[1, 2, 3], None, ELECTION).await;
+    let n = Names::new("policy");
+    let policy = serde_json::json!({
+        "pattern": format!("^{}$", n.source),
+        "apply-to": "queues",
+        "definition": {
+            "dead-letter-strategy": "at-least-once",
+            "overflow": "reject-publish",
+            "dead-letter-exchange": n.dlx,
+        },
+    });
+    let addr = std::net::SocketAddr::from((c.node(2).ip, 15672));
+    let auth = Some((cluster::USER, cluster::USER));
+    let put = http::request(addr, "PUT", "/api/policies/%2F/dlx", auth, Some(&policy)).await;
+    assert!(
+        put.status == 201 || put.status == 204,
+        "policy put: {}",
+        put.status
+    );
+    let mut quorum = FieldTable::default();
+    quorum.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    declare_source(&c, &n, quorum).await;
+    let sent = publish_confirmed(&c, 1, &n, "m", 10).await;
+    reject_all(&c, 3, &n, 10).await;
+    wait_figures(&c, 1, &n, (0, 10)).await;
+    let ch = declare_target(&c, 3, &n).await;
+    let got: BTreeSet<String> = drain_target(&ch, &n, Duration::from_secs(8))
+        .await
+        .into_iter()
+        .collect();
+    assert_eq!(got, sent);
+    wait_figures(&c, 2, &n, (0, 0)).await;
 }
