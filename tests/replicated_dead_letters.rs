@@ -439,3 +439,85 @@ async fn a_policy_can_ask_for_at_least_once() {
     assert_eq!(got, sent);
     wait_figures(&c, 2, &n, (0, 0)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_source_leader_while_it_hands_dead_letters_on_loses_none() {
+    let Some(mut c) = Cluster::start(3) else {
+        return;
+    };
+    c.wait_agreed_leader(&[1, 2, 3], None, ELECTION).await;
+    let n = Names::new("inflight");
+    declare_source(
+        &c,
+        &n,
+        source_args(&n, Some("at-least-once"), "reject-publish"),
+    )
+    .await;
+    let sent = publish_confirmed(&c, 1, &n, "m", 300).await;
+    let first = source_leader(&c, &[1, 2, 3], &n).await;
+    let rest: Vec<usize> = [1, 2, 3].into_iter().filter(|i| *i != first).collect();
+    // The target lives on a node that survives.
+    let target = declare_target(&c, rest[0], &n).await;
+
+    // A consumer on the leader rejects as fast as it can; the leader dies meanwhile.
+    let conn = c.connect(first).await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.basic_qos(100, BasicQosOptions::default()).await.unwrap();
+    let mut consumer = ch
+        .basic_consume(
+            n.source.as_str().into(),
+            tag("rejecter").as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    for _ in 0..150 {
+        let d = tokio::time::timeout(Duration::from_secs(20), consumer.next())
+            .await
+            .expect("a delivery to reject")
+            .expect("consumer open")
+            .expect("a delivery");
+        d.reject(BasicRejectOptions { requeue: false })
+            .await
+            .unwrap();
+    }
+    c.kill(first);
+
+    // What the dead leader had not dead-lettered comes back to the source; reject it
+    // through a survivor too. Then every message is in the target, some maybe twice.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut got: Vec<String> = Vec::new();
+    loop {
+        let reject_ch = c.connect(rest[1]).await.create_channel().await.unwrap();
+        let mut left = reject_ch
+            .basic_consume(
+                n.source.as_str().into(),
+                tag("rejecter").as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .ok();
+        if let Some(left) = left.as_mut() {
+            while let Ok(Some(Ok(d))) =
+                tokio::time::timeout(Duration::from_secs(2), left.next()).await
+            {
+                d.reject(BasicRejectOptions { requeue: false })
+                    .await
+                    .unwrap();
+            }
+        }
+        got.extend(drain_target(&target, &n, Duration::from_secs(3)).await);
+        let got_set: BTreeSet<String> = got.iter().cloned().collect();
+        if got_set == sent {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "dead letters lost: {:?}",
+            sent.difference(&got_set).collect::<Vec<_>>()
+        );
+    }
+    wait_figures(&c, rest[0], &n, (0, 0)).await;
+}
