@@ -298,8 +298,12 @@ impl Broker {
         self.state.store().map(|s| s.pause())
     }
 
-    /// Closes every connection (320 CONNECTION_FORCED) and stops listening.
+    /// Hands over the leadership of the replicated queues this node leads, then closes
+    /// every connection (320 CONNECTION_FORCED) and stops listening.
     pub async fn shutdown(mut self) {
+        if let Some(link) = self.state.cluster_link() {
+            link.replicas.hand_over_all().await;
+        }
         let _ = self.shutdown.send(());
         if let Some(cluster) = &self.cluster {
             cluster.shutdown().await;

@@ -592,3 +592,201 @@ async fn warren_ctl_adds_and_removes_a_replicated_queues_members() {
         "node 1 back: {members}"
     );
 }
+
+/// Packets per second the whole cluster sends over `window` (no client connected).
+async fn cluster_packet_rate(c: &Cluster, window: Duration) -> f64 {
+    let count = |c: &Cluster| (1..=c.len()).map(|i| c.packets_sent(i)).sum::<u64>();
+    let before = count(c);
+    tokio::time::sleep(window).await;
+    (count(c) - before) as f64 / window.as_secs_f64()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_replicated_queues_send_nothing_between_nodes() {
+    let Some(c) = Cluster::start(3) else {
+        return;
+    };
+    const QUEUES: usize = 40;
+    const WINDOW: Duration = Duration::from_secs(6);
+    // The cluster's own chatter: link pings and the metadata group.
+    c.wait_agreed_leader(&[1, 2, 3], None, ELECTION).await;
+    let baseline = cluster_packet_rate(&c, WINDOW).await;
+    {
+        let conn = c.connect(1).await;
+        let ch = conn.create_channel().await.unwrap();
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        let (options, args) = quorum();
+        for q in 0..QUEUES {
+            let name = format!("idle-{q}");
+            ch.queue_declare(name.as_str().into(), options, args.clone())
+                .await
+                .unwrap();
+            // (Each group commits an entry: a leader exists and has replicated.)
+            let deadline = Instant::now() + ELECTION;
+            loop {
+                let confirm = ch
+                    .basic_publish(
+                        "".into(),
+                        name.as_str().into(),
+                        BasicPublishOptions::default(),
+                        b"kept",
+                        BasicProperties::default().with_delivery_mode(2),
+                    )
+                    .await
+                    .unwrap()
+                    .await
+                    .unwrap();
+                if confirm.is_ack() {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "{name}: never confirmed");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        conn.close(200, "done".into()).await.unwrap();
+    }
+    // Settled: the last commits have reached every follower.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle = cluster_packet_rate(&c, WINDOW).await;
+    // Per-group heartbeats (4 a second to each of 2 followers, and their answers) would
+    // add some 16 packets a second per queue; allow well under one.
+    assert!(
+        idle - baseline < QUEUES as f64 * 0.5,
+        "{QUEUES} idle replicated queues: {idle:.0} packets/s against {baseline:.0} without them"
+    );
+    // And they still work: every message is there.
+    let ch = c.connect(2).await.create_channel().await.unwrap();
+    for q in 0..QUEUES {
+        let name = format!("idle-{q}");
+        let got = ch
+            .basic_get(name.as_str().into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap();
+        assert!(got.is_some(), "{name} lost its message");
+    }
+}
+
+/// The timestamp that starts the last line of node `i`'s log containing `needle`.
+fn logged_at(c: &Cluster, i: usize, needle: &str) -> Option<String> {
+    let log = c.log(i);
+    let line = log.lines().rev().find(|l| l.contains(needle))?;
+    Some(line.split_whitespace().next()?.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_stops_hands_its_leaderships_over_first() {
+    let Some(mut c) = Cluster::start(3) else {
+        return;
+    };
+    c.wait_agreed_leader(&[1, 2, 3], None, ELECTION).await;
+    let ch = c.connect(1).await.create_channel().await.unwrap();
+    let (options, args) = quorum();
+    ch.queue_declare(QUEUE.into(), options, args).await.unwrap();
+    let first = leader(&c, &[1, 2, 3], QUEUE).await;
+    let other = if first == 1 { 2 } else { 1 };
+    let through = confirming_channel(&c, other).await.expect("node up");
+    let mut confirmed: BTreeSet<String> = publish_confirmed(&through, "before", 200)
+        .await
+        .into_iter()
+        .collect();
+
+    c.stop(first);
+    let handed = c.log(first);
+    assert!(
+        handed
+            .lines()
+            .any(|l| l.contains("leaderships handed over") && l.contains("handed_over=1")),
+        "node {first} handed its queue over:\n{}",
+        c.log_tail(first)
+    );
+    // Another member led the queue before the stopping node was gone.
+    let rest: Vec<usize> = [1, 2, 3].into_iter().filter(|i| *i != first).collect();
+    let second = leader(&c, &rest, QUEUE).await;
+    let took = logged_at(&c, second, "this node leads it now").expect("new leader logged");
+    let stopped = logged_at(&c, first, "stopped: connections closed").expect("stop logged");
+    assert!(
+        took < stopped,
+        "node {second} took over at {took}, node {first} stopped at {stopped}"
+    );
+
+    let through = confirming_channel(&c, other).await.expect("node up");
+    confirmed.extend(publish_confirmed(&through, "after", 20).await);
+    let (got, _) = drain(&c, second).await;
+    let got: BTreeSet<String> = got.into_iter().collect();
+    let lost: Vec<&String> = confirmed.difference(&got).collect();
+    assert!(lost.is_empty(), "confirmed messages lost: {lost:?}");
+}
+
+/// How many of the `rebal-*` queues each node leads, as `warren ctl list_queues name
+/// leader` through node `via` shows them.
+fn listed_leaders(c: &Cluster, via: usize) -> Vec<usize> {
+    let listed = c.ctl(via, &["list_queues", "name", "leader"]);
+    (1..=c.len())
+        .map(|i| {
+            listed
+                .lines()
+                .filter(|l| l.starts_with("rebal-") && l.contains(&c.node(i).name))
+                .count()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warren_ctl_rebalance_spreads_leaders_over_the_nodes() {
+    let Some(c) = Cluster::start(3) else {
+        return;
+    };
+    c.wait_agreed_leader(&[1, 2, 3], None, ELECTION).await;
+    let ch = confirming_channel(&c, 1).await.expect("node up");
+    let (options, args) = quorum();
+    for q in 0..6 {
+        let name = format!("rebal-{q}");
+        ch.queue_declare(name.as_str().into(), options, args.clone())
+            .await
+            .unwrap();
+        let confirm = ch
+            .basic_publish(
+                "".into(),
+                name.as_str().into(),
+                BasicPublishOptions::default(),
+                name.as_bytes(),
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(confirm.is_ack(), "{name} confirmed");
+    }
+    // Declared on node 1, every queue is led there.
+    let deadline = Instant::now() + ELECTION;
+    while listed_leaders(&c, 1) != [6, 0, 0] {
+        assert!(Instant::now() < deadline, "{:?}", listed_leaders(&c, 1));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    // Through node 2: the leaders on node 1 are moved by node 1 on node 2's request.
+    let report = c.ctl(2, &["rebalance", "quorum"]);
+    for i in 1..=3 {
+        let row = report
+            .lines()
+            .find(|l| l.contains(&c.node(i).name))
+            .unwrap_or_else(|| panic!("node {i} in the report: {report}"));
+        assert!(row.trim_end().ends_with('2'), "node {i} leads 2: {report}");
+    }
+    assert_eq!(listed_leaders(&c, 3), [2, 2, 2]);
+
+    // Every queue still serves its message, through any node.
+    let ch = c.connect(3).await.create_channel().await.unwrap();
+    for q in 0..6 {
+        let name = format!("rebal-{q}");
+        let got = ch
+            .basic_get(name.as_str().into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("{name} lost its message"));
+        assert_eq!(got.data, name.as_bytes());
+    }
+}

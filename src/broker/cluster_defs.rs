@@ -47,6 +47,19 @@ enum Placement {
     Replicated(ReplicaSpec),
 }
 
+/// A replicated queue as the metadata group knows it (rebalancing reads these).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedQueue {
+    /// Its vhost.
+    pub vhost: String,
+    /// Its name.
+    pub name: String,
+    /// The nodes that should hold a replica.
+    pub members: Vec<String>,
+    /// The node that announced it leads, if any did.
+    pub leader: Option<String>,
+}
+
 /// A vhost's way into the metadata group.
 #[derive(Debug, Clone)]
 pub struct ClusterLink {
@@ -210,6 +223,66 @@ impl ClusterLink {
             }
         }
         out
+    }
+
+    /// Every replicated queue with its members and the leader the metadata group names.
+    pub fn led_queues(&self) -> Vec<LedQueue> {
+        self.replicated_queues()
+            .into_iter()
+            .map(|(vhost, name, members)| LedQueue {
+                leader: self.announced_leader(&vhost, &name).map(|(l, _)| l),
+                vhost,
+                name,
+                members,
+            })
+            .collect()
+    }
+
+    /// The Raft group of replicated queue `queue` of `vhost`.
+    pub fn replica_group(&self, vhost: &str, queue: &str) -> Option<crate::cluster::wire::GroupId> {
+        let value = self
+            .cluster
+            .meta()
+            .machine()
+            .get(&super::persist::queue_key(vhost, queue))?;
+        match split_queue(&value)? {
+            (Placement::Replicated(spec), _) => Some(spec.group),
+            _ => None,
+        }
+    }
+
+    /// Hands the leadership of replicated queue `queue` to member `to`, through the node
+    /// that leads it; the leader then, if it moved.
+    pub async fn hand_over(
+        &self,
+        vhost: &str,
+        queue: &str,
+        to: &str,
+    ) -> Result<Option<String>, String> {
+        let (leader, _) = self
+            .announced_leader(vhost, queue)
+            .ok_or_else(|| format!("queue '{queue}' in vhost '{vhost}' has no known leader"))?;
+        if leader == self.node {
+            return self.hand_over_here(vhost, queue, to).await;
+        }
+        self.proxies
+            .hand_over(&leader, vhost, queue, to)
+            .await
+            .map_err(|e| e.text)
+    }
+
+    /// [`ClusterLink::hand_over`] on the node that leads the queue (never passed on: a
+    /// node that no longer leads it answers that it did not move).
+    pub async fn hand_over_here(
+        &self,
+        vhost: &str,
+        queue: &str,
+        to: &str,
+    ) -> Result<Option<String>, String> {
+        let group = self
+            .replica_group(vhost, queue)
+            .ok_or_else(|| format!("queue '{queue}' in vhost '{vhost}' is not replicated"))?;
+        Ok(self.replicas.hand_over(group, Some(to)).await)
     }
 
     /// Changes a replicated queue's wanted members with `change` (given the current

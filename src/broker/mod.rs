@@ -14,6 +14,7 @@ pub mod memory;
 pub mod mirroring;
 pub mod persist;
 pub mod policy;
+pub mod rebalance;
 mod recovery;
 pub mod remote;
 pub mod remote_consume;

@@ -180,6 +180,24 @@ where
     }
 }
 
+/// One-way signals between the members of a queue group (Raft's own traffic is always
+/// a request with an answer), each one byte.
+const NUDGE: u8 = 0;
+const STAND: u8 = 1;
+
+/// Asks member `peer` of `group` to send a heartbeat if it leads the group: a member
+/// that knows no leader learns it (and is caught up) without standing for election.
+/// Harmless to repeat; a member that does not lead ignores it.
+pub async fn nudge(transport: &Transport, peer: &str, group: GroupId) {
+    let _ = transport.send(peer, group, vec![NUDGE]).await;
+}
+
+/// Asks member `peer` of `group` to stand for election now (its leader hands the
+/// leadership over to it). A leader, or a member that is not a voter, ignores it.
+pub async fn ask_to_stand(transport: &Transport, peer: &str, group: GroupId) {
+    let _ = transport.send(peer, group, vec![STAND]).await;
+}
+
 /// Serves one group's requests from peers until the inbox closes.
 pub async fn serve<C>(raft: Raft<C>, mut inbox: mpsc::Receiver<Incoming>)
 where
@@ -189,6 +207,16 @@ where
 {
     while let Some(message) = inbox.recv().await {
         let Some(reply) = message.reply else {
+            match message.body.as_slice() {
+                // (openraft ignores a heartbeat asked of a member that does not lead.)
+                [NUDGE] => {
+                    let _ = raft.trigger().heartbeat().await;
+                }
+                [STAND] => {
+                    let _ = raft.trigger().elect().await;
+                }
+                _ => {}
+            }
             continue;
         };
         let request: RaftRequest<C> = match postcard::from_bytes(&message.body) {

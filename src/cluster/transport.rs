@@ -225,6 +225,8 @@ struct Inner {
     stop: CancellationToken,
     /// The member whose link just went down, for every link that ends.
     losses: tokio::sync::broadcast::Sender<String>,
+    /// The member whose link just came up, for every link that starts.
+    gains: tokio::sync::broadcast::Sender<String>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -271,6 +273,7 @@ impl Transport {
                 next_id: AtomicU64::new(1),
                 stop: CancellationToken::new(),
                 losses: tokio::sync::broadcast::channel(256).0,
+                gains: tokio::sync::broadcast::channel(256).0,
             }),
         };
         tokio::spawn(transport.clone().accept_loop(listener));
@@ -326,6 +329,12 @@ impl Transport {
     /// it, its deliveries) must be let go. A link that comes back is a new one.
     pub fn link_losses(&self) -> tokio::sync::broadcast::Receiver<String> {
         self.inner.losses.subscribe()
+    }
+
+    /// Tells of every link that comes up (the member's name): a member that was away
+    /// (restarted, cut off) is reachable again and may need to hear who leads its groups.
+    pub fn link_gains(&self) -> tokio::sync::broadcast::Receiver<String> {
+        self.inner.gains.subscribe()
     }
 
     /// Whether the link to `peer` is up.
@@ -620,6 +629,7 @@ impl Transport {
         }
         *lock(&peer.last_error) = None;
         tracing::info!("cluster: link to {peer_name} up");
+        let _ = self.inner.gains.send(peer_name.clone());
 
         let (mut sink, mut stream) = framed.split();
         let writer_cancel = cancel.clone();

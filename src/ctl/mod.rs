@@ -86,6 +86,20 @@ pub enum CtlCommand {
         #[arg(long = "vhost-pattern", default_value = ".*")]
         vhost_pattern: String,
     },
+    /// Moves replicated queues' leaders so that every node leads its share, as
+    /// `rabbitmq-queues rebalance` (`all` or `quorum`: Warren's replicated queues are
+    /// all of one kind).
+    Rebalance {
+        /// all or quorum.
+        #[arg(default_value = "all")]
+        kind: String,
+        /// Only queues whose name matches.
+        #[arg(long = "queue-pattern", default_value = ".*")]
+        queue_pattern: String,
+        /// Only queues of vhosts whose name matches.
+        #[arg(long = "vhost-pattern", default_value = ".*")]
+        vhost_pattern: String,
+    },
     /// Removes a node's replica from every replicated queue, as `rabbitmq-queues shrink`.
     Shrink {
         /// The node (name@host).
@@ -397,6 +411,27 @@ fn execute(api: &Api, vhost: &str, command: CtlCommand) -> Result<String, String
             let columns: Vec<String> = ["vhost", "name", "size", "result"].map(String::from).into();
             Ok(format!(
                 "Growing queues onto {node}...\n{}",
+                table(&report, &columns, &[])
+            ))
+        }
+        CtlCommand::Rebalance {
+            kind,
+            queue_pattern,
+            vhost_pattern,
+        } => {
+            if kind != "all" && kind != "quorum" {
+                return Err(format!(
+                    "unknown queue type {kind}: Warren rebalances all or quorum"
+                ));
+            }
+            let body = serde_json::json!({
+                "queue_pattern": queue_pattern,
+                "vhost_pattern": vhost_pattern,
+            });
+            let report = api.post("/rebalance/queues", &body)?;
+            let columns: Vec<String> = ["node", "queue_leaders"].map(String::from).into();
+            Ok(format!(
+                "Re-balancing leaders of replicated queues...\n{}",
                 table(&report, &columns, &[])
             ))
         }

@@ -148,6 +148,7 @@ pub fn router(http: Http) -> Router {
             "/api/queues/quorum/{vhost}/{name}/replicas/delete",
             delete(replicas::delete),
         )
+        .route("/api/rebalance/queues", post(replicas::rebalance))
         .route(
             "/api/queues/quorum/replicas/on/{node}/grow",
             post(replicas::grow),

@@ -140,3 +140,30 @@ pub async fn shrink(
     }
     Ok(Json(Value::Array(report)).into_response())
 }
+
+/// POST /api/rebalance/queues (RabbitMQ's route; what `rabbitmq-queues rebalance` does):
+/// moves replicated queues' leaders so that each node leads its share, optionally only
+/// of the queues and vhosts whose names match `queue_pattern` and `vhost_pattern`;
+/// answers with how many queues each node leads then.
+pub async fn rebalance(
+    State(http): State<Http>,
+    headers: HeaderMap,
+    body: Option<Json<Value>>,
+) -> Result<Response, ApiError> {
+    caller(&http.broker, &headers)?.require_admin()?;
+    let link = clustered(&http)?;
+    let body = body.map(|Json(b)| b).unwrap_or(Value::Null);
+    let (vhosts, queues) = (
+        pattern(&body, "vhost_pattern")?,
+        pattern(&body, "queue_pattern")?,
+    );
+    let after = crate::broker::rebalance::rebalance(link, |q| {
+        vhosts.is_match(&q.vhost) && queues.is_match(&q.name)
+    })
+    .await;
+    let report: Vec<Value> = after
+        .iter()
+        .map(|(node, n)| json!({"node": node, "queue_leaders": n}))
+        .collect();
+    Ok(Json(Value::Array(report)).into_response())
+}

@@ -17,9 +17,14 @@
 //! - With at-least-once dead-lettering, a dead-lettered message moves to the group's dead
 //!   letters ([`ReplicaRecord::DeadLettered`]) and leaves only once every queue it was
 //!   routed to has taken it durably; a new leader republishes those still there.
+//! - Groups send nothing while idle: openraft's heartbeats and election timers are off,
+//!   and the node's links (their pings, and the link losses and gains they report)
+//!   decide when a member stands for election or a leader heartbeats ([`elections`]).
 //! - A queue's log is snapshotted (its live messages only) every
 //!   [`SNAPSHOT_EVERY`] entries and truncated, so disk use follows the backlog.
 
+pub mod elections;
+pub mod handover;
 pub mod machine;
 
 use std::collections::{BTreeMap, HashMap};
@@ -224,6 +229,9 @@ struct RunningGroup {
     stop: tokio_util::sync::CancellationToken,
     /// Woken when the queue's wanted members change (its leader then changes the group).
     members_changed: Arc<tokio::sync::Notify>,
+    /// The proposal gate: a permit per entry that may await its commit (a hand-over
+    /// holds them all).
+    gate: Arc<tokio::sync::Semaphore>,
 }
 
 /// The replicated queue groups of this node.
@@ -296,10 +304,12 @@ impl Replicas {
         let (tx, rx) = mpsc::unbounded_channel();
         queue.attach_replica(ReplicaLog { tx });
         let members_changed = Arc::new(tokio::sync::Notify::new());
+        let gate = Arc::new(tokio::sync::Semaphore::new(ENTRIES_AWAITING_COMMIT));
         let running = Arc::new(Mutex::new(RunningGroup {
             raft: None,
             stop: tokio_util::sync::CancellationToken::new(),
             members_changed: members_changed.clone(),
+            gate: gate.clone(),
         }));
         groups.insert(spec.group, running.clone());
         drop(groups);
@@ -334,6 +344,7 @@ impl Replicas {
             may_initialize: spec.may_initialize(&self.inner.me),
             declared_first: spec.initial.first() == Some(&self.inner.me),
             members_changed,
+            gate,
         };
         tokio::spawn(async move {
             if let Err(e) = start.run(rx).await {
@@ -404,6 +415,65 @@ impl Replicas {
         });
     }
 
+    /// Hands over the leadership of every queue this node leads (it is about to stop),
+    /// all at once; returns once they moved or [`handover::HANDOVER_LIMIT`] passed.
+    pub async fn hand_over_all(&self) {
+        let led: Vec<GroupId> = lock(&self.inner.groups)
+            .iter()
+            .filter(|(_, running)| {
+                lock(running).raft.as_ref().is_some_and(|raft| {
+                    let leader = raft.metrics().borrow().current_leader;
+                    leader.is_some() && leader == self.inner.ids.get(&self.inner.me).copied()
+                })
+            })
+            .map(|(group, _)| *group)
+            .collect();
+        if led.is_empty() {
+            return;
+        }
+        let moved =
+            futures_util::future::join_all(led.iter().map(|g| self.hand_over(*g, None))).await;
+        tracing::info!(
+            queues = moved.len(),
+            handed_over = moved.iter().filter(|m| m.is_some()).count(),
+            "replicated queues: leaderships handed over before stopping"
+        );
+    }
+
+    /// Hands the leadership of `group` (led by this node) to member `to`, or to its most
+    /// caught-up member; the node that leads it then, if it moved.
+    pub async fn hand_over(&self, group: GroupId, to: Option<&str>) -> Option<String> {
+        let me = *self.inner.ids.get(&self.inner.me)?;
+        let (raft, gate) = {
+            let running = lock(&self.inner.groups).get(&group)?.clone();
+            let r = lock(&running);
+            (r.raft.clone()?, r.gate.clone())
+        };
+        let prefer = match to {
+            Some(name) => Some(*self.inner.ids.get(name)?),
+            None => None,
+        };
+        let names: BTreeMap<NodeId, String> = self
+            .inner
+            .ids
+            .iter()
+            .map(|(n, id)| (*id, n.clone()))
+            .collect();
+        let leader = handover::Handover {
+            raft: &raft,
+            transport: &self.inner.transport,
+            group,
+            me,
+            names: &names,
+            gate: &gate,
+            permits: ENTRIES_AWAITING_COMMIT as u32,
+            prefer,
+        }
+        .run()
+        .await?;
+        names.get(&leader).cloned()
+    }
+
     /// Stops every group (the node shuts down).
     pub async fn shutdown(&self) {
         let all: Vec<_> = lock(&self.inner.groups).values().cloned().collect();
@@ -434,6 +504,7 @@ struct GroupStart {
     /// This node is the first member of the spec (the node that declared the queue).
     declared_first: bool,
     members_changed: Arc<tokio::sync::Notify>,
+    gate: Arc<tokio::sync::Semaphore>,
 }
 
 impl GroupStart {
@@ -444,8 +515,15 @@ impl GroupStart {
         let config = Config {
             cluster_name: format!("warren-queue-{:x}", self.group),
             heartbeat_interval: 250,
-            election_timeout_min: 1500,
-            election_timeout_max: 3000,
+            // (No election timer runs: these bound the vote requests and set the leader
+            // lease, during which a follower that heard from its leader refuses other
+            // candidates; a hand-over waits it out.)
+            election_timeout_min: 1000,
+            election_timeout_max: 1500,
+            // An idle group sends nothing: elections are driven by the node's links
+            // (see [`elections`]), and a heartbeat goes out only when one is asked for.
+            enable_heartbeat: false,
+            enable_elect: false,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(SNAPSHOT_EVERY),
             max_payload_entries: ENTRIES_PER_APPEND,
             max_in_snapshot_log_to_keep: 0,
@@ -479,8 +557,22 @@ impl GroupStart {
                 self.declared_first,
             ));
         }
-        tokio::spawn(propose(raft.clone(), proposals, stop.clone()));
+        tokio::spawn(propose(
+            raft.clone(),
+            proposals,
+            self.gate.clone(),
+            stop.clone(),
+        ));
         let leadership = Leadership {
+            elections: elections::Elections::new(
+                raft.clone(),
+                self.transport.clone(),
+                self.group,
+                self.me,
+                self.names.clone(),
+            ),
+            losses: self.transport.link_losses(),
+            gains: self.transport.link_gains(),
             raft,
             machine,
             me: self.me,
@@ -570,6 +662,7 @@ const STAND_ATTEMPTS: usize = 5;
 async fn propose(
     raft: Raft<QueueTypes>,
     mut rx: mpsc::UnboundedReceiver<(ReplicaRecord, Option<Ack>)>,
+    uncommitted: Arc<tokio::sync::Semaphore>,
     stop: tokio_util::sync::CancellationToken,
 ) {
     // Publishes made while the group's first election runs wait for it.
@@ -581,7 +674,7 @@ async fn propose(
     // come pile up in the channel and the next entry takes them all, so that under load
     // entries carry hundreds of records (each entry costs the Raft core, the logs and
     // the followers a fixed amount) while a lone publish still goes out at once.
-    let uncommitted = Arc::new(tokio::sync::Semaphore::new(ENTRIES_AWAITING_COMMIT));
+    // (`uncommitted` holds ENTRIES_AWAITING_COMMIT permits.)
     loop {
         let first = tokio::select! {
             p = rx.recv() => p,
@@ -637,6 +730,11 @@ struct Leadership {
     /// A membership change of this leader runs.
     reconciling: Arc<std::sync::atomic::AtomicBool>,
     log: RaftLog<QueueTypes>,
+    /// Nudges and stands for election when the leader cannot be reached.
+    elections: elections::Elections<QueueTypes>,
+    /// The node's links that go down, and come up (the failure detector).
+    losses: tokio::sync::broadcast::Receiver<String>,
+    gains: tokio::sync::broadcast::Receiver<String>,
 }
 
 impl Leadership {
@@ -733,7 +831,7 @@ impl Leadership {
         self.names.iter().map(|(id, n)| (n.clone(), *id)).collect()
     }
 
-    async fn follow(self) {
+    async fn follow(mut self) {
         let mut metrics = self.raft.metrics();
         let mut hosting = false;
         // The leader acted on last (metrics change on every append: act on changes of
@@ -800,11 +898,25 @@ impl Leadership {
             }
             self.snapshot_when_large();
             drop((queue, vhost));
+            let look_again =
+                self.elections
+                    .look(&metrics.borrow())
+                    .map_or(REANNOUNCE_EVERY, |at| {
+                        at.saturating_duration_since(std::time::Instant::now())
+                            .min(REANNOUNCE_EVERY)
+                    });
             // (A timeout only means: look again.)
-            let changed = tokio::time::timeout(REANNOUNCE_EVERY, async {
+            let changed = tokio::time::timeout(look_again, async {
                 tokio::select! {
                     changed = metrics.changed() => changed.is_ok(),
                     _ = self.members_changed.notified() => true,
+                    _ = self.losses.recv() => true,
+                    gained = self.gains.recv() => {
+                        if let Ok(peer) = gained {
+                            self.elections.link_gained(&peer, &self.raft.metrics().borrow());
+                        }
+                        true
+                    }
                 }
             });
             if let Ok(false) = changed.await {

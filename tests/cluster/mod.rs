@@ -625,6 +625,17 @@ impl Cluster {
         (!out.stdout.is_empty()).then(|| String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Packets node `i` has sent on its network link since it was made (the bridge side
+    /// of its veth receives them): what a node says to its peers, counted by the kernel.
+    pub fn packets_sent(&self, i: usize) -> u64 {
+        let path = format!("/sys/class/net/{}/statistics/rx_packets", self.node(i).veth);
+        std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("harness: {path}: {e}"))
+            .trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("harness: {path}: {e}"))
+    }
+
     /// Names of the network namespaces this harness made (tests check cleanup).
     pub fn namespaces(&self) -> Vec<String> {
         self.nodes.iter().map(|n| n.netns.clone()).collect()

@@ -308,6 +308,30 @@ impl ProxyClient {
         self.request(host, vhost, queue, request)
     }
 
+    /// Asks `host`, the leader of replicated queue `queue`, to hand it to member `to`;
+    /// the leader then, if it moved.
+    pub async fn hand_over(
+        &self,
+        host: &str,
+        vhost: &str,
+        queue: &str,
+        to: &str,
+    ) -> Result<Option<String>, AmqpError> {
+        let request = ToHost::HandOver {
+            vhost: vhost.to_string(),
+            queue: queue.to_string(),
+            to: to.to_string(),
+        };
+        match self.request(host, vhost, queue, request).await? {
+            Answer::HandedOver(leader) => Ok(leader),
+            other => Err(amqp_err!(
+                InternalError,
+                "unexpected answer to a hand-over: {:?}",
+                other
+            )),
+        }
+    }
+
     fn note(&self, host: &str, note: ToHost) {
         if let Some(body) = encode(&Note::Host(note)) {
             let _ = self.outgoing(host).send(Outgoing::Note(body));

@@ -89,6 +89,27 @@ impl ProxyHost {
                 self.cancel(peer, proxy);
                 Ok(Answer::Cancelled)
             }
+            ToHost::HandOver { vhost, queue, to } => {
+                // (It takes a moment: the link's other traffic does not wait for it.)
+                let broker = self.broker.clone();
+                tokio::spawn(async move {
+                    let link = broker.upgrade();
+                    let moved = match link.as_ref().and_then(|b| b.cluster_link()) {
+                        Some(link) => link.hand_over_here(&vhost, &queue, &to).await,
+                        None => Err("not clustered".to_string()),
+                    };
+                    let answer = match moved {
+                        Ok(leader) => Answer::HandedOver(leader),
+                        Err(e) => {
+                            Answer::Refused(crate::protocol::ReplyCode::InternalError.code(), e)
+                        }
+                    };
+                    if let (Some(reply), Ok(body)) = (reply, postcard::to_stdvec(&answer)) {
+                        reply.reply(body).await;
+                    }
+                });
+                return;
+            }
             ToHost::Consume {
                 proxy,
                 vhost,

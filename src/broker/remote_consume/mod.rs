@@ -79,6 +79,12 @@ enum ToHost {
     /// The figures the management API lists for the queue (a node that does not host
     /// it lists its host's, as RabbitMQ lists a queue's leader's).
     Stats { vhost: String, queue: String },
+    /// Hand the leadership of replicated queue `queue` to member `to` (rebalancing).
+    HandOver {
+        vhost: String,
+        queue: String,
+        to: String,
+    },
     /// One-way: the client settled these deliveries of proxy `proxy`.
     Settle {
         proxy: u64,
@@ -139,6 +145,8 @@ pub enum Answer {
         /// Dead letters held for their targets, and their body bytes.
         dead_letters: (u64, u64),
     },
+    /// The node that leads the queue after a hand-over (`None`: it did not move).
+    HandedOver(Option<String>),
     /// Refused with this AMQP error (code, text), as the host's own channel would.
     Refused(u16, String),
 }
