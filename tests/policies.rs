@@ -99,6 +99,19 @@ async fn policies_are_put_listed_validated_and_deleted_as_in_rabbitmq() {
         b,
         "PUT",
         bad,
+        Some(json!({"pattern": "^q", "definition": {"dead-letter-strategy": "bogus"}})),
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    assert!(
+        reason(&r).1.contains("is not a valid dead letter strategy"),
+        "{:?}",
+        reason(&r)
+    );
+    let r = api(
+        b,
+        "PUT",
+        bad,
         Some(json!({"pattern": "(", "definition": {"max-length": 1}})),
     )
     .await;

@@ -804,3 +804,75 @@ async fn requeue_into_a_full_drop_head_queue_drops_the_head() {
         .await
         .expect("delete");
 }
+
+#[tokio::test]
+async fn the_dead_letter_strategy_is_checked_as_rabbitmq_checks_it() {
+    let t = Target::start().await;
+    let conn = t.connect().await;
+    let durable = opts(true, false, false);
+    let with = |queue_type: Option<&str>, strategy: AMQPValue| {
+        let mut args = FieldTable::default();
+        if let Some(ty) = queue_type {
+            args.insert("x-queue-type".into(), AMQPValue::LongString(ty.into()));
+        }
+        args.insert("x-dead-letter-strategy".into(), strategy);
+        args
+    };
+    let text = |s: &str| AMQPValue::LongString(s.into());
+    // Each refusal closes its channel: one channel per attempt.
+    let refused = |q: String, args: FieldTable| {
+        let conn = &conn;
+        async move {
+            let ch = conn.create_channel().await.unwrap();
+            let err = within(ch.queue_declare(q.as_str().into(), durable, args))
+                .await
+                .expect_err("refused");
+            assert_eq!(reply_code(&err), Some(406), "{err}");
+            err.to_string()
+        }
+    };
+    for bad in ["bogus", "At-Least-Once", ""] {
+        let q = uniq("qq");
+        let err = refused(q.clone(), with(Some("quorum"), text(bad))).await;
+        assert!(
+            err.contains(&format!(
+                "invalid arg 'x-dead-letter-strategy' for queue '{q}' in vhost '/': \
+                 invalid_dlx_strategy"
+            )),
+            "{bad}: {err}"
+        );
+    }
+    let q = uniq("qq");
+    let err = refused(q, with(Some("quorum"), AMQPValue::LongInt(1))).await;
+    assert!(err.contains("{unacceptable_type,signedint}"), "{err}");
+    // Only quorum queues know the argument.
+    for queue_type in [None, Some("classic")] {
+        let q = uniq("classic");
+        let err = refused(q.clone(), with(queue_type, text("at-least-once"))).await;
+        assert!(
+            err.contains(&format!(
+                "invalid arg 'x-dead-letter-strategy' for queue '{q}' in vhost '/' of queue \
+                 type rabbit_classic_queue"
+            )),
+            "{err}"
+        );
+    }
+    // Both words are taken, and a redeclare must name the same one.
+    let ch = conn.create_channel().await.unwrap();
+    let q = uniq("qq");
+    within(ch.queue_declare(
+        q.as_str().into(),
+        durable,
+        with(Some("quorum"), text("at-least-once")),
+    ))
+    .await
+    .unwrap();
+    let err = refused(q.clone(), with(Some("quorum"), text("at-most-once"))).await;
+    assert!(
+        err.contains("inequivalent arg 'x-dead-letter-strategy'"),
+        "{err}"
+    );
+    within(ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()))
+        .await
+        .unwrap();
+}

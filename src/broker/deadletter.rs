@@ -3,8 +3,12 @@
 //! `x-dead-letter-exchange` (with `x-dead-letter-routing-key` or its own routing key),
 //! carrying the `x-death` history and the `x-first-death-*` / `x-last-death-*` headers.
 //! For durable queues, the removal from the source and the new copies go to the store
-//! in one request, so a crash neither loses nor duplicates the move.
+//! in one request, so a crash neither loses nor duplicates the move. A replicated queue
+//! that dead-letters at least once (`crate::queue::dead_letters`) publishes each dead
+//! letter here and waits until every target took it (`dead_letter_confirmed`).
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use amq_protocol::protocol::BasicProperties;
@@ -154,52 +158,63 @@ fn is_cycle(props: &BasicProperties, target: &str) -> bool {
     false
 }
 
+impl VHost {
+    /// The copy of `old` (dead in `from` for `reason`) that goes to the dead-letter
+    /// exchange, and the queues it is routed to; `None` when it goes nowhere (no
+    /// dead-letter exchange, the exchange is missing, or no queue takes it but those it
+    /// would return to in a cycle).
+    fn dead_copy(
+        &self,
+        from: &Queue,
+        old: &Message,
+        reason: DeathReason,
+        now: u64,
+    ) -> Option<(Vec<Arc<Queue>>, Message)> {
+        let args = from.args();
+        let dlx = args.dead_letter_exchange.as_deref()?;
+        // x-dead-letter-routing-key, or every key the message was published with (its
+        // CC keys too), as RabbitMQ.
+        let keys = match &args.dead_letter_routing_key {
+            Some(key) => vec![key.clone()],
+            None => published_keys(old),
+        };
+        let routing_key = keys[0].clone();
+        let properties = dead_properties(old, from.name(), reason, now);
+        let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let Ok(mut queues) = self.route_keys(dlx, &key_refs, properties.headers().as_ref()) else {
+            tracing::debug!(queue = from.name(), dlx, "dead-letter exchange missing");
+            return None;
+        };
+        if reason != DeathReason::Rejected {
+            queues.retain(|q| !is_cycle(&properties, q.name()));
+        }
+        if queues.is_empty() {
+            return None;
+        }
+        let persistent = *properties.delivery_mode() == Some(2);
+        let msg = Message {
+            exchange: dlx.to_string(),
+            routing_key,
+            raw_properties: encode::properties(&properties),
+            properties,
+            body: old.body.clone(),
+            store_id: persistent.then(|| self.next_msg_id()),
+            published_ms: now,
+        };
+        Some((queues, msg))
+    }
+}
+
 impl DeadLetterRouter for VHost {
     fn dead_letter(&self, from: &Queue, dead: Vec<(Entry, DeathReason)>) {
-        let args = from.args();
-        let Some(dlx) = args.dead_letter_exchange.as_deref() else {
-            return;
-        };
         let now = now_ms();
         let mut writes = Writes::default();
         let mut removals = Writes::default();
         let mut deliveries: Vec<(Vec<Arc<Queue>>, Arc<Message>)> = Vec::new();
         for (entry, reason) in dead {
             removals.forget(from, &entry);
-            let old = &entry.msg;
-            // x-dead-letter-routing-key, or every key the message was published with
-            // (its CC keys too), as RabbitMQ.
-            let keys = match &args.dead_letter_routing_key {
-                Some(key) => vec![key.clone()],
-                None => published_keys(old),
-            };
-            let routing_key = keys[0].clone();
-            let properties = dead_properties(old, from.name(), reason, now);
-            let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
-            let Ok(mut queues) = self.route_keys(dlx, &key_refs, properties.headers().as_ref())
-            else {
-                tracing::debug!(
-                    queue = from.name(),
-                    dlx,
-                    "dead-letter exchange missing: message dropped"
-                );
+            let Some((queues, msg)) = self.dead_copy(from, &entry.msg, reason, now) else {
                 continue;
-            };
-            if reason != DeathReason::Rejected {
-                queues.retain(|q| !is_cycle(&properties, q.name()));
-            }
-            if queues.is_empty() {
-                continue;
-            }
-            let persistent = *properties.delivery_mode() == Some(2);
-            let msg = Message {
-                exchange: dlx.to_string(),
-                routing_key,
-                raw_properties: encode::properties(&properties),
-                properties,
-                body: old.body.clone(),
-                store_id: persistent.then(|| self.next_msg_id()),
-                published_ms: now,
             };
             writes.publish(&queues, &msg);
             deliveries.push((queues, Arc::new(msg)));
@@ -215,5 +230,59 @@ impl DeadLetterRouter for VHost {
                 q.enqueue(msg.clone());
             }
         }
+    }
+
+    fn dead_letter_confirmed(
+        &self,
+        from: &Queue,
+        msg: &Message,
+        reason: DeathReason,
+    ) -> Pin<Box<dyn Future<Output = bool> + Send>> {
+        let Some((queues, copy)) = self.dead_copy(from, msg, reason, now_ms()) else {
+            return Box::pin(std::future::ready(false));
+        };
+        // Queues hosted here take it as a publish forwarded from another node would;
+        // those homed elsewhere (a replicated queue's leader, a classic queue's home)
+        // get it forwarded, as a publish through this node.
+        let mut local = Vec::new();
+        let mut remote: Vec<(String, Vec<String>)> = Vec::new();
+        for q in &queues {
+            match self.remote_home(q.name()) {
+                None => local.push(q.name().to_string()),
+                Some(home) => match remote.iter_mut().find(|(h, _)| *h == home) {
+                    Some((_, names)) => names.push(q.name().to_string()),
+                    None => remote.push((home, vec![q.name().to_string()])),
+                },
+            }
+        }
+        let mut answers = Vec::new();
+        if !remote.is_empty() {
+            let Some(link) = self.cluster_link() else {
+                return Box::pin(std::future::ready(false));
+            };
+            let blob = copy.encode().to_vec();
+            for (home, names) in remote {
+                let (answered, answer) = tokio::sync::oneshot::channel();
+                link.forwarder.publish(
+                    &home,
+                    &self.name,
+                    names,
+                    copy.store_id.is_some(),
+                    blob.clone(),
+                    Box::new(move |ok| {
+                        let _ = answered.send(ok);
+                    }),
+                );
+                answers.push(answer);
+            }
+        }
+        let (refused, stored) = self.enqueue_forwarded(&local, copy);
+        Box::pin(async move {
+            let mut ok = !refused && stored.await;
+            for a in answers {
+                ok &= a.await.unwrap_or(false);
+            }
+            ok
+        })
     }
 }

@@ -55,6 +55,7 @@ pub fn applied_keys() -> &'static [&'static str] {
         "overflow",
         "dead-letter-exchange",
         "dead-letter-routing-key",
+        "dead-letter-strategy",
         "delivery-limit",
         "alternate-exchange",
     ]
@@ -113,6 +114,11 @@ pub fn validate(p: &PolicyRecord) -> Result<(), String> {
                 ) =>
             {
                 "overflow"
+            }
+            "dead-letter-strategy"
+                if !matches!(value.as_str(), Some("at-most-once" | "at-least-once")) =>
+            {
+                "dead letter strategy"
             }
             "dead-letter-exchange" | "dead-letter-routing-key" | "alternate-exchange"
                 if !value.is_string() =>

@@ -27,6 +27,7 @@ const EQUIVALENT_QUEUE_ARGS: &[&str] = &[
     "x-max-length-bytes",
     "x-dead-letter-exchange",
     "x-dead-letter-routing-key",
+    "x-dead-letter-strategy",
     "x-max-priority",
     "x-overflow",
     "x-queue-mode",
@@ -121,6 +122,24 @@ fn check_quorum_properties(def: &QueueDef, vhost: &str) -> Result<(), AmqpError>
         def.name,
         vhost
     ))
+}
+
+/// Arguments only quorum queues take: 406 on any other queue, as RabbitMQ words it.
+fn check_classic_arguments(def: &QueueDef, vhost: &str) -> Result<(), AmqpError> {
+    const QUORUM_ONLY: &[&str] = &["x-dead-letter-strategy"];
+    match QUORUM_ONLY
+        .iter()
+        .find(|a| def.arguments.inner().contains_key(**a))
+    {
+        None => Ok(()),
+        Some(arg) => Err(amqp_err!(
+            PreconditionFailed,
+            "invalid arg '{}' for queue '{}' in vhost '{}' of queue type rabbit_classic_queue",
+            arg,
+            def.name,
+            vhost
+        )),
+    }
 }
 
 /// A random server-generated name suffix, as RabbitMQ's `amq.gen-` names (22 url-safe
@@ -509,6 +528,8 @@ impl VHost {
         })?;
         if is_quorum(&def) {
             check_quorum_properties(&def, &self.name)?;
+        } else {
+            check_classic_arguments(&def, &self.name)?;
         }
         let mut queues = lock_write(&self.queues);
         if let Some(q) = queues.get(&def.name) {
@@ -522,6 +543,15 @@ impl VHost {
             self.check_queue_equivalent(&q.def, &def)?;
             q.touch();
             return Ok((q, false));
+        }
+        if is_quorum(&def)
+            && let Some(why) = args.at_least_once_fallback()
+        {
+            tracing::warn!(
+                queue = def.name,
+                vhost = self.name,
+                "{why}: dead letters go at most once"
+            );
         }
         let q = self.new_queue(def, args);
         queues.insert(q.name().to_string(), q.clone());
@@ -1191,6 +1221,11 @@ impl VHost {
             Some(l) => homes.insert(queue.to_string(), l),
             None => homes.remove(queue),
         };
+    }
+
+    /// The node's cluster side, when clustered.
+    pub(super) fn cluster_link(&self) -> Option<&ClusterLink> {
+        self.cluster.get()
     }
 
     /// Tells every node that this one leads replicated queue `queue` since `term`.

@@ -394,6 +394,9 @@ fn queue_json(http: &Http, vhost: &str, q: &Queue) -> Value {
         let members = q.members();
         if crate::broker::vhost::is_quorum(&q.def) {
             v["type"] = json!("quorum");
+            // Dead letters held until their targets take them (at-least-once).
+            v["messages_dlx"] = json!(s.dead_letters.0);
+            v["message_bytes_dlx"] = json!(s.dead_letters.1);
         } else {
             // A classic queue replicated by a mirroring policy, as RabbitMQ lists a
             // mirrored queue: its mirrors beside the leader (its "master").
@@ -455,9 +458,14 @@ async fn with_host_figures(http: &Http, list: &mut [Value]) {
             ready_bytes,
             consumers,
             memory,
+            dead_letters,
         })) = answer
         {
             let v = &mut list[i];
+            if v.get("messages_dlx").is_some() {
+                v["messages_dlx"] = json!(dead_letters.0);
+                v["message_bytes_dlx"] = json!(dead_letters.1);
+            }
             v["messages"] = json!(ready + unacked);
             v["messages_ready"] = json!(ready);
             v["messages_unacknowledged"] = json!(unacked);

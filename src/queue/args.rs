@@ -17,6 +17,18 @@ pub enum Overflow {
     RejectPublishDlx,
 }
 
+/// How a replicated queue hands its dead letters on (`x-dead-letter-strategy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum DeadLetterStrategy {
+    /// Republished once, without waiting for the targets (RabbitMQ's default): a target
+    /// that is missing, full or unreachable loses the message.
+    #[default]
+    AtMostOnce,
+    /// Kept by the source until every target queue has taken it durably, republished
+    /// until then (RabbitMQ's quorum queues; only with `x-overflow: reject-publish`).
+    AtLeastOnce,
+}
+
 /// A queue's typed settings.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct QueueArgs {
@@ -40,6 +52,8 @@ pub struct QueueArgs {
     pub single_active_consumer: bool,
     /// x-delivery-limit.
     pub delivery_limit: Option<u64>,
+    /// x-dead-letter-strategy.
+    pub dead_letter_strategy: DeadLetterStrategy,
 }
 
 /// A signed integer of any AMQP width.
@@ -79,6 +93,24 @@ fn type_name(v: &AMQPValue) -> &'static str {
 }
 
 impl QueueArgs {
+    /// Whether dead letters go at least once: asked for, and possible, which (as in
+    /// RabbitMQ) needs `x-overflow: reject-publish` (a drop-head queue over its limit
+    /// would have to drop messages it still holds for the dead-letter targets) and a
+    /// dead-letter exchange. The queue must be replicated too (the caller's to know).
+    pub fn dead_letters_at_least_once(&self) -> bool {
+        self.dead_letter_strategy == DeadLetterStrategy::AtLeastOnce
+            && self.overflow == Overflow::RejectPublish
+            && self.dead_letter_exchange.is_some()
+    }
+
+    /// Why at-least-once dead-lettering was asked for but falls back to at-most-once,
+    /// for the log (RabbitMQ logs it too).
+    pub fn at_least_once_fallback(&self) -> Option<&'static str> {
+        (self.dead_letter_strategy == DeadLetterStrategy::AtLeastOnce
+            && self.overflow != Overflow::RejectPublish)
+            .then_some("at-least-once dead-lettering needs x-overflow reject-publish")
+    }
+
     /// Parses and checks the arguments; the error names the argument and the problem.
     pub fn parse(args: &FieldTable) -> Result<QueueArgs, (String, String)> {
         let mut out = QueueArgs::default();
@@ -136,6 +168,13 @@ impl QueueArgs {
                 }
                 "x-dead-letter-exchange" => out.dead_letter_exchange = Some(short_string()?),
                 "x-dead-letter-routing-key" => out.dead_letter_routing_key = Some(short_string()?),
+                "x-dead-letter-strategy" => {
+                    out.dead_letter_strategy = match string()?.as_str() {
+                        "at-most-once" => DeadLetterStrategy::AtMostOnce,
+                        "at-least-once" => DeadLetterStrategy::AtLeastOnce,
+                        _ => return Err(bad("invalid_dlx_strategy".into())),
+                    }
+                }
                 "x-single-active-consumer" => match value {
                     AMQPValue::Boolean(b) => out.single_active_consumer = *b,
                     other => {
@@ -197,6 +236,57 @@ mod tests {
             .unwrap_err();
         assert_eq!(e.0, "x-overflow");
     }
+
+    #[test]
+    fn the_dead_letter_strategy_is_one_of_two_words() {
+        let strategy = |v: AMQPValue| QueueArgs::parse(&table(&[("x-dead-letter-strategy", v)]));
+        assert_eq!(
+            strategy(AMQPValue::LongString("at-least-once".into()))
+                .unwrap()
+                .dead_letter_strategy,
+            DeadLetterStrategy::AtLeastOnce
+        );
+        assert_eq!(
+            strategy(AMQPValue::LongString("at-most-once".into()))
+                .unwrap()
+                .dead_letter_strategy,
+            DeadLetterStrategy::AtMostOnce
+        );
+        let e = strategy(AMQPValue::LongString("At-Least-Once".into())).unwrap_err();
+        assert_eq!(
+            e,
+            (
+                "x-dead-letter-strategy".into(),
+                "invalid_dlx_strategy".into()
+            )
+        );
+        let e = strategy(AMQPValue::LongInt(1)).unwrap_err();
+        assert_eq!(e.1, "{unacceptable_type,signedint}");
+    }
+
+    #[test]
+    fn at_least_once_needs_reject_publish_and_an_exchange() {
+        let args = |overflow: &str, dlx: bool| {
+            let mut pairs = vec![
+                (
+                    "x-dead-letter-strategy",
+                    AMQPValue::LongString("at-least-once".into()),
+                ),
+                ("x-overflow", AMQPValue::LongString(overflow.into())),
+            ];
+            if dlx {
+                pairs.push((
+                    "x-dead-letter-exchange",
+                    AMQPValue::LongString("dlx".into()),
+                ));
+            }
+            QueueArgs::parse(&table(&pairs)).unwrap()
+        };
+        assert!(args("reject-publish", true).dead_letters_at_least_once());
+        assert!(!args("drop-head", true).dead_letters_at_least_once());
+        assert!(args("drop-head", true).at_least_once_fallback().is_some());
+        assert!(!args("reject-publish", false).dead_letters_at_least_once());
+    }
 }
 
 impl QueueArgs {
@@ -240,6 +330,15 @@ impl QueueArgs {
             && let Some(k) = text("dead-letter-routing-key")
         {
             args.dead_letter_routing_key = Some(k);
+        }
+        if !declares("x-dead-letter-strategy") {
+            match text("dead-letter-strategy").as_deref() {
+                Some("at-least-once") => {
+                    args.dead_letter_strategy = DeadLetterStrategy::AtLeastOnce
+                }
+                Some("at-most-once") => args.dead_letter_strategy = DeadLetterStrategy::AtMostOnce,
+                _ => {}
+            }
         }
         args
     }

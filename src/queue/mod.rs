@@ -9,6 +9,7 @@
 //! deadlock.
 
 pub mod args;
+pub mod dead_letters;
 pub mod journal;
 pub mod message;
 mod paging;
@@ -117,6 +118,17 @@ pub trait DeadLetterRouter: Send + Sync + std::fmt::Debug {
     /// Routes `dead` (entries that left `from` for a reason). Must also remove their
     /// stored copies from `from`, in the same store request as their new copies.
     fn dead_letter(&self, from: &Queue, dead: Vec<(Entry, DeathReason)>);
+
+    /// Routes one dead letter of `from` (at-least-once, see [`dead_letters`]) and
+    /// publishes it to where it leads: resolves to true once every queue it was routed to
+    /// took it durably, false when it leads nowhere or a queue refused it or did not
+    /// answer.
+    fn dead_letter_confirmed(
+        &self,
+        from: &Queue,
+        msg: &Message,
+        reason: DeathReason,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>;
 }
 
 #[derive(Debug)]
@@ -204,6 +216,9 @@ pub struct QueueSnapshot {
     pub memory: u64,
     /// Totals since creation.
     pub counters: MessageCounters,
+    /// Dead letters held until their targets take them (at-least-once), and their body
+    /// bytes: RabbitMQ's `messages_dlx` and `message_bytes_dlx`.
+    pub dead_letters: (u64, u64),
 }
 
 /// Declared properties of a queue, compared on redeclare.
@@ -250,6 +265,8 @@ pub struct Queue {
     leader_term: std::sync::atomic::AtomicU64,
     /// Where it parks transient bodies while memory runs short (see `paging`).
     spool: std::sync::OnceLock<Spool>,
+    /// Dead letters held until their targets take them (at-least-once dead-lettering).
+    dead_letters: dead_letters::DeadLetters,
 }
 
 /// Counts reported by declare-ok, purge-ok, delete-ok and get-ok.
@@ -332,6 +349,7 @@ impl Queue {
             members: std::sync::RwLock::default(),
             leader_term: std::sync::atomic::AtomicU64::new(0),
             spool: std::sync::OnceLock::new(),
+            dead_letters: dead_letters::DeadLetters::default(),
         })
     }
 
@@ -484,6 +502,7 @@ impl Queue {
     /// comes flagged redelivered: that leader may have handed one out just before it
     /// fell, before its hand-out record was committed.
     pub fn take_over(&self, messages: Vec<(u64, Arc<Message>, u32)>, possibly_delivered: bool) {
+        self.dead_letters.clear();
         let mut dead = Dead::new();
         {
             let mut inner = self.lock();
@@ -507,6 +526,7 @@ impl Queue {
     /// A replicated queue's host on a node that no longer leads its group: its consumers
     /// are cancelled and its messages forgotten here (they stay in the log).
     pub fn step_down(&self) {
+        self.dead_letters.clear();
         let mut inner = self.lock();
         for (_, c) in inner.consumers.drain() {
             c.sink.cancelled(c.tag.clone());
@@ -955,6 +975,9 @@ impl Queue {
         if dead.is_empty() {
             return;
         }
+        if self.dead_letters_at_least_once() {
+            return self.dead_letter_at_least_once(self.load_dead(dead));
+        }
         let router = self.router.as_ref().and_then(|r| r.upgrade());
         match router {
             Some(router) if self.args().dead_letter_exchange.is_some() => {
@@ -1233,6 +1256,10 @@ impl Queue {
             consumers: inner.consumers.len() as u64,
             memory: (inner.state.loaded_bytes() + (ready + unacked) * per_entry) as u64,
             counters: inner.counters,
+            dead_letters: {
+                let (n, bytes) = self.dead_letters.held();
+                (n as u64, bytes as u64)
+            },
         }
     }
 
@@ -1261,6 +1288,7 @@ impl Queue {
 
     /// Marks the queue deleted and cancels its consumers; returns the message count.
     pub fn mark_deleted(&self) -> u32 {
+        self.dead_letters.clear();
         let mut dead = Dead::new();
         let mut inner = self.lock();
         for (_, c) in inner.consumers.drain() {

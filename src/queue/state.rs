@@ -324,6 +324,15 @@ pub enum Command {
     /// A policy changed the queue's settings: limits apply at once (a drop-head queue now
     /// over its limit drops from the head), TTLs to messages enqueued from now on.
     SetArgs(QueueArgs),
+    /// Messages this queue dead-lettered and still holds until their targets take them
+    /// (at-least-once dead-lettering): not ready, but they count towards the length
+    /// limits, as in RabbitMQ's quorum queues.
+    HoldDeadLetters {
+        /// How many.
+        messages: usize,
+        /// Their body bytes.
+        bytes: usize,
+    },
     /// basic.ack.
     Settle(Vec<Offset>),
     /// basic.reject / basic.nack with requeue=false: the messages are dead-lettered.
@@ -396,6 +405,8 @@ pub struct QueueState {
     next_consumer: usize,
     next_offset: Offset,
     deleted: bool,
+    /// Dead letters held for their targets (`Command::HoldDeadLetters`): count, bytes.
+    dead_letters_held: (usize, usize),
     /// Index of the last command applied (commands must come in log order).
     last_index: u64,
 }
@@ -422,6 +433,7 @@ impl QueueState {
             next_consumer: 0,
             next_offset: 0,
             deleted: false,
+            dead_letters_held: (0, 0),
             last_index: 0,
         }
     }
@@ -498,6 +510,10 @@ impl QueueState {
                 Reply::Ok
             }
             Command::Purge => Reply::Purged(self.purge(out)),
+            Command::HoldDeadLetters { messages, bytes } => {
+                self.dead_letters_held = (messages, bytes);
+                Reply::Ok
+            }
             Command::SetArgs(args) => {
                 // x-max-priority is fixed at declare (policies cannot set it).
                 let max_priority = self.args.max_priority;
@@ -701,14 +717,15 @@ impl QueueState {
         if self.args.overflow == Overflow::DropHead {
             return false;
         }
+        let (held, held_bytes) = self.dead_letters_held;
         let full_len = self
             .args
             .max_length
-            .is_some_and(|max| (self.ready_count + count) as u64 >= max);
+            .is_some_and(|max| (self.ready_count + held + count) as u64 >= max);
         let full_bytes = self
             .args
             .max_length_bytes
-            .is_some_and(|max| (self.ready_bytes + bytes + size) as u64 > max);
+            .is_some_and(|max| (self.ready_bytes + held_bytes + bytes + size) as u64 > max);
         full_len || full_bytes
     }
 
@@ -1416,6 +1433,37 @@ mod tests {
             run(&mut q, 0, Command::Enqueue(msg("b")), &mut out),
             Reply::Enqueued(Enqueued::Rejected)
         );
+    }
+
+    #[test]
+    fn dead_letters_held_for_their_targets_count_towards_the_limits() {
+        let mut q = QueueState::new(QueueArgs {
+            max_length: Some(3),
+            max_length_bytes: Some(100),
+            overflow: Overflow::RejectPublish,
+            ..Default::default()
+        });
+        let mut out = Vec::new();
+        run(&mut q, 0, Command::Enqueue(msg("a")), &mut out);
+        let hold = |messages, bytes| Command::HoldDeadLetters { messages, bytes };
+        run(&mut q, 0, hold(2, 2), &mut out);
+        assert_eq!(q.ready_count(), 1, "held dead letters are not ready");
+        assert_eq!(
+            run(&mut q, 0, Command::Enqueue(msg("b")), &mut out),
+            Reply::Enqueued(Enqueued::Rejected),
+            "1 ready + 2 held reach x-max-length 3"
+        );
+        run(&mut q, 0, hold(1, 99), &mut out);
+        assert_eq!(
+            run(&mut q, 0, Command::Enqueue(msg("b")), &mut out),
+            Reply::Enqueued(Enqueued::Rejected),
+            "their bytes count towards x-max-length-bytes"
+        );
+        run(&mut q, 0, hold(0, 0), &mut out);
+        assert!(matches!(
+            run(&mut q, 0, Command::Enqueue(msg("b")), &mut out),
+            Reply::Enqueued(Enqueued::Accepted(_))
+        ));
     }
 
     #[test]

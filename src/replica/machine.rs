@@ -8,6 +8,10 @@
 //! Kept in memory and rebuilt at start from the last snapshot (a `raft_state` value of
 //! the group) plus the committed log after it; snapshots keep only the live messages, so
 //! the log is truncated as messages are settled.
+//!
+//! Dead letters of a queue that dead-letters at least once stay here (`dead`) from
+//! their [`ReplicaRecord::DeadLettered`] to their [`ReplicaRecord::Remove`]: every
+//! member holds them, so a new leader hands them to its host to dead-letter again.
 
 // openraft's trait methods return its (large) StorageError.
 #![allow(clippy::result_large_err)]
@@ -28,7 +32,7 @@ use super::{QueueTypes, ReplicaRecord};
 use crate::cluster::meta::NodeId;
 use crate::cluster::raft_log::{SNAPSHOT, committed_entries, decode, encode, lock};
 use crate::cluster::wire::GroupId;
-use crate::queue::{Message, Queue};
+use crate::queue::{DeathReason, Message, Queue};
 use crate::store::{RecoveredRaftGroup, Store, StoreOp};
 
 type Membership = StoredMembership<NodeId, openraft::BasicNode>;
@@ -47,17 +51,73 @@ struct Held {
     delivered: u32,
 }
 
+/// A message dead-lettered at least once, held until its targets took it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct DeadHeld {
+    blob: Bytes,
+    reason: DeathReason,
+}
+
+/// What a snapshot holds: the messages, and the dead letters not yet taken.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Content {
+    messages: BTreeMap<u64, Held>,
+    dead: BTreeMap<u64, DeadHeld>,
+}
+
+impl Content {
+    /// Decodes a snapshot's content, also as written before dead letters were kept
+    /// (the messages alone).
+    fn decode(bytes: &[u8]) -> Result<Content, postcard::Error> {
+        postcard::from_bytes::<Content>(bytes).or_else(|e| {
+            postcard::from_bytes::<BTreeMap<u64, Held>>(bytes)
+                .map(|messages| Content {
+                    messages,
+                    dead: BTreeMap::new(),
+                })
+                .map_err(|_| e)
+        })
+    }
+}
+
 /// A snapshot as stored and sent.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct StoredSnapshot {
     meta: SnapshotMeta<NodeId, openraft::BasicNode>,
+    content: Content,
+}
+
+/// A snapshot as stored before dead letters were kept.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StoredSnapshotV1 {
+    meta: SnapshotMeta<NodeId, openraft::BasicNode>,
     messages: BTreeMap<u64, Held>,
+}
+
+impl StoredSnapshot {
+    fn decode(bytes: &[u8]) -> anyhow::Result<StoredSnapshot> {
+        match decode::<StoredSnapshot>(bytes, "queue snapshot") {
+            Ok(snap) => Ok(snap),
+            Err(e) => match decode::<StoredSnapshotV1>(bytes, "queue snapshot") {
+                Ok(old) => Ok(StoredSnapshot {
+                    meta: old.meta,
+                    content: Content {
+                        messages: old.messages,
+                        dead: BTreeMap::new(),
+                    },
+                }),
+                Err(_) => Err(e),
+            },
+        }
+    }
 }
 
 #[derive(Debug, Default)]
 struct MachineData {
     messages: BTreeMap<u64, Held>,
-    /// Bytes of the held messages' encodings.
+    /// Dead letters held until their targets took them (at-least-once).
+    dead: BTreeMap<u64, DeadHeld>,
+    /// Bytes of the held messages' and dead letters' encodings.
     live_bytes: usize,
     last_applied: Option<LogId<NodeId>>,
     membership: Membership,
@@ -85,9 +145,10 @@ impl ReplicaMachine {
     ) -> anyhow::Result<ReplicaMachine> {
         let mut data = MachineData::default();
         if let Some(bytes) = recovered.state.get(SNAPSHOT) {
-            let snap: StoredSnapshot = decode(bytes, "queue snapshot")?;
-            data.messages = snap.messages.clone();
-            data.live_bytes = live_bytes(&data.messages);
+            let snap = StoredSnapshot::decode(bytes)?;
+            data.messages = snap.content.messages.clone();
+            data.dead = snap.content.dead.clone();
+            data.live_bytes = live_bytes(&snap.content);
             data.last_applied = snap.meta.last_log_id;
             data.membership = snap.meta.last_membership.clone();
             data.snapshot = Some(snap);
@@ -116,6 +177,12 @@ impl ReplicaMachine {
             }
         }
         host.take_over(restored, after_another_leader);
+        let dead = data
+            .dead
+            .iter()
+            .filter_map(|(key, d)| Some((*key, Arc::new(decode_held(&d.blob, *key)?), d.reason)))
+            .collect();
+        host.resume_dead_letters(dead);
         data.host = Some(host);
     }
 
@@ -134,6 +201,11 @@ impl ReplicaMachine {
         lock(&self.data).messages.len()
     }
 
+    /// Dead letters held now for their targets (at-least-once dead-lettering).
+    pub fn dead_letters(&self) -> usize {
+        lock(&self.data).dead.len()
+    }
+
     /// Whether no message is held.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -150,11 +222,25 @@ impl ReplicaMachine {
     }
 }
 
-/// Applies one entry; a message enqueued while a host is attached is handed to it.
-fn live_bytes(messages: &BTreeMap<u64, Held>) -> usize {
-    messages.values().map(|h| h.blob.len()).sum()
+/// Bytes of the encodings a snapshot of `content` holds.
+fn live_bytes(content: &Content) -> usize {
+    let messages: usize = content.messages.values().map(|h| h.blob.len()).sum();
+    messages + content.dead.values().map(|d| d.blob.len()).sum::<usize>()
 }
 
+/// A held message's encoding as the message stored under `key`.
+fn decode_held(blob: &Bytes, key: u64) -> Option<Message> {
+    let msg = crate::broker::persist::decode_message(blob, key);
+    if msg.is_none() {
+        tracing::error!(key, "replicated queue: unreadable message");
+    }
+    msg.map(|m| Message {
+        store_id: Some(key),
+        ..m
+    })
+}
+
+/// Applies one entry; a message enqueued while a host is attached is handed to it.
 fn apply_entry(data: &mut MachineData, entry: Entry<QueueTypes>) {
     data.last_applied = Some(entry.log_id);
     match entry.payload {
@@ -196,11 +282,31 @@ fn apply_record(data: &mut MachineData, key: u64, record: ReplicaRecord) {
         ReplicaRecord::Remove(key) => {
             if let Some(old) = data.messages.remove(&key) {
                 data.live_bytes -= old.blob.len();
+            } else if let Some(old) = data.dead.remove(&key) {
+                data.live_bytes -= old.blob.len();
             }
         }
         ReplicaRecord::Purge => {
             data.messages.clear();
+            data.dead.clear();
             data.live_bytes = 0;
+        }
+        ReplicaRecord::DeadLettered { key, reason } => {
+            let Some(held) = data.messages.remove(&key) else {
+                return;
+            };
+            if let Some(host) = &data.host
+                && let Some(msg) = decode_held(&held.blob, key)
+            {
+                host.dead_letter_committed(key, Arc::new(msg), reason);
+            }
+            data.dead.insert(
+                key,
+                DeadHeld {
+                    blob: held.blob,
+                    reason,
+                },
+            );
         }
     }
 }
@@ -217,7 +323,10 @@ impl RaftSnapshotBuilder<QueueTypes> for ReplicaMachine {
                     last_membership: data.membership.clone(),
                     snapshot_id: format!("{index}-{}", data.snapshots_built),
                 },
-                messages: data.messages.clone(),
+                content: Content {
+                    messages: data.messages.clone(),
+                    dead: data.dead.clone(),
+                },
             };
             data.snapshot = Some(snap.clone());
             snap
@@ -225,7 +334,7 @@ impl RaftSnapshotBuilder<QueueTypes> for ReplicaMachine {
         self.persist_snapshot(&snap)?;
         Ok(Snapshot {
             meta: snap.meta.clone(),
-            snapshot: Box::new(Cursor::new(encode(&snap.messages)?.to_vec())),
+            snapshot: Box::new(Cursor::new(encode(&snap.content)?.to_vec())),
         })
     }
 }
@@ -269,18 +378,18 @@ impl RaftStateMachine<QueueTypes> for ReplicaMachine {
         meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError<NodeId>> {
-        let messages: BTreeMap<u64, Held> =
-            postcard::from_bytes(snapshot.get_ref()).map_err(|e| StorageError::IO {
-                source: StorageIOError::read_snapshot(Some(meta.signature()), AnyError::error(e)),
-            })?;
+        let content = Content::decode(snapshot.get_ref()).map_err(|e| StorageError::IO {
+            source: StorageIOError::read_snapshot(Some(meta.signature()), AnyError::error(e)),
+        })?;
         let snap = StoredSnapshot {
             meta: meta.clone(),
-            messages: messages.clone(),
+            content: content.clone(),
         };
         {
             let mut data = lock(&self.data);
-            data.live_bytes = live_bytes(&messages);
-            data.messages = messages;
+            data.live_bytes = live_bytes(&content);
+            data.messages = content.messages;
+            data.dead = content.dead;
             data.last_applied = meta.last_log_id;
             data.membership = meta.last_membership.clone();
             data.snapshot = Some(snap.clone());
@@ -296,8 +405,60 @@ impl RaftStateMachine<QueueTypes> for ReplicaMachine {
             None => Ok(None),
             Some(s) => Ok(Some(Snapshot {
                 meta: s.meta.clone(),
-                snapshot: Box::new(Cursor::new(encode(&s.messages)?.to_vec())),
+                snapshot: Box::new(Cursor::new(encode(&s.content)?.to_vec())),
             })),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn blob(body: &'static str) -> Bytes {
+        Message::for_tests(Bytes::from_static(body.as_bytes()), 0).encode()
+    }
+
+    #[test]
+    fn a_dead_letter_stays_in_the_group_until_removed_and_in_its_snapshots() {
+        let mut data = MachineData::default();
+        let (a, b) = (blob("a"), blob("bb"));
+        apply_record(&mut data, 1, ReplicaRecord::Enqueue(a.clone()));
+        apply_record(&mut data, 2, ReplicaRecord::Enqueue(b.clone()));
+        let dead = |key| ReplicaRecord::DeadLettered {
+            key,
+            reason: DeathReason::Rejected,
+        };
+        apply_record(&mut data, 3, dead(1));
+        // (A record for a key the group does not hold changes nothing.)
+        apply_record(&mut data, 4, dead(7));
+        assert_eq!(data.messages.keys().collect::<Vec<_>>(), [&2]);
+        assert_eq!(
+            data.dead.get(&1),
+            Some(&DeadHeld {
+                blob: a.clone(),
+                reason: DeathReason::Rejected
+            })
+        );
+        assert_eq!(data.live_bytes, a.len() + b.len(), "still held");
+
+        // A snapshot keeps it; one written before dead letters were kept still reads.
+        let content = Content {
+            messages: data.messages.clone(),
+            dead: data.dead.clone(),
+        };
+        let back = Content::decode(&postcard::to_stdvec(&content).unwrap()).unwrap();
+        assert_eq!((back.messages, back.dead), (content.messages, content.dead));
+        let old = Content::decode(&postcard::to_stdvec(&data.messages).unwrap()).unwrap();
+        assert_eq!((old.messages, old.dead.len()), (data.messages.clone(), 0));
+
+        // Its targets took it: it goes.
+        apply_record(&mut data, 5, ReplicaRecord::Remove(1));
+        assert!(data.dead.is_empty());
+        assert_eq!(data.live_bytes, b.len());
+        apply_record(&mut data, 6, dead(2));
+        apply_record(&mut data, 7, ReplicaRecord::Purge);
+        assert!(data.dead.is_empty() && data.messages.is_empty());
+        assert_eq!(data.live_bytes, 0);
     }
 }

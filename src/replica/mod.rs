@@ -14,6 +14,9 @@
 //!   consumers (basic.cancel) and forgets the live queue. A new leader announces itself
 //!   in the metadata group (as RabbitMQ records a quorum queue's leader), and every node
 //!   routes the queue's publishes to the leader it knows (`VHost::set_replica_home`).
+//! - With at-least-once dead-lettering, a dead-lettered message moves to the group's dead
+//!   letters ([`ReplicaRecord::DeadLettered`]) and leaves only once every queue it was
+//!   routed to has taken it durably; a new leader republishes those still there.
 //! - Groups send nothing while idle: openraft's heartbeats and election timers are off,
 //!   and the node's links (their pings, and the link losses and gains they report)
 //!   decide when a member stands for election or a leader heartbeats ([`elections`]).
@@ -140,6 +143,16 @@ pub enum ReplicaRecord {
     Remove(u64),
     /// Every message left (the queue was deleted).
     Purge,
+    /// The message with this key was dead-lettered at least once (see
+    /// `crate::queue::dead_letters`): it leaves the queue's messages but stays in the
+    /// group until its targets took it (then a [`ReplicaRecord::Remove`] follows), so
+    /// that a new leader dead-letters it again.
+    DeadLettered {
+        /// The message's key.
+        key: u64,
+        /// Why it died (for its x-death header when dead-lettered again).
+        reason: crate::queue::DeathReason,
+    },
 }
 
 openraft::declare_raft_types!(

@@ -164,6 +164,7 @@ impl ProxyHost {
                     ready_bytes: s.ready_bytes,
                     consumers: s.consumers,
                     memory: s.memory,
+                    dead_letters: s.dead_letters,
                 }
             }),
             ToHost::Counts { vhost, queue } => self.hosted(&vhost, &queue).map(|(_, q)| {

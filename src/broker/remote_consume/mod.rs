@@ -142,6 +142,8 @@ pub enum Answer {
         consumers: u64,
         /// Estimated memory of the messages.
         memory: u64,
+        /// Dead letters held for their targets, and their body bytes.
+        dead_letters: (u64, u64),
     },
     /// The node that leads the queue after a hand-over (`None`: it did not move).
     HandedOver(Option<String>),
