@@ -174,6 +174,10 @@ struct Inner {
     counters: MessageCounters,
     /// Which bodies are on their way back from the store.
     pager: paging::Pager,
+    /// Messages that left dead (expired, rejected, over a limit), in the order they
+    /// left, until `bury` routes them: appended under the lock, so that batches left
+    /// by different threads are routed in that order.
+    graveyard: Dead,
 }
 
 /// Totals of what went through a queue since it was created (or recovered), as
@@ -253,6 +257,10 @@ pub struct Queue {
     router: Option<Weak<dyn DeadLetterRouter>>,
     /// A replicated queue's log (set once its group runs on this node).
     replica: std::sync::OnceLock<crate::replica::ReplicaLog>,
+    /// A thread is routing the graveyard (one at a time keeps their order).
+    burying: Mutex<bool>,
+    /// The graveyard holds something.
+    graves: AtomicBool,
     /// A replicated queue's publishes proposed under reject-publish limits and not yet
     /// committed: (messages, body bytes).
     proposed: Arc<Mutex<(usize, usize)>>,
@@ -336,7 +344,10 @@ impl Queue {
                 flow_check_in: 0,
                 counters: MessageCounters::default(),
                 pager: paging::Pager::default(),
+                graveyard: Dead::new(),
             }),
+            burying: Mutex::new(false),
+            graves: AtomicBool::new(false),
             congested: AtomicBool::new(false),
             proposed: Arc::default(),
             args: std::sync::RwLock::new(Arc::new(args)),
@@ -799,7 +810,8 @@ impl Queue {
 
     /// Applies one command to the queue's state (the only way it changes) and carries
     /// out its effects: deliveries go to the consumers' channels, dead letters into
-    /// `dead` (routed once the lock is released), and store records into
+    /// the graveyard (routed by `bury` once the lock is released; `dead` is left
+    /// empty), and store records into
     /// `Inner::store_ops` (for `flush`); the removals of acked messages go into
     /// `removals` instead when the caller gathers them (a transaction).
     fn exec_at(
@@ -807,7 +819,7 @@ impl Queue {
         inner: &mut Inner,
         time_ms: u64,
         cmd: Command,
-        dead: &mut Dead,
+        _dead: &mut Dead,
         mut removals: Option<&mut Vec<StoreOp>>,
     ) -> Reply {
         let meta = CommandMeta {
@@ -819,7 +831,10 @@ impl Queue {
         let mut ops = std::mem::take(&mut inner.store_ops);
         for effect in effects.drain(..) {
             match effect {
-                Effect::DeadLetter { entry, reason } => dead.push((entry, reason)),
+                Effect::DeadLetter { entry, reason } => {
+                    inner.graveyard.push((entry, reason));
+                    self.graves.store(true, Ordering::Release);
+                }
                 Effect::Deliver { consumer, entry } => {
                     self.hand_over(inner, consumer, entry, &mut ops)
                 }
@@ -972,9 +987,36 @@ impl Queue {
 
     /// Dead letters go to the router (with their store removals), or are dropped.
     fn bury(&self, dead: Dead) {
-        if dead.is_empty() {
-            return;
+        debug_assert!(dead.is_empty(), "dead letters go through the graveyard");
+        // One thread routes at a time, taking the graveyard in the order it was filled;
+        // a thread that finds another at it leaves its dead to that one (also when
+        // routing dead-letters into this queue again).
+        while self.graves.load(Ordering::Acquire) {
+            {
+                let mut busy = lock_flag(&self.burying);
+                if *busy {
+                    return;
+                }
+                *busy = true;
+            }
+            loop {
+                let batch = {
+                    let mut inner = self.lock();
+                    self.graves.store(false, Ordering::Release);
+                    std::mem::take(&mut inner.graveyard)
+                };
+                if batch.is_empty() {
+                    break;
+                }
+                self.bury_now(batch);
+            }
+            *lock_flag(&self.burying) = false;
+            // (Dead left between the last look and the flag's clearing: go again.)
         }
+    }
+
+    /// Routes (or drops) one batch of dead messages.
+    fn bury_now(&self, dead: Dead) {
         if self.dead_letters_at_least_once() {
             return self.dead_letter_at_least_once(self.load_dead(dead));
         }
@@ -1308,6 +1350,10 @@ impl Queue {
     pub fn is_deleted(&self) -> bool {
         self.lock().state.is_deleted()
     }
+}
+
+fn lock_flag(m: &Mutex<bool>) -> std::sync::MutexGuard<'_, bool> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn lock_in_flight(m: &Mutex<(usize, usize)>) -> std::sync::MutexGuard<'_, (usize, usize)> {
