@@ -1137,3 +1137,26 @@ async fn a_trimmed_open_reads_back_a_queues_first_messages_whole_and_only_heads_
     );
     store.close();
 }
+
+#[tokio::test]
+async fn a_message_in_a_chunk_numbered_as_a_dropped_one_is_read_back() {
+    let dir = TempDir::new("read-reused");
+    let (store, _) = open(&dir);
+    // Each message lives alone in the last chunk and goes before the next is written:
+    // the last chunk is dropped and its number used again, while the reader caches it.
+    for i in 1..=50u64 {
+        let body = Bytes::from(format!("body {i}"));
+        store
+            .commit(vec![
+                StoreOp::PutMessage {
+                    msg_id: i,
+                    blob: body.clone(),
+                },
+                enqueue("q", i, i),
+            ])
+            .await;
+        assert_eq!(read(&store, vec![i]).await, vec![Some(body)], "message {i}");
+        store.commit(vec![remove("q", i)]).await;
+    }
+    store.close();
+}

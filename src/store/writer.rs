@@ -84,7 +84,8 @@ pub(super) struct Writer {
     /// Reads that arrived with the current batch, answered once it is committed.
     reads: Vec<ReadRequest>,
     /// The chunk read last: a queue drains its backlog in order, so the next read
-    /// usually wants the same chunk (chunks never change once written).
+    /// usually wants the same chunk (a stored chunk never changes, but the number of a
+    /// dropped last chunk is used again: see `commit_batch`).
     read_cache: Option<(ChunkId, Bytes)>,
 }
 
@@ -228,6 +229,16 @@ impl Writer {
         }
         if let Err(err) = txn.commit() {
             fatal_store_failure("committing a batch", &err);
+        }
+        // A commit writes a chunk numbered after every chunk still stored, which reuses
+        // the number of a last chunk that was dropped (all its messages gone): a cached
+        // chunk with that number (or a later one) is not the chunk stored now.
+        if self
+            .read_cache
+            .as_ref()
+            .is_some_and(|(cached, _)| *cached >= self.log.current())
+        {
+            self.read_cache = None;
         }
         self.counters
             .commit_seconds
