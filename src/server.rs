@@ -120,7 +120,7 @@ impl Broker {
             // Bodies past each queue's window stay on disk (see `queue::paging`).
             let trim = crate::store::BlobTrim {
                 whole_per_queue: window,
-                head_len: crate::queue::Message::head_len,
+                digest: crate::queue::Message::head_digest,
             };
             crate::store::Store::open_trimmed(&dir, flush, interval, Some(trim))
         })

@@ -13,8 +13,8 @@ use std::sync::atomic::Ordering;
 
 use super::BrokerState;
 use super::persist::{self, StoredBinding, StoredDefinition, StoredExchange, StoredQueue};
-use crate::queue::Message;
-use crate::store::{Recovered, StoreOp};
+use crate::queue::{Message, PagedHead};
+use crate::store::{Recovered, RecoveredBlob, StoreOp};
 
 impl BrokerState {
     /// Rebuilds durable exchanges, queues, bindings and messages from the store.
@@ -127,31 +127,33 @@ impl BrokerState {
                 continue;
             };
             for (offset, e) in entries.into_iter().enumerate() {
-                if e.blob.len() < e.len {
-                    // Only its head was read back: its body stays in the store.
-                    let restored = persist::decode_message(&e.blob, e.msg_id).is_some_and(|head| {
-                        queue.restore_paged(
+                let blob = match e.blob {
+                    RecoveredBlob::Whole(blob) => blob,
+                    RecoveredBlob::OnDisk { words, tail_len } => {
+                        // Its body stays in the store until the queue needs it.
+                        let head = PagedHead::from_words(words);
+                        if queue.restore_paged(
                             offset as u64,
+                            e.msg_id,
                             head,
-                            e.len - e.blob.len(),
+                            tail_len,
                             e.delivered,
                             e.delivery_count.saturating_sub(1),
-                        )
-                    });
-                    if restored {
-                        count += 1;
-                    } else {
-                        tracing::error!(
-                            "stored message {} of queue {key:?} cannot be read; it stays in \
-                             the store",
-                            e.msg_id
-                        );
+                        ) {
+                            count += 1;
+                        } else {
+                            tracing::error!(
+                                "stored message {} of queue {key:?} cannot be read; it stays in \
+                                 the store",
+                                e.msg_id
+                            );
+                        }
+                        continue;
                     }
-                    continue;
-                }
+                };
                 let msg = match messages.get(&e.msg_id) {
                     Some(m) => m.clone(),
-                    None => match persist::decode_message(&e.blob, e.msg_id) {
+                    None => match persist::decode_message(&blob, e.msg_id) {
                         Some(m) => Arc::new(m),
                         None => {
                             tracing::error!(

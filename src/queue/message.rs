@@ -6,6 +6,8 @@ use amq_protocol::protocol::BasicProperties;
 use amq_protocol::protocol::basic::parse_properties;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
+use crate::store::HeadDigest;
+
 /// Milliseconds since the Unix epoch (TTLs and x-death times are wall-clock based, so
 /// that they survive restarts).
 pub fn now_ms() -> u64 {
@@ -138,6 +140,67 @@ impl Message {
         (end <= blob.len()).then_some(end)
     }
 
+    /// The store's digest of an encoded message's head (see `store::BlobTrim`): its
+    /// length and the [`PagedHead`] of the message, found by skipping through the
+    /// property list rather than decoding it. `None` when anything looks unusual (damaged
+    /// bytes, a property flag continuation, an expiration that is not text): the message
+    /// is then read back whole and decoded in full.
+    pub fn head_digest(blob: &[u8]) -> Option<HeadDigest> {
+        let head_len = Message::head_len(blob)?;
+        let mut published = [0u8; 8];
+        published.copy_from_slice(blob.get(..8)?);
+        let mut props = head_properties(blob, head_len)?;
+        let flags = u16::from_be_bytes([*props.first()?, *props.get(1)?]);
+        if flags & 1 != 0 {
+            return None;
+        }
+        props = &props[2..];
+        let skip_short = |p: &mut &[u8]| -> Option<()> {
+            let n = *p.first()? as usize;
+            *p = p.get(1 + n..)?;
+            Some(())
+        };
+        let mut priority = 0u8;
+        let mut ttl_ms = None;
+        if flags & FLAG_CONTENT_TYPE != 0 {
+            skip_short(&mut props)?;
+        }
+        if flags & FLAG_CONTENT_ENCODING != 0 {
+            skip_short(&mut props)?;
+        }
+        if flags & FLAG_HEADERS != 0 {
+            let n = u32::from_be_bytes(props.get(..4)?.try_into().ok()?) as usize;
+            props = props.get(4usize.checked_add(n)?..)?;
+        }
+        if flags & FLAG_DELIVERY_MODE != 0 {
+            props = props.get(1..)?;
+        }
+        if flags & FLAG_PRIORITY != 0 {
+            priority = *props.first()?;
+            props = &props[1..];
+        }
+        if flags & FLAG_CORRELATION_ID != 0 {
+            skip_short(&mut props)?;
+        }
+        if flags & FLAG_REPLY_TO != 0 {
+            skip_short(&mut props)?;
+        }
+        if flags & FLAG_EXPIRATION != 0 {
+            let n = *props.first()? as usize;
+            let text = std::str::from_utf8(props.get(1..1 + n)?).ok()?;
+            ttl_ms = text.parse().ok();
+        }
+        let head = PagedHead {
+            published_ms: u64::from_be_bytes(published),
+            priority,
+            ttl_ms,
+        };
+        Some(HeadDigest {
+            head_len,
+            words: head.to_words(),
+        })
+    }
+
     /// A bare message, for unit tests of queue logic.
     pub fn for_tests(body: Bytes, published_ms: u64) -> Message {
         Message {
@@ -148,6 +211,73 @@ impl Message {
             body,
             store_id: None,
             published_ms,
+        }
+    }
+}
+
+/// Property flags of `basic` content headers (AMQP 0-9-1, 4.2.6.1), in the order the
+/// values follow them: what [`Message::head_digest`] skips or reads.
+const FLAG_CONTENT_TYPE: u16 = 1 << 15;
+const FLAG_CONTENT_ENCODING: u16 = 1 << 14;
+const FLAG_HEADERS: u16 = 1 << 13;
+const FLAG_DELIVERY_MODE: u16 = 1 << 12;
+const FLAG_PRIORITY: u16 = 1 << 11;
+const FLAG_CORRELATION_ID: u16 = 1 << 10;
+const FLAG_REPLY_TO: u16 = 1 << 9;
+const FLAG_EXPIRATION: u16 = 1 << 8;
+
+/// The raw properties inside the first `head_len` bytes of an encoded message.
+fn head_properties(blob: &[u8], head_len: usize) -> Option<&[u8]> {
+    let mut at = 8usize;
+    for _ in 0..2 {
+        at = at.checked_add(1 + *blob.get(at)? as usize)?;
+    }
+    blob.get(at.checked_add(4)?..head_len)
+}
+
+/// What a queue needs of a message whose body stays on disk: its place in priority
+/// order and when it expires. Recovery gets it from the store without reading the body
+/// (as the two words of [`HeadDigest`]); a message has the same one whether its head
+/// is decoded ([`PagedHead::of`]) or skimmed ([`Message::head_digest`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PagedHead {
+    /// When it was published (ms since the epoch).
+    pub published_ms: u64,
+    /// Its `priority` property (0 when absent).
+    pub priority: u8,
+    /// Its per-message TTL, from the `expiration` property.
+    pub ttl_ms: Option<u64>,
+}
+
+impl PagedHead {
+    /// Publish times past this (year 2^56 ms) are clamped to fit beside the priority.
+    const MAX_PUBLISHED_MS: u64 = (1 << 56) - 1;
+
+    /// The paged head of `msg`.
+    pub fn of(msg: &Message) -> PagedHead {
+        PagedHead {
+            published_ms: msg.published_ms,
+            priority: msg.priority(),
+            ttl_ms: msg.ttl_ms(),
+        }
+    }
+
+    /// Packs it into the store's digest words (a TTL of `u64::MAX` ms stands for none,
+    /// which expires no sooner).
+    pub fn to_words(self) -> [u64; 2] {
+        let published = self.published_ms.min(PagedHead::MAX_PUBLISHED_MS);
+        [
+            published << 8 | u64::from(self.priority),
+            self.ttl_ms.unwrap_or(u64::MAX),
+        ]
+    }
+
+    /// Unpacks what [`PagedHead::to_words`] packed.
+    pub fn from_words(words: [u64; 2]) -> PagedHead {
+        PagedHead {
+            published_ms: words[0] >> 8,
+            priority: (words[0] & 0xff) as u8,
+            ttl_ms: (words[1] != u64::MAX).then_some(words[1]),
         }
     }
 }
@@ -192,6 +322,124 @@ pub mod codec {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use amq_protocol::types::{AMQPValue, FieldTable, LongString, ShortString};
+    use proptest::prelude::*;
+
+    /// Any property list a publisher can send, the fields before and around priority and
+    /// expiration included (headers with long values, odd expiration text).
+    fn any_properties() -> impl Strategy<Value = BasicProperties> {
+        let short = || proptest::option::of("\\PC{0,40}");
+        (
+            (
+                short(),
+                short(),
+                proptest::option::of(proptest::collection::vec(
+                    ("[a-z]{1,8}", "\\PC{0,300}"),
+                    0..4,
+                )),
+            ),
+            (
+                proptest::option::of(1u8..=2),
+                proptest::option::of(any::<u8>()),
+                short(),
+                short(),
+            ),
+            proptest::option::of(prop_oneof![
+                "[0-9]{1,12}",
+                "\\PC{0,12}",
+                Just("18446744073709551616".to_string())
+            ]),
+            (
+                short(),
+                proptest::option::of(any::<u64>()),
+                short(),
+                short(),
+            ),
+        )
+            .prop_map(
+                |((ctype, cenc, headers), (mode, prio, corr, reply), exp, (id, ts, kind, app))| {
+                    let mut p = BasicProperties::default();
+                    if let Some(v) = ctype {
+                        p = p.with_content_type(ShortString::from(v));
+                    }
+                    if let Some(v) = cenc {
+                        p = p.with_content_encoding(ShortString::from(v));
+                    }
+                    if let Some(kv) = headers {
+                        let mut t = FieldTable::default();
+                        for (k, v) in kv {
+                            t.insert(k.into(), AMQPValue::LongString(LongString::from(v)));
+                        }
+                        p = p.with_headers(t);
+                    }
+                    if let Some(v) = mode {
+                        p = p.with_delivery_mode(v);
+                    }
+                    if let Some(v) = prio {
+                        p = p.with_priority(v);
+                    }
+                    if let Some(v) = corr {
+                        p = p.with_correlation_id(ShortString::from(v));
+                    }
+                    if let Some(v) = reply {
+                        p = p.with_reply_to(ShortString::from(v));
+                    }
+                    if let Some(v) = exp {
+                        p = p.with_expiration(ShortString::from(v));
+                    }
+                    if let Some(v) = id {
+                        p = p.with_message_id(ShortString::from(v));
+                    }
+                    if let Some(v) = ts {
+                        p = p.with_timestamp(v);
+                    }
+                    if let Some(v) = kind {
+                        p = p.with_type(ShortString::from(v));
+                    }
+                    if let Some(v) = app {
+                        p = p.with_app_id(ShortString::from(v));
+                    }
+                    p
+                },
+            )
+    }
+
+    proptest! {
+        /// Skimming a stored message's head gives the same paged head as decoding it,
+        /// and the head's length.
+        #[test]
+        fn the_head_digest_agrees_with_the_decoded_message(
+            properties in any_properties(),
+            published_ms in 0u64..(1 << 50),
+            body in proptest::collection::vec(any::<u8>(), 0..64),
+        ) {
+            let mut msg = Message::for_tests(Bytes::from(body), published_ms);
+            msg.raw_properties = crate::protocol::codec::encode::properties(&properties);
+            msg.properties = properties;
+            let blob = msg.encode();
+            let decoded = Message::decode(&blob, Some(1)).expect("decodes");
+            let digest = Message::head_digest(&blob).expect("a digest");
+            prop_assert_eq!(digest.head_len, Message::head_len(&blob).expect("a head"));
+            prop_assert_eq!(PagedHead::from_words(digest.words), PagedHead::of(&decoded));
+        }
+    }
+
+    #[test]
+    fn a_damaged_head_has_no_digest() {
+        let mut msg = Message::for_tests(Bytes::from_static(b"body"), 5);
+        msg.raw_properties = Bytes::from_static(&[0x01, 0x00, 9]);
+        let blob = msg.encode();
+        assert_eq!(
+            Message::head_digest(&blob[..blob.len() - 5]),
+            None,
+            "cut short"
+        );
+        assert_eq!(
+            Message::head_digest(&blob),
+            None,
+            "expiration runs past its end"
+        );
+    }
 
     #[test]
     fn the_head_of_an_encoded_message_decodes_to_it_without_its_body() {

@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use amq_protocol::types::FieldTable;
 
 pub use args::QueueArgs;
-pub use message::{Message, now_ms};
+pub use message::{Message, PagedHead, now_ms};
 pub use paging::{Paging, Spool};
 pub use state::{
     Command, CommandMeta, ConsumerId, ConsumerSpec, DeathReason, Effect, Effects, Enqueued, Entry,

@@ -35,7 +35,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use bytes::Bytes;
 
 use super::state::{Offset, Queued, Slot};
-use super::{Dead, Inner, Message, Queue};
+use super::{Dead, Inner, Message, PagedHead, Queue};
 use crate::store::{ReadAnswer, Store, StoreOp};
 
 /// Most messages asked from the store in one read.
@@ -214,27 +214,26 @@ impl Queue {
         }
     }
 
-    /// Puts back a recovered entry whose body stayed in the store (`head`: the message
-    /// without it; `size`: the body's length). A queue that does not page (never the case
-    /// for entries of the message log, which only classic queues write) reads the body
-    /// now. False when the entry could not be restored.
+    /// Puts back a recovered entry whose body stayed in the store under `id` (`head`:
+    /// what ordering and expiry need of it; `size`: the body's length). A queue that
+    /// does not page (never the case for entries of the message log, which only classic
+    /// queues write) reads the body now. False when the entry could not be restored.
     pub fn restore_paged(
         &self,
         offset: Offset,
-        head: Message,
+        id: u64,
+        head: PagedHead,
         size: usize,
         delivered: bool,
         delivery_count: u32,
     ) -> bool {
         if self.body_window().is_some() {
             let mut inner = self.lock();
-            return inner
+            inner
                 .state
-                .restore_paged(offset, &head, size, delivered, delivery_count);
+                .restore_paged(offset, id, head, size, delivered, delivery_count);
+            return true;
         }
-        let Some(id) = head.store_id else {
-            return false;
-        };
         let msg = match self.read_now(vec![id]) {
             Some(Ok(mut blobs)) => blobs
                 .pop()

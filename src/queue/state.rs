@@ -14,7 +14,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::args::{Overflow, QueueArgs};
-use super::message::{Message, codec};
+use super::message::{Message, PagedHead, codec};
 
 /// Position of a message in its queue: increases with every enqueue, so that a requeued
 /// message goes back to its original place.
@@ -698,12 +698,17 @@ impl QueueState {
     /// When a message published at `published_ms` expires in this queue: the smaller of
     /// the queue's TTL and the message's `expiration`.
     pub fn expiry_of(&self, msg: &Message) -> Option<u64> {
-        let own = msg.ttl_ms();
+        self.expiry_from(msg.published_ms, msg.ttl_ms())
+    }
+
+    /// [`QueueState::expiry_of`] a message published at `published_ms` with its own
+    /// TTL `own`.
+    fn expiry_from(&self, published_ms: u64, own: Option<u64>) -> Option<u64> {
         let ttl = match (self.args.message_ttl, own) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        ttl.map(|t| msg.published_ms.saturating_add(t))
+        ttl.map(|t| published_ms.saturating_add(t))
     }
 
     /// Whether a new message of this size would be refused (reject-publish overflow).
@@ -1162,22 +1167,20 @@ impl QueueState {
         out
     }
 
-    /// Host paging: a recovered entry whose body stayed in the store; `head` is the
-    /// message without its body (its properties give its priority and TTL), `size` its
-    /// body's length. Keeps its place, flag and count, as `Command::Restore`.
+    /// Host paging: a recovered entry whose body stayed in the store under `store_id`;
+    /// `head` gives its priority and TTL, `size` is its body's length. Keeps its place,
+    /// flag and count, as `Command::Restore`.
     pub fn restore_paged(
         &mut self,
         offset: Offset,
-        head: &Message,
+        store_id: u64,
+        head: PagedHead,
         size: usize,
         delivered: bool,
         delivery_count: u32,
-    ) -> bool {
-        let Some(store_id) = head.store_id else {
-            return false;
-        };
+    ) {
         let priority = match self.args.max_priority {
-            Some(max) => head.priority().min(max),
+            Some(max) => head.priority.min(max),
             None => 0,
         };
         self.next_offset = self.next_offset.max(offset + 1);
@@ -1186,11 +1189,11 @@ impl QueueState {
             size: size as u32,
             spooled: false,
         };
-        let mut entry = Queued::new(offset, slot, self.expiry_of(head), priority);
+        let expires = self.expiry_from(head.published_ms, head.ttl_ms);
+        let mut entry = Queued::new(offset, slot, expires, priority);
         entry.redelivered = delivered;
         entry.delivery_count = delivery_count;
         self.insert_ready(entry);
-        true
     }
 
     /// Host paging: the paged messages that come next in delivery order (highest

@@ -139,6 +139,12 @@ impl<V: DenseValue> DenseMap<V> {
         Some(old)
     }
 
+    /// Gives back the room the deque holds beyond its records (in place: the records
+    /// move to the front of its allocation, which then shrinks).
+    pub(super) fn shrink_to_fit(&mut self) {
+        self.slots.shrink_to_fit();
+    }
+
     /// Takes out every record.
     pub(super) fn clear(&mut self) {
         *self = DenseMap::default();
@@ -153,6 +159,21 @@ impl<V: DenseValue> DenseMap<V> {
             .filter(|(_, v)| !v.is_vacant())
             .map(move |(i, v)| (base + i as u64, v))
             .chain(self.spill.iter().map(|(&k, v)| (k, v)))
+    }
+
+    /// Every record with its key, in key order (the few in `spill`, all below `base`,
+    /// sorted first).
+    pub(super) fn iter_in_order(&self) -> impl Iterator<Item = (u64, &V)> {
+        let mut spilled: Vec<(u64, &V)> = self.spill.iter().map(|(&k, v)| (k, v)).collect();
+        spilled.sort_unstable_by_key(|&(k, _)| k);
+        let base = self.base;
+        spilled.into_iter().chain(
+            self.slots
+                .iter()
+                .enumerate()
+                .filter(|(_, v)| !v.is_vacant())
+                .map(move |(i, v)| (base + i as u64, v)),
+        )
     }
 
     /// Keeps the records for which `keep` is true (it may change them).
@@ -227,6 +248,8 @@ mod tests {
         }
         let mut all: Vec<(u64, u32)> = dense.iter().map(|(k, v)| (k, *v)).collect();
         all.sort_unstable();
+        let in_order: Vec<(u64, u32)> = dense.iter_in_order().map(|(k, v)| (k, *v)).collect();
+        assert_eq!(in_order, all);
         assert_eq!(all, model.into_iter().collect::<Vec<_>>());
         dense
     }

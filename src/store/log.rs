@@ -49,6 +49,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::dense::{DenseMap, DenseValue};
+use super::recovered::{DigestFn, HeadDigest, RecoveredQueue};
 use super::writer::IdBuildHasher;
 
 /// Number of a chunk (its row key); chunks are written in increasing order.
@@ -753,26 +754,15 @@ impl LiveIndex {
     }
 }
 
-/// A live entry found by [`Replay`], its message not yet read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct FoundEntry {
-    /// Its offset in its queue.
-    pub(super) offset: u64,
-    /// Its message.
-    pub(super) msg_id: u64,
-    /// Deliveries recorded.
-    pub(super) delivery_count: u32,
-}
-
 /// What [`Replay::finish`] found.
 #[derive(Debug, Default)]
 pub(super) struct Replayed {
     /// The writer's state.
     pub(super) index: LiveIndex,
-    /// Live entries per queue key, in offset order, whose message is stored.
-    pub(super) queues: HashMap<String, Vec<FoundEntry>>,
-    /// Where each referenced message's blob is: (chunk, length).
-    pub(super) blobs: HashMap<u64, (ChunkId, usize), IdBuildHasher>,
+    /// Live entries per queue key, in offset order, whose message is stored; the blobs
+    /// of those that come back whole are still to be read (see
+    /// [`Replayed::whole_blobs`]).
+    pub(super) queues: HashMap<String, RecoveredQueue>,
     /// Greater than every msg id in the log (0 when the log is empty).
     pub(super) next_msg_id: u64,
     /// Entries whose message is in no chunk: (queue key, offset).
@@ -783,6 +773,58 @@ pub(super) struct Replayed {
     pub(super) scratch: Vec<String>,
 }
 
+impl Replayed {
+    /// The blobs to read back whole, `(chunk holding it, msg id)`, sorted, each once.
+    pub(super) fn whole_blobs(&self) -> Vec<(ChunkId, u64)> {
+        let mut wanted: Vec<(ChunkId, u64)> = self
+            .queues
+            .values()
+            .flat_map(|q| q.whole_ids())
+            .filter_map(|&id| self.index.locate(id).map(|chunk| (chunk, id)))
+            .collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        wanted
+    }
+}
+
+/// While the entries are listed, the digests' room is given back every time this many
+/// of them have been released (a deque keeps its room until a quarter full otherwise).
+const HEADS_SHRINK_EVERY: usize = 1 << 20;
+
+/// A stored message's head digest, kept while the log is read (see
+/// [`crate::store::BlobTrim`]).
+#[derive(Debug, Clone, Copy)]
+struct ScannedHead {
+    /// Never `u32::MAX`: that marks a vacant slot of a [`DenseMap`].
+    head_len: u32,
+    words: [u64; 2],
+}
+
+impl ScannedHead {
+    /// `digest` of a blob `len` bytes long, when its head fits in it.
+    fn new(digest: HeadDigest, len: usize) -> Option<ScannedHead> {
+        let head_len = u32::try_from(digest.head_len)
+            .ok()
+            .filter(|&h| h != u32::MAX && h as usize <= len)?;
+        Some(ScannedHead {
+            head_len,
+            words: digest.words,
+        })
+    }
+}
+
+impl DenseValue for ScannedHead {
+    const VACANT: ScannedHead = ScannedHead {
+        head_len: u32::MAX,
+        words: [0; 2],
+    };
+
+    fn is_vacant(&self) -> bool {
+        self.head_len == u32::MAX
+    }
+}
+
 /// Rebuilds the live state from the chunks, read one at a time in increasing order
 /// ([`Replay::scan`]), without keeping them: where every message's last `Put` is (a
 /// rewrite moves it forward), and the entry records applied in order. Messages are
@@ -790,15 +832,31 @@ pub(super) struct Replayed {
 /// chunk is dangling and is dropped. Reference counts and the live records of each chunk
 /// are computed from the result, which is exactly the writer's in-memory state before
 /// the crash.
+///
+/// Memory: the writer's index (one record per live entry and per stored message, as
+/// the running writer holds), plus, with a digest, a 24-byte digest per stored message,
+/// given up as the entries are listed for the broker.
 #[derive(Debug, Default)]
 pub(super) struct Replay {
+    /// Its `msgs` hold every message `Put` so far, referenced or not (`refs` 0), until
+    /// [`Replay::finish`] counts the references.
     index: LiveIndex,
-    /// Every message's last `Put`: (chunk, blob length).
-    puts: HashMap<u64, (ChunkId, usize), IdBuildHasher>,
+    /// The broker's digest of a blob's head, when it reads bodies back lazily.
+    digest: Option<DigestFn>,
+    /// The digest of every stored message's head that has one.
+    heads: DenseMap<ScannedHead>,
     next_msg_id: u64,
 }
 
 impl Replay {
+    /// A replay that keeps a digest of each message's head, as `digest` makes it.
+    pub(super) fn new(digest: Option<DigestFn>) -> Replay {
+        Replay {
+            digest,
+            ..Replay::default()
+        }
+    }
+
     /// Takes in the next chunk's records.
     pub(super) fn scan(&mut self, chunk: ChunkId, bytes: &[u8]) -> Result<(), DamagedChunk> {
         let index = &mut self.index;
@@ -824,8 +882,24 @@ impl Replay {
                     let id = index.queue_id(name);
                     local.insert(l, id);
                 }
-                Record::Put { msg_id, len, .. } => {
-                    self.puts.insert(msg_id, (chunk, len));
+                Record::Put { msg_id, pos, len } => {
+                    let msg = LiveMsg {
+                        chunk,
+                        refs: 0,
+                        len: len as u32,
+                    };
+                    index.msgs.insert(msg_id, msg);
+                    if let Some(digest) = self.digest {
+                        let blob = &bytes[pos..pos + len];
+                        match digest(blob).and_then(|d| ScannedHead::new(d, len)) {
+                            Some(head) => {
+                                self.heads.insert(msg_id, head);
+                            }
+                            None => {
+                                self.heads.remove(msg_id);
+                            }
+                        }
+                    }
                     self.next_msg_id = self.next_msg_id.max(msg_id.saturating_add(1));
                 }
                 Record::Enqueue {
@@ -861,72 +935,96 @@ impl Replay {
         Ok(())
     }
 
-    /// The result: live entries with where their messages are, reference counts, live
-    /// records per chunk.
-    pub(super) fn finish(self) -> Replayed {
+    /// The result: live entries listed per queue, reference counts, live records per
+    /// chunk. Per queue, in offset order, entries come back whole until their blobs
+    /// total at least `whole_per_queue` bytes (all of them without a limit, or without
+    /// a digest), the others as their head's digest.
+    pub(super) fn finish(self, whole_per_queue: Option<usize>) -> Replayed {
         let Replay {
             mut index,
-            puts,
+            mut heads,
             next_msg_id,
+            ..
         } = self;
+        // Entries whose message is stored take a reference to it; the others dangle.
         let mut dangling = Vec::new();
-        let mut queues = HashMap::new();
-        let mut blobs: HashMap<u64, (ChunkId, usize), IdBuildHasher> = HashMap::default();
         let mut scratch = Vec::new();
         for (queue, entries) in index.queues.iter_mut().enumerate() {
             let name = &index.names[queue];
-            let is_scratch = name.starts_with(super::SCRATCH_PREFIX);
-            if is_scratch && !entries.is_empty() {
+            if name.starts_with(super::SCRATCH_PREFIX) && !entries.is_empty() {
                 scratch.push(name.clone());
             }
-            let mut list: Vec<FoundEntry> = Vec::new();
             entries.retain(|offset, entry| {
-                let Some(&(chunk, len)) = puts.get(&entry.msg_id) else {
+                let Some(msg) = index.msgs.get_mut(entry.msg_id) else {
                     dangling.push((name.clone(), offset));
                     return false;
                 };
+                msg.refs = msg.refs.saturating_add(1);
                 if let Some(info) = index.chunks.get_mut(&entry.chunk) {
                     info.live += 1;
                 }
-                match index.msgs.get_mut(entry.msg_id) {
-                    Some(msg) => msg.refs += 1,
-                    None => {
-                        let msg = LiveMsg {
-                            chunk,
-                            refs: 1,
-                            len: len as u32,
-                        };
-                        index.msgs.insert(entry.msg_id, msg);
-                    }
-                }
-                if is_scratch {
-                    // Live until the purge that opening the store writes.
-                    return true;
-                }
-                blobs.insert(entry.msg_id, (chunk, len));
-                list.push(FoundEntry {
-                    offset,
-                    msg_id: entry.msg_id,
-                    delivery_count: entry.delivery_count,
-                });
                 true
             });
-            if !list.is_empty() {
-                list.sort_unstable_by_key(|e| e.offset);
-                queues.insert(name.clone(), list);
-            }
         }
-        let orphans = puts.len() - index.msgs.len();
+        let stored = index.msgs.len();
+        index.msgs.retain(|_, msg| msg.refs > 0);
+        let orphans = stored - index.msgs.len();
         for (_, msg) in index.msgs.iter() {
             index.live_bytes += u64::from(msg.len);
             if let Some(info) = index.chunks.get_mut(&msg.chunk) {
                 info.live += 1;
             }
         }
+
+        let mut queues = HashMap::new();
+        let mut released = 0usize;
+        for (queue, entries) in index.queues.iter().enumerate() {
+            let name = &index.names[queue];
+            // A scratch queue's entries stay live until the purge that opening the
+            // store writes.
+            if entries.is_empty() || name.starts_with(super::SCRATCH_PREFIX) {
+                continue;
+            }
+            let mut list = RecoveredQueue::default();
+            let mut bytes = 0usize;
+            for (offset, entry) in entries.iter_in_order() {
+                let Some(msg) = index.msgs.get(entry.msg_id) else {
+                    continue;
+                };
+                let within = whole_per_queue.is_none_or(|window| bytes < window);
+                bytes = bytes.saturating_add(msg.len as usize);
+                let head = heads.get(entry.msg_id).copied().filter(|_| !within);
+                match head {
+                    Some(head) => {
+                        let digest = HeadDigest {
+                            head_len: head.head_len as usize,
+                            words: head.words,
+                        };
+                        let tail_len = msg.len.saturating_sub(head.head_len);
+                        list.push_on_disk(
+                            offset,
+                            entry.msg_id,
+                            digest,
+                            tail_len,
+                            entry.delivery_count,
+                        );
+                    }
+                    None => list.push_whole(offset, entry.msg_id, entry.delivery_count),
+                }
+                // Its last entry listed: its digest is no longer needed, and the
+                // digests' memory goes as the list's grows.
+                if msg.refs == 1 && heads.remove(entry.msg_id).is_some() {
+                    released += 1;
+                    if released.is_multiple_of(HEADS_SHRINK_EVERY) {
+                        heads.shrink_to_fit();
+                    }
+                }
+            }
+            queues.insert(name.clone(), list);
+        }
         Replayed {
             index,
             queues,
-            blobs,
             next_msg_id,
             dangling,
             orphans,
@@ -935,12 +1033,13 @@ impl Replay {
     }
 }
 
-/// [`Replay`] over chunks held in memory `(number, bytes)`, in increasing order.
+/// [`Replay`] over chunks held in memory `(number, bytes)`, in increasing order, every
+/// blob coming back whole.
 #[cfg(test)]
 pub(super) fn replay(chunks: Vec<(ChunkId, bytes::Bytes)>) -> Result<Replayed, DamagedChunk> {
     let mut replay = Replay::default();
     for (chunk, bytes) in &chunks {
         replay.scan(*chunk, bytes)?;
     }
-    Ok(replay.finish())
+    Ok(replay.finish(None))
 }

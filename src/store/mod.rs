@@ -20,6 +20,7 @@
 mod dense;
 pub mod histogram;
 mod log;
+mod recovered;
 mod recovery;
 mod schema;
 mod writer;
@@ -27,7 +28,11 @@ mod writer;
 #[cfg(test)]
 mod tests;
 
-use std::collections::HashMap;
+pub use recovered::{
+    BlobTrim, DigestFn, HeadDigest, Recovered, RecoveredBlob, RecoveredEntries, RecoveredEntry,
+    RecoveredQueue, RecoveredRaftGroup,
+};
+
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -61,6 +66,24 @@ pub const FATAL_EXIT_CODE: i32 = 70;
 /// the dirty pages of the open write transaction: 32 MiB holds a full group commit (its
 /// payload is capped at 16 MiB) without spilling, which measurably slowed writes at 16 MiB.
 const CACHE_SIZE_BYTES: usize = 64 * 1024 * 1024;
+
+/// redb page cache while the store is read back at start: chunks are read once each,
+/// so caching them only holds memory (up to the cache's size, at the node's peak).
+const RECOVERY_CACHE_SIZE_BYTES: usize = 4 * 1024 * 1024;
+
+/// Opens (creating, or repairing after an unclean shutdown) the database at `path`.
+fn open_database(path: &Path, cache_size: usize) -> anyhow::Result<redb::Database> {
+    redb::Builder::new()
+        .set_cache_size(cache_size)
+        .set_repair_callback(|session| {
+            tracing::warn!(
+                progress = session.progress(),
+                "store: repairing database after an unclean shutdown"
+            );
+        })
+        .create(path)
+        .with_context(|| format!("opening {}", path.display()))
+}
 
 /// Ops waiting for the writer from which the store counts as congested: publishers that
 /// feed it are held back (store flow control) until it catches up. Publishers that wait
@@ -211,62 +234,6 @@ impl StoreOp {
             _ => 0,
         }
     }
-}
-
-/// Everything read back by [`Store::open`]: what the broker needs to rebuild its state.
-#[derive(Debug, Default)]
-pub struct Recovered {
-    /// Every stored definition `(key, value)`, sorted by key.
-    pub definitions: Vec<(String, Vec<u8>)>,
-    /// Every stored access-control record `(key, value)`, sorted by key.
-    pub access: Vec<(String, Vec<u8>)>,
-    /// Entries per queue key, each list in ascending offset order. Queues without entries
-    /// are absent.
-    pub queues: HashMap<String, Vec<RecoveredEntry>>,
-    /// Greater than every msg id in the database: where the broker resumes allocating.
-    pub next_msg_id: u64,
-    /// What every Raft group stored, by group id (empty for a single node).
-    pub raft: HashMap<u64, RecoveredRaftGroup>,
-}
-
-/// One Raft group's log and durable values, read back by [`Store::open`].
-#[derive(Debug, Default, Clone)]
-pub struct RecoveredRaftGroup {
-    /// The log's entries in index order.
-    pub log: Vec<(u64, Vec<u8>)>,
-    /// Durable values by name.
-    pub state: HashMap<String, Vec<u8>>,
-}
-
-/// How much of each stored message [`Store::open_trimmed`] reads back: a queue's first
-/// messages whole, the others only their head (what the broker needs to route, order
-/// and expire a message, without its body), so that opening a store with a backlog far
-/// larger than memory does not hold every body.
-#[derive(Debug, Clone, Copy)]
-pub struct BlobTrim {
-    /// Per queue, in offset order, messages come back whole until their blobs total at
-    /// least this many bytes.
-    pub whole_per_queue: usize,
-    /// Length of a blob's head (the broker's format), `None` to keep the blob whole.
-    pub head_len: fn(&[u8]) -> Option<usize>,
-}
-
-/// One queue entry read back by [`Store::open`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RecoveredEntry {
-    /// The offset given to [`StoreOp::Enqueue`].
-    pub offset: u64,
-    /// The message's id; the same for every queue holding the same message.
-    pub msg_id: u64,
-    /// The message blob, or only its head when shorter than `len` (see [`BlobTrim`]).
-    /// Entries of one message share one allocation.
-    pub blob: Bytes,
-    /// The whole blob's length.
-    pub len: usize,
-    /// True when [`StoreOp::MarkDelivered`] was recorded for the entry (AMQP `redelivered`).
-    pub delivered: bool,
-    /// How many times [`StoreOp::MarkDelivered`] was recorded (for `x-delivery-count`).
-    pub delivery_count: u32,
 }
 
 /// Counters of the writer's work, for tests and metrics.
@@ -465,21 +432,17 @@ impl Store {
             .with_context(|| format!("creating data directory {}", dir.display()))?;
         let path = dir.join(DB_FILE_NAME);
         let started = std::time::Instant::now();
-        let db = redb::Builder::new()
-            .set_cache_size(CACHE_SIZE_BYTES)
-            .set_repair_callback(|session| {
-                tracing::warn!(
-                    progress = session.progress(),
-                    "store: repairing database after an unclean shutdown"
-                );
-            })
-            .create(&path)
-            .with_context(|| format!("opening {}", path.display()))?;
+        // Recovery reads every chunk once: through a small cache, so that the chunks it
+        // passes do not stay in memory. The writer's database is opened afterwards.
+        let db = open_database(&path, RECOVERY_CACHE_SIZE_BYTES)?;
         recovery::init_schema(&db).with_context(|| format!("initialising {}", path.display()))?;
         let mut loaded =
             recovery::load(&db, trim).with_context(|| format!("reading {}", path.display()))?;
         recovery::clean_up(&db, &mut loaded)
             .with_context(|| format!("cleaning up {}", path.display()))?;
+        db.close()
+            .with_context(|| format!("closing {} after recovery", path.display()))?;
+        let db = open_database(&path, CACHE_SIZE_BYTES)?;
         let recovered = loaded.recovered;
         tracing::info!(
             path = %path.display(),

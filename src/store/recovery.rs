@@ -8,12 +8,13 @@ use anyhow::bail;
 use bytes::Bytes;
 use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, WriteTransaction};
 
-use super::log::{self, ChunkWriter, LiveIndex};
+use super::log::{self, ChunkId, ChunkWriter, LiveIndex};
 use super::schema::{
     ACCESS, DEFINITIONS, MESSAGE_LOG, META, META_SCHEMA_VERSION, RAFT_LOG, RAFT_STATE,
     SCHEMA_VERSION, V1_ENTRIES, V1_MESSAGES,
 };
-use super::{BlobTrim, Recovered, RecoveredEntry, RecoveredRaftGroup};
+use super::writer::IdBuildHasher;
+use super::{BlobTrim, Recovered, RecoveredRaftGroup};
 
 /// What [`load`] read: the broker's part, and the writer's part.
 pub(super) struct Loaded {
@@ -131,9 +132,10 @@ fn migrate_v1(txn: &WriteTransaction) -> anyhow::Result<()> {
 }
 
 /// Reads every definition and access record, and replays the message log into queue
-/// entries (see [`log::Replay`]), reading the chunks one at a time: once for the records,
-/// once more for the blobs of live messages, which are copied (whole, or only their head
-/// as `trim` says), so that no chunk stays in memory.
+/// entries (see [`log::Replay`]), reading the chunks one at a time and keeping none. With
+/// a `trim`, each blob's head is summed up as it goes by, and the only blobs copied are
+/// those a queue's head window brings back whole, read from the few chunks that hold
+/// them; without one, every live blob comes back whole.
 pub(super) fn load(db: &Database, trim: Option<BlobTrim>) -> anyhow::Result<Loaded> {
     let txn = db.begin_read()?;
 
@@ -141,12 +143,12 @@ pub(super) fn load(db: &Database, trim: Option<BlobTrim>) -> anyhow::Result<Load
     let access = read_blobs(&txn, ACCESS)?;
 
     let table = txn.open_table(MESSAGE_LOG)?;
-    let mut replay = log::Replay::default();
+    let mut replay = log::Replay::new(trim.map(|t| t.digest));
     for row in table.iter()? {
         let (key, value) = row?;
         replay.scan(key.value(), value.value())?;
     }
-    let replayed = replay.finish();
+    let mut replayed = replay.finish(trim.map(|t| t.whole_per_queue));
     if !replayed.dangling.is_empty() {
         tracing::warn!(
             entries = replayed.dangling.len(),
@@ -160,65 +162,12 @@ pub(super) fn load(db: &Database, trim: Option<BlobTrim>) -> anyhow::Result<Load
         );
     }
 
-    // Which messages come back whole: with a trim, those within the first
-    // `whole_per_queue` blob bytes of some queue; the rest only their head.
-    let whole: Option<HashSet<u64>> = trim.map(|trim| {
-        let mut whole = HashSet::new();
-        for entries in replayed.queues.values() {
-            let mut bytes = 0usize;
-            for e in entries {
-                if bytes >= trim.whole_per_queue {
-                    break;
-                }
-                bytes += replayed.blobs.get(&e.msg_id).map_or(0, |&(_, len)| len);
-                whole.insert(e.msg_id);
-            }
-        }
-        whole
-    });
-    let mut blobs: HashMap<u64, Bytes> = HashMap::with_capacity(replayed.blobs.len());
-    if !replayed.blobs.is_empty() {
-        for row in table.iter()? {
-            let (key, value) = row?;
-            let (chunk, bytes) = (key.value(), value.value());
-            let here = |id: u64| replayed.blobs.get(&id).is_some_and(|&(c, _)| c == chunk);
-            for (msg_id, pos, len) in log::find_puts(chunk, bytes, here)? {
-                let blob = &bytes[pos..pos + len];
-                let keep = match (&whole, trim) {
-                    (Some(whole), Some(trim)) if !whole.contains(&msg_id) => {
-                        (trim.head_len)(blob).unwrap_or(len).min(len)
-                    }
-                    _ => len,
-                };
-                blobs.insert(msg_id, Bytes::copy_from_slice(&blob[..keep]));
-            }
-        }
-    }
-    drop(table);
-
-    let mut queues = HashMap::with_capacity(replayed.queues.len());
-    for (name, entries) in replayed.queues {
-        let list = entries
-            .into_iter()
-            .filter_map(|e| {
-                let blob = blobs.get(&e.msg_id)?.clone();
-                let len = replayed
-                    .blobs
-                    .get(&e.msg_id)
-                    .map_or(blob.len(), |&(_, l)| l);
-                Some(RecoveredEntry {
-                    offset: e.offset,
-                    msg_id: e.msg_id,
-                    blob,
-                    len,
-                    delivered: e.delivery_count > 0,
-                    delivery_count: e.delivery_count,
-                })
-            })
-            .collect();
-        queues.insert(name, list);
+    let blobs = read_whole(&table, &replayed.whole_blobs())?;
+    for queue in replayed.queues.values_mut() {
+        queue.attach(&blobs);
     }
     drop(blobs);
+    drop(table);
 
     let raft = read_raft(&txn)?;
 
@@ -226,7 +175,7 @@ pub(super) fn load(db: &Database, trim: Option<BlobTrim>) -> anyhow::Result<Load
         recovered: Recovered {
             definitions,
             access,
-            queues,
+            queues: replayed.queues,
             next_msg_id: replayed.next_msg_id,
             raft,
         },
@@ -234,6 +183,29 @@ pub(super) fn load(db: &Database, trim: Option<BlobTrim>) -> anyhow::Result<Load
         dangling: replayed.dangling,
         scratch: replayed.scratch,
     })
+}
+
+/// Copies of the blobs `wanted` (`(chunk, msg id)`, sorted), read from their chunks,
+/// each chunk once.
+fn read_whole(
+    table: &redb::ReadOnlyTable<u64, &[u8]>,
+    wanted: &[(ChunkId, u64)],
+) -> anyhow::Result<HashMap<u64, Bytes, IdBuildHasher>> {
+    let mut blobs: HashMap<u64, Bytes, IdBuildHasher> = HashMap::default();
+    blobs.reserve(wanted.len());
+    for group in wanted.chunk_by(|a, b| a.0 == b.0) {
+        let chunk = group[0].0;
+        let Some(row) = table.get(chunk)? else {
+            // Its entries are left out (and logged) by `RecoveredQueue::attach`.
+            continue;
+        };
+        let bytes = row.value();
+        let here = |id: u64| group.binary_search(&(chunk, id)).is_ok();
+        for (msg_id, pos, len) in log::find_puts(chunk, bytes, here)? {
+            blobs.insert(msg_id, Bytes::copy_from_slice(&bytes[pos..pos + len]));
+        }
+    }
+    Ok(blobs)
 }
 
 /// Settles the dangling entries [`load`] found, purges the scratch queues, and deletes

@@ -104,6 +104,27 @@ fn remove(queue: &str, offset: u64) -> StoreOp {
     }
 }
 
+/// The entries recovered for `queue` (none when it is absent).
+fn entries(recovered: &Recovered, queue: &str) -> Vec<RecoveredEntry> {
+    recovered
+        .queues
+        .get(queue)
+        .map_or_else(Vec::new, |q| q.iter().collect())
+}
+
+/// A blob read back whole.
+fn whole(bytes: &'static [u8]) -> RecoveredBlob {
+    RecoveredBlob::Whole(Bytes::from_static(bytes))
+}
+
+/// The bytes of an entry read back whole.
+fn bytes_of(entry: &RecoveredEntry) -> &[u8] {
+    match &entry.blob {
+        RecoveredBlob::Whole(blob) => blob,
+        RecoveredBlob::OnDisk { .. } => panic!("entry {} was not read back whole", entry.offset),
+    }
+}
+
 fn offsets(recovered: &Recovered, queue: &str) -> Vec<(u64, u64)> {
     recovered
         .queues
@@ -170,9 +191,9 @@ async fn ops_are_recovered_after_reopen() {
     );
     assert_eq!(offsets(&recovered, "q/%2f/a"), vec![(1, 3), (2, 7)]);
     assert_eq!(offsets(&recovered, "q/%2f/b"), vec![(10, 3)]);
-    let a = &recovered.queues["q/%2f/a"];
-    assert_eq!(a[0].blob, Bytes::from_static(b"three"));
-    assert_eq!(a[1].blob, Bytes::from_static(b"seven"));
+    let a = &entries(&recovered, "q/%2f/a");
+    assert_eq!(a[0].blob, whole(b"three"));
+    assert_eq!(a[1].blob, whole(b"seven"));
     assert!(!a[0].delivered);
     assert_eq!(recovered.next_msg_id, 8);
 }
@@ -193,10 +214,7 @@ async fn shared_message_is_deleted_after_its_last_entry() {
     let recovered = reopen(store, &dir);
     assert_eq!(offsets(&recovered, "qa"), vec![]);
     assert_eq!(offsets(&recovered, "qb"), vec![(0, 1)]);
-    assert_eq!(
-        recovered.queues["qb"][0].blob,
-        Bytes::from_static(b"shared")
-    );
+    assert_eq!(entries(&recovered, "qb")[0].blob, whole(b"shared"));
     assert_eq!(stored_message_ids(&dir), vec![1]);
 
     let (store, _) = open(&dir);
@@ -239,10 +257,7 @@ async fn moving_an_entry_within_a_batch_keeps_the_blob() {
     let recovered = reopen(store, &dir);
     assert_eq!(offsets(&recovered, "src"), vec![]);
     assert_eq!(offsets(&recovered, "dlq"), vec![(4, 9)]);
-    assert_eq!(
-        recovered.queues["dlq"][0].blob,
-        Bytes::from_static(b"moved")
-    );
+    assert_eq!(entries(&recovered, "dlq")[0].blob, whole(b"moved"));
 }
 
 #[tokio::test]
@@ -284,7 +299,7 @@ async fn mark_delivered_comes_back_as_delivered() {
         },
     ]);
     let recovered = reopen(store, &dir);
-    let q = &recovered.queues["q"];
+    let q = &entries(&recovered, "q");
     assert_eq!(q.len(), 2);
     assert!(q[0].delivered);
     assert_eq!(q[0].delivery_count, 2);
@@ -445,11 +460,12 @@ async fn many_and_sparse_messages_are_recovered() {
     store.commit(ops).await;
     let recovered = reopen(store, &dir);
     assert_eq!(recovered.next_msg_id, 26_000);
-    for (queue, entries) in &recovered.queues {
+    for queue in recovered.queues.keys() {
+        let entries = entries(&recovered, queue);
         assert_eq!(entries.len(), if queue == "a" { 8334 } else { 8333 });
         assert!(entries.windows(2).all(|w| w[0].offset < w[1].offset));
-        for e in entries {
-            assert_eq!(e.blob.as_ref(), (e.msg_id - 1000).to_le_bytes());
+        for e in &entries {
+            assert_eq!(bytes_of(e), (e.msg_id - 1000).to_le_bytes());
             assert_eq!(e.offset, e.msg_id - 1000);
         }
     }
@@ -469,10 +485,8 @@ async fn many_and_sparse_messages_are_recovered() {
         .await;
     let recovered = reopen(store, &dir);
     assert_eq!(recovered.next_msg_id, u64::MAX);
-    let blobs: Vec<&[u8]> = recovered.queues["q"]
-        .iter()
-        .map(|e| e.blob.as_ref())
-        .collect();
+    let entries = entries(&recovered, "q");
+    let blobs: Vec<&[u8]> = entries.iter().map(bytes_of).collect();
     assert_eq!(blobs, vec![&b"high"[..], b"low", b"mid"]);
 }
 
@@ -670,13 +684,14 @@ fn million_messages_write_and_recover() {
     let (store, recovered) =
         Store::open(dir.path(), flush, Duration::from_millis(200)).expect("reopen");
     let recover = started.elapsed();
-    let total: usize = recovered.queues.values().map(Vec::len).sum();
+    let total: usize = recovered.queues.values().map(RecoveredQueue::len).sum();
     println!("recover: {total} entries in {recover:?}");
     assert_eq!(total, N as usize);
     assert_eq!(recovered.next_msg_id, N);
 
     let started = Instant::now();
     for (queue, entries) in &recovered.queues {
+        let entries: Vec<RecoveredEntry> = entries.iter().collect();
         for chunk in entries.chunks(100) {
             store.submit(
                 chunk
@@ -931,9 +946,9 @@ async fn a_long_lived_message_at_the_head_is_rewritten_so_the_log_follows_the_ba
     );
     assert!(stored_message_ids(&dir).contains(&0));
     let recovered = reopen(open(&dir).0, &dir);
-    let q = &recovered.queues["q"];
+    let q = &entries(&recovered, "q");
     assert_eq!(q.len(), 1);
-    assert_eq!(q[0].blob, Bytes::from_static(b"pinned"));
+    assert_eq!(q[0].blob, whole(b"pinned"));
     assert_eq!(
         q[0].delivery_count, 2,
         "the rewrite keeps the delivery count"
@@ -988,11 +1003,11 @@ async fn a_version_1_database_is_converted_to_the_message_log() {
         );
         assert_eq!(offsets(&recovered, "a"), vec![(10, 1), (11, 2)]);
         assert_eq!(offsets(&recovered, "b"), vec![(5, 1)]);
-        let a = &recovered.queues["a"];
-        assert_eq!(a[1].blob, Bytes::from_static(b"two"));
+        let a = &entries(&recovered, "a");
+        assert_eq!(a[1].blob, whole(b"two"));
         assert_eq!(a[1].delivery_count, 3);
         assert!(a[1].delivered);
-        assert_eq!(recovered.queues["b"][0].blob, Bytes::from_static(b"one"));
+        assert_eq!(entries(&recovered, "b")[0].blob, whole(b"one"));
     }
     let db = Database::open(dir.path().join(DB_FILE_NAME)).expect("open db");
     let txn = db.begin_read().expect("read txn");
@@ -1085,24 +1100,38 @@ async fn a_message_moved_by_head_compaction_is_read_from_its_new_chunk() {
 }
 
 #[tokio::test]
-async fn a_trimmed_open_reads_back_a_queues_first_messages_whole_and_only_heads_after() {
+async fn a_trimmed_open_reads_back_a_queues_first_messages_whole_and_only_a_digest_after() {
     let dir = TempDir::new("trimmed");
     let (store, _) = open(&dir);
     let mut ops = Vec::new();
     for i in 0..10u64 {
+        // Message 6 has no head its digest can make sense of.
+        let blob = if i == 6 {
+            "headless".to_string()
+        } else {
+            format!("h{i}:body-of-{i}")
+        };
         ops.push(StoreOp::PutMessage {
             msg_id: i,
-            blob: Bytes::from(format!("h{i}:body-of-{i}")),
+            blob: Bytes::from(blob),
         });
         ops.push(enqueue("q", i, i));
+        ops.push(enqueue("other", i, i));
     }
     store.commit(ops).await;
     store.close();
     drop(store);
-    // The "head" of these blobs is what comes before ':'.
+    // The "head" of these blobs is what comes before ':'; its digest, the head's
+    // length and its second byte.
     let trim = BlobTrim {
         whole_per_queue: 30,
-        head_len: |b| b.iter().position(|&c| c == b':'),
+        digest: |b| {
+            let head_len = b.iter().position(|&c| c == b':')?;
+            Some(HeadDigest {
+                head_len,
+                words: [head_len as u64, u64::from(b[1])],
+            })
+        },
     };
     let (store, recovered) = Store::open_trimmed(
         dir.path(),
@@ -1111,23 +1140,28 @@ async fn a_trimmed_open_reads_back_a_queues_first_messages_whole_and_only_heads_
         Some(trim),
     )
     .expect("open");
-    let q = &recovered.queues["q"];
-    assert_eq!(q.len(), 10);
-    for e in q {
-        let whole = format!("h{}:body-of-{}", e.msg_id, e.msg_id);
-        assert_eq!(e.len, whole.len());
-        if e.msg_id < 3 {
-            assert_eq!(
-                e.blob,
-                Bytes::from(whole),
-                "within the first 30 bytes: whole"
-            );
-        } else {
-            assert_eq!(
-                e.blob,
-                Bytes::from(format!("h{}", e.msg_id)),
-                "past them: the head"
-            );
+    for queue in ["q", "other"] {
+        let q = entries(&recovered, queue);
+        assert_eq!(q.len(), 10);
+        for (i, e) in q.iter().enumerate() {
+            assert_eq!((e.offset, e.msg_id), (i as u64, i as u64));
+            let whole = format!("h{i}:body-of-{i}");
+            if i < 3 || i == 6 {
+                let expected = if i == 6 { "headless".into() } else { whole };
+                assert_eq!(
+                    e.blob,
+                    RecoveredBlob::Whole(Bytes::from(expected)),
+                    "within the first 30 bytes, or without a digest: whole"
+                );
+            } else {
+                let words = [2, u64::from(b'0') + i as u64];
+                let tail_len = whole.len() - 2;
+                assert_eq!(
+                    e.blob,
+                    RecoveredBlob::OnDisk { words, tail_len },
+                    "past them: the digest"
+                );
+            }
         }
     }
     // The bodies are still there to be read.
@@ -1135,6 +1169,14 @@ async fn a_trimmed_open_reads_back_a_queues_first_messages_whole_and_only_heads_
         read(&store, vec![7]).await,
         vec![Some(Bytes::from_static(b"h7:body-of-7"))]
     );
+    // Taking the entries by value gives the same.
+    let mut recovered = recovered;
+    let by_value: Vec<RecoveredEntry> = recovered
+        .queues
+        .remove("q")
+        .map(|q| q.into_iter().collect())
+        .unwrap_or_default();
+    assert_eq!(by_value, entries(&recovered, "other"));
     store.close();
 }
 
