@@ -112,8 +112,8 @@ impl Broker {
         // On a nearly full disk, give back the reserve before the store needs room.
         crate::broker::disk::tend_reserve(&config.data_dir);
         let interval = std::time::Duration::from_millis(config.flush_interval_ms.max(1));
-        // Opening reads the whole store back (seconds for millions of messages): keep it off
-        // the async workers.
+        // Opening reads the whole message log once (about a second for millions of
+        // messages): keep it off the async workers.
         let (dir, flush) = (config.data_dir.clone(), config.flush);
         let window = config.queue_body_window as usize;
         let (store, mut recovered) = tokio::task::spawn_blocking(move || {

@@ -450,6 +450,95 @@ async fn a_recovered_backlog_stays_on_disk_and_comes_back_in_order() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+#[tokio::test]
+async fn a_recovered_backlog_keeps_its_priorities_and_ttls_without_reading_its_bodies() {
+    let dir = data_dir("restart-prio-ttl");
+    // Every fifth message expires one second after it is published, every fifth
+    // after that in ten minutes, as does every message by the queue's TTL: what the
+    // store hands back for a paged message must keep its publish time, its priority and
+    // its own TTL, read past the properties before them.
+    let priority = |i: u32| (i % 4) as u8;
+    let expires_soon = |i: u32| i % 5 == 0;
+    let props = move |i: u32| {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            "n".into(),
+            AMQPValue::LongString(format!("{i:0>200}").into()),
+        );
+        let p = persistent()
+            .with_content_type("text/plain".into())
+            .with_headers(headers)
+            .with_priority(priority(i))
+            .with_correlation_id(format!("c{i}").into());
+        match i % 5 {
+            0 => p.with_expiration("1000".into()),
+            1 => p.with_expiration("600000".into()),
+            _ => p,
+        }
+    };
+    let mut args = FieldTable::default();
+    args.insert("x-max-priority".into(), AMQPValue::ShortShortUInt(3));
+    args.insert("x-message-ttl".into(), AMQPValue::LongInt(600_000));
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString("".into()),
+    );
+    args.insert(
+        "x-dead-letter-routing-key".into(),
+        AMQPValue::LongString("expired".into()),
+    );
+    {
+        let b = Broker::start(config(&dir)).await.expect("starts");
+        let conn = connect(&b).await;
+        let ch = confirming_channel(&conn).await;
+        declare(&ch, "expired", FieldTable::default()).await;
+        declare(&ch, "prio-ttl", args.clone()).await;
+        publish(&ch, "prio-ttl", 0..COUNT, props).await;
+        drop(conn);
+        b.shutdown().await;
+    }
+    // Past the short TTL before the node is back.
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    let b = Broker::start(config(&dir)).await.expect("restarts");
+    let paged = check_bounded(&b, "prio-ttl").await;
+    assert!(paged >= u64::from(COUNT) * 9 / 10, "{paged} paged");
+    let conn = connect(&b).await;
+    let ch = conn.create_channel().await.expect("channel");
+    let kept = COUNT - COUNT / 5;
+    let seen = drain(&b, &ch, "prio-ttl", kept).await;
+    let mut want: Vec<u32> = (0..COUNT).filter(|&i| !expires_soon(i)).collect();
+    want.sort_by_key(|&i| (std::cmp::Reverse(priority(i)), i));
+    assert_eq!(in_order(&seen), want);
+    within(async {
+        loop {
+            let q = listing(&b, "expired").await;
+            if q["messages"] == COUNT / 5 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    let mut dead = Vec::new();
+    for _ in 0..COUNT / 5 {
+        let got = ch
+            .basic_get("expired".into(), BasicGetOptions { no_ack: true })
+            .await
+            .expect("get")
+            .expect("a dead letter");
+        assert_eq!(got.delivery.data.len(), BODY, "with its body");
+        dead.push(number(&got.delivery.data));
+    }
+    dead.sort_unstable();
+    let want_dead: Vec<u32> = (0..COUNT).filter(|&i| expires_soon(i)).collect();
+    assert_eq!(dead, want_dead);
+    let q = listing(&b, "prio-ttl").await;
+    assert_eq!(q["messages"], 0, "{q}");
+    drop(conn);
+    b.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 // Transient messages while memory runs short: their bodies past the window go to disk
 // too (the broker's "memory runs short" flag is set by hand, as if its memory had
 // passed half the watermark), come back in order, and never survive a restart.

@@ -42,9 +42,11 @@
 //! and the entry records applied in order; messages and entries are matched at the end,
 //! and an entry whose message is in no chunk is dangling and is dropped. Reference counts
 //! and the live records of each chunk are computed from the result, which is exactly the
-//! writer's in-memory state before the crash. No chunk is kept: recovery reads the log a
-//! second time for the blobs of live messages (`recovery::load`), copying each whole or
-//! only its head, so a backlog's bodies need not fit in memory at start-up.
+//! writer's in-memory state before the crash. No chunk is kept: as a `Put` goes by, the
+//! broker's digest of its blob's head (priority, publish time, TTL) is all that is kept
+//! of it, and only the blobs of each queue's head window are read again and copied
+//! (`recovery::load`), from the few chunks that hold them, so a backlog's bodies are
+//! neither held nor copied at start-up.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
