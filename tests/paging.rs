@@ -458,7 +458,7 @@ async fn a_recovered_backlog_keeps_its_priorities_and_ttls_without_reading_its_b
     // store hands back for a paged message must keep its publish time, its priority and
     // its own TTL, read past the properties before them.
     let priority = |i: u32| (i % 4) as u8;
-    let expires_soon = |i: u32| i % 5 == 0;
+    let expires_soon = |i: u32| i.is_multiple_of(5);
     let props = move |i: u32| {
         let mut headers = FieldTable::default();
         headers.insert(
