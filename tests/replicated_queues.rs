@@ -778,6 +778,21 @@ async fn warren_ctl_rebalance_spreads_leaders_over_the_nodes() {
     }
     assert_eq!(listed_leaders(&c, 3), [2, 2, 2]);
 
+    // One queue's leadership moved to a member of its choosing, through any node.
+    let listed = c.ctl(1, &["list_queues", "name", "leader"]);
+    let led_by_1 = listed
+        .lines()
+        .find(|l| l.starts_with("rebal-") && l.contains(&c.node(1).name))
+        .and_then(|l| l.split('\t').next())
+        .expect("a queue led by node 1")
+        .to_string();
+    let out = c.ctl(2, &["transfer_leadership", &led_by_1, &c.node(3).name]);
+    assert!(out.contains("Transferring"), "{out}");
+    assert_eq!(listed_leaders(&c, 2), [1, 2, 3]);
+    let refused = c.ctl_output(2, &["transfer_leadership", &led_by_1, "n9@10.0.0.9"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("holds no replica"));
+
     // Every queue still serves its message, through any node.
     let ch = c.connect(3).await.create_channel().await.unwrap();
     for q in 0..6 {
