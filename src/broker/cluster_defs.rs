@@ -579,6 +579,7 @@ impl DefinitionsMirror {
             vhost.renew_queue(&old);
             seed = Some(crate::replica::adopt::Seed {
                 classic_key: super::persist::queue_key(&vhost.name, &def.name).into(),
+                scratch_key: old.scratch_key(),
                 entries,
             });
         }

@@ -38,6 +38,9 @@ const LEAD_LIMIT: Duration = Duration::from_secs(30);
 pub struct Seed {
     /// The queue's key in the node's store, where the classic copies are.
     pub classic_key: Arc<str>,
+    /// The key of its transient messages' scratch copies (parked while memory ran
+    /// short), which go with the classic copies.
+    pub scratch_key: Option<Arc<str>>,
     /// Its messages in place order (paged ones still in the store).
     pub entries: Vec<Queued>,
 }
@@ -129,18 +132,20 @@ pub(super) async fn seed(
         .await
         .map_err(|e| anyhow::anyhow!("seed deliveries not committed: {e}"))?;
     }
-    store
-        .commit(vec![
-            StoreOp::PurgeQueue {
-                queue: seed.classic_key,
-            },
-            StoreOp::RaftPutState {
-                group,
-                key: ADOPTED.into(),
-                value: Bytes::from_static(b"1"),
-            },
-        ])
-        .await;
+    let mut done = vec![
+        StoreOp::PurgeQueue {
+            queue: seed.classic_key,
+        },
+        StoreOp::RaftPutState {
+            group,
+            key: ADOPTED.into(),
+            value: Bytes::from_static(b"1"),
+        },
+    ];
+    if let Some(scratch) = seed.scratch_key {
+        done.push(StoreOp::PurgeQueue { queue: scratch });
+    }
+    store.commit(done).await;
     Ok(seeded)
 }
 
