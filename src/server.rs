@@ -77,6 +77,7 @@ async fn start_clustered(
             &names,
             queue_logs,
         ),
+        mirroring: Arc::default(),
     });
     mirror.start_replicas(&cluster.meta().machine().definitions());
     // Other nodes' queue traffic is served once every replicated queue here is set up.

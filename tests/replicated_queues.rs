@@ -778,6 +778,21 @@ async fn warren_ctl_rebalance_spreads_leaders_over_the_nodes() {
     }
     assert_eq!(listed_leaders(&c, 3), [2, 2, 2]);
 
+    // One queue's leadership moved to a member of its choosing, through any node.
+    let listed = c.ctl(1, &["list_queues", "name", "leader"]);
+    let led_by_1 = listed
+        .lines()
+        .find(|l| l.starts_with("rebal-") && l.contains(&c.node(1).name))
+        .and_then(|l| l.split('\t').next())
+        .expect("a queue led by node 1")
+        .to_string();
+    let out = c.ctl(2, &["transfer_leadership", &led_by_1, &c.node(3).name]);
+    assert!(out.contains("Transferring"), "{out}");
+    assert_eq!(listed_leaders(&c, 2), [1, 2, 3]);
+    let refused = c.ctl_output(2, &["transfer_leadership", &led_by_1, "n9@10.0.0.9"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("holds no replica"));
+
     // Every queue still serves its message, through any node.
     let ch = c.connect(3).await.create_channel().await.unwrap();
     for q in 0..6 {
@@ -844,4 +859,227 @@ async fn a_drained_node_serves_no_clients_and_leads_no_queue_until_revived() {
     let got: BTreeSet<String> = got.into_iter().collect();
     let lost: Vec<&String> = confirmed.difference(&got).collect();
     assert!(lost.is_empty(), "confirmed messages lost: {lost:?}");
+}
+
+/// Publishes `PREFIX:0:` .. `PREFIX:{n-1}:` (each padded to 2 KiB) through node `i`,
+/// persistent, in windows of 100 awaiting their confirms; their ids (`PREFIX:k`), every
+/// one confirmed (a nacked window fails the test).
+async fn publish_padded(c: &Cluster, i: usize, prefix: &str, n: usize) -> Vec<String> {
+    let ch = confirming_channel(c, i).await.expect("node up");
+    let pad = "x".repeat(2048);
+    let mut ids = Vec::with_capacity(n);
+    for start in (0..n).step_by(100) {
+        let mut confirms = Vec::new();
+        for k in start..(start + 100).min(n) {
+            let confirm = ch
+                .basic_publish(
+                    "".into(),
+                    QUEUE.into(),
+                    BasicPublishOptions::default(),
+                    format!("{prefix}:{k}:{pad}").as_bytes(),
+                    BasicProperties::default().with_delivery_mode(2),
+                )
+                .await
+                .expect("published");
+            confirms.push((format!("{prefix}:{k}"), confirm));
+        }
+        for (id, confirm) in confirms {
+            let c = confirm.await.expect("confirmed");
+            assert!(c.is_ack(), "{id} nacked");
+            ids.push(id);
+        }
+    }
+    ids
+}
+
+/// The id (`PREFIX:k`) of a body `publish_padded` made.
+fn padded_id(body: &str) -> String {
+    body.splitn(3, ':').take(2).collect::<Vec<_>>().join(":")
+}
+
+/// Waits (up to a minute) until node `i` lists exactly `n` of the cluster's nodes as the
+/// queue's members.
+async fn wait_members(c: &Cluster, i: usize, n: usize) -> String {
+    let names: Vec<String> = (1..=c.len()).map(|k| c.node(k).name.clone()).collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        // (A node that just started may not answer yet.)
+        let out = c.ctl_output(i, &["list_queues", "name", "members"]);
+        let listed = String::from_utf8_lossy(&out.stdout).into_owned();
+        let members = listed
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(QUEUE))
+            .unwrap_or_default()
+            .to_string();
+        if out.status.success()
+            && names
+                .iter()
+                .filter(|m| members.contains(m.as_str()))
+                .count()
+                == n
+        {
+            return members;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{n} members wanted, listed: {members}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirroring_policy_set_changed_or_cleared_applies_to_queues_declared_before() {
+    let Some(mut c) = Cluster::start(3) else {
+        return;
+    };
+    c.wait_agreed_leader(&[1, 2, 3], None, ELECTION).await;
+    let conn = c.connect(1).await;
+    let ch = conn.create_channel().await.unwrap();
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ch.queue_declare(QUEUE.into(), durable, FieldTable::default())
+        .await
+        .unwrap();
+    // Past the queue's body window (4 MiB): most of them wait on disk only.
+    let mut confirmed = publish_padded(&c, 1, "before", 3000).await;
+    // Five handed out and never acked: they come back, redelivered.
+    let getter = conn.create_channel().await.unwrap();
+    for _ in 0..5 {
+        let got = getter
+            .basic_get(QUEUE.into(), BasicGetOptions { no_ack: false })
+            .await
+            .unwrap();
+        assert!(got.is_some(), "a message to get");
+    }
+    assert_eq!(listed_members(&c, 2, QUEUE).1, "", "kept on node 1");
+
+    // A policy that mirrors it on every node: node 1's messages seed the queue's group.
+    c.ctl(
+        2,
+        &[
+            "set_policy",
+            "mirror",
+            &format!("^{QUEUE}$"),
+            r#"{"ha-mode":"all"}"#,
+            "--apply-to",
+            "queues",
+        ],
+    );
+    wait_members(&c, 3, 3).await;
+    wait_logged(&c, &[1], "its messages now in its group", 1).await;
+    wait_logged(&c, &[1], "replicated queue: members changed", 1).await;
+    assert_eq!(listed_members(&c, 2, QUEUE).0, "classic");
+    confirmed.extend(publish_padded(&c, 2, "during", 100).await);
+
+    // Node 1, which held the queue alone before, dies: the others have everything.
+    c.kill(1);
+    let second = leader(&c, &[2, 3], QUEUE).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let listed = c.ctl(second, &["list_queues", "name", "messages"]);
+        if listed.contains(&format!("{QUEUE}\t3100")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "3100 messages wanted: {listed}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    c.start_node(1);
+
+    // Fewer mirrors, then none: the queue keeps its messages on its leader alone.
+    c.ctl(
+        3,
+        &[
+            "set_policy",
+            "mirror",
+            &format!("^{QUEUE}$"),
+            r#"{"ha-mode":"exactly","ha-params":2}"#,
+        ],
+    );
+    wait_members(&c, 2, 2).await;
+    c.ctl(3, &["clear_policy", "mirror"]);
+    wait_members(&c, 1, 1).await;
+    confirmed.extend(publish_padded(&c, 3, "after", 50).await);
+
+    let (got, redelivered) = drain(&c, 2).await;
+    let ids: Vec<String> = got.iter().map(|b| padded_id(b)).collect();
+    let have: BTreeSet<&String> = ids.iter().collect();
+    let lost: Vec<&String> = confirmed.iter().filter(|m| !have.contains(m)).collect();
+    assert!(
+        lost.is_empty(),
+        "{} confirmed messages lost: {lost:.20?}",
+        lost.len()
+    );
+    assert_eq!(ids.len(), confirmed.len(), "no duplicates");
+    assert!(
+        redelivered >= 5,
+        "the five handed out come back redelivered"
+    );
+    // Those published before the policy, in their order.
+    let before: Vec<&String> = ids.iter().filter(|m| m.starts_with("before:")).collect();
+    let mut sorted = before.clone();
+    sorted.sort_by_key(|m| m[7..].parse::<u32>().unwrap_or(u32::MAX));
+    assert_eq!(before, sorted, "in order");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_while_its_queue_becomes_mirrored_loses_no_confirmed_message() {
+    let Some(mut c) = Cluster::start(3) else {
+        return;
+    };
+    c.wait_agreed_leader(&[1, 2, 3], None, ELECTION).await;
+    let ch = c.connect(1).await.create_channel().await.unwrap();
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ch.queue_declare(QUEUE.into(), durable, FieldTable::default())
+        .await
+        .unwrap();
+    let mut confirmed = publish_padded(&c, 1, "before", 20_000).await;
+    c.ctl(
+        2,
+        &[
+            "set_policy",
+            "mirror",
+            &format!("^{QUEUE}$"),
+            r#"{"ha-mode":"all"}"#,
+        ],
+    );
+    // Killed once its queue's new placement is agreed, while its messages go into the
+    // queue's group (or soon after).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !c.log(1).contains("Replicate") {
+        assert!(
+            Instant::now() < deadline,
+            "the queue's placement never changed"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    c.kill(1);
+    let cut_short = !c.log(1).contains("its messages now in its group");
+    eprintln!("node 1 killed with its queue's seeding cut short: {cut_short}");
+    c.start_node(1);
+    wait_members(&c, 2, 3).await;
+    if cut_short {
+        // (Seeded again from the start, over what the group held, if anything.)
+        wait_logged(&c, &[1], "its messages now in its group", 1).await;
+        eprintln!(
+            "a seeding under way was dropped: {}",
+            c.log(1)
+                .contains("its seeding did not finish: seeded again")
+        );
+    }
+    confirmed.extend(publish_padded(&c, 3, "after", 100).await);
+    let (got, _) = drain(&c, 2).await;
+    let ids: BTreeSet<String> = got.iter().map(|b| padded_id(b)).collect();
+    let lost: Vec<&String> = confirmed.iter().filter(|m| !ids.contains(*m)).collect();
+    assert!(
+        lost.is_empty(),
+        "{} confirmed messages lost: {lost:.20?}",
+        lost.len()
+    );
+    assert_eq!(got.len(), confirmed.len(), "no duplicates");
 }

@@ -75,6 +75,8 @@ pub struct ClusterLink {
     pub proxies: super::remote_consume::ProxyClient,
     /// This node's members of replicated queues' groups.
     pub replicas: Replicas,
+    /// Mirroring policies' changes to existing queues under way.
+    pub mirroring: Arc<super::mirror_changes::MirroringChanges>,
 }
 
 impl ClusterLink {
@@ -285,6 +287,68 @@ impl ClusterLink {
         Ok(self.replicas.hand_over(group, Some(to)).await)
     }
 
+    /// Replicates classic queue `queue` of `vhost`, homed on this node, that a mirroring
+    /// policy matches now: its placement becomes a group of this node alone, which its
+    /// messages seed (see [`crate::replica::adopt`]); [`ClusterLink::set_members`] then
+    /// grows it. Answered once the metadata group committed the change (false: the queue
+    /// changed meanwhile, or is not homed here).
+    pub async fn replicate_homed(&self, vhost: &str, queue: &str) -> Result<bool, MembersError> {
+        let key = super::persist::queue_key(vhost, queue);
+        let value = self
+            .cluster
+            .meta()
+            .machine()
+            .get(&key)
+            .ok_or(MembersError::NotFound)?;
+        let Some((Placement::Home(home), stored)) = split_queue(&value) else {
+            return Ok(false);
+        };
+        if home != self.node {
+            return Ok(false);
+        }
+        let me = vec![self.node.clone()];
+        let spec = ReplicaSpec {
+            group: rand::random::<u64>() | (1 << 63),
+            members: me.clone(),
+            initial: me,
+        };
+        let ticket = self.proposals.submit(vec![MetaCommand::PutIfEqual {
+            key,
+            value: replicated_queue(&spec, stored),
+            expected: value.clone(),
+        }]);
+        self.proposals
+            .wait(ticket.saturating_sub(1), ticket)
+            .await
+            .map_err(|_| MembersError::NotCommitted)?;
+        Ok(true)
+    }
+
+    /// Where queue `queue` of `vhost` keeps its messages, as the metadata group says:
+    /// `Ok(home)` for a queue on one node, `Err(members)` for a replicated one.
+    pub fn placement(&self, vhost: &str, queue: &str) -> Option<Result<String, Vec<String>>> {
+        let value = self
+            .cluster
+            .meta()
+            .machine()
+            .get(&super::persist::queue_key(vhost, queue))?;
+        match split_queue(&value)?.0 {
+            Placement::Home(home) => Some(Ok(home)),
+            Placement::Replicated(spec) => Some(Err(spec.members)),
+        }
+    }
+
+    /// Makes `members` the wanted members of replicated queue `queue` of `vhost` (a
+    /// mirroring policy changed); the queue's leader then changes its group to match.
+    pub async fn set_members(
+        &self,
+        vhost: &str,
+        queue: &str,
+        members: Vec<String>,
+    ) -> Result<(), MembersError> {
+        self.change_members(vhost, queue, |_| Ok(members)).await
+    }
+
     /// Changes a replicated queue's wanted members with `change` (given the current
     /// ones; an error text refuses), through the metadata group.
     async fn change_members(
@@ -309,9 +373,10 @@ impl ClusterLink {
             )));
         };
         spec.members = change(&spec.members).map_err(MembersError::Refused)?;
-        let ticket = self.proposals.submit(vec![MetaCommand::Put {
+        let ticket = self.proposals.submit(vec![MetaCommand::PutIfEqual {
             key,
             value: replicated_queue(&spec, stored),
+            expected: value.clone(),
         }]);
         self.proposals
             .wait(ticket.saturating_sub(1), ticket)
@@ -496,6 +561,28 @@ impl DefinitionsMirror {
     ) {
         let member = spec.members.contains(&self.node);
         let def = stored.def();
+        // A classic queue of this node that a mirroring policy now replicates (or whose
+        // seeding a stop cut short): its messages seed the group, and a new incarnation
+        // of the queue takes its place (deliveries of the old one are settled there, in
+        // vain: their messages come back redelivered).
+        // (Only once the node's groups can start: at start, definitions are put in
+        // place before.)
+        let mut seed = None;
+        if member
+            && broker.cluster_link().is_some()
+            && let Some(old) = vhost.find_queue(&def.name)
+            && old.replica().is_none()
+            && vhost.remote_home(&def.name).is_none()
+            && old.holds_messages()
+        {
+            let entries = old.surrender();
+            vhost.renew_queue(&old);
+            seed = Some(crate::replica::adopt::Seed {
+                classic_key: super::persist::queue_key(&vhost.name, &def.name).into(),
+                scratch_key: old.scratch_key(),
+                entries,
+            });
+        }
         // The leader it knows stays; a new queue starts with its first member (the node
         // that declared it, which stands first) as leader, until its group says.
         let first = spec.members.first().filter(|f| **f != self.node).cloned();
@@ -513,7 +600,7 @@ impl DefinitionsMirror {
         q.set_members(spec.members.clone());
         if let Some(link) = broker.cluster_link() {
             if member {
-                link.replicas.ensure(spec, vhost, &q);
+                link.replicas.ensure(spec, vhost, &q, seed);
             } else {
                 link.replicas.leave(spec.group);
             }

@@ -12,6 +12,7 @@ pub mod field_type;
 pub mod json;
 mod maintenance;
 pub mod memory;
+pub mod mirror_changes;
 pub mod mirroring;
 pub mod persist;
 pub mod policy;

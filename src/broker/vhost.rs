@@ -98,7 +98,7 @@ fn declared_type(def: &QueueDef) -> Option<&[u8]> {
 }
 
 /// Whether a declaration is of a classic queue (no `x-queue-type`, or `classic`).
-fn is_classic(def: &QueueDef) -> bool {
+pub(super) fn is_classic(def: &QueueDef) -> bool {
     def.arguments.inner().get("x-queue-type").is_none()
         || declared_type(def) == Some(b"classic".as_slice())
 }
@@ -617,6 +617,7 @@ impl VHost {
         for x in self.exchanges() {
             self.apply_exchange_policy(&x);
         }
+        self.apply_mirroring();
     }
 
     /// Gives `x` the alternate exchange named by the policy in force for it, if any.
@@ -675,6 +676,7 @@ impl VHost {
     /// Timer work for every queue: TTL expiry at the heads, and deletion of queues
     /// unused for longer than their x-expires.
     pub fn tick(&self, now: u64) {
+        self.apply_mirroring_now_and_then(now);
         let queues: Vec<Arc<Queue>> = lock_read(&self.queues).values().cloned().collect();
         for q in queues {
             // A queue homed on another node expires there.
@@ -1325,6 +1327,31 @@ impl VHost {
                 }
             }
         }
+    }
+
+    /// Puts a new incarnation of queue `old` in its place (same definition, bindings
+    /// moved over), leaving `old` as it is: a classic queue whose messages went to its
+    /// replicated incarnation ([`Queue::surrender`]), so that what still refers to the
+    /// old one (deliveries not yet settled, publishes under way) never touches the new.
+    pub fn renew_queue(&self, old: &Arc<Queue>) -> Option<Arc<Queue>> {
+        {
+            let mut queues = lock_write(&self.queues);
+            match queues.get(old.name()) {
+                Some(cur) if Arc::ptr_eq(cur, old) => {
+                    queues.remove(old.name());
+                }
+                _ => return None,
+            }
+        }
+        let q = self.restore_queue(old.def.clone());
+        let old_dest = Destination::Queue(old.clone());
+        for x in self.exchanges() {
+            for mut b in x.unbind_all_to(&old_dest) {
+                b.dest = Destination::Queue(q.clone());
+                x.bind(b);
+            }
+        }
+        Some(q)
     }
 
     /// An agreed queue deletion.

@@ -77,6 +77,14 @@ pub enum CtlCommand {
         /// The node (name@host).
         node: String,
     },
+    /// Moves the leadership of a replicated queue of the vhost (-p) to one of its
+    /// members (the leader hands over once the member has its whole log).
+    TransferLeadership {
+        /// The queue.
+        queue: String,
+        /// The member to lead it (name@host).
+        node: String,
+    },
     /// Adds a replica on a node to every replicated queue that lacks one, as
     /// `rabbitmq-queues grow` (`even`: only to queues with an even number of replicas).
     Grow {
@@ -396,6 +404,14 @@ fn execute(api: &Api, vhost: &str, command: CtlCommand) -> Result<String, String
             api.delete_json(&path, &serde_json::json!({ "node": node }))?;
             Ok(format!(
                 "Removing a replica of queue {queue} on node {node}...\n"
+            ))
+        }
+        CtlCommand::TransferLeadership { queue, node } => {
+            let path = format!("/queues/quorum/{v}/{}/leader", segment(&queue));
+            api.post(&path, &serde_json::json!({ "node": node }))?;
+            Ok(format!(
+                "Transferring the leadership of queue {queue} to node {node}...
+"
             ))
         }
         CtlCommand::Grow {

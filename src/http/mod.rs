@@ -149,6 +149,10 @@ pub fn router(http: Http) -> Router {
             "/api/queues/quorum/{vhost}/{name}/replicas/delete",
             delete(replicas::delete),
         )
+        .route(
+            "/api/queues/quorum/{vhost}/{name}/leader",
+            post(replicas::transfer_leadership),
+        )
         .route("/api/rebalance/queues", post(replicas::rebalance))
         .route(
             "/api/queues/quorum/replicas/on/{node}/grow",

@@ -57,6 +57,47 @@ pub async fn delete(
     answer(link.delete_member(&vhost, &name, node_of(&body)?).await)
 }
 
+/// POST /api/queues/quorum/{vhost}/{name}/leader with `{"node": NODE}` (Warren's
+/// route; `warren ctl transfer_leadership`): moves the queue's leadership to member
+/// NODE; answers `{"leader": NODE}` once it moved, 409 when it did not in time.
+pub async fn transfer_leadership(
+    State(http): State<Http>,
+    Path((vhost, name)): Path<(String, String)>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Result<Response, ApiError> {
+    caller(&http.broker, &headers)?.require_admin()?;
+    let link = clustered(&http)?;
+    let node = node_of(&body)?;
+    let members = match link.placement(&vhost, &name) {
+        None => return Err(ApiError::not_found()),
+        Some(Ok(_)) => {
+            return Err(ApiError::bad_request(format!(
+                "'{name}' in vhost '{vhost}' is not a replicated queue"
+            )));
+        }
+        Some(Err(members)) => members,
+    };
+    if !members.iter().any(|m| m == node) {
+        return Err(ApiError::bad_request(format!(
+            "{node} holds no replica of '{name}'"
+        )));
+    }
+    match link.hand_over(&vhost, &name, node).await {
+        Ok(Some(leader)) if leader == node => Ok(Json(json!({ "leader": leader })).into_response()),
+        Ok(other) => Ok((
+            StatusCode::CONFLICT,
+            Json(json!({
+                "error": "not_moved",
+                "reason": format!("the leadership did not move to {node} in time"),
+                "leader": other,
+            })),
+        )
+            .into_response()),
+        Err(why) => Err(ApiError::bad_request(why)),
+    }
+}
+
 /// A pattern of a grow request (default: everything).
 fn pattern(body: &Value, key: &str) -> Result<Regex, ApiError> {
     let text = body[key].as_str().unwrap_or(".*");

@@ -546,6 +546,27 @@ impl Queue {
         inner.store_ops.clear();
     }
 
+    /// Whether it holds any message, ready or unacked.
+    pub fn holds_messages(&self) -> bool {
+        let inner = self.lock();
+        inner.state.ready_count() + inner.state.unacked_count() > 0
+    }
+
+    /// A classic queue that a mirroring policy now replicates: its consumers are
+    /// cancelled (basic.cancel, as when a replicated queue's leader moves) and every
+    /// message it holds is handed back, in place order (see [`QueueState::surrender`]),
+    /// for its replicated incarnation to take over; publishes that still reach this
+    /// incarnation are nacked.
+    pub fn surrender(&self) -> Vec<state::Queued> {
+        self.dead_letters.clear();
+        let mut inner = self.lock();
+        self.flush(&mut inner);
+        for (_, c) in inner.consumers.drain() {
+            c.sink.cancelled(c.tag.clone());
+        }
+        inner.state.surrender()
+    }
+
     /// Its settings now (the declared arguments with the policy in force applied).
     pub fn args(&self) -> Arc<QueueArgs> {
         self.args.read().unwrap_or_else(|p| p.into_inner()).clone()

@@ -94,6 +94,11 @@ impl Queue {
         self.spool.get().filter(|_| !self.is_replicated())
     }
 
+    /// The scratch key of its transient messages' parked copies, if it has one.
+    pub fn scratch_key(&self) -> Option<Arc<str>> {
+        self.spool.get().map(|sp| sp.key.clone())
+    }
+
     /// The body window when this queue pages anything, and the store it reads from.
     fn page_source(&self) -> Option<(usize, &Store)> {
         if let (Some(window), Some(qs)) = (self.body_window(), &self.store) {

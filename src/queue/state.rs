@@ -405,6 +405,9 @@ pub struct QueueState {
     next_consumer: usize,
     next_offset: Offset,
     deleted: bool,
+    /// Its messages went to another incarnation of the queue ([`QueueState::surrender`]):
+    /// a publish that still reaches this one is refused, never taken and lost.
+    moved: bool,
     /// Dead letters held for their targets (`Command::HoldDeadLetters`): count, bytes.
     dead_letters_held: (usize, usize),
     /// Index of the last command applied (commands must come in log order).
@@ -433,6 +436,7 @@ impl QueueState {
             next_consumer: 0,
             next_offset: 0,
             deleted: false,
+            moved: false,
             dead_letters_held: (0, 0),
             last_index: 0,
         }
@@ -452,6 +456,12 @@ impl QueueState {
         let now = meta.time_ms;
         match cmd {
             Command::Enqueue(msg) => {
+                if self.moved {
+                    // (Its stored copy goes; the publisher hears a nack.)
+                    let entry = self.new_entry(msg).into();
+                    out.push(Effect::Forget { entry });
+                    return Reply::Enqueued(Enqueued::Rejected);
+                }
                 if self.deleted {
                     // Routed just before a delete: the delete's purge may already be in
                     // the store ahead of this message's entry, so take the entry out again.
@@ -625,6 +635,27 @@ impl QueueState {
             })
             .collect();
         fresh
+    }
+
+    /// Takes every message out, ready and unacked alike (those handed out before come
+    /// flagged redelivered), in place order, for another incarnation of the queue to
+    /// hold (a classic queue that a mirroring policy now replicates seeds its group
+    /// with them). Its consumers go and it counts as deleted, without forgetting the
+    /// messages' stored copies: the new holder takes them over.
+    pub fn surrender(&mut self) -> Vec<Queued> {
+        let mut taken: Vec<Queued> = self.ready.iter_mut().flat_map(|l| l.drain(..)).collect();
+        taken.extend(self.unacked.drain().map(|(_, (entry, _))| {
+            let mut q = Queued::from(entry);
+            q.redelivered = true;
+            q
+        }));
+        taken.sort_by_key(|q| q.offset);
+        *self = QueueState {
+            deleted: true,
+            moved: true,
+            ..QueueState::new(self.args.clone())
+        };
+        taken
     }
 
     /// Whether `Delete` was applied.
@@ -1353,6 +1384,37 @@ mod tests {
             Reply::Got(got) => got.map(|(entry, _)| entry),
             other => panic!("get answered {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_surrendered_queue_gives_up_every_message_in_place_order_and_refuses_publishes() {
+        let mut q = QueueState::default();
+        let mut out = Vec::new();
+        for _ in 0..4 {
+            run(&mut q, 0, Command::Enqueue(msg("m")), &mut out);
+        }
+        run(&mut q, 0, Command::AddConsumer(consumer(1, 0, 2)), &mut out);
+        deliver_all(&mut q, 0, &mut out);
+        assert_eq!(delivered(&out), vec![(1, 0), (1, 1)]);
+        let taken = q.surrender();
+        let places: Vec<(Offset, bool)> = taken.iter().map(|t| (t.offset, t.redelivered)).collect();
+        assert_eq!(places, vec![(0, true), (1, true), (2, false), (3, false)]);
+        assert_eq!(
+            (q.ready_count(), q.unacked_count(), q.consumer_count()),
+            (0, 0, 0)
+        );
+        out.clear();
+        let late = run(&mut q, 0, Command::Enqueue(msg("late")), &mut out);
+        assert_eq!(late, Reply::Enqueued(Enqueued::Rejected));
+        assert!(
+            matches!(out.as_slice(), [Effect::Forget { .. }]),
+            "its stored copy goes: {out:?}"
+        );
+        // An ack of a message handed out before changes nothing.
+        assert_eq!(
+            run(&mut q, 0, Command::Settle(vec![0]), &mut out),
+            Reply::Settled(0)
+        );
     }
 
     #[test]

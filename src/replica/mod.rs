@@ -23,6 +23,7 @@
 //! - A queue's log is snapshotted (its live messages only) every
 //!   [`SNAPSHOT_EVERY`] entries and truncated, so disk use follows the backlog.
 
+pub mod adopt;
 pub mod elections;
 pub mod handover;
 pub mod machine;
@@ -304,8 +305,15 @@ impl Replicas {
     }
 
     /// Starts this node's member of `spec`'s group (once) for `queue` of `vhost`, and
-    /// gives the queue its log.
-    pub fn ensure(&self, spec: &ReplicaSpec, vhost: &Arc<VHost>, queue: &Arc<Queue>) {
+    /// gives the queue its log; a classic queue that becomes replicated hands over its
+    /// messages as the group's `seed` (see [`adopt`]).
+    pub fn ensure(
+        &self,
+        spec: &ReplicaSpec,
+        vhost: &Arc<VHost>,
+        queue: &Arc<Queue>,
+        seed: Option<adopt::Seed>,
+    ) {
         let Some(&me) = self.inner.ids.get(&self.inner.me) else {
             return;
         };
@@ -350,6 +358,8 @@ impl Replicas {
             vhost: Arc::downgrade(vhost),
             running,
             may_initialize: spec.may_initialize(&self.inner.me),
+            alone: spec.initial == [self.inner.me.clone()] && spec.members == spec.initial,
+            seed,
             declared_first: spec.initial.first() == Some(&self.inner.me),
             members_changed,
             gate,
@@ -513,6 +523,10 @@ struct GroupStart {
     running: Arc<Mutex<RunningGroup>>,
     /// This node may initialise the group (see [`ReplicaSpec::may_initialize`]).
     may_initialize: bool,
+    /// This node founded the group alone and is still its only wanted member.
+    alone: bool,
+    /// The messages of the classic queue this group replicates from now on.
+    seed: Option<adopt::Seed>,
     /// This node is the first member of the spec (the node that declared the queue).
     declared_first: bool,
     members_changed: Arc<tokio::sync::Notify>,
@@ -543,9 +557,34 @@ impl GroupStart {
             ..Default::default()
         }
         .validate()?;
-        let log = RaftLog::<QueueTypes>::recover(self.store.clone(), self.group, &self.recovered)?;
+        let mut recovered = self.recovered;
+        let mut seed = self.seed;
+        if let Some(s) = &seed {
+            let has_state = !recovered.log.is_empty() || !recovered.state.is_empty();
+            let adopted = recovered.state.contains_key(adopt::ADOPTED);
+            match adopt::seed_start(adopted, has_state, self.alone) {
+                adopt::SeedStart::Seed { reset: false } => {}
+                adopt::SeedStart::Seed { reset: true } => {
+                    tracing::warn!(
+                        group = self.group,
+                        "mirrored queue: its seeding did not finish: seeded again"
+                    );
+                    self.store
+                        .commit(vec![StoreOp::RaftDropGroup { group: self.group }])
+                        .await;
+                    recovered = RecoveredRaftGroup::default();
+                }
+                adopt::SeedStart::DropCopies => {
+                    self.store.submit(vec![StoreOp::PurgeQueue {
+                        queue: s.classic_key.clone(),
+                    }]);
+                    seed = None;
+                }
+            }
+        }
+        let log = RaftLog::<QueueTypes>::recover(self.store.clone(), self.group, &recovered)?;
         let log_size = log.clone();
-        let machine = ReplicaMachine::recover(self.store.clone(), self.group, &self.recovered)?;
+        let machine = ReplicaMachine::recover(self.store.clone(), self.group, &recovered)?;
         let inbox = self.transport.register(self.group);
         let network = GroupNetwork {
             transport: self.transport.clone(),
@@ -569,6 +608,27 @@ impl GroupStart {
                 self.members.clone(),
                 self.declared_first,
             ));
+        }
+        if let Some(seed) = seed {
+            // (Before any proposal: publishes wait behind the queue's messages.)
+            let count = seed.entries.len();
+            match adopt::seed(&raft, &self.store, self.group, self.me, seed).await {
+                Ok(seeded) => tracing::info!(
+                    group = self.group,
+                    messages = seeded,
+                    "mirrored queue: its messages now in its group"
+                ),
+                Err(e) => {
+                    // (Its classic copies stay: the next start seeds again.)
+                    tracing::error!(
+                        group = self.group,
+                        messages = count,
+                        "mirrored queue: cannot seed its group: {e:#}"
+                    );
+                    let _ = raft.shutdown().await;
+                    return Ok(());
+                }
+            }
         }
         tokio::spawn(propose(
             raft.clone(),

@@ -61,6 +61,17 @@ pub enum MetaCommand {
     /// Several changes in one log entry, applied in order (what one node proposed while
     /// the previous proposal was in flight: one round trip and one fsync for all).
     Batch(Vec<MetaCommand>),
+    /// Set `key` to `value` only if it holds `expected` now: a change decided on a value
+    /// read earlier (a queue's placement or members) never overwrites a change committed
+    /// meanwhile, nor brings back a definition deleted meanwhile.
+    PutIfEqual {
+        /// Broker key.
+        key: String,
+        /// The value the change was decided on.
+        expected: Vec<u8>,
+        /// Broker-encoded definition.
+        value: Vec<u8>,
+    },
 }
 
 /// What applying a [`MetaCommand`] did.

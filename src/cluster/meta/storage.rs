@@ -230,6 +230,22 @@ fn apply_command(
                 MetaReply { changed: false }
             }
         },
+        MetaCommand::PutIfEqual {
+            key,
+            expected,
+            value,
+        } => match defs.get_mut(&key) {
+            Some(current) if *current == expected => {
+                let old = std::mem::replace(current, value.clone());
+                changes.push(DefinitionChange {
+                    key,
+                    old: Some(old),
+                    new: Some(value),
+                });
+                MetaReply { changed: true }
+            }
+            _ => MetaReply { changed: false },
+        },
         MetaCommand::Delete { key } => {
             let old = defs.remove(&key);
             let changed = old.is_some();
@@ -417,6 +433,30 @@ mod tests {
         assert!(apply_command(&mut defs, gone).changed);
         let left: Vec<&String> = defs.keys().collect();
         assert_eq!(left, ["b/%2f/b/1", "q/%2f/a"]);
+        let stale = MetaCommand::PutIfEqual {
+            key: "q/%2f/a".into(),
+            expected: b"1".to_vec(),
+            value: b"4".to_vec(),
+        };
+        assert!(!apply_command(&mut defs, stale).changed);
+        assert_eq!(
+            defs["q/%2f/a"], b"2",
+            "decided on a value that changed since"
+        );
+        let fresh = MetaCommand::PutIfEqual {
+            key: "q/%2f/a".into(),
+            expected: b"2".to_vec(),
+            value: b"5".to_vec(),
+        };
+        assert!(apply_command(&mut defs, fresh).changed);
+        assert_eq!(defs["q/%2f/a"], b"5");
+        let gone = MetaCommand::PutIfEqual {
+            key: "q/%2f/none".into(),
+            expected: b"2".to_vec(),
+            value: b"5".to_vec(),
+        };
+        assert!(!apply_command(&mut defs, gone).changed);
+        assert!(!defs.contains_key("q/%2f/none"), "never brought back");
         let del = MetaCommand::Delete {
             key: "q/%2f/a".into(),
         };
