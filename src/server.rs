@@ -122,6 +122,7 @@ impl Broker {
             let trim = crate::store::BlobTrim {
                 whole_per_queue: window,
                 digest: crate::queue::Message::head_digest,
+                head_len: crate::queue::Message::head_len,
             };
             crate::store::Store::open_trimmed(&dir, flush, interval, Some(trim))
         })

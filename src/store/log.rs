@@ -19,7 +19,12 @@
 //! Chunk format: one format byte, then records, each a tag byte and little-endian fields.
 //! Queues are named inside each chunk (`Name` maps a chunk-local number to the queue key
 //! the first time the chunk uses it), so that a chunk can be read alone, whatever chunks
-//! before it have been deleted.
+//! before it have been deleted. A `Put` carries only the head of its blob (what the
+//! broker needs to order and expire the message, as [`HeadSplit`] cuts it); the bodies
+//! of a chunk's `Put`s, one after the other, are the chunk's row of `message_bodies`,
+//! written and deleted in the same transactions as the chunk. Start-up thus reads the
+//! records of every message and none of the bodies. Chunks written before (format 1)
+//! carry whole blobs; they are read as they are and rewritten in today's format.
 //!
 //! # Truncation
 //!
@@ -44,9 +49,9 @@
 //! and the live records of each chunk are computed from the result, which is exactly the
 //! writer's in-memory state before the crash. No chunk is kept: as a `Put` goes by, the
 //! broker's digest of its blob's head (priority, publish time, TTL) is all that is kept
-//! of it, and only the blobs of each queue's head window are read again and copied
-//! (`recovery::load`), from the few chunks that hold them, so a backlog's bodies are
-//! neither held nor copied at start-up.
+//! of it, and only the blobs of each queue's head window are read whole (their chunks'
+//! bodies rows too) and copied (`recovery::load`), so a backlog's bodies are neither
+//! read, held nor copied at start-up.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -60,8 +65,15 @@ pub(super) type ChunkId = u64;
 /// A queue's number in one writer's (or one replay's) memory.
 pub(super) type QueueId = u32;
 
-/// The chunk format this code writes and reads.
-const FORMAT: u8 = 1;
+/// The chunk format of Warren before bodies moved out of the chunk (a `Put` record
+/// carries its whole blob): still read.
+const FORMAT_INLINE: u8 = 1;
+
+/// The chunk format this code writes: a `Put` record carries the head of its blob (as
+/// the writer's [`HeadSplit`] cuts it), and the rest, the body, goes into the chunk's
+/// row of the `message_bodies` table, bodies in the order of their records. Start-up
+/// reads the chunks and not the bodies.
+const FORMAT_SPLIT: u8 = 2;
 
 const TAG_NAME: u8 = 1;
 const TAG_PUT: u8 = 2;
@@ -77,6 +89,24 @@ pub(super) const COMPACT_FLOOR_BYTES: u64 = 64 << 20;
 /// At most this many heads are rewritten per group commit, so that compaction adds a
 /// bounded amount of work (a chunk is at most one group commit's payload) to a commit.
 const COMPACT_HEADS_PER_COMMIT: usize = 1;
+
+/// Where a blob's head ends (the broker's format; `None` when it cannot tell, and the
+/// whole blob is then kept as the body). Without one, every blob is all body.
+pub(super) type HeadSplit = Option<fn(&[u8]) -> Option<usize>>;
+
+/// A range of bytes in a chunk or in its bodies row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(super) struct Span {
+    pub(super) start: usize,
+    pub(super) len: usize,
+}
+
+impl Span {
+    /// The bytes of `buf` it covers; `None` when `buf` is shorter.
+    pub(super) fn of<'b>(&self, buf: &'b [u8]) -> Option<&'b [u8]> {
+        buf.get(self.start..self.start.checked_add(self.len)?)
+    }
+}
 
 /// A chunk that cannot be read: recovery refuses to guess.
 #[derive(Debug)]
@@ -103,8 +133,10 @@ impl std::error::Error for DamagedChunk {}
 pub(super) enum Record<'a> {
     /// Chunk-local queue number `local` stands for the queue key `name`.
     Name { local: u32, name: &'a str },
-    /// Message `msg_id`, its blob at `chunk[pos..pos + len]`.
-    Put { msg_id: u64, pos: usize, len: usize },
+    /// Message `msg_id`: its blob is its `head` (in the chunk) followed by its `body`
+    /// (in the chunk's bodies row; empty in an inline chunk, whose `head` is the whole
+    /// blob).
+    Put { msg_id: u64, head: Span, body: Span },
     /// Entry (`local`, `offset`) holds `msg_id` and was delivered `delivery_count` times.
     Enqueue {
         local: u32,
@@ -125,19 +157,33 @@ pub(super) struct ChunkReader<'a> {
     chunk: ChunkId,
     buf: &'a [u8],
     pos: usize,
+    /// Whether `Put` records carry their body elsewhere ([`FORMAT_SPLIT`]).
+    split: bool,
+    /// Where the next body starts in the bodies row.
+    body_at: usize,
 }
 
 impl<'a> ChunkReader<'a> {
     /// A reader over chunk `chunk`'s bytes; fails when the format is not this code's.
     pub(super) fn new(chunk: ChunkId, buf: &'a [u8]) -> Result<ChunkReader<'a>, DamagedChunk> {
-        match buf.first() {
-            Some(&FORMAT) => Ok(ChunkReader { chunk, buf, pos: 1 }),
-            _ => Err(DamagedChunk {
-                chunk,
-                at: 0,
-                what: "unknown chunk format",
-            }),
-        }
+        let split = match buf.first() {
+            Some(&FORMAT_SPLIT) => true,
+            Some(&FORMAT_INLINE) => false,
+            _ => {
+                return Err(DamagedChunk {
+                    chunk,
+                    at: 0,
+                    what: "unknown chunk format",
+                });
+            }
+        };
+        Ok(ChunkReader {
+            chunk,
+            buf,
+            pos: 1,
+            split,
+            body_at: 0,
+        })
     }
 
     fn damaged(&self, what: &'static str) -> DamagedChunk {
@@ -185,12 +231,38 @@ impl<'a> ChunkReader<'a> {
                     .map_err(|_| self.damaged("queue name is not UTF-8"))?;
                 Record::Name { local, name }
             }
+            TAG_PUT if self.split => {
+                let msg_id = self.u64()?;
+                let head_len = self.u32()? as usize;
+                let body_len = self.u32()? as usize;
+                let head = Span {
+                    start: self.pos,
+                    len: head_len,
+                };
+                self.take(head_len)?;
+                let body = Span {
+                    start: self.body_at,
+                    len: body_len,
+                };
+                self.body_at = self
+                    .body_at
+                    .checked_add(body_len)
+                    .ok_or_else(|| self.damaged("bodies overflow"))?;
+                Record::Put { msg_id, head, body }
+            }
             TAG_PUT => {
                 let msg_id = self.u64()?;
                 let len = self.u32()? as usize;
-                let pos = self.pos;
+                let head = Span {
+                    start: self.pos,
+                    len,
+                };
                 self.take(len)?;
-                Record::Put { msg_id, pos, len }
+                Record::Put {
+                    msg_id,
+                    head,
+                    body: Span::default(),
+                }
             }
             TAG_ENQUEUE => Record::Enqueue {
                 local: self.u32()?,
@@ -213,24 +285,47 @@ impl<'a> ChunkReader<'a> {
     }
 }
 
-/// The blobs of `wanted` messages found in chunk `chunk` (whose bytes are `bytes`):
-/// `(msg id, position, length)` of each `Put` whose id `wanted` accepts. Only record
-/// headers are read; the blobs are skipped.
+/// The `Put` records in chunk `chunk` (whose bytes are `bytes`) of the messages `wanted`
+/// accepts: `(msg id, head, body)`. Only record headers are read.
 pub(super) fn find_puts(
     chunk: ChunkId,
     bytes: &[u8],
     mut wanted: impl FnMut(u64) -> bool,
-) -> Result<Vec<(u64, usize, usize)>, DamagedChunk> {
+) -> Result<Vec<(u64, Span, Span)>, DamagedChunk> {
     let mut reader = ChunkReader::new(chunk, bytes)?;
     let mut found = Vec::new();
     while let Some(record) = reader.next_record()? {
-        if let Record::Put { msg_id, pos, len } = record
+        if let Record::Put { msg_id, head, body } = record
             && wanted(msg_id)
         {
-            found.push((msg_id, pos, len));
+            found.push((msg_id, head, body));
         }
     }
     Ok(found)
+}
+
+/// A copy of a blob whose `head` is in chunk `chunk` (`bytes`) and whose `body` is in
+/// the chunk's bodies row (`bodies`).
+pub(super) fn copy_blob(
+    chunk: ChunkId,
+    bytes: &[u8],
+    bodies: &[u8],
+    head: Span,
+    body: Span,
+) -> Result<bytes::Bytes, DamagedChunk> {
+    let missing = |what| DamagedChunk {
+        chunk,
+        at: head.start,
+        what,
+    };
+    let head = head.of(bytes).ok_or_else(|| missing("record cut short"))?;
+    let body = body
+        .of(bodies)
+        .ok_or_else(|| missing("a body is missing from the chunk's bodies"))?;
+    let mut blob = Vec::with_capacity(head.len() + body.len());
+    blob.extend_from_slice(head);
+    blob.extend_from_slice(body);
+    Ok(blob.into())
 }
 
 /// Builds one chunk. Queue numbers written are the writer's [`QueueId`]s; each is named
@@ -238,28 +333,44 @@ pub(super) fn find_puts(
 #[derive(Debug)]
 pub(super) struct ChunkWriter {
     buf: Vec<u8>,
+    /// The chunk's bodies row.
+    bodies: Vec<u8>,
     named: HashSet<QueueId, IdBuildHasher>,
     /// Records written since the last `clear`.
     records: usize,
+    split: HeadSplit,
 }
 
 impl Default for ChunkWriter {
     fn default() -> ChunkWriter {
-        ChunkWriter {
-            buf: vec![FORMAT],
-            named: HashSet::default(),
-            records: 0,
-        }
+        ChunkWriter::new(None)
     }
 }
 
 impl ChunkWriter {
-    /// Starts over with an empty chunk, keeping the buffer's memory.
+    /// A writer that cuts blobs into head and body with `split`.
+    pub(super) fn new(split: HeadSplit) -> ChunkWriter {
+        ChunkWriter {
+            buf: vec![FORMAT_SPLIT],
+            bodies: Vec::new(),
+            named: HashSet::default(),
+            records: 0,
+            split,
+        }
+    }
+
+    /// Starts over with an empty chunk, keeping the buffers' memory.
     pub(super) fn clear(&mut self) {
         self.buf.clear();
-        self.buf.push(FORMAT);
+        self.buf.push(FORMAT_SPLIT);
+        self.bodies.clear();
         self.named.clear();
         self.records = 0;
+    }
+
+    /// The chunk's bodies (its row of `message_bodies`; none stored when empty).
+    pub(super) fn bodies(&self) -> &[u8] {
+        &self.bodies
     }
 
     /// Whether no record was written since the last `clear`.
@@ -290,15 +401,26 @@ impl ChunkWriter {
         self.records += 1;
     }
 
-    /// Appends a `Put`; returns where the blob starts in the chunk.
-    pub(super) fn put(&mut self, msg_id: u64, blob: &[u8]) -> usize {
+    /// Appends a `Put` of `blob`, cut into head and body as the writer's split says.
+    pub(super) fn put(&mut self, msg_id: u64, blob: &[u8]) {
+        let head_len = self
+            .split
+            .and_then(|split| split(blob))
+            .filter(|&n| n <= blob.len())
+            .unwrap_or(0);
+        let (head, body) = blob.split_at(head_len);
+        self.put_parts(msg_id, head, body);
+    }
+
+    /// Appends a `Put` of the blob `head` then `body`.
+    pub(super) fn put_parts(&mut self, msg_id: u64, head: &[u8], body: &[u8]) {
         self.buf.push(TAG_PUT);
         self.u64(msg_id);
-        self.u32(blob.len() as u32);
-        let pos = self.buf.len();
-        self.buf.extend_from_slice(blob);
+        self.u32(head.len() as u32);
+        self.u32(body.len() as u32);
+        self.buf.extend_from_slice(head);
+        self.bodies.extend_from_slice(body);
         self.records += 1;
-        pos
     }
 
     /// Appends an `Enqueue`.
@@ -674,6 +796,7 @@ impl LiveIndex {
         &mut self,
         chunk: ChunkId,
         bytes: &[u8],
+        bodies: &[u8],
         out: &mut ChunkWriter,
     ) -> Result<(), DamagedChunk> {
         let current = self.current;
@@ -686,7 +809,7 @@ impl LiveIndex {
                         local.insert(l, id);
                     }
                 }
-                Record::Put { msg_id, pos, len } => {
+                Record::Put { msg_id, head, body } => {
                     let Some(msg) = self.msgs.get_mut(msg_id) else {
                         continue;
                     };
@@ -694,7 +817,18 @@ impl LiveIndex {
                         continue;
                     }
                     msg.chunk = current;
-                    out.put(msg_id, &bytes[pos..pos + len]);
+                    let head_bytes = head
+                        .of(bytes)
+                        .ok_or_else(|| reader.damaged("record cut short"))?;
+                    if body.len == 0 {
+                        // Whole in the chunk (an inline chunk): cut it as new ones are.
+                        out.put(msg_id, head_bytes);
+                    } else {
+                        let body_bytes = body
+                            .of(bodies)
+                            .ok_or_else(|| reader.damaged("a body is missing"))?;
+                        out.put_parts(msg_id, head_bytes, body_bytes);
+                    }
                     self.live_sub(chunk);
                     self.live_add(current);
                 }
@@ -884,7 +1018,13 @@ impl Replay {
                     let id = index.queue_id(name);
                     local.insert(l, id);
                 }
-                Record::Put { msg_id, pos, len } => {
+                Record::Put { msg_id, head, body } => {
+                    // The chunk's size counts its bodies row, which is not read.
+                    if let Some(info) = index.chunks.get_mut(&chunk) {
+                        info.bytes += body.len as u64;
+                    }
+                    index.log_bytes += body.len as u64;
+                    let len = head.len + body.len;
                     let msg = LiveMsg {
                         chunk,
                         refs: 0,
@@ -892,8 +1032,10 @@ impl Replay {
                     };
                     index.msgs.insert(msg_id, msg);
                     if let Some(digest) = self.digest {
-                        let blob = &bytes[pos..pos + len];
-                        match digest(blob).and_then(|d| ScannedHead::new(d, len)) {
+                        let head_bytes = head
+                            .of(bytes)
+                            .ok_or_else(|| reader.damaged("record cut short"))?;
+                        match digest(head_bytes).and_then(|d| ScannedHead::new(d, len)) {
                             Some(head) => {
                                 self.heads.insert(msg_id, head);
                             }

@@ -5,7 +5,8 @@
 //! broker chooses, messages are opaque blobs under `u64` ids that the broker allocates, and a
 //! queue is a string key with entries `(offset -> msg id)`. Messages and entries are
 //! written as an append-only log, one chunk per group commit, truncated at its head as
-//! messages are settled (see `log.rs` for the layout and why it is safe).
+//! messages are settled (see `log.rs` for the layout and why it is safe); message bodies
+//! sit in rows of their own beside the chunks, so that start-up need not read them.
 //!
 //! Writes go through exactly one writer thread (redb is synchronous and allows one write
 //! transaction at a time), which does **group commit**: it blocks for the first pending
@@ -419,12 +420,12 @@ impl Store {
         Store::open_trimmed(dir, flush, interval, None)
     }
 
-    /// [`Store::open`], reading back only what `trim` asks of each message: each chunk
-    /// is read from disk once (a chunk is one row, so its blobs are read with it), and
-    /// only the blobs of the queues' head windows are copied; the other messages cost
-    /// their entry in the writer's index and a 40-byte record in the recovered list.
-    /// Blocking: about 0.5 s per million 1 KiB messages from the page cache, plus redb's
-    /// repair after an unclean shutdown.
+    /// [`Store::open`], reading back only what `trim` asks of each message: each chunk's
+    /// records are read once, with the heads of their blobs, and bodies only for the
+    /// queues' head windows; the other messages cost their entry in the writer's index
+    /// and a 40-byte record in the recovered list. The writer keeps heads and bodies
+    /// apart as `trim` says, for the next start-up. Blocking: a fraction of a second per
+    /// million messages, plus redb's repair after an unclean shutdown.
     pub fn open_trimmed(
         dir: &Path,
         flush: FlushMode,
@@ -437,11 +438,13 @@ impl Store {
         let started = std::time::Instant::now();
         // Recovery reads every chunk once: through a small cache, so that the chunks it
         // passes do not stay in memory. The writer's database is opened afterwards.
+        let split = trim.map(|t| t.head_len);
         let db = open_database(&path, RECOVERY_CACHE_SIZE_BYTES)?;
-        recovery::init_schema(&db).with_context(|| format!("initialising {}", path.display()))?;
+        recovery::init_schema(&db, split)
+            .with_context(|| format!("initialising {}", path.display()))?;
         let mut loaded =
             recovery::load(&db, trim).with_context(|| format!("reading {}", path.display()))?;
-        recovery::clean_up(&db, &mut loaded)
+        recovery::clean_up(&db, &mut loaded, split)
             .with_context(|| format!("cleaning up {}", path.display()))?;
         db.close()
             .with_context(|| format!("closing {} after recovery", path.display()))?;
@@ -459,7 +462,15 @@ impl Store {
 
         let counters = Arc::new(Counters::default());
         let (tx, rx) = mpsc::channel();
-        let writer = writer::Writer::new(db, rx, flush, interval, loaded.index, counters.clone());
+        let writer = writer::Writer::new(
+            db,
+            rx,
+            flush,
+            interval,
+            loaded.index,
+            split,
+            counters.clone(),
+        );
         let thread = std::thread::Builder::new()
             .name("warren-store".into())
             .spawn(move || writer.run())

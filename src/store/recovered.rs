@@ -52,6 +52,10 @@ pub struct BlobTrim {
     /// format), `None` to read that blob whole after all (a head it cannot make sense
     /// of is left to the broker's full decoding).
     pub digest: DigestFn,
+    /// Where a blob's head ends (the broker's format; `None` when it cannot tell): the
+    /// writer keeps heads with the log's records and bodies apart, so that a later
+    /// start-up reads the heads and not the bodies.
+    pub head_len: fn(&[u8]) -> Option<usize>,
 }
 
 /// The broker's digest of a blob's head (see [`BlobTrim::digest`]).

@@ -8,10 +8,10 @@ use anyhow::bail;
 use bytes::Bytes;
 use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, WriteTransaction};
 
-use super::log::{self, ChunkId, ChunkWriter, LiveIndex};
+use super::log::{self, ChunkId, ChunkWriter, HeadSplit, LiveIndex};
 use super::schema::{
-    ACCESS, DEFINITIONS, MESSAGE_LOG, META, META_SCHEMA_VERSION, RAFT_LOG, RAFT_STATE,
-    SCHEMA_VERSION, V1_ENTRIES, V1_MESSAGES,
+    ACCESS, DEFINITIONS, MESSAGE_BODIES, MESSAGE_LOG, META, META_SCHEMA_VERSION, RAFT_LOG,
+    RAFT_STATE, SCHEMA_VERSION, V1_ENTRIES, V1_MESSAGES,
 };
 use super::writer::IdBuildHasher;
 use super::{BlobTrim, Recovered, RecoveredRaftGroup};
@@ -45,7 +45,7 @@ fn read_blobs(
 
 /// Creates the tables of a new database, converts a version 1 database, and checks the
 /// schema version of an existing one.
-pub(super) fn init_schema(db: &Database) -> anyhow::Result<()> {
+pub(super) fn init_schema(db: &Database, split: HeadSplit) -> anyhow::Result<()> {
     let txn = db.begin_write()?;
     {
         let mut meta = txn.open_table(META)?;
@@ -55,8 +55,12 @@ pub(super) fn init_schema(db: &Database) -> anyhow::Result<()> {
                 meta.insert(META_SCHEMA_VERSION, SCHEMA_VERSION)?;
             }
             Some(SCHEMA_VERSION) => {}
+            // Its chunks (format 1, blobs inline) are read as they are.
+            Some(2) => {
+                meta.insert(META_SCHEMA_VERSION, SCHEMA_VERSION)?;
+            }
             Some(1) => {
-                migrate_v1(&txn)?;
+                migrate_v1(&txn, split)?;
                 meta.insert(META_SCHEMA_VERSION, SCHEMA_VERSION)?;
             }
             Some(other) => bail!(
@@ -66,6 +70,7 @@ pub(super) fn init_schema(db: &Database) -> anyhow::Result<()> {
         txn.open_table(DEFINITIONS)?;
         txn.open_table(ACCESS)?;
         txn.open_table(MESSAGE_LOG)?;
+        txn.open_table(MESSAGE_BODIES)?;
     }
     txn.commit()?;
     Ok(())
@@ -77,11 +82,12 @@ const MIGRATION_CHUNK_BYTES: usize = 16 << 20;
 /// Converts version 1's tables (a row per message, a row per entry) into message log
 /// chunks, in the same transaction as the version bump, then drops them. Messages no
 /// entry names are left behind, entries whose message is missing too (with a warning).
-fn migrate_v1(txn: &WriteTransaction) -> anyhow::Result<()> {
+fn migrate_v1(txn: &WriteTransaction, split: HeadSplit) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let mut chunks = txn.open_table(MESSAGE_LOG)?;
+    let mut bodies = txn.open_table(MESSAGE_BODIES)?;
     let mut index = LiveIndex::default();
-    let mut out = ChunkWriter::default();
+    let mut out = ChunkWriter::new(split);
     let mut written: HashSet<u64> = HashSet::new();
     let mut chunk = 1u64;
     let (mut entries_moved, mut dangling) = (0u64, 0u64);
@@ -103,8 +109,11 @@ fn migrate_v1(txn: &WriteTransaction) -> anyhow::Result<()> {
             let q = index.queue_id(queue);
             out.enqueue(q, queue, offset, msg_id, delivery_count);
             entries_moved += 1;
-            if out.bytes().len() >= MIGRATION_CHUNK_BYTES {
+            if out.bytes().len() + out.bodies().len() >= MIGRATION_CHUNK_BYTES {
                 chunks.insert(chunk, out.bytes())?;
+                if !out.bodies().is_empty() {
+                    bodies.insert(chunk, out.bodies())?;
+                }
                 chunk += 1;
                 out.clear();
             }
@@ -112,8 +121,12 @@ fn migrate_v1(txn: &WriteTransaction) -> anyhow::Result<()> {
     }
     if !out.is_empty() {
         chunks.insert(chunk, out.bytes())?;
+        if !out.bodies().is_empty() {
+            bodies.insert(chunk, out.bodies())?;
+        }
     }
     drop(chunks);
+    drop(bodies);
     txn.delete_table(V1_ENTRIES)?;
     txn.delete_table(V1_MESSAGES)?;
     if dangling > 0 {
@@ -162,7 +175,9 @@ pub(super) fn load(db: &Database, trim: Option<BlobTrim>) -> anyhow::Result<Load
         );
     }
 
-    let blobs = read_whole(&table, &replayed.whole_blobs())?;
+    let bodies = txn.open_table(MESSAGE_BODIES)?;
+    let blobs = read_whole(&table, &bodies, &replayed.whole_blobs())?;
+    drop(bodies);
     for queue in replayed.queues.values_mut() {
         queue.attach(&blobs);
     }
@@ -189,6 +204,7 @@ pub(super) fn load(db: &Database, trim: Option<BlobTrim>) -> anyhow::Result<Load
 /// each chunk once.
 fn read_whole(
     table: &redb::ReadOnlyTable<u64, &[u8]>,
+    bodies: &redb::ReadOnlyTable<u64, &[u8]>,
     wanted: &[(ChunkId, u64)],
 ) -> anyhow::Result<HashMap<u64, Bytes, IdBuildHasher>> {
     let mut blobs: HashMap<u64, Bytes, IdBuildHasher> = HashMap::default();
@@ -201,8 +217,15 @@ fn read_whole(
         };
         let bytes = row.value();
         let here = |id: u64| group.binary_search(&(chunk, id)).is_ok();
-        for (msg_id, pos, len) in log::find_puts(chunk, bytes, here)? {
-            blobs.insert(msg_id, Bytes::copy_from_slice(&bytes[pos..pos + len]));
+        let found = log::find_puts(chunk, bytes, here)?;
+        let body_row = match found.iter().any(|(_, _, body)| body.len > 0) {
+            true => bodies.get(chunk)?,
+            false => None,
+        };
+        let chunk_bodies = body_row.as_ref().map_or(&[][..], |row| row.value());
+        for (msg_id, head, body) in found {
+            let blob = log::copy_blob(chunk, bytes, chunk_bodies, head, body)?;
+            blobs.insert(msg_id, blob);
         }
     }
     Ok(blobs)
@@ -210,11 +233,11 @@ fn read_whole(
 
 /// Settles the dangling entries [`load`] found, purges the scratch queues, and deletes
 /// the dead head chunks, in one durable commit (nothing is written when there is nothing to do).
-pub(super) fn clean_up(db: &Database, loaded: &mut Loaded) -> anyhow::Result<()> {
+pub(super) fn clean_up(db: &Database, loaded: &mut Loaded, split: HeadSplit) -> anyhow::Result<()> {
     let index = &mut loaded.index;
     let current = index.next_chunk();
     index.begin(current);
-    let mut out = ChunkWriter::default();
+    let mut out = ChunkWriter::new(split);
     for (queue, offset) in &loaded.dangling {
         let q = index.queue_id(queue);
         out.remove(q, queue, *offset);
@@ -239,7 +262,8 @@ pub(super) fn clean_up(db: &Database, loaded: &mut Loaded) -> anyhow::Result<()>
     let txn = db.begin_write()?;
     {
         let mut chunks = txn.open_table(MESSAGE_LOG)?;
-        super::writer::truncate_and_write(&mut chunks, index, &mut out)?;
+        let mut bodies = txn.open_table(MESSAGE_BODIES)?;
+        super::writer::truncate_and_write(&mut chunks, &mut bodies, index, &mut out)?;
     }
     txn.commit()?;
     Ok(())

@@ -9,6 +9,7 @@
 //! | `definitions`   | `&str` (broker key) | `&[u8]` (broker blob)      |
 //! | `access`        | `&str` (auth key)   | `&[u8]` (auth blob)        |
 //! | `message_log`   | `u64` chunk number  | `&[u8]` (records, see log) |
+//! | `message_bodies`| `u64` chunk number  | `&[u8]` (the chunk's bodies)|
 //! | `raft_log`      | `(u64, u64)`        | `&[u8]` (Raft entry)       |
 //! | `raft_state`    | `(u64, &str)`       | `&[u8]` (vote, snapshot..) |
 //!
@@ -16,6 +17,11 @@
 //! commit holding that commit's records, truncated at its head as messages are settled
 //! (the layout and its invariants are described in `log.rs`). Reference counts and where
 //! each live record is are not stored: recovery recomputes them from the chunks.
+//!
+//! A chunk's `Put` records carry the heads of their blobs, and its row of
+//! `message_bodies` the bodies, so that start-up reads the records of every message
+//! without its body. Version 2 kept whole blobs in the records (chunk format 1): such
+//! chunks are still read, and go as the log is truncated.
 //!
 //! Version 1 kept one `messages` row per message and one `queue_entries` row per entry;
 //! opening such a database converts it (see `recovery::migrate_v1`).
@@ -29,7 +35,7 @@ use redb::TableDefinition;
 
 /// Version of this layout, stored under [`META_SCHEMA_VERSION`]; bump it (and migrate) on any
 /// incompatible change.
-pub(crate) const SCHEMA_VERSION: u64 = 2;
+pub(crate) const SCHEMA_VERSION: u64 = 3;
 
 /// Key of the schema version in [`META`].
 pub(crate) const META_SCHEMA_VERSION: &str = "schema_version";
@@ -47,6 +53,11 @@ pub(crate) const ACCESS: TableDefinition<&str, &[u8]> = TableDefinition::new("ac
 
 /// The message log: chunk number -> the records of one group commit.
 pub(crate) const MESSAGE_LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("message_log");
+
+/// The bodies of each message log chunk's messages, under the chunk's number (absent
+/// when it has none).
+pub(crate) const MESSAGE_BODIES: TableDefinition<u64, &[u8]> =
+    TableDefinition::new("message_bodies");
 
 /// Version 1: every persistent message blob, by msg id (read only to migrate).
 pub(crate) const V1_MESSAGES: TableDefinition<u64, &[u8]> = TableDefinition::new("messages");

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use redb::{Database, ReadableDatabase, ReadableTable, TableHandle};
 
 use super::log::{self, ChunkReader, ChunkWriter, Record};
-use super::schema::MESSAGE_LOG;
+use super::schema::{MESSAGE_BODIES, MESSAGE_LOG, META, META_SCHEMA_VERSION};
 use super::*;
 
 /// A fresh directory under the system temp dir, removed on drop.
@@ -55,6 +55,22 @@ fn stored_chunks(dir: &TempDir) -> Vec<(u64, Vec<u8>)> {
     let db = Database::open(dir.path().join(DB_FILE_NAME)).expect("open db");
     let txn = db.begin_read().expect("read txn");
     let table = txn.open_table(MESSAGE_LOG).expect("message log");
+    table
+        .iter()
+        .expect("iter")
+        .map(|row| {
+            let (k, v) = row.expect("row");
+            (k.value(), v.value().to_vec())
+        })
+        .collect()
+}
+
+/// Every row of the message log's bodies `(chunk number, bytes)`, read directly (the
+/// store must be closed).
+fn stored_bodies(dir: &TempDir) -> Vec<(u64, Vec<u8>)> {
+    let db = Database::open(dir.path().join(DB_FILE_NAME)).expect("open db");
+    let txn = db.begin_read().expect("read txn");
+    let table = txn.open_table(MESSAGE_BODIES).expect("bodies");
     table
         .iter()
         .expect("iter")
@@ -939,7 +955,11 @@ async fn a_long_lived_message_at_the_head_is_rewritten_so_the_log_follows_the_ba
     }
     store.close();
     drop(store);
-    let on_disk: usize = stored_chunks(&dir).iter().map(|(_, b)| b.len()).sum();
+    let on_disk: usize = stored_chunks(&dir)
+        .iter()
+        .chain(&stored_bodies(&dir))
+        .map(|(_, b)| b.len())
+        .sum();
     assert!(
         (on_disk as u64) < (written << 20) * 3 / 4,
         "{on_disk} bytes of log for one live message after {written} MiB"
@@ -1102,7 +1122,29 @@ async fn a_message_moved_by_head_compaction_is_read_from_its_new_chunk() {
 #[tokio::test]
 async fn a_trimmed_open_reads_back_a_queues_first_messages_whole_and_only_a_digest_after() {
     let dir = TempDir::new("trimmed");
-    let (store, _) = open(&dir);
+    // The "head" of these blobs is what comes up to ':'; its digest, the head's
+    // length and its second byte.
+    let trim = BlobTrim {
+        whole_per_queue: 30,
+        digest: |head| {
+            let head_len = head.iter().position(|&c| c == b':')? + 1;
+            Some(HeadDigest {
+                head_len,
+                words: [head_len as u64, u64::from(head[1])],
+            })
+        },
+        head_len: |b| Some(b.iter().position(|&c| c == b':')? + 1),
+    };
+    let open_trimmed = || {
+        Store::open_trimmed(
+            dir.path(),
+            FlushMode::Sync,
+            Duration::from_millis(100),
+            Some(trim),
+        )
+        .expect("open")
+    };
+    let (store, _) = open_trimmed();
     let mut ops = Vec::new();
     for i in 0..10u64 {
         // Message 6 has no head its digest can make sense of.
@@ -1121,25 +1163,14 @@ async fn a_trimmed_open_reads_back_a_queues_first_messages_whole_and_only_a_dige
     store.commit(ops).await;
     store.close();
     drop(store);
-    // The "head" of these blobs is what comes before ':'; its digest, the head's
-    // length and its second byte.
-    let trim = BlobTrim {
-        whole_per_queue: 30,
-        digest: |b| {
-            let head_len = b.iter().position(|&c| c == b':')?;
-            Some(HeadDigest {
-                head_len,
-                words: [head_len as u64, u64::from(b[1])],
-            })
-        },
-    };
-    let (store, recovered) = Store::open_trimmed(
-        dir.path(),
-        FlushMode::Sync,
-        Duration::from_millis(100),
-        Some(trim),
-    )
-    .expect("open");
+    // Heads are kept with the records, bodies apart (but the headless one's).
+    let records: Vec<u8> = stored_chunks(&dir)
+        .into_iter()
+        .flat_map(|(_, b)| b)
+        .collect();
+    let bodies_in_records = records.windows(8).filter(|w| w == b"body-of-").count();
+    assert_eq!(bodies_in_records, 0, "no body among the records");
+    let (store, recovered) = open_trimmed();
     for queue in ["q", "other"] {
         let q = entries(&recovered, queue);
         assert_eq!(q.len(), 10);
@@ -1154,8 +1185,8 @@ async fn a_trimmed_open_reads_back_a_queues_first_messages_whole_and_only_a_dige
                     "within the first 30 bytes, or without a digest: whole"
                 );
             } else {
-                let words = [2, u64::from(b'0') + i as u64];
-                let tail_len = whole.len() - 2;
+                let words = [3, u64::from(b'0') + i as u64];
+                let tail_len = whole.len() - 3;
                 assert_eq!(
                     e.blob,
                     RecoveredBlob::OnDisk { words, tail_len },
@@ -1201,4 +1232,129 @@ async fn a_message_in_a_chunk_numbered_as_a_dropped_one_is_read_back() {
         store.commit(vec![remove("q", i)]).await;
     }
     store.close();
+}
+
+#[tokio::test]
+async fn a_version_2_log_with_blobs_inside_its_chunks_is_still_read_and_compacted() {
+    let dir = TempDir::new("format-1");
+    std::fs::create_dir_all(dir.path()).expect("dir");
+    // Version 2 wrote one format-1 chunk per commit, each blob inside its `Put`.
+    let le32 = |v: u32| v.to_le_bytes().to_vec();
+    let le64 = |v: u64| v.to_le_bytes().to_vec();
+    let mut chunk = vec![1u8, 1];
+    chunk.extend(le32(0));
+    chunk.extend(le32(1));
+    chunk.extend(b"q");
+    for i in 0..10u64 {
+        let blob = format!("h{i}:body-of-{i}");
+        chunk.push(2);
+        chunk.extend(le64(i));
+        chunk.extend(le32(blob.len() as u32));
+        chunk.extend(blob.as_bytes());
+        chunk.push(3);
+        chunk.extend(le32(0));
+        chunk.extend(le64(i));
+        chunk.extend(le64(i));
+        chunk.extend(le32(u32::from(i == 4)));
+    }
+    {
+        let db = Database::create(dir.path().join(DB_FILE_NAME)).expect("create db");
+        let txn = db.begin_write().expect("write txn");
+        txn.open_table(META)
+            .expect("meta")
+            .insert(META_SCHEMA_VERSION, 2)
+            .expect("version");
+        txn.open_table(MESSAGE_LOG)
+            .expect("message log")
+            .insert(1, chunk.as_slice())
+            .expect("chunk");
+        txn.commit().expect("commit");
+    }
+    let trim = BlobTrim {
+        whole_per_queue: 30,
+        digest: |head| {
+            let head_len = head.iter().position(|&c| c == b':')? + 1;
+            Some(HeadDigest {
+                head_len,
+                words: [head_len as u64, 0],
+            })
+        },
+        head_len: |b| Some(b.iter().position(|&c| c == b':')? + 1),
+    };
+    let open_trimmed = || {
+        Store::open_trimmed(
+            dir.path(),
+            FlushMode::Sync,
+            Duration::from_millis(100),
+            Some(trim),
+        )
+        .expect("open")
+    };
+    let (store, recovered) = open_trimmed();
+    let q = entries(&recovered, "q");
+    assert_eq!(q.len(), 10);
+    for (i, e) in q.iter().enumerate() {
+        let whole = format!("h{i}:body-of-{i}");
+        assert_eq!(e.delivery_count, u32::from(i == 4));
+        if i < 3 {
+            assert_eq!(e.blob, RecoveredBlob::Whole(Bytes::from(whole)));
+        } else {
+            let (words, tail_len) = ([3, 0], whole.len() - 3);
+            assert_eq!(e.blob, RecoveredBlob::OnDisk { words, tail_len });
+        }
+    }
+    assert_eq!(
+        read(&store, vec![7, 2]).await,
+        vec![
+            Some(Bytes::from_static(b"h7:body-of-7")),
+            Some(Bytes::from_static(b"h2:body-of-2"))
+        ]
+    );
+    // Settling some writes a new chunk beside the old one.
+    store.commit(vec![remove("q", 0), remove("q", 5)]).await;
+    store.close();
+    drop(store);
+    let db = Database::open(dir.path().join(DB_FILE_NAME)).expect("open db");
+    let version = db
+        .begin_read()
+        .expect("read txn")
+        .open_table(META)
+        .expect("meta")
+        .get(META_SCHEMA_VERSION)
+        .expect("get")
+        .map(|v| v.value());
+    assert_eq!(version, Some(super::schema::SCHEMA_VERSION));
+    drop(db);
+    let (store, recovered) = open_trimmed();
+    let ids: Vec<u64> = entries(&recovered, "q").iter().map(|e| e.msg_id).collect();
+    assert_eq!(ids, vec![1, 2, 3, 4, 6, 7, 8, 9]);
+    store.close();
+    drop(store);
+    // Compaction moves the old chunk's live messages into a new chunk, cut into head
+    // and body.
+    let chunks: Vec<(u64, Bytes)> = stored_chunks(&dir)
+        .into_iter()
+        .map(|(n, b)| (n, Bytes::from(b)))
+        .collect();
+    assert_eq!(
+        chunks[0].1,
+        Bytes::from(chunk.clone()),
+        "the old chunk is kept"
+    );
+    let mut index = log::replay(chunks).expect("replay").index;
+    let next = index.next_chunk();
+    index.begin(next);
+    let mut out = ChunkWriter::new(Some(trim.head_len));
+    index.rewrite(1, &chunk, &[], &mut out).expect("rewrite");
+    let mut reader = ChunkReader::new(next, out.bytes()).expect("new format");
+    let mut moved = Vec::new();
+    while let Some(record) = reader.next_record().expect("record") {
+        if let Record::Put { msg_id, head, body } = record {
+            let blob = log::copy_blob(next, out.bytes(), out.bodies(), head, body).expect("blob");
+            assert_eq!(head.len, 3);
+            assert_eq!(blob, Bytes::from(format!("h{msg_id}:body-of-{msg_id}")));
+            moved.push(msg_id);
+        }
+    }
+    assert_eq!(moved, vec![1, 2, 3, 4, 6, 7, 8, 9]);
 }

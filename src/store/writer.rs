@@ -10,8 +10,8 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, WriteTransacti
 
 use bytes::Bytes;
 
-use super::log::{ChunkId, ChunkWriter, LiveIndex, Truncation, find_puts};
-use super::schema::{ACCESS, DEFINITIONS, MESSAGE_LOG, RAFT_LOG, RAFT_STATE};
+use super::log::{ChunkId, ChunkWriter, HeadSplit, LiveIndex, Truncation, copy_blob, find_puts};
+use super::schema::{ACCESS, DEFINITIONS, MESSAGE_BODIES, MESSAGE_LOG, RAFT_LOG, RAFT_STATE};
 use super::{
     Counters, Done, FlushMode, ReadAnswer, ReadFailed, ReadRequest, Request, StoreOp,
     fatal_store_failure,
@@ -86,7 +86,14 @@ pub(super) struct Writer {
     /// The chunk read last: a queue drains its backlog in order, so the next read
     /// usually wants the same chunk (a stored chunk never changes, but the number of a
     /// dropped last chunk is used again: see `commit_batch`).
-    read_cache: Option<(ChunkId, Bytes)>,
+    read_cache: Option<CachedChunk>,
+}
+
+/// A chunk read by [`Writer::read`], and its bodies row when it was needed.
+struct CachedChunk {
+    chunk: ChunkId,
+    records: Bytes,
+    bodies: Option<Bytes>,
 }
 
 /// Turns a panic of the writer thread into the fatal exit: its waiters would otherwise hang
@@ -109,6 +116,7 @@ impl Writer {
         flush: FlushMode,
         interval: Duration,
         log: LiveIndex,
+        split: HeadSplit,
         counters: Arc<Counters>,
     ) -> Writer {
         counters
@@ -120,7 +128,7 @@ impl Writer {
             flush,
             interval,
             log,
-            chunk: ChunkWriter::default(),
+            chunk: ChunkWriter::new(split),
             batch: Vec::new(),
             batch_bytes: 0,
             counters,
@@ -236,7 +244,7 @@ impl Writer {
         if self
             .read_cache
             .as_ref()
-            .is_some_and(|(cached, _)| *cached >= self.log.current())
+            .is_some_and(|cached| cached.chunk >= self.log.current())
         {
             self.read_cache = None;
         }
@@ -297,27 +305,39 @@ impl Writer {
         let failed = |e: &dyn std::fmt::Display| ReadFailed(e.to_string());
         let txn = self.db.begin_read().map_err(|e| failed(&e))?;
         let table = txn.open_table(MESSAGE_LOG).map_err(|e| failed(&e))?;
+        let bodies_table = txn.open_table(MESSAGE_BODIES).map_err(|e| failed(&e))?;
         for (chunk, slots) in by_chunk {
-            let bytes = match &self.read_cache {
-                Some((cached, bytes)) if *cached == chunk => bytes.clone(),
+            let cached = match self.read_cache.take() {
+                Some(cached) if cached.chunk == chunk => cached,
                 _ => {
                     let Some(row) = table.get(chunk).map_err(|e| failed(&e))? else {
                         tracing::error!(chunk, "store: a live message's chunk is missing");
                         continue;
                     };
-                    let bytes = Bytes::copy_from_slice(row.value());
-                    self.read_cache = Some((chunk, bytes.clone()));
-                    bytes
+                    CachedChunk {
+                        chunk,
+                        records: Bytes::copy_from_slice(row.value()),
+                        bodies: None,
+                    }
                 }
             };
+            let cached = self.read_cache.insert(cached);
             let wanted: std::collections::HashMap<u64, usize> =
                 slots.iter().map(|&i| (ids[i], i)).collect();
-            let found =
-                find_puts(chunk, &bytes, |id| wanted.contains_key(&id)).map_err(|e| failed(&e))?;
-            for (msg_id, pos, len) in found {
+            let found = find_puts(chunk, &cached.records, |id| wanted.contains_key(&id))
+                .map_err(|e| failed(&e))?;
+            if cached.bodies.is_none() && found.iter().any(|(_, _, body)| body.len > 0) {
+                let row = bodies_table.get(chunk).map_err(|e| failed(&e))?;
+                let bytes = row.map_or_else(Bytes::new, |r| Bytes::copy_from_slice(r.value()));
+                cached.bodies = Some(bytes);
+            }
+            let bodies = cached.bodies.as_deref().unwrap_or(&[]);
+            for (msg_id, head, body) in found {
                 if let Some(&i) = wanted.get(&msg_id) {
                     // A copy: the answer must not keep the whole chunk in memory.
-                    answer[i] = Some(Bytes::copy_from_slice(&bytes[pos..pos + len]));
+                    let blob = copy_blob(chunk, &cached.records, bodies, head, body)
+                        .map_err(|e| failed(&e))?;
+                    answer[i] = Some(blob);
                 }
             }
         }
@@ -354,6 +374,7 @@ fn apply(
     let mut definitions = txn.open_table(DEFINITIONS)?;
     let mut access = txn.open_table(ACCESS)?;
     let mut chunks = txn.open_table(MESSAGE_LOG)?;
+    let mut bodies = txn.open_table(MESSAGE_BODIES)?;
     // Raft tables are opened only by batches that touch them: a single node never does.
     let mut raft_log = None;
     let mut raft_state = None;
@@ -465,13 +486,14 @@ fn apply(
         }
     }
     log.end_ops();
-    truncate_and_write(&mut chunks, log, out)
+    truncate_and_write(&mut chunks, &mut bodies, log, out)
 }
 
 /// Deletes or rewrites the log's head chunks as [`LiveIndex::next_truncation`] decides,
 /// then stores the current chunk if it must be.
 pub(super) fn truncate_and_write(
     chunks: &mut redb::Table<'_, u64, &'static [u8]>,
+    bodies: &mut redb::Table<'_, u64, &'static [u8]>,
     log: &mut LiveIndex,
     out: &mut ChunkWriter,
 ) -> anyhow::Result<()> {
@@ -480,16 +502,26 @@ pub(super) fn truncate_and_write(
             Truncation::Delete(head) => head,
             Truncation::Rewrite(head) => {
                 if let Some(bytes) = chunks.get(head)? {
-                    log.rewrite(head, bytes.value(), out)?;
+                    let body_row = bodies.get(head)?;
+                    let chunk_bodies = body_row.as_ref().map_or(&[][..], |row| row.value());
+                    log.rewrite(head, bytes.value(), chunk_bodies, out)?;
                 }
                 head
             }
         };
         chunks.remove(head)?;
+        bodies.remove(head)?;
         log.deleted(head);
     }
-    if log.finish(out.bytes().len(), !out.is_empty()) {
+    let size = out.bytes().len() + out.bodies().len();
+    if log.finish(size, !out.is_empty()) {
         chunks.insert(log.current(), out.bytes())?;
+        // A dropped last chunk's number is used again: its old bodies go either way.
+        if out.bodies().is_empty() {
+            bodies.remove(log.current())?;
+        } else {
+            bodies.insert(log.current(), out.bodies())?;
+        }
     }
     Ok(())
 }
