@@ -76,6 +76,7 @@ async fn start_clustered(
             &node,
             &names,
             queue_logs,
+            state.msg_ids(),
         ),
         mirroring: Arc::default(),
     });

@@ -186,6 +186,12 @@ impl BrokerState {
         self.journal.as_ref()
     }
 
+    /// The node's message id counter, for others that store messages (replicated
+    /// queues' machines).
+    pub fn msg_ids(&self) -> Arc<AtomicU64> {
+        self.next_msg_id.clone()
+    }
+
     /// An id for a persistent message's stored copy.
     pub fn next_msg_id(&self) -> u64 {
         self.next_msg_id.fetch_add(1, Ordering::Relaxed)

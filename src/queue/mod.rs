@@ -508,11 +508,12 @@ impl Queue {
     }
 
     /// A replicated queue's host on the node that now leads its group: the committed
-    /// messages `(key, message, times handed out)`, in log order, replace what it held.
-    /// With `possibly_delivered` (an earlier leader served the queue) every message
-    /// comes flagged redelivered: that leader may have handed one out just before it
-    /// fell, before its hand-out record was committed.
-    pub fn take_over(&self, messages: Vec<(u64, Arc<Message>, u32)>, possibly_delivered: bool) {
+    /// messages `(key, head, body size, times handed out)`, in log order, replace what it
+    /// held; their bodies are read back from the group's machine as the queue needs them
+    /// (see `paging`). With `possibly_delivered` (an earlier leader served the queue)
+    /// every message comes flagged redelivered: that leader may have handed one out just
+    /// before it fell, before its hand-out record was committed.
+    pub fn take_over(&self, messages: Vec<(u64, PagedHead, usize, u32)>, possibly_delivered: bool) {
         self.dead_letters.clear();
         let mut dead = Dead::new();
         {
@@ -520,15 +521,17 @@ impl Queue {
             // Consumers that attached while the group elected this node stay.
             inner.state = inner.state.without_messages();
             inner.store_ops.clear();
-            for (key, msg, delivered) in messages {
-                let cmd = Command::Restore {
-                    offset: key,
-                    msg,
-                    delivered: delivered > 0 || possibly_delivered,
-                    delivery_count: delivered.saturating_sub(1),
-                };
-                self.exec(&mut inner, cmd, &mut dead, None);
+            for (key, head, size, delivered) in messages {
+                inner.state.restore_paged(
+                    key,
+                    key,
+                    head,
+                    size,
+                    delivered > 0 || possibly_delivered,
+                    delivered.saturating_sub(1),
+                );
             }
+            self.exec(&mut inner, Command::Expire, &mut dead, None);
             self.run(&mut inner, &mut dead);
         }
         self.bury(dead);
@@ -673,7 +676,9 @@ impl Queue {
                 self.flush(&mut inner);
                 return enqueued(reply);
             }
-            let stored = self.store.is_some() && msg.store_id.is_some() && msg.is_persistent();
+            // (A replicated queue's committed messages are all stored, by its machine.)
+            let stored = msg.store_id.is_some()
+                && (self.is_replicated() || (self.store.is_some() && msg.is_persistent()));
             let id = msg.store_id;
             let result = enqueued(self.exec(&mut inner, cmd, &mut dead, None));
             if let Enqueued::Accepted(offset) = result

@@ -26,8 +26,10 @@
 //! memory or leave the queue, and the store purges every scratch key when it opens, so
 //! a restart still discards them.
 //!
-//! Replicated queues are never paged (their bodies come from their Raft log, which
-//! keeps its own copy).
+//! A replicated queue's host pages the same way: every committed message has a stored
+//! copy (its group's machine keeps them in the message log, see `replica::machine`),
+//! named by the message's record key, which the host reads through its log
+//! (`ReplicaLog::read_bodies`). Nothing of it goes to scratch copies.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -37,6 +39,23 @@ use bytes::Bytes;
 use super::state::{Offset, Queued, Slot};
 use super::{Dead, Inner, Message, PagedHead, Queue};
 use crate::store::{ReadAnswer, Store, StoreOp};
+
+/// Where a queue's paged bodies are read from.
+enum PageSource<'q> {
+    /// The node's store, by message id.
+    Store(&'q Store),
+    /// A replicated queue's machine, by record key.
+    Replica(&'q crate::replica::ReplicaLog),
+}
+
+impl PageSource<'_> {
+    fn read(&self, ids: Vec<u64>, done: Box<dyn FnOnce(ReadAnswer) + Send>) {
+        match self {
+            PageSource::Store(store) => store.read_messages(ids, done),
+            PageSource::Replica(log) => log.read_bodies(ids, done),
+        }
+    }
+}
 
 /// Most messages asked from the store in one read.
 const MAX_READ_MESSAGES: usize = 8192;
@@ -83,9 +102,6 @@ impl Queue {
     /// The body window when this queue pages persistent messages (durable, classic,
     /// with a store).
     fn body_window(&self) -> Option<usize> {
-        if self.is_replicated() {
-            return None;
-        }
         self.store.as_ref().map(|qs| qs.body_window)
     }
 
@@ -99,12 +115,16 @@ impl Queue {
         self.spool.get().map(|sp| sp.key.clone())
     }
 
-    /// The body window when this queue pages anything, and the store it reads from.
-    fn page_source(&self) -> Option<(usize, &Store)> {
-        if let (Some(window), Some(qs)) = (self.body_window(), &self.store) {
-            return Some((window, &qs.store));
+    /// The body window when this queue pages anything, and where it reads from.
+    fn page_source(&self) -> Option<(usize, PageSource<'_>)> {
+        if self.is_replicated() {
+            return Some((self.body_window()?, PageSource::Replica(self.replica()?)));
         }
-        self.spool().map(|sp| (sp.paging.body_window, &sp.store))
+        if let (Some(window), Some(qs)) = (self.body_window(), &self.store) {
+            return Some((window, PageSource::Store(&qs.store)));
+        }
+        self.spool()
+            .map(|sp| (sp.paging.body_window, PageSource::Store(&sp.store)))
     }
 
     /// The spool, while memory runs short.
@@ -286,7 +306,7 @@ impl Queue {
         inner.pager.reading = true;
         // Scratch copies must be written before they are read.
         self.flush_spool(inner);
-        store.read_messages(
+        store.read(
             ids,
             Box::new(move |answer| {
                 runtime.spawn(async move { me.paged_in(wanted, answer) });
@@ -354,7 +374,7 @@ impl Queue {
     fn read_now(&self, ids: Vec<u64>) -> Option<ReadAnswer> {
         let (_, store) = self.page_source()?;
         let (tx, rx) = std::sync::mpsc::channel();
-        store.read_messages(
+        store.read(
             ids,
             Box::new(move |answer| {
                 let _ = tx.send(answer);

@@ -43,7 +43,7 @@ pub struct Entry {
 
 /// Where a ready message's content is. A classic queue's host keeps the bodies of a
 /// window at the head in memory and leaves the others in the store (`Paged`), reading
-/// them back ahead of the consumers; a replicated queue's host never pages.
+/// them back ahead of the consumers (a replicated queue's host too, from its machine).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Slot {
     /// In memory.

@@ -20,8 +20,11 @@
 //! - Groups send nothing while idle: openraft's heartbeats and election timers are off,
 //!   and the node's links (their pings, and the link losses and gains they report)
 //!   decide when a member stands for election or a leader heartbeats ([`elections`]).
-//! - A queue's log is snapshotted (its live messages only) every
-//!   [`SNAPSHOT_EVERY`] entries and truncated, so disk use follows the backlog.
+//! - Every member keeps the committed messages in its message log, as a classic queue
+//!   keeps its own (see [`machine`]), and in memory only their index: the leader's host
+//!   pages bodies as a classic queue's does. A snapshot is then only a log id: the log is
+//!   snapshotted and truncated every [`SNAPSHOT_EVERY`] entries or
+//!   [`LOG_BYTES_BEFORE_SNAPSHOT`] bytes, so disk and memory follow the backlog.
 
 pub mod adopt;
 pub mod elections;
@@ -50,8 +53,11 @@ use crate::store::{RecoveredRaftGroup, Store, StoreOp};
 /// A snapshot is taken after this many log entries.
 pub const SNAPSHOT_EVERY: u64 = 4096;
 
-/// A log holding more than this (and more than twice the live messages) is snapshotted.
+/// A log holding more than this is snapshotted (and truncated).
 const LOG_BYTES_BEFORE_SNAPSHOT: usize = 16 << 20;
+
+/// How long a follower may take to receive and install one segment of a snapshot.
+const INSTALL_SNAPSHOT_TIMEOUT_MS: u64 = 20_000;
 
 /// Entries a log gains at least between two snapshots taken for its size.
 const MIN_ENTRIES_PER_SNAPSHOT: u64 = 16;
@@ -200,6 +206,8 @@ type Ack = oneshot::Sender<bool>;
 #[derive(Debug, Clone)]
 pub struct ReplicaLog {
     tx: mpsc::UnboundedSender<(ReplicaRecord, Option<Ack>)>,
+    /// The group's machine, once its member runs: where the host's paged bodies are.
+    machine: Arc<std::sync::OnceLock<ReplicaMachine>>,
 }
 
 impl ReplicaLog {
@@ -208,6 +216,19 @@ impl ReplicaLog {
     pub fn propose(&self, record: ReplicaRecord, ack: Option<Ack>) {
         if let Err(mpsc::error::SendError((_, Some(ack)))) = self.tx.send((record, ack)) {
             let _ = ack.send(false);
+        }
+    }
+
+    /// Reads back the bodies of the group's messages by key (see
+    /// [`ReplicaMachine::read_bodies`]); before the member runs, none is found.
+    pub fn read_bodies(
+        &self,
+        keys: Vec<u64>,
+        done: Box<dyn FnOnce(crate::store::ReadAnswer) + Send>,
+    ) {
+        match self.machine.get() {
+            Some(machine) => machine.read_bodies(keys, done),
+            None => done(Ok(vec![None; keys.len()])),
         }
     }
 
@@ -248,6 +269,8 @@ struct ReplicasInner {
     me: String,
     ids: BTreeMap<String, NodeId>,
     recovered: Mutex<HashMap<GroupId, RecoveredRaftGroup>>,
+    /// The node's message id counter (the machines store their messages).
+    msg_ids: Arc<std::sync::atomic::AtomicU64>,
     groups: Mutex<HashMap<GroupId, Arc<Mutex<RunningGroup>>>>,
     /// Cleared while the node is drained: it then never stands for election.
     may_lead: Arc<std::sync::atomic::AtomicBool>,
@@ -271,6 +294,7 @@ impl Replicas {
         me: &str,
         names: &[String],
         recovered: HashMap<GroupId, RecoveredRaftGroup>,
+        msg_ids: Arc<std::sync::atomic::AtomicU64>,
     ) -> Replicas {
         let ids = names
             .iter()
@@ -284,6 +308,7 @@ impl Replicas {
                 me: me.to_string(),
                 ids,
                 recovered: Mutex::new(recovered),
+                msg_ids,
                 groups: Mutex::default(),
                 may_lead: Arc::new(std::sync::atomic::AtomicBool::new(true)),
             }),
@@ -323,7 +348,11 @@ impl Replicas {
             return;
         }
         let (tx, rx) = mpsc::unbounded_channel();
-        queue.attach_replica(ReplicaLog { tx });
+        let machine = Arc::new(std::sync::OnceLock::new());
+        queue.attach_replica(ReplicaLog {
+            tx,
+            machine: machine.clone(),
+        });
         let members_changed = Arc::new(tokio::sync::Notify::new());
         let gate = Arc::new(tokio::sync::Semaphore::new(ENTRIES_AWAITING_COMMIT));
         let running = Arc::new(Mutex::new(RunningGroup {
@@ -349,6 +378,8 @@ impl Replicas {
         let start = GroupStart {
             transport: self.inner.transport.clone(),
             store: self.inner.store.clone(),
+            msg_ids: self.inner.msg_ids.clone(),
+            machine,
             group: spec.group,
             me,
             members,
@@ -389,7 +420,7 @@ impl Replicas {
             if let Some(raft) = raft {
                 let _ = raft.shutdown().await;
             }
-            store.submit(vec![StoreOp::RaftDropGroup { group }]);
+            store.submit(machine::drop_ops(group));
         });
     }
 
@@ -513,6 +544,9 @@ impl Replicas {
 struct GroupStart {
     transport: Transport,
     store: Store,
+    msg_ids: Arc<std::sync::atomic::AtomicU64>,
+    /// Where the queue's log finds the machine once it runs.
+    machine: Arc<std::sync::OnceLock<ReplicaMachine>>,
     group: GroupId,
     me: NodeId,
     members: BTreeMap<NodeId, BasicNode>,
@@ -554,6 +588,10 @@ impl GroupStart {
             snapshot_policy: SnapshotPolicy::LogsSinceLast(SNAPSHOT_EVERY),
             max_payload_entries: ENTRIES_PER_APPEND,
             max_in_snapshot_log_to_keep: 0,
+            // A snapshot carries the queue's whole backlog (bodies read from the store)
+            // in 3 MiB segments; the last one is answered once installed, which stores
+            // every message: far more than openraft's 200 ms on a loaded node.
+            install_snapshot_timeout: INSTALL_SNAPSHOT_TIMEOUT_MS,
             ..Default::default()
         }
         .validate()?;
@@ -569,9 +607,7 @@ impl GroupStart {
                         group = self.group,
                         "mirrored queue: its seeding did not finish: seeded again"
                     );
-                    self.store
-                        .commit(vec![StoreOp::RaftDropGroup { group: self.group }])
-                        .await;
+                    self.store.commit(machine::drop_ops(self.group)).await;
                     recovered = RecoveredRaftGroup::default();
                 }
                 adopt::SeedStart::DropCopies => {
@@ -584,7 +620,13 @@ impl GroupStart {
         }
         let log = RaftLog::<QueueTypes>::recover(self.store.clone(), self.group, &recovered)?;
         let log_size = log.clone();
-        let machine = ReplicaMachine::recover(self.store.clone(), self.group, &recovered)?;
+        let machine = ReplicaMachine::recover(
+            self.store.clone(),
+            self.group,
+            self.msg_ids.clone(),
+            &mut recovered,
+        )?;
+        let _ = self.machine.set(machine.clone());
         let inbox = self.transport.register(self.group);
         let network = GroupNetwork {
             transport: self.transport.clone(),
@@ -813,10 +855,10 @@ struct Leadership {
 
 impl Leadership {
     /// Snapshots the group once its log holds more than [`LOG_BYTES_BEFORE_SNAPSHOT`]
-    /// and twice its live messages (besides every [`SNAPSHOT_EVERY`] entries): with
-    /// entries of hundreds of records, a count alone would let the log (kept in memory
-    /// for replication as well as on disk) grow to gigabytes while consumers keep the
-    /// queue short; a snapshot costs as much as the backlog, hence the factor.
+    /// (besides every [`SNAPSHOT_EVERY`] entries): with entries of hundreds of records,
+    /// a count alone would let the log (kept in memory for replication as well as on
+    /// disk) grow to gigabytes. A snapshot costs nothing to take (the machine's messages
+    /// are stored as it applies them).
     fn snapshot_when_large(&self) {
         let m = self.raft.metrics().borrow().clone();
         let (applied, snapshot) = (
@@ -825,7 +867,7 @@ impl Leadership {
         );
         let bytes = self.log.bytes();
         if applied.saturating_sub(snapshot) >= MIN_ENTRIES_PER_SNAPSHOT
-            && bytes > LOG_BYTES_BEFORE_SNAPSHOT.max(2 * self.machine.live_bytes())
+            && bytes > LOG_BYTES_BEFORE_SNAPSHOT
         {
             let raft = self.raft.clone();
             tokio::spawn(async move {

@@ -59,6 +59,29 @@ pub const DB_FILE_NAME: &str = "warren.redb";
 /// purged when the store opens and never recovered.
 pub const SCRATCH_PREFIX: &str = "~scratch/";
 
+/// Queue keys that start with this hold a replicated queue's committed messages, on
+/// every member of its group: `~replica/<group>` for the queue's messages,
+/// `~replica/<group>/<suffix>` for others of the group's (its dead letters). Their
+/// entries come back with the group ([`RecoveredRaftGroup::queues`]), not as a
+/// classic queue's.
+pub const REPLICA_PREFIX: &str = "~replica/";
+
+/// The queue key of Raft group `group`'s messages, or with a `suffix` another of its
+/// queue keys.
+pub fn replica_queue_key(group: u64, suffix: Option<&str>) -> String {
+    match suffix {
+        None => format!("{REPLICA_PREFIX}{group:x}"),
+        Some(s) => format!("{REPLICA_PREFIX}{group:x}/{s}"),
+    }
+}
+
+/// The group a [`REPLICA_PREFIX`] queue key belongs to.
+pub fn replica_group_of(key: &str) -> Option<u64> {
+    let rest = key.strip_prefix(REPLICA_PREFIX)?;
+    let hex = rest.split('/').next()?;
+    u64::from_str_radix(hex, 16).ok()
+}
+
 /// Exit status used when the store cannot go on (`EX_SOFTWARE` from sysexits.h).
 pub const FATAL_EXIT_CODE: i32 = 70;
 

@@ -31,12 +31,15 @@ pub struct Recovered {
 }
 
 /// One Raft group's log and durable values, read back by [`super::Store::open`].
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default)]
 pub struct RecoveredRaftGroup {
     /// The log's entries in index order.
     pub log: Vec<(u64, Vec<u8>)>,
     /// Durable values by name.
     pub state: HashMap<String, Vec<u8>>,
+    /// The entries of the group's own queue keys (see [`super::replica_queue_key`]):
+    /// a replicated queue's committed messages, kept in the message log.
+    pub queues: HashMap<String, RecoveredQueue>,
 }
 
 /// How much of each stored message [`super::Store::open_trimmed`] reads back: a queue's

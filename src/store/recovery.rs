@@ -184,13 +184,26 @@ pub(super) fn load(db: &Database, trim: Option<BlobTrim>) -> anyhow::Result<Load
     drop(blobs);
     drop(table);
 
-    let raft = read_raft(&txn)?;
+    let mut raft = read_raft(&txn)?;
+    let mut queues = replayed.queues;
+    // A replicated queue's committed messages are its group's, not a classic queue's.
+    let replica_keys: Vec<String> = queues
+        .keys()
+        .filter(|k| k.starts_with(super::REPLICA_PREFIX))
+        .cloned()
+        .collect();
+    for key in replica_keys {
+        let group = super::replica_group_of(&key);
+        if let (Some(group), Some(entries)) = (group, queues.remove(&key)) {
+            raft.entry(group).or_default().queues.insert(key, entries);
+        }
+    }
 
     Ok(Loaded {
         recovered: Recovered {
             definitions,
             access,
-            queues: replayed.queues,
+            queues,
             next_msg_id: replayed.next_msg_id,
             raft,
         },
