@@ -1083,3 +1083,90 @@ async fn a_node_killed_while_its_queue_becomes_mirrored_loses_no_confirmed_messa
     );
     assert_eq!(got.len(), confirmed.len(), "no duplicates");
 }
+
+/// Node `i`'s listing of the queue: (messages, messages_paged_out, message_bytes_ram);
+/// `None` while it cannot tell (starting, or the queue has no leader it knows).
+fn paging_figures(c: &Cluster, i: usize) -> Option<(u64, u64, u64)> {
+    let out = c.ctl_output(
+        i,
+        &[
+            "list_queues",
+            "name",
+            "messages",
+            "messages_paged_out",
+            "message_bytes_ram",
+        ],
+    );
+    let listed = String::from_utf8_lossy(&out.stdout).into_owned();
+    let row = listed
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(QUEUE))?;
+    let cells: Vec<u64> = row
+        .split('\t')
+        .skip(1)
+        .filter_map(|v| v.trim().parse().ok())
+        .collect();
+    match cells[..] {
+        [messages, paged, ram] => Some((messages, paged, ram)),
+        _ => None,
+    }
+}
+
+/// Waits (up to a minute) until the leader `i` lists all `n` messages, most of them
+/// on disk only and at most about a window of bodies in memory.
+async fn wait_paged(c: &Cluster, i: usize, n: u64, window: u64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let figures = paging_figures(c, i);
+        if let Some((messages, paged, ram)) = figures
+            && messages == n
+            && paged >= n * 9 / 10
+        {
+            // The window, and a read's batch on top of a nearly full one.
+            assert!(ram <= window + 2 * 2100, "{ram} bytes of bodies in memory");
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {i}: {n} messages mostly paged wanted; (messages, paged, ram) = {figures:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replicated_backlog_stays_on_disk_through_restarts_and_a_leader_loss() {
+    const WINDOW: u64 = 64 << 10;
+    let window = WINDOW.to_string();
+    let Some(mut c) = Cluster::start_with(3, &[("WARREN_QUEUE_BODY_WINDOW", &window)]) else {
+        return;
+    };
+    c.wait_agreed_leader(&[1, 2, 3], None, ELECTION).await;
+    let ch = c.connect(1).await.create_channel().await.unwrap();
+    let (options, args) = quorum();
+    ch.queue_declare(QUEUE.into(), options, args).await.unwrap();
+    // About a hundred windows of 2 KiB messages.
+    let confirmed = publish_padded(&c, 1, "backlog", 3000).await;
+    let first = leader(&c, &[1, 2, 3], QUEUE).await;
+    wait_paged(&c, first, 3000, WINDOW).await;
+
+    // Every node killed and started again: the members read their messages back from
+    // their stores (not their bodies), and the new leader pages them as before.
+    for i in 1..=3 {
+        c.kill(i);
+    }
+    for i in 1..=3 {
+        c.start_node(i);
+    }
+    c.wait_agreed_leader(&[1, 2, 3], None, ELECTION).await;
+    let second = leader(&c, &[1, 2, 3], QUEUE).await;
+    wait_paged(&c, second, 3000, WINDOW).await;
+
+    // Its leader lost too: another member serves the backlog, in order, whole.
+    c.kill(second);
+    let others: Vec<usize> = (1..=3).filter(|&i| i != second).collect();
+    let third = leader(&c, &others, QUEUE).await;
+    let (got, _) = drain(&c, third).await;
+    let ids: Vec<String> = got.iter().map(|b| padded_id(b)).collect();
+    assert_eq!(ids, confirmed, "every confirmed message, once, in order");
+}
