@@ -622,6 +622,32 @@ async fn interval_mode_commits_then_fsyncs_on_the_timer() {
 }
 
 #[tokio::test]
+async fn sync_mode_fsyncs_what_someone_waits_for_and_the_rest_within_the_interval() {
+    let dir = TempDir::new("sync-unwaited");
+    let interval = Duration::from_millis(300);
+    let (store, _) = Store::open(dir.path(), FlushMode::Sync, interval).expect("open");
+    let before = store.stats();
+    store.commit(vec![put(1, b"m"), enqueue("q", 0, 1)]).await;
+    let waited = store.stats();
+    assert_eq!(waited.durable_commits - before.durable_commits, 1);
+
+    // An ack no one waits for: committed at once, fsynced on the timer.
+    store.submit(vec![remove("q", 0)]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while store.stats().transactions == waited.transactions {
+        assert!(Instant::now() < deadline, "never committed");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(store.stats().durable_commits, waited.durable_commits);
+    while store.stats().durable_commits == waited.durable_commits {
+        assert!(Instant::now() < deadline, "no fsync after the interval");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let recovered = reopen(store, &dir);
+    assert!(offsets(&recovered, "q").is_empty());
+}
+
+#[tokio::test]
 async fn commit_after_close_never_resolves() {
     let dir = TempDir::new("closed");
     let (store, _) = open(&dir);

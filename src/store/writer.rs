@@ -147,7 +147,12 @@ impl Writer {
                 break;
             };
             let control = self.fill_batch(first);
-            let durable = matches!(control, Control::Close) || self.flush == FlushMode::Sync;
+            // A batch no one waits on (acks, deliveries, a queue's own bookkeeping) need
+            // not be fsynced at once: it is by the next batch that is, or within the
+            // interval. A crash then replays the settlements of that interval (messages
+            // come back redelivered), never loses a confirmed message.
+            let durable = matches!(control, Control::Close)
+                || (self.flush == FlushMode::Sync && self.batch_has_waiters());
             if !self.batch.is_empty() {
                 self.commit_batch(durable);
             }
@@ -219,6 +224,13 @@ impl Writer {
                 Request::Pause(rx) => return Control::Pause(rx),
             }
         }
+    }
+
+    /// Whether some request of the batch waits for its commit.
+    fn batch_has_waiters(&self) -> bool {
+        self.batch
+            .iter()
+            .any(|(_, done)| !matches!(done, Done::Nothing))
     }
 
     /// Applies the batch in one write transaction, commits it (with fsync if `durable`), then
