@@ -587,7 +587,11 @@ impl GroupStart {
             enable_elect: false,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(SNAPSHOT_EVERY),
             max_payload_entries: ENTRIES_PER_APPEND,
-            max_in_snapshot_log_to_keep: 0,
+            // openraft purges nothing a follower's request in flight starts before: with
+            // replication always under way, a purge up to the snapshot itself would wait
+            // forever and the log (held in memory) grow without bound. Keeping one
+            // request's worth behind the snapshot lets it go through.
+            max_in_snapshot_log_to_keep: ENTRIES_PER_APPEND,
             // A snapshot carries the queue's whole backlog (bodies read from the store)
             // in 3 MiB segments; the last one is answered once installed, which stores
             // every message: far more than openraft's 200 ms on a loaded node.
