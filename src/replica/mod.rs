@@ -435,14 +435,19 @@ impl Replicas {
         let Some(&me) = self.inner.ids.get(&self.inner.me) else {
             return;
         };
-        let (raft, changed) = {
-            let r = lock(&running);
-            (r.raft.clone(), r.members_changed.clone())
-        };
+        let changed = lock(&running).members_changed.clone();
         // (This node's leader, if it leads, takes itself out.)
         changed.notify_one();
         let replicas = self.clone();
         tokio::spawn(async move {
+            // A member still starting (a node that just restarted) is waited for: the
+            // group may need it to commit the change that takes it out.
+            let deadline = tokio::time::Instant::now() + MEMBERSHIP_CHANGE_TIMEOUT;
+            let mut raft = lock(&running).raft.clone();
+            while raft.is_none() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                raft = lock(&running).raft.clone();
+            }
             if let Some(raft) = raft {
                 let _ = raft
                     .wait(Some(MEMBERSHIP_CHANGE_TIMEOUT))
