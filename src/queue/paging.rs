@@ -372,23 +372,8 @@ impl Queue {
     /// Reads the paged bodies `wanted` now and waits for them (outside the queue's
     /// lock): for basic.get and dead letters, which need them before they can answer.
     fn read_now(&self, ids: Vec<u64>) -> Option<ReadAnswer> {
-        let (_, store) = self.page_source()?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        store.read(
-            ids,
-            Box::new(move |answer| {
-                let _ = tx.send(answer);
-            }),
-        );
-        // (On a multi-threaded runtime the worker lets its other tasks move elsewhere
-        // while it waits for the disk.)
-        let multi_thread = tokio::runtime::Handle::try_current()
-            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-        if multi_thread {
-            tokio::task::block_in_place(|| rx.recv().ok())
-        } else {
-            rx.recv().ok()
-        }
+        let (_, source) = self.page_source()?;
+        crate::store::read_blocking(|done| source.read(ids, done))
     }
 
     /// basic.get found the head paged: loads the next few messages at once.

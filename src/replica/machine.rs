@@ -790,27 +790,13 @@ fn digest(blob: &[u8]) -> Option<([u64; 2], usize)> {
     }
 }
 
-/// Reads stored messages by id and waits for them (outside any async task's budget:
-/// a short stall of the calling worker, for rare reads).
+/// Reads stored messages by id and waits for them (a short stall of the calling
+/// worker, for rare reads).
 fn read_now(store: &Store, ids: Vec<u64>) -> Result<Vec<Option<Bytes>>, String> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    store.read_messages(
-        ids,
-        Box::new(move |answer| {
-            let _ = tx.send(answer);
-        }),
-    );
-    let multi_thread = tokio::runtime::Handle::try_current()
-        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-    let answer = if multi_thread {
-        tokio::task::block_in_place(|| rx.recv())
-    } else {
-        rx.recv()
-    };
-    match answer {
-        Ok(Ok(blobs)) => Ok(blobs),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("store closed".into()),
+    match crate::store::read_blocking(|done| store.read_messages(ids, done)) {
+        Some(Ok(blobs)) => Ok(blobs),
+        Some(Err(e)) => Err(e.to_string()),
+        None => Err("store closed".into()),
     }
 }
 

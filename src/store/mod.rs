@@ -82,6 +82,24 @@ pub fn replica_group_of(key: &str) -> Option<u64> {
     u64::from_str_radix(hex, 16).ok()
 }
 
+/// Asks for a read with `ask` (given the callback that takes the answer) and waits for
+/// the answer, blocking the calling thread (on a multi-threaded runtime the worker lets
+/// its other tasks move elsewhere meanwhile). `None` if the store closed first. For the
+/// rare reads whose caller cannot go on without the bodies.
+pub fn read_blocking(ask: impl FnOnce(Box<dyn FnOnce(ReadAnswer) + Send>)) -> Option<ReadAnswer> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    ask(Box::new(move |answer| {
+        let _ = tx.send(answer);
+    }));
+    let multi_thread = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    if multi_thread {
+        tokio::task::block_in_place(|| rx.recv().ok())
+    } else {
+        rx.recv().ok()
+    }
+}
+
 /// Exit status used when the store cannot go on (`EX_SOFTWARE` from sysexits.h).
 pub const FATAL_EXIT_CODE: i32 = 70;
 
