@@ -13,7 +13,8 @@
 //! the stored messages and that id always agree: the machine is durable as it applies,
 //! and at start it is read back from the store (messages without their bodies, as a
 //! classic queue's backlog) plus the committed entries after [`APPLIED`]. In memory it
-//! holds about 60 bytes per message and no body: the leader's host keeps a window of
+//! holds a 40-byte entry per message (key, stored copy's id, head digest, size, delivery
+//! count) in an ordered map, plus the map's node overhead, and no body: the leader's host keeps a window of
 //! bodies and reads the rest back from the store as its consumers need them, through
 //! [`ReplicaMachine::read_bodies`].
 //!
@@ -206,8 +207,6 @@ struct MachineData {
     messages: BTreeMap<u64, Held>,
     /// Dead letters held until their targets took them (at-least-once).
     dead: BTreeMap<u64, DeadHeld>,
-    /// Body bytes of the held messages and bytes of the dead letters.
-    live_bytes: usize,
     last_applied: Option<LogId<NodeId>>,
     membership: Membership,
     snapshots_built: u64,
@@ -311,7 +310,6 @@ impl ReplicaMachine {
                     size: size as u32,
                     delivered: e.delivery_count,
                 };
-                data.live_bytes += size;
                 data.messages.insert(e.offset, held);
             }
         }
@@ -333,7 +331,6 @@ impl ReplicaMachine {
                     tracing::error!(key = e.offset, "replicated queue: dead letter not stored");
                     continue;
                 };
-                data.live_bytes += blob.len();
                 data.dead.insert(
                     e.offset,
                     DeadHeld {
@@ -353,24 +350,23 @@ impl ReplicaMachine {
         entries: Vec<Entry<QueueTypes>>,
         applying: &mut Applying,
     ) {
-        let dead_lettered: Vec<u64> = entries
-            .iter()
-            .flat_map(|e| match &e.payload {
-                EntryPayload::Normal(records) => records.as_slice(),
-                _ => &[],
-            })
-            .filter_map(|r| match r {
-                ReplicaRecord::DeadLettered { key, .. } => Some(*key),
-                _ => None,
-            })
-            .filter(|key| data.messages.contains_key(key))
-            .collect();
-        let keep_blobs = entries.iter().any(|e| match &e.payload {
-            EntryPayload::Normal(records) => records
-                .iter()
-                .any(|r| matches!(r, ReplicaRecord::DeadLettered { .. })),
-            _ => false,
-        });
+        // One pass: the held messages dead-lettered, and whether any entry dead-letters
+        // (a message enqueued and dead-lettered in the same batch needs its blob kept).
+        let mut dead_lettered = Vec::new();
+        let mut keep_blobs = false;
+        for entry in &entries {
+            let EntryPayload::Normal(records) = &entry.payload else {
+                continue;
+            };
+            for record in records {
+                if let ReplicaRecord::DeadLettered { key, .. } = record {
+                    keep_blobs = true;
+                    if data.messages.contains_key(key) {
+                        dead_lettered.push(*key);
+                    }
+                }
+            }
+        }
         if !dead_lettered.is_empty() {
             let ids = dead_lettered
                 .iter()
@@ -502,11 +498,6 @@ impl ReplicaMachine {
         );
     }
 
-    /// Bytes of the committed messages' bodies and of the dead letters held now.
-    pub fn live_bytes(&self) -> usize {
-        lock(&self.data).live_bytes
-    }
-
     /// Committed messages held now.
     pub fn len(&self) -> usize {
         lock(&self.data).messages.len()
@@ -542,7 +533,6 @@ impl ReplicaMachine {
         }
         data.messages.clear();
         data.dead.clear();
-        data.live_bytes = 0;
         for (key, m) in content.messages {
             let Some((head, size)) = digest(&m.blob) else {
                 tracing::error!(key, "replicated queue: unreadable message in a snapshot");
@@ -555,7 +545,6 @@ impl ReplicaMachine {
                     offset: key,
                 });
             }
-            data.live_bytes += size;
             data.messages.insert(
                 key,
                 Held {
@@ -568,7 +557,6 @@ impl ReplicaMachine {
         }
         for (key, d) in content.dead {
             self.put(ops, self.keys.dead_of(d.reason), key, d.blob.clone());
-            data.live_bytes += d.blob.len();
             data.dead.insert(key, d);
         }
         data.last_applied = meta.last_log_id;
@@ -644,10 +632,7 @@ impl ReplicaMachine {
                     size: size as u32,
                     delivered: 0,
                 };
-                data.live_bytes += size;
-                if let Some(old) = data.messages.insert(key, held) {
-                    data.live_bytes -= old.size as usize;
-                }
+                data.messages.insert(key, held);
             }
             ReplicaRecord::Delivered(key) => {
                 if let Some(held) = data.messages.get_mut(&key) {
@@ -659,14 +644,12 @@ impl ReplicaMachine {
                 }
             }
             ReplicaRecord::Remove(key) => {
-                if let Some(old) = data.messages.remove(&key) {
-                    data.live_bytes -= old.size as usize;
+                if data.messages.remove(&key).is_some() {
                     applying.ops.push(StoreOp::Remove {
                         queue: messages.clone(),
                         offset: key,
                     });
                 } else if let Some(old) = data.dead.remove(&key) {
-                    data.live_bytes -= old.blob.len();
                     applying.ops.push(StoreOp::Remove {
                         queue: self.keys.dead_of(old.reason),
                         offset: key,
@@ -676,7 +659,6 @@ impl ReplicaMachine {
             ReplicaRecord::Purge => {
                 data.messages.clear();
                 data.dead.clear();
-                data.live_bytes = 0;
                 applying.ops.push(StoreOp::PurgeQueue {
                     queue: messages.clone(),
                 });
@@ -690,7 +672,6 @@ impl ReplicaMachine {
                 let Some(held) = data.messages.remove(&key) else {
                     return;
                 };
-                data.live_bytes -= held.size as usize;
                 // The stored copy moves to the dead letters' key (added first: the
                 // message must never be without an entry).
                 applying.ops.push(StoreOp::Enqueue {
@@ -713,7 +694,6 @@ impl ReplicaMachine {
                         .host
                         .push(HostAction::DeadLetter(key, Arc::new(msg), reason));
                 }
-                data.live_bytes += blob.len();
                 data.dead.insert(key, DeadHeld { blob, reason });
             }
         }
@@ -982,7 +962,6 @@ mod tests {
             );
             assert_eq!(machine.len(), 1);
             assert_eq!(machine.dead_letters(), 2);
-            assert_eq!(machine.live_bytes(), 2 + a.len() + c.len());
             assert_eq!(
                 read(&machine, vec![key(1, 1), key(1, 0), 99]),
                 vec![Some(b.clone()), None, None]
@@ -1022,7 +1001,6 @@ mod tests {
         assert_eq!(machine.dead_letters(), 1);
         apply(&machine, vec![entry(6, vec![ReplicaRecord::Purge])]);
         assert!(machine.is_empty() && machine.dead_letters() == 0);
-        assert_eq!(machine.live_bytes(), 0);
         store.close();
         let (_store, recovered) = open(&dir);
         let group_state = &recovered.raft[&group];

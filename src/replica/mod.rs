@@ -220,7 +220,8 @@ impl ReplicaLog {
     }
 
     /// Reads back the bodies of the group's messages by key (see
-    /// [`ReplicaMachine::read_bodies`]); before the member runs, none is found.
+    /// [`ReplicaMachine::read_bodies`]). Before the member runs the read fails (the host
+    /// asks again later): the messages are not gone, only not readable yet.
     pub fn read_bodies(
         &self,
         keys: Vec<u64>,
@@ -228,7 +229,9 @@ impl ReplicaLog {
     ) {
         match self.machine.get() {
             Some(machine) => machine.read_bodies(keys, done),
-            None => done(Ok(vec![None; keys.len()])),
+            None => done(Err(crate::store::ReadFailed(
+                "the queue's replica is not running yet".into(),
+            ))),
         }
     }
 
