@@ -137,6 +137,10 @@ pub struct PerfArgs {
     /// Leave the queues in place at the end (they are deleted by default).
     #[arg(long)]
     pub keep_queues: bool,
+    /// Declare the queues without deleting them first: publish into (or drain) what an
+    /// earlier run left with --keep-queues, e.g. to measure publishing into a backlog.
+    #[arg(long)]
+    pub reuse_queues: bool,
     /// A label carried into the report.
     #[arg(long)]
     pub label: Option<String>,
@@ -258,7 +262,7 @@ fn queue_arguments(args: &[String]) -> Result<FieldTable> {
     Ok(t)
 }
 
-/// Declares the exchange, then deletes, declares and binds every queue.
+/// Declares the exchange, then deletes (unless reused), declares and binds every queue.
 async fn declare(conn: &mut Conn, a: &PerfArgs, plan: &Plan) -> Result<()> {
     let args = queue_arguments(&a.queue_args)?;
     let replicated = a
@@ -291,6 +295,11 @@ async fn declare(conn: &mut Conn, a: &PerfArgs, plan: &Plan) -> Result<()> {
         .with_context(|| format!("declaring exchange '{}'", plan.exchange))?;
     }
     for q in &plan.queues {
+        if a.reuse_queues {
+            declare_queue(conn, q, durable, &args).await?;
+            bind_queue(conn, a, plan, q).await?;
+            continue;
+        }
         let deleted = conn
             .rpc(
                 1,
@@ -308,36 +317,50 @@ async fn declare(conn: &mut Conn, a: &PerfArgs, plan: &Plan) -> Result<()> {
             )
             .await?;
         }
-        conn.rpc(
-            1,
-            AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
-                queue: q.as_str().into(),
-                durable,
-                arguments: args.clone(),
-                ..Default::default()
-            })),
-        )
-        .await
-        .with_context(|| format!("declaring queue '{q}'"))?;
-        if !plan.exchange.is_empty() {
-            let key = if a.exchange_type == ExchangeType::Fanout {
-                ""
-            } else {
-                q.as_str()
-            };
-            conn.rpc(
-                1,
-                AMQPClass::Queue(queue::AMQPMethod::Bind(queue::Bind {
-                    queue: q.as_str().into(),
-                    exchange: plan.exchange.as_str().into(),
-                    routing_key: key.into(),
-                    ..Default::default()
-                })),
-            )
-            .await
-            .with_context(|| format!("binding queue '{q}'"))?;
-        }
+        declare_queue(conn, q, durable, &args).await?;
+        bind_queue(conn, a, plan, q).await?;
     }
+    Ok(())
+}
+
+/// Declares queue `q` (channel 1).
+async fn declare_queue(conn: &mut Conn, q: &str, durable: bool, args: &FieldTable) -> Result<()> {
+    conn.rpc(
+        1,
+        AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
+            queue: q.into(),
+            durable,
+            arguments: args.clone(),
+            ..Default::default()
+        })),
+    )
+    .await
+    .with_context(|| format!("declaring queue '{q}'"))?;
+    Ok(())
+}
+
+/// Binds queue `q` to the run's exchange (if it has one): by its name, or with an empty
+/// key for fanout.
+async fn bind_queue(conn: &mut Conn, a: &PerfArgs, plan: &Plan, q: &str) -> Result<()> {
+    if plan.exchange.is_empty() {
+        return Ok(());
+    }
+    let key = if a.exchange_type == ExchangeType::Fanout {
+        ""
+    } else {
+        q
+    };
+    conn.rpc(
+        1,
+        AMQPClass::Queue(queue::AMQPMethod::Bind(queue::Bind {
+            queue: q.into(),
+            exchange: plan.exchange.as_str().into(),
+            routing_key: key.into(),
+            ..Default::default()
+        })),
+    )
+    .await
+    .with_context(|| format!("binding queue '{q}'"))?;
     Ok(())
 }
 
