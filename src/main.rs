@@ -8,10 +8,6 @@ use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 use warren::{Broker, Config};
 
-/// mimalloc, with the largest blocks left to the system's malloc (see `warren::alloc`).
-#[global_allocator]
-static GLOBAL: warren::alloc::BrokerAlloc = warren::alloc::BrokerAlloc;
-
 /// Warren, an AMQP 0-9-1 message broker compatible with RabbitMQ clients.
 #[derive(Parser)]
 #[command(version, about)]

@@ -3,10 +3,9 @@
 //! the alarm does). Without it a publisher faster than its consumers could grow the
 //! broker until the kernel kills it.
 //!
-//! glibc's malloc (which serves the largest blocks, see `crate::alloc`) keeps the pages
-//! of a drained backlog for good: resident memory would stay at its peak, and an alarm
-//! raised at the peak would never clear. So the monitor also hands the allocators'
-//! unused memory back to the system when there is much of it.
+//! glibc's malloc keeps the pages of a drained backlog for good: resident memory would
+//! stay at its peak, and an alarm raised at the peak would never clear. So the monitor
+//! also hands the allocator's unused memory back to the system when there is much of it.
 
 use std::time::{Duration, Instant};
 
@@ -20,15 +19,15 @@ const RELEASE_UNUSED_BYTES: u64 = 64 << 20;
 /// of the alarm's threshold: RabbitMQ's `vm_memory_high_watermark_paging_ratio`.
 const PAGING_RATIO: f64 = 0.5;
 
-/// The allocators' view of the heap (mimalloc, and glibc for large blocks; elsewhere
-/// the system allocator returns memory itself, or we cannot ask).
+/// The allocator's view of the heap (glibc; elsewhere the allocator returns memory
+/// itself, or we cannot ask).
 mod allocator {
     /// Bytes of heap in use by the program.
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     pub fn in_use_bytes() -> u64 {
         // SAFETY: mallinfo2 only reads the allocator's statistics.
         let info = unsafe { libc::mallinfo2() };
-        (info.uordblks + info.hblkhd) as u64 + crate::alloc::mimalloc_committed_bytes()
+        (info.uordblks + info.hblkhd) as u64
     }
 
     /// Gives free heap pages back to the system.
@@ -36,18 +35,15 @@ mod allocator {
     pub fn release() {
         // SAFETY: malloc_trim only returns free memory; it takes the allocator's locks.
         unsafe { libc::malloc_trim(0) };
-        crate::alloc::mimalloc_release();
     }
 
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     pub fn in_use_bytes() -> u64 {
-        crate::alloc::mimalloc_committed_bytes()
+        0
     }
 
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-    pub fn release() {
-        crate::alloc::mimalloc_release();
-    }
+    pub fn release() {}
 }
 
 /// Watches the process's memory against its limit.
