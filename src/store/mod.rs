@@ -21,6 +21,7 @@
 mod dense;
 pub mod histogram;
 mod log;
+mod reader;
 mod recovered;
 mod recovery;
 mod schema;

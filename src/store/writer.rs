@@ -8,13 +8,11 @@ use std::time::{Duration, Instant};
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, WriteTransaction};
 
-use bytes::Bytes;
-
-use super::log::{ChunkId, ChunkWriter, HeadSplit, LiveIndex, Truncation, copy_blob, find_puts};
+use super::log::{ChunkId, ChunkWriter, HeadSplit, LiveIndex, Truncation};
+use super::reader::ReadJob;
 use super::schema::{ACCESS, DEFINITIONS, MESSAGE_BODIES, MESSAGE_LOG, RAFT_LOG, RAFT_STATE};
 use super::{
-    Counters, Done, FlushMode, ReadAnswer, ReadFailed, ReadRequest, Request, StoreOp,
-    fatal_store_failure,
+    Counters, Done, FlushMode, ReadFailed, ReadRequest, Request, StoreOp, fatal_store_failure,
 };
 
 /// At most this many requests go into one transaction, so that a flood of publishes cannot
@@ -81,19 +79,19 @@ pub(super) struct Writer {
     counters: Arc<Counters>,
     /// When the oldest non-durable commit not yet covered by an fsync was made.
     unsynced_since: Option<Instant>,
-    /// Reads that arrived with the current batch, answered once it is committed.
+    /// Reads that arrived with the current batch, handed to the reader thread once it
+    /// is committed.
     reads: Vec<ReadRequest>,
-    /// The chunk read last: a queue drains its backlog in order, so the next read
-    /// usually wants the same chunk (a stored chunk never changes, but the number of a
-    /// dropped last chunk is used again: see `commit_batch`).
-    read_cache: Option<CachedChunk>,
-}
-
-/// A chunk read by [`Writer::read`], and its bodies row when it was needed.
-struct CachedChunk {
-    chunk: ChunkId,
-    records: Bytes,
-    bodies: Option<Bytes>,
+    /// The reader thread (see `reader`), started by `run`.
+    reader: Option<(
+        std::sync::mpsc::Sender<ReadJob>,
+        std::thread::JoinHandle<()>,
+    )>,
+    /// Commits that wrote a chunk number used before (that of a dropped last chunk): the
+    /// reader's cached chunk is valid only under the count it was read with.
+    reuses: u64,
+    /// The highest chunk number written so far.
+    highest_chunk: ChunkId,
 }
 
 /// Turns a panic of the writer thread into the fatal exit: its waiters would otherwise hang
@@ -134,7 +132,9 @@ impl Writer {
             counters,
             unsynced_since: None,
             reads: Vec::new(),
-            read_cache: None,
+            reader: None,
+            reuses: 0,
+            highest_chunk: 0,
         }
     }
 
@@ -142,6 +142,10 @@ impl Writer {
     /// dropped, then a final fsync and a clean close of the database.
     pub(super) fn run(mut self) {
         let _guard = ExitOnPanic;
+        match super::reader::spawn() {
+            Ok(reader) => self.reader = Some(reader),
+            Err(err) => fatal_store_failure("starting the reader thread", &err),
+        }
         loop {
             let Some(first) = self.next_request() else {
                 break;
@@ -157,8 +161,7 @@ impl Writer {
                 self.commit_batch(durable);
             }
             for read in std::mem::take(&mut self.reads) {
-                let answer = self.read(&read.ids);
-                (read.done)(answer);
+                self.hand_over(read);
             }
             match control {
                 Control::Continue => {}
@@ -166,6 +169,13 @@ impl Writer {
                 Control::Pause(rx) => {
                     let _ = rx.recv();
                 }
+            }
+        }
+        // Every read handed over is answered before the database closes under it.
+        if let Some((jobs, thread)) = self.reader.take() {
+            drop(jobs);
+            if thread.join().is_err() {
+                tracing::error!("store: the reader thread failed");
             }
         }
         if self.unsynced_since.is_some() {
@@ -251,15 +261,12 @@ impl Writer {
             fatal_store_failure("committing a batch", &err);
         }
         // A commit writes a chunk numbered after every chunk still stored, which reuses
-        // the number of a last chunk that was dropped (all its messages gone): a cached
-        // chunk with that number (or a later one) is not the chunk stored now.
-        if self
-            .read_cache
-            .as_ref()
-            .is_some_and(|cached| cached.chunk >= self.log.current())
-        {
-            self.read_cache = None;
+        // the number of a last chunk that was dropped (all its messages gone): a chunk
+        // the reader cached with that number (or a later one) is not the one stored now.
+        if self.log.current() <= self.highest_chunk {
+            self.reuses += 1;
         }
+        self.highest_chunk = self.highest_chunk.max(self.log.current());
         self.counters
             .commit_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -301,59 +308,41 @@ impl Writer {
         }
     }
 
-    /// The blobs of messages `ids`, where the log holds them now (see
-    /// [`super::Store::read_messages`]). Each chunk needed is read once.
-    fn read(&mut self, ids: &[u64]) -> ReadAnswer {
-        let mut answer: Vec<Option<Bytes>> = vec![None; ids.len()];
+    /// Hands `read` to the reader thread with the chunks its messages are in now and a
+    /// snapshot that holds them (see `reader`); answers at once when none is stored.
+    fn hand_over(&mut self, read: ReadRequest) {
         let mut by_chunk: std::collections::BTreeMap<ChunkId, Vec<usize>> = Default::default();
-        for (i, id) in ids.iter().enumerate() {
+        for (i, id) in read.ids.iter().enumerate() {
             if let Some(chunk) = self.log.locate(*id) {
                 by_chunk.entry(chunk).or_default().push(i);
             }
         }
         if by_chunk.is_empty() {
-            return Ok(answer);
+            let answer = vec![None; read.ids.len()];
+            (read.done)(Ok(answer));
+            return;
         }
-        let failed = |e: &dyn std::fmt::Display| ReadFailed(e.to_string());
-        let txn = self.db.begin_read().map_err(|e| failed(&e))?;
-        let table = txn.open_table(MESSAGE_LOG).map_err(|e| failed(&e))?;
-        let bodies_table = txn.open_table(MESSAGE_BODIES).map_err(|e| failed(&e))?;
-        for (chunk, slots) in by_chunk {
-            let cached = match self.read_cache.take() {
-                Some(cached) if cached.chunk == chunk => cached,
-                _ => {
-                    let Some(row) = table.get(chunk).map_err(|e| failed(&e))? else {
-                        tracing::error!(chunk, "store: a live message's chunk is missing");
-                        continue;
-                    };
-                    CachedChunk {
-                        chunk,
-                        records: Bytes::copy_from_slice(row.value()),
-                        bodies: None,
-                    }
-                }
-            };
-            let cached = self.read_cache.insert(cached);
-            let wanted: std::collections::HashMap<u64, usize> =
-                slots.iter().map(|&i| (ids[i], i)).collect();
-            let found = find_puts(chunk, &cached.records, |id| wanted.contains_key(&id))
-                .map_err(|e| failed(&e))?;
-            if cached.bodies.is_none() && found.iter().any(|(_, _, body)| body.len > 0) {
-                let row = bodies_table.get(chunk).map_err(|e| failed(&e))?;
-                let bytes = row.map_or_else(Bytes::new, |r| Bytes::copy_from_slice(r.value()));
-                cached.bodies = Some(bytes);
+        let txn = match self.db.begin_read() {
+            Ok(txn) => txn,
+            Err(err) => {
+                (read.done)(Err(ReadFailed(err.to_string())));
+                return;
             }
-            let bodies = cached.bodies.as_deref().unwrap_or(&[]);
-            for (msg_id, head, body) in found {
-                if let Some(&i) = wanted.get(&msg_id) {
-                    // A copy: the answer must not keep the whole chunk in memory.
-                    let blob = copy_blob(chunk, &cached.records, bodies, head, body)
-                        .map_err(|e| failed(&e))?;
-                    answer[i] = Some(blob);
-                }
-            }
+        };
+        let job = ReadJob {
+            txn,
+            ids: read.ids,
+            by_chunk: by_chunk.into_iter().collect(),
+            reuses: self.reuses,
+            done: read.done,
+        };
+        let Some((jobs, _)) = &self.reader else {
+            (job.done)(Err(ReadFailed("the store's reader is not running".into())));
+            return;
+        };
+        if let Err(std::sync::mpsc::SendError(job)) = jobs.send(job) {
+            (job.done)(Err(ReadFailed("the store's reader has stopped".into())));
         }
-        Ok(answer)
     }
 
     /// Makes every earlier non-durable commit durable: an empty transaction committed with
