@@ -324,6 +324,7 @@ impl Queue {
             match answer {
                 Ok(blobs) => self.install(&mut inner, &wanted, blobs),
                 // Tried again on the next command or timer tick.
+                Err(err) if err.not_ready => tracing::debug!(queue = self.name(), "{err}"),
                 Err(err) => tracing::error!(queue = self.name(), "{err}"),
             }
             self.exec(&mut inner, super::Command::Expire, &mut dead, None);

@@ -229,8 +229,8 @@ impl ReplicaLog {
     ) {
         match self.machine.get() {
             Some(machine) => machine.read_bodies(keys, done),
-            None => done(Err(crate::store::ReadFailed(
-                "the queue's replica is not running yet".into(),
+            None => done(Err(crate::store::ReadFailed::not_ready(
+                "the queue's replica is not running yet",
             ))),
         }
     }

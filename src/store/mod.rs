@@ -381,14 +381,38 @@ enum Done {
 /// `None` when no live entry references it (settled, purged, or never stored).
 pub type ReadAnswer = Result<Vec<Option<Bytes>>, ReadFailed>;
 
-/// Reading from the database failed (an I/O error): the blobs are still there as far as
-/// anyone knows; ask again later.
+/// Reading stored messages failed: the blobs are still there as far as anyone knows;
+/// ask again later.
 #[derive(Debug, Clone)]
-pub struct ReadFailed(pub String);
+pub struct ReadFailed {
+    /// What went wrong.
+    pub reason: String,
+    /// The source cannot read yet (a replica whose member is starting) rather than
+    /// failed: expected for a while, so not worth an error in the log.
+    pub not_ready: bool,
+}
+
+impl ReadFailed {
+    /// A read that failed (an I/O or database error).
+    pub fn error(reason: impl std::fmt::Display) -> ReadFailed {
+        ReadFailed {
+            reason: reason.to_string(),
+            not_ready: false,
+        }
+    }
+
+    /// A read asked of a source that cannot answer yet.
+    pub fn not_ready(reason: impl std::fmt::Display) -> ReadFailed {
+        ReadFailed {
+            reason: reason.to_string(),
+            not_ready: true,
+        }
+    }
+}
 
 impl std::fmt::Display for ReadFailed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "reading stored messages failed: {}", self.0)
+        write!(f, "reading stored messages failed: {}", self.reason)
     }
 }
 
@@ -512,7 +536,8 @@ impl Store {
             loaded.index,
             split,
             counters.clone(),
-        );
+        )
+        .context("spawning the store reader thread")?;
         let thread = std::thread::Builder::new()
             .name("warren-store".into())
             .spawn(move || writer.run())

@@ -10,8 +10,9 @@
 //! waits for the writer between every commit, nor the writer for its copies.
 
 use std::collections::HashMap;
-use std::sync::mpsc::{Receiver, Sender};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use bytes::Bytes;
 use redb::ReadTransaction;
@@ -57,22 +58,48 @@ impl Drop for ExitOnPanic {
     }
 }
 
-/// Starts the reader thread; it ends once the sender is dropped and every job sent
-/// before is answered.
-pub(super) fn spawn() -> std::io::Result<(Sender<ReadJob>, JoinHandle<()>)> {
-    let (tx, rx) = std::sync::mpsc::channel::<ReadJob>();
-    let handle = std::thread::Builder::new()
-        .name("warren-store-read".into())
-        .spawn(move || run(rx))?;
-    Ok((tx, handle))
+/// How long the reader keeps its cached chunk without a read: a drained backlog's last
+/// chunk (up to a batch's size) need not stay in memory.
+const CACHE_IDLE: Duration = Duration::from_secs(1);
+
+/// The running reader thread, owned by the writer.
+pub(super) struct ReaderThread {
+    /// Where the writer sends prepared reads.
+    pub jobs: Sender<ReadJob>,
+    thread: JoinHandle<()>,
+}
+
+impl ReaderThread {
+    /// Starts the reader thread.
+    pub fn spawn() -> std::io::Result<ReaderThread> {
+        let (jobs, rx) = std::sync::mpsc::channel::<ReadJob>();
+        let thread = std::thread::Builder::new()
+            .name("warren-store-read".into())
+            .spawn(move || run(rx))?;
+        Ok(ReaderThread { jobs, thread })
+    }
+
+    /// Answers every job sent so far, then ends the thread.
+    pub fn stop(self) {
+        drop(self.jobs);
+        if self.thread.join().is_err() {
+            tracing::error!("store: the reader thread failed");
+        }
+    }
 }
 
 fn run(rx: Receiver<ReadJob>) {
     let _guard = ExitOnPanic;
     let mut cache: Option<CachedChunk> = None;
-    while let Ok(job) = rx.recv() {
-        let answer = read(&mut cache, &job);
-        (job.done)(answer);
+    loop {
+        match rx.recv_timeout(CACHE_IDLE) {
+            Ok(job) => {
+                let answer = read(&mut cache, &job);
+                (job.done)(answer);
+            }
+            Err(RecvTimeoutError::Timeout) => cache = None,
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
     }
 }
 
@@ -80,7 +107,7 @@ fn run(rx: Receiver<ReadJob>) {
 fn read(cache: &mut Option<CachedChunk>, job: &ReadJob) -> ReadAnswer {
     let ids = &job.ids;
     let mut answer: Vec<Option<Bytes>> = vec![None; ids.len()];
-    let failed = |e: &dyn std::fmt::Display| ReadFailed(e.to_string());
+    let failed = |e: &dyn std::fmt::Display| ReadFailed::error(e);
     let table = job.txn.open_table(MESSAGE_LOG).map_err(|e| failed(&e))?;
     let bodies_table = job.txn.open_table(MESSAGE_BODIES).map_err(|e| failed(&e))?;
     for (chunk, slots) in &job.by_chunk {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, WriteTransaction};
 
 use super::log::{ChunkId, ChunkWriter, HeadSplit, LiveIndex, Truncation};
-use super::reader::ReadJob;
+use super::reader::{ReadJob, ReaderThread};
 use super::schema::{ACCESS, DEFINITIONS, MESSAGE_BODIES, MESSAGE_LOG, RAFT_LOG, RAFT_STATE};
 use super::{
     Counters, Done, FlushMode, ReadFailed, ReadRequest, Request, StoreOp, fatal_store_failure,
@@ -82,11 +82,8 @@ pub(super) struct Writer {
     /// Reads that arrived with the current batch, handed to the reader thread once it
     /// is committed.
     reads: Vec<ReadRequest>,
-    /// The reader thread (see `reader`), started by `run`.
-    reader: Option<(
-        std::sync::mpsc::Sender<ReadJob>,
-        std::thread::JoinHandle<()>,
-    )>,
+    /// The reader thread (see `reader`), started with the writer.
+    reader: ReaderThread,
     /// Commits that wrote a chunk number used before (that of a dropped last chunk): the
     /// reader's cached chunk is valid only under the count it was read with.
     reuses: u64,
@@ -107,7 +104,7 @@ impl Drop for ExitOnPanic {
 }
 
 impl Writer {
-    /// A writer over `db`, whose message log holds `log`.
+    /// A writer over `db`, whose message log holds `log`, with its reader thread started.
     pub(super) fn new(
         db: Database,
         rx: Receiver<Request>,
@@ -116,11 +113,11 @@ impl Writer {
         log: LiveIndex,
         split: HeadSplit,
         counters: Arc<Counters>,
-    ) -> Writer {
+    ) -> std::io::Result<Writer> {
         counters
             .live_messages
             .store(log.live_messages() as u64, Ordering::Relaxed);
-        Writer {
+        Ok(Writer {
             db,
             rx,
             flush,
@@ -132,20 +129,16 @@ impl Writer {
             counters,
             unsynced_since: None,
             reads: Vec::new(),
-            reader: None,
+            reader: ReaderThread::spawn()?,
             reuses: 0,
             highest_chunk: 0,
-        }
+        })
     }
 
     /// The thread's body: group commits until [`Request::Close`] or until every handle is
     /// dropped, then a final fsync and a clean close of the database.
     pub(super) fn run(mut self) {
         let _guard = ExitOnPanic;
-        match super::reader::spawn() {
-            Ok(reader) => self.reader = Some(reader),
-            Err(err) => fatal_store_failure("starting the reader thread", &err),
-        }
         loop {
             let Some(first) = self.next_request() else {
                 break;
@@ -171,17 +164,13 @@ impl Writer {
                 }
             }
         }
-        // Every read handed over is answered before the database closes under it.
-        if let Some((jobs, thread)) = self.reader.take() {
-            drop(jobs);
-            if thread.join().is_err() {
-                tracing::error!("store: the reader thread failed");
-            }
-        }
         if self.unsynced_since.is_some() {
             self.sync_now();
         }
-        if let Err(err) = self.db.close() {
+        // Every read handed over is answered before the database closes under it.
+        let Writer { reader, db, .. } = self;
+        reader.stop();
+        if let Err(err) = db.close() {
             // Everything was committed durably above; the file is merely marked as needing
             // repair at the next open.
             tracing::error!(error = %err, "store: closing the database failed");
@@ -325,7 +314,7 @@ impl Writer {
         let txn = match self.db.begin_read() {
             Ok(txn) => txn,
             Err(err) => {
-                (read.done)(Err(ReadFailed(err.to_string())));
+                (read.done)(Err(ReadFailed::error(err)));
                 return;
             }
         };
@@ -336,12 +325,8 @@ impl Writer {
             reuses: self.reuses,
             done: read.done,
         };
-        let Some((jobs, _)) = &self.reader else {
-            (job.done)(Err(ReadFailed("the store's reader is not running".into())));
-            return;
-        };
-        if let Err(std::sync::mpsc::SendError(job)) = jobs.send(job) {
-            (job.done)(Err(ReadFailed("the store's reader has stopped".into())));
+        if let Err(std::sync::mpsc::SendError(job)) = self.reader.jobs.send(job) {
+            (job.done)(Err(ReadFailed::error("the store's reader has stopped")));
         }
     }
 
