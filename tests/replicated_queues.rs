@@ -112,25 +112,37 @@ async fn leader(c: &Cluster, nodes: &[usize], queue: &str) -> usize {
 }
 
 /// Consumes (and acks) through node `i` until nothing arrives for a while: the bodies,
-/// and how many came flagged redelivered.
+/// and how many came flagged redelivered. Right after a leader is lost the consume may
+/// be refused (the queue's leader is not known yet) and the first delivery may wait for
+/// an election and a read from disk: both get a while on a loaded machine.
 async fn drain(c: &Cluster, i: usize) -> (Vec<String>, usize) {
-    let ch = c.connect(i).await.create_channel().await.unwrap();
-    let mut consumer = ch
-        .basic_consume(
-            QUEUE.into(),
-            "drain".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut consumer = loop {
+        let ch = c.connect(i).await.create_channel().await.unwrap();
+        match ch
+            .basic_consume(
+                QUEUE.into(),
+                "drain".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+        {
+            Ok(consumer) => break consumer,
+            Err(err) => {
+                assert!(Instant::now() < deadline, "consume refused: {err}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    };
     let mut bodies = Vec::new();
     let mut redelivered = 0;
-    while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(3), consumer.next()).await
-    {
+    let mut wait = Duration::from_secs(30);
+    while let Ok(Some(Ok(d))) = tokio::time::timeout(wait, consumer.next()).await {
         bodies.push(String::from_utf8_lossy(&d.data).into_owned());
         redelivered += usize::from(d.redelivered);
         d.ack(BasicAckOptions::default()).await.unwrap();
+        wait = Duration::from_secs(3);
     }
     (bodies, redelivered)
 }
