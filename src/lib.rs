@@ -3,6 +3,7 @@
 //! The library's face is [`Broker`]: start a node in-process (the binary and the
 //! integration tests both do), read the address it listens on, shut it down.
 
+pub mod alloc;
 pub mod auth;
 pub mod broker;
 pub mod cluster;

@@ -8,6 +8,10 @@ use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 use warren::{Broker, Config};
 
+/// mimalloc, with the largest blocks left to the system's malloc (see `warren::alloc`).
+#[global_allocator]
+static GLOBAL: warren::alloc::BrokerAlloc = warren::alloc::BrokerAlloc;
+
 /// Warren, an AMQP 0-9-1 message broker compatible with RabbitMQ clients.
 #[derive(Parser)]
 #[command(version, about)]
@@ -50,6 +54,7 @@ struct HealthcheckArgs {
 }
 
 fn main() -> std::process::ExitCode {
+    warren::alloc::configure();
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Server) {
         Command::Server => server_main(cli.config),
@@ -107,6 +112,7 @@ fn server_main(config_file: Option<PathBuf>) -> std::process::ExitCode {
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .on_thread_park(warren::alloc::collect_if_asked)
         .build()
     {
         Ok(r) => r,

@@ -3,9 +3,15 @@
 //! the alarm does). Without it a publisher faster than its consumers could grow the
 //! broker until the kernel kills it.
 //!
-//! glibc's malloc keeps the pages of a drained backlog for good: resident memory would
-//! stay at its peak, and an alarm raised at the peak would never clear. So the monitor
-//! also hands the allocator's unused memory back to the system when there is much of it.
+//! Allocators keep freed memory for reuse: resident memory would stay at a drained
+//! backlog's peak, and an alarm raised at the peak would never clear. glibc's malloc
+//! keeps the free space of its arenas (the broker's binary has it serve only the largest
+//! blocks, each in its own mapping, see `crate::alloc`; a library build uses it for
+//! everything); mimalloc keeps pages freed by other threads in their owners' heaps until
+//! it is asked to collect. So the monitor also hands the allocators' unused memory back
+//! to the system: when much of the resident memory is not in use, and every interval
+//! while memory runs short (mimalloc's committed figure counts what it holds free, so
+//! the first test alone misses what it could give back).
 
 use std::time::{Duration, Instant};
 
@@ -19,15 +25,15 @@ const RELEASE_UNUSED_BYTES: u64 = 64 << 20;
 /// of the alarm's threshold: RabbitMQ's `vm_memory_high_watermark_paging_ratio`.
 const PAGING_RATIO: f64 = 0.5;
 
-/// The allocator's view of the heap (glibc; elsewhere the allocator returns memory
-/// itself, or we cannot ask).
+/// The allocators' view of the heap (mimalloc, and glibc for large blocks; elsewhere
+/// the system allocator returns memory itself, or we cannot ask).
 mod allocator {
     /// Bytes of heap in use by the program.
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     pub fn in_use_bytes() -> u64 {
         // SAFETY: mallinfo2 only reads the allocator's statistics.
         let info = unsafe { libc::mallinfo2() };
-        (info.uordblks + info.hblkhd) as u64
+        (info.uordblks + info.hblkhd) as u64 + crate::alloc::mimalloc_committed_bytes()
     }
 
     /// Gives free heap pages back to the system.
@@ -35,15 +41,18 @@ mod allocator {
     pub fn release() {
         // SAFETY: malloc_trim only returns free memory; it takes the allocator's locks.
         unsafe { libc::malloc_trim(0) };
+        crate::alloc::mimalloc_release();
     }
 
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     pub fn in_use_bytes() -> u64 {
-        0
+        crate::alloc::mimalloc_committed_bytes()
     }
 
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-    pub fn release() {}
+    pub fn release() {
+        crate::alloc::mimalloc_release();
+    }
 }
 
 /// Watches the process's memory against its limit.
@@ -126,8 +135,9 @@ impl MemoryMonitor {
     /// Re-reads memory use; returns the new alarm state when it changed.
     pub fn check(&self) -> Option<bool> {
         let mut used = resident_bytes()?;
+        let pressed = used as f64 > self.limit_bytes as f64 * PAGING_RATIO;
         if self.releases.due()
-            && used.saturating_sub(allocator::in_use_bytes()) > RELEASE_UNUSED_BYTES
+            && (pressed || used.saturating_sub(allocator::in_use_bytes()) > RELEASE_UNUSED_BYTES)
         {
             let started = Instant::now();
             allocator::release();

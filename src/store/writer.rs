@@ -156,6 +156,7 @@ impl Writer {
             for read in std::mem::take(&mut self.reads) {
                 self.hand_over(read);
             }
+            crate::alloc::collect_if_asked();
             match control {
                 Control::Continue => {}
                 Control::Close => break,

@@ -1,0 +1,205 @@
+//! The broker's memory allocator: mimalloc for everything but the few very large
+//! blocks, which go to the system's malloc.
+//!
+//! Why not glibc's malloc alone: the store thread allocates the bodies it reads back and
+//! the runtime's threads free them (and the other way round for publishes), and glibc
+//! takes the allocating thread's arena lock for every such free, so the threads spend
+//! their time waking each other (a paged 1M x 1 KiB drain ran at half the rate).
+//! mimalloc frees across threads without a shared lock.
+//!
+//! Why not mimalloc alone: the deques that hold one record per queued message (see
+//! `growth`) reach hundreds of MiB and grow in place. glibc serves such blocks with their
+//! own mappings and grows them by remapping pages; mimalloc copies them into a new block,
+//! so for a moment a ten-million-message backlog holds its largest deques twice (peak
+//! RSS 1.5 GiB instead of 0.9).
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Blocks of at least this many bytes come from the system's malloc.
+const LARGE: usize = 1 << 20;
+
+/// mimalloc for blocks under [`LARGE`], the system's malloc for larger ones (the
+/// `#[global_allocator]` of the `warren` binary). A block's size, which Rust passes to
+/// `dealloc` and `realloc`, tells which allocator it came from.
+pub struct BrokerAlloc;
+
+fn is_large(layout: &Layout) -> bool {
+    layout.size() >= LARGE
+}
+
+// SAFETY: every block is freed or resized by the allocator that made it: both calls
+// receive the layout it was allocated with, and its size selects the same allocator.
+// A resize that crosses `LARGE` allocates from the other one, copies and frees.
+unsafe impl GlobalAlloc for BrokerAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if is_large(&layout) {
+            // SAFETY: forwarded with the caller's guarantees.
+            unsafe { System.alloc(layout) }
+        } else {
+            // SAFETY: as above.
+            unsafe { mimalloc::MiMalloc.alloc(layout) }
+        }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        if is_large(&layout) {
+            // SAFETY: forwarded with the caller's guarantees.
+            unsafe { System.alloc_zeroed(layout) }
+        } else {
+            // SAFETY: as above.
+            unsafe { mimalloc::MiMalloc.alloc_zeroed(layout) }
+        }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        if is_large(&layout) {
+            // SAFETY: `ptr` came from `System` (its size is at least LARGE).
+            unsafe { System.dealloc(ptr, layout) }
+        } else {
+            // SAFETY: `ptr` came from mimalloc.
+            unsafe { mimalloc::MiMalloc.dealloc(ptr, layout) }
+        }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let Ok(new_layout) = Layout::from_size_align(new_size, layout.align()) else {
+            return std::ptr::null_mut();
+        };
+        match (is_large(&layout), is_large(&new_layout)) {
+            // SAFETY: the block stays with the allocator that made it.
+            (true, true) => unsafe { System.realloc(ptr, layout, new_size) },
+            // SAFETY: as above.
+            (false, false) => unsafe { mimalloc::MiMalloc.realloc(ptr, layout, new_size) },
+            _ => {
+                // SAFETY: a fresh block from the allocator its new size selects; the old
+                // one is read for the bytes both hold, then freed by its own allocator.
+                unsafe {
+                    let new = self.alloc(new_layout);
+                    if !new.is_null() {
+                        let keep = layout.size().min(new_size);
+                        std::ptr::copy_nonoverlapping(ptr, new, keep);
+                        self.dealloc(ptr, layout);
+                    }
+                    new
+                }
+            }
+        }
+    }
+}
+
+/// mimalloc's option `allow_thp` (its `mi_option_t` number in v3).
+const MI_OPTION_ALLOW_THP: libmimalloc_sys::mi_option_t = 43;
+
+/// First thing in `main`, so that a drained backlog's memory goes back to the system
+/// (and the memory alarm clears):
+/// - no transparent huge pages for this process: freed small pages inside a huge page
+///   do not go back;
+/// - every block glibc serves (those of [`LARGE`] and more) gets its own mapping, given
+///   back when it is freed. glibc otherwise raises its mapping threshold after the first
+///   large free (up to 32 MiB) and serves later blocks from its arenas, whose free space
+///   between live blocks stays resident.
+pub fn configure() {
+    // SAFETY: sets an option's value.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_ALLOW_THP, 0) };
+    // SAFETY: prctl with PR_SET_THP_DISABLE only sets a flag of this process.
+    unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets a tunable of the allocator; a fixed threshold also
+    // turns its adjustment off.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, LARGE as libc::c_int)
+    };
+}
+
+/// Bytes mimalloc holds committed (its own estimate on Linux): with the system malloc's
+/// in-use bytes, what the process's heap really uses.
+pub fn mimalloc_committed_bytes() -> u64 {
+    let mut fields = [0usize; 8];
+    let [
+        elapsed,
+        user,
+        system,
+        rss,
+        peak_rss,
+        commit,
+        peak_commit,
+        faults,
+    ] = &mut fields;
+    // SAFETY: every pointer is to a live usize that mi_process_info only writes.
+    unsafe {
+        libmimalloc_sys::mi_process_info(
+            elapsed,
+            user,
+            system,
+            rss,
+            peak_rss,
+            commit,
+            peak_commit,
+            faults,
+        )
+    };
+    fields[5] as u64
+}
+
+/// Bumped by every [`mimalloc_release`]: threads that have not collected since then do
+/// at their next [`collect_if_asked`].
+static RELEASES: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    /// The value of [`RELEASES`] this thread last collected at.
+    static COLLECTED: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Asks mimalloc to return the memory it holds free to the system. mimalloc can collect
+/// only the calling thread's heap, and a page freed by other threads (a body read back
+/// on the store's reader thread and freed on the runtime's after its delivery) stays
+/// with the thread that allocated it: so this collects here and asks every other thread
+/// to collect at its next [`collect_if_asked`].
+pub fn mimalloc_release() {
+    let now = RELEASES.fetch_add(1, Ordering::Relaxed) + 1;
+    COLLECTED.with(|c| c.set(now));
+    // SAFETY: mi_collect only frees memory mimalloc holds unused.
+    unsafe { libmimalloc_sys::mi_collect(true) };
+}
+
+/// Collects this thread's mimalloc heap when a release was asked since it last did:
+/// called by long-lived threads when they go idle (the runtime's workers when they park,
+/// the store's threads between their jobs). Costs an atomic load otherwise.
+pub fn collect_if_asked() {
+    let asked = RELEASES.load(Ordering::Relaxed);
+    if COLLECTED.with(|c| c.replace(asked)) != asked {
+        // SAFETY: as in `mimalloc_release`.
+        unsafe { libmimalloc_sys::mi_collect(true) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_move_between_the_allocators_as_they_grow_and_shrink() {
+        let alloc = BrokerAlloc;
+        let small = Layout::from_size_align(1000, 8).unwrap();
+        // SAFETY: the block is written and read only within its size, and freed with
+        // the layout of its last size.
+        unsafe {
+            let p = alloc.alloc(small);
+            assert!(!p.is_null());
+            std::ptr::write_bytes(p, 7, 1000);
+            let p = alloc.realloc(p, small, 3 << 20);
+            assert!(!p.is_null());
+            assert_eq!(*p.add(999), 7);
+            std::ptr::write_bytes(p.add(1000), 9, (3 << 20) - 1000);
+            let large = Layout::from_size_align(3 << 20, 8).unwrap();
+            let p = alloc.realloc(p, large, 5 << 20);
+            assert_eq!(*p.add(999), 7);
+            assert_eq!(*p.add((3 << 20) - 1), 9);
+            let p = alloc.realloc(p, Layout::from_size_align(5 << 20, 8).unwrap(), 500);
+            assert_eq!(*p.add(499), 7);
+            alloc.dealloc(p, Layout::from_size_align(500, 8).unwrap());
+        }
+    }
+}
