@@ -132,12 +132,17 @@ impl MemoryMonitor {
         self.short.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Whether `used` bytes of resident memory count as memory running short.
+    fn runs_short(&self, used: u64) -> bool {
+        used as f64 > self.limit_bytes as f64 * PAGING_RATIO
+    }
+
     /// Re-reads memory use; returns the new alarm state when it changed.
     pub fn check(&self) -> Option<bool> {
         let mut used = resident_bytes()?;
-        let pressed = used as f64 > self.limit_bytes as f64 * PAGING_RATIO;
         if self.releases.due()
-            && (pressed || used.saturating_sub(allocator::in_use_bytes()) > RELEASE_UNUSED_BYTES)
+            && (self.runs_short(used)
+                || used.saturating_sub(allocator::in_use_bytes()) > RELEASE_UNUSED_BYTES)
         {
             let started = Instant::now();
             allocator::release();
@@ -149,7 +154,7 @@ impl MemoryMonitor {
                 "gave unused memory back to the system"
             );
         }
-        let short = used as f64 > self.limit_bytes as f64 * PAGING_RATIO;
+        let short = self.runs_short(used);
         let was_short = self
             .measured_short
             .swap(short, std::sync::atomic::Ordering::Relaxed);

@@ -96,14 +96,11 @@ fn run(rx: Receiver<ReadJob>) {
             Ok(job) => {
                 let answer = read(&mut cache, &job);
                 (job.done)(answer);
-                crate::alloc::collect_if_asked();
             }
-            Err(RecvTimeoutError::Timeout) => {
-                cache = None;
-                crate::alloc::collect_if_asked();
-            }
+            Err(RecvTimeoutError::Timeout) => cache = None,
             Err(RecvTimeoutError::Disconnected) => break,
         }
+        crate::alloc::collect_if_asked();
     }
 }
 
