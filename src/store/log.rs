@@ -464,47 +464,70 @@ impl ChunkWriter {
     }
 }
 
-/// Where a live entry was last written, and what it holds (24 bytes: the writer keeps
+/// A chunk number as the writer's index keeps it: its low 32 bits. Every chunk a live
+/// record names lies within 2^32 chunks below the newest one (the head is rewritten
+/// before it falls [`MAX_CHUNK_SPAN`] behind), so the low bits name it alone, and the
+/// index pays 4 bytes per record for it instead of 8.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ChunkTag(u32);
+
+impl ChunkTag {
+    fn of(chunk: ChunkId) -> ChunkTag {
+        ChunkTag(chunk as u32)
+    }
+
+    /// The chunk it names, the newest chunk being `newest`.
+    fn chunk(self, newest: ChunkId) -> ChunkId {
+        newest.wrapping_sub(u64::from((newest as u32).wrapping_sub(self.0)))
+    }
+}
+
+/// The head is rewritten (whatever the log's size) once it is this many chunks behind
+/// the current one, so that [`ChunkTag`]s stay unambiguous. At one commit per
+/// millisecond that is 24 days of a single message pinning the head.
+pub(super) const MAX_CHUNK_SPAN: u64 = 1 << 31;
+
+/// Where a live entry was last written, and what it holds (16 bytes: the writer keeps
 /// one per live entry of every backlog).
 #[derive(Debug, Clone, Copy)]
 struct LiveEntry {
+    /// `u64::MAX` marks a vacant slot of a [`DenseMap`] (ids are handed out from 0).
     msg_id: u64,
-    /// Never 0 (chunk numbers start at 1): 0 marks a vacant slot of a [`DenseMap`].
-    chunk: ChunkId,
+    chunk: ChunkTag,
     delivery_count: u32,
 }
 
 impl DenseValue for LiveEntry {
     const VACANT: LiveEntry = LiveEntry {
-        msg_id: 0,
-        chunk: 0,
+        msg_id: u64::MAX,
+        chunk: ChunkTag(0),
         delivery_count: 0,
     };
 
     fn is_vacant(&self) -> bool {
-        self.chunk == 0
+        self.msg_id == u64::MAX
     }
 }
 
 /// A stored message: the chunk holding its blob, and how many live entries name it
-/// (16 bytes, one per live message).
+/// (12 bytes, one per live message).
 #[derive(Debug, Clone, Copy)]
 struct LiveMsg {
-    /// Never 0, as [`LiveEntry::chunk`].
-    chunk: ChunkId,
+    chunk: ChunkTag,
     refs: u32,
+    /// Its blob's length; `u32::MAX` marks a vacant slot (a message is at most 512 MiB).
     len: u32,
 }
 
 impl DenseValue for LiveMsg {
     const VACANT: LiveMsg = LiveMsg {
-        chunk: 0,
+        chunk: ChunkTag(0),
         refs: 0,
-        len: 0,
+        len: u32::MAX,
     };
 
     fn is_vacant(&self) -> bool {
-        self.chunk == 0
+        self.len == u32::MAX
     }
 }
 
@@ -546,6 +569,8 @@ pub(super) struct LiveIndex {
     released: Vec<u64>,
     /// The chunk the current commit writes.
     current: ChunkId,
+    /// The greatest chunk begun or scanned: what [`ChunkTag`]s are read against.
+    newest: ChunkId,
     /// Heads rewritten in the current commit.
     rewritten: usize,
     /// The queue key looked up last: the ops of a commit mostly name the same few queues,
@@ -611,7 +636,7 @@ impl LiveIndex {
         self.msgs
             .get(msg_id)
             .filter(|m| m.refs > 0)
-            .map(|m| m.chunk)
+            .map(|m| self.full(m.chunk))
     }
 
     /// Number of stored chunks.
@@ -622,6 +647,7 @@ impl LiveIndex {
     /// Starts a commit that writes chunk `chunk` (greater than every stored chunk).
     pub(super) fn begin(&mut self, chunk: ChunkId) {
         self.current = chunk;
+        self.newest = chunk;
         self.rewritten = 0;
         self.chunks.insert(chunk, ChunkInfo::default());
     }
@@ -636,6 +662,11 @@ impl LiveIndex {
         self.chunks
             .last_key_value()
             .map_or(1, |(&last, _)| last.saturating_add(1))
+    }
+
+    /// The chunk `tag` names.
+    fn full(&self, tag: ChunkTag) -> ChunkId {
+        tag.chunk(self.newest)
     }
 
     fn live_add(&mut self, chunk: ChunkId) {
@@ -658,11 +689,11 @@ impl LiveIndex {
             Some(msg) => {
                 let (old, refs) = (msg.chunk, msg.refs);
                 let old_len = msg.len;
-                msg.chunk = current;
+                msg.chunk = ChunkTag::of(current);
                 msg.len = len;
                 if refs > 0 {
                     self.live_bytes = self.live_bytes - u64::from(old_len) + u64::from(len);
-                    self.live_sub(old);
+                    self.live_sub(self.full(old));
                     self.live_add(current);
                 }
             }
@@ -670,7 +701,7 @@ impl LiveIndex {
                 self.msgs.insert(
                     msg_id,
                     LiveMsg {
-                        chunk: current,
+                        chunk: ChunkTag::of(current),
                         refs: 0,
                         len,
                     },
@@ -689,7 +720,7 @@ impl LiveIndex {
         if msg.refs == 1 {
             let (chunk, len) = (msg.chunk, msg.len);
             self.live_bytes += u64::from(len);
-            self.live_add(chunk);
+            self.live_add(self.full(chunk));
         }
         true
     }
@@ -706,7 +737,7 @@ impl LiveIndex {
         if msg.refs == 0 {
             let (chunk, len) = (msg.chunk, msg.len);
             self.live_bytes = self.live_bytes.saturating_sub(u64::from(len));
-            self.live_sub(chunk);
+            self.live_sub(self.full(chunk));
             self.released.push(msg_id);
         }
     }
@@ -719,13 +750,13 @@ impl LiveIndex {
         }
         let entry = LiveEntry {
             msg_id,
-            chunk: self.current,
+            chunk: ChunkTag::of(self.current),
             delivery_count: 0,
         };
         let replaced = self.queues[queue as usize].insert(offset, entry);
         self.live_add(self.current);
         if let Some(old) = replaced {
-            self.live_sub(old.chunk);
+            self.live_sub(self.full(old.chunk));
             self.release(old.msg_id);
         }
         true
@@ -736,7 +767,7 @@ impl LiveIndex {
         let Some(old) = self.queues[queue as usize].remove(offset) else {
             return false;
         };
-        self.live_sub(old.chunk);
+        self.live_sub(self.full(old.chunk));
         self.release(old.msg_id);
         true
     }
@@ -759,7 +790,7 @@ impl LiveIndex {
             return false;
         }
         for (_, entry) in entries.iter() {
-            self.live_sub(entry.chunk);
+            self.live_sub(self.full(entry.chunk));
             self.release(entry.msg_id);
         }
         true
@@ -784,10 +815,13 @@ impl LiveIndex {
         if info.live == 0 {
             return Some(Truncation::Delete(head));
         }
+        if self.rewritten >= COMPACT_HEADS_PER_COMMIT {
+            return None;
+        }
         let worth_it = self.log_bytes > COMPACT_FLOOR_BYTES
-            && self.log_bytes > self.live_bytes.saturating_mul(2)
-            && self.rewritten < COMPACT_HEADS_PER_COMMIT;
-        worth_it.then_some(Truncation::Rewrite(head))
+            && self.log_bytes > self.live_bytes.saturating_mul(2);
+        let too_old = self.current.saturating_sub(head) >= MAX_CHUNK_SPAN;
+        (worth_it || too_old).then_some(Truncation::Rewrite(head))
     }
 
     /// The head `chunk` (with bytes `bytes`) is rewritten: its live records go into `out`
@@ -813,10 +847,10 @@ impl LiveIndex {
                     let Some(msg) = self.msgs.get_mut(msg_id) else {
                         continue;
                     };
-                    if msg.chunk != chunk || msg.refs == 0 {
+                    if msg.chunk != ChunkTag::of(chunk) || msg.refs == 0 {
                         continue;
                     }
-                    msg.chunk = current;
+                    msg.chunk = ChunkTag::of(current);
                     let head_bytes = head
                         .of(bytes)
                         .ok_or_else(|| reader.damaged("record cut short"))?;
@@ -841,10 +875,10 @@ impl LiveIndex {
                     let Some(entry) = self.queues[queue as usize].get_mut(offset) else {
                         continue;
                     };
-                    if entry.chunk != chunk {
+                    if entry.chunk != ChunkTag::of(chunk) {
                         continue;
                     }
-                    entry.chunk = current;
+                    entry.chunk = ChunkTag::of(current);
                     let (msg_id, count) = (entry.msg_id, entry.delivery_count);
                     out.enqueue(queue, &self.names[queue as usize], offset, msg_id, count);
                     self.live_sub(chunk);
@@ -996,6 +1030,7 @@ impl Replay {
     /// Takes in the next chunk's records.
     pub(super) fn scan(&mut self, chunk: ChunkId, bytes: &[u8]) -> Result<(), DamagedChunk> {
         let index = &mut self.index;
+        index.newest = chunk;
         index.chunks.insert(
             chunk,
             ChunkInfo {
@@ -1026,7 +1061,7 @@ impl Replay {
                     index.log_bytes += body.len as u64;
                     let len = head.len + body.len;
                     let msg = LiveMsg {
-                        chunk,
+                        chunk: ChunkTag::of(chunk),
                         refs: 0,
                         len: len as u32,
                     };
@@ -1055,7 +1090,7 @@ impl Replay {
                     let queue = resolve(&local, l, &reader)?;
                     let entry = LiveEntry {
                         msg_id,
-                        chunk,
+                        chunk: ChunkTag::of(chunk),
                         delivery_count,
                     };
                     index.queues[queue as usize].insert(offset, entry);
@@ -1104,7 +1139,7 @@ impl Replay {
                     return false;
                 };
                 msg.refs = msg.refs.saturating_add(1);
-                if let Some(info) = index.chunks.get_mut(&entry.chunk) {
+                if let Some(info) = index.chunks.get_mut(&entry.chunk.chunk(index.newest)) {
                     info.live += 1;
                 }
                 true
@@ -1115,7 +1150,7 @@ impl Replay {
         let orphans = stored - index.msgs.len();
         for (_, msg) in index.msgs.iter() {
             index.live_bytes += u64::from(msg.len);
-            if let Some(info) = index.chunks.get_mut(&msg.chunk) {
+            if let Some(info) = index.chunks.get_mut(&msg.chunk.chunk(index.newest)) {
                 info.live += 1;
             }
         }
@@ -1186,4 +1221,63 @@ pub(super) fn replay(chunks: Vec<(ChunkId, bytes::Bytes)>) -> Result<Replayed, D
         replay.scan(*chunk, bytes)?;
     }
     Ok(replay.finish(None))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_index_costs_28_bytes_per_paged_message() {
+        assert_eq!(std::mem::size_of::<LiveEntry>(), 16);
+        assert_eq!(std::mem::size_of::<LiveMsg>(), 12);
+    }
+
+    /// One commit writing chunk `chunk`: message `msg_id` stored and enqueued at `offset`.
+    fn commit_one(index: &mut LiveIndex, queue: QueueId, chunk: ChunkId, msg_id: u64) {
+        index.begin(chunk);
+        index.put(msg_id, 10);
+        assert!(index.enqueue(queue, msg_id, msg_id));
+        index.end_ops();
+        assert!(index.finish(100, true));
+    }
+
+    #[test]
+    fn chunk_numbers_past_four_billion_keep_their_records_apart() {
+        let mut index = LiveIndex::default();
+        let q = index.queue_id("q");
+        let first = (1u64 << 32) - 1;
+        // The second chunk's low 32 bits are 0, the third's 1, as chunk 1's are.
+        for (i, chunk) in (first..first + 3).enumerate() {
+            commit_one(&mut index, q, chunk, i as u64);
+        }
+        for (i, chunk) in (first..first + 3).enumerate() {
+            assert_eq!(index.locate(i as u64), Some(chunk));
+        }
+        index.begin(first + 3);
+        assert!(index.remove(q, 1));
+        index.end_ops();
+        // Chunk `first` still holds a live entry; the one after it does not.
+        assert_eq!(index.next_truncation(), None);
+        assert!(index.remove(q, 0));
+        index.end_ops();
+        assert_eq!(index.next_truncation(), Some(Truncation::Delete(first)));
+        index.deleted(first);
+        assert_eq!(index.next_truncation(), Some(Truncation::Delete(first + 1)));
+        index.deleted(first + 1);
+        assert_eq!(index.next_truncation(), None);
+        assert_eq!(index.locate(2), Some(first + 2));
+    }
+
+    #[test]
+    fn a_head_far_behind_the_current_chunk_is_rewritten_however_small_the_log() {
+        let mut index = LiveIndex::default();
+        let q = index.queue_id("q");
+        commit_one(&mut index, q, 1, 0);
+        index.begin(MAX_CHUNK_SPAN);
+        assert_eq!(index.next_truncation(), None, "a small log is left alone");
+        assert!(!index.finish(0, false));
+        index.begin(1 + MAX_CHUNK_SPAN);
+        assert_eq!(index.next_truncation(), Some(Truncation::Rewrite(1)));
+    }
 }
