@@ -7,7 +7,7 @@
 //! commands in the same order give the same state anywhere, which is what lets a Raft log
 //! drive a replicated queue with this very code. Commands are serde values for that log.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, DefaultHasher};
 use std::sync::Arc;
 
@@ -15,6 +15,10 @@ use serde::{Deserialize, Serialize};
 
 use super::args::{Overflow, QueueArgs};
 use super::message::{Message, PagedHead, codec};
+
+mod ready;
+
+use ready::{Level, Waiting};
 
 /// Position of a message in its queue: increases with every enqueue, so that a requeued
 /// message goes back to its original place.
@@ -114,8 +118,8 @@ impl Slot {
 /// consumer (`Effect::Forget`, `Effect::DeadLetter`): an `Entry` whose content may be in
 /// the store only. Handed to consumers only once loaded (`Queued::into_entry`).
 ///
-/// A backlog holds one of these per message, most of them paged, so it is kept to 40
-/// bytes: the expiry is a plain `u64` (`NEVER` for none) rather than an `Option`.
+/// The expiry is a plain `u64` (`NEVER` for none) rather than an `Option`, so that it
+/// takes 8 bytes; the ready lists keep it apart (see `ready::Waiting`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Queued {
     /// Its place.
@@ -393,7 +397,7 @@ type Unacked = HashMap<Offset, (Entry, Option<ConsumerId>), BuildHasherDefault<D
 pub struct QueueState {
     args: QueueArgs,
     /// One FIFO per priority level, highest last.
-    ready: Vec<VecDeque<Queued>>,
+    ready: Vec<Level>,
     ready_count: usize,
     ready_bytes: usize,
     /// Of the ready messages, those whose content is in memory: their body bytes, and
@@ -426,7 +430,7 @@ impl QueueState {
         let levels = args.max_priority.map_or(1, |p| p as usize + 1);
         QueueState {
             args,
-            ready: (0..levels).map(|_| VecDeque::new()).collect(),
+            ready: (0..levels).map(|_| Level::default()).collect(),
             ready_count: 0,
             ready_bytes: 0,
             loaded_bytes: 0,
@@ -568,7 +572,7 @@ impl QueueState {
                     return Err(format!("ready out of order at {}", pair.1.offset));
                 }
             }
-            for e in level {
+            for e in level.iter() {
                 count += 1;
                 bytes += e.slot.size();
                 match &e.slot {
@@ -643,7 +647,7 @@ impl QueueState {
     /// with them). Its consumers go and it counts as deleted, without forgetting the
     /// messages' stored copies: the new holder takes them over.
     pub fn surrender(&mut self) -> Vec<Queued> {
-        let mut taken: Vec<Queued> = self.ready.iter_mut().flat_map(|l| l.drain(..)).collect();
+        let mut taken: Vec<Queued> = self.ready.iter_mut().flat_map(|l| l.drain()).collect();
         taken.extend(self.unacked.drain().map(|(_, (entry, _))| {
             let mut q = Queued::from(entry);
             q.redelivered = true;
@@ -868,7 +872,7 @@ impl QueueState {
         let needs_body = self.args.dead_letter_exchange.is_some();
         for l in 0..self.ready.len() {
             while let Some(head) = self.ready[l].front() {
-                let due = head.expires_at().is_some_and(|t| t < now_ms);
+                let due = self.ready[l].front_expiry().is_some_and(|t| t < now_ms);
                 if !due || (needs_body && head.slot.is_paged()) {
                     break;
                 }
@@ -895,10 +899,7 @@ impl QueueState {
 
     /// The earliest expiry among the heads (for the caller's timer).
     pub fn next_expiry(&self) -> Option<u64> {
-        self.ready
-            .iter()
-            .filter_map(|l| l.front().and_then(Queued::expires_at))
-            .min()
+        self.ready.iter().filter_map(Level::front_expiry).min()
     }
 
     /// One delivery round (`Command::Credit`): in the highest-priority group that has a
@@ -972,7 +973,7 @@ impl QueueState {
     }
 
     /// The next message to deliver: the oldest of the highest priority.
-    fn head(&self) -> Option<&Queued> {
+    fn head(&self) -> Option<&Waiting> {
         self.ready.iter().rev().find_map(|l| l.front())
     }
 
@@ -1095,7 +1096,7 @@ impl QueueState {
         self.ready_bytes = 0;
         self.loaded_bytes = 0;
         self.paged_count = 0;
-        let mut all: Vec<Queued> = self.ready.iter_mut().flat_map(|l| l.drain(..)).collect();
+        let mut all: Vec<Queued> = self.ready.iter_mut().flat_map(|l| l.drain()).collect();
         all.sort_by_key(|e| e.offset);
         let count = all.len();
         out.extend(all.into_iter().map(|entry| Effect::Forget { entry }));
@@ -1106,7 +1107,7 @@ impl QueueState {
     /// (the host calls it from its timer; it changes nothing a command can see).
     pub fn trim_memory(&mut self) {
         for level in &mut self.ready {
-            crate::growth::shrink_if_sparse(level);
+            level.shrink_if_sparse();
         }
     }
 
@@ -1126,11 +1127,10 @@ impl QueueState {
     }
 
     /// The ready message at `offset`, wherever its priority put it.
-    fn find_ready_mut(&mut self, offset: Offset) -> Option<&mut Queued> {
-        self.ready.iter_mut().find_map(|level| {
-            let pos = level.partition_point(|e| e.offset < offset);
-            level.get_mut(pos).filter(|e| e.offset == offset)
-        })
+    fn find_ready_mut(&mut self, offset: Offset) -> Option<&mut Waiting> {
+        self.ready
+            .iter_mut()
+            .find_map(|level| level.get_mut(offset))
     }
 
     /// Host paging (not a command: only a classic queue's host pages, and what is in
@@ -1234,7 +1234,7 @@ impl QueueState {
         let mut out = Vec::new();
         let mut bytes = 0usize;
         for level in self.ready.iter().rev() {
-            for e in level {
+            for e in level.iter() {
                 if let Slot::Paged {
                     store_id,
                     size,
@@ -1274,19 +1274,12 @@ impl QueueState {
     /// Host paging: the paged message at `offset` whose content the store no longer has
     /// leaves the ready list (it cannot be delivered; the host reports it).
     pub fn drop_unreadable(&mut self, offset: Offset) -> Option<Queued> {
-        for l in 0..self.ready.len() {
-            let level = &mut self.ready[l];
-            let pos = level.partition_point(|e| e.offset < offset);
-            if level
-                .get(pos)
-                .is_some_and(|e| e.offset == offset && e.slot.is_paged())
-            {
-                let entry = level.remove(pos)?;
-                self.count_out(&entry);
-                return Some(entry);
-            }
-        }
-        None
+        let entry = self
+            .ready
+            .iter_mut()
+            .find_map(|level| level.remove_if(offset, |e| e.slot.is_paged()))?;
+        self.count_out(&entry);
+        Some(entry)
     }
 
     fn release_credit(&mut self, consumer: Option<ConsumerId>) {
@@ -1305,15 +1298,7 @@ impl QueueState {
             Slot::Paged { .. } => self.paged_count += 1,
         }
         let top = self.ready.len() - 1;
-        let level = &mut self.ready[(entry.priority as usize).min(top)];
-        crate::growth::reserve_one(level);
-        // New messages go to the tail; requeued ones usually near the head.
-        if level.back().is_none_or(|last| last.offset < entry.offset) {
-            level.push_back(entry);
-        } else {
-            let pos = level.partition_point(|e| e.offset < entry.offset);
-            level.insert(pos, entry);
-        }
+        self.ready[(entry.priority as usize).min(top)].insert(entry);
     }
 }
 
