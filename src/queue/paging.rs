@@ -4,7 +4,8 @@
 //!
 //! The state machine holds every ready message as a `Queued` whose content is either
 //! loaded or `Slot::Paged` (its stored copy's id and size; 32 bytes in all in its ready
-//! list, `state::ready`); it delivers only loaded heads. This host side decides what is in memory:
+//! list, `state::ready`); it delivers only loaded heads. This host side decides what is
+//! in memory:
 //! - a persistent message enqueued (or recovered) while the queue's ready bodies pass
 //!   the window (`QueueStore::body_window`) keeps only its stored copy: its body is
 //!   already on its way to the store, which the publish handed it to before the enqueue;
