@@ -64,11 +64,12 @@ async fn start_clustered(
             .await?;
     state.access.join_cluster(cluster.proposals().clone());
     let proxies = crate::broker::remote_consume::start(state, cluster.transport());
+    let forwarder = crate::broker::remote::Forwarder::new(cluster.transport().clone());
     state.join_cluster(ClusterLink {
         proposals: cluster.proposals().clone(),
         node: node.clone(),
         cluster: cluster.clone(),
-        forwarder: crate::broker::remote::Forwarder::new(cluster.transport().clone()),
+        forwarder: forwarder.clone(),
         proxies,
         replicas: crate::replica::Replicas::new(
             cluster.transport().clone(),
@@ -77,6 +78,7 @@ async fn start_clustered(
             &names,
             queue_logs,
             state.msg_ids(),
+            forwarder,
         ),
         mirroring: Arc::default(),
     });

@@ -731,6 +731,96 @@ async fn a_node_that_stops_hands_its_leaderships_over_first() {
     assert!(lost.is_empty(), "confirmed messages lost: {lost:?}");
 }
 
+/// Publishes `PREFIX:0`, `PREFIX:1`, ... through `ch` in windows of 20, each window's
+/// confirms awaited, until `stop` is set: the bodies confirmed, and those nacked.
+async fn publish_until(
+    ch: Channel,
+    prefix: &'static str,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> (Vec<String>, Vec<String>) {
+    let (mut confirmed, mut nacked) = (Vec::new(), Vec::new());
+    let mut next = 0;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let mut confirms = Vec::new();
+        for _ in 0..20 {
+            let body = format!("{prefix}:{next}");
+            next += 1;
+            let confirm = ch
+                .basic_publish(
+                    "".into(),
+                    QUEUE.into(),
+                    BasicPublishOptions::default(),
+                    body.as_bytes(),
+                    BasicProperties::default().with_delivery_mode(2),
+                )
+                .await
+                .expect("published");
+            confirms.push((body, confirm));
+        }
+        for (body, confirm) in confirms {
+            let answer = tokio::time::timeout(Duration::from_secs(40), confirm).await;
+            match answer {
+                Ok(Ok(c)) if c.is_ack() => confirmed.push(body),
+                _ => nacked.push(body),
+            }
+        }
+    }
+    (confirmed, nacked)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_made_while_the_leadership_moves_are_confirmed_by_the_new_leader() {
+    let Some(c) = Cluster::start(3) else {
+        return;
+    };
+    c.wait_agreed_leader(&[1, 2, 3], None, ELECTION).await;
+    let ch = confirming_channel(&c, 1).await.expect("node up");
+    let (options, args) = quorum();
+    ch.queue_declare(QUEUE.into(), options, args).await.unwrap();
+    let mut leads = leader(&c, &[1, 2, 3], QUEUE).await;
+    publish_confirmed(&ch, "first", 1).await;
+
+    // One publisher on the node that leads first (its member proposes), one on another
+    // node (which forwards to the leader it knows).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let elsewhere = if leads == 3 { 2 } else { 3 };
+    let at_leader = confirming_channel(&c, leads).await.expect("node up");
+    let forwarded = confirming_channel(&c, elsewhere).await.expect("node up");
+    let running = [(at_leader, "at-leader"), (forwarded, "forwarded")]
+        .map(|(ch, prefix)| tokio::spawn(publish_until(ch, prefix, stop.clone())));
+
+    // The leadership goes round the three nodes, twice, while both publish.
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let to = leads % 3 + 1;
+        let name = c.node(to).name.clone();
+        let out = tokio::task::block_in_place(|| c.ctl(2, &["transfer_leadership", QUEUE, &name]));
+        assert!(out.contains("Transferring"), "{out}");
+        leads = to;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut confirmed: BTreeSet<String> = BTreeSet::from(["first:0".to_string()]);
+    for publisher in running {
+        let (acked, nacked) = publisher.await.expect("publisher ran");
+        assert!(
+            nacked.is_empty(),
+            "{} of {} nacked while the leadership moved: {:?}",
+            nacked.len(),
+            acked.len() + nacked.len(),
+            &nacked[..nacked.len().min(10)]
+        );
+        assert!(acked.len() > 100, "only {} published", acked.len());
+        confirmed.extend(acked);
+    }
+
+    let (got, _) = drain(&c, leads).await;
+    let unique: BTreeSet<String> = got.iter().cloned().collect();
+    let lost: Vec<&String> = confirmed.difference(&unique).collect();
+    assert!(lost.is_empty(), "confirmed messages lost: {lost:?}");
+    assert_eq!(got.len(), unique.len(), "a message delivered twice");
+}
+
 /// How many of the `rebal-*` queues each node leads, as `warren ctl list_queues name
 /// leader` through node `via` shows them.
 fn listed_leaders(c: &Cluster, via: usize) -> Vec<usize> {

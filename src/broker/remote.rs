@@ -40,6 +40,17 @@ enum QueueRequest {
         /// The message as the store encodes it.
         message: Vec<u8>,
     },
+    /// A message a member of the replicated queue `queue` could not propose because it
+    /// does not lead the queue's group (see `crate::replica::relay`): the receiver, which
+    /// the sender's group names leader, proposes it, or relays it on while `hops` allows.
+    Relay {
+        vhost: String,
+        queue: String,
+        /// Relays the message has taken, this one included.
+        hops: u8,
+        /// The message as the store encodes it.
+        message: Vec<u8>,
+    },
 }
 
 /// The home's answer.
@@ -102,7 +113,33 @@ impl Forwarder {
             persistent,
             message,
         };
-        let body = match postcard::to_stdvec(&request) {
+        self.send(home, &request, done);
+    }
+
+    /// Sends `message` (the store's encoding), which this node's member of the replicated
+    /// queue `queue` could not propose, to `home`, the member its group names leader;
+    /// `hops` counts the relays, this one included. `done` is called with the outcome.
+    pub fn relay(
+        &self,
+        home: &str,
+        vhost: &str,
+        queue: &str,
+        message: Vec<u8>,
+        hops: u8,
+        done: Done,
+    ) {
+        let request = QueueRequest::Relay {
+            vhost: vhost.to_string(),
+            queue: queue.to_string(),
+            hops,
+            message,
+        };
+        self.send(home, &request, done);
+    }
+
+    /// Queues `request` for `home`, behind what was sent there before.
+    fn send(&self, home: &str, request: &QueueRequest, done: Done) {
+        let body = match postcard::to_stdvec(request) {
             Ok(b) => b,
             Err(e) => {
                 tracing::error!("cluster: cannot encode a forwarded publish: {e}");
@@ -182,6 +219,12 @@ pub async fn serve(broker: Weak<BrokerState>, mut inbox: mpsc::Receiver<Incoming
                 persistent,
                 message,
             }) => accept_publish(&broker, &vhost, &queues, persistent, message),
+            Ok(QueueRequest::Relay {
+                vhost,
+                queue,
+                hops,
+                message,
+            }) => accept_relay(&broker, &vhost, &queue, hops, message),
         };
         tokio::spawn(async move {
             let answer = match answer {
@@ -227,4 +270,38 @@ fn accept_publish(
     let msg = crate::queue::Message { store_id, ..msg };
     let (refused, durable) = v.enqueue_forwarded(queues, msg);
     Ok((refused, Box::pin(durable)))
+}
+
+/// A message another member of a replicated queue relayed here (see
+/// `crate::replica::relay`): proposed to this node's member of the queue's group, which
+/// relays it on if it does not lead the group either.
+fn accept_relay(
+    broker: &BrokerState,
+    vhost: &str,
+    queue: &str,
+    hops: u8,
+    message: Vec<u8>,
+) -> Result<Accepted, String> {
+    let v = broker
+        .vhost(vhost)
+        .ok_or_else(|| format!("no vhost '{vhost}'"))?;
+    let q = v
+        .find_queue(queue)
+        .filter(|q| q.is_replicated())
+        .ok_or_else(|| format!("no replicated queue '{queue}' here"))?;
+    if !q.replica().is_some_and(|log| log.is_proposing()) {
+        return Err(format!("the group of '{queue}' is not running here yet"));
+    }
+    let blob = Bytes::from(message);
+    let msg =
+        super::persist::decode_message(&blob, 0).ok_or_else(|| "unreadable message".to_string())?;
+    let store_id = msg.is_persistent().then(|| broker.next_msg_id());
+    let msg = crate::queue::Message { store_id, ..msg };
+    let (ack, committed) = tokio::sync::oneshot::channel();
+    let refused =
+        q.enqueue_relayed(Arc::new(msg), Some(ack), hops) == crate::queue::Enqueued::Rejected;
+    Ok((
+        refused,
+        Box::pin(async move { committed.await.unwrap_or(false) }),
+    ))
 }

@@ -940,9 +940,10 @@ impl VHost {
     /// A message another node routed to `queues` of this vhost (those homed here take
     /// it): its persistent copies go to the store, it is enqueued now (a replicated
     /// queue proposes it to its log), and the future is ready once the copies are
-    /// durable and the replicated queues committed it. Also says whether a queue refused
-    /// it (x-overflow reject-publish, or not hosted here any more, as a replicated
-    /// queue whose leader moved): the publisher then gets a nack.
+    /// durable and the replicated queues committed it (a replicated queue whose leader
+    /// moved gets it through this node's member of its group, which relays it to the
+    /// leader). Also says whether a queue refused it (x-overflow reject-publish, or a
+    /// classic queue not homed here any more): the publisher then gets a nack.
     pub fn enqueue_forwarded(
         &self,
         queues: &[String],
@@ -956,14 +957,17 @@ impl VHost {
             let Some(q) = self.find_queue(name) else {
                 continue;
             };
-            if self.remote_home(name).is_some() {
-                refused = true;
-                continue;
-            }
-            if q.is_replicated() {
+            let home_here = self.remote_home(name).is_none();
+            if q.is_replicated() && (home_here || q.replica().is_some_and(|log| log.is_proposing()))
+            {
+                // (Also when its leader has moved: this node's member relays it there.)
                 let (ack, committed) = tokio::sync::oneshot::channel();
                 q.enqueue_tracked(msg.clone(), Some(ack));
                 replicated.push(committed);
+                continue;
+            }
+            if !home_here {
+                refused = true;
                 continue;
             }
             if q.refuses(msg.size()) {

@@ -435,6 +435,18 @@ impl Queue {
         msg: Arc<Message>,
         ack: Option<tokio::sync::oneshot::Sender<bool>>,
     ) -> Enqueued {
+        self.enqueue_relayed(msg, ack, 0)
+    }
+
+    /// [`Queue::enqueue_tracked`] for a publish that other members of a replicated queue
+    /// relayed `hops` times (see `crate::replica::relay`), so that a member which does
+    /// not lead the group either relays it on only while the limit allows.
+    pub fn enqueue_relayed(
+        &self,
+        msg: Arc<Message>,
+        ack: Option<tokio::sync::oneshot::Sender<bool>>,
+        hops: u8,
+    ) -> Enqueued {
         if !self.is_replicated() {
             return self.enqueue_now(msg);
         }
@@ -444,7 +456,11 @@ impl Queue {
                     Ok(ack) => ack,
                     Err(()) => return Enqueued::Rejected,
                 };
-                log.propose(crate::replica::ReplicaRecord::Enqueue(msg.encode()), ack);
+                log.propose_relayed(
+                    crate::replica::ReplicaRecord::Enqueue(msg.encode()),
+                    ack,
+                    hops,
+                );
                 Enqueued::Accepted(0)
             }
             None => {

@@ -7,7 +7,8 @@
 //! whole log, and asks it to stand for election. With no appends going out, the other
 //! members' leader leases run out within an election timeout and they grant the vote;
 //! the old leader grants it too and steps down. Publishes that came meanwhile wait in
-//! the gate and are nacked once it opens on a node that no longer leads.
+//! the gate; once it opens on a node that no longer leads, they are relayed to the new
+//! leader (see `super::relay`).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};

@@ -30,6 +30,7 @@ pub mod adopt;
 pub mod elections;
 pub mod handover;
 pub mod machine;
+mod relay;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Cursor;
@@ -41,6 +42,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use self::machine::{RECORDS_PER_ENTRY, ReplicaMachine};
+use crate::broker::remote::Forwarder;
 use crate::broker::vhost::VHost;
 use crate::cluster::Transport;
 use crate::cluster::meta::NodeId;
@@ -201,20 +203,47 @@ impl ReplicaRecord {
 /// Called with whether a proposed record was committed.
 type Ack = oneshot::Sender<bool>;
 
+/// A record handed to a group's proposer.
+struct Proposal {
+    record: ReplicaRecord,
+    /// Hears whether the record was committed.
+    ack: Option<Ack>,
+    /// Times the record (a publish) was relayed between members (see [`relay`]).
+    hops: u8,
+}
+
 /// A replicated queue's way into its log (cheap to clone): records are proposed in the
 /// order they are handed over.
 #[derive(Debug, Clone)]
 pub struct ReplicaLog {
-    tx: mpsc::UnboundedSender<(ReplicaRecord, Option<Ack>)>,
+    tx: mpsc::UnboundedSender<Proposal>,
     /// The group's machine, once its member runs: where the host's paged bodies are.
     machine: Arc<std::sync::OnceLock<ReplicaMachine>>,
+    /// Set while the group's proposer runs (it starts once the group has a leader and,
+    /// for a queue that became replicated, its messages are in the group).
+    proposing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl ReplicaLog {
+    /// Whether records proposed now go into the log at once, rather than wait for the
+    /// group to start: only then does a member take a publish for a leader elsewhere
+    /// (a publish that waited past its publisher's patience would be nacked, and then
+    /// stored all the same).
+    pub fn is_proposing(&self) -> bool {
+        self.proposing.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Proposes `record`; `ack` hears whether it was committed (false: this node does not
     /// lead the group, or lost its place before the record was committed).
     pub fn propose(&self, record: ReplicaRecord, ack: Option<Ack>) {
-        if let Err(mpsc::error::SendError((_, Some(ack)))) = self.tx.send((record, ack)) {
+        self.propose_relayed(record, ack, 0);
+    }
+
+    /// [`ReplicaLog::propose`] for a publish other members relayed `hops` times.
+    pub fn propose_relayed(&self, record: ReplicaRecord, ack: Option<Ack>, hops: u8) {
+        let proposal = Proposal { record, ack, hops };
+        if let Err(mpsc::error::SendError(Proposal { ack: Some(ack), .. })) = self.tx.send(proposal)
+        {
             let _ = ack.send(false);
         }
     }
@@ -277,6 +306,8 @@ struct ReplicasInner {
     groups: Mutex<HashMap<GroupId, Arc<Mutex<RunningGroup>>>>,
     /// Cleared while the node is drained: it then never stands for election.
     may_lead: Arc<std::sync::atomic::AtomicBool>,
+    /// The node's way to other nodes' queues (publishes relayed to a group's leader).
+    forwarder: Forwarder,
 }
 
 impl std::fmt::Debug for Replicas {
@@ -298,6 +329,7 @@ impl Replicas {
         names: &[String],
         recovered: HashMap<GroupId, RecoveredRaftGroup>,
         msg_ids: Arc<std::sync::atomic::AtomicU64>,
+        forwarder: Forwarder,
     ) -> Replicas {
         let ids = names
             .iter()
@@ -314,6 +346,7 @@ impl Replicas {
                 msg_ids,
                 groups: Mutex::default(),
                 may_lead: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+                forwarder,
             }),
         }
     }
@@ -351,10 +384,13 @@ impl Replicas {
             return;
         }
         let (tx, rx) = mpsc::unbounded_channel();
+        let again = tx.downgrade();
         let machine = Arc::new(std::sync::OnceLock::new());
+        let proposing = Arc::new(std::sync::atomic::AtomicBool::new(false));
         queue.attach_replica(ReplicaLog {
             tx,
             machine: machine.clone(),
+            proposing: proposing.clone(),
         });
         let members_changed = Arc::new(tokio::sync::Notify::new());
         let gate = Arc::new(tokio::sync::Semaphore::new(ENTRIES_AWAITING_COMMIT));
@@ -398,6 +434,9 @@ impl Replicas {
             members_changed,
             gate,
             may_lead: self.inner.may_lead.clone(),
+            forwarder: self.inner.forwarder.clone(),
+            again,
+            proposing,
         };
         tokio::spawn(async move {
             if let Err(e) = start.run(rx).await {
@@ -574,13 +613,16 @@ struct GroupStart {
     members_changed: Arc<tokio::sync::Notify>,
     gate: Arc<tokio::sync::Semaphore>,
     may_lead: Arc<std::sync::atomic::AtomicBool>,
+    /// Where publishes this member cannot propose go (see [`relay`]).
+    forwarder: Forwarder,
+    /// The way back into the group's proposals.
+    again: mpsc::WeakUnboundedSender<Proposal>,
+    /// Set while the proposer runs.
+    proposing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl GroupStart {
-    async fn run(
-        self,
-        proposals: mpsc::UnboundedReceiver<(ReplicaRecord, Option<Ack>)>,
-    ) -> anyhow::Result<()> {
+    async fn run(self, proposals: mpsc::UnboundedReceiver<Proposal>) -> anyhow::Result<()> {
         let config = Config {
             cluster_name: format!("warren-queue-{:x}", self.group),
             heartbeat_interval: 250,
@@ -684,11 +726,22 @@ impl GroupStart {
                 }
             }
         }
+        let relay = Arc::new(relay::Relay {
+            raft: raft.clone(),
+            me: self.me,
+            names: self.names.clone(),
+            forwarder: self.forwarder,
+            queue: self.queue.clone(),
+            vhost: self.vhost.clone(),
+            again: self.again,
+        });
         tokio::spawn(propose(
             raft.clone(),
             proposals,
             self.gate.clone(),
             stop.clone(),
+            relay,
+            self.proposing,
         ));
         let leadership = Leadership {
             elections: elections::Elections::new(
@@ -786,18 +839,31 @@ const STAND_AGAIN_AFTER: Duration = Duration::from_millis(300);
 /// How often it stands at most.
 const STAND_ATTEMPTS: usize = 5;
 
-/// Proposes records in the order they came, as many per log entry as are waiting.
+/// Proposes records in the order they came, as many per log entry as are waiting. The
+/// publishes of an entry this member could not append, or whose entry the group's new
+/// leader dropped, go to that leader (see [`relay`]) instead of being nacked.
 async fn propose(
     raft: Raft<QueueTypes>,
-    mut rx: mpsc::UnboundedReceiver<(ReplicaRecord, Option<Ack>)>,
+    mut rx: mpsc::UnboundedReceiver<Proposal>,
     uncommitted: Arc<tokio::sync::Semaphore>,
     stop: tokio_util::sync::CancellationToken,
+    relay: Arc<relay::Relay>,
+    proposing: Arc<std::sync::atomic::AtomicBool>,
 ) {
     // Publishes made while the group's first election runs wait for it.
     let _ = raft
         .wait(Some(Duration::from_secs(5)))
         .metrics(|m| m.current_leader.is_some(), "a leader is known")
         .await;
+    /// Clears the flag however the proposer ends.
+    struct Proposing(Arc<std::sync::atomic::AtomicBool>);
+    impl Drop for Proposing {
+        fn drop(&mut self) {
+            self.0.store(false, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    proposing.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _proposing = Proposing(proposing);
     // A few entries at most await their commit at once: while they do, the records that
     // come pile up in the channel and the next entry takes them all, so that under load
     // entries carry hundreds of records (each entry costs the Raft core, the logs and
@@ -813,26 +879,44 @@ async fn propose(
             p = uncommitted.clone().acquire_owned() => p.ok(),
             _ = stop.cancelled() => None,
         };
-        let mut bytes = first.0.size();
-        let mut records = vec![first.0];
-        let mut acks: Vec<Ack> = first.1.into_iter().collect();
-        while records.len() < RECORDS_PER_ENTRY && bytes < ENTRY_BYTES {
+        let mut entry = Entry::default();
+        entry.add(first);
+        while entry.records.len() < RECORDS_PER_ENTRY && entry.bytes < ENTRY_BYTES {
             match rx.try_recv() {
-                Ok((record, ack)) => {
-                    bytes += record.size();
-                    records.push(record);
-                    acks.extend(ack);
-                }
+                Ok(p) => entry.add(p),
                 Err(_) => break,
             }
         }
+        let Entry {
+            records,
+            publishes,
+            acks,
+            ..
+        } = entry;
         match raft.client_write_ff(records).await {
             Ok(answer) => {
+                let relay = relay.clone();
                 tokio::spawn(async move {
-                    let ok = matches!(answer.await, Ok(Ok(_)));
+                    let answer = answer.await;
                     drop(permit);
+                    let ok = matches!(answer, Ok(Ok(_)));
                     for ack in acks {
                         let _ = ack.send(ok);
+                    }
+                    match answer {
+                        Ok(Ok(_)) => {
+                            for p in publishes {
+                                p.answer(true);
+                            }
+                        }
+                        Ok(Err(openraft::error::ClientWriteError::ForwardToLeader(to))) => {
+                            relay.send(to.leader_id, publishes).await;
+                        }
+                        _ => {
+                            for p in publishes {
+                                p.answer(false);
+                            }
+                        }
                     }
                 });
             }
@@ -840,8 +924,37 @@ async fn propose(
                 for ack in acks {
                     let _ = ack.send(false);
                 }
+                for p in publishes {
+                    p.answer(false);
+                }
             }
         }
+    }
+}
+
+/// The records of one log entry, and who hears whether they were committed.
+#[derive(Default)]
+struct Entry {
+    records: Vec<ReplicaRecord>,
+    bytes: usize,
+    /// Its publishes, which another member may take if this one cannot (see [`relay`]).
+    publishes: Vec<relay::Unproposed>,
+    /// The acknowledgements of its other records.
+    acks: Vec<Ack>,
+}
+
+impl Entry {
+    fn add(&mut self, p: Proposal) {
+        self.bytes += p.record.size();
+        match &p.record {
+            ReplicaRecord::Enqueue(blob) => self.publishes.push(relay::Unproposed {
+                blob: blob.clone(),
+                ack: p.ack,
+                hops: p.hops,
+            }),
+            _ => self.acks.extend(p.ack),
+        }
+        self.records.push(p.record);
     }
 }
 
