@@ -2,17 +2,19 @@
 //!
 //! Reading follows mini-redis: check that a whole frame is buffered, parse it, advance.
 //! Bodies are split off the read buffer as `Bytes` (no copy); methods and content
-//! headers are parsed with amq-protocol. Writing appends to one `BytesMut` that the
-//! connection flushes once per batch; the per-message frames (deliver, ack, content) are
-//! written by hand, the rest through amq-protocol's generator.
+//! headers are parsed with amq-protocol, except basic.publish and basic.ack, which every
+//! message brings and `hot_methods` reads into amq-protocol's types. Writing appends to
+//! one `BytesMut` that the connection flushes once per batch; the per-message frames
+//! (deliver, ack, content) are written by hand, the rest through amq-protocol's
+//! generator.
 
 use amq_protocol::frame::{AMQPFrame, WriteContext, gen_frame};
 use amq_protocol::protocol::basic::parse_properties;
 use amq_protocol::protocol::{AMQPClass, BasicProperties, parse_class};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-use super::fieldtable;
 use super::reply::{AmqpError, ReplyCode};
+use super::{fieldtable, hot_methods};
 
 /// Frame type octets of AMQP 0-9-1.
 const FRAME_METHOD: u8 = 1;
@@ -120,6 +122,9 @@ impl FrameDecoder {
             FRAME_METHOD => {
                 if let Err(e) = fieldtable::check_method(&payload) {
                     return Err(table_error(&payload, e));
+                }
+                if let Some(method) = hot_methods::parse(&payload) {
+                    return Ok(Some(InFrame::Method(channel, method)));
                 }
                 match parse_class(&payload[..]) {
                     Ok((_, method)) => {

@@ -10,6 +10,7 @@ pub mod codec;
 mod codec_props;
 pub mod content;
 pub mod fieldtable;
+mod hot_methods;
 pub mod reply;
 
 pub use amq_protocol::protocol::{AMQPClass, BasicProperties};
