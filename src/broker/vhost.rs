@@ -1121,41 +1121,45 @@ impl VHost {
     }
 }
 
-/// A set for routing's "each once" checks: a short list while small (the usual case,
-/// no hashing or allocation beyond the list), a hash set once bindings fan out widely, so
+/// A set for routing's "each once" checks: a short list kept inline while small (the
+/// usual case: no hashing, no allocation), a hash set once bindings fan out widely, so
 /// that routing stays linear in the bindings followed.
 struct Seen<T> {
-    few: Vec<T>,
+    few: [Option<T>; SEEN_FEW],
+    len: usize,
     many: std::collections::HashSet<T>,
 }
 
-impl<T> Default for Seen<T> {
+/// Items a `Seen` holds inline before it moves them to its hash set.
+const SEEN_FEW: usize = 16;
+
+impl<T: Copy> Default for Seen<T> {
     fn default() -> Self {
         Seen {
-            few: Vec::new(),
+            few: [None; SEEN_FEW],
+            len: 0,
             many: std::collections::HashSet::new(),
         }
     }
 }
 
 impl<T: std::hash::Hash + Eq + Copy> Seen<T> {
-    /// Past this many items, membership moves to the hash set.
-    const FEW: usize = 16;
-
     /// Adds `item`; false when it was there already.
     fn insert(&mut self, item: T) -> bool {
-        if self.many.is_empty() {
-            if self.few.contains(&item) {
-                return false;
-            }
-            self.few.push(item);
-            if self.few.len() > Self::FEW {
-                self.many.extend(self.few.drain(..));
-            }
-            true
-        } else {
-            self.many.insert(item)
+        if !self.many.is_empty() {
+            return self.many.insert(item);
         }
+        if self.few[..self.len].contains(&Some(item)) {
+            return false;
+        }
+        if self.len < SEEN_FEW {
+            self.few[self.len] = Some(item);
+            self.len += 1;
+        } else {
+            self.many.extend(self.few.iter().flatten().copied());
+            self.many.insert(item);
+        }
+        true
     }
 }
 

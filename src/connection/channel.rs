@@ -1077,19 +1077,29 @@ impl Channel {
             taken.retain(|_, u| !u.is_lost());
             Ok(taken)
         } else {
-            let u = self
-                .unacked
-                .remove(&tag)
-                .filter(|u| !u.is_lost())
-                .ok_or_else(unknown)?;
-            Ok(BTreeMap::from([(tag, u)]))
+            Ok(BTreeMap::from([(tag, self.take_one_unacked(tag)?)]))
         }
+    }
+
+    /// Takes the one outstanding delivery `tag` out of the unacked set.
+    fn take_one_unacked(&mut self, tag: u64) -> Result<Unacked> {
+        self.unacked
+            .remove(&tag)
+            .filter(|u| !u.is_lost())
+            .ok_or_else(|| amqp_err!(PreconditionFailed, "unknown delivery tag {}", tag))
     }
 
     /// An ack, reject or nack: applied now, or, in a transaction, taken out of the
     /// unacked set now (so a second ack of the tag is a 406 at once) and applied at
     /// commit, or put back at rollback.
     fn settle_tags(&mut self, tag: u64, multiple: bool, how: Settle) -> Result<()> {
+        // The common case, one delivery settled outside a transaction, without the map
+        // of taken deliveries.
+        if !multiple && self.tx.is_none() {
+            let one = self.take_one_unacked(tag)?;
+            self.settle(vec![one], how, None);
+            return Ok(());
+        }
         let taken = self.take_unacked(tag, multiple)?;
         match &mut self.tx {
             Some(tx) => tx.push(TxOp::Settle(taken, how)),
