@@ -90,7 +90,8 @@ pub struct Connection {
     frame_max: u32,
     heartbeat: u16,
     decoder: FrameDecoder,
-    channels: HashMap<u16, Channel>,
+    /// Hashed fast (every frame looks its channel up); at most channel_max of them.
+    channels: HashMap<u16, Channel, foldhash::fast::RandomState>,
     shared: Arc<ConnShared>,
     out: BytesMut,
     /// Deliveries encoded into `out` since the last write.
@@ -227,7 +228,7 @@ async fn run<R, W>(
         decoder: FrameDecoder {
             frame_max: FRAME_MIN_SIZE,
         },
-        channels: HashMap::new(),
+        channels: HashMap::default(),
         shared,
         out: BytesMut::with_capacity(64 * 1024),
         delivered: 0,

@@ -158,7 +158,8 @@ pub struct ConsumerInfo {
 #[derive(Debug)]
 struct Inner {
     state: QueueState,
-    consumers: HashMap<ConsumerId, Registered>,
+    /// Hashed fast: looked up on every delivery, by ids the queue hands out itself.
+    consumers: HashMap<ConsumerId, Registered, foldhash::fast::RandomState>,
     had_consumer: bool,
     last_used_ms: u64,
     /// Store records of the commands applied under the current lock, handed to the
@@ -335,7 +336,7 @@ impl Queue {
             store: if def.durable { store } else { None },
             inner: Mutex::new(Inner {
                 state: QueueState::new(args.clone()),
-                consumers: HashMap::new(),
+                consumers: HashMap::default(),
                 had_consumer: false,
                 last_used_ms: now_ms(),
                 store_ops: Vec::new(),

@@ -8,7 +8,6 @@
 //! drive a replicated queue with this very code. Commands are serde values for that log.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, DefaultHasher};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -389,8 +388,9 @@ pub enum Reply {
 }
 
 /// Delivered, unsettled entries and their consumer (none for basic.get). Hashed with
-/// fixed keys: the state holds no random seed, so replicas are alike bit for bit.
-type Unacked = HashMap<Offset, (Entry, Option<ConsumerId>), BuildHasherDefault<DefaultHasher>>;
+/// fixed keys: the state holds no random seed, so replicas are alike bit for bit. The
+/// offsets are the queue's own, not a peer's, so a fast hash without a secret is safe.
+type Unacked = HashMap<Offset, (Entry, Option<ConsumerId>), foldhash::fast::FixedState>;
 
 /// The state of one queue.
 #[derive(Debug, Clone, PartialEq)]
