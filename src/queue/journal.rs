@@ -43,7 +43,7 @@ impl Writes {
                 first,
                 StoreOp::PutMessage {
                     msg_id: id,
-                    blob: msg.encode(),
+                    blob: msg.stored_blob(),
                 },
             );
         }

@@ -6,7 +6,7 @@ use amq_protocol::protocol::BasicProperties;
 use amq_protocol::protocol::basic::parse_properties;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-use crate::store::HeadDigest;
+use crate::store::{HeadDigest, MessageBlob};
 
 /// Milliseconds since the Unix epoch (TTLs and x-death times are wall-clock based, so
 /// that they survive restarts).
@@ -63,12 +63,31 @@ impl Message {
     /// The message as bytes, for the store and for commands that travel in a log:
     /// publish time, exchange, routing key, raw properties, body.
     pub fn encode(&self) -> Bytes {
-        let mut b = BytesMut::with_capacity(
-            16 + self.exchange.len()
-                + self.routing_key.len()
-                + self.raw_properties.len()
-                + self.body.len(),
-        );
+        let mut b = BytesMut::with_capacity(self.head_capacity() + self.body.len());
+        self.encode_head(&mut b);
+        b.put_slice(&self.body);
+        b.freeze()
+    }
+
+    /// What `encode` writes, as the store takes it from a publish: the head encoded, the
+    /// body as it is (not copied).
+    pub fn stored_blob(&self) -> MessageBlob {
+        let mut head = BytesMut::with_capacity(self.head_capacity());
+        self.encode_head(&mut head);
+        MessageBlob::Parts {
+            head: head.freeze(),
+            body: self.body.clone(),
+        }
+    }
+
+    /// Bytes of the encoded head: publish time, the two names and their lengths, and the
+    /// properties with theirs.
+    fn head_capacity(&self) -> usize {
+        16 + self.exchange.len() + self.routing_key.len() + self.raw_properties.len()
+    }
+
+    /// Writes everything of `encode` before the body (what `head_len` measures).
+    fn encode_head(&self, b: &mut BytesMut) {
         b.put_u64(self.published_ms);
         b.put_u8(self.exchange.len() as u8);
         b.put_slice(self.exchange.as_bytes());
@@ -76,8 +95,6 @@ impl Message {
         b.put_slice(self.routing_key.as_bytes());
         b.put_u32(self.raw_properties.len() as u32);
         b.put_slice(&self.raw_properties);
-        b.put_slice(&self.body);
-        b.freeze()
     }
 
     /// Reads what `encode` wrote (the body stays a slice of the blob); `None` when the

@@ -172,7 +172,7 @@ impl Queue {
             let ops = &mut inner.pager.spool_ops;
             ops.push(StoreOp::PutMessage {
                 msg_id: id,
-                blob: msg.encode(),
+                blob: msg.stored_blob(),
             });
             ops.push(StoreOp::Enqueue {
                 queue: sp.key.clone(),

@@ -566,7 +566,10 @@ impl ReplicaMachine {
     /// Stores `blob` as the entry `key` of `queue`; its new message id.
     fn put(&self, ops: &mut Vec<StoreOp>, queue: Arc<str>, key: u64, blob: Bytes) -> u64 {
         let msg_id = self.ids.fetch_add(1, Ordering::Relaxed);
-        ops.push(StoreOp::PutMessage { msg_id, blob });
+        ops.push(StoreOp::PutMessage {
+            msg_id,
+            blob: blob.into(),
+        });
         ops.push(StoreOp::Enqueue {
             queue,
             offset: key,

@@ -151,6 +151,44 @@ pub fn fatal_store_failure(what: &str, err: &dyn std::fmt::Display) -> ! {
     std::process::exit(FATAL_EXIT_CODE)
 }
 
+/// An encoded message as [`StoreOp::PutMessage`] hands it over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MessageBlob {
+    /// The whole blob; the writer cuts it into head and body with its split.
+    Whole(Bytes),
+    /// The head (everything before the body) and the body apart, written as they are:
+    /// a fresh publish's body, still the slice of the frame it arrived in, is copied
+    /// once, into the chunk, instead of first into a blob of its own that another
+    /// thread then frees.
+    Parts {
+        /// What the split would cut from the front of the whole blob.
+        head: Bytes,
+        /// The rest: the message's body.
+        body: Bytes,
+    },
+}
+
+impl MessageBlob {
+    /// Bytes of the whole blob.
+    pub fn len(&self) -> usize {
+        match self {
+            MessageBlob::Whole(blob) => blob.len(),
+            MessageBlob::Parts { head, body } => head.len() + body.len(),
+        }
+    }
+
+    /// True for a blob of no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl From<Bytes> for MessageBlob {
+    fn from(blob: Bytes) -> MessageBlob {
+        MessageBlob::Whole(blob)
+    }
+}
+
 /// One change to the store. A batch of them is applied in the order given, inside one
 /// transaction shared with every other request of the same group commit.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -190,7 +228,7 @@ pub enum StoreOp {
         /// [`Recovered::next_msg_id`]).
         msg_id: u64,
         /// The encoded message.
-        blob: Bytes,
+        blob: MessageBlob,
     },
     /// Add a queue entry referencing a stored message (takes one reference to it). Replacing
     /// an existing `(queue, offset)` releases the reference the old entry held.

@@ -101,7 +101,7 @@ fn stored_message_ids(dir: &TempDir) -> Vec<u64> {
 fn put(msg_id: u64, body: &'static [u8]) -> StoreOp {
     StoreOp::PutMessage {
         msg_id,
-        blob: Bytes::from_static(body),
+        blob: Bytes::from_static(body).into(),
     }
 }
 
@@ -469,7 +469,7 @@ async fn many_and_sparse_messages_are_recovered() {
     for i in 0..25_000u64 {
         ops.push(StoreOp::PutMessage {
             msg_id: 1000 + i,
-            blob: Bytes::from(i.to_le_bytes().to_vec()),
+            blob: Bytes::from(i.to_le_bytes().to_vec()).into(),
         });
         ops.push(enqueue(["a", "b", "c"][(i % 3) as usize], i, 1000 + i));
     }
@@ -691,7 +691,7 @@ fn million_messages_write_and_recover() {
             vec![
                 StoreOp::PutMessage {
                     msg_id: i,
-                    blob: body.clone(),
+                    blob: body.clone().into(),
                 },
                 StoreOp::Enqueue {
                     queue: format!("q/%2f/bench-{}", i % 4).into(),
@@ -797,7 +797,7 @@ async fn work_piling_up_for_the_writer_congests_the_store_until_committed() {
     for id in 0..4 {
         store.submit(vec![StoreOp::PutMessage {
             msg_id: id,
-            blob: blob.clone(),
+            blob: blob.clone().into(),
         }]);
     }
     assert!(store.is_congested());
@@ -972,7 +972,7 @@ async fn a_long_lived_message_at_the_head_is_rewritten_so_the_log_follows_the_ba
             .commit(vec![
                 StoreOp::PutMessage {
                     msg_id: i,
-                    blob: body.clone(),
+                    blob: body.clone().into(),
                 },
                 enqueue("q", i, i),
             ])
@@ -1128,7 +1128,7 @@ async fn a_message_moved_by_head_compaction_is_read_from_its_new_chunk() {
             .commit(vec![
                 StoreOp::PutMessage {
                     msg_id: i,
-                    blob: body.clone(),
+                    blob: body.clone().into(),
                 },
                 enqueue("q", i, i),
             ])
@@ -1181,7 +1181,7 @@ async fn a_trimmed_open_reads_back_a_queues_first_messages_whole_and_only_a_dige
         };
         ops.push(StoreOp::PutMessage {
             msg_id: i,
-            blob: Bytes::from(blob),
+            blob: Bytes::from(blob).into(),
         });
         ops.push(enqueue("q", i, i));
         ops.push(enqueue("other", i, i));
@@ -1249,7 +1249,7 @@ async fn a_message_in_a_chunk_numbered_as_a_dropped_one_is_read_back() {
             .commit(vec![
                 StoreOp::PutMessage {
                     msg_id: i,
-                    blob: body.clone(),
+                    blob: body.clone().into(),
                 },
                 enqueue("q", i, i),
             ])
@@ -1383,4 +1383,67 @@ async fn a_version_2_log_with_blobs_inside_its_chunks_is_still_read_and_compacte
         }
     }
     assert_eq!(moved, vec![1, 2, 3, 4, 6, 7, 8, 9]);
+}
+
+#[tokio::test]
+async fn a_message_handed_over_as_head_and_body_is_stored_and_read_back_whole() {
+    let dir = TempDir::new("parts");
+    let trim = BlobTrim {
+        whole_per_queue: 1 << 20,
+        digest: |_| None,
+        head_len: |b| Some(b.iter().position(|&c| c == b':')? + 1),
+    };
+    let open_trimmed = || {
+        Store::open_trimmed(
+            dir.path(),
+            FlushMode::Sync,
+            Duration::from_millis(100),
+            Some(trim),
+        )
+        .expect("open")
+    };
+    let (store, _) = open_trimmed();
+    store
+        .commit(vec![
+            StoreOp::PutMessage {
+                msg_id: 0,
+                blob: MessageBlob::Parts {
+                    head: Bytes::from_static(b"h0:"),
+                    body: Bytes::from_static(b"body-of-0"),
+                },
+            },
+            enqueue("q", 0, 0),
+            StoreOp::PutMessage {
+                msg_id: 1,
+                blob: Bytes::from_static(b"h1:body-of-1").into(),
+            },
+            enqueue("q", 1, 1),
+        ])
+        .await;
+    assert_eq!(
+        read(&store, vec![0, 1]).await,
+        vec![
+            Some(Bytes::from_static(b"h0:body-of-0")),
+            Some(Bytes::from_static(b"h1:body-of-1"))
+        ]
+    );
+    store.close();
+    drop(store);
+    // Both bodies went to the bodies row, neither to the records.
+    let records: Vec<u8> = stored_chunks(&dir)
+        .into_iter()
+        .flat_map(|(_, b)| b)
+        .collect();
+    assert_eq!(records.windows(8).filter(|w| w == b"body-of-").count(), 0);
+    let (store, recovered) = open_trimmed();
+    let q = entries(&recovered, "q");
+    assert_eq!(
+        q[0].blob,
+        RecoveredBlob::Whole(Bytes::from_static(b"h0:body-of-0"))
+    );
+    assert_eq!(
+        q[1].blob,
+        RecoveredBlob::Whole(Bytes::from_static(b"h1:body-of-1"))
+    );
+    store.close();
 }

@@ -12,7 +12,8 @@ use super::log::{ChunkId, ChunkWriter, HeadSplit, LiveIndex, Truncation};
 use super::reader::{ReadJob, ReaderThread};
 use super::schema::{ACCESS, DEFINITIONS, MESSAGE_BODIES, MESSAGE_LOG, RAFT_LOG, RAFT_STATE};
 use super::{
-    Counters, Done, FlushMode, ReadFailed, ReadRequest, Request, StoreOp, fatal_store_failure,
+    Counters, Done, FlushMode, MessageBlob, ReadFailed, ReadRequest, Request, StoreOp,
+    fatal_store_failure,
 };
 
 /// At most this many requests go into one transaction, so that a flood of publishes cannot
@@ -384,7 +385,10 @@ fn apply(
                 access.remove(key.as_str())?;
             }
             StoreOp::PutMessage { msg_id, blob } => {
-                out.put(*msg_id, blob);
+                match blob {
+                    MessageBlob::Whole(blob) => out.put(*msg_id, blob),
+                    MessageBlob::Parts { head, body } => out.put_parts(*msg_id, head, body),
+                }
                 log.put(*msg_id, blob.len());
             }
             StoreOp::Enqueue {
