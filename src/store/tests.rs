@@ -41,6 +41,22 @@ fn open(dir: &TempDir) -> (Store, Recovered) {
     Store::open(dir.path(), FlushMode::Sync, Duration::from_millis(100)).expect("open store")
 }
 
+/// Opens the store at `dir` cutting blobs as `trim` says.
+fn open_trimmed(dir: &TempDir, trim: BlobTrim) -> (Store, Recovered) {
+    Store::open_trimmed(
+        dir.path(),
+        FlushMode::Sync,
+        Duration::from_millis(100),
+        Some(trim),
+    )
+    .expect("open")
+}
+
+/// The head of the trimmed tests' blobs: everything up to and including the first ':'.
+fn colon_head_len(blob: &[u8]) -> Option<usize> {
+    Some(blob.iter().position(|&c| c == b':')? + 1)
+}
+
 fn reopen(store: Store, dir: &TempDir) -> Recovered {
     store.close();
     drop(store);
@@ -1153,24 +1169,15 @@ async fn a_trimmed_open_reads_back_a_queues_first_messages_whole_and_only_a_dige
     let trim = BlobTrim {
         whole_per_queue: 30,
         digest: |head| {
-            let head_len = head.iter().position(|&c| c == b':')? + 1;
+            let head_len = colon_head_len(head)?;
             Some(HeadDigest {
                 head_len,
                 words: [head_len as u64, u64::from(head[1])],
             })
         },
-        head_len: |b| Some(b.iter().position(|&c| c == b':')? + 1),
+        head_len: colon_head_len,
     };
-    let open_trimmed = || {
-        Store::open_trimmed(
-            dir.path(),
-            FlushMode::Sync,
-            Duration::from_millis(100),
-            Some(trim),
-        )
-        .expect("open")
-    };
-    let (store, _) = open_trimmed();
+    let (store, _) = open_trimmed(&dir, trim);
     let mut ops = Vec::new();
     for i in 0..10u64 {
         // Message 6 has no head its digest can make sense of.
@@ -1196,7 +1203,7 @@ async fn a_trimmed_open_reads_back_a_queues_first_messages_whole_and_only_a_dige
         .collect();
     let bodies_in_records = records.windows(8).filter(|w| w == b"body-of-").count();
     assert_eq!(bodies_in_records, 0, "no body among the records");
-    let (store, recovered) = open_trimmed();
+    let (store, recovered) = open_trimmed(&dir, trim);
     for queue in ["q", "other"] {
         let q = entries(&recovered, queue);
         assert_eq!(q.len(), 10);
@@ -1299,24 +1306,15 @@ async fn a_version_2_log_with_blobs_inside_its_chunks_is_still_read_and_compacte
     let trim = BlobTrim {
         whole_per_queue: 30,
         digest: |head| {
-            let head_len = head.iter().position(|&c| c == b':')? + 1;
+            let head_len = colon_head_len(head)?;
             Some(HeadDigest {
                 head_len,
                 words: [head_len as u64, 0],
             })
         },
-        head_len: |b| Some(b.iter().position(|&c| c == b':')? + 1),
+        head_len: colon_head_len,
     };
-    let open_trimmed = || {
-        Store::open_trimmed(
-            dir.path(),
-            FlushMode::Sync,
-            Duration::from_millis(100),
-            Some(trim),
-        )
-        .expect("open")
-    };
-    let (store, recovered) = open_trimmed();
+    let (store, recovered) = open_trimmed(&dir, trim);
     let q = entries(&recovered, "q");
     assert_eq!(q.len(), 10);
     for (i, e) in q.iter().enumerate() {
@@ -1351,7 +1349,7 @@ async fn a_version_2_log_with_blobs_inside_its_chunks_is_still_read_and_compacte
         .map(|v| v.value());
     assert_eq!(version, Some(super::schema::SCHEMA_VERSION));
     drop(db);
-    let (store, recovered) = open_trimmed();
+    let (store, recovered) = open_trimmed(&dir, trim);
     let ids: Vec<u64> = entries(&recovered, "q").iter().map(|e| e.msg_id).collect();
     assert_eq!(ids, vec![1, 2, 3, 4, 6, 7, 8, 9]);
     store.close();
@@ -1391,18 +1389,9 @@ async fn a_message_handed_over_as_head_and_body_is_stored_and_read_back_whole() 
     let trim = BlobTrim {
         whole_per_queue: 1 << 20,
         digest: |_| None,
-        head_len: |b| Some(b.iter().position(|&c| c == b':')? + 1),
+        head_len: colon_head_len,
     };
-    let open_trimmed = || {
-        Store::open_trimmed(
-            dir.path(),
-            FlushMode::Sync,
-            Duration::from_millis(100),
-            Some(trim),
-        )
-        .expect("open")
-    };
-    let (store, _) = open_trimmed();
+    let (store, _) = open_trimmed(&dir, trim);
     store
         .commit(vec![
             StoreOp::PutMessage {
@@ -1435,7 +1424,7 @@ async fn a_message_handed_over_as_head_and_body_is_stored_and_read_back_whole() 
         .flat_map(|(_, b)| b)
         .collect();
     assert_eq!(records.windows(8).filter(|w| w == b"body-of-").count(), 0);
-    let (store, recovered) = open_trimmed();
+    let (store, recovered) = open_trimmed(&dir, trim);
     let q = entries(&recovered, "q");
     assert_eq!(
         q[0].blob,
