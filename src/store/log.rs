@@ -5,9 +5,12 @@
 //! Every durable queue's history is an append-only log of records: a message stored
 //! (`Put`), an entry added to a queue (`Enqueue`), an entry settled (`Remove`), a delivery
 //! recorded (`Delivered`), a queue emptied (`Purge`). Settlements make older records dead;
-//! the log is truncated at its head once the records there are dead. A replicated queue's
-//! Raft log is the same shape (commands appended by index, truncated up to the index its
-//! snapshot covers), which is why its `raft_log` rows use the same writer and group commit.
+//! the log is truncated at its head once the records there are dead. A Raft group's log
+//! (a replicated queue's, the metadata group's) is the same shape: entries appended by
+//! index, made dead by a snapshot that covers them (or by a conflicting leader, or the
+//! group's end). Its entries are therefore records of the same chunks (`RaftEntry`, and
+//! `RaftCut` for the three ways a log is shortened), kept alive and rewritten by the
+//! same rules, so one group commit and one fsync serve every queue and every group.
 //!
 //! Physically, the records of all queues of a group commit go into **one chunk**, a single
 //! redb row of the `message_log` table keyed by a chunk number that only grows. One
@@ -81,6 +84,10 @@ const TAG_ENQUEUE: u8 = 3;
 const TAG_REMOVE: u8 = 4;
 const TAG_DELIVERED: u8 = 5;
 const TAG_PURGE: u8 = 6;
+const TAG_RAFT_ENTRY: u8 = 7;
+const TAG_RAFT_TRUNCATE: u8 = 8;
+const TAG_RAFT_PURGE: u8 = 9;
+const TAG_RAFT_DROP: u8 = 10;
 
 /// Below this many bytes of log, the head is never rewritten to truncate it: a small log
 /// of mostly settled chunks costs less than copying its live messages.
@@ -150,6 +157,40 @@ pub(super) enum Record<'a> {
     Delivered { local: u32, offset: u64 },
     /// Every entry of queue `local` so far is settled.
     Purge { local: u32 },
+    /// Entry `index` of Raft group `group`'s log, encoded as the bytes `entry` (in the
+    /// chunk) covers; it replaces an entry of that index written before.
+    RaftEntry { group: u64, index: u64, entry: Span },
+    /// Raft group `group`'s entries written before are cut as `cut` says.
+    RaftCut { group: u64, cut: RaftCut },
+}
+
+/// Which entries of a Raft group's log a record drops: the three ways openraft (and a
+/// queue's deletion) shorten a log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum RaftCut {
+    /// From this index on (a suffix that conflicts with the leader's log).
+    From(u64),
+    /// Up to this index included (a snapshot covers them).
+    UpTo(u64),
+    /// All of them (the group is gone).
+    All,
+}
+
+impl RaftCut {
+    /// Takes the entries it drops out of `log` (a group's entries by index).
+    pub(super) fn take<V>(self, log: &mut BTreeMap<u64, V>) -> BTreeMap<u64, V> {
+        match self {
+            RaftCut::From(index) => log.split_off(&index),
+            RaftCut::UpTo(index) => match index.checked_add(1) {
+                Some(next) => {
+                    let kept = log.split_off(&next);
+                    std::mem::replace(log, kept)
+                }
+                None => std::mem::take(log),
+            },
+            RaftCut::All => std::mem::take(log),
+        }
+    }
 }
 
 /// Reads the records of one chunk in order.
@@ -279,6 +320,33 @@ impl<'a> ChunkReader<'a> {
                 offset: self.u64()?,
             },
             TAG_PURGE => Record::Purge { local: self.u32()? },
+            TAG_RAFT_ENTRY => {
+                let group = self.u64()?;
+                let index = self.u64()?;
+                let len = self.u32()? as usize;
+                let entry = Span {
+                    start: self.pos,
+                    len,
+                };
+                self.take(len)?;
+                Record::RaftEntry {
+                    group,
+                    index,
+                    entry,
+                }
+            }
+            TAG_RAFT_TRUNCATE => Record::RaftCut {
+                group: self.u64()?,
+                cut: RaftCut::From(self.u64()?),
+            },
+            TAG_RAFT_PURGE => Record::RaftCut {
+                group: self.u64()?,
+                cut: RaftCut::UpTo(self.u64()?),
+            },
+            TAG_RAFT_DROP => Record::RaftCut {
+                group: self.u64()?,
+                cut: RaftCut::All,
+            },
             _ => return Err(self.damaged("unknown record tag")),
         };
         Ok(Some(record))
@@ -462,7 +530,38 @@ impl ChunkWriter {
         self.buf.push(TAG_PURGE);
         self.u32(queue);
     }
+
+    /// Appends entry `index` of Raft group `group` (`entry` is at most
+    /// [`MAX_RAFT_ENTRY_BYTES`] long; the writer checks).
+    pub(super) fn raft_entry(&mut self, group: u64, index: u64, entry: &[u8]) {
+        self.buf.push(TAG_RAFT_ENTRY);
+        self.u64(group);
+        self.u64(index);
+        self.u32(entry.len() as u32);
+        self.buf.extend_from_slice(entry);
+        self.records += 1;
+    }
+
+    /// Appends a cut of Raft group `group`'s log.
+    pub(super) fn raft_cut(&mut self, group: u64, cut: RaftCut) {
+        let (tag, index) = match cut {
+            RaftCut::From(index) => (TAG_RAFT_TRUNCATE, Some(index)),
+            RaftCut::UpTo(index) => (TAG_RAFT_PURGE, Some(index)),
+            RaftCut::All => (TAG_RAFT_DROP, None),
+        };
+        self.buf.push(tag);
+        self.u64(group);
+        if let Some(index) = index {
+            self.u64(index);
+        }
+        self.records += 1;
+    }
 }
+
+/// The longest Raft entry a chunk records (its length is a `u32`). A replicated
+/// queue's entries are bounded far below it (a batch of records of at most one
+/// 512 MiB message past its byte bound).
+pub(super) const MAX_RAFT_ENTRY_BYTES: usize = u32::MAX as usize;
 
 /// A chunk number as the writer's index keeps it: its low 32 bits. Every chunk a live
 /// record names lies within 2^32 chunks below the newest one (the head is rewritten
@@ -531,12 +630,21 @@ impl DenseValue for LiveMsg {
     }
 }
 
+/// Where a live Raft entry was written, and its length (the writer keeps one per entry
+/// of every group's log: logs are short, a snapshot truncates them).
+#[derive(Debug, Clone, Copy)]
+struct LiveRaftEntry {
+    chunk: ChunkTag,
+    len: u32,
+}
+
 /// What the log knows of one stored chunk.
 #[derive(Debug, Clone, Copy, Default)]
 struct ChunkInfo {
     /// Its size in bytes.
     bytes: u64,
-    /// Live entries whose last `Enqueue` is here, plus referenced messages whose `Put` is.
+    /// Live entries whose last `Enqueue` is here, plus referenced messages whose `Put` is,
+    /// plus live Raft entries written here.
     live: u64,
 }
 
@@ -560,10 +668,12 @@ pub(super) struct LiveIndex {
     queues: Vec<DenseMap<LiveEntry>>,
     /// Live messages by id.
     msgs: DenseMap<LiveMsg>,
+    /// Per Raft group, its live log entries by index.
+    raft: HashMap<u64, BTreeMap<u64, LiveRaftEntry>>,
     chunks: BTreeMap<ChunkId, ChunkInfo>,
     /// Sum of the sizes of the stored chunks.
     log_bytes: u64,
-    /// Sum of the blob sizes of referenced messages.
+    /// Sum of the blob sizes of referenced messages and of live Raft entries.
     live_bytes: u64,
     /// Messages whose reference count fell to zero in the current commit.
     released: Vec<u64>,
@@ -796,6 +906,42 @@ impl LiveIndex {
         true
     }
 
+    /// Entry `index` of Raft group `group`, `len` bytes, written in the current chunk
+    /// (replacing one of that index written before).
+    pub(super) fn raft_append(&mut self, group: u64, index: u64, len: usize) {
+        let current = self.current;
+        let entry = LiveRaftEntry {
+            chunk: ChunkTag::of(current),
+            len: len as u32,
+        };
+        let old = self.raft.entry(group).or_default().insert(index, entry);
+        self.live_add(current);
+        self.live_bytes += len as u64;
+        if let Some(old) = old {
+            self.raft_dead(old);
+        }
+    }
+
+    fn raft_dead(&mut self, entry: LiveRaftEntry) {
+        self.live_sub(self.full(entry.chunk));
+        self.live_bytes = self.live_bytes.saturating_sub(u64::from(entry.len));
+    }
+
+    /// Raft group `group`'s log cut as `cut` says; false when no live entry goes.
+    pub(super) fn raft_cut(&mut self, group: u64, cut: RaftCut) -> bool {
+        let Some(log) = self.raft.get_mut(&group) else {
+            return false;
+        };
+        let gone = cut.take(log);
+        if log.is_empty() {
+            self.raft.remove(&group);
+        }
+        for entry in gone.values() {
+            self.raft_dead(*entry);
+        }
+        !gone.is_empty()
+    }
+
     /// Forgets the messages no entry names any more (their records die with their chunk).
     pub(super) fn end_ops(&mut self) {
         for msg_id in std::mem::take(&mut self.released) {
@@ -884,7 +1030,30 @@ impl LiveIndex {
                     self.live_sub(chunk);
                     self.live_add(current);
                 }
-                Record::Remove { .. } | Record::Delivered { .. } | Record::Purge { .. } => {}
+                Record::RaftEntry {
+                    group,
+                    index,
+                    entry,
+                } => {
+                    let Some(live) = self.raft.get_mut(&group).and_then(|l| l.get_mut(&index))
+                    else {
+                        continue;
+                    };
+                    if live.chunk != ChunkTag::of(chunk) {
+                        continue;
+                    }
+                    live.chunk = ChunkTag::of(current);
+                    let entry_bytes = entry
+                        .of(bytes)
+                        .ok_or_else(|| reader.damaged("record cut short"))?;
+                    out.raft_entry(group, index, entry_bytes);
+                    self.live_sub(chunk);
+                    self.live_add(current);
+                }
+                Record::Remove { .. }
+                | Record::Delivered { .. }
+                | Record::Purge { .. }
+                | Record::RaftCut { .. } => {}
             }
         }
         self.rewritten += 1;
@@ -941,6 +1110,8 @@ pub(super) struct Replayed {
     pub(super) orphans: usize,
     /// Scratch queues (`SCRATCH_PREFIX`) that hold entries: not recovered, to be purged.
     pub(super) scratch: Vec<String>,
+    /// Every Raft group's live log entries, by index.
+    pub(super) raft: HashMap<u64, BTreeMap<u64, Vec<u8>>>,
 }
 
 impl Replayed {
@@ -1016,6 +1187,8 @@ pub(super) struct Replay {
     /// The digest of every stored message's head that has one.
     heads: DenseMap<ScannedHead>,
     next_msg_id: u64,
+    /// Copies of the live Raft entries met so far (the index holds where they are).
+    raft: HashMap<u64, BTreeMap<u64, Vec<u8>>>,
 }
 
 impl Replay {
@@ -1109,6 +1282,32 @@ impl Replay {
                     let queue = resolve(&local, l, &reader)?;
                     index.queues[queue as usize].clear();
                 }
+                Record::RaftEntry {
+                    group,
+                    index: at,
+                    entry,
+                } => {
+                    let entry = entry
+                        .of(bytes)
+                        .ok_or_else(|| reader.damaged("record cut short"))?;
+                    let live = LiveRaftEntry {
+                        chunk: ChunkTag::of(chunk),
+                        len: entry.len() as u32,
+                    };
+                    index.raft.entry(group).or_default().insert(at, live);
+                    self.raft
+                        .entry(group)
+                        .or_default()
+                        .insert(at, entry.to_vec());
+                }
+                Record::RaftCut { group, cut } => {
+                    if let Some(log) = index.raft.get_mut(&group) {
+                        cut.take(log);
+                    }
+                    if let Some(log) = self.raft.get_mut(&group) {
+                        cut.take(log);
+                    }
+                }
             }
         }
         Ok(())
@@ -1123,8 +1322,18 @@ impl Replay {
             mut index,
             mut heads,
             next_msg_id,
+            mut raft,
             ..
         } = self;
+        // Live Raft entries keep their chunks.
+        index.raft.retain(|_, log| !log.is_empty());
+        raft.retain(|_, log| !log.is_empty());
+        for entry in index.raft.values().flat_map(|log| log.values()) {
+            index.live_bytes += u64::from(entry.len);
+            if let Some(info) = index.chunks.get_mut(&entry.chunk.chunk(index.newest)) {
+                info.live += 1;
+            }
+        }
         // Entries whose message is stored take a reference to it; the others dangle.
         let mut dangling = Vec::new();
         let mut scratch = Vec::new();
@@ -1208,6 +1417,7 @@ impl Replay {
             dangling,
             orphans,
             scratch,
+            raft,
         }
     }
 }
@@ -1267,6 +1477,38 @@ mod tests {
         index.deleted(first + 1);
         assert_eq!(index.next_truncation(), None);
         assert_eq!(index.locate(2), Some(first + 2));
+    }
+
+    #[test]
+    fn a_live_raft_entry_of_a_rewritten_head_moves_and_a_cut_one_does_not() {
+        let mut index = LiveIndex::default();
+        let mut out = ChunkWriter::default();
+        index.begin(1);
+        for (at, entry) in [(1u64, &b"one"[..]), (2, b"two"), (3, b"three")] {
+            index.raft_append(5, at, entry.len());
+            out.raft_entry(5, at, entry);
+        }
+        index.end_ops();
+        assert!(index.finish(out.bytes().len(), true));
+        let head = out.bytes().to_vec();
+
+        out.clear();
+        index.begin(2);
+        assert!(index.raft_cut(5, RaftCut::UpTo(1)));
+        out.raft_cut(5, RaftCut::UpTo(1));
+        assert!(!index.raft_cut(5, RaftCut::UpTo(1)), "nothing left to cut");
+        index.end_ops();
+        index.rewrite(1, &head, &[], &mut out).expect("rewrite");
+        index.deleted(1);
+        assert!(index.finish(out.bytes().len(), true));
+
+        // The rewritten chunk alone holds the log: entries 2 and 3, with their bytes.
+        let replayed = replay(vec![(2, bytes::Bytes::from(out.bytes().to_vec()))]).expect("replay");
+        let log: Vec<(u64, Vec<u8>)> = replayed.raft[&5].clone().into_iter().collect();
+        assert_eq!(log, vec![(2, b"two".to_vec()), (3, b"three".to_vec())]);
+        assert_eq!(replayed.index.chunks[&2].live, 2);
+        assert_eq!(replayed.index.live_bytes, 8);
+        assert_eq!(index.live_bytes, 8);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! version, read everything back, and truncate what no longer belongs (dead head chunks of
 //! the message log, entries whose message is missing).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use anyhow::bail;
 use bytes::Bytes;
@@ -10,8 +10,8 @@ use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, WriteTran
 
 use super::log::{self, ChunkId, ChunkWriter, HeadSplit, LiveIndex};
 use super::schema::{
-    ACCESS, DEFINITIONS, MESSAGE_BODIES, MESSAGE_LOG, META, META_SCHEMA_VERSION, RAFT_LOG,
-    RAFT_STATE, SCHEMA_VERSION, V1_ENTRIES, V1_MESSAGES,
+    ACCESS, DEFINITIONS, MESSAGE_BODIES, MESSAGE_LOG, META, META_SCHEMA_VERSION, RAFT_STATE,
+    SCHEMA_VERSION, V1_ENTRIES, V1_MESSAGES, V3_RAFT_LOG,
 };
 use super::writer::IdBuildHasher;
 use super::{BlobTrim, Recovered, RecoveredRaftGroup};
@@ -55,8 +55,10 @@ pub(super) fn init_schema(db: &Database, split: HeadSplit) -> anyhow::Result<()>
                 meta.insert(META_SCHEMA_VERSION, SCHEMA_VERSION)?;
             }
             Some(SCHEMA_VERSION) => {}
-            // Its chunks (format 1, blobs inline) are read as they are.
-            Some(2) => {
+            // Its chunks (format 1, blobs inline) are read as they are; its Raft logs
+            // move into the message log.
+            Some(2 | 3) => {
+                migrate_raft_rows(&txn)?;
                 meta.insert(META_SCHEMA_VERSION, SCHEMA_VERSION)?;
             }
             Some(1) => {
@@ -144,6 +146,45 @@ fn migrate_v1(txn: &WriteTransaction, split: HeadSplit) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Moves version 3's Raft log rows (a `raft_log` row per entry) into message log
+/// chunks numbered after every stored chunk, in the same transaction as the version
+/// bump, then drops their table.
+fn migrate_raft_rows(txn: &WriteTransaction) -> anyhow::Result<()> {
+    let rows = match txn.open_table(V3_RAFT_LOG) {
+        Ok(rows) => rows,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    let mut chunks = txn.open_table(MESSAGE_LOG)?;
+    let mut chunk = chunks
+        .last()?
+        .map_or(1, |(last, _)| last.value().saturating_add(1));
+    let mut out = ChunkWriter::default();
+    let mut moved = 0u64;
+    for row in rows.iter()? {
+        let (key, value) = row?;
+        let (group, index) = key.value();
+        out.raft_entry(group, index, value.value());
+        moved += 1;
+        if out.bytes().len() >= MIGRATION_CHUNK_BYTES {
+            chunks.insert(chunk, out.bytes())?;
+            chunk += 1;
+            out.clear();
+        }
+    }
+    if !out.is_empty() {
+        chunks.insert(chunk, out.bytes())?;
+    }
+    drop(rows);
+    drop(chunks);
+    txn.delete_table(V3_RAFT_LOG)?;
+    tracing::info!(
+        entries = moved,
+        "store: moved the Raft logs of a version 3 database into the message log"
+    );
+    Ok(())
+}
+
 /// Reads every definition and access record, and replays the message log into queue
 /// entries (see [`log::Replay`]), reading the chunks one at a time and keeping none. With
 /// a `trim`, each blob's head is summed up as it goes by, and the only blobs copied are
@@ -184,7 +225,7 @@ pub(super) fn load(db: &Database, trim: Option<BlobTrim>) -> anyhow::Result<Load
     drop(blobs);
     drop(table);
 
-    let mut raft = read_raft(&txn)?;
+    let mut raft = read_raft(&txn, std::mem::take(&mut replayed.raft))?;
     let mut queues = replayed.queues;
     // A replicated queue's committed messages are its group's, not a classic queue's.
     let replica_keys: Vec<String> = queues
@@ -282,24 +323,15 @@ pub(super) fn clean_up(db: &Database, loaded: &mut Loaded, split: HeadSplit) -> 
     Ok(())
 }
 
-/// Reads every Raft group's log and values; none when the tables were never created
-/// (a single node).
-fn read_raft(txn: &ReadTransaction) -> anyhow::Result<HashMap<u64, RecoveredRaftGroup>> {
+/// Every Raft group's log (its live entries, as the message log's replay found them)
+/// and values (none when their table was never created: a single node).
+fn read_raft(
+    txn: &ReadTransaction,
+    logs: HashMap<u64, BTreeMap<u64, Vec<u8>>>,
+) -> anyhow::Result<HashMap<u64, RecoveredRaftGroup>> {
     let mut groups: HashMap<u64, RecoveredRaftGroup> = HashMap::new();
-    match txn.open_table(RAFT_LOG) {
-        Ok(table) => {
-            for row in table.iter()? {
-                let (key, value) = row?;
-                let (group, index) = key.value();
-                groups
-                    .entry(group)
-                    .or_default()
-                    .log
-                    .push((index, value.value().to_vec()));
-            }
-        }
-        Err(redb::TableError::TableDoesNotExist(_)) => {}
-        Err(e) => return Err(e.into()),
+    for (group, log) in logs {
+        groups.entry(group).or_default().log = log.into_iter().collect();
     }
     match txn.open_table(RAFT_STATE) {
         Ok(table) => {

@@ -10,7 +10,6 @@
 //! | `access`        | `&str` (auth key)   | `&[u8]` (auth blob)        |
 //! | `message_log`   | `u64` chunk number  | `&[u8]` (records, see log) |
 //! | `message_bodies`| `u64` chunk number  | `&[u8]` (the chunk's bodies)|
-//! | `raft_log`      | `(u64, u64)`        | `&[u8]` (Raft entry)       |
 //! | `raft_state`    | `(u64, &str)`       | `&[u8]` (vote, snapshot..) |
 //!
 //! Persistent messages and queue entries live in `message_log`: one row (a chunk) per group
@@ -26,16 +25,23 @@
 //! Version 1 kept one `messages` row per message and one `queue_entries` row per entry;
 //! opening such a database converts it (see `recovery::migrate_v1`).
 //!
-//! Raft groups (cluster mode only) keep their logs in `raft_log`, keyed by (group id, log
-//! index), and their small durable values (vote, committed index, snapshot) in
-//! `raft_state`, so that one group commit makes the appends of every group durable. A
-//! single node never creates these tables.
+//! Raft groups (cluster mode only) keep their logs in `message_log` too: an entry is a
+//! record of the chunk of the group commit that appended it, and the log's truncations
+//! (a conflicting suffix, a prefix a snapshot covers, the whole group) are records as
+//! well, so one layout and one truncation rule serve a classic queue's messages and
+//! every group's log, and one fsync makes the appends of every group durable. Their
+//! small durable values (vote, committed index, snapshot) are `raft_state` rows. A
+//! single node never creates that table.
+//!
+//! Version 3 kept a `raft_log` row per Raft entry, keyed by (group id, log index);
+//! opening such a database moves them into the message log (see
+//! `recovery::migrate_raft_rows`).
 
 use redb::TableDefinition;
 
 /// Version of this layout, stored under [`META_SCHEMA_VERSION`]; bump it (and migrate) on any
 /// incompatible change.
-pub(crate) const SCHEMA_VERSION: u64 = 3;
+pub(crate) const SCHEMA_VERSION: u64 = 4;
 
 /// Key of the schema version in [`META`].
 pub(crate) const META_SCHEMA_VERSION: &str = "schema_version";
@@ -66,8 +72,9 @@ pub(crate) const V1_MESSAGES: TableDefinition<u64, &[u8]> = TableDefinition::new
 pub(crate) const V1_ENTRIES: TableDefinition<(&str, u64), (u64, u32)> =
     TableDefinition::new("queue_entries");
 
-/// Every Raft group's log: (group id, index) -> encoded entry.
-pub(crate) const RAFT_LOG: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("raft_log");
+/// Version 3: every Raft group's log, (group id, index) -> encoded entry (read only to
+/// migrate).
+pub(crate) const V3_RAFT_LOG: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("raft_log");
 
 /// Every Raft group's durable values: (group id, name) -> encoded value.
 pub(crate) const RAFT_STATE: TableDefinition<(u64, &str), &[u8]> =

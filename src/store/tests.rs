@@ -905,6 +905,129 @@ async fn raft_logs_and_values_of_every_group_survive_a_reopen() {
     assert_eq!(recovered.raft[&9].log.len(), 3, "other groups untouched");
 }
 
+/// Entry `index` of Raft group `group`, its bytes naming both.
+fn raft_append(group: u64, index: u64) -> StoreOp {
+    StoreOp::RaftAppend {
+        group,
+        index,
+        entry: Bytes::from(format!("g{group}-{index}")),
+    }
+}
+
+#[tokio::test]
+async fn raft_entries_live_in_the_message_log_and_go_with_their_chunks() {
+    let dir = TempDir::new("raft-chunks");
+    let (store, _) = open(&dir);
+    // A classic queue's message and two groups' entries share each commit's chunk.
+    for i in 1..=4u64 {
+        store
+            .commit(vec![
+                put(i, b"m"),
+                enqueue("q", i, i),
+                raft_append(1, i),
+                raft_append(2, i),
+            ])
+            .await;
+    }
+    store
+        .commit(vec![
+            StoreOp::RaftPurgeUpTo { group: 1, index: 3 },
+            StoreOp::RaftDropGroup { group: 2 },
+            remove("q", 1),
+            remove("q", 2),
+        ])
+        .await;
+    store.close();
+    drop(store);
+    // Chunks 1 and 2 hold nothing live any more (messages 1, 2 settled, entries 1, 2 of
+    // group 1 purged, group 2 dropped): they went. Chunk 3 lives (message 3).
+    let numbers: Vec<u64> = stored_chunks(&dir).iter().map(|(n, _)| *n).collect();
+    assert_eq!(numbers.first(), Some(&3), "dead heads deleted: {numbers:?}");
+    let (store, recovered) = open(&dir);
+    let g1: Vec<(u64, Vec<u8>)> = recovered.raft[&1].log.clone();
+    assert_eq!(g1, vec![(4, b"g1-4".to_vec())], "purged up to 3");
+    assert!(
+        !recovered.raft.contains_key(&2),
+        "dropped group comes back empty"
+    );
+    assert_eq!(offsets(&recovered, "q").len(), 2);
+    store
+        .commit(vec![
+            StoreOp::RaftPurgeUpTo { group: 1, index: 4 },
+            remove("q", 3),
+            remove("q", 4),
+        ])
+        .await;
+    let recovered = reopen(store, &dir);
+    assert!(recovered.raft.is_empty(), "{:?}", recovered.raft.keys());
+    assert!(
+        stored_chunks(&dir).len() <= 1,
+        "the log shrinks to its last chunk"
+    );
+}
+
+#[tokio::test]
+async fn a_version_3_database_has_its_raft_rows_moved_into_the_message_log() {
+    let dir = TempDir::new("raft-v3");
+    let (store, _) = open(&dir);
+    store
+        .commit(vec![put(1, b"m"), enqueue("q", 0, 1), raft_append(7, 1)])
+        .await;
+    store.close();
+    drop(store);
+    {
+        let db = Database::open(dir.path().join(DB_FILE_NAME)).expect("open db");
+        let txn = db.begin_write().expect("write txn");
+        txn.open_table(META)
+            .expect("meta")
+            .insert(META_SCHEMA_VERSION, 3u64)
+            .expect("insert");
+        let mut rows = txn
+            .open_table(super::schema::V3_RAFT_LOG)
+            .expect("raft_log");
+        for index in 2..=3u64 {
+            let entry = format!("g7-{index}");
+            rows.insert((7, index), entry.as_bytes()).expect("row");
+        }
+        rows.insert((8, 1), b"g8-1".as_slice()).expect("row");
+        drop(rows);
+        txn.commit().expect("commit");
+    }
+    let (store, recovered) = open(&dir);
+    let indexes = |group: u64| -> Vec<(u64, Vec<u8>)> { recovered.raft[&group].log.clone() };
+    assert_eq!(
+        indexes(7),
+        vec![
+            (1, b"g7-1".to_vec()),
+            (2, b"g7-2".to_vec()),
+            (3, b"g7-3".to_vec())
+        ]
+    );
+    assert_eq!(indexes(8), vec![(1, b"g8-1".to_vec())]);
+    assert_eq!(offsets(&recovered, "q"), vec![(0, 1)]);
+    // Moved entries are cut like any other.
+    store
+        .commit(vec![StoreOp::RaftPurgeUpTo { group: 7, index: 2 }])
+        .await;
+    let recovered = reopen(store, &dir);
+    assert_eq!(recovered.raft[&7].log.len(), 1);
+    let db = Database::open(dir.path().join(DB_FILE_NAME)).expect("open db");
+    let txn = db.begin_read().expect("read txn");
+    let names: Vec<String> = txn
+        .list_tables()
+        .expect("list tables")
+        .map(|t| t.name().to_string())
+        .collect();
+    assert!(!names.iter().any(|n| n == "raft_log"), "{names:?}");
+    let version = txn
+        .open_table(META)
+        .expect("meta")
+        .get(META_SCHEMA_VERSION)
+        .expect("get")
+        .map(|v| v.value());
+    assert_eq!(version, Some(super::schema::SCHEMA_VERSION));
+}
+
 #[tokio::test]
 async fn a_single_node_never_creates_the_raft_tables() {
     let dir = TempDir::new("no-raft");

@@ -8,9 +8,11 @@ use std::time::{Duration, Instant};
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, WriteTransaction};
 
-use super::log::{ChunkId, ChunkWriter, HeadSplit, LiveIndex, Truncation};
+use super::log::{
+    ChunkId, ChunkWriter, HeadSplit, LiveIndex, MAX_RAFT_ENTRY_BYTES, RaftCut, Truncation,
+};
 use super::reader::{ReadJob, ReaderThread};
-use super::schema::{ACCESS, DEFINITIONS, MESSAGE_BODIES, MESSAGE_LOG, RAFT_LOG, RAFT_STATE};
+use super::schema::{ACCESS, DEFINITIONS, MESSAGE_BODIES, MESSAGE_LOG, RAFT_STATE};
 use super::{
     Counters, Done, FlushMode, MessageBlob, ReadFailed, ReadRequest, Request, StoreOp,
     fatal_store_failure,
@@ -363,8 +365,8 @@ fn apply(
     let mut access = txn.open_table(ACCESS)?;
     let mut chunks = txn.open_table(MESSAGE_LOG)?;
     let mut bodies = txn.open_table(MESSAGE_BODIES)?;
-    // Raft tables are opened only by batches that touch them: a single node never does.
-    let mut raft_log = None;
+    // The Raft values' table is opened only by batches that touch it: a single node
+    // never does.
     let mut raft_state = None;
     let current = log.next_chunk();
     log.begin(current);
@@ -434,32 +436,31 @@ fn apply(
                 index,
                 entry,
             } => {
-                let table = match &mut raft_log {
-                    Some(t) => t,
-                    None => raft_log.insert(txn.open_table(RAFT_LOG)?),
-                };
-                table.insert((*group, *index), entry.as_ref())?;
+                if entry.len() > MAX_RAFT_ENTRY_BYTES {
+                    anyhow::bail!(
+                        "a Raft entry of group {group} is {} bytes, more than a chunk records",
+                        entry.len()
+                    );
+                }
+                log.raft_append(*group, *index, entry.len());
+                out.raft_entry(*group, *index, entry);
             }
             StoreOp::RaftTruncateFrom { group, index } => {
-                let table = match &mut raft_log {
-                    Some(t) => t,
-                    None => raft_log.insert(txn.open_table(RAFT_LOG)?),
-                };
-                table.retain_in((*group, *index)..=(*group, u64::MAX), |_, _| false)?;
+                let cut = RaftCut::From(*index);
+                if log.raft_cut(*group, cut) {
+                    out.raft_cut(*group, cut);
+                }
             }
             StoreOp::RaftPurgeUpTo { group, index } => {
-                let table = match &mut raft_log {
-                    Some(t) => t,
-                    None => raft_log.insert(txn.open_table(RAFT_LOG)?),
-                };
-                table.retain_in((*group, 0)..=(*group, *index), |_, _| false)?;
+                let cut = RaftCut::UpTo(*index);
+                if log.raft_cut(*group, cut) {
+                    out.raft_cut(*group, cut);
+                }
             }
             StoreOp::RaftDropGroup { group } => {
-                let log = match &mut raft_log {
-                    Some(t) => t,
-                    None => raft_log.insert(txn.open_table(RAFT_LOG)?),
-                };
-                log.retain_in((*group, 0)..=(*group, u64::MAX), |_, _| false)?;
+                if log.raft_cut(*group, RaftCut::All) {
+                    out.raft_cut(*group, RaftCut::All);
+                }
                 let state = match &mut raft_state {
                     Some(t) => t,
                     None => raft_state.insert(txn.open_table(RAFT_STATE)?),
