@@ -8,9 +8,13 @@
 //! the log is truncated at its head once the records there are dead. A Raft group's log
 //! (a replicated queue's, the metadata group's) is the same shape: entries appended by
 //! index, made dead by a snapshot that covers them (or by a conflicting leader, or the
-//! group's end). Its entries are therefore records of the same chunks (`RaftEntry`, and
+//! group's end). Its entries are therefore records of the same format (`RaftEntry`, and
 //! `RaftCut` for the three ways a log is shortened), kept alive and rewritten by the
-//! same rules, so one group commit and one fsync serve every queue and every group.
+//! same rules ([`LiveIndex`]), written by the same group commit. They go into a log of
+//! their own (the `raft_chunks` table, a second [`LiveIndex`]), not into the messages'
+//! chunks: a message dies when it is settled, an entry when a snapshot covers it, and
+//! mixed in one chunk each kept the other alive (measured on a replicated queue: the
+//! log held four times its live bytes, and the leader moved 0.71 of the messages).
 //!
 //! Physically, the records of all queues of a group commit go into **one chunk**, a single
 //! redb row of the `message_log` table keyed by a chunk number that only grows. One
@@ -638,6 +642,31 @@ struct LiveRaftEntry {
     len: u32,
 }
 
+/// A head that only Raft entries of groups being truncated keep alive (a snapshot cut
+/// each one's oldest entries within the last [`RAFT_ACTIVE_CHUNKS`] chunks) is left
+/// for their snapshots to truncate, rather than copied forward, until it is this many
+/// chunks behind the current one: an active group's log spans a few thousand commits
+/// (it is snapshotted every `replica::SNAPSHOT_EVERY` entries, or sooner when large).
+/// Entries of a group that is not being truncated (the metadata group's short,
+/// long-lived log, or a queue gone idle) are copied forward as any live record is. The
+/// wait also ends once the log is [`RAFT_WAIT_MAX_FACTOR`] times its live bytes (or the
+/// floor), which bounds the dead bytes it lets pile up.
+pub(super) const RAFT_HEAD_GRACE: u64 = 1 << 13;
+
+/// See [`RAFT_HEAD_GRACE`].
+const RAFT_ACTIVE_CHUNKS: u64 = 1 << 10;
+
+/// See [`RAFT_HEAD_GRACE`].
+const RAFT_WAIT_MAX_FACTOR: u64 = 4;
+
+/// One Raft group's live log entries by index, and the chunk that last recorded a cut
+/// of its oldest entries (a snapshot's), if any did.
+#[derive(Debug, Default)]
+struct RaftGroupIndex {
+    entries: BTreeMap<u64, LiveRaftEntry>,
+    last_purge: Option<ChunkId>,
+}
+
 /// What the log knows of one stored chunk.
 #[derive(Debug, Clone, Copy, Default)]
 struct ChunkInfo {
@@ -646,6 +675,8 @@ struct ChunkInfo {
     /// Live entries whose last `Enqueue` is here, plus referenced messages whose `Put` is,
     /// plus live Raft entries written here.
     live: u64,
+    /// Of `live`, the Raft entries.
+    raft: u64,
 }
 
 /// One chunk's deletion or rewrite, decided by [`LiveIndex::next_truncation`].
@@ -668,8 +699,8 @@ pub(super) struct LiveIndex {
     queues: Vec<DenseMap<LiveEntry>>,
     /// Live messages by id.
     msgs: DenseMap<LiveMsg>,
-    /// Per Raft group, its live log entries by index.
-    raft: HashMap<u64, BTreeMap<u64, LiveRaftEntry>>,
+    /// Per Raft group, its live log entries.
+    raft: HashMap<u64, RaftGroupIndex>,
     chunks: BTreeMap<ChunkId, ChunkInfo>,
     /// Sum of the sizes of the stored chunks.
     log_bytes: u64,
@@ -788,6 +819,20 @@ impl LiveIndex {
     fn live_sub(&mut self, chunk: ChunkId) {
         if let Some(info) = self.chunks.get_mut(&chunk) {
             info.live = info.live.saturating_sub(1);
+        }
+    }
+
+    fn raft_live_add(&mut self, chunk: ChunkId) {
+        if let Some(info) = self.chunks.get_mut(&chunk) {
+            info.live += 1;
+            info.raft += 1;
+        }
+    }
+
+    fn raft_live_sub(&mut self, chunk: ChunkId) {
+        if let Some(info) = self.chunks.get_mut(&chunk) {
+            info.live = info.live.saturating_sub(1);
+            info.raft = info.raft.saturating_sub(1);
         }
     }
 
@@ -914,8 +959,13 @@ impl LiveIndex {
             chunk: ChunkTag::of(current),
             len: len as u32,
         };
-        let old = self.raft.entry(group).or_default().insert(index, entry);
-        self.live_add(current);
+        let old = self
+            .raft
+            .entry(group)
+            .or_default()
+            .entries
+            .insert(index, entry);
+        self.raft_live_add(current);
         self.live_bytes += len as u64;
         if let Some(old) = old {
             self.raft_dead(old);
@@ -923,7 +973,7 @@ impl LiveIndex {
     }
 
     fn raft_dead(&mut self, entry: LiveRaftEntry) {
-        self.live_sub(self.full(entry.chunk));
+        self.raft_live_sub(self.full(entry.chunk));
         self.live_bytes = self.live_bytes.saturating_sub(u64::from(entry.len));
     }
 
@@ -932,8 +982,11 @@ impl LiveIndex {
         let Some(log) = self.raft.get_mut(&group) else {
             return false;
         };
-        let gone = cut.take(log);
-        if log.is_empty() {
+        let gone = cut.take(&mut log.entries);
+        if matches!(cut, RaftCut::UpTo(_)) && !gone.is_empty() {
+            log.last_purge = Some(self.current);
+        }
+        if log.entries.is_empty() {
             self.raft.remove(&group);
         }
         for entry in gone.values() {
@@ -952,7 +1005,10 @@ impl LiveIndex {
     }
 
     /// What to truncate next in this commit, if anything: dead heads always, and while
-    /// the log is more than twice its live bytes (and above the floor), a live head.
+    /// the log is more than twice its live bytes (and above the floor), a live head,
+    /// unless only Raft entries keep it and it is not yet [`RAFT_HEAD_GRACE`] behind:
+    /// a group's snapshot soon makes those dead, and copying them would only write the
+    /// group's log twice.
     pub(super) fn next_truncation(&self) -> Option<Truncation> {
         let (&head, info) = self.chunks.first_key_value()?;
         if head == self.current {
@@ -964,10 +1020,42 @@ impl LiveIndex {
         if self.rewritten >= COMPACT_HEADS_PER_COMMIT {
             return None;
         }
+        let behind = self.current.saturating_sub(head);
+        let soon_dead = info.raft == info.live
+            && behind < RAFT_HEAD_GRACE
+            && self.log_bytes
+                < (self.live_bytes.max(COMPACT_FLOOR_BYTES)).saturating_mul(RAFT_WAIT_MAX_FACTOR)
+            && self.head_groups_are_active(head);
         let worth_it = self.log_bytes > COMPACT_FLOOR_BYTES
-            && self.log_bytes > self.live_bytes.saturating_mul(2);
-        let too_old = self.current.saturating_sub(head) >= MAX_CHUNK_SPAN;
+            && self.log_bytes > self.live_bytes.saturating_mul(2)
+            && !soon_dead;
+        let too_old = behind >= MAX_CHUNK_SPAN;
         (worth_it || too_old).then_some(Truncation::Rewrite(head))
+    }
+
+    /// Whether the Raft groups whose oldest live entry is in chunk `head` (at least one)
+    /// all had their oldest entries cut within the last [`RAFT_ACTIVE_CHUNKS`] chunks:
+    /// their snapshots go on truncating them, and will soon reach this chunk. A group whose oldest entry lies elsewhere (a rewrite
+    /// moved it) is not seen, so the answer errs toward rewriting, which only costs a
+    /// copy.
+    fn head_groups_are_active(&self, head: ChunkId) -> bool {
+        let mut found = false;
+        for log in self.raft.values() {
+            let Some((_, oldest)) = log.entries.first_key_value() else {
+                continue;
+            };
+            if self.full(oldest.chunk) != head {
+                continue;
+            }
+            let purging = log
+                .last_purge
+                .is_some_and(|at| self.current.saturating_sub(at) <= RAFT_ACTIVE_CHUNKS);
+            if !purging {
+                return false;
+            }
+            found = true;
+        }
+        found
     }
 
     /// The head `chunk` (with bytes `bytes`) is rewritten: its live records go into `out`
@@ -1035,7 +1123,10 @@ impl LiveIndex {
                     index,
                     entry,
                 } => {
-                    let Some(live) = self.raft.get_mut(&group).and_then(|l| l.get_mut(&index))
+                    let Some(live) = self
+                        .raft
+                        .get_mut(&group)
+                        .and_then(|l| l.entries.get_mut(&index))
                     else {
                         continue;
                     };
@@ -1047,8 +1138,8 @@ impl LiveIndex {
                         .of(bytes)
                         .ok_or_else(|| reader.damaged("record cut short"))?;
                     out.raft_entry(group, index, entry_bytes);
-                    self.live_sub(chunk);
-                    self.live_add(current);
+                    self.raft_live_sub(chunk);
+                    self.raft_live_add(current);
                 }
                 Record::Remove { .. }
                 | Record::Delivered { .. }
@@ -1208,7 +1299,7 @@ impl Replay {
             chunk,
             ChunkInfo {
                 bytes: bytes.len() as u64,
-                live: 0,
+                ..ChunkInfo::default()
             },
         );
         index.log_bytes += bytes.len() as u64;
@@ -1294,7 +1385,12 @@ impl Replay {
                         chunk: ChunkTag::of(chunk),
                         len: entry.len() as u32,
                     };
-                    index.raft.entry(group).or_default().insert(at, live);
+                    index
+                        .raft
+                        .entry(group)
+                        .or_default()
+                        .entries
+                        .insert(at, live);
                     self.raft
                         .entry(group)
                         .or_default()
@@ -1302,7 +1398,10 @@ impl Replay {
                 }
                 Record::RaftCut { group, cut } => {
                     if let Some(log) = index.raft.get_mut(&group) {
-                        cut.take(log);
+                        cut.take(&mut log.entries);
+                        if matches!(cut, RaftCut::UpTo(_)) {
+                            log.last_purge = Some(chunk);
+                        }
                     }
                     if let Some(log) = self.raft.get_mut(&group) {
                         cut.take(log);
@@ -1326,12 +1425,13 @@ impl Replay {
             ..
         } = self;
         // Live Raft entries keep their chunks.
-        index.raft.retain(|_, log| !log.is_empty());
+        index.raft.retain(|_, log| !log.entries.is_empty());
         raft.retain(|_, log| !log.is_empty());
-        for entry in index.raft.values().flat_map(|log| log.values()) {
+        for entry in index.raft.values().flat_map(|log| log.entries.values()) {
             index.live_bytes += u64::from(entry.len);
             if let Some(info) = index.chunks.get_mut(&entry.chunk.chunk(index.newest)) {
                 info.live += 1;
+                info.raft += 1;
             }
         }
         // Entries whose message is stored take a reference to it; the others dangle.
@@ -1507,8 +1607,46 @@ mod tests {
         let log: Vec<(u64, Vec<u8>)> = replayed.raft[&5].clone().into_iter().collect();
         assert_eq!(log, vec![(2, b"two".to_vec()), (3, b"three".to_vec())]);
         assert_eq!(replayed.index.chunks[&2].live, 2);
+        assert_eq!(replayed.index.chunks[&2].raft, 2);
         assert_eq!(replayed.index.live_bytes, 8);
         assert_eq!(index.live_bytes, 8);
+    }
+
+    #[test]
+    fn a_head_kept_by_a_group_being_purged_waits_and_one_kept_by_an_idle_group_is_copied() {
+        // Chunks of 40 MiB: two make the log worth shrinking against a few live bytes.
+        let big = 40 << 20;
+        let mut index = LiveIndex::default();
+        index.begin(1);
+        index.raft_append(0, 1, 10);
+        index.raft_append(5, 1, 10);
+        index.raft_append(5, 2, 10);
+        index.end_ops();
+        assert!(index.finish(big, true));
+        index.begin(2);
+        index.raft_append(5, 3, 10);
+        assert!(index.raft_cut(5, RaftCut::UpTo(1)));
+        index.end_ops();
+        assert!(index.finish(big, true));
+
+        // Chunk 1 holds entry 1 of group 0 (never purged) and entry 2 of group 5 (purged
+        // in chunk 2): group 0's oldest entry is there, so it is copied forward.
+        index.begin(3);
+        assert_eq!(index.next_truncation(), Some(Truncation::Rewrite(1)));
+        assert!(!index.finish(0, false));
+
+        // Without group 0, only group 5, which its snapshots are truncating, keeps it.
+        assert!(index.raft_cut(0, RaftCut::All));
+        index.begin(3);
+        assert_eq!(
+            index.next_truncation(),
+            None,
+            "left for group 5's next purge"
+        );
+        assert!(!index.finish(0, false));
+        // Group 5 stops being purged: past RAFT_ACTIVE_CHUNKS, it counts as idle.
+        index.begin(3 + RAFT_ACTIVE_CHUNKS);
+        assert_eq!(index.next_truncation(), Some(Truncation::Rewrite(1)));
     }
 
     #[test]

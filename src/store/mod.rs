@@ -571,7 +571,10 @@ impl Store {
             rx,
             flush,
             interval,
-            loaded.index,
+            writer::LogIndexes {
+                messages: loaded.index,
+                raft: loaded.raft_index,
+            },
             split,
             counters.clone(),
         )

@@ -10,8 +10,8 @@ use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, WriteTran
 
 use super::log::{self, ChunkId, ChunkWriter, HeadSplit, LiveIndex};
 use super::schema::{
-    ACCESS, DEFINITIONS, MESSAGE_BODIES, MESSAGE_LOG, META, META_SCHEMA_VERSION, RAFT_STATE,
-    SCHEMA_VERSION, V1_ENTRIES, V1_MESSAGES, V3_RAFT_LOG,
+    ACCESS, DEFINITIONS, MESSAGE_BODIES, MESSAGE_LOG, META, META_SCHEMA_VERSION, RAFT_CHUNKS,
+    RAFT_STATE, SCHEMA_VERSION, V1_ENTRIES, V1_MESSAGES, V3_RAFT_LOG,
 };
 use super::writer::IdBuildHasher;
 use super::{BlobTrim, Recovered, RecoveredRaftGroup};
@@ -22,6 +22,8 @@ pub(super) struct Loaded {
     pub(super) recovered: Recovered,
     /// The message log's live state, for the writer.
     pub(super) index: LiveIndex,
+    /// The Raft log's live state, for the writer.
+    pub(super) raft_index: LiveIndex,
     /// Entries whose message is missing: dropped from `recovered`, settled by [`clean_up`].
     pub(super) dangling: Vec<(String, u64)>,
     /// Scratch queues holding entries: not in `recovered`, purged by [`clean_up`].
@@ -146,16 +148,15 @@ fn migrate_v1(txn: &WriteTransaction, split: HeadSplit) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Moves version 3's Raft log rows (a `raft_log` row per entry) into message log
-/// chunks numbered after every stored chunk, in the same transaction as the version
-/// bump, then drops their table.
+/// Moves version 3's Raft log rows (a `raft_log` row per entry) into chunks of the
+/// Raft log, in the same transaction as the version bump, then drops their table.
 fn migrate_raft_rows(txn: &WriteTransaction) -> anyhow::Result<()> {
     let rows = match txn.open_table(V3_RAFT_LOG) {
         Ok(rows) => rows,
         Err(redb::TableError::TableDoesNotExist(_)) => return Ok(()),
         Err(e) => return Err(e.into()),
     };
-    let mut chunks = txn.open_table(MESSAGE_LOG)?;
+    let mut chunks = txn.open_table(RAFT_CHUNKS)?;
     let mut chunk = chunks
         .last()?
         .map_or(1, |(last, _)| last.value().saturating_add(1));
@@ -180,7 +181,7 @@ fn migrate_raft_rows(txn: &WriteTransaction) -> anyhow::Result<()> {
     txn.delete_table(V3_RAFT_LOG)?;
     tracing::info!(
         entries = moved,
-        "store: moved the Raft logs of a version 3 database into the message log"
+        "store: moved the Raft logs of a version 3 database into chunks"
     );
     Ok(())
 }
@@ -225,7 +226,8 @@ pub(super) fn load(db: &Database, trim: Option<BlobTrim>) -> anyhow::Result<Load
     drop(blobs);
     drop(table);
 
-    let mut raft = read_raft(&txn, std::mem::take(&mut replayed.raft))?;
+    let raft_replayed = replay_raft(&txn)?;
+    let mut raft = read_raft(&txn, raft_replayed.raft)?;
     let mut queues = replayed.queues;
     // A replicated queue's committed messages are its group's, not a classic queue's.
     let replica_keys: Vec<String> = queues
@@ -249,6 +251,7 @@ pub(super) fn load(db: &Database, trim: Option<BlobTrim>) -> anyhow::Result<Load
             raft,
         },
         index: replayed.index,
+        raft_index: raft_replayed.index,
         dangling: replayed.dangling,
         scratch: replayed.scratch,
     })
@@ -317,13 +320,30 @@ pub(super) fn clean_up(db: &Database, loaded: &mut Loaded, split: HeadSplit) -> 
     {
         let mut chunks = txn.open_table(MESSAGE_LOG)?;
         let mut bodies = txn.open_table(MESSAGE_BODIES)?;
-        super::writer::truncate_and_write(&mut chunks, &mut bodies, index, &mut out)?;
+        super::writer::truncate_and_write(&mut chunks, Some(&mut bodies), index, &mut out)?;
     }
     txn.commit()?;
     Ok(())
 }
 
-/// Every Raft group's log (its live entries, as the message log's replay found them)
+/// Replays the Raft log's chunks (none when its table was never created: a single
+/// node).
+fn replay_raft(txn: &ReadTransaction) -> anyhow::Result<log::Replayed> {
+    let mut replay = log::Replay::new(None);
+    match txn.open_table(RAFT_CHUNKS) {
+        Ok(table) => {
+            for row in table.iter()? {
+                let (key, value) = row?;
+                replay.scan(key.value(), value.value())?;
+            }
+        }
+        Err(redb::TableError::TableDoesNotExist(_)) => {}
+        Err(e) => return Err(e.into()),
+    }
+    Ok(replay.finish(None))
+}
+
+/// Every Raft group's log (its live entries, as the Raft log's replay found them)
 /// and values (none when their table was never created: a single node).
 fn read_raft(
     txn: &ReadTransaction,

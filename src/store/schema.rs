@@ -10,6 +10,7 @@
 //! | `access`        | `&str` (auth key)   | `&[u8]` (auth blob)        |
 //! | `message_log`   | `u64` chunk number  | `&[u8]` (records, see log) |
 //! | `message_bodies`| `u64` chunk number  | `&[u8]` (the chunk's bodies)|
+//! | `raft_chunks`   | `u64` chunk number  | `&[u8]` (records, see log) |
 //! | `raft_state`    | `(u64, &str)`       | `&[u8]` (vote, snapshot..) |
 //!
 //! Persistent messages and queue entries live in `message_log`: one row (a chunk) per group
@@ -25,13 +26,16 @@
 //! Version 1 kept one `messages` row per message and one `queue_entries` row per entry;
 //! opening such a database converts it (see `recovery::migrate_v1`).
 //!
-//! Raft groups (cluster mode only) keep their logs in `message_log` too: an entry is a
-//! record of the chunk of the group commit that appended it, and the log's truncations
-//! (a conflicting suffix, a prefix a snapshot covers, the whole group) are records as
-//! well, so one layout and one truncation rule serve a classic queue's messages and
-//! every group's log, and one fsync makes the appends of every group durable. Their
-//! small durable values (vote, committed index, snapshot) are `raft_state` rows. A
-//! single node never creates that table.
+//! Raft groups (cluster mode only) keep their logs in the same layout, in a log of
+//! their own, `raft_chunks`: an entry is a record of the chunk of the group commit that
+//! appended it, and the log's truncations (a conflicting suffix, a prefix a snapshot
+//! covers, the whole group) are records as well, so one format and one truncation rule
+//! serve a classic queue's messages and every group's log, and one fsync makes the
+//! appends of every group durable. The two logs are apart because their records die
+//! differently (a message when it is settled, an entry when a snapshot covers it): in
+//! one log, each kept the other's chunks alive. Their small durable values (vote,
+//! committed index, snapshot) are `raft_state` rows. A single node creates neither
+//! table.
 //!
 //! Version 3 kept a `raft_log` row per Raft entry, keyed by (group id, log index);
 //! opening such a database moves them into the message log (see
@@ -71,6 +75,9 @@ pub(crate) const V1_MESSAGES: TableDefinition<u64, &[u8]> = TableDefinition::new
 /// Version 1: (queue key, offset) -> (msg id, delivery count) (read only to migrate).
 pub(crate) const V1_ENTRIES: TableDefinition<(&str, u64), (u64, u32)> =
     TableDefinition::new("queue_entries");
+
+/// Every Raft group's log: chunk number -> the Raft records of one group commit.
+pub(crate) const RAFT_CHUNKS: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_chunks");
 
 /// Version 3: every Raft group's log, (group id, index) -> encoded entry (read only to
 /// migrate).

@@ -68,9 +68,15 @@ fn reopen(store: Store, dir: &TempDir) -> Recovered {
 /// Every chunk of the message log `(number, bytes)`, read directly (the store must be
 /// closed).
 fn stored_chunks(dir: &TempDir) -> Vec<(u64, Vec<u8>)> {
+    stored_rows(dir, MESSAGE_LOG)
+}
+
+/// Every row `(number, bytes)` of a chunk table, read directly (the store must be
+/// closed).
+fn stored_rows(dir: &TempDir, table: redb::TableDefinition<u64, &[u8]>) -> Vec<(u64, Vec<u8>)> {
     let db = Database::open(dir.path().join(DB_FILE_NAME)).expect("open db");
     let txn = db.begin_read().expect("read txn");
-    let table = txn.open_table(MESSAGE_LOG).expect("message log");
+    let table = txn.open_table(table).expect("chunk table");
     table
         .iter()
         .expect("iter")
@@ -915,10 +921,10 @@ fn raft_append(group: u64, index: u64) -> StoreOp {
 }
 
 #[tokio::test]
-async fn raft_entries_live_in_the_message_log_and_go_with_their_chunks() {
+async fn raft_entries_are_chunks_of_their_own_log_and_go_with_them() {
     let dir = TempDir::new("raft-chunks");
     let (store, _) = open(&dir);
-    // A classic queue's message and two groups' entries share each commit's chunk.
+    // Each commit writes a chunk of the message log and one of the Raft log.
     for i in 1..=4u64 {
         store
             .commit(vec![
@@ -939,10 +945,17 @@ async fn raft_entries_live_in_the_message_log_and_go_with_their_chunks() {
         .await;
     store.close();
     drop(store);
-    // Chunks 1 and 2 hold nothing live any more (messages 1, 2 settled, entries 1, 2 of
-    // group 1 purged, group 2 dropped): they went. Chunk 3 lives (message 3).
+    // Message chunks 1 and 2 hold nothing live any more (messages 1, 2 settled): they
+    // went. Raft chunks 1 to 3 neither (entries up to 3 of group 1 purged, group 2
+    // dropped). Each log's truncation is its own: entries do not keep messages'
+    // chunks, nor messages entries'.
     let numbers: Vec<u64> = stored_chunks(&dir).iter().map(|(n, _)| *n).collect();
     assert_eq!(numbers.first(), Some(&3), "dead heads deleted: {numbers:?}");
+    let raft_numbers: Vec<u64> = stored_rows(&dir, super::schema::RAFT_CHUNKS)
+        .iter()
+        .map(|(n, _)| *n)
+        .collect();
+    assert_eq!(raft_numbers.first(), Some(&4), "{raft_numbers:?}");
     let (store, recovered) = open(&dir);
     let g1: Vec<(u64, Vec<u8>)> = recovered.raft[&1].log.clone();
     assert_eq!(g1, vec![(4, b"g1-4".to_vec())], "purged up to 3");
@@ -964,10 +977,11 @@ async fn raft_entries_live_in_the_message_log_and_go_with_their_chunks() {
         stored_chunks(&dir).len() <= 1,
         "the log shrinks to its last chunk"
     );
+    assert!(stored_rows(&dir, super::schema::RAFT_CHUNKS).len() <= 1);
 }
 
 #[tokio::test]
-async fn a_version_3_database_has_its_raft_rows_moved_into_the_message_log() {
+async fn a_version_3_database_has_its_raft_rows_moved_into_raft_chunks() {
     let dir = TempDir::new("raft-v3");
     let (store, _) = open(&dir);
     store

@@ -12,7 +12,7 @@ use super::log::{
     ChunkId, ChunkWriter, HeadSplit, LiveIndex, MAX_RAFT_ENTRY_BYTES, RaftCut, Truncation,
 };
 use super::reader::{ReadJob, ReaderThread};
-use super::schema::{ACCESS, DEFINITIONS, MESSAGE_BODIES, MESSAGE_LOG, RAFT_STATE};
+use super::schema::{ACCESS, DEFINITIONS, MESSAGE_BODIES, MESSAGE_LOG, RAFT_CHUNKS, RAFT_STATE};
 use super::{
     Counters, Done, FlushMode, MessageBlob, ReadFailed, ReadRequest, Request, StoreOp,
     fatal_store_failure,
@@ -75,6 +75,8 @@ pub(super) struct Writer {
     log: LiveIndex,
     /// The chunk being built (its buffer is reused between batches).
     chunk: ChunkWriter,
+    /// The Raft groups' log: its live state and the chunk being built.
+    raft: RaftStream,
     /// The current group commit (reused between batches).
     batch: Vec<(Vec<StoreOp>, Done)>,
     /// Payload bytes of the current group commit.
@@ -94,6 +96,38 @@ pub(super) struct Writer {
     highest_chunk: ChunkId,
 }
 
+/// The live state of the store's two logs, as recovery rebuilt it.
+pub(super) struct LogIndexes {
+    /// The message log's.
+    pub(super) messages: LiveIndex,
+    /// The Raft log's.
+    pub(super) raft: LiveIndex,
+}
+
+/// The Raft groups' log (`raft_chunks`): the message log's layout, in a log of its
+/// own.
+pub(super) struct RaftStream {
+    index: LiveIndex,
+    out: ChunkWriter,
+}
+
+impl RaftStream {
+    /// The log whose live state is `index`.
+    pub(super) fn new(index: LiveIndex) -> RaftStream {
+        RaftStream {
+            index,
+            out: ChunkWriter::default(),
+        }
+    }
+
+    /// Group `group`'s log cut as `cut` says (recorded only when a live entry goes).
+    fn cut(&mut self, group: u64, cut: RaftCut) {
+        if self.index.raft_cut(group, cut) {
+            self.out.raft_cut(group, cut);
+        }
+    }
+}
+
 /// Turns a panic of the writer thread into the fatal exit: its waiters would otherwise hang
 /// and the broker would go on without a store.
 struct ExitOnPanic;
@@ -107,16 +141,20 @@ impl Drop for ExitOnPanic {
 }
 
 impl Writer {
-    /// A writer over `db`, whose message log holds `log`, with its reader thread started.
+    /// A writer over `db`, whose logs hold `logs`, with its reader thread started.
     pub(super) fn new(
         db: Database,
         rx: Receiver<Request>,
         flush: FlushMode,
         interval: Duration,
-        log: LiveIndex,
+        logs: LogIndexes,
         split: HeadSplit,
         counters: Arc<Counters>,
     ) -> std::io::Result<Writer> {
+        let LogIndexes {
+            messages: log,
+            raft,
+        } = logs;
         counters
             .live_messages
             .store(log.live_messages() as u64, Ordering::Relaxed);
@@ -127,6 +165,7 @@ impl Writer {
             interval,
             log,
             chunk: ChunkWriter::new(split),
+            raft: RaftStream::new(raft),
             batch: Vec::new(),
             batch_bytes: 0,
             counters,
@@ -247,7 +286,13 @@ impl Writer {
         if !durable && let Err(err) = txn.set_durability(Durability::None) {
             fatal_store_failure("setting the durability of a transaction", &err);
         }
-        if let Err(err) = apply(&txn, &self.batch, &mut self.log, &mut self.chunk) {
+        if let Err(err) = apply(
+            &txn,
+            &self.batch,
+            &mut self.log,
+            &mut self.chunk,
+            &mut self.raft,
+        ) {
             fatal_store_failure("writing a batch", &err);
         }
         if let Err(err) = txn.commit() {
@@ -354,12 +399,14 @@ impl Writer {
 
 /// Applies every op of `batch`, in order, inside `txn`, with the tables opened once: the
 /// message and entry ops become the records of one new chunk of the message log (see
-/// [`super::log`]), and the log's dead or worth-rewriting head chunks go.
+/// [`super::log`]), the Raft ops those of one new chunk of the Raft log, and each log's
+/// dead or worth-rewriting head chunks go.
 fn apply(
     txn: &WriteTransaction,
     batch: &[(Vec<StoreOp>, Done)],
     log: &mut LiveIndex,
     out: &mut ChunkWriter,
+    raft: &mut RaftStream,
 ) -> anyhow::Result<()> {
     let mut definitions = txn.open_table(DEFINITIONS)?;
     let mut access = txn.open_table(ACCESS)?;
@@ -371,6 +418,9 @@ fn apply(
     let current = log.next_chunk();
     log.begin(current);
     out.clear();
+    let raft_current = raft.index.next_chunk();
+    raft.index.begin(raft_current);
+    raft.out.clear();
 
     for op in batch.iter().flat_map(|(ops, _)| ops) {
         match op {
@@ -442,25 +492,17 @@ fn apply(
                         entry.len()
                     );
                 }
-                log.raft_append(*group, *index, entry.len());
-                out.raft_entry(*group, *index, entry);
+                raft.index.raft_append(*group, *index, entry.len());
+                raft.out.raft_entry(*group, *index, entry);
             }
             StoreOp::RaftTruncateFrom { group, index } => {
-                let cut = RaftCut::From(*index);
-                if log.raft_cut(*group, cut) {
-                    out.raft_cut(*group, cut);
-                }
+                raft.cut(*group, RaftCut::From(*index));
             }
             StoreOp::RaftPurgeUpTo { group, index } => {
-                let cut = RaftCut::UpTo(*index);
-                if log.raft_cut(*group, cut) {
-                    out.raft_cut(*group, cut);
-                }
+                raft.cut(*group, RaftCut::UpTo(*index));
             }
             StoreOp::RaftDropGroup { group } => {
-                if log.raft_cut(*group, RaftCut::All) {
-                    out.raft_cut(*group, RaftCut::All);
-                }
+                raft.cut(*group, RaftCut::All);
                 let state = match &mut raft_state {
                     Some(t) => t,
                     None => raft_state.insert(txn.open_table(RAFT_STATE)?),
@@ -478,14 +520,24 @@ fn apply(
         }
     }
     log.end_ops();
-    truncate_and_write(&mut chunks, &mut bodies, log, out)
+    truncate_and_write(&mut chunks, Some(&mut bodies), log, out)?;
+    raft.index.end_ops();
+    // Its table is opened only when there is something to write or delete: a single
+    // node never creates it.
+    if raft.out.is_empty() && raft.index.next_truncation().is_none() {
+        raft.index.finish(0, false);
+        return Ok(());
+    }
+    let mut raft_chunks = txn.open_table(RAFT_CHUNKS)?;
+    truncate_and_write(&mut raft_chunks, None, &mut raft.index, &mut raft.out)
 }
 
 /// Deletes or rewrites the log's head chunks as [`LiveIndex::next_truncation`] decides,
-/// then stores the current chunk if it must be.
+/// then stores the current chunk if it must be. `bodies` is the chunks' bodies table (the
+/// Raft log has none).
 pub(super) fn truncate_and_write(
     chunks: &mut redb::Table<'_, u64, &'static [u8]>,
-    bodies: &mut redb::Table<'_, u64, &'static [u8]>,
+    mut bodies: Option<&mut redb::Table<'_, u64, &'static [u8]>>,
     log: &mut LiveIndex,
     out: &mut ChunkWriter,
 ) -> anyhow::Result<()> {
@@ -494,7 +546,10 @@ pub(super) fn truncate_and_write(
             Truncation::Delete(head) => head,
             Truncation::Rewrite(head) => {
                 if let Some(bytes) = chunks.get(head)? {
-                    let body_row = bodies.get(head)?;
+                    let body_row = match bodies.as_deref() {
+                        Some(bodies) => bodies.get(head)?,
+                        None => None,
+                    };
                     let chunk_bodies = body_row.as_ref().map_or(&[][..], |row| row.value());
                     log.rewrite(head, bytes.value(), chunk_bodies, out)?;
                 }
@@ -502,17 +557,21 @@ pub(super) fn truncate_and_write(
             }
         };
         chunks.remove(head)?;
-        bodies.remove(head)?;
+        if let Some(bodies) = bodies.as_deref_mut() {
+            bodies.remove(head)?;
+        }
         log.deleted(head);
     }
     let size = out.bytes().len() + out.bodies().len();
     if log.finish(size, !out.is_empty()) {
         chunks.insert(log.current(), out.bytes())?;
         // A dropped last chunk's number is used again: its old bodies go either way.
-        if out.bodies().is_empty() {
-            bodies.remove(log.current())?;
-        } else {
-            bodies.insert(log.current(), out.bodies())?;
+        if let Some(bodies) = bodies {
+            if out.bodies().is_empty() {
+                bodies.remove(log.current())?;
+            } else {
+                bodies.insert(log.current(), out.bodies())?;
+            }
         }
     }
     Ok(())
