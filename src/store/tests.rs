@@ -87,6 +87,16 @@ fn stored_rows(dir: &TempDir, table: redb::TableDefinition<u64, &[u8]>) -> Vec<(
         .collect()
 }
 
+/// The names of the database's tables, read directly (the store must be closed).
+fn table_names(dir: &TempDir) -> Vec<String> {
+    let db = Database::open(dir.path().join(DB_FILE_NAME)).expect("open db");
+    let txn = db.begin_read().expect("read txn");
+    txn.list_tables()
+        .expect("list tables")
+        .map(|t| t.name().to_string())
+        .collect()
+}
+
 /// Every row of the message log's bodies `(chunk number, bytes)`, read directly (the
 /// store must be closed).
 fn stored_bodies(dir: &TempDir) -> Vec<(u64, Vec<u8>)> {
@@ -1025,14 +1035,10 @@ async fn a_version_3_database_has_its_raft_rows_moved_into_raft_chunks() {
         .await;
     let recovered = reopen(store, &dir);
     assert_eq!(recovered.raft[&7].log.len(), 1);
+    let names = table_names(&dir);
+    assert!(!names.iter().any(|n| n == "raft_log"), "{names:?}");
     let db = Database::open(dir.path().join(DB_FILE_NAME)).expect("open db");
     let txn = db.begin_read().expect("read txn");
-    let names: Vec<String> = txn
-        .list_tables()
-        .expect("list tables")
-        .map(|t| t.name().to_string())
-        .collect();
-    assert!(!names.iter().any(|n| n == "raft_log"), "{names:?}");
     let version = txn
         .open_table(META)
         .expect("meta")
@@ -1062,13 +1068,7 @@ async fn a_single_node_never_creates_the_raft_tables() {
         .await;
     store.close();
     drop(store);
-    let db = Database::open(dir.path().join(DB_FILE_NAME)).expect("open db");
-    let txn = db.begin_read().expect("read txn");
-    let names: Vec<String> = txn
-        .list_tables()
-        .expect("list tables")
-        .map(|t| t.name().to_string())
-        .collect();
+    let names = table_names(&dir);
     assert!(names.iter().any(|n| n == "message_log"), "{names:?}");
     assert!(
         !names.iter().any(|n| n.starts_with("raft")),
