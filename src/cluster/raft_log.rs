@@ -2,11 +2,11 @@
 //! replicated queue): kept in memory for reads and made durable in the node's redb file
 //! through the store's one writer, so that one fsync serves the appends of every group.
 //!
-//! Every entry is a record of the store's message log (in the chunk of the group commit
-//! that appended it, as a classic queue's messages are), and so are the log's
+//! Every entry is a record of the store's Raft log (`raft_chunks`, in the message log's
+//! layout: in the chunk of the group commit that appended it), and so are the log's
 //! truncations; the vote, the committed id and the last purged id are `raft_state`
-//! values of the group. An append is reported flushed only
-//! once its group commit is durable.
+//! values of the group. An append is reported flushed only once its group commit is
+//! durable.
 
 // openraft's trait methods return its (large) StorageError; the helpers here return the
 // same type so that `?` works in them.

@@ -675,8 +675,6 @@ struct ChunkInfo {
     /// Live entries whose last `Enqueue` is here, plus referenced messages whose `Put` is,
     /// plus live Raft entries written here.
     live: u64,
-    /// Of `live`, the Raft entries.
-    raft: u64,
 }
 
 /// One chunk's deletion or rewrite, decided by [`LiveIndex::next_truncation`].
@@ -822,20 +820,6 @@ impl LiveIndex {
         }
     }
 
-    fn raft_live_add(&mut self, chunk: ChunkId) {
-        if let Some(info) = self.chunks.get_mut(&chunk) {
-            info.live += 1;
-            info.raft += 1;
-        }
-    }
-
-    fn raft_live_sub(&mut self, chunk: ChunkId) {
-        if let Some(info) = self.chunks.get_mut(&chunk) {
-            info.live = info.live.saturating_sub(1);
-            info.raft = info.raft.saturating_sub(1);
-        }
-    }
-
     /// A message stored in the current chunk.
     pub(super) fn put(&mut self, msg_id: u64, len: usize) {
         let current = self.current;
@@ -965,7 +949,7 @@ impl LiveIndex {
             .or_default()
             .entries
             .insert(index, entry);
-        self.raft_live_add(current);
+        self.live_add(current);
         self.live_bytes += len as u64;
         if let Some(old) = old {
             self.raft_dead(old);
@@ -973,7 +957,7 @@ impl LiveIndex {
     }
 
     fn raft_dead(&mut self, entry: LiveRaftEntry) {
-        self.raft_live_sub(self.full(entry.chunk));
+        self.live_sub(self.full(entry.chunk));
         self.live_bytes = self.live_bytes.saturating_sub(u64::from(entry.len));
     }
 
@@ -1021,16 +1005,22 @@ impl LiveIndex {
             return None;
         }
         let behind = self.current.saturating_sub(head);
-        let soon_dead = info.raft == info.live
-            && behind < RAFT_HEAD_GRACE
+        let too_old = behind >= MAX_CHUNK_SPAN;
+        let worth_it = self.log_bytes > COMPACT_FLOOR_BYTES
+            && self.log_bytes > self.live_bytes.saturating_mul(2);
+        // The groups are looked at last: only when the head would be rewritten.
+        let rewrite = too_old || (worth_it && !self.left_for_snapshots(head, behind));
+        rewrite.then_some(Truncation::Rewrite(head))
+    }
+
+    /// Whether the head `head`, `behind` chunks behind the current one, is left for
+    /// Raft snapshots to truncate (see [`RAFT_HEAD_GRACE`]). Never in the message log,
+    /// which holds no Raft entries.
+    fn left_for_snapshots(&self, head: ChunkId, behind: u64) -> bool {
+        behind < RAFT_HEAD_GRACE
             && self.log_bytes
                 < (self.live_bytes.max(COMPACT_FLOOR_BYTES)).saturating_mul(RAFT_WAIT_MAX_FACTOR)
-            && self.head_groups_are_active(head);
-        let worth_it = self.log_bytes > COMPACT_FLOOR_BYTES
-            && self.log_bytes > self.live_bytes.saturating_mul(2)
-            && !soon_dead;
-        let too_old = behind >= MAX_CHUNK_SPAN;
-        (worth_it || too_old).then_some(Truncation::Rewrite(head))
+            && self.head_groups_are_active(head)
     }
 
     /// Whether the Raft groups whose oldest live entry is in chunk `head` (at least one)
@@ -1138,8 +1128,8 @@ impl LiveIndex {
                         .of(bytes)
                         .ok_or_else(|| reader.damaged("record cut short"))?;
                     out.raft_entry(group, index, entry_bytes);
-                    self.raft_live_sub(chunk);
-                    self.raft_live_add(current);
+                    self.live_sub(chunk);
+                    self.live_add(current);
                 }
                 Record::Remove { .. }
                 | Record::Delivered { .. }
@@ -1431,7 +1421,6 @@ impl Replay {
             index.live_bytes += u64::from(entry.len);
             if let Some(info) = index.chunks.get_mut(&entry.chunk.chunk(index.newest)) {
                 info.live += 1;
-                info.raft += 1;
             }
         }
         // Entries whose message is stored take a reference to it; the others dangle.
@@ -1607,7 +1596,6 @@ mod tests {
         let log: Vec<(u64, Vec<u8>)> = replayed.raft[&5].clone().into_iter().collect();
         assert_eq!(log, vec![(2, b"two".to_vec()), (3, b"three".to_vec())]);
         assert_eq!(replayed.index.chunks[&2].live, 2);
-        assert_eq!(replayed.index.chunks[&2].raft, 2);
         assert_eq!(replayed.index.live_bytes, 8);
         assert_eq!(index.live_bytes, 8);
     }

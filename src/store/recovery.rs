@@ -58,7 +58,7 @@ pub(super) fn init_schema(db: &Database, split: HeadSplit) -> anyhow::Result<()>
             }
             Some(SCHEMA_VERSION) => {}
             // Its chunks (format 1, blobs inline) are read as they are; its Raft logs
-            // move into the message log.
+            // move into `raft_chunks`.
             Some(2 | 3) => {
                 migrate_raft_rows(&txn)?;
                 meta.insert(META_SCHEMA_VERSION, SCHEMA_VERSION)?;

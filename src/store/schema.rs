@@ -38,7 +38,7 @@
 //! table.
 //!
 //! Version 3 kept a `raft_log` row per Raft entry, keyed by (group id, log index);
-//! opening such a database moves them into the message log (see
+//! opening such a database moves them into `raft_chunks` (see
 //! `recovery::migrate_raft_rows`).
 
 use redb::TableDefinition;

@@ -473,20 +473,25 @@ fn chunks_as_bytes(dir: &TempDir) -> Vec<(u64, Bytes)> {
         .collect()
 }
 
+/// Sets the stored schema version of the (closed) store at `dir` to `version`, and
+/// writes what `more` writes, in one transaction.
+fn stamp_schema_version(dir: &TempDir, version: u64, more: impl FnOnce(&redb::WriteTransaction)) {
+    let db = Database::open(dir.path().join(DB_FILE_NAME)).expect("open db");
+    let txn = db.begin_write().expect("write txn");
+    txn.open_table(META)
+        .expect("meta")
+        .insert(META_SCHEMA_VERSION, version)
+        .expect("insert");
+    more(&txn);
+    txn.commit().expect("commit");
+}
+
 #[tokio::test]
 async fn unknown_schema_version_is_refused() {
     let dir = TempDir::new("schema");
     let (store, _) = open(&dir);
     store.close();
-    {
-        let db = Database::open(dir.path().join(DB_FILE_NAME)).expect("open db");
-        let txn = db.begin_write().expect("write txn");
-        txn.open_table(super::schema::META)
-            .expect("meta")
-            .insert(super::schema::META_SCHEMA_VERSION, 99u64)
-            .expect("insert");
-        txn.commit().expect("commit");
-    }
+    stamp_schema_version(&dir, 99, |_| {});
     let err = Store::open(dir.path(), FlushMode::Sync, Duration::from_millis(100))
         .expect_err("version 99 must be refused");
     assert!(format!("{err:#}").contains("schema version 99"), "{err:#}");
@@ -999,13 +1004,7 @@ async fn a_version_3_database_has_its_raft_rows_moved_into_raft_chunks() {
         .await;
     store.close();
     drop(store);
-    {
-        let db = Database::open(dir.path().join(DB_FILE_NAME)).expect("open db");
-        let txn = db.begin_write().expect("write txn");
-        txn.open_table(META)
-            .expect("meta")
-            .insert(META_SCHEMA_VERSION, 3u64)
-            .expect("insert");
+    stamp_schema_version(&dir, 3, |txn| {
         let mut rows = txn
             .open_table(super::schema::V3_RAFT_LOG)
             .expect("raft_log");
@@ -1014,9 +1013,7 @@ async fn a_version_3_database_has_its_raft_rows_moved_into_raft_chunks() {
             rows.insert((7, index), entry.as_bytes()).expect("row");
         }
         rows.insert((8, 1), b"g8-1".as_slice()).expect("row");
-        drop(rows);
-        txn.commit().expect("commit");
-    }
+    });
     let (store, recovered) = open(&dir);
     let indexes = |group: u64| -> Vec<(u64, Vec<u8>)> { recovered.raft[&group].log.clone() };
     assert_eq!(
