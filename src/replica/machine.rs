@@ -20,7 +20,11 @@
 //!
 //! A snapshot is thus only a log id (it costs nothing to take, and the log is truncated
 //! behind it); only when a follower needs one is its content, every message with its
-//! body, read from the store and sent ([`Content`], the format a snapshot always had).
+//! body, streamed from the store into a file and sent (see [`super::snapshot`]). The
+//! follower installs it in batches into the other of two sets of queue keys (a
+//! *generation*), and moves to that generation, with the snapshot's log id, in one
+//! last request: a crash halfway leaves the state it had, and the half-written
+//! generation is purged at the next start. Neither side holds the bodies in memory.
 //!
 //! Dead letters of a queue that dead-letters at least once stay here (`dead`) from
 //! their [`ReplicaRecord::DeadLettered`] to their [`ReplicaRecord::Remove`]: every
@@ -31,7 +35,8 @@
 #![allow(clippy::result_large_err)]
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Cursor;
+use std::io;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -43,6 +48,7 @@ use openraft::{
 };
 use serde::{Deserialize, Serialize};
 
+use super::snapshot::{Opened, SnapshotFile, SnapshotRecord, write_record};
 use super::{QueueTypes, ReplicaRecord};
 use crate::cluster::meta::NodeId;
 use crate::cluster::raft_log::{SNAPSHOT, committed_entries, decode, encode, lock};
@@ -62,6 +68,16 @@ pub const RECORDS_PER_ENTRY: usize = 1 << RECORD_BITS;
 
 /// Name of the stored [`Applied`] value: the log id the group's stored messages reflect.
 pub const APPLIED: &str = "applied";
+
+/// Name of the stored generation (one byte, 0 when absent): which of the group's two
+/// sets of queue keys holds its messages (see [`Keys::of`]).
+pub const GENERATION: &str = "generation";
+
+/// Messages read back from the store at once while a snapshot is written, and store
+/// ops handed over at once while one is installed.
+const SNAPSHOT_BATCH: usize = 1024;
+/// Body bytes read or installed at once while a snapshot is written or installed.
+const SNAPSHOT_BATCH_BYTES: usize = 4 << 20;
 
 /// Most delivery records written for one message installed from a snapshot (its
 /// delivery count beyond this is not kept: a delivery limit is far lower).
@@ -176,13 +192,35 @@ struct Keys {
 }
 
 impl Keys {
-    fn of(group: GroupId) -> Keys {
+    /// The keys of `generation` (0 or 1; generation 0's are the keys of the versions
+    /// that had one set only).
+    fn of(group: GroupId, generation: u8) -> Keys {
+        let prefix = match generation {
+            0 => String::new(),
+            g => format!("g{g}/"),
+        };
         Keys {
-            messages: replica_queue_key(group, None).into(),
+            messages: match generation {
+                0 => replica_queue_key(group, None),
+                g => replica_queue_key(group, Some(&format!("g{g}"))),
+            }
+            .into(),
             dead: std::array::from_fn(|i| {
-                replica_queue_key(group, Some(&format!("dead/{i}"))).into()
+                replica_queue_key(group, Some(&format!("{prefix}dead/{i}"))).into()
             }),
         }
+    }
+
+    /// Every key.
+    fn all(&self) -> impl Iterator<Item = &Arc<str>> {
+        std::iter::once(&self.messages).chain(&self.dead)
+    }
+
+    /// Ops that purge every key.
+    fn purge_ops(&self) -> impl Iterator<Item = StoreOp> + '_ {
+        self.all().map(|queue| StoreOp::PurgeQueue {
+            queue: queue.clone(),
+        })
     }
 
     fn dead_of(&self, reason: DeathReason) -> Arc<str> {
@@ -194,16 +232,18 @@ impl Keys {
 /// Store ops that remove every stored record of `group`: its log, its values and its
 /// messages (the queue was deleted, or this node no longer holds a replica).
 pub fn drop_ops(group: GroupId) -> Vec<StoreOp> {
-    let keys = Keys::of(group);
     let mut ops = vec![StoreOp::RaftDropGroup { group }];
-    for queue in std::iter::once(keys.messages).chain(keys.dead) {
-        ops.push(StoreOp::PurgeQueue { queue });
+    for generation in [0, 1] {
+        ops.extend(Keys::of(group, generation).purge_ops());
     }
     ops
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct MachineData {
+    /// Which set of queue keys holds the messages, and its keys.
+    generation: u8,
+    keys: Arc<Keys>,
     messages: BTreeMap<u64, Held>,
     /// Dead letters held until their targets took them (at-least-once).
     dead: BTreeMap<u64, DeadHeld>,
@@ -214,6 +254,22 @@ struct MachineData {
     snapshot_asked: bool,
     /// The live queue, while this node leads the group.
     host: Option<Arc<Queue>>,
+}
+
+impl MachineData {
+    fn new(group: GroupId, generation: u8) -> MachineData {
+        MachineData {
+            generation,
+            keys: Arc::new(Keys::of(group, generation)),
+            messages: BTreeMap::new(),
+            dead: BTreeMap::new(),
+            last_applied: None,
+            membership: Membership::default(),
+            snapshots_built: 0,
+            snapshot_asked: false,
+            host: None,
+        }
+    }
 }
 
 /// What applying entries asks of the store and of the host, in order.
@@ -236,7 +292,6 @@ enum HostAction {
 pub struct ReplicaMachine {
     store: Store,
     group: GroupId,
-    keys: Arc<Keys>,
     /// The node's message id counter (a stored copy is a stored message).
     ids: Arc<AtomicU64>,
     data: Arc<Mutex<MachineData>>,
@@ -255,15 +310,24 @@ impl ReplicaMachine {
         ids: Arc<AtomicU64>,
         recovered: &mut RecoveredRaftGroup,
     ) -> anyhow::Result<ReplicaMachine> {
+        let generation = recovered
+            .state
+            .get(GENERATION)
+            .and_then(|g| g.first())
+            .map_or(0, |g| g & 1);
         let machine = ReplicaMachine {
             store,
             group,
-            keys: Arc::new(Keys::of(group)),
             ids,
-            data: Arc::new(Mutex::new(MachineData::default())),
+            data: Arc::new(Mutex::new(MachineData::new(group, generation))),
             order: Arc::default(),
         };
         let mut applying = Applying::default();
+        // What an install interrupted by a crash left in the other generation goes.
+        let other = Keys::of(group, generation ^ 1);
+        if other.all().any(|k| recovered.queues.contains_key(&**k)) {
+            applying.ops.extend(other.purge_ops());
+        }
         {
             let mut data = lock(&machine.data);
             if let Some(bytes) = recovered.state.get(APPLIED) {
@@ -274,7 +338,9 @@ impl ReplicaMachine {
             } else if let Some(bytes) = recovered.state.get(SNAPSHOT).filter(|b| !b.is_empty()) {
                 // Written before messages were kept in the message log: they move there.
                 let snap = StoredSnapshot::decode(bytes)?;
-                machine.install_content(&mut data, &snap.meta, snap.content, &mut applying);
+                let mut installer = Installer::new(&machine, &data);
+                installer.add_content(snap.content);
+                applying.ops.extend(installer.finish(&mut data, &snap.meta));
                 applying.ops.push(StoreOp::RaftPutState {
                     group,
                     key: SNAPSHOT.into(),
@@ -292,7 +358,8 @@ impl ReplicaMachine {
 
     /// Puts back the messages and dead letters the store read back for the group.
     fn restore_stored(&self, data: &mut MachineData, recovered: &mut RecoveredRaftGroup) {
-        if let Some(entries) = recovered.queues.remove(&*self.keys.messages) {
+        let keys = data.keys.clone();
+        if let Some(entries) = recovered.queues.remove(&*keys.messages) {
             for e in entries {
                 let (head, size) = match &e.blob {
                     RecoveredBlob::OnDisk { words, tail_len } => (*words, *tail_len),
@@ -314,7 +381,7 @@ impl ReplicaMachine {
             }
         }
         for (i, reason) in REASONS.iter().enumerate() {
-            let Some(entries) = recovered.queues.remove(&*self.keys.dead[i]) else {
+            let Some(entries) = recovered.queues.remove(&*keys.dead[i]) else {
                 continue;
             };
             let entries: Vec<_> = entries.into_iter().collect();
@@ -383,8 +450,9 @@ impl ReplicaMachine {
                 Err(e) => tracing::error!("replicated queue: dead letters cannot be read: {e}"),
             }
         }
+        let keys = data.keys.clone();
         for entry in entries {
-            self.apply_entry(data, entry, applying, keep_blobs);
+            self.apply_entry(data, &keys, entry, applying, keep_blobs);
         }
     }
 
@@ -513,75 +581,11 @@ impl ReplicaMachine {
         self.len() == 0
     }
 
-    /// Replaces what the machine holds with a snapshot's content (store records in
-    /// `applying`).
-    fn install_content(
-        &self,
-        data: &mut MachineData,
-        meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
-        content: Content,
-        applying: &mut Applying,
-    ) {
-        let ops = &mut applying.ops;
-        ops.push(StoreOp::PurgeQueue {
-            queue: self.keys.messages.clone(),
-        });
-        for queue in &self.keys.dead {
-            ops.push(StoreOp::PurgeQueue {
-                queue: queue.clone(),
-            });
-        }
-        data.messages.clear();
-        data.dead.clear();
-        for (key, m) in content.messages {
-            let Some((head, size)) = digest(&m.blob) else {
-                tracing::error!(key, "replicated queue: unreadable message in a snapshot");
-                continue;
-            };
-            let msg_id = self.put(ops, self.keys.messages.clone(), key, m.blob);
-            for _ in 0..m.delivered.min(MAX_DELIVERIES_KEPT) {
-                ops.push(StoreOp::MarkDelivered {
-                    queue: self.keys.messages.clone(),
-                    offset: key,
-                });
-            }
-            data.messages.insert(
-                key,
-                Held {
-                    msg_id,
-                    head,
-                    size: size as u32,
-                    delivered: m.delivered,
-                },
-            );
-        }
-        for (key, d) in content.dead {
-            self.put(ops, self.keys.dead_of(d.reason), key, d.blob.clone());
-            data.dead.insert(key, d);
-        }
-        data.last_applied = meta.last_log_id;
-        data.membership = meta.last_membership.clone();
-    }
-
-    /// Stores `blob` as the entry `key` of `queue`; its new message id.
-    fn put(&self, ops: &mut Vec<StoreOp>, queue: Arc<str>, key: u64, blob: Bytes) -> u64 {
-        let msg_id = self.ids.fetch_add(1, Ordering::Relaxed);
-        ops.push(StoreOp::PutMessage {
-            msg_id,
-            blob: blob.into(),
-        });
-        ops.push(StoreOp::Enqueue {
-            queue,
-            offset: key,
-            msg_id,
-        });
-        msg_id
-    }
-
     /// Applies one entry.
     fn apply_entry(
         &self,
         data: &mut MachineData,
+        keys: &Keys,
         entry: Entry<QueueTypes>,
         applying: &mut Applying,
         keep_blobs: bool,
@@ -595,7 +599,8 @@ impl ReplicaMachine {
             EntryPayload::Normal(records) => {
                 let base = entry.log_id.index << RECORD_BITS;
                 for (position, record) in records.into_iter().enumerate() {
-                    self.apply_record(data, base | position as u64, record, applying, keep_blobs);
+                    let key = base | position as u64;
+                    self.apply_record(data, keys, key, record, applying, keep_blobs);
                 }
             }
         }
@@ -604,12 +609,13 @@ impl ReplicaMachine {
     fn apply_record(
         &self,
         data: &mut MachineData,
+        keys: &Keys,
         key: u64,
         record: ReplicaRecord,
         applying: &mut Applying,
         keep_blobs: bool,
     ) {
-        let messages = &self.keys.messages;
+        let messages = &keys.messages;
         match record {
             ReplicaRecord::Enqueue(blob) => {
                 let Some((head, size)) = digest(&blob) else {
@@ -628,7 +634,7 @@ impl ReplicaMachine {
                 if keep_blobs {
                     applying.blobs.insert(key, blob.clone());
                 }
-                let msg_id = self.put(&mut applying.ops, messages.clone(), key, blob);
+                let msg_id = put(&self.ids, &mut applying.ops, messages.clone(), key, blob);
                 let held = Held {
                     msg_id,
                     head,
@@ -654,7 +660,7 @@ impl ReplicaMachine {
                     });
                 } else if let Some(old) = data.dead.remove(&key) {
                     applying.ops.push(StoreOp::Remove {
-                        queue: self.keys.dead_of(old.reason),
+                        queue: keys.dead_of(old.reason),
                         offset: key,
                     });
                 }
@@ -662,14 +668,7 @@ impl ReplicaMachine {
             ReplicaRecord::Purge => {
                 data.messages.clear();
                 data.dead.clear();
-                applying.ops.push(StoreOp::PurgeQueue {
-                    queue: messages.clone(),
-                });
-                for queue in &self.keys.dead {
-                    applying.ops.push(StoreOp::PurgeQueue {
-                        queue: queue.clone(),
-                    });
-                }
+                applying.ops.extend(keys.purge_ops());
             }
             ReplicaRecord::DeadLettered { key, reason } => {
                 let Some(held) = data.messages.remove(&key) else {
@@ -678,7 +677,7 @@ impl ReplicaMachine {
                 // The stored copy moves to the dead letters' key (added first: the
                 // message must never be without an entry).
                 applying.ops.push(StoreOp::Enqueue {
-                    queue: self.keys.dead_of(reason),
+                    queue: keys.dead_of(reason),
                     offset: key,
                     msg_id: held.msg_id,
                 });
@@ -702,50 +701,178 @@ impl ReplicaMachine {
         }
     }
 
-    /// The current state as a snapshot to send, every message with its body read from
-    /// the store. `None` the first time openraft asks (at start, for the snapshot's log
-    /// id only, which its log state gives it anyway): nothing is read for it.
-    async fn current_snapshot(&self) -> Result<Option<Snapshot<QueueTypes>>, StorageError<NodeId>> {
-        let (meta, keys, delivered, dead, rx) = {
+    /// The current state as a snapshot to send: its description now, and a file that a
+    /// blocking task fills with every message and its body, read back from the store in
+    /// batches (see [`super::snapshot`]). `None` the first time openraft asks (at start,
+    /// for the snapshot's log id only, which its log state gives it anyway): nothing is
+    /// read for it.
+    fn current_snapshot(&self) -> Result<Option<Snapshot<QueueTypes>>, StorageError<NodeId>> {
+        let (meta, listed, dead) = {
             let mut data = lock(&self.data);
             if !std::mem::replace(&mut data.snapshot_asked, true) {
                 return Ok(None);
             }
             let meta = self.meta(&mut data);
-            let keys: Vec<u64> = data.messages.keys().copied().collect();
-            let delivered: Vec<u32> = data.messages.values().map(|h| h.delivered).collect();
-            let ids = data.messages.values().map(|h| h.msg_id).collect();
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            // (Asked under the lock: removals applied later reach the store after it.)
+            // (24 bytes a message for as long as the file is being written, less than
+            // the machine's own entry.)
+            let listed: Vec<Listed> = data
+                .messages
+                .iter()
+                .map(|(key, held)| Listed {
+                    key: *key,
+                    msg_id: held.msg_id,
+                    delivered: held.delivered,
+                    size: held.size,
+                })
+                .collect();
+            (meta, listed, data.dead.clone())
+        };
+        let machine = self.clone();
+        let file = SnapshotFile::filled_by(&self.snapshot_dir(), move |out| {
+            machine.write_snapshot(listed, dead, out)
+        })
+        .map_err(|e| StorageError::IO {
+            source: StorageIOError::read_snapshot(Some(meta.signature()), &e),
+        })?;
+        Ok(Some(Snapshot {
+            meta,
+            snapshot: Box::new(file),
+        }))
+    }
+
+    /// Writes the stream of a snapshot: the messages `listed` (as they were at its log
+    /// id) with their bodies, read from the store in batches, then the dead letters.
+    fn write_snapshot(
+        &self,
+        listed: Vec<Listed>,
+        dead: BTreeMap<u64, DeadHeld>,
+        out: &mut impl io::Write,
+    ) -> io::Result<()> {
+        let mut messages = 0;
+        let mut rest = &listed[..];
+        while !rest.is_empty() {
+            let mut bytes = 0;
+            let n = rest
+                .iter()
+                .take(SNAPSHOT_BATCH)
+                .take_while(|l| {
+                    bytes += l.size as usize;
+                    bytes <= SNAPSHOT_BATCH_BYTES
+                })
+                .count()
+                .max(1);
+            let (batch, after) = rest.split_at(n);
+            rest = after;
+            let (tx, rx) = std::sync::mpsc::channel();
             self.store.read_messages(
-                ids,
+                batch.iter().map(|l| l.msg_id).collect(),
                 Box::new(move |answer| {
                     let _ = tx.send(answer);
                 }),
             );
-            (meta, keys, delivered, data.dead.clone(), rx)
-        };
-        let read_failed = |e: String| StorageError::IO {
-            source: StorageIOError::read_snapshot(None, AnyError::error(e)),
-        };
-        let blobs = rx
-            .await
-            .map_err(|_| read_failed("store closed".into()))?
-            .map_err(|e| read_failed(e.to_string()))?;
-        let mut content = Content {
-            messages: BTreeMap::new(),
-            dead,
-        };
-        for ((key, delivered), blob) in keys.into_iter().zip(delivered).zip(blobs) {
-            let Some(blob) = blob else {
-                return Err(read_failed(format!("message {key} not in the store")));
-            };
-            content.messages.insert(key, HeldBlob { blob, delivered });
+            let blobs = rx
+                .recv()
+                .map_err(|_| io::Error::other("store closed"))?
+                .map_err(|e| io::Error::other(e.to_string()))?;
+            for (l, blob) in batch.iter().zip(blobs) {
+                let Some(blob) = blob else {
+                    // Removed since the snapshot's log id, by a committed entry the
+                    // follower applies after it: left out. A message still held must
+                    // be readable.
+                    let data = lock(&self.data);
+                    if data.messages.contains_key(&l.key) || data.dead.contains_key(&l.key) {
+                        return Err(io::Error::other(format!(
+                            "message {} not in the store",
+                            l.key
+                        )));
+                    }
+                    continue;
+                };
+                let record = SnapshotRecord::Message {
+                    key: l.key,
+                    delivered: l.delivered,
+                    blob,
+                };
+                write_record(out, &record)?;
+                messages += 1;
+            }
         }
-        Ok(Some(Snapshot {
-            meta,
-            snapshot: Box::new(Cursor::new(encode(&content)?.to_vec())),
-        }))
+        let dead_letters = dead.len() as u64;
+        for (key, d) in dead {
+            let record = SnapshotRecord::DeadLetter {
+                key,
+                reason: d.reason,
+                blob: d.blob,
+            };
+            write_record(out, &record)?;
+        }
+        write_record(
+            out,
+            &SnapshotRecord::End {
+                messages,
+                dead_letters,
+            },
+        )
+    }
+
+    /// Installs a received snapshot: its records go to the other generation's keys in
+    /// batches (at most two awaiting their commit), and the last request moves the
+    /// machine there with the snapshot's log id. On an error the machine keeps its
+    /// state, and what was written for the other generation is purged.
+    async fn install_received(
+        &self,
+        meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
+        snapshot: SnapshotFile,
+    ) -> Result<(), StorageError<NodeId>> {
+        let failed = |e: String| StorageError::IO {
+            source: StorageIOError::read_snapshot(Some(meta.signature()), AnyError::error(e)),
+        };
+        let mut installer = Installer::new(self, &lock(&self.data));
+        let mut in_flight = None;
+        let read: Result<(), String> = match snapshot.open().await {
+            Ok(Opened::Whole(bytes)) => Content::decode(&bytes)
+                .map(|content| installer.add_content(content))
+                .map_err(|e| e.to_string()),
+            Ok(Opened::Records(mut records)) => loop {
+                match records.next().await {
+                    Ok(Some(record)) => installer.add(record),
+                    Ok(None) => break Ok(()),
+                    Err(e) => break Err(e.to_string()),
+                }
+                if installer.is_batch_full() {
+                    let commit = self.store.commit(installer.take_ops());
+                    if let Some(earlier) = in_flight.replace(commit) {
+                        earlier.await;
+                    }
+                }
+            },
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = read {
+            self.store.submit(installer.keys.purge_ops().collect());
+            return Err(failed(e));
+        }
+        let installed = (installer.messages.len(), installer.dead.len());
+        let _order = lock(&self.order);
+        let mut data = lock(&self.data);
+        let applying = Applying {
+            ops: installer.finish(&mut data, meta),
+            ..Applying::default()
+        };
+        self.finish(&data, applying)?;
+        tracing::info!(
+            group = format_args!("{:x}", self.group),
+            messages = installed.0,
+            dead_letters = installed.1,
+            "replicated queue: snapshot installed"
+        );
+        Ok(())
+    }
+
+    /// Where snapshot files go: the data directory.
+    fn snapshot_dir(&self) -> PathBuf {
+        let path = self.store.path();
+        path.parent().unwrap_or(path).to_path_buf()
     }
 
     /// A snapshot's description of the state now.
@@ -757,6 +884,157 @@ impl ReplicaMachine {
             last_membership: data.membership.clone(),
             snapshot_id: format!("{index}-{}", data.snapshots_built),
         }
+    }
+}
+
+/// Stores `blob` as the entry `key` of `queue` (ops into `ops`); its new message id.
+fn put(ids: &AtomicU64, ops: &mut Vec<StoreOp>, queue: Arc<str>, key: u64, blob: Bytes) -> u64 {
+    let msg_id = ids.fetch_add(1, Ordering::Relaxed);
+    ops.push(StoreOp::PutMessage {
+        msg_id,
+        blob: blob.into(),
+    });
+    ops.push(StoreOp::Enqueue {
+        queue,
+        offset: key,
+        msg_id,
+    });
+    msg_id
+}
+
+/// A held message as a snapshot being written lists it.
+struct Listed {
+    key: u64,
+    msg_id: u64,
+    delivered: u32,
+    size: u32,
+}
+
+/// Builds a snapshot's state in the generation the machine is not in: its messages'
+/// entries in memory, their store ops handed over in batches, until [`Installer::finish`]
+/// moves the machine there.
+struct Installer {
+    generation: u8,
+    keys: Arc<Keys>,
+    group: GroupId,
+    ids: Arc<AtomicU64>,
+    messages: BTreeMap<u64, Held>,
+    dead: BTreeMap<u64, DeadHeld>,
+    ops: Vec<StoreOp>,
+    batch_bytes: usize,
+}
+
+impl Installer {
+    /// An installer into the generation `data` is not in (emptied first: a failed
+    /// install may have left records there).
+    fn new(machine: &ReplicaMachine, data: &MachineData) -> Installer {
+        let generation = data.generation ^ 1;
+        let keys = Arc::new(Keys::of(machine.group, generation));
+        Installer {
+            generation,
+            ops: keys.purge_ops().collect(),
+            keys,
+            group: machine.group,
+            ids: machine.ids.clone(),
+            messages: BTreeMap::new(),
+            dead: BTreeMap::new(),
+            batch_bytes: 0,
+        }
+    }
+
+    /// Adds a snapshot stream's record.
+    fn add(&mut self, record: SnapshotRecord) {
+        match record {
+            SnapshotRecord::Message {
+                key,
+                delivered,
+                blob,
+            } => self.message(key, delivered, blob),
+            SnapshotRecord::DeadLetter { key, reason, blob } => {
+                self.dead_letter(key, DeadHeld { blob, reason })
+            }
+            SnapshotRecord::End { .. } => {}
+        }
+    }
+
+    /// Adds a whole content (as snapshots were sent and stored before streams).
+    fn add_content(&mut self, content: Content) {
+        for (key, m) in content.messages {
+            self.message(key, m.delivered, m.blob);
+        }
+        for (key, d) in content.dead {
+            self.dead_letter(key, d);
+        }
+    }
+
+    fn message(&mut self, key: u64, delivered: u32, blob: Bytes) {
+        let Some((head, size)) = digest(&blob) else {
+            tracing::error!(key, "replicated queue: unreadable message in a snapshot");
+            return;
+        };
+        self.batch_bytes += blob.len();
+        let msg_id = put(
+            &self.ids,
+            &mut self.ops,
+            self.keys.messages.clone(),
+            key,
+            blob,
+        );
+        for _ in 0..delivered.min(MAX_DELIVERIES_KEPT) {
+            self.ops.push(StoreOp::MarkDelivered {
+                queue: self.keys.messages.clone(),
+                offset: key,
+            });
+        }
+        let held = Held {
+            msg_id,
+            head,
+            size: size as u32,
+            delivered,
+        };
+        self.messages.insert(key, held);
+    }
+
+    fn dead_letter(&mut self, key: u64, dead: DeadHeld) {
+        self.batch_bytes += dead.blob.len();
+        let queue = self.keys.dead_of(dead.reason);
+        put(&self.ids, &mut self.ops, queue, key, dead.blob.clone());
+        self.dead.insert(key, dead);
+    }
+
+    /// Whether the ops gathered should be handed over now.
+    fn is_batch_full(&self) -> bool {
+        self.ops.len() >= 2 * SNAPSHOT_BATCH || self.batch_bytes >= SNAPSHOT_BATCH_BYTES
+    }
+
+    /// The ops gathered so far.
+    fn take_ops(&mut self) -> Vec<StoreOp> {
+        self.batch_bytes = 0;
+        std::mem::take(&mut self.ops)
+    }
+
+    /// Moves `data` to the installed state at `meta`'s log id; the ops left, then those
+    /// that purge the generation left and name the new one (to be stored with the
+    /// applied log id, in one request).
+    fn finish(
+        mut self,
+        data: &mut MachineData,
+        meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
+    ) -> Vec<StoreOp> {
+        let mut ops = self.take_ops();
+        ops.extend(data.keys.purge_ops());
+        ops.push(StoreOp::RaftPutState {
+            group: self.group,
+            key: GENERATION.into(),
+            value: Bytes::copy_from_slice(&[self.generation]),
+        });
+        data.generation = self.generation;
+        data.keys = self.keys;
+        data.messages = self.messages;
+        data.dead = self.dead;
+        data.last_applied = meta.last_log_id;
+        data.membership = meta.last_membership.clone();
+        ops
     }
 }
 
@@ -802,7 +1080,7 @@ impl RaftSnapshotBuilder<QueueTypes> for ReplicaMachine {
         let meta = self.meta(&mut lock(&self.data));
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(Vec::new())),
+            snapshot: Box::new(SnapshotFile::empty()),
         })
     }
 }
@@ -841,29 +1119,25 @@ impl RaftStateMachine<QueueTypes> for ReplicaMachine {
 
     async fn begin_receiving_snapshot(
         &mut self,
-    ) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    ) -> Result<Box<SnapshotFile>, StorageError<NodeId>> {
+        let file = SnapshotFile::create(&self.snapshot_dir()).map_err(|e| StorageError::IO {
+            source: StorageIOError::write_snapshot(None, &e),
+        })?;
+        Ok(Box::new(file))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<SnapshotFile>,
     ) -> Result<(), StorageError<NodeId>> {
-        let content = Content::decode(snapshot.get_ref()).map_err(|e| StorageError::IO {
-            source: StorageIOError::read_snapshot(Some(meta.signature()), AnyError::error(e)),
-        })?;
-        let _order = lock(&self.order);
-        let mut data = lock(&self.data);
-        let mut applying = Applying::default();
-        self.install_content(&mut data, meta, content, &mut applying);
-        self.finish(&data, applying).map(|_| ())
+        self.install_received(meta, *snapshot).await
     }
 
     async fn get_current_snapshot(
         &mut self,
     ) -> Result<Option<Snapshot<QueueTypes>>, StorageError<NodeId>> {
-        self.current_snapshot().await
+        self.current_snapshot()
     }
 }
 
@@ -1013,6 +1287,166 @@ mod tests {
             group_state.queues.keys()
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A machine recovered from the store in `dir` (opened again).
+    fn reopen(dir: &std::path::Path, group: GroupId) -> (Store, ReplicaMachine, Vec<String>) {
+        let (store, mut recovered) = open(dir);
+        let ids = Arc::new(AtomicU64::new(recovered.next_msg_id));
+        let mut group_state = recovered.raft.remove(&group).unwrap_or_default();
+        let mut keys: Vec<String> = group_state.queues.keys().cloned().collect();
+        keys.sort();
+        let machine = ReplicaMachine::recover(store.clone(), group, ids, &mut group_state).unwrap();
+        (store, machine, keys)
+    }
+
+    /// What a machine holds: (key, delivery count, size) of its messages, (key, blob)
+    /// of its dead letters, its generation.
+    type Held3 = (Vec<(u64, u32, u32)>, Vec<(u64, Bytes)>, u8);
+
+    fn held(machine: &ReplicaMachine) -> Held3 {
+        let data = lock(&machine.data);
+        let messages = data
+            .messages
+            .iter()
+            .map(|(k, h)| (*k, h.delivered, h.size))
+            .collect();
+        let dead = data
+            .dead
+            .iter()
+            .map(|(k, d)| (*k, d.blob.clone()))
+            .collect();
+        (messages, dead, data.generation)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_snapshot_streams_to_a_follower_that_moves_to_it_whole_or_not_at_all() {
+        let base = std::env::temp_dir().join(format!("warren-snapshot-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let (dir_a, dir_b) = (base.join("a"), base.join("b"));
+        let group = 9;
+        let key = |index: u64, position: u64| index << RECORD_BITS | position;
+        let bodies: Vec<Bytes> = (0..3000)
+            .map(|i| Message::for_tests(Bytes::from(vec![b'x'; 1000 + i % 7]), 0).encode())
+            .collect();
+
+        // The leader: 3,000 messages in three entries, one handed out twice, one
+        // dead-lettered, one acked.
+        let (_store_a, leader, _) = reopen(&dir_a, group);
+        for (i, chunk) in bodies.chunks(1000).enumerate() {
+            let records = chunk.iter().cloned().map(ReplicaRecord::Enqueue).collect();
+            apply(&leader, vec![entry(i as u64 + 1, records)]);
+        }
+        apply(
+            &leader,
+            vec![entry(
+                4,
+                vec![
+                    ReplicaRecord::Delivered(key(1, 5)),
+                    ReplicaRecord::Delivered(key(1, 5)),
+                    ReplicaRecord::DeadLettered {
+                        key: key(2, 7),
+                        reason: DeathReason::MaxLen,
+                    },
+                    ReplicaRecord::Remove(key(3, 0)),
+                ],
+            )],
+        );
+        let mut machine = leader.clone();
+        assert!(machine.get_current_snapshot().await.unwrap().is_none());
+        let snap = machine.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(snap.meta.last_log_id.map(|l| l.index), Some(4));
+
+        // The follower held something else before: it is replaced.
+        let (store_b, follower, _) = reopen(&dir_b, group);
+        apply(
+            &follower,
+            vec![entry(1, vec![ReplicaRecord::Enqueue(blob("old"))])],
+        );
+        let mut installing = follower.clone();
+        installing
+            .install_snapshot(&snap.meta, snap.snapshot)
+            .await
+            .unwrap();
+        let (messages, dead, generation) = held(&leader);
+        assert_eq!((messages.len(), dead.len()), (2998, 1));
+        assert_eq!(held(&follower), (messages.clone(), dead.clone(), 1));
+        assert_eq!(
+            read(&follower, vec![key(1, 5), key(3, 999), key(3, 0)]),
+            vec![Some(bodies[5].clone()), Some(bodies[2999].clone()), None]
+        );
+        assert_eq!(generation, 0);
+        store_b.close();
+
+        // Back from the store: the new generation only.
+        let (store_b, follower, keys) = reopen(&dir_b, group);
+        assert_eq!(held(&follower), (messages.clone(), dead.clone(), 1));
+        assert!(keys.iter().all(|k| k.contains("/g1")), "{keys:?}");
+        assert_eq!(lock(&follower.data).last_applied.map(|l| l.index), Some(4));
+
+        // A stream cut short is refused, and the machine keeps what it had.
+        let mut cut = SnapshotFile::create(&dir_b).unwrap();
+        let mut bytes = super::super::snapshot::MAGIC.to_vec();
+        let record = SnapshotRecord::Message {
+            key: key(9, 0),
+            delivered: 0,
+            blob: blob("new"),
+        };
+        write_record(&mut bytes, &record).unwrap();
+        {
+            use tokio::io::AsyncWriteExt;
+            cut.write_all(&bytes).await.unwrap();
+        }
+        let mut installing = follower.clone();
+        let mut meta = snap_meta_at(9);
+        assert!(
+            installing
+                .install_snapshot(&meta, Box::new(cut))
+                .await
+                .is_err()
+        );
+        assert_eq!(held(&follower), (messages.clone(), dead.clone(), 1));
+
+        // An install a crash stops halfway: the records it wrote go at the next start.
+        let mut installer = Installer::new(&follower, &lock(&follower.data));
+        installer.add(record);
+        store_b.commit(installer.take_ops()).await;
+        store_b.close();
+        let (store_b, follower, keys) = reopen(&dir_b, group);
+        assert!(keys.iter().any(|k| !k.contains("/g1")), "{keys:?}");
+        assert_eq!(held(&follower), (messages.clone(), dead.clone(), 1));
+        store_b.close();
+        let (_store_b, follower, keys) = reopen(&dir_b, group);
+        assert!(keys.iter().all(|k| k.contains("/g1")), "{keys:?}");
+
+        // And a snapshot of nothing empties it, back in generation 0.
+        meta.last_log_id = Some(LogId::new(CommittedLeaderId::new(1, 1), 10));
+        let mut empty = SnapshotFile::create(&dir_b).unwrap();
+        let mut bytes = super::super::snapshot::MAGIC.to_vec();
+        let end = SnapshotRecord::End {
+            messages: 0,
+            dead_letters: 0,
+        };
+        write_record(&mut bytes, &end).unwrap();
+        {
+            use tokio::io::AsyncWriteExt;
+            empty.write_all(&bytes).await.unwrap();
+        }
+        let mut installing = follower.clone();
+        installing
+            .install_snapshot(&meta, Box::new(empty))
+            .await
+            .unwrap();
+        assert_eq!(held(&follower), (vec![], vec![], 0));
+        let _ = std::fs::remove_dir_all(&base);
+    }
+
+    fn snap_meta_at(index: u64) -> SnapshotMeta<NodeId, openraft::BasicNode> {
+        SnapshotMeta {
+            last_log_id: Some(LogId::new(CommittedLeaderId::new(1, 1), index)),
+            last_membership: Membership::default(),
+            snapshot_id: format!("{index}-test"),
+        }
     }
 
     #[test]

@@ -31,9 +31,9 @@ pub mod elections;
 pub mod handover;
 pub mod machine;
 mod relay;
+pub mod snapshot;
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Cursor;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -172,7 +172,7 @@ openraft::declare_raft_types!(
         NodeId = NodeId,
         Node = BasicNode,
         Entry = openraft::Entry<QueueTypes>,
-        SnapshotData = Cursor<Vec<u8>>,
+        SnapshotData = snapshot::SnapshotFile,
         AsyncRuntime = openraft::TokioRuntime,
 );
 
