@@ -978,10 +978,22 @@ async fn publish_padded_with(
     i: usize,
     prefix: &str,
     n: usize,
+    resends: usize,
+) -> Vec<String> {
+    publish_sized(c, i, prefix, n, resends, 2048).await
+}
+
+/// [`publish_padded_with`], each body padded with `pad` bytes.
+async fn publish_sized(
+    c: &Cluster,
+    i: usize,
+    prefix: &str,
+    n: usize,
     mut resends: usize,
+    pad: usize,
 ) -> Vec<String> {
     let ch = confirming_channel(c, i).await.expect("node up");
-    let pad = "x".repeat(2048);
+    let pad = "x".repeat(pad);
     let mut ids = Vec::with_capacity(n);
     for start in (0..n).step_by(100) {
         let mut window: Vec<usize> = (start..(start + 100).min(n)).collect();
@@ -1299,4 +1311,119 @@ async fn a_replicated_backlog_stays_on_disk_through_restarts_and_a_leader_loss()
     let (got, _) = drain(&c, third).await;
     let ids: Vec<String> = got.iter().map(|b| padded_id(b)).collect();
     assert_eq!(ids, confirmed, "every confirmed message, once, in order");
+}
+
+/// Resident bytes of process `pid` now (0 once it is gone).
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kib| kib << 10)
+}
+
+/// Samples the resident memory of `pids` every 20 ms until `stop` is set; the highest
+/// of each.
+fn sample_rss(
+    pids: Vec<u32>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<Vec<u64>> {
+    std::thread::spawn(move || {
+        let mut peaks = vec![0; pids.len()];
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            for (peak, pid) in peaks.iter_mut().zip(&pids) {
+                *peak = (*peak).max(rss_bytes(*pid));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        peaks
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_added_to_a_large_backlog_catches_up_without_it_in_memory() {
+    const MIB: u64 = 1 << 20;
+    const MESSAGES: usize = 12_000;
+    const PAD: usize = 20 << 10;
+    let Some(c) = Cluster::start(4) else {
+        return;
+    };
+    if c.backend != cluster::Backend::Warren {
+        return; // (A claim about Warren's memory.)
+    }
+    c.wait_agreed_leader(&[1, 2, 3, 4], None, ELECTION).await;
+    let ch = c.connect(1).await.create_channel().await.unwrap();
+    let (options, mut args) = quorum();
+    args.insert("x-quorum-initial-group-size".into(), AMQPValue::LongInt(3));
+    ch.queue_declare(QUEUE.into(), options, args).await.unwrap();
+    let names: Vec<String> = (1..=4).map(|i| c.node(i).name.clone()).collect();
+    let (_, members) = listed_members(&c, 4, QUEUE);
+    assert!(!members.contains(names[3].as_str()), "{members}");
+    // A 240 MiB backlog: its log is snapshotted and truncated many times over.
+    let confirmed = publish_sized(&c, 1, "big", MESSAGES, 0, PAD).await;
+    let backlog = (MESSAGES * PAD) as u64;
+    let first = leader(&c, &[1, 2, 3], QUEUE).await;
+
+    // Node 4 joins: the leader sends it a snapshot of the backlog, then the log after.
+    let pids: Vec<u32> = [first, 4].iter().map(|&i| c.pid(i).unwrap()).collect();
+    let before: Vec<u64> = pids.iter().map(|&p| rss_bytes(p)).collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = sample_rss(pids, stop.clone());
+    c.ctl(2, &["add_member", QUEUE, &names[3]]);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let installed = loop {
+        let log = c.log(4);
+        if let Some(line) = log.lines().find(|l| l.contains("snapshot installed")) {
+            break line.to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node 4 installed no snapshot:\n{}",
+            c.log_tail(4)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    wait_logged(&c, &[1, 2, 3], "replicated queue: members changed", 1).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let peaks = sampler.join().unwrap();
+    let sent: usize = installed
+        .split("messages=")
+        .nth(1)
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        sent > MESSAGES / 2,
+        "most of the backlog by snapshot: {installed}"
+    );
+    // Neither the leader nor the new member held the backlog in memory (before streams,
+    // each held it twice: its bodies and their encoding). What they hold is the store's
+    // page cache (64 MiB), the log entries after the snapshot and a batch or two.
+    let grown: Vec<u64> = peaks
+        .iter()
+        .zip(&before)
+        .map(|(p, b)| p.saturating_sub(*b))
+        .collect();
+    eprintln!("peak RSS {peaks:?}, before {before:?}");
+    for (who, grew) in ["leader", "node 4"].iter().zip(grown) {
+        assert!(
+            grew < backlog,
+            "{who} grew by {} MiB sending a {} MiB backlog",
+            grew / MIB,
+            backlog / MIB
+        );
+    }
+
+    // Node 4 leads the queue and serves the whole backlog, in order, from its store.
+    c.ctl(2, &["transfer_leadership", QUEUE, &names[3]]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while leader(&c, &[1, 2, 3, 4], QUEUE).await != 4 {
+        assert!(Instant::now() < deadline, "node 4 did not take the lead");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let (got, _) = drain(&c, 4).await;
+    let ids: Vec<String> = got.iter().map(|b| padded_id(b)).collect();
+    assert_eq!(ids.len(), confirmed.len());
+    assert!(ids == confirmed, "every confirmed message, once, in order");
 }

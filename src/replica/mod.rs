@@ -24,7 +24,8 @@
 //!   keeps its own (see [`machine`]), and in memory only their index: the leader's host
 //!   pages bodies as a classic queue's does. A snapshot is then only a log id: the log is
 //!   snapshotted and truncated every [`SNAPSHOT_EVERY`] entries or
-//!   [`LOG_BYTES_BEFORE_SNAPSHOT`] bytes, so disk and memory follow the backlog.
+//!   [`LOG_BYTES_BEFORE_SNAPSHOT`] bytes, so disk and memory follow the backlog. A
+//!   follower that needs one gets the messages as a stream through files ([`snapshot`]).
 
 pub mod adopt;
 pub mod elections;
@@ -58,8 +59,12 @@ pub const SNAPSHOT_EVERY: u64 = 4096;
 /// A log holding more than this is snapshotted (and truncated).
 const LOG_BYTES_BEFORE_SNAPSHOT: usize = 16 << 20;
 
-/// How long a follower may take to receive and install one segment of a snapshot.
-const INSTALL_SNAPSHOT_TIMEOUT_MS: u64 = 20_000;
+/// How long a follower may take to receive and install one segment of a snapshot. The
+/// last one is answered once the whole snapshot is installed, which writes the queue's
+/// backlog to the follower's store (a few hundred MiB a second): a shorter limit would
+/// have the leader give up on a large one and send it again, without end. A follower
+/// that stops answering holds up only its own catching up.
+const INSTALL_SNAPSHOT_TIMEOUT_MS: u64 = 300_000;
 
 /// Entries a log gains at least between two snapshots taken for its size.
 const MIN_ENTRIES_PER_SNAPSHOT: u64 = 16;

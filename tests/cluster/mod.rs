@@ -397,6 +397,12 @@ impl Cluster {
         self.signal(i, libc::SIGCONT);
     }
 
+    /// Node `i`'s process id, while it runs (the broker itself: `ip netns exec` execs
+    /// it).
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.nodes[i - 1].child.as_ref().map(|c| c.id())
+    }
+
     /// Whether node `i`'s process is running (not exited).
     pub fn is_running(&mut self, i: usize) -> bool {
         match self.nodes[i - 1].child.as_mut() {
