@@ -539,22 +539,29 @@ async fn wait_logged(c: &Cluster, nodes: &[usize], needle: &str, times: usize) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn warren_ctl_adds_and_removes_a_replicated_queues_members() {
-    let Some(mut c) = Cluster::start(4) else {
-        return;
-    };
+/// Declares the quorum queue on three of a four-node cluster's nodes (not node 4)
+/// once its metadata group agrees on a leader; the nodes' names.
+async fn declare_on_three_of_four(c: &Cluster) -> Vec<String> {
     c.wait_agreed_leader(&[1, 2, 3, 4], None, ELECTION).await;
     let ch = c.connect(1).await.create_channel().await.unwrap();
     let (options, mut args) = quorum();
     args.insert("x-quorum-initial-group-size".into(), AMQPValue::LongInt(3));
     ch.queue_declare(QUEUE.into(), options, args).await.unwrap();
     let names: Vec<String> = (1..=4).map(|i| c.node(i).name.clone()).collect();
-    let (_, members) = listed_members(&c, 4, QUEUE);
+    let (_, members) = listed_members(c, 4, QUEUE);
     assert!(
         !members.contains(names[3].as_str()),
         "declared on nodes 1-3: {members}"
     );
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warren_ctl_adds_and_removes_a_replicated_queues_members() {
+    let Some(mut c) = Cluster::start(4) else {
+        return;
+    };
+    let names = declare_on_three_of_four(&c).await;
 
     // (The group may still be electing its first leader: nacks are tried again.)
     let mut confirmed = BTreeSet::new();
@@ -1352,14 +1359,7 @@ async fn a_member_added_to_a_large_backlog_catches_up_without_it_in_memory() {
     if c.backend != cluster::Backend::Warren {
         return; // (A claim about Warren's memory.)
     }
-    c.wait_agreed_leader(&[1, 2, 3, 4], None, ELECTION).await;
-    let ch = c.connect(1).await.create_channel().await.unwrap();
-    let (options, mut args) = quorum();
-    args.insert("x-quorum-initial-group-size".into(), AMQPValue::LongInt(3));
-    ch.queue_declare(QUEUE.into(), options, args).await.unwrap();
-    let names: Vec<String> = (1..=4).map(|i| c.node(i).name.clone()).collect();
-    let (_, members) = listed_members(&c, 4, QUEUE);
-    assert!(!members.contains(names[3].as_str()), "{members}");
+    let names = declare_on_three_of_four(&c).await;
     // A 240 MiB backlog: its log is snapshotted and truncated many times over.
     let confirmed = publish_sized(&c, 1, "big", MESSAGES, 0, PAD).await;
     let backlog = (MESSAGES * PAD) as u64;
