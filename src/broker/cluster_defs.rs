@@ -504,6 +504,9 @@ impl DefinitionsMirror {
             if let Some(vhost) = record.strip_prefix("v/") {
                 broker.ensure_vhost(vhost);
             }
+            // A policy is in force from its entry on, not from the next tick: a queue
+            // the log declares right after it must be made with it.
+            broker.refresh_policies();
         } else if key.starts_with("x/") {
             let Some(d) = StoredExchange::decode(value) else {
                 return tracing::error!("cluster: agreed exchange {key:?} cannot be read");
@@ -632,6 +635,7 @@ impl DefinitionsMirror {
             if let Some(vhost) = record.strip_prefix("v/") {
                 broker.forget_vhost(vhost);
             }
+            broker.refresh_policies();
         } else if key.starts_with("x/") {
             if let Some(d) = StoredExchange::decode(old)
                 && let Some(vhost) = broker.vhost(&d.value.vhost)

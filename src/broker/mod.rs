@@ -265,9 +265,9 @@ impl BrokerState {
     }
 
     /// Gives every vhost its current policies (each applies the one in force to its
-    /// queues when they changed). Called after a policy change, at start, and from the
-    /// ticker when access control changed some other way (definitions import, a
-    /// cluster peer).
+    /// queues when they changed). Called after a policy change, at start, when the
+    /// metadata group applies an access record, and from the ticker when access control
+    /// changed some other way (definitions import).
     ///
     /// Refreshes run one at a time and a refresh returns only once the policies it saw are
     /// applied: a policy change is answered after its own call, and a ticker refresh
