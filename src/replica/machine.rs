@@ -728,8 +728,8 @@ impl ReplicaMachine {
             (meta, listed, data.dead.clone())
         };
         let machine = self.clone();
-        let file = SnapshotFile::filled_by(&self.snapshot_dir(), move |out| {
-            machine.write_snapshot(listed, dead, out)
+        let file = SnapshotFile::filled_by(&self.snapshot_dir(), move |out, wanted| {
+            machine.write_snapshot(listed, dead, out, wanted)
         })
         .map_err(|e| StorageError::IO {
             source: StorageIOError::read_snapshot(Some(meta.signature()), &e),
@@ -742,15 +742,20 @@ impl ReplicaMachine {
 
     /// Writes the stream of a snapshot: the messages `listed` (as they were at its log
     /// id) with their bodies, read from the store in batches, then the dead letters.
+    /// Stops with an error once the snapshot is no longer `wanted`.
     fn write_snapshot(
         &self,
         listed: Vec<Listed>,
         dead: BTreeMap<u64, DeadHeld>,
         out: &mut impl io::Write,
+        wanted: &dyn Fn() -> bool,
     ) -> io::Result<()> {
         let mut messages = 0;
         let mut rest = &listed[..];
         while !rest.is_empty() {
+            if !wanted() {
+                return Err(io::Error::other("snapshot no longer wanted"));
+            }
             let mut bytes = 0;
             let n = rest
                 .iter()

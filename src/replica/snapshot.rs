@@ -124,19 +124,24 @@ impl SnapshotFile {
     }
 
     /// A file in `dir` that `fill` writes (on a blocking thread) after this returns:
-    /// reading it waits until `fill` is done, and fails if `fill` did.
+    /// reading it waits until `fill` is done, and fails if `fill` did. `fill` is given
+    /// a check of whether the file is still wanted: once it is dropped (openraft gave up
+    /// on that follower), a long fill should stop.
     pub fn filled_by(
         dir: &Path,
-        fill: impl FnOnce(&mut io::BufWriter<std::fs::File>) -> io::Result<()> + Send + 'static,
+        fill: impl FnOnce(&mut io::BufWriter<std::fs::File>, &dyn Fn() -> bool) -> io::Result<()>
+        + Send
+        + 'static,
     ) -> io::Result<SnapshotFile> {
         let file = unlinked_file(dir)?;
         let writer = file.try_clone()?;
         let (tx, rx) = oneshot::channel();
         tokio::task::spawn_blocking(move || {
             let mut out = io::BufWriter::with_capacity(1 << 20, writer);
+            let wanted = || !tx.is_closed();
             let written = out
                 .write_all(&MAGIC)
-                .and_then(|()| fill(&mut out))
+                .and_then(|()| fill(&mut out, &wanted))
                 .and_then(|()| out.flush());
             let _ = tx.send(written);
         });
@@ -330,12 +335,12 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_stream_written_in_the_background_reads_back_and_a_short_one_is_refused() {
+    async fn a_stream_reads_back_a_short_one_is_refused_and_a_dropped_one_stops_its_writer() {
         let dir = std::env::temp_dir().join(format!("warren-snapfile-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let written: Vec<SnapshotRecord> = (0..100).map(message).collect();
         let records = written.clone();
-        let mut file = SnapshotFile::filled_by(&dir, move |out| {
+        let mut file = SnapshotFile::filled_by(&dir, move |out, _| {
             std::thread::sleep(std::time::Duration::from_millis(50));
             for r in &records {
                 write_record(out, r)?;
@@ -388,9 +393,29 @@ mod tests {
         received.shutdown().await.unwrap();
         assert!(read_all(received).await.is_err());
 
+        // A file dropped before it is complete stops its writer.
+        let (stopped_tx, stopped_rx) = std::sync::mpsc::channel();
+        let dropped = SnapshotFile::filled_by(&dir, move |out, wanted| {
+            let mut written = 0;
+            while wanted() && written < 10_000 {
+                write_record(out, &message(written))?;
+                written += 1;
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            let _ = stopped_tx.send(written);
+            Ok(())
+        })
+        .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        drop(dropped);
+        let written = tokio::task::spawn_blocking(move || stopped_rx.recv().unwrap())
+            .await
+            .unwrap();
+        assert!(written < 10_000, "the writer went on to {written} records");
+
         // A writer that fails makes the reads fail.
         let mut failed =
-            SnapshotFile::filled_by(&dir, |_| Err(io::Error::other("store closed"))).unwrap();
+            SnapshotFile::filled_by(&dir, |_, _| Err(io::Error::other("store closed"))).unwrap();
         assert!(failed.seek(SeekFrom::End(0)).await.is_err());
         let _ = std::fs::remove_dir_all(&dir);
     }
