@@ -166,7 +166,32 @@ impl Cluster {
         for i in 1..=n {
             cluster.start_node(i);
         }
+        cluster.wait_linked();
         Some(cluster)
+    }
+
+    /// Waits (up to the boot time) until every node logged its link to every other one
+    /// up since it started: a node not yet linked to the metadata leader has not heard
+    /// of the latest definitions, nor can it reach a queue's leader. Tests assert what
+    /// a formed cluster does.
+    fn wait_linked(&self) {
+        if self.backend != Backend::Warren {
+            return;
+        }
+        let deadline = Instant::now() + self.backend.boot_time();
+        let linked = |i: usize| {
+            let log = self.log(i);
+            let since = log
+                .rfind("listening for cluster peers")
+                .map_or("", |at| &log[at..]);
+            self.nodes
+                .iter()
+                .filter(|peer| peer.index != i)
+                .all(|peer| since.contains(&format!("cluster: link to {} up", peer.name)))
+        };
+        while Instant::now() < deadline && !(1..=self.nodes.len()).all(linked) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// The network of `n` nodes with no process started yet (tests that choose the start
