@@ -768,17 +768,8 @@ impl ReplicaMachine {
                 .max(1);
             let (batch, after) = rest.split_at(n);
             rest = after;
-            let (tx, rx) = std::sync::mpsc::channel();
-            self.store.read_messages(
-                batch.iter().map(|l| l.msg_id).collect(),
-                Box::new(move |answer| {
-                    let _ = tx.send(answer);
-                }),
-            );
-            let blobs = rx
-                .recv()
-                .map_err(|_| io::Error::other("store closed"))?
-                .map_err(|e| io::Error::other(e.to_string()))?;
+            let ids = batch.iter().map(|l| l.msg_id).collect();
+            let blobs = read_now(&self.store, ids).map_err(io::Error::other)?;
             for (l, blob) in batch.iter().zip(blobs) {
                 let Some(blob) = blob else {
                     // Removed since the snapshot's log id, by a committed entry the
